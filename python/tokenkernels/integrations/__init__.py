@@ -1,0 +1,1 @@
+"""Framework integrations (HF transformers, ...) live here."""

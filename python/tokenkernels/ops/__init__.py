@@ -1,0 +1,2 @@
+"""Typed, documented wrappers around ``torch.ops.tokenkernels`` (one module per family)."""
+from . import kcenter  # noqa: F401

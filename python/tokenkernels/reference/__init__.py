@@ -1,0 +1,2 @@
+"""Pure-PyTorch reference implementations: readable, the test oracle, and a fallback."""
+from . import kcenter  # noqa: F401

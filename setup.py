@@ -1,0 +1,67 @@
+"""Build driver: setuptools hands the native part to CMake + ninja.
+
+    pip install -e . --no-build-isolation
+
+Environment:
+    TOKENKERNELS_CUDA=0|1       force CUDA kernels off / on (default: auto, i.e. nvcc + CUDA torch)
+    TOKENKERNELS_CUDA_ARCHS     CUDA architectures, default "80;90a"
+    TOKENKERNELS_BUILD_DIR      CMake build folder, default build/py<ver>
+    TOKENKERNELS_BENCH=0        skip the tokenkernels-bench binary
+    MAX_JOBS                    parallel compile jobs
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        build_dir = Path(os.environ.get(
+            "TOKENKERNELS_BUILD_DIR", ROOT / "build" / f"py{sys.version_info[0]}{sys.version_info[1]}"))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cuda = os.environ.get("TOKENKERNELS_CUDA", "AUTO")
+        cfg = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DTOKENKERNELS_CUDA={cuda}",
+            f"-DTOKENKERNELS_CUDA_ARCHS={os.environ.get('TOKENKERNELS_CUDA_ARCHS', '80;90a')}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DTOKENKERNELS_BENCH={'ON' if os.environ.get('TOKENKERNELS_BENCH', '1') != '0' else 'OFF'}",
+        ]
+        subprocess.check_call(cfg)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
+        bench = os.environ.get("TOKENKERNELS_BENCH", "1") != "0"
+        targets = ["_C"] + (["tokenkernels-bench"] if bench else [])
+        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs, "--target", *targets])
+        # The module goes where setuptools expects it (the source tree for editable installs).
+        built = next(build_dir.glob("_C*.so"))
+        dest = Path(self.get_ext_fullpath(ext.name))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, dest)
+        # The microbenchmark binary travels inside the package (see tokenkernels/_bench_bin.py).
+        if bench:
+            bin_dir = dest.parent / "_bin"
+            bin_dir.mkdir(exist_ok=True)
+            shutil.copy2(build_dir / "tokenkernels-bench", bin_dir / "tokenkernels-bench")
+
+
+setup(
+    package_dir={"": "python"},
+    packages=["tokenkernels", "tokenkernels.ops", "tokenkernels.reference",
+              "tokenkernels.integrations", "tokenkernels.bench"],
+    package_data={"tokenkernels": ["_bin/tokenkernels-bench"]},
+    ext_modules=[CMakeExtension("tokenkernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)
