@@ -77,7 +77,7 @@ cudaError_t launch_greedy_streaming(const Problem& p, const void* x, DType dtype
 
 // Greedy maximum coverage: sim (B, M, N) fp32 >= 0 rows x candidates; row_lengths (B,) valid
 // rows, lengths/exclude on candidates as in Problem. Outputs idx (B, k) padded -1, gains (B, k)
-// padded NaN. scratch: B*M floats.
+// padded NaN. scratch: B*(M+N) floats.
 cudaError_t launch_coverage(const float* sim, int64_t B, int64_t M, int64_t N,
                             const int64_t* row_lengths, const int64_t* lengths,
                             const bool* exclude, int64_t k, const int64_t* k_per_item,

@@ -12,7 +12,7 @@ import torch
 from .._common import IntOrTensor, as_batch, mask_2d, per_item, split_k, valid_mask
 
 _METRICS = {"cosine": 0, "l2": 1}
-_IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
+_IMPLS = {"auto": 0, "plain": 1, "tuned": 2, "stream": 3}
 
 
 def _resolve_start(start, x3: torch.Tensor, squeeze: bool, lengths, exclude, generator):
@@ -76,7 +76,9 @@ def kcenter(
         k_max: output width when ``k`` is a tensor (avoids the host sync).
         check: validate value-dependent arguments (k <= valid tokens, lengths <= N, start valid).
             On CUDA this costs one host sync; with ``check=False`` impossible picks are -1.
-        impl: CUDA kernel variant ``"auto"``, ``"plain"`` or ``"tuned"`` (CPU ignores it).
+        impl: CUDA kernel variant: ``"auto"``; ``"plain"`` / ``"tuned"`` greedy over the full
+            Gram (global- / shared-memory running minimum); ``"stream"`` the large-N path that
+            computes one distance row per pick from x and never holds N x N. CPU ignores it.
 
     Returns:
         (B, k) or (k,) int64 indices (pick order unless ``sorted``), plus radii if asked.

@@ -1,0 +1,160 @@
+// kcenter family: CUDA adapter (compiled by the host C++ compiler; kernels live in
+// kcenter_kernels.cu). Gram matrices come from ATen (cuBLAS; fp16/bf16 on tensor cores with
+// fp32 output via the out_dtype overloads); the greedy loops are our fused kernels. No host
+// sync unless `check` is set.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cuda_glue.h"
+#include "kcenter/kcenter_args.h"
+#include "tokenkernels/kcenter.h"
+
+namespace tokenkernels {
+namespace kcenter {
+namespace {
+
+// Above this many bytes of fp32 Gram for the whole batch, use the streaming path.
+constexpr int64_t kMaxGramBytes = int64_t(4) << 30;
+// Rows per Gram slab when the isolated start needs nearest neighbours in streaming mode.
+constexpr int64_t kSlabBytes = int64_t(512) << 20;
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    default: return DType::kBFloat16;
+  }
+}
+
+// x (.., n, D) @ y(.., m, D)^T in fp32 (fp32 accumulate; fp16/bf16 inputs stay on tensor cores).
+at::Tensor gram_fp32(const at::Tensor& a, const at::Tensor& b) {
+  const bool lowp = a.scalar_type() != at::kFloat;
+  if (a.dim() == 3) return lowp ? at::bmm(a, b.transpose(1, 2), at::kFloat) : at::bmm(a, b.transpose(1, 2));
+  return lowp ? at::mm(a, b.t(), at::kFloat) : at::mm(a, b.t());
+}
+
+// Sort each row's picks ascending, -1 padding last; radii follow.
+void sort_picks(at::Tensor& idx, at::Tensor& rad, int64_t N) {
+  auto key = at::where(idx.lt(0), at::full({}, N, idx.options()), idx);
+  auto perm = std::get<1>(key.sort(1));
+  idx = idx.gather(1, perm);
+  rad = rad.gather(1, perm);
+}
+
+std::tuple<at::Tensor, at::Tensor> kcenter_cuda(const at::Tensor& x_in, int64_t k,
+                                                const std::optional<at::Tensor>& k_per_item,
+                                                const std::optional<at::Tensor>& lengths,
+                                                const std::optional<at::Tensor>& exclude,
+                                                const std::optional<at::Tensor>& start_index,
+                                                int64_t metric, bool sorted, bool check,
+                                                int64_t impl) {
+  auto a = check_kcenter_args(x_in, k, k_per_item, lengths, exclude, start_index, metric);
+  c10::DeviceGuard guard(x_in.device());
+  if (check) check_kcenter_values(a, k_per_item, lengths, exclude, start_index);
+  const int64_t B = a.B, N = a.N, D = a.D;
+  auto idx = at::empty({B, k}, x_in.options().dtype(at::kLong));
+  auto rad = at::empty({B, k}, x_in.options().dtype(at::kFloat));
+  if (B == 0 || k == 0) return {idx, rad};
+  const cudaStream_t stream = current_cuda_stream(x_in.device());
+
+  auto x = x_in.contiguous();
+  auto nrm = at::linalg_vector_norm(x, 2, {2}, false, at::kFloat);   // (B, N), fp32 accumulate
+  auto aux = (metric == 0 ? nrm.clamp_min(kNormEps).reciprocal() : nrm.square()).contiguous();
+  auto lens = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  auto excl = exclude.has_value() ? exclude->contiguous() : at::Tensor();
+  auto kk = k_per_item.has_value() ? k_per_item->contiguous() : at::Tensor();
+  auto st = start_index.has_value() ? start_index->contiguous() : at::Tensor();
+
+  Problem p;
+  p.B = B;
+  p.N = N;
+  p.metric = static_cast<Metric>(metric);
+  p.lengths = opt_ptr<int64_t>(lens);
+  p.exclude = opt_ptr<bool>(excl);
+  p.aux = aux.data_ptr<float>();
+  const bool isolated = !st.defined();
+  const auto f32 = x.options().dtype(at::kFloat);
+
+  // impl 3 forces the streaming path (tests and benchmarks of it at small N).
+  if (impl != 3 && B * N * N * int64_t(sizeof(float)) <= kMaxGramBytes) {
+    // Full Gram path: one batched GEMM, then the fused greedy (one block per item).
+    auto G = gram_fp32(x, x).contiguous();   // (B, N, N)
+    at::Tensor nn;
+    if (isolated) {
+      nn = at::empty({B, N}, f32);
+      check_cuda(launch_nn_keys(p, G.data_ptr<float>(), 0, N, N, N * N, nn.data_ptr<float>(), stream),
+                 "kcenter nn_keys");
+    }
+    auto scratch = at::empty({B, N}, f32);
+    check_cuda(launch_greedy_gram(p, G.data_ptr<float>(), opt_ptr<float>(nn), opt_ptr<int64_t>(st), k,
+                                  opt_ptr<int64_t>(kk), idx.data_ptr<int64_t>(), rad.data_ptr<float>(),
+                                  scratch.data_ptr<float>(), static_cast<int>(impl == 1 ? 1 : 0), stream),
+               "kcenter greedy_gram");
+  } else {
+    // Streaming path (video-sized N): never holds N x N. Nearest neighbours (isolated start
+    // only) come from Gram slabs of a bounded number of rows, item by item.
+    at::Tensor nn;
+    if (isolated) {
+      nn = at::empty({B, N}, f32);
+      const int64_t rows = std::max<int64_t>(1, kSlabBytes / (N * int64_t(sizeof(float))));
+      for (int64_t b = 0; b < B; ++b) {
+        Problem pb = p;
+        pb.B = 1;
+        if (pb.lengths) pb.lengths += b;
+        if (pb.exclude) pb.exclude += b * N;
+        pb.aux += b * N;
+        for (int64_t r0 = 0; r0 < N; r0 += rows) {
+          const int64_t r = std::min(rows, N - r0);
+          auto slab = gram_fp32(x[b].narrow(0, r0, r), x[b]).contiguous();   // (r, N)
+          check_cuda(launch_nn_keys(pb, slab.data_ptr<float>(), r0, r, N, r * N,
+                                    nn.data_ptr<float>() + b * N, stream),
+                     "kcenter nn_keys (streaming)");
+        }
+      }
+    }
+    auto ws = at::empty({static_cast<int64_t>(streaming_workspace_bytes(B, N))},
+                        x.options().dtype(at::kByte));
+    check_cuda(launch_greedy_streaming(p, x.data_ptr(), to_dtype(x.scalar_type()), D, opt_ptr<float>(nn),
+                                       opt_ptr<int64_t>(st), k, opt_ptr<int64_t>(kk),
+                                       idx.data_ptr<int64_t>(), rad.data_ptr<float>(), ws.data_ptr(), stream),
+               "kcenter greedy_streaming");
+  }
+  if (sorted) sort_picks(idx, rad, N);
+  return {idx, rad};
+}
+
+std::tuple<at::Tensor, at::Tensor> coverage_cuda(const at::Tensor& sim_in, int64_t k,
+                                                 const std::optional<at::Tensor>& k_per_item,
+                                                 const std::optional<at::Tensor>& lengths,
+                                                 const std::optional<at::Tensor>& row_lengths,
+                                                 const std::optional<at::Tensor>& exclude,
+                                                 bool check) {
+  auto a = check_coverage_args(sim_in, k, k_per_item, lengths, row_lengths, exclude);
+  c10::DeviceGuard guard(sim_in.device());
+  if (check) check_coverage_values(sim_in, a, k_per_item, lengths, row_lengths, exclude);
+  const int64_t B = a.B, M = a.M, N = a.N;
+  auto idx = at::empty({B, k}, sim_in.options().dtype(at::kLong));
+  auto gains = at::empty({B, k}, sim_in.options().dtype(at::kFloat));
+  if (B == 0 || k == 0) return {idx, gains};
+  const cudaStream_t stream = current_cuda_stream(sim_in.device());
+  auto sim = sim_in.to(at::kFloat).contiguous();
+  auto lens = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  auto rlens = row_lengths.has_value() ? row_lengths->contiguous() : at::Tensor();
+  auto excl = exclude.has_value() ? exclude->contiguous() : at::Tensor();
+  auto kk = k_per_item.has_value() ? k_per_item->contiguous() : at::Tensor();
+  auto scratch = at::empty({B, M + N}, sim.options());
+  check_cuda(launch_coverage(sim.data_ptr<float>(), B, M, N, opt_ptr<int64_t>(rlens), opt_ptr<int64_t>(lens),
+                             opt_ptr<bool>(excl), k, opt_ptr<int64_t>(kk), idx.data_ptr<int64_t>(),
+                             gains.data_ptr<float>(), scratch.data_ptr<float>(), stream),
+             "coverage_select");
+  return {idx, gains};
+}
+
+}  // namespace
+}  // namespace kcenter
+}  // namespace tokenkernels
+
+TORCH_LIBRARY_IMPL(tokenkernels, CUDA, m) {
+  m.impl("kcenter", &tokenkernels::kcenter::kcenter_cuda);
+  m.impl("coverage_select", &tokenkernels::kcenter::coverage_cuda);
+}

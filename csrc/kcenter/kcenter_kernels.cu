@@ -1,0 +1,115 @@
+// kcenter family: CUDA launchers (torch-free; compiled by nvcc for every arch in
+// TOKENKERNELS_CUDA_ARCHS). Each returns the launch's cudaError_t; nothing here syncs the host.
+#include "tokenkernels/kcenter.cuh"
+
+namespace tokenkernels {
+namespace kcenter {
+
+namespace {
+constexpr int kRowThreads = 256;          // nn_keys: 8 warps = 8 rows per block
+constexpr int kGreedyThreads = 1024;      // one block per item
+constexpr int kStreamThreads = 256;       // 8 warps
+constexpr int kStreamTokensPerBlock = 64; // 8 tokens per warp per step
+constexpr int kCoverageThreads = 512;
+// Shared memory the tuned greedy may use (mind + aux = 8 bytes per token). Hopper and Ampere
+// (sm_80) both allow >= 163 KB per block with the opt-in attribute.
+constexpr size_t kMaxDynSmem = 160 * 1024;
+
+int64_t stream_blocks(int64_t N) { return (N + kStreamTokensPerBlock - 1) / kStreamTokensPerBlock; }
+size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+}  // namespace
+
+cudaError_t launch_nn_keys(const Problem& p, const float* gram, int64_t row0, int64_t rows,
+                           int64_t ld, int64_t batch_stride, float* nn_key, cudaStream_t stream) {
+  if (p.B == 0 || rows == 0) return cudaSuccess;
+  const int warps = kRowThreads / 32;
+  dim3 grid(static_cast<unsigned>((rows + warps - 1) / warps), static_cast<unsigned>(p.B));
+  device::nn_keys_kernel<<<grid, kRowThreads, 0, stream>>>(p, gram, row0, rows, ld, batch_stride,
+                                                            nn_key);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_greedy_gram(const Problem& p, const float* gram, const float* nn_key,
+                               const int64_t* start, int64_t k, const int64_t* k_per_item,
+                               int64_t* idx, float* radii, float* scratch, int variant,
+                               cudaStream_t stream) {
+  if (p.B == 0 || k == 0) return cudaSuccess;
+  const size_t smem = 2 * sizeof(float) * static_cast<size_t>(p.N);
+  const bool tuned = variant != 1 && smem <= kMaxDynSmem;
+  if (tuned) {
+    cudaError_t e = cudaFuncSetAttribute(device::greedy_gram_kernel<true>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+    device::greedy_gram_kernel<true><<<static_cast<unsigned>(p.B), kGreedyThreads, smem, stream>>>(
+        p, gram, nn_key, start, k, k_per_item, idx, radii, scratch);
+  } else {
+    device::greedy_gram_kernel<false><<<static_cast<unsigned>(p.B), kGreedyThreads, 0, stream>>>(
+        p, gram, nn_key, start, k, k_per_item, idx, radii, scratch);
+  }
+  return cudaGetLastError();
+}
+
+size_t streaming_workspace_bytes(int64_t B, int64_t N) {
+  const int64_t nblk = stream_blocks(N);
+  return align_up(sizeof(float) * B * N) + align_up(sizeof(unsigned long long) * B * nblk) +
+         align_up(sizeof(unsigned int) * B) + align_up(sizeof(int64_t) * B);
+}
+
+cudaError_t launch_greedy_streaming(const Problem& p, const void* x, DType dtype, int64_t D,
+                                    const float* nn_key, const int64_t* start, int64_t k,
+                                    const int64_t* k_per_item, int64_t* idx, float* radii,
+                                    void* workspace, cudaStream_t stream) {
+  if (p.B == 0 || k == 0) return cudaSuccess;
+  device::StreamState ws;
+  ws.nblk = stream_blocks(p.N);
+  char* base = static_cast<char*>(workspace);
+  ws.mind = reinterpret_cast<float*>(base);
+  base += align_up(sizeof(float) * p.B * p.N);
+  ws.partial = reinterpret_cast<unsigned long long*>(base);
+  base += align_up(sizeof(unsigned long long) * p.B * ws.nblk);
+  ws.counter = reinterpret_cast<unsigned int*>(base);
+  base += align_up(sizeof(unsigned int) * p.B);
+  ws.pick = reinterpret_cast<int64_t*>(base);
+
+  device::stream_init_kernel<<<static_cast<unsigned>(p.B), kGreedyThreads, 0, stream>>>(
+      p, nn_key, start, k, k_per_item, idx, radii, ws);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  dim3 grid(static_cast<unsigned>(ws.nblk), static_cast<unsigned>(p.B));
+  for (int64_t s = 1; s < k; ++s) {   // one launch per pick; the picks stay on the device
+    switch (dtype) {
+      case DType::kFloat32:
+        device::stream_step_kernel<float><<<grid, kStreamThreads, 0, stream>>>(
+            p, static_cast<const float*>(x), D, s, k, k_per_item, idx, radii, ws,
+            kStreamTokensPerBlock);
+        break;
+      case DType::kFloat16:
+        device::stream_step_kernel<__half><<<grid, kStreamThreads, 0, stream>>>(
+            p, static_cast<const __half*>(x), D, s, k, k_per_item, idx, radii, ws,
+            kStreamTokensPerBlock);
+        break;
+      case DType::kBFloat16:
+        device::stream_step_kernel<__nv_bfloat16><<<grid, kStreamThreads, 0, stream>>>(
+            p, static_cast<const __nv_bfloat16*>(x), D, s, k, k_per_item, idx, radii, ws,
+            kStreamTokensPerBlock);
+        break;
+    }
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_coverage(const float* sim, int64_t B, int64_t M, int64_t N,
+                            const int64_t* row_lengths, const int64_t* lengths,
+                            const bool* exclude, int64_t k, const int64_t* k_per_item,
+                            int64_t* idx, float* gains, float* scratch, cudaStream_t stream) {
+  if (B == 0 || k == 0) return cudaSuccess;
+  device::coverage_kernel<<<static_cast<unsigned>(B), kCoverageThreads, 0, stream>>>(
+      sim, M, N, row_lengths, lengths, exclude, k, k_per_item, idx, gains, scratch);
+  return cudaGetLastError();
+}
+
+}  // namespace kcenter
+}  // namespace tokenkernels
