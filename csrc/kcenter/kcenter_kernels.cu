@@ -1,5 +1,7 @@
 // kcenter family: CUDA launchers (torch-free; compiled by nvcc for every arch in
 // TOKENKERNELS_CUDA_ARCHS). Each returns the launch's cudaError_t; nothing here syncs the host.
+#include <algorithm>
+
 #include "tokenkernels/kcenter.cuh"
 
 namespace tokenkernels {
@@ -11,9 +13,6 @@ constexpr int kGreedyThreads = 1024;      // one block per item
 constexpr int kStreamThreads = 256;       // 8 warps
 constexpr int kStreamTokensPerBlock = 64; // 8 tokens per warp per step
 constexpr int kCoverageThreads = 512;
-// Shared memory the tuned greedy may use (mind + aux = 8 bytes per token). Hopper and Ampere
-// (sm_80) both allow >= 163 KB per block with the opt-in attribute.
-constexpr size_t kMaxDynSmem = 160 * 1024;
 
 int64_t stream_blocks(int64_t N) { return (N + kStreamTokensPerBlock - 1) / kStreamTokensPerBlock; }
 size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
@@ -34,19 +33,24 @@ cudaError_t launch_greedy_gram(const Problem& p, const float* gram, const float*
                                int64_t* idx, float* radii, float* scratch, int variant,
                                cudaStream_t stream) {
   if (p.B == 0 || k == 0) return cudaSuccess;
-  const size_t smem = 2 * sizeof(float) * static_cast<size_t>(p.N);
-  const bool tuned = variant != 1 && smem <= kMaxDynSmem;
-  if (tuned) {
-    cudaError_t e = cudaFuncSetAttribute(device::greedy_gram_kernel<true>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-    device::greedy_gram_kernel<true><<<static_cast<unsigned>(p.B), kGreedyThreads, smem, stream>>>(
+  const unsigned grid = static_cast<unsigned>(p.B);
+  const bool tuned = variant != 1 && p.N <= 8 * kGreedyThreads;   // 16 tokens/thread spills
+  if (!tuned) {
+    device::greedy_gram_plain_kernel<<<grid, kGreedyThreads, 0, stream>>>(
         p, gram, nn_key, start, k, k_per_item, idx, radii, scratch);
-  } else {
-    device::greedy_gram_kernel<false><<<static_cast<unsigned>(p.B), kGreedyThreads, 0, stream>>>(
-        p, gram, nn_key, start, k, k_per_item, idx, radii, scratch);
+    return cudaGetLastError();
   }
+  // Tokens per thread: the smallest power of two with N <= ITEMS * 1024. With one token per
+  // thread, launch only as many warps as there are tokens.
+  const int threads1 = static_cast<int>(std::max<int64_t>(32, (p.N + 31) / 32 * 32));
+  if (p.N <= kGreedyThreads)
+    device::greedy_gram_reg_kernel<1><<<grid, threads1, 0, stream>>>(p, gram, nn_key, start, k, k_per_item, idx, radii);
+  else if (p.N <= 2 * kGreedyThreads)
+    device::greedy_gram_reg_kernel<2><<<grid, kGreedyThreads, 0, stream>>>(p, gram, nn_key, start, k, k_per_item, idx, radii);
+  else if (p.N <= 4 * kGreedyThreads)
+    device::greedy_gram_reg_kernel<4><<<grid, kGreedyThreads, 0, stream>>>(p, gram, nn_key, start, k, k_per_item, idx, radii);
+  else
+    device::greedy_gram_reg_kernel<8><<<grid, kGreedyThreads, 0, stream>>>(p, gram, nn_key, start, k, k_per_item, idx, radii);
   return cudaGetLastError();
 }
 

@@ -34,8 +34,8 @@ __device__ __forceinline__ int64_t item_k(int64_t k, const int64_t* k_per_item, 
 }
 
 // ---------------------------------------------------------------- nearest-neighbour keys
-// One warp per row. grid = (ceil(rows / warps_per_block), B).
-__global__ void nn_keys_kernel(Problem p, const float* __restrict__ gram, int64_t row0,
+// One warp per row. grid = (ceil(rows / warps_per_block), B); launched with 256 threads.
+__global__ void __launch_bounds__(256) nn_keys_kernel(Problem p, const float* __restrict__ gram, int64_t row0,
                                int64_t rows, int64_t ld, int64_t batch_stride,
                                float* __restrict__ nn_key) {
   const int64_t b = blockIdx.y;
@@ -61,15 +61,23 @@ __global__ void nn_keys_kernel(Problem p, const float* __restrict__ gram, int64_
 }
 
 // ---------------------------------------------------------------- greedy over a full Gram
-// One block per item. kShared: keep the running minimum and the aux values in shared memory
-// (the tuned variant); otherwise they live in global memory (the plain variant).
-template <bool kShared>
-__global__ void greedy_gram_kernel(Problem p, const float* __restrict__ gram,
-                                   const float* __restrict__ nn_key,
-                                   const int64_t* __restrict__ start, int64_t k,
-                                   const int64_t* __restrict__ k_per_item, int64_t* __restrict__ idx,
-                                   float* __restrict__ radii, float* __restrict__ scratch) {
-  extern __shared__ float dyn_smem[];
+// Both variants: one block per item; the first pick is the arg-max of a score that encodes the
+// start rule (nn_key for "isolated"; for a given start, 1 at the start token and 0 elsewhere,
+// or 1 everywhere when that start is invalid, which falls back to the first valid token).
+__device__ __forceinline__ float start_score(const Problem& p, const float* nn_key,
+                                             const int64_t* start, bool start_ok, int64_t st,
+                                             int64_t b, int64_t j, bool valid) {
+  if (!valid) return -INFINITY;
+  if (!start) return nn_key[b * p.N + j];
+  return start_ok ? (j == st ? 1.0f : 0.0f) : 1.0f;
+}
+
+// Plain variant: the running minimum lives in global memory (scratch, B*N floats); thread t
+// handles tokens t, t + blockDim, ... Straightforward, any N.
+__global__ void __launch_bounds__(1024) greedy_gram_plain_kernel(
+    Problem p, const float* __restrict__ gram, const float* __restrict__ nn_key,
+    const int64_t* __restrict__ start, int64_t k, const int64_t* __restrict__ k_per_item,
+    int64_t* __restrict__ idx, float* __restrict__ radii, float* __restrict__ scratch) {
   __shared__ unsigned long long red[32];
   const int64_t b = blockIdx.x, N = p.N;
   const int64_t L = item_length(p, b);
@@ -80,44 +88,32 @@ __global__ void greedy_gram_kernel(Problem p, const float* __restrict__ gram,
     out_idx[s] = -1;
     out_rad[s] = NAN;
   }
-  float* mind = kShared ? dyn_smem : scratch + b * N;
-  const float* aux_g = p.aux + b * N;
-  const float* aux = aux_g;
-  if (kShared) {
-    float* aux_s = dyn_smem + N;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) aux_s[j] = aux_g[j];
-    aux = aux_s;
-  }
-  // Initial state and first pick: the isolated rule (arg-max of nn_key) or the given start.
+  float* mind = scratch + b * N;
+  const float* aux = p.aux + b * N;
   const int64_t st = start ? start[b] : -1;
   const bool start_ok = st >= 0 && st < N && is_valid(p, b, st, L);
   unsigned long long best = kPackedMin;
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
     const bool v = is_valid(p, b, j, L);
     mind[j] = v ? INFINITY : -INFINITY;
-    float score = !v ? -INFINITY : (start ? (start_ok ? (j == st ? 1.0f : 0.0f) : 1.0f) : nn_key[b * N + j]);
-    unsigned long long key = pack_argmax(score, j);
+    const unsigned long long key = pack_argmax(start_score(p, nn_key, start, start_ok, st, b, j, v), j);
     best = key > best ? key : best;
   }
-  best = block_max_u64(best, red);   // also orders the mind[] initialisation before its use
+  best = block_max_u64(best, red);   // its barriers also order mind[] before later reads
   if (kb == 0 || packed_value(best) == -INFINITY) return;
   int64_t pick = packed_index(best);
-  float r0 = INFINITY;
-  if (!start) {
-    const float nk = packed_value(best);
-    r0 = nk == INFINITY ? INFINITY : dist_from_key(p.metric, nk);
-  }
+  float rad = INFINITY;   // radius of the current pick
+  if (!start && packed_value(best) != INFINITY) rad = dist_from_key(p.metric, packed_value(best));
   const float* gb = gram + b * N * N;
   for (int64_t s = 0; s < kb; ++s) {
     if (threadIdx.x == 0) {
       out_idx[s] = pick;
-      out_rad[s] = s == 0 ? r0 : dist_from_key(p.metric, mind[pick]);
+      out_rad[s] = rad;
+      mind[pick] = -INFINITY;   // selected
     }
-    __syncthreads();   // mind[pick] read above before it is overwritten
-    if (threadIdx.x == 0) mind[pick] = -INFINITY;
     __syncthreads();
     if (s + 1 == kb) break;
-    const float* grow = gb + pick * N;   // row `pick` of the Gram (fp32)
+    const float* grow = gb + pick * N;   // Gram row of the pick (fp32)
     const float ap = aux[pick];
     unsigned long long local = kPackedMin;
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
@@ -129,6 +125,80 @@ __global__ void greedy_gram_kernel(Problem p, const float* __restrict__ gram,
     const unsigned long long top = block_max_u64(local, red);
     if (packed_value(top) == -INFINITY) break;   // nothing left (only without `check`)
     pick = packed_index(top);
+    rad = dist_from_key(p.metric, packed_value(top));
+  }
+}
+
+// Tuned variant: thread t owns tokens t + i*blockDim (i < ITEMS) and keeps their running
+// minimum and aux value in registers, so a step is: read the pick's Gram row (L2-resident),
+// update registers, one block arg-max with a single barrier (double-buffered partials). The
+// owner of the pick marks it selected in its own registers: no other barrier. N <= ITEMS*1024,
+// ITEMS <= 8 (16 spills registers under the 1024-thread launch bound).
+template <int ITEMS>
+__global__ void __launch_bounds__(1024) greedy_gram_reg_kernel(
+    Problem p, const float* __restrict__ gram, const float* __restrict__ nn_key,
+    const int64_t* __restrict__ start, int64_t k, const int64_t* __restrict__ k_per_item,
+    int64_t* __restrict__ idx, float* __restrict__ radii) {
+  __shared__ unsigned long long red[2][32];
+  const int64_t b = blockIdx.x, N = p.N;
+  const int T = blockDim.x, tid = threadIdx.x;
+  const int64_t L = item_length(p, b);
+  const int64_t kb = item_k(k, k_per_item, b);
+  int64_t* out_idx = idx + b * k;
+  float* out_rad = radii + b * k;
+  for (int64_t s = tid; s < k; s += T) {
+    out_idx[s] = -1;
+    out_rad[s] = NAN;
+  }
+  const int64_t st = start ? start[b] : -1;
+  const bool start_ok = st >= 0 && st < N && is_valid(p, b, st, L);
+  float mind[ITEMS], aux[ITEMS];
+  unsigned long long best = kPackedMin;
+#pragma unroll
+  for (int it = 0; it < ITEMS; ++it) {
+    const int64_t j = tid + int64_t(it) * T;
+    const bool v = j < N && is_valid(p, b, j, L);
+    mind[it] = v ? INFINITY : -INFINITY;
+    aux[it] = j < N ? p.aux[b * N + j] : 0.0f;
+    if (j < N) {
+      const unsigned long long key = pack_argmax(start_score(p, nn_key, start, start_ok, st, b, j, v), j);
+      best = key > best ? key : best;
+    }
+  }
+  best = block_max_u64_db(best, red[0]);
+  int buf = 1;
+  if (kb == 0 || packed_value(best) == -INFINITY) return;
+  int64_t pick = packed_index(best);
+  float rad = INFINITY;
+  if (!start && packed_value(best) != INFINITY) rad = dist_from_key(p.metric, packed_value(best));
+  const float* gb = gram + b * N * N;
+  for (int64_t s = 0; s < kb; ++s) {
+    if (tid == 0) {
+      out_idx[s] = pick;
+      out_rad[s] = rad;
+    }
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it)
+      if (tid + int64_t(it) * T == pick) mind[it] = -INFINITY;   // the owner marks it selected
+    if (s + 1 == kb) break;
+    const float* grow = gb + pick * N;
+    const float ap = p.aux[b * N + pick];
+    unsigned long long local = kPackedMin;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int64_t j = tid + int64_t(it) * T;
+      if (j < N) {
+        const float v = fminf(mind[it], key_from_gram(p.metric, grow[j], ap, aux[it]));
+        mind[it] = v;
+        const unsigned long long key = pack_argmax(v, j);
+        local = key > local ? key : local;
+      }
+    }
+    const unsigned long long top = block_max_u64_db(local, red[buf]);
+    buf ^= 1;
+    if (packed_value(top) == -INFINITY) break;
+    pick = packed_index(top);
+    rad = dist_from_key(p.metric, packed_value(top));
   }
 }
 
@@ -153,7 +223,7 @@ template <>
 __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // One block per item: outputs padding, mind initialisation and the first pick.
-__global__ void stream_init_kernel(Problem p, const float* __restrict__ nn_key,
+__global__ void __launch_bounds__(1024) stream_init_kernel(Problem p, const float* __restrict__ nn_key,
                                    const int64_t* __restrict__ start, int64_t k,
                                    const int64_t* __restrict__ k_per_item, int64_t* __restrict__ idx,
                                    float* __restrict__ radii, StreamState ws) {
@@ -199,7 +269,7 @@ __global__ void stream_init_kernel(Problem p, const float* __restrict__ nn_key,
 // to its tokens (one warp per token, dot product over D from x), updates mind and writes its
 // arg-max; the last block of the item to finish reduces the partials and makes pick s.
 template <typename T>
-__global__ void stream_step_kernel(Problem p, const T* __restrict__ x, int64_t D, int64_t step,
+__global__ void __launch_bounds__(256) stream_step_kernel(Problem p, const T* __restrict__ x, int64_t D, int64_t step,
                                    int64_t k, const int64_t* __restrict__ k_per_item,
                                    int64_t* __restrict__ idx, float* __restrict__ radii,
                                    StreamState ws, int tokens_per_block) {
@@ -263,7 +333,7 @@ __global__ void stream_step_kernel(Problem p, const T* __restrict__ x, int64_t D
 
 // ---------------------------------------------------------------- greedy coverage
 // One block per item; cur[r] (coverage of row r so far) and taken[j] live in scratch.
-__global__ void coverage_kernel(const float* __restrict__ sim, int64_t M, int64_t N,
+__global__ void __launch_bounds__(512) coverage_kernel(const float* __restrict__ sim, int64_t M, int64_t N,
                                 const int64_t* __restrict__ row_lengths,
                                 const int64_t* __restrict__ lengths,
                                 const bool* __restrict__ exclude, int64_t k,

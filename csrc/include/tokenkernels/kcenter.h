@@ -61,7 +61,8 @@ cudaError_t launch_nn_keys(const Problem& p, const float* gram, int64_t row0, in
 // Greedy over a full Gram (B, N, N) fp32. start[b] >= 0 forces the first pick; start == nullptr
 // takes the arg-max of nn_key (the "isolated" rule). k_per_item nullptr: every item takes k.
 // Outputs: idx (B, k) int64 padded -1, radii (B, k) fp32 padded NaN. scratch: B*N floats.
-// variant 0 = plain (global-memory running minimum), 1 = tuned (shared-memory when it fits).
+// variant 1 = plain (running minimum in global memory, any N); otherwise tuned (running
+// minimum in registers, N <= 8192; larger N falls back to plain).
 cudaError_t launch_greedy_gram(const Problem& p, const float* gram, const float* nn_key,
                                const int64_t* start, int64_t k, const int64_t* k_per_item,
                                int64_t* idx, float* radii, float* scratch, int variant,

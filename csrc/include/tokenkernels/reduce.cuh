@@ -50,6 +50,20 @@ __device__ __forceinline__ unsigned long long block_max_u64(unsigned long long v
   return v;
 }
 
+// Same, with a single barrier: the caller alternates between two `smem` buffers on
+// consecutive calls (a warp can only overwrite a buffer after every warp has passed the
+// barrier of the call in between, hence after they all finished reading it).
+__device__ __forceinline__ unsigned long long block_max_u64_db(unsigned long long v,
+                                                               unsigned long long* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  v = warp_max_u64(v);
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? smem[lane] : kPackedMin;
+  return warp_max_u64(v);
+}
+
 __device__ __forceinline__ float warp_min_f(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, off));
