@@ -36,6 +36,15 @@ foreach(_lib c10 torch_cpu torch)
   target_link_libraries(tk_torch INTERFACE ${TK_LIB_${_lib}})
 endforeach()
 
+# at::parallel_for is header-inline: without OpenMP on *our* objects it silently runs serially.
+# torch's CPU build uses OpenMP (libgomp ships in torch/lib and is loaded before us).
+find_package(OpenMP COMPONENTS CXX)
+if(OpenMP_CXX_FOUND)
+  target_link_libraries(tk_torch INTERFACE OpenMP::OpenMP_CXX)
+else()
+  message(WARNING "tokenkernels: no OpenMP for the C++ compiler; CPU kernels will run single-threaded")
+endif()
+
 add_library(tk_torch_cuda INTERFACE)
 if(TK_TORCH_HAS_CUDA)
   foreach(_lib c10_cuda torch_cuda)

@@ -18,10 +18,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <vector>
 
+#include "kcenter/dots_cpu.h"
 #include "kcenter/kcenter_args.h"
 #include "tokenkernels/kcenter.h"
 
@@ -131,14 +133,14 @@ int64_t argmax_first(const float* v, int64_t M) {
 
 // Source of Gram rows for the greedy.
 struct RowSource {
-  const at::Tensor& X;        // (M, D) fp32
+  const at::Tensor& X;        // (M, D) fp32, contiguous
   at::Tensor full;            // (M, M) when the full Gram is used
-  std::vector<at::Tensor> chunks;
+  std::vector<std::vector<float>> chunks;
   std::vector<const float*> row_ptr;   // per token: its Gram row, or nullptr
   int64_t M;
-  int64_t batch;
+  int batch;
 
-  RowSource(const at::Tensor& X_, at::Tensor full_, int64_t batch_)
+  RowSource(const at::Tensor& X_, at::Tensor full_, int batch_)
       : X(X_), full(std::move(full_)), M(X_.size(0)), batch(batch_) {
     row_ptr.assign(M, nullptr);
     if (full.defined()) {
@@ -148,7 +150,7 @@ struct RowSource {
   }
 
   // Row of token p; when missing, computes p's row together with the (batch-1) unselected
-  // tokens of largest running minimum that have no row yet.
+  // tokens of largest running minimum that have no row yet, in one pass over X.
   const float* row(int64_t p, const float* mind) {
     if (row_ptr[p]) return row_ptr[p];
     std::vector<int64_t> cand;
@@ -162,14 +164,32 @@ struct RowSource {
       });
     cand.resize(extra);
     cand.insert(cand.begin(), p);
-    auto ids = at::from_blob(cand.data(), {(int64_t)cand.size()}, at::kLong).clone();
-    auto rows = at::mm(X.index_select(0, ids), X.t()).contiguous();   // (m, M)
-    const float* base = rows.data_ptr<float>();
-    for (size_t t = 0; t < cand.size(); ++t) row_ptr[cand[t]] = base + t * M;
-    chunks.push_back(std::move(rows));
+    const int m = static_cast<int>(cand.size());
+    const int64_t D = X.size(1);
+    const float* x = X.data_ptr<float>();
+    std::vector<const float*> arows(m);
+    for (int t = 0; t < m; ++t) arows[t] = x + cand[t] * D;
+    std::vector<float> rows(static_cast<size_t>(m) * M);
+    cpu::small_batch_dots(arows.data(), m, x, M, D, rows.data(), M);
+    for (int t = 0; t < m; ++t) row_ptr[cand[t]] = rows.data() + t * M;
+    chunks.push_back(std::move(rows));   // moving a vector keeps its buffer (and our pointers)
     return row_ptr[p];
   }
 };
+
+// Rows per speculative batch: each batch streams X once, so when X is larger than the
+// last-level cache, bigger batches amortise the memory traffic; when it fits, small batches
+// waste fewer rows on candidates that never get picked.
+// TOKENKERNELS_KCENTER_BATCH overrides it (for tuning).
+int speculative_batch(int64_t M, int64_t D) {
+  static const int forced = [] {
+    const char* e = std::getenv("TOKENKERNELS_KCENTER_BATCH");
+    return e ? std::max(1, std::atoi(e)) : 0;
+  }();
+  if (forced) return forced;
+  const int64_t bytes = M * D * int64_t(sizeof(float));
+  return bytes <= (int64_t(16) << 20) ? 4 : 12;
+}
 
 // One item. X: (M, D) fp32 valid rows; `orig` maps compact -> original token index.
 // start_pos: compact index of a forced start, or -1 for the isolated rule.
@@ -186,7 +206,7 @@ void kcenter_item(const at::Tensor& X, const std::vector<int64_t>& orig, int64_t
   // Full Gram when every pair is needed anyway, or when the rows we would compute one batch at
   // a time would cost about as much (k a large fraction of M).
   const bool use_full = isolated || kb * 4 >= M;
-  RowSource src(X, use_full ? gram_full(X) : at::Tensor(), /*batch=*/32);
+  RowSource src(X, use_full ? gram_full(X) : at::Tensor(), speculative_batch(M, X.size(1)));
 
   std::vector<float> mind(M, kInf);
   int64_t p;
