@@ -35,3 +35,10 @@ def device(request) -> str:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: larger shapes (N=2880 or D=4096)")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    """Every test starts from the same global RNG state (tests also seed their own generators)."""
+    torch.manual_seed(0)
+    yield

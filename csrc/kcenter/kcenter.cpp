@@ -35,10 +35,11 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Per-token auxiliary values (see kcenter.h): inverse norms (cosine) or squared norms (l2).
+// (Squared norms as a plain sum of squares, like the reference, so identical tokens are at
+// distance 0 rather than sqrt(rounding of norm^2).)
 at::Tensor token_aux(const at::Tensor& X, Metric m) {
-  auto nrm = at::linalg_vector_norm(X, 2, {1});   // no (M, D) temporary
-  if (m == Metric::kL2) return nrm.square();
-  return nrm.clamp_min(kNormEps).reciprocal();
+  if (m == Metric::kL2) return X.square().sum(1);
+  return at::linalg_vector_norm(X, 2, {1}).clamp_min(kNormEps).reciprocal();
 }
 
 // Full Gram G = X X^T (M x M, fp32, row-major), computing only block-upper tiles when that saves

@@ -58,8 +58,12 @@ std::tuple<at::Tensor, at::Tensor> kcenter_cuda(const at::Tensor& x_in, int64_t 
   const cudaStream_t stream = current_cuda_stream(x_in.device());
 
   auto x = x_in.contiguous();
-  auto nrm = at::linalg_vector_norm(x, 2, {2}, false, at::kFloat);   // (B, N), fp32 accumulate
-  auto aux = (metric == 0 ? nrm.clamp_min(kNormEps).reciprocal() : nrm.square()).contiguous();
+  // (B, N) fp32: inverse norms (cosine) or squared norms as a sum of squares (l2), as the
+  // CPU kernel and the reference compute them.
+  auto aux = (metric == 0
+                  ? at::linalg_vector_norm(x, 2, {2}, false, at::kFloat).clamp_min(kNormEps).reciprocal()
+                  : x.to(at::kFloat).square().sum(2))
+                 .contiguous();
   auto lens = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   auto excl = exclude.has_value() ? exclude->contiguous() : at::Tensor();
   auto kk = k_per_item.has_value() ? k_per_item->contiguous() : at::Tensor();

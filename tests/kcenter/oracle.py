@@ -12,7 +12,7 @@ All tolerances come from ``tests/tolerances.py``; distances are compared in norm
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 

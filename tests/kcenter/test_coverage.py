@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tokenkernels as tk
@@ -237,7 +237,8 @@ def coverage_problems(draw):
     return dict(sim=s.to(dtype), lengths=lengths, row_lengths=row_lengths, exclude=exclude, k=k)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(p=coverage_problems())
 def test_coverage_hypothesis(device, p):
     sim = p["sim"].to(device)

@@ -1,9 +1,14 @@
 """tokenkernels.kcenter vs the fp64 replay oracle and the PyTorch reference."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tokenkernels as tk
@@ -429,7 +434,8 @@ def kcenter_problems(draw):
                 valid=valid, g=g, sorted=draw(st.booleans()))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(p=kcenter_problems())
 def test_kcenter_hypothesis(device, p):
     x = p["x"].to(device)
@@ -451,3 +457,93 @@ def test_kcenter_hypothesis(device, p):
     if p["sorted"]:
         s_idx, s_rad = tk.kcenter(x, k, **kw, sorted=True, generator=gen(device, 5))
         check_sorted_matches(s_idx, s_rad, idx, rad)
+
+
+def test_check_false_invalid_start_does_not_crash(device):
+    """With check=False an impossible start index is not validated; the result must still be a
+    valid selection (the CPU kernel falls back to the first valid token)."""
+    B, N, D = 2, 15, 6
+    x, _ = make_x(B, N, D, torch.float32, seed=13, device=device)
+    exclude = torch.zeros(B, N, dtype=torch.bool, device=device)
+    exclude[0, 2] = True
+    start = torch.tensor([2, 40], device=device)            # excluded / out of range
+    idx, rad = tk.kcenter(x, 5, exclude=exclude, start=start, check=False, return_radii=True)
+    replay_kcenter(x, idx, rad, k=5, metric="cosine", start="any", exclude=exclude)
+
+
+# ------------------------------------------------------------------------------ ties / degenerate
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("start", ["isolated", "first"])
+def test_ties_go_to_lowest_index(device, metric, start):
+    """Identical (integer-valued, so every Gram entry is exact) tokens: all distances tie, so the
+    picks are the valid tokens in ascending order."""
+    B, N = 2, 12
+    x = torch.tensor([1.0, -2.0, 3.0, 4.0]).expand(B, N, 4).contiguous().to(device)
+    exclude = torch.zeros(B, N, dtype=torch.bool, device=device)
+    exclude[1, [0, 1, 4]] = True
+    idx, rad = tk.kcenter(x, 6, exclude=exclude, metric=metric, start=start, return_radii=True)
+    assert idx.cpu().tolist() == [[0, 1, 2, 3, 4, 5], [2, 3, 5, 6, 7, 8]]
+    rs = "isolated" if start == "isolated" else [0, 2]
+    replay_kcenter(x, idx, rad, k=6, metric=metric, start=rs, exclude=exclude)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_degenerate_tokens(device, metric):
+    """Zero vectors and exact duplicates still give a valid greedy."""
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(2, 30, 8, generator=g)
+    x[:, 5] = 0.0
+    x[:, 17] = 0.0
+    x[:, 20:25] = x[:, 0:5]
+    x[1, 10:] = x[1, 10]
+    x = x.to(device)
+    for start, rs in (("isolated", "isolated"), ("first", [0, 0])):
+        idx, rad = tk.kcenter(x, 20, metric=metric, start=start, return_radii=True)
+        replay_kcenter(x, idx, rad, k=20, metric=metric, start=rs)
+
+
+def test_int32_index_tensors_accepted(device):
+    """The wrapper converts int32 k / lengths / start tensors to int64."""
+    x, _ = make_x(2, 20, 8, torch.float32, seed=3, device=device)
+    kw64 = dict(lengths=torch.tensor([20, 9], device=device), start=torch.tensor([4, 8], device=device))
+    kw32 = {n: v.int() for n, v in kw64.items()}
+    k64 = torch.tensor([5, 3], device=device)
+    a = tk.kcenter(x, k64, **kw64)
+    b = tk.kcenter(x, k64.int(), **kw32)
+    assert torch.equal(a, b)
+    sim = torch.rand(2, 6, 20, generator=torch.Generator().manual_seed(0)).to(device)
+    c = tk.coverage_select(sim, k64, lengths=kw64["lengths"], row_lengths=torch.tensor([6, 2], device=device))
+    d = tk.coverage_select(sim, k64.int(), lengths=kw32["lengths"],
+                           row_lengths=torch.tensor([6, 2], device=device, dtype=torch.int32))
+    assert torch.equal(c, d)
+
+
+_SPEC_SCRIPT = """
+import torch, tokenkernels as tk
+from tests.kcenter.oracle import replay_kcenter, valid_mask
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for metric in ("cosine", "l2"):
+        for D in (1, 7, 37, 300):
+            x = torch.randn(3, 301, D, generator=g).to(dtype)
+            lengths = torch.tensor([301, 250, 90])
+            exclude = torch.rand(3, 301, generator=g) < 0.2
+            kk = torch.tensor([40, 25, 9])
+            first = [int(v.to(torch.int8).argmax()) for v in valid_mask(3, 301, lengths, exclude)]
+            idx, rad = tk.kcenter(x, kk, lengths=lengths, exclude=exclude, metric=metric,
+                                  start="first", return_radii=True)
+            replay_kcenter(x, idx, rad, k=kk, metric=metric, start=first, lengths=lengths,
+                           exclude=exclude)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("batch", ["1", "5", "16"])
+def test_cpu_speculative_batch_override(batch):
+    """The CPU kernel's speculative Gram-row batch size (TOKENKERNELS_KCENTER_BATCH, read once per
+    process) does not change validity: run the check in a fresh interpreter per size."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TOKENKERNELS_KCENTER_BATCH=batch)
+    r = subprocess.run([sys.executable, "-c", _SPEC_SCRIPT], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -1,0 +1,252 @@
+"""Bad arguments raise a clear error that names the argument."""
+import pytest
+import torch
+
+import tokenkernels as tk
+
+from ..conftest import HAS_CUDA
+
+ERR = (RuntimeError, ValueError, TypeError)
+
+
+def _x(device, B=2, N=10, D=4, dtype=torch.float32):
+    return torch.randn(B, N, D, generator=torch.Generator().manual_seed(0)).to(dtype).to(device)
+
+
+def _sim(device, B=2, M=6, N=10):
+    return torch.rand(B, M, N, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _l(v, device):
+    return torch.tensor(v, device=device)
+
+
+# ------------------------------------------------------------------------------ kcenter
+@pytest.mark.parametrize("start", ["isolated", "first", "random"])
+def test_k_exceeds_valid_tokens(device, start):
+    x = _x(device)
+    with pytest.raises(RuntimeError, match=r"k = 11 exceeds the number of valid tokens \(10\)"):
+        tk.kcenter(x, 11, start=start)
+    with pytest.raises(RuntimeError, match=r"k = 6 exceeds the number of valid tokens \(5\) of item 1"):
+        tk.kcenter(x, 6, lengths=_l([10, 5], device), start=start)
+    ex = torch.zeros(2, 10, dtype=torch.bool, device=device)
+    ex[0, :8] = True
+    with pytest.raises(RuntimeError, match=r"k = 3 exceeds the number of valid tokens \(2\) of item 0"):
+        tk.kcenter(x, 3, exclude=ex, start=start)
+    with pytest.raises(RuntimeError, match=r"k = 4 exceeds the number of valid tokens \(3\) of item 1"):
+        tk.kcenter(x, _l([2, 4], device), lengths=_l([10, 3], device), start=start)
+    with pytest.raises(RuntimeError, match="exceeds the number of valid tokens"):
+        tk.kcenter(x[0], 11, start=start)
+
+
+def test_k_negative_or_wrong_type(device):
+    x = _x(device)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        tk.kcenter(x, -1)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        tk.kcenter(x, _l([-1, -2], device))
+    with pytest.raises(RuntimeError, match=r"k must be >= 0, got k\[1\] = -1"):
+        tk.kcenter(x, _l([3, -1], device))
+    with pytest.raises(TypeError, match="k must be an int"):
+        tk.kcenter(x, 2.0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        tk.kcenter(x, True)
+    with pytest.raises(TypeError, match="k must be an integer tensor"):
+        tk.kcenter(x, torch.tensor([1.0, 2.0], device=device))
+    with pytest.raises(ValueError, match=r"k must be an int or have shape \(2,\)"):
+        tk.kcenter(x, _l([1, 2, 3], device))
+    with pytest.raises(RuntimeError, match=r"k\[1\] = 5 exceeds k_max = 3"):
+        tk.kcenter(x, _l([1, 5], device), k_max=3)
+
+
+@pytest.mark.parametrize("shape", [(10,), (1, 2, 10, 4), ()])
+def test_x_wrong_rank(device, shape):
+    with pytest.raises(ValueError, match=r"x must be 2-D \(N, D\) or 3-D \(B, N, D\)"):
+        tk.kcenter(torch.randn(shape, device=device), 1)
+
+
+def test_x_not_a_tensor():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        tk.kcenter([[1.0, 2.0]], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float64])
+def test_x_wrong_dtype(device, dtype):
+    x = torch.ones(2, 5, 3, dtype=dtype, device=device)
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        tk.kcenter(x, 1)
+
+
+def test_x_no_features(device):
+    with pytest.raises(RuntimeError, match="x must have D >= 1"):
+        tk.kcenter(torch.randn(2, 5, 0, device=device), 1)
+
+
+def test_lengths_bad_values(device):
+    x = _x(device)
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, N=10\]"):
+        tk.kcenter(x, 1, lengths=_l([11, 10], device))
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, N=10\]"):
+        tk.kcenter(x, 0, lengths=_l([3, -1], device))
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, N=10\]"):
+        tk.kcenter(x, 1, lengths=_l([-1, 3], device), start="first")
+
+
+def test_lengths_bad_shape_or_dtype(device):
+    x = _x(device)
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        tk.kcenter(x, 1, lengths=_l([10, 10, 10], device))
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        tk.kcenter(x, 1, lengths=_l([[10, 10]], device))
+    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
+        tk.kcenter(x, 1, lengths=torch.tensor([10.0, 9.0], device=device))
+    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
+        tk.kcenter(x, 1, lengths=torch.tensor([True, True], device=device))
+
+
+def test_exclude_bad_shape_or_dtype(device):
+    x = _x(device)
+    with pytest.raises(ValueError, match=r"exclude must have shape \(2, 10\)"):
+        tk.kcenter(x, 1, exclude=torch.zeros(2, 9, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match=r"exclude must have shape \(2, 10\)"):
+        tk.kcenter(x, 1, exclude=torch.zeros(10, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match=r"exclude must have shape \(1, 10\)"):
+        tk.kcenter(x[0], 1, exclude=torch.zeros(9, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="exclude must be a bool tensor"):
+        tk.kcenter(x, 1, exclude=torch.zeros(2, 10, dtype=torch.uint8, device=device))
+    with pytest.raises(TypeError, match="exclude must be a bool tensor"):
+        tk.kcenter(x, 1, exclude=[[False] * 10] * 2)
+
+
+def test_start_index_invalid(device):
+    x = _x(device)
+    with pytest.raises(RuntimeError, match="start index 10 of item 0 is not a valid token"):
+        tk.kcenter(x, 2, start=_l([10, 0], device))
+    with pytest.raises(RuntimeError, match="start index -1 of item 1 is not a valid token"):
+        tk.kcenter(x, 2, start=_l([0, -1], device))
+    with pytest.raises(RuntimeError, match="start index 12 of item 0 is not a valid token"):
+        tk.kcenter(x, 2, start=12)
+    with pytest.raises(RuntimeError, match="start index 7 of item 1 is not a valid token"):
+        tk.kcenter(x, 2, start=_l([0, 7], device), lengths=_l([10, 7], device))
+    ex = torch.zeros(2, 10, dtype=torch.bool, device=device)
+    ex[0, 4] = True
+    with pytest.raises(RuntimeError, match="start index 4 of item 0 is not a valid token"):
+        tk.kcenter(x, 2, start=4, exclude=ex)
+    with pytest.raises(ValueError, match=r"start must have shape \(2,\)"):
+        tk.kcenter(x, 2, start=_l([0, 1, 2], device))
+    with pytest.raises(TypeError, match="start must be an integer tensor"):
+        tk.kcenter(x, 2, start=torch.tensor([0.0, 1.0], device=device))
+    with pytest.raises(TypeError, match="start must be a str or an index tensor"):
+        tk.kcenter(x, 2, start=1.5)
+
+
+def test_bad_strings(device):
+    x = _x(device)
+    with pytest.raises(ValueError, match="metric must be 'cosine' or 'l2', got 'dot'"):
+        tk.kcenter(x, 2, metric="dot")
+    with pytest.raises(ValueError, match="start must be 'isolated', 'first', 'random' or an index tensor, got 'last'"):
+        tk.kcenter(x, 2, start="last")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        tk.kcenter(x, 2, impl="fast")
+
+
+def test_raw_op_bad_metric(device):
+    x = _x(device)
+    with pytest.raises(RuntimeError, match="metric must be 0 \\(cosine\\) or 1 \\(l2\\), got 2"):
+        torch.ops.tokenkernels.kcenter(x, 1, None, None, None, None, 2, False, True, 0)
+    with pytest.raises(RuntimeError, match="lengths must be int64"):
+        torch.ops.tokenkernels.kcenter(x, 1, None, _l([3, 3], device).int(), None, None, 0, False, True, 0)
+    with pytest.raises(RuntimeError, match="exclude must be bool"):
+        torch.ops.tokenkernels.kcenter(x, 1, None, None, torch.zeros(2, 10, device=device), None, 0, False,
+                                       True, 0)
+    with pytest.raises(RuntimeError, match="k must be >= 0"):
+        torch.ops.tokenkernels.kcenter(x, -1, None, None, None, None, 0, False, True, 0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+def test_mismatched_devices():
+    x = _x("cuda")
+    with pytest.raises(RuntimeError, match="lengths is on cpu but x is on cuda"):
+        tk.kcenter(x, 2, lengths=torch.tensor([10, 10]))
+    with pytest.raises(RuntimeError, match="exclude is on cpu but x is on cuda"):
+        tk.kcenter(x, 2, exclude=torch.zeros(2, 10, dtype=torch.bool))
+    sim = _sim("cuda")
+    with pytest.raises(RuntimeError, match="lengths is on cpu but sim is on cuda"):
+        tk.coverage_select(sim, 2, lengths=torch.tensor([10, 10]))
+    with pytest.raises(RuntimeError, match="row_lengths is on cpu but sim is on cuda"):
+        tk.coverage_select(sim, 2, row_lengths=torch.tensor([6, 6]))
+    with pytest.raises(RuntimeError, match="exclude is on cpu but sim is on cuda"):
+        tk.coverage_select(sim, 2, exclude=torch.zeros(2, 10, dtype=torch.bool))
+    # the raw op checks the per-item k tensor's device too
+    with pytest.raises(RuntimeError, match="k is on cpu but x is on cuda"):
+        torch.ops.tokenkernels.kcenter(x, 2, torch.tensor([2, 2]), None, None, None, 0, False, True, 0)
+
+
+# ------------------------------------------------------------------------------ coverage_select
+def test_coverage_k_exceeds_valid(device):
+    sim = _sim(device)
+    with pytest.raises(RuntimeError, match=r"k = 11 exceeds the number of valid candidates \(10\)"):
+        tk.coverage_select(sim, 11)
+    with pytest.raises(RuntimeError, match=r"k = 4 exceeds the number of valid candidates \(3\) of item 1"):
+        tk.coverage_select(sim, 4, lengths=_l([10, 3], device))
+    ex = torch.zeros(2, 10, dtype=torch.bool, device=device)
+    ex[1, 1:] = True
+    with pytest.raises(RuntimeError, match=r"k = 2 exceeds the number of valid candidates \(1\) of item 1"):
+        tk.coverage_select(sim, 2, exclude=ex)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        tk.coverage_select(sim, -3)
+    with pytest.raises(RuntimeError, match=r"k\[0\] = -1 must lie in \[0, k_max = 2\]"):
+        tk.coverage_select(sim, _l([-1, 2], device))
+
+
+def test_coverage_sim_negative(device):
+    sim = _sim(device)
+    sim[1, 2, 3] = -1e-3
+    with pytest.raises(RuntimeError, match="sim must be non-negative"):
+        tk.coverage_select(sim, 2)
+
+
+def test_coverage_row_lengths(device):
+    sim = _sim(device)
+    with pytest.raises(RuntimeError, match=r"row_lengths must lie in \[0, M=6\]"):
+        tk.coverage_select(sim, 2, row_lengths=_l([7, 6], device))
+    with pytest.raises(RuntimeError, match=r"row_lengths must lie in \[0, M=6\]"):
+        tk.coverage_select(sim, 2, row_lengths=_l([-1, 6], device))
+    with pytest.raises(ValueError, match=r"row_lengths must have shape \(2,\)"):
+        tk.coverage_select(sim, 2, row_lengths=_l([6], device))
+    with pytest.raises(TypeError, match="row_lengths must be an integer tensor"):
+        tk.coverage_select(sim, 2, row_lengths=torch.tensor([6.0, 6.0], device=device))
+
+
+def test_coverage_bad_shapes_and_dtypes(device):
+    sim = _sim(device)
+    with pytest.raises(ValueError, match="sim must be 2-D"):
+        tk.coverage_select(sim[0, 0], 1)
+    with pytest.raises(ValueError, match="sim must be 2-D"):
+        tk.coverage_select(sim[None], 1)
+    with pytest.raises(RuntimeError, match="sim must be float32, float16 or bfloat16"):
+        tk.coverage_select((sim * 10).long(), 1)
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, N=10\]"):
+        tk.coverage_select(sim, 1, lengths=_l([11, 3], device))
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        tk.coverage_select(sim, 1, lengths=_l([1, 2, 3], device))
+    with pytest.raises(ValueError, match=r"exclude must have shape \(2, 10\)"):
+        tk.coverage_select(sim, 1, exclude=torch.zeros(2, 6, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="exclude must be a bool tensor"):
+        tk.coverage_select(sim, 1, exclude=torch.zeros(2, 10, dtype=torch.int64, device=device))
+
+
+# ------------------------------------------------------------------------------ mmtok_similarity
+def test_mmtok_bad_inputs(device):
+    t = torch.randn(2, 3, 8, device=device)
+    v = torch.randn(2, 5, 8, device=device)
+    with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
+        tk.mmtok_similarity(t, v, alpha=1.5)
+    with pytest.raises(ValueError, match="text .* and vision .* must share batch and feature sizes"):
+        tk.mmtok_similarity(t, v[..., :7])
+    with pytest.raises(ValueError, match="text .* and vision .* must share batch and feature sizes"):
+        tk.mmtok_similarity(t, v[:1])
+    with pytest.raises(ValueError, match="vision must be 2-D"):
+        tk.mmtok_similarity(t, v[0, 0])
+    with pytest.raises(ValueError, match=r"text_lengths must have shape \(2,\)"):
+        tk.mmtok_similarity(t, v, text_lengths=_l([1], device))
