@@ -313,11 +313,13 @@ void coverage_item(const float* simT /*(N, M) candidates x rows*/, int64_t M, in
   for (int64_t s = 0; s < k_max; ++s) { out_idx[s] = -1; out_gain[s] = kNaN; }
   if (kb <= 0 || cands.empty()) return;
   std::vector<float> cur(R, 0.0f);
+  // fp64 accumulation, rounded once: the gain is then the correctly rounded fp32 value of the
+  // fp32 terms' sum (the CUDA kernel sums in the same order, so both agree bit for bit).
   auto gain_of = [&](int64_t j) {
     const float* col = simT + j * M;
-    float g = 0.0f;
+    double g = 0.0;
     for (int64_t r = 0; r < R; ++r) g += std::max(col[r] - cur[r], 0.0f);
-    return g;
+    return static_cast<float>(g);
   };
   struct Entry { float g; int64_t j; int64_t stamp; };
   auto worse = [](const Entry& a, const Entry& b) { return argmax_better(b.g, b.j, a.g, a.j); };

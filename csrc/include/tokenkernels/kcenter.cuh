@@ -361,9 +361,9 @@ __global__ void __launch_bounds__(512) coverage_kernel(const float* __restrict__
     unsigned long long local = kPackedMin;
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {   // adjacent threads: adjacent j
       if (taken[j] != 0.0f) continue;
-      float g = 0.0f;
+      double g = 0.0;   // fp64 accumulation, rounded once (same order as the CPU kernel)
       for (int64_t r = 0; r < R; ++r) g += fmaxf(S[r * N + j] - cur[r], 0.0f);
-      const unsigned long long key = pack_argmax(g, j);
+      const unsigned long long key = pack_argmax(static_cast<float>(g), j);
       local = key > local ? key : local;
     }
     const unsigned long long top = block_max_u64(local, red);
