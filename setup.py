@@ -51,10 +51,13 @@ class CMakeBuild(build_ext):
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, dest)
         # The microbenchmark binary travels inside the package (see tokenkernels/_bench_bin.py).
+        # Editable installs (setuptools >= 64) build in a temporary tree and only carry the
+        # extension module back, so the binary also goes straight into the source package.
         if bench:
-            bin_dir = dest.parent / "_bin"
-            bin_dir.mkdir(exist_ok=True)
-            shutil.copy2(build_dir / "tokenkernels-bench", bin_dir / "tokenkernels-bench")
+            for pkg_dir in {dest.parent, ROOT / "python" / "tokenkernels"}:
+                bin_dir = pkg_dir / "_bin"
+                bin_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(build_dir / "tokenkernels-bench", bin_dir / "tokenkernels-bench")
 
 
 setup(

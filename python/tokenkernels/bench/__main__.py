@@ -1,0 +1,6 @@
+"""``python -m tokenkernels.bench``: see :mod:`tokenkernels.bench`."""
+import sys
+
+from . import main
+
+sys.exit(main())

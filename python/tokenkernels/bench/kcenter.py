@@ -1,0 +1,189 @@
+"""kcenter family: ``tokenkernels.kcenter`` / ``tokenkernels.coverage_select`` against the Python
+reference (``tokenkernels.reference.kcenter``), the DivPrune-style loop, one fp32 GEMM and, when
+importable, farthest-point-sampling peers (torch_cluster, pytorch3d).
+
+Inputs are synthetic token-like features (a shared mean direction + one of N/18 cluster centres +
+noise), fp32, built with the same recipe and seeds as the C++ bench (bench/cpp/bench_kcenter.cpp).
+"""
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import torch
+
+import tokenkernels
+from tokenkernels.reference import kcenter as ref
+
+from . import Context, Row, Timing
+
+DESCRIPTION = "greedy k-center (isolated / first start) and coverage_select, fp32 cosine"
+
+D = 4096
+# (B, N, k) per start rule
+SHAPES = [(1, 576, 56), (1, 2880, 288), (8, 576, 56)]
+STARTS = ["isolated", "first"]
+COVERAGE = (50, 576, 56)   # text rows, vision tokens (rows and candidates), k
+
+
+def make_tokens(B: int, N: int, D: int, seed: int) -> torch.Tensor:
+    """(B, N, D) fp32 on the CPU; same draws as make_tokens() in bench_kcenter.cpp."""
+    torch.manual_seed(seed)
+    C = max(8, N // 18)
+    common = torch.randn(1, 1, D)
+    centres = torch.randn(B, C, D)
+    assign = torch.randint(C, (B, N), dtype=torch.long)
+    xc = torch.gather(centres, 1, assign.unsqueeze(-1).expand(B, N, D))
+    return 0.5 * common + xc + 0.7 * torch.randn(B, N, D)
+
+
+def prefix_match(a: torch.Tensor, b: torch.Tensor) -> str:
+    """'s/k': the smallest number, over items, of leading picks that agree."""
+    a = a.detach().cpu().reshape(-1, a.shape[-1])
+    b = b.detach().cpu().reshape(-1, b.shape[-1])
+    k = a.shape[1]
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)}"
+    worst = k
+    for i in range(a.shape[0]):
+        neq = (a[i] != b[i]).nonzero()
+        worst = min(worst, int(neq[0]) if len(neq) else k)
+    return f"{worst}/{k}"
+
+
+def _peers():
+    """Importable farthest-point-sampling peers: name -> fn(xn (B, N, D) unit rows, k) -> picks."""
+    peers, missing = {}, []
+    try:
+        from torch_cluster import fps as _fps
+
+        def tc_fps(xn, k):
+            B, N, Dd = xn.shape
+            batch = torch.arange(B, device=xn.device).repeat_interleave(N)
+            out = _fps(xn.reshape(B * N, Dd), batch, ratio=k / N, random_start=False)
+            return (out.reshape(B, -1) - torch.arange(B, device=xn.device)[:, None] * N)[:, :k]
+
+        peers["torch_cluster.fps"] = tc_fps
+    except Exception:  # ImportError, or a broken binary build
+        missing.append("torch_cluster.fps")
+    try:
+        from pytorch3d.ops import sample_farthest_points as _sfp
+
+        def p3d_fps(xn, k):
+            return _sfp(xn, K=k, random_start_point=False)[1]
+
+        peers["pytorch3d.sample_farthest_points"] = p3d_fps
+    except Exception:
+        missing.append("pytorch3d.ops.sample_farthest_points")
+    return peers, missing
+
+
+def _kcenter_case(ctx: Context, B: int, N: int, k: int, start: str, peers) -> Timing:
+    t_start = time.perf_counter()
+    x = make_tokens(B, N, D, 1234 + N + B).to(ctx.device)
+    xs = x[0] if B == 1 else x             # 2-D for a single item, as callers pass it
+    case = f"kcenter {start} B{B} N{N} D{D} k{k}"
+    work = 2.0 * B * N * N * D if start == "isolated" else 2.0 * B * k * N * D
+    gemm_flops = 2.0 * B * N * N * D
+
+    def op():
+        return tokenkernels.kcenter(xs, k, start=start)
+
+    def reference():
+        return ref.kcenter(xs, k, start=start)
+
+    def divprune():
+        return torch.stack([ref.divprune_style(x[b], k) for b in range(B)])
+
+    def gemm():
+        return xs @ xs.T if B == 1 else torch.bmm(x, x.transpose(1, 2))
+
+    picks_ref = reference().reshape(B, k)
+    rows: List[Row] = []
+
+    def row(impl, fn, slow, w, picks=None):
+        out = fn() if picks is not None else None
+        t = ctx.time(fn, slow=slow)
+        r = Row("kcenter", case, impl, t, work=w)
+        if out is not None:
+            r.picks = prefix_match(out.reshape(B, -1), picks_ref)
+        rows.append(r)
+        return r
+
+    row("tokenkernels", op, False, work, picks=True)
+    row("reference", reference, True, work)
+    # DivPrune's own first pick is the isolated rule, so its picks compare only there.
+    row("divprune_style", divprune, True, work, picks=True if start == "isolated" else None)
+    row("gemm x@x.T", gemm, False, gemm_flops)
+    if start == "first":
+        # FPS peers: Euclidean FPS on unit rows picks like cosine k-center (|a-b|^2 = 2 - 2cos),
+        # starting at index 0.
+        xn = torch.nn.functional.normalize(x, dim=-1)
+        for name, fn in peers.items():
+            row(name, lambda fn=fn: fn(xn, k), False, work, picks=True)
+    dp = next(r for r in rows if r.impl == "divprune_style").timing.ms
+    gm = next(r for r in rows if r.impl.startswith("gemm")).timing.ms
+    for r in rows:
+        r.speedup_vs_divprune = dp / r.timing.ms
+        r.ratio_vs_gemm = r.timing.ms / gm
+    ctx.add(rows, t_start)
+    return rows[0].timing
+
+
+def _coverage_case(ctx: Context) -> None:
+    t_start = time.perf_counter()
+    T, V, k = COVERAGE
+    emb = make_tokens(1, T + V, D, 99)
+    sim = tokenkernels.mmtok_similarity(emb[:, :T], emb[:, T:])[0].to(ctx.device)   # (T+V, V)
+    M, N = sim.shape
+    case = f"coverage_select B1 M{M} N{N} k{k}"
+    work = float(M * N * 4)   # bytes of sim, read once
+    picks_ref = ref.coverage_select(sim, k)
+    out = tokenkernels.coverage_select(sim, k)
+    r_op = Row("kcenter", case, "tokenkernels",
+               ctx.time(lambda: tokenkernels.coverage_select(sim, k)), work=work, bytes=True,
+               picks=prefix_match(out, picks_ref))
+    r_ref = Row("kcenter", case, "reference", ctx.time(lambda: ref.coverage_select(sim, k), slow=True),
+                work=work, bytes=True)
+    ctx.add([r_op, r_ref], t_start)
+    gap = prefix_match(out, picks_ref)
+    if gap != f"{k}/{k}":
+        cover = lambda idx: float(sim[:, idx].max(1).values.double().sum())   # noqa: E731
+        ctx.note(f"coverage_select picks leave the reference's after {gap.split('/')[0]} picks "
+                 f"(near-tied gains); covered mass op {cover(out):.6f} vs reference "
+                 f"{cover(picks_ref):.6f}")
+
+
+def _one_thread(ctx: Context, B: int, N: int, k: int, start: str) -> Optional[Timing]:
+    if ctx.cuda:
+        return None
+    x = make_tokens(B, N, D, 1234 + N + B)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return ctx.time(lambda: tokenkernels.kcenter(x, k, start=start))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(ctx: Context) -> None:
+    peers, missing = _peers()
+    ctx.total_cases = len(SHAPES) * len(STARTS) + 1
+    b1, b8 = {}, {}
+    for start in STARTS:
+        for B, N, k in SHAPES:
+            t = _kcenter_case(ctx, B, N, k, start, peers)
+            if N == 576:
+                (b1 if B == 1 else b8)[start] = t
+    _coverage_case(ctx)
+    for start in STARTS:
+        eight = 8 * b1[start].ms
+        line = (f"batch scaling ({start}, N576 D{D} k56): batch 8 {b8[start].ms:.2f} ms vs "
+                f"8 x batch 1 {eight:.2f} ms -> {eight / b8[start].ms:.2f}x")
+        one = _one_thread(ctx, 8, 576, 56, start)
+        if one is not None:
+            line += (f"; batch 8 on 1 thread {one.ms:.2f} ms -> {one.ms / b8[start].ms:.2f}x "
+                     f"from {torch.get_num_threads()} threads")
+        ctx.note(line)
+    for name in missing:
+        ctx.note(f"peer {name}: not importable here, skipped")
