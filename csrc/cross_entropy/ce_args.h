@@ -1,0 +1,94 @@
+// cross_entropy family: argument checks and block sizes shared by the CPU and CUDA adapters.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <optional>
+
+#include "check.h"
+
+namespace tokenkernels {
+namespace ce {
+
+struct LceArgs {
+  int64_t N, D, V;
+};
+
+// Shapes, dtypes, devices (no host sync). hidden (N, D), weight (V, D), targets (N,) int32/int64,
+// bias (V,), all on one device, hidden/weight/bias of one float dtype.
+inline LceArgs check_lce_args(const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& targets, const std::optional<at::Tensor>& bias,
+                              const char* op) {
+  TORCH_CHECK(hidden.dim() == 2, "tokenkernels.", op, ": hidden must be (N, D), got shape ",
+              hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2, "tokenkernels.", op, ": weight must be (V, D), got shape ",
+              weight.sizes());
+  check_float_input(hidden, "hidden");
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "tokenkernels.", op,
+              ": weight dtype ", weight.scalar_type(), " differs from hidden dtype ",
+              hidden.scalar_type());
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "tokenkernels.", op, ": weight has D = ",
+              weight.size(1), " columns but hidden has D = ", hidden.size(1));
+  TORCH_CHECK(weight.size(0) >= 1, "tokenkernels.", op, ": weight must have at least one row (V >= 1)");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "tokenkernels.", op,
+              ": targets must have shape (", hidden.size(0), ",), got ", targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
+              "tokenkernels.", op, ": targets must be int64 or int32, got ", targets.scalar_type());
+  TORCH_CHECK(weight.device() == hidden.device(), "tokenkernels.", op, ": weight is on ",
+              weight.device(), " but hidden is on ", hidden.device());
+  TORCH_CHECK(targets.device() == hidden.device(), "tokenkernels.", op, ": targets is on ",
+              targets.device(), " but hidden is on ", hidden.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "tokenkernels.", op,
+                ": bias must have shape (", weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "tokenkernels.", op,
+                ": bias dtype ", bias->scalar_type(), " differs from hidden dtype ",
+                hidden.scalar_type());
+    TORCH_CHECK(bias->device() == hidden.device(), "tokenkernels.", op, ": bias is on ",
+                bias->device(), " but hidden is on ", hidden.device());
+  }
+  return {hidden.size(0), hidden.size(1), weight.size(0)};
+}
+
+inline void check_vocab_range(int64_t vocab_start, int64_t vocab_total, int64_t V, const char* op) {
+  TORCH_CHECK(vocab_start >= 0 && vocab_total >= vocab_start + V, "tokenkernels.", op,
+              ": vocabulary shard [", vocab_start, ", ", vocab_start + V,
+              ") does not fit in vocab_total = ", vocab_total);
+}
+
+// Per-token (N,) fp32 tensor on hidden's device.
+inline void check_row_vector(const at::Tensor& t, int64_t N, const at::Tensor& hidden,
+                             const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "tokenkernels.", op, ": ", name,
+              " must have shape (", N, ",), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "tokenkernels.", op, ": ", name,
+              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == hidden.device(), "tokenkernels.", op, ": ", name, " is on ",
+              t.device(), " but hidden is on ", hidden.device());
+}
+
+// Value check (host sync on CUDA): every target is ignore_index or in [0, vocab_total).
+inline void check_target_values(const at::Tensor& targets, int64_t ignore_index,
+                                int64_t vocab_total, const char* op) {
+  if (targets.numel() == 0) return;
+  auto t = targets.to(at::kLong);
+  auto bad = t.ne(ignore_index).logical_and(t.lt(0).logical_or(t.ge(vocab_total)));
+  if (bad.any().item<bool>()) {
+    const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
+    TORCH_CHECK(false, "tokenkernels.", op, ": targets[", i, "] = ", t[i].item<int64_t>(),
+                " is outside [0, V=", vocab_total, ") and is not ignore_index (", ignore_index,
+                ")");
+  }
+}
+
+// Block sizes: env overrides (for tuning) else the given defaults.
+inline int64_t env_or(const char* name, int64_t dflt) {
+  if (const char* s = std::getenv(name)) {
+    const long long v = std::atoll(s);
+    if (v > 0) return v;
+  }
+  return dflt;
+}
+
+}  // namespace ce
+}  // namespace tokenkernels

@@ -1,0 +1,210 @@
+// Row kernels of the CPU cross-entropy epilogue: vectorised exp / max / sums over one row of a
+// logit tile held in fp32. AVX2+FMA versions (selected at run time) beside portable scalar ones.
+// The exp is Cephes' single-precision polynomial (max rel. error ~2 ulp over the range used
+// here: arguments are z - max <= 0).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TK_CE_AVX2 1
+#endif
+
+namespace tokenkernels {
+namespace ce_cpu {
+
+inline bool cpu_has_avx2() {
+#if defined(TK_CE_AVX2)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------- scalar versions
+inline float row_max_scalar(const float* z, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
+  return m;
+}
+// sum_j exp(z_j - m); with t != nullptr also *t = sum_j exp(z_j - m) * z_j
+inline float exp_sum_scalar(const float* z, int64_t n, float m, float* t) {
+  float s = 0.f, tz = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = std::exp(z[j] - m);
+    s += e;
+    tz += e * z[j];
+  }
+  if (t) *t = tz;
+  return s;
+}
+inline float row_sum_scalar(const float* z, int64_t n) {
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) s += z[j];
+  return s;
+}
+// d_j = a * exp(z_j - lse) + c; with softcap: d_j *= 1 - (z_j / cap)^2. Returns max |d_j|.
+inline float dz_row_scalar(const float* z, int64_t n, float lse, float a, float c, float inv_cap,
+                           float* d) {
+  float mx = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    float v = a * std::exp(z[j] - lse) + c;
+    if (inv_cap != 0.f) {
+      const float u = z[j] * inv_cap;
+      v *= 1.f - u * u;
+    }
+    d[j] = v;
+    mx = std::max(mx, std::fabs(v));
+  }
+  return mx;
+}
+inline void softcap_row_scalar(float* z, int64_t n, float cap) {
+  const float inv = 1.f / cap;
+  for (int64_t j = 0; j < n; ++j) z[j] = cap * std::tanh(z[j] * inv);
+}
+
+#if defined(TK_CE_AVX2)
+#define TK_AVX2 __attribute__((target("avx2,fma")))
+
+TK_AVX2 inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365448f)), _mm256_set1_ps(88.3762626f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
+}
+TK_AVX2 inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 0x55));
+  return _mm_cvtss_f32(lo);
+}
+TK_AVX2 inline float hmax(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_max_ps(lo, hi);
+  lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_max_ss(lo, _mm_shuffle_ps(lo, lo, 0x55));
+  return _mm_cvtss_f32(lo);
+}
+TK_AVX2 inline float row_max_avx2(const float* z, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(z + j));
+  float r = hmax(m);
+  for (; j < n; ++j) r = z[j] > r ? z[j] : r;
+  return r;
+}
+TK_AVX2 inline float exp_sum_avx2(const float* z, int64_t n, float m, float* t) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 s = _mm256_setzero_ps(), tz = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 zz = _mm256_loadu_ps(z + j);
+    const __m256 e = exp256(_mm256_sub_ps(zz, vm));
+    s = _mm256_add_ps(s, e);
+    if (t) tz = _mm256_fmadd_ps(e, zz, tz);
+  }
+  float rs = hsum(s), rt = t ? hsum(tz) : 0.f;
+  for (; j < n; ++j) {
+    const float e = std::exp(z[j] - m);
+    rs += e;
+    rt += e * z[j];
+  }
+  if (t) *t = rt;
+  return rs;
+}
+TK_AVX2 inline float row_sum_avx2(const float* z, int64_t n) {
+  __m256 s = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(z + j));
+  float r = hsum(s);
+  for (; j < n; ++j) r += z[j];
+  return r;
+}
+TK_AVX2 inline float dz_row_avx2(const float* z, int64_t n, float lse, float a, float c,
+                                 float inv_cap, float* d) {
+  const __m256 vl = _mm256_set1_ps(lse), va = _mm256_set1_ps(a), vc = _mm256_set1_ps(c);
+  const __m256 vi = _mm256_set1_ps(inv_cap), one = _mm256_set1_ps(1.f);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 zz = _mm256_loadu_ps(z + j);
+    __m256 v = _mm256_fmadd_ps(va, exp256(_mm256_sub_ps(zz, vl)), vc);
+    if (inv_cap != 0.f) {
+      const __m256 u = _mm256_mul_ps(zz, vi);
+      v = _mm256_mul_ps(v, _mm256_fnmadd_ps(u, u, one));
+    }
+    _mm256_storeu_ps(d + j, v);
+    mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+  }
+  float r = hmax(mx);
+  if (j < n) r = std::max(r, dz_row_scalar(z + j, n - j, lse, a, c, inv_cap, d + j));
+  return r;
+}
+// tanh(x) = 1 - 2 / (exp(2x) + 1), clamped so exp stays finite; z <- cap * tanh(z / cap)
+TK_AVX2 inline void softcap_row_avx2(float* z, int64_t n, float cap) {
+  const __m256 vcap = _mm256_set1_ps(cap), two_inv = _mm256_set1_ps(2.f / cap);
+  const __m256 one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(z + j), two_inv);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-40.f)), _mm256_set1_ps(40.f));
+    const __m256 e = exp256(x);
+    const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+    _mm256_storeu_ps(z + j, _mm256_mul_ps(vcap, th));
+  }
+  if (j < n) softcap_row_scalar(z + j, n - j, cap);
+}
+#undef TK_AVX2
+#endif
+
+// ---------------------------------------------------------------- dispatch
+inline float row_max(const float* z, int64_t n) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_avx2()) return row_max_avx2(z, n);
+#endif
+  return row_max_scalar(z, n);
+}
+inline float exp_sum(const float* z, int64_t n, float m, float* t) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_avx2()) return exp_sum_avx2(z, n, m, t);
+#endif
+  return exp_sum_scalar(z, n, m, t);
+}
+inline float row_sum(const float* z, int64_t n) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_avx2()) return row_sum_avx2(z, n);
+#endif
+  return row_sum_scalar(z, n);
+}
+inline float dz_row(const float* z, int64_t n, float lse, float a, float c, float inv_cap,
+                    float* d) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_avx2()) return dz_row_avx2(z, n, lse, a, c, inv_cap, d);
+#endif
+  return dz_row_scalar(z, n, lse, a, c, inv_cap, d);
+}
+inline void softcap_row(float* z, int64_t n, float cap) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_avx2()) return softcap_row_avx2(z, n, cap);
+#endif
+  softcap_row_scalar(z, n, cap);
+}
+
+}  // namespace ce_cpu
+}  // namespace tokenkernels

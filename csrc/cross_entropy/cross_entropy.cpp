@@ -1,0 +1,285 @@
+// cross_entropy family, CPU: fused linear cross-entropy that never holds the (N, V) logits.
+//
+// Both ops walk the logits in tiles of (block_n tokens) x (block_v vocabulary rows):
+//   Z_tile = hidden[rows] @ weight[cols]^T          (ATen GEMM = the CPU BLAS, input dtype)
+// and consume each tile at once in an epilogue that runs over the tile's rows in parallel:
+//   forward : per-token online log-sum-exp (running max m, sum-exp s), the target logit,
+//             sum of logits (label smoothing), arg-max and sum p*z (entropy);
+//   backward: dZ = coef_p * softmax + coef_t * onehot(target) + coef_1 (times the softcap
+//             derivative), then dhidden[rows] += dZ @ weight[cols] and
+//             dweight[cols] += dZ^T @ hidden[rows] (two more GEMMs), tiles whose |dZ| is below
+//             the row's filter threshold skipped (gradient filtering).
+// Extra memory: two tiles, one (block_n, D) fp32 accumulator, and O(N + V) vectors.
+// Rows are processed chunk by chunk so the running state of a chunk stays in cache.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cross_entropy/ce_args.h"
+#include "cross_entropy/ce_rows_cpu.h"
+
+namespace tokenkernels {
+namespace ce {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t block_n_cpu(int64_t N) { return std::min<int64_t>(std::max<int64_t>(N, 1), env_or("TOKENKERNELS_CE_BLOCK_N", 256)); }
+int64_t block_v_cpu(int64_t V) { return std::min<int64_t>(V, env_or("TOKENKERNELS_CE_BLOCK_V", 2048)); }
+
+// Load row i of a (rows, cols) tile of type T into fp32, add bias, apply the softcap.
+template <typename T>
+inline void load_row(const T* tile, int64_t cols, int64_t i, const float* bias, float cap,
+                     float* out) {
+  const T* src = tile + i * cols;
+  if (bias) {
+    for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(src[j]) + bias[j];
+  } else {
+    for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(src[j]);
+  }
+  if (cap > 0.f) ce_cpu::softcap_row(out, cols, cap);
+}
+
+// Local vocabulary index of token r's target, or -1 when ignored / owned by another shard /
+// out of range. `bad` is set when the target is neither ignored nor inside [0, vocab_total).
+inline int64_t local_target(int64_t t, int64_t ignore_index, int64_t vocab_start, int64_t V,
+                            int64_t vocab_total, bool* bad) {
+  *bad = false;
+  if (t == ignore_index) return -1;
+  if (t < 0 || t >= vocab_total) {
+    *bad = true;
+    return -1;
+  }
+  const int64_t l = t - vocab_start;
+  return (l >= 0 && l < V) ? l : -1;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, std::optional<double> softcap,
+    int64_t vocab_start, int64_t vocab_total, bool want_sumz, bool aux, bool check,
+    double /*filter_eps*/, bool /*accum_fp32*/, int64_t /*impl*/) {
+  const auto a = check_lce_args(hidden, weight, targets, bias, "linear_cross_entropy");
+  const int64_t N = a.N, D = a.D, V = a.V;
+  check_vocab_range(vocab_start, vocab_total, V, "linear_cross_entropy");
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0,
+              "tokenkernels.linear_cross_entropy: softcap must be > 0 or None, got ", *softcap);
+  if (check) check_target_values(targets, ignore_index, vocab_total, "linear_cross_entropy");
+
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  auto lse = at::empty({N}, f32);
+  auto zt = at::zeros({N}, f32);
+  auto sumz = at::zeros({want_sumz ? N : 0}, f32);
+  auto amax = at::zeros({aux ? N : 0}, hidden.options().dtype(at::kLong));
+  auto maxz = at::full({aux ? N : 0}, kNegInf, f32);
+  auto ent = at::empty({aux ? N : 0}, f32);
+  if (N == 0) return {lse, zt, sumz, amax, maxz, ent};
+
+  auto H = hidden.contiguous();
+  auto W = weight.contiguous();
+  auto T = targets.to(at::kLong).contiguous();
+  auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  std::vector<float> m(N, kNegInf), s(N, 0.f), tz(N, 0.f);
+  const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
+
+  const int64_t bn = block_n_cpu(N), bv = block_v_cpu(V);
+  auto zbuf = at::empty({bn * bv}, hidden.options());
+  const int64_t* tp = T.data_ptr<int64_t>();
+  float* lsep = lse.data_ptr<float>();
+  float* ztp = zt.data_ptr<float>();
+  float* sump = want_sumz ? sumz.data_ptr<float>() : nullptr;
+  int64_t* amp = aux ? amax.data_ptr<int64_t>() : nullptr;
+  float* mzp = aux ? maxz.data_ptr<float>() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, H.scalar_type(), "lce_forward_cpu", [&] {
+    for (int64_t r0 = 0; r0 < N; r0 += bn) {
+      const int64_t rows = std::min(bn, N - r0);
+      auto Hc = H.narrow(0, r0, rows);
+      for (int64_t v0 = 0; v0 < V; v0 += bv) {
+        const int64_t cols = std::min(bv, V - v0);
+        auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
+        at::mm_out(Z, Hc, W.narrow(0, v0, cols).t());
+        const scalar_t* zp = Z.data_ptr<scalar_t>();
+        const float* bp = B.defined() ? B.data_ptr<float>() + v0 : nullptr;
+        at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
+          std::vector<float> row(cols);
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t r = r0 + i;
+            load_row(zp, cols, i, bp, cap, row.data());
+            const float bm = ce_cpu::row_max(row.data(), cols);
+            bool bad;
+            const int64_t lt = local_target(tp[r], ignore_index, vocab_start, V, vocab_total, &bad);
+            if (bad) ztp[r] = std::numeric_limits<float>::quiet_NaN();
+            else if (lt >= v0 && lt < v0 + cols) ztp[r] = row[lt - v0];
+            if (sump) sump[r] += ce_cpu::row_sum(row.data(), cols);
+            if (aux && bm > mzp[r]) {  // strict: the earliest block keeps ties
+              int64_t j = 0;
+              while (j < cols && !(row[j] == bm)) ++j;
+              mzp[r] = bm;
+              amp[r] = v0 + j;
+            }
+            const float mn = std::max(m[r], bm);
+            if (!(mn > kNegInf)) continue;  // all -inf / NaN row: left to finalisation
+            float t_blk = 0.f;
+            const float s_blk = ce_cpu::exp_sum(row.data(), cols, mn, aux ? &t_blk : nullptr);
+            const float scale = m[r] > kNegInf ? std::exp(m[r] - mn) : 0.f;
+            s[r] = s[r] * scale + s_blk;
+            if (aux) tz[r] = tz[r] * scale + t_blk;
+            m[r] = mn;
+          }
+        });
+      }
+    }
+  });
+  float* ep = aux ? ent.data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, 1024, [&](int64_t i0, int64_t i1) {
+    for (int64_t r = i0; r < i1; ++r) {
+      lsep[r] = m[r] + std::log(s[r]);
+      if (ep) ep[r] = lsep[r] - tz[r] / s[r];
+    }
+  });
+  return {lse, zt, sumz, amax, maxz, ent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& coef_p,
+    const at::Tensor& coef_t, const std::optional<at::Tensor>& coef_1, int64_t ignore_index,
+    std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
+    bool need_dw, bool need_db, bool accum_fp32, int64_t /*impl*/) {
+  const auto a = check_lce_args(hidden, weight, targets, bias, "linear_cross_entropy_backward");
+  const int64_t N = a.N, D = a.D, V = a.V;
+  const char* op = "linear_cross_entropy_backward";
+  check_row_vector(lse, N, hidden, "lse", op);
+  check_row_vector(coef_p, N, hidden, "coef_p", op);
+  check_row_vector(coef_t, N, hidden, "coef_t", op);
+  if (coef_1.has_value()) check_row_vector(*coef_1, N, hidden, "coef_1", op);
+  TORCH_CHECK(!need_db || bias.has_value(), "tokenkernels.", op, ": need_dbias without a bias");
+  TORCH_CHECK(filter_eps >= 0.0, "tokenkernels.", op, ": filter_eps must be >= 0, got ", filter_eps);
+
+  const auto dt = hidden.scalar_type();
+  const bool lowp = dt != at::kFloat;
+  auto dh = need_dh ? at::empty({N, D}, hidden.options()) : at::empty({0}, hidden.options());
+  // dweight: fp32 accumulates in place; fp16/bf16 accumulate in their own dtype unless
+  // accum_fp32 asks for an fp32 (V, D) buffer.
+  const bool dw32 = need_dw && lowp && accum_fp32;
+  auto dw = need_dw ? at::zeros({V, D}, dw32 ? weight.options().dtype(at::kFloat) : weight.options())
+                    : at::empty({0}, weight.options());
+  auto db32 = at::zeros({need_db ? V : 0}, hidden.options().dtype(at::kFloat));
+  if (N == 0 || (!need_dh && !need_dw && !need_db)) {
+    if (need_dh) dh.zero_();
+    return {dh, dw32 ? dw.to(dt) : dw, need_db ? db32.to(bias->scalar_type()) : db32};
+  }
+
+  auto H = hidden.contiguous();
+  auto W = weight.contiguous();
+  auto T = targets.to(at::kLong).contiguous();
+  auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  auto L = lse.contiguous();
+  auto CP = coef_p.contiguous();
+  auto CT = coef_t.contiguous();
+  auto C1 = coef_1.has_value() ? coef_1->contiguous() : at::Tensor();
+  const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
+  const float inv_cap = cap > 0.f ? 1.f / cap : 0.f;
+  const float feps = static_cast<float>(filter_eps);
+
+  const int64_t bn = block_n_cpu(N), bv = block_v_cpu(V);
+  auto zbuf = at::empty({bn * bv}, H.options());
+  auto dzbuf = at::empty({bn * bv}, H.options());
+  auto dh_acc = at::empty({need_dh ? bn : 0, D}, H.options().dtype(at::kFloat));
+  auto tmp_dh = at::empty({(need_dh && lowp) ? bn * D : 0}, H.options());
+  auto tmp_dw = at::empty({dw32 ? bv * D : 0}, H.options());
+  const int64_t* tp = T.data_ptr<int64_t>();
+  const float* lp = L.data_ptr<float>();
+  const float* cpp = CP.data_ptr<float>();
+  const float* ctp = CT.data_ptr<float>();
+  const float* c1p = C1.defined() ? C1.data_ptr<float>() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lce_backward_cpu", [&] {
+    for (int64_t r0 = 0; r0 < N; r0 += bn) {
+      const int64_t rows = std::min(bn, N - r0);
+      auto Hc = H.narrow(0, r0, rows);
+      auto acc = need_dh ? dh_acc.narrow(0, 0, rows) : at::Tensor();
+      if (need_dh) acc.zero_();
+      for (int64_t v0 = 0; v0 < V; v0 += bv) {
+        const int64_t cols = std::min(bv, V - v0);
+        auto Wb = W.narrow(0, v0, cols);
+        auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
+        auto dZ = dzbuf.narrow(0, 0, rows * cols).view({rows, cols});
+        at::mm_out(Z, Hc, Wb.t());
+        const scalar_t* zp = Z.data_ptr<scalar_t>();
+        scalar_t* dzp = dZ.data_ptr<scalar_t>();
+        const float* bp = B.defined() ? B.data_ptr<float>() + v0 : nullptr;
+        std::atomic<bool> keep{feps <= 0.f};
+        at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
+          std::vector<float> row(cols), d(cols);
+          bool k = false;
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t r = r0 + i;
+            const float cp = cpp[r], ct = ctp[r], c1 = c1p ? c1p[r] : 0.f;
+            scalar_t* out = dzp + i * cols;
+            if (cp == 0.f && ct == 0.f && c1 == 0.f) {  // no gradient from this token
+              for (int64_t j = 0; j < cols; ++j) out[j] = scalar_t(0);
+              continue;
+            }
+            load_row(zp, cols, i, bp, cap, row.data());
+            float mx = ce_cpu::dz_row(row.data(), cols, lp[r], cp, c1, inv_cap, d.data());
+            bool bad;
+            const int64_t lt = local_target(tp[r], ignore_index, vocab_start, V,
+                                            std::numeric_limits<int64_t>::max(), &bad);
+            if (lt >= v0 && lt < v0 + cols && ct != 0.f) {
+              const int64_t j = lt - v0;
+              float v = cp * std::exp(row[j] - lp[r]) + c1 + ct;
+              if (inv_cap != 0.f) v *= 1.f - (row[j] * inv_cap) * (row[j] * inv_cap);
+              d[j] = v;
+              mx = std::max(mx, std::fabs(v));
+            }
+            if (mx >= feps * std::max(std::fabs(cp), std::fabs(ct))) k = true;
+            for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<scalar_t>(d[j]);
+          }
+          if (k) keep.store(true, std::memory_order_relaxed);
+        });
+        if (!keep.load()) continue;  // every |dZ| below its row's threshold: skip the tile
+        if (need_db) {
+          auto colsum = dZ.sum(0, /*keepdim=*/false, at::kFloat);
+          db32.narrow(0, v0, cols).add_(colsum);
+        }
+        if (need_dh) {
+          if (lowp) {
+            auto tmp = tmp_dh.narrow(0, 0, rows * D).view({rows, D});
+            at::mm_out(tmp, dZ, Wb);
+            acc.add_(tmp);
+          } else {
+            acc.addmm_(dZ, Wb);
+          }
+        }
+        if (need_dw) {
+          auto dwb = dw.narrow(0, v0, cols);
+          if (dw32) {
+            auto tmp = tmp_dw.narrow(0, 0, cols * D).view({cols, D});
+            at::mm_out(tmp, dZ.t(), Hc);
+            dwb.add_(tmp);
+          } else {
+            dwb.addmm_(dZ.t(), Hc);
+          }
+        }
+      }
+      if (need_dh) dh.narrow(0, r0, rows).copy_(acc);
+    }
+  });
+  return {dh, dw32 ? dw.to(dt) : dw, need_db ? db32.to(bias->scalar_type()) : db32};
+}
+
+}  // namespace
+}  // namespace ce
+}  // namespace tokenkernels
+
+TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
+  m.impl("lce_forward", &tokenkernels::ce::lce_forward_cpu);
+  m.impl("lce_backward", &tokenkernels::ce::lce_backward_cpu);
+}

@@ -1,0 +1,354 @@
+"""cross_entropy family: fused linear cross-entropy that never materialises the (N, V) logits.
+
+    loss = linear_cross_entropy(hidden, weight, targets)          # hidden (..., D), weight (V, D)
+
+computes ``F.cross_entropy(hidden @ weight.T + bias, targets)`` (plus softcap, label smoothing,
+z-loss, shift, ignore_index) block by block: the forward keeps a per-token online log-sum-exp,
+the backward recomputes logit blocks and feeds them straight into the gradient GEMMs. Extra
+memory is a few logit tiles, never proportional to N x V.
+
+The kernel op (``torch.ops.tokenkernels.lce_forward``) returns per-token statistics
+(lse, target logit, sum of logits, arg-max, entropy) and carries its own autograd formula
+(``lce_backward``); the loss is composed from those statistics here, so every option gets
+exact gradients, including ``reduction="none"`` and a differentiable ``lse``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import torch
+
+from ..reference.cross_entropy import shift_targets
+
+_IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabParallel:
+    """Vocabulary-parallel sharding: this process holds rows [start, stop) of the vocabulary.
+
+    ``group`` is a ``torch.distributed`` process group (None = the default group). Every rank
+    passes the same hidden states and targets; max, sum-exp, target logit (and the other
+    statistics) are all-reduced over the group, so the loss equals the single-process loss and
+    ``hidden.grad`` is the full gradient; ``weight.grad`` / ``bias.grad`` are this shard's rows.
+    """
+
+    group: Any
+    start: int
+    stop: int
+
+
+def _auto_filter_eps(dtype: torch.dtype) -> float:
+    # eps(dtype) / 32: bf16 2^-7 / 32 = 2^-12, fp16 2^-10 / 32 = 2^-15; fp32 is never filtered.
+    if dtype == torch.bfloat16:
+        return 2.0 ** -12
+    if dtype == torch.float16:
+        return 2.0 ** -15
+    return 0.0
+
+
+def _resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype) -> float:
+    if filter_eps is None:
+        return 0.0
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f"tokenkernels.linear_cross_entropy: filter_eps must be 'auto', None or a "
+                             f"float >= 0, got {filter_eps!r}")
+        return _auto_filter_eps(dtype)
+    filter_eps = float(filter_eps)
+    if not filter_eps >= 0.0:
+        raise ValueError(f"tokenkernels.linear_cross_entropy: filter_eps must be >= 0, got {filter_eps}")
+    return filter_eps
+
+
+# ---------------------------------------------------------------------------------------------
+# fake (meta) kernels: shapes only, for torch.compile / FakeTensor tracing
+@torch.library.register_fake("tokenkernels::lce_forward")
+def _lce_forward_fake(hidden, weight, targets, bias, ignore_index, softcap, vocab_start,
+                      vocab_total, sum_z, aux, check, filter_eps, accum_fp32, impl):
+    N = hidden.shape[0]
+    f = hidden.new_empty((N,), dtype=torch.float32)
+    na = N if aux else 0
+    return (f, hidden.new_empty((N,), dtype=torch.float32),
+            hidden.new_empty((N if sum_z else 0,), dtype=torch.float32),
+            hidden.new_empty((na,), dtype=torch.long),
+            hidden.new_empty((na,), dtype=torch.float32),
+            hidden.new_empty((na,), dtype=torch.float32))
+
+
+@torch.library.register_fake("tokenkernels::lce_backward")
+def _lce_backward_fake(hidden, weight, targets, bias, lse, coef_p, coef_t, coef_1, ignore_index,
+                       softcap, vocab_start, filter_eps, need_dhidden, need_dweight, need_dbias,
+                       accum_fp32, impl):
+    dh = hidden.new_empty(tuple(hidden.shape) if need_dhidden else (0,))
+    dw = weight.new_empty(tuple(weight.shape) if need_dweight else (0,))
+    if need_dbias:
+        db = bias.new_empty(tuple(bias.shape))
+    else:
+        db = hidden.new_empty((0,), dtype=torch.float32)
+    return dh, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd of lce_forward: the loss is a function of (lse, z_target, sum_z) per token, so
+#   dL/dz_v = g_lse * softmax_v + g_zt * [v == target] + g_sumz
+# which lce_backward turns into dhidden / dweight / dbias by recomputing the logits.
+def _lce_setup_context(ctx, inputs, output):
+    (hidden, weight, targets, bias, ignore_index, softcap, vocab_start, vocab_total, sum_z, aux,
+     check, filter_eps, accum_fp32, impl) = inputs
+    ctx.save_for_backward(hidden, weight, targets, bias, output[0])
+    ctx.opts = (ignore_index, softcap, vocab_start, filter_eps, accum_fp32, impl)
+
+
+def _lce_backward(ctx, g_lse, g_zt, g_sumz, g_amax, g_maxz, g_ent):
+    hidden, weight, targets, bias, lse = ctx.saved_tensors
+    ignore_index, softcap, vocab_start, filter_eps, accum_fp32, impl = ctx.opts
+    need = ctx.needs_input_grad
+    need_dh, need_dw, need_db = bool(need[0]), bool(need[1]), bool(need[3]) and bias is not None
+    zeros = None
+    if g_lse is None or g_zt is None:
+        zeros = torch.zeros_like(lse)
+    coef_p = (g_lse if g_lse is not None else zeros).float().contiguous()
+    coef_t = (g_zt if g_zt is not None else zeros).float().contiguous()
+    coef_1 = g_sumz.float().contiguous() if (g_sumz is not None and g_sumz.numel() > 0) else None
+    dh, dw, db = torch.ops.tokenkernels.lce_backward(
+        hidden, weight, targets, bias, lse, coef_p, coef_t, coef_1, ignore_index, softcap,
+        vocab_start, filter_eps, need_dh, need_dw, need_db, accum_fp32, impl)
+    return (dh if need_dh else None, dw if need_dw else None, None,
+            db if need_db else None, None, None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("tokenkernels::lce_forward", _lce_backward,
+                                setup_context=_lce_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# vocabulary parallel: statistics all-reduced over the group
+class _VocabParallelStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, start, vocab_total,
+                sum_z, aux, check, filter_eps, accum_fp32, impl, group):
+        import torch.distributed as dist
+
+        op = torch.ops.tokenkernels.lce_forward
+        lse_l, zt, sz, am, mz, ent_l = op(hidden, weight, targets, bias, ignore_index, softcap,
+                                          start, vocab_total, sum_z, aux, check, filter_eps,
+                                          accum_fp32, impl)
+        m = lse_l.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        s = torch.exp(lse_l - m)
+        dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+        lse = m + torch.log(s)
+        dist.all_reduce(zt, op=dist.ReduceOp.SUM, group=group)
+        if sum_z:
+            dist.all_reduce(sz, op=dist.ReduceOp.SUM, group=group)
+        argmax, ent = am, ent_l
+        if aux:
+            # arg-max: the shard with the largest max logit (ties: the lowest shard = index)
+            world = dist.get_world_size(group)
+            mzs = [torch.empty_like(mz) for _ in range(world)]
+            ams = [torch.empty_like(am) for _ in range(world)]
+            dist.all_gather(mzs, mz, group=group)
+            dist.all_gather(ams, am + start, group=group)
+            mzs, ams = torch.stack(mzs), torch.stack(ams)
+            best = mzs.argmax(0, keepdim=True)  # first maximum = lowest rank
+            argmax = ams.gather(0, best).squeeze(0)
+            # entropy = lse - E_p[z]; E_p[z] = sum_shards exp(lse_r - lse) * (lse_r - ent_r)
+            ez = torch.exp(lse_l - lse) * (lse_l - ent_l)
+            ez = torch.nan_to_num(ez)
+            dist.all_reduce(ez, op=dist.ReduceOp.SUM, group=group)
+            ent = lse - ez
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.opts = (ignore_index, softcap, start, filter_eps, accum_fp32, impl, group)
+        ctx.mark_non_differentiable(argmax, ent)
+        return lse, zt, sz, argmax, ent
+
+    @staticmethod
+    def backward(ctx, g_lse, g_zt, g_sumz, g_am, g_ent):
+        import torch.distributed as dist
+
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        ignore_index, softcap, start, filter_eps, accum_fp32, impl, group = ctx.opts
+        need_dh = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        coef_1 = g_sumz.float().contiguous() if g_sumz is not None and g_sumz.numel() else None
+        dh, dw, db = torch.ops.tokenkernels.lce_backward(
+            hidden, weight, targets, bias, lse, g_lse.float().contiguous(),
+            g_zt.float().contiguous(), coef_1, ignore_index, softcap, start, filter_eps,
+            True, need_dw, need_db, accum_fp32, impl)
+        # hidden is replicated: its gradient is the sum of every shard's part
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
+        return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
+                None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+def _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothing, z_loss):
+    op = "tokenkernels.linear_cross_entropy"
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{op}: hidden must be (..., D), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be (V, D), got shape {tuple(weight.shape)}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{op}: targets must have shape {tuple(hidden.shape[:-1])} (hidden's "
+                         f"leading dims), got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: targets must be int64 or int32, got {targets.dtype}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise ValueError(f"{op}: softcap must be > 0 or None, got {softcap}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if not float(z_loss) >= 0.0:
+        raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    shift: bool = False,
+    return_lse: bool = False,
+    return_aux: bool = False,
+    filter_eps: Union[str, float, None] = "auto",
+    accum_fp32: bool = False,
+    vocab_parallel: Optional[VocabParallel] = None,
+    check: bool = True,
+    impl: str = "auto",
+):
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without the logits.
+
+    Per token, with z = hidden·weightᵀ + bias (then ``softcap·tanh(z/softcap)`` if ``softcap``),
+    lse = logsumexp(z) and ε = ``label_smoothing``::
+
+        loss = (1 - ε)(lse - z[target]) + ε(lse - mean(z)) + z_loss · lse²
+
+    Tokens whose target is ``ignore_index`` contribute 0 and are left out of the mean's
+    denominator (the mean over zero tokens is 0, not NaN).
+
+    Args:
+        hidden: (..., D) float32/float16/bfloat16 hidden states.
+        weight: (V, D) classifier (LM head) weight, same dtype and device.
+        targets: (...) int64/int32 target ids in [0, V) or ``ignore_index``. Out-of-range
+            targets raise (``check=True``, a host sync on CUDA) or give a NaN loss.
+        bias: optional (V,) bias.
+        reduction: ``"mean"`` (over tokens not ignored), ``"sum"`` or ``"none"`` (per-token
+            losses of shape ``targets.shape``, with exact per-token gradients).
+        softcap: final-logit soft capping (Gemma 2), or None.
+        label_smoothing: ε in [0, 1].
+        z_loss: weight of the lse² auxiliary loss (PaLM), >= 0.
+        shift: position i predicts target i + 1 along the last dimension (HF causal-LM labels);
+            the last position of each sequence is ignored.
+        return_lse: also return lse (fp32, ``targets.shape``), differentiable.
+        return_aux: also return the arg-max prediction (int64) and the entropy of softmax(z)
+            (fp32), both ``targets.shape`` and not differentiable.
+        filter_eps: gradient filtering: skip backward blocks where every |softmax - onehot| is
+            below this (relative to the token's gradient weight). ``"auto"`` = eps(dtype)/32 for
+            bf16/fp16 and no filtering for fp32; None = exact.
+        accum_fp32: accumulate ``weight``'s gradient in fp32 for fp16/bf16 (one (V, D) fp32
+            buffer).
+        vocab_parallel: a :class:`VocabParallel` when ``weight``/``bias`` hold a vocabulary
+            shard; see there.
+        check: validate target values (a host sync on CUDA).
+        impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs) or ``"tuned"`` (CUDA fused
+            kernel where available).
+
+    Returns:
+        ``loss`` (fp32) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
+        asked for by ``return_lse`` / ``return_aux``, in that order.
+    """
+    _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothing, z_loss)
+    if impl not in _IMPLS:
+        raise ValueError(f"tokenkernels.linear_cross_entropy: impl must be one of {list(_IMPLS)}, got {impl!r}")
+    softcap = None if softcap is None else float(softcap)
+    eps = float(label_smoothing)
+    zl = float(z_loss)
+    feps = _resolve_filter_eps(filter_eps, hidden.dtype)
+    if shift:
+        targets = shift_targets(targets, ignore_index)
+    D = hidden.shape[-1]
+    h2 = hidden.reshape(-1, D)
+    t1 = targets.reshape(-1)
+    V = weight.shape[0]
+    want_sumz = eps > 0.0
+
+    if vocab_parallel is None:
+        lse, zt, sumz, argmax, _, ent = torch.ops.tokenkernels.lce_forward(
+            h2, weight, t1, bias, ignore_index, softcap, 0, V, want_sumz, return_aux, check,
+            feps, accum_fp32, _IMPLS[impl])
+        v_total = V
+    else:
+        vp = vocab_parallel
+        if vp.stop - vp.start != V:
+            raise ValueError(f"tokenkernels.linear_cross_entropy: vocab_parallel covers "
+                             f"[{vp.start}, {vp.stop}) but weight has {V} rows")
+        import torch.distributed as dist
+
+        v_total = torch.tensor([vp.stop], dtype=torch.long)
+        dist.all_reduce(v_total, op=dist.ReduceOp.MAX, group=vp.group)
+        v_total = int(v_total)
+        lse, zt, sumz, argmax, ent = _VocabParallelStats.apply(
+            h2, weight, bias, t1, ignore_index, softcap, vp.start, v_total, want_sumz,
+            return_aux, check, feps, accum_fp32, _IMPLS[impl], vp.group)
+
+    valid = t1 != ignore_index
+    loss = (lse - zt) if eps == 0.0 else (1.0 - eps) * (lse - zt) + eps * (lse - sumz / v_total)
+    if zl:
+        loss = loss + zl * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "mean":
+        out = loss.sum() / valid.sum().clamp(min=1).to(loss.dtype)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.reshape(targets.shape)
+    extras = []
+    if return_lse:
+        extras.append(lse.reshape(targets.shape))
+    if return_aux:
+        extras.append(argmax.reshape(targets.shape))
+        extras.append(ent.reshape(targets.shape))
+    return (out, *extras) if extras else out
+
+
+class LinearCrossEntropy(torch.nn.Module):
+    """Module form of :func:`linear_cross_entropy`: ``forward(hidden, weight, targets, bias=None)``
+    with the options fixed at construction (same keyword names and defaults)."""
+
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean",
+                 softcap: Optional[float] = None, label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, shift: bool = False, return_lse: bool = False,
+                 return_aux: bool = False, filter_eps: Union[str, float, None] = "auto",
+                 accum_fp32: bool = False, vocab_parallel: Optional[VocabParallel] = None,
+                 check: bool = True, impl: str = "auto"):
+        super().__init__()
+        self.options = dict(ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+                            label_smoothing=label_smoothing, z_loss=z_loss, shift=shift,
+                            return_lse=return_lse, return_aux=return_aux, filter_eps=filter_eps,
+                            accum_fp32=accum_fp32, vocab_parallel=vocab_parallel, check=check,
+                            impl=impl)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: Optional[torch.Tensor] = None):
+        return linear_cross_entropy(hidden, weight, targets, bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items()
+                         if k != "vocab_parallel" or v is not None)
