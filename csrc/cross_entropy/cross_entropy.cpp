@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t vocab_start, int64_t vocab_total, bool want_sumz, bool aux, bool check,
     double /*filter_eps*/, bool /*accum_fp32*/, int64_t /*impl*/) {
   const auto a = check_lce_args(hidden, weight, targets, bias, "linear_cross_entropy");
-  const int64_t N = a.N, D = a.D, V = a.V;
+  const int64_t N = a.N, V = a.V;
   check_vocab_range(vocab_start, vocab_total, V, "linear_cross_entropy");
   TORCH_CHECK(!softcap.has_value() || *softcap > 0.0,
               "tokenkernels.linear_cross_entropy: softcap must be > 0 or None, got ", *softcap);

@@ -1,0 +1,226 @@
+// cross_entropy family: CUDA adapter (compiled by the host C++ compiler; kernels in
+// cross_entropy_kernels.cu). No host sync unless `check` is set.
+//
+// Forward: "tuned" (default for fp16/bf16 with D % 8 == 0) = the fused WMMA kernel, no logit
+// buffer; "plain" (fp32, or impl=1) = fp32 logit tiles from cuBLAS (ATen mm with fp32 output)
+// folded into the online log-sum-exp by fwd_tile_kernel.
+// Backward: logit tiles recomputed by cuBLAS, dZ by dz_tile_kernel, gradients by two more
+// cuBLAS GEMMs per tile (fp32 accumulators for dhidden; dweight in place for fp32, in its own
+// dtype for fp16/bf16 unless accum_fp32). Gradient filtering is not applied on CUDA yet
+// (a tile-level skip needs a device-side GEMM; see the issue notes).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cross_entropy/ce_args.h"
+#include "cuda_glue.h"
+#include "tokenkernels/cross_entropy.h"
+
+namespace tokenkernels {
+namespace ce {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    default: return DType::kBFloat16;
+  }
+}
+
+// fp32 logits tile Z = a @ b^T (fp16/bf16 inputs on tensor cores, fp32 output).
+void logits_tile(at::Tensor& Z, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) at::mm_out(Z, a, b.t());
+  else at::mm_out(Z, a, b.t(), at::kFloat);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, std::optional<double> softcap,
+    int64_t vocab_start, int64_t vocab_total, bool want_sumz, bool aux, bool check,
+    double /*filter_eps*/, bool /*accum_fp32*/, int64_t impl) {
+  const char* op = "linear_cross_entropy";
+  const auto a = check_lce_args(hidden, weight, targets, bias, op);
+  const int64_t N = a.N, D = a.D, V = a.V;
+  check_vocab_range(vocab_start, vocab_total, V, op);
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "tokenkernels.", op,
+              ": softcap must be > 0 or None, got ", *softcap);
+  c10::DeviceGuard guard(hidden.device());
+  if (check) check_target_values(targets, ignore_index, vocab_total, op);
+
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  auto lse = at::empty({N}, f32);
+  auto zt = at::zeros({N}, f32);
+  auto sumz = at::zeros({want_sumz ? N : 0}, f32);
+  auto amax = at::zeros({aux ? N : 0}, hidden.options().dtype(at::kLong));
+  auto maxz = at::full({aux ? N : 0}, kNegInf, f32);
+  auto ent = at::empty({aux ? N : 0}, f32);
+  if (N == 0) return {lse, zt, sumz, amax, maxz, ent};
+
+  auto m = at::full({N}, kNegInf, f32);
+  auto s = at::zeros({N}, f32);
+  auto tz = at::zeros({aux ? N : 0}, f32);
+  auto H = hidden.contiguous();
+  auto W = weight.contiguous();
+  auto T = targets.to(at::kLong).contiguous();
+  auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
+  const cudaStream_t stream = current_cuda_stream(hidden.device());
+
+  Targets tg;
+  tg.t = T.data_ptr<int64_t>();
+  tg.ignore_index = ignore_index;
+  tg.vocab_start = vocab_start;
+  tg.V = V;
+  tg.vocab_total = vocab_total;
+  FwdState st;
+  st.m = m.data_ptr<float>();
+  st.s = s.data_ptr<float>();
+  st.tz = aux ? tz.data_ptr<float>() : nullptr;
+  st.zt = zt.data_ptr<float>();
+  st.sumz = want_sumz ? sumz.data_ptr<float>() : nullptr;
+  st.amax = aux ? amax.data_ptr<int64_t>() : nullptr;
+  st.maxz = aux ? maxz.data_ptr<float>() : nullptr;
+  const float* bp = B.defined() ? B.data_ptr<float>() : nullptr;
+
+  bool done = false;
+  const bool lowp = H.scalar_type() != at::kFloat;
+  if (lowp && impl != 1) {  // tuned fused kernel
+    const int splits = fused_default_splits(N, V);
+    auto ws = at::empty({static_cast<int64_t>(fused_workspace_bytes(N, splits))},
+                        hidden.options().dtype(at::kByte));
+    const cudaError_t e = launch_fwd_fused(H.data_ptr(), W.data_ptr(), to_dtype(H.scalar_type()),
+                                           N, D, bp, cap, tg, st, splits, ws.data_ptr(), stream);
+    if (e == cudaErrorInvalidValue && impl == 0) {
+      (void)cudaGetLastError();  // unsupported shape/alignment: plain path below
+    } else {
+      check_cuda(e, "linear_cross_entropy fused forward");
+      done = true;
+    }
+  }
+  if (!done) {
+    const int64_t bn = std::min(N, env_or("TOKENKERNELS_CE_CUDA_BLOCK_N", 4096));
+    const int64_t bv = std::min(V, env_or("TOKENKERNELS_CE_CUDA_BLOCK_V", 8192));
+    auto zbuf = at::empty({bn * bv}, f32);
+    for (int64_t r0 = 0; r0 < N; r0 += bn) {
+      const int64_t rows = std::min(bn, N - r0);
+      auto Hc = H.narrow(0, r0, rows);
+      for (int64_t v0 = 0; v0 < V; v0 += bv) {
+        const int64_t cols = std::min(bv, V - v0);
+        auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
+        logits_tile(Z, Hc, W.narrow(0, v0, cols));
+        check_cuda(launch_fwd_tile(Z.data_ptr<float>(), rows, cols, r0, v0, bp, cap, tg, st, stream),
+                   "linear_cross_entropy forward tile");
+      }
+    }
+  }
+  check_cuda(launch_finalize(N, st, tg, lse.data_ptr<float>(), aux ? ent.data_ptr<float>() : nullptr,
+                             stream),
+             "linear_cross_entropy finalize");
+  return {lse, zt, sumz, amax, maxz, ent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& coef_p,
+    const at::Tensor& coef_t, const std::optional<at::Tensor>& coef_1, int64_t ignore_index,
+    std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
+    bool need_dw, bool need_db, bool accum_fp32, int64_t /*impl*/) {
+  const char* op = "linear_cross_entropy_backward";
+  const auto a = check_lce_args(hidden, weight, targets, bias, op);
+  const int64_t N = a.N, D = a.D, V = a.V;
+  check_row_vector(lse, N, hidden, "lse", op);
+  check_row_vector(coef_p, N, hidden, "coef_p", op);
+  check_row_vector(coef_t, N, hidden, "coef_t", op);
+  if (coef_1.has_value()) check_row_vector(*coef_1, N, hidden, "coef_1", op);
+  TORCH_CHECK(!need_db || bias.has_value(), "tokenkernels.", op, ": need_dbias without a bias");
+  TORCH_CHECK(filter_eps >= 0.0, "tokenkernels.", op, ": filter_eps must be >= 0, got ", filter_eps);
+  c10::DeviceGuard guard(hidden.device());
+
+  const auto dt = hidden.scalar_type();
+  const bool lowp = dt != at::kFloat;
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  auto dh = need_dh ? at::zeros({N, D}, lowp ? f32 : hidden.options()) : at::empty({0}, hidden.options());
+  const bool dw32 = need_dw && lowp && accum_fp32;
+  auto dw = need_dw ? at::zeros({V, D}, dw32 ? f32 : weight.options()) : at::empty({0}, weight.options());
+  auto db32 = at::zeros({need_db ? V : 0}, f32);
+  auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    return {need_dh && lowp ? dh.to(dt) : dh, dw32 ? dw.to(dt) : dw,
+            need_db ? db32.to(bias->scalar_type()) : db32};
+  };
+  if (N == 0 || (!need_dh && !need_dw && !need_db)) return finish();
+
+  auto H = hidden.contiguous();
+  auto W = weight.contiguous();
+  auto T = targets.to(at::kLong).contiguous();
+  auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  auto L = lse.contiguous();
+  auto CP = coef_p.contiguous();
+  auto CT = coef_t.contiguous();
+  auto C1 = coef_1.has_value() ? coef_1->contiguous() : at::Tensor();
+  const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
+  const cudaStream_t stream = current_cuda_stream(hidden.device());
+  Targets tg;
+  tg.t = T.data_ptr<int64_t>();
+  tg.ignore_index = ignore_index;
+  tg.vocab_start = vocab_start;
+  tg.V = V;
+  tg.vocab_total = std::numeric_limits<int64_t>::max();  // range already checked by the forward
+  const float* bp = B.defined() ? B.data_ptr<float>() : nullptr;
+
+  const int64_t bn = std::min(N, env_or("TOKENKERNELS_CE_CUDA_BLOCK_N", 4096));
+  const int64_t bv = std::min(V, env_or("TOKENKERNELS_CE_CUDA_BLOCK_V", 4096));
+  auto zbuf = at::empty({bn * bv}, f32);
+  auto dzbuf = at::empty({bn * bv}, H.options());
+  auto tmp_dh = at::empty({(need_dh && lowp) ? bn * D : 0}, f32);
+  auto tmp_dw = at::empty({dw32 ? bv * D : 0}, f32);
+  for (int64_t r0 = 0; r0 < N; r0 += bn) {
+    const int64_t rows = std::min(bn, N - r0);
+    auto Hc = H.narrow(0, r0, rows);
+    for (int64_t v0 = 0; v0 < V; v0 += bv) {
+      const int64_t cols = std::min(bv, V - v0);
+      auto Wb = W.narrow(0, v0, cols);
+      auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
+      auto dZ = dzbuf.narrow(0, 0, rows * cols).view({rows, cols});
+      logits_tile(Z, Hc, Wb);
+      check_cuda(launch_dz_tile(Z.data_ptr<float>(), rows, cols, r0, v0, bp, cap, tg,
+                                L.data_ptr<float>(), CP.data_ptr<float>(), CT.data_ptr<float>(),
+                                C1.defined() ? C1.data_ptr<float>() : nullptr, dZ.data_ptr(),
+                                to_dtype(dt), stream),
+                 "linear_cross_entropy backward tile");
+      if (need_db) db32.narrow(0, v0, cols).add_(dZ.sum(0, /*keepdim=*/false, at::kFloat));
+      if (need_dh) {
+        auto dhc = dh.narrow(0, r0, rows);
+        if (lowp) {
+          auto tmp = tmp_dh.narrow(0, 0, rows * D).view({rows, D});
+          at::mm_out(tmp, dZ, Wb, at::kFloat);
+          dhc.add_(tmp);
+        } else {
+          dhc.addmm_(dZ, Wb);
+        }
+      }
+      if (need_dw) {
+        auto dwb = dw.narrow(0, v0, cols);
+        if (dw32) {
+          auto tmp = tmp_dw.narrow(0, 0, cols * D).view({cols, D});
+          at::mm_out(tmp, dZ.t(), Hc, at::kFloat);
+          dwb.add_(tmp);
+        } else {
+          dwb.addmm_(dZ.t(), Hc);
+        }
+      }
+    }
+  }
+  return finish();
+}
+
+}  // namespace
+}  // namespace ce
+}  // namespace tokenkernels
+
+TORCH_LIBRARY_IMPL(tokenkernels, CUDA, m) {
+  m.impl("lce_forward", &tokenkernels::ce::lce_forward_cuda);
+  m.impl("lce_backward", &tokenkernels::ce::lce_backward_cuda);
+}

@@ -1,0 +1,111 @@
+// cross_entropy family: CUDA launchers (torch-free; compiled by nvcc for every arch in
+// TOKENKERNELS_CUDA_ARCHS). Each returns the launch's cudaError_t; nothing here syncs the host.
+#include <algorithm>
+#include <cstdint>
+
+#include "tokenkernels/cross_entropy.cuh"
+
+namespace tokenkernels {
+namespace ce {
+
+namespace {
+constexpr int kRowThreads = 256;   // plain tile kernels: one block per token row
+constexpr int kFlatThreads = 256;  // one thread per token
+size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+unsigned blocks_for(int64_t n, int t) { return static_cast<unsigned>((n + t - 1) / t); }
+}  // namespace
+
+cudaError_t launch_fwd_tile(const float* Z, int64_t rows, int64_t cols, int64_t r0, int64_t v0,
+                            const float* bias, float cap, const Targets& tg, const FwdState& st,
+                            cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  device::fwd_tile_kernel<kRowThreads><<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
+      Z, cols, r0, v0, bias, cap, tg, st);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_finalize(int64_t N, const FwdState& st, const Targets& tg, float* lse,
+                            float* ent, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  device::finalize_kernel<<<blocks_for(N, kFlatThreads), kFlatThreads, 0, stream>>>(N, st, tg,
+                                                                                    lse, ent);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dz_tile(const float* Z, int64_t rows, int64_t cols, int64_t r0, int64_t v0,
+                           const float* bias, float cap, const Targets& tg, const float* lse,
+                           const float* cp, const float* ct, const float* c1, void* dZ,
+                           DType out_dtype, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(rows);
+  switch (out_dtype) {
+    case DType::kFloat32:
+      device::dz_tile_kernel<float, kRowThreads><<<grid, kRowThreads, 0, stream>>>(
+          Z, cols, r0, v0, bias, cap, tg, lse, cp, ct, c1, static_cast<float*>(dZ));
+      break;
+    case DType::kFloat16:
+      device::dz_tile_kernel<__half, kRowThreads><<<grid, kRowThreads, 0, stream>>>(
+          Z, cols, r0, v0, bias, cap, tg, lse, cp, ct, c1, static_cast<__half*>(dZ));
+      break;
+    case DType::kBFloat16:
+      device::dz_tile_kernel<__nv_bfloat16, kRowThreads><<<grid, kRowThreads, 0, stream>>>(
+          Z, cols, r0, v0, bias, cap, tg, lse, cp, ct, c1, static_cast<__nv_bfloat16*>(dZ));
+      break;
+  }
+  return cudaGetLastError();
+}
+
+size_t fused_workspace_bytes(int64_t N, int splits) {
+  return align_up(size_t(N) * splits * device::kPartFields * sizeof(float)) +
+         align_up(size_t(N) * splits * sizeof(int64_t));
+}
+
+// Enough blocks for ~4 waves of the device's SMs, never more splits than vocabulary tiles.
+int fused_default_splits(int64_t N, int64_t V) {
+  int dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) == cudaSuccess) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0)
+      sms = v;
+  }
+  (void)cudaGetLastError();
+  const int64_t row_tiles = std::max<int64_t>(1, (N + device::kBM - 1) / device::kBM);
+  const int64_t vt = std::max<int64_t>(1, (V + device::kBN - 1) / device::kBN);
+  const int64_t want = std::max<int64_t>(1, (4 * int64_t(sms) + row_tiles - 1) / row_tiles);
+  return static_cast<int>(std::min<int64_t>({want, vt, 4096}));
+}
+
+cudaError_t launch_fwd_fused(const void* hidden, const void* weight, DType dtype, int64_t N,
+                             int64_t D, const float* bias, float cap, const Targets& tg,
+                             const FwdState& st, int splits, void* workspace,
+                             cudaStream_t stream) {
+  if (dtype == DType::kFloat32 || D % 8 != 0 ||
+      reinterpret_cast<uintptr_t>(hidden) % 16 != 0 || reinterpret_cast<uintptr_t>(weight) % 16 != 0)
+    return cudaErrorInvalidValue;
+  if (N == 0) return cudaSuccess;
+  const int64_t vt = (tg.V + device::kBN - 1) / device::kBN;
+  splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, vt)));
+  const int64_t per = (vt + splits - 1) / splits;
+  splits = static_cast<int>((vt + per - 1) / per);  // no empty splits
+  float* part = static_cast<float*>(workspace);
+  int64_t* part_idx = reinterpret_cast<int64_t*>(
+      static_cast<char*>(workspace) + align_up(size_t(N) * splits * device::kPartFields * sizeof(float)));
+  dim3 grid(blocks_for(N, device::kBM), static_cast<unsigned>(splits));
+  if (dtype == DType::kFloat16) {
+    device::fwd_fused_kernel<__half><<<grid, device::kFusedThreads, 0, stream>>>(
+        static_cast<const __half*>(hidden), static_cast<const __half*>(weight), N, D, bias, cap,
+        tg, per, splits, part, part_idx, st.zt);
+  } else {
+    device::fwd_fused_kernel<__nv_bfloat16><<<grid, device::kFusedThreads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(hidden), static_cast<const __nv_bfloat16*>(weight), N, D,
+        bias, cap, tg, per, splits, part, part_idx, st.zt);
+  }
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  device::fwd_merge_kernel<<<blocks_for(N, kFlatThreads), kFlatThreads, 0, stream>>>(
+      N, splits, part, part_idx, st);
+  return cudaGetLastError();
+}
+
+}  // namespace ce
+}  // namespace tokenkernels
