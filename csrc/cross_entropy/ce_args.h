@@ -23,7 +23,11 @@ inline LceArgs check_lce_args(const at::Tensor& hidden, const at::Tensor& weight
               hidden.sizes());
   TORCH_CHECK(weight.dim() == 2, "tokenkernels.", op, ": weight must be (V, D), got shape ",
               weight.sizes());
-  check_float_input(hidden, "hidden");
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kHalf ||
+                  hidden.scalar_type() == at::kBFloat16 ||
+                  (hidden.scalar_type() == at::kDouble && hidden.device().is_cpu()),
+              "tokenkernels.", op, ": hidden must be float32, float16 or bfloat16 (float64 on CPU), got ",
+              hidden.scalar_type());
   TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "tokenkernels.", op,
               ": weight dtype ", weight.scalar_type(), " differs from hidden dtype ",
               hidden.scalar_type());
@@ -61,8 +65,8 @@ inline void check_row_vector(const at::Tensor& t, int64_t N, const at::Tensor& h
                              const char* name, const char* op) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "tokenkernels.", op, ": ", name,
               " must have shape (", N, ",), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "tokenkernels.", op, ": ", name,
-              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "tokenkernels.", op,
+              ": ", name, " must be float32 (float64 for float64 inputs), got ", t.scalar_type());
   TORCH_CHECK(t.device() == hidden.device(), "tokenkernels.", op, ": ", name, " is on ",
               t.device(), " but hidden is on ", hidden.device());
 }

@@ -8,6 +8,9 @@
 #include <cstdint>
 #include <limits>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define TK_CE_AVX2 1
@@ -26,44 +29,48 @@ inline bool cpu_has_avx2() {
 }
 
 // ---------------------------------------------------------------- scalar versions
-inline float row_max_scalar(const float* z, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
+template <typename A>
+inline A row_max_scalar(const A* z, int64_t n) {
+  A m = -std::numeric_limits<A>::infinity();
   for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
   return m;
 }
 // sum_j exp(z_j - m); with t != nullptr also *t = sum_j exp(z_j - m) * z_j
-inline float exp_sum_scalar(const float* z, int64_t n, float m, float* t) {
-  float s = 0.f, tz = 0.f;
+template <typename A>
+inline A exp_sum_scalar(const A* z, int64_t n, A m, A* t) {
+  A s = 0, tz = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const float e = std::exp(z[j] - m);
+    const A e = std::exp(z[j] - m);
     s += e;
     tz += e * z[j];
   }
   if (t) *t = tz;
   return s;
 }
-inline float row_sum_scalar(const float* z, int64_t n) {
-  float s = 0.f;
+template <typename A>
+inline A row_sum_scalar(const A* z, int64_t n) {
+  A s = 0;
   for (int64_t j = 0; j < n; ++j) s += z[j];
   return s;
 }
 // d_j = a * exp(z_j - lse) + c; with softcap: d_j *= 1 - (z_j / cap)^2. Returns max |d_j|.
-inline float dz_row_scalar(const float* z, int64_t n, float lse, float a, float c, float inv_cap,
-                           float* d) {
-  float mx = 0.f;
+template <typename A>
+inline A dz_row_scalar(const A* z, int64_t n, A lse, A a, A c, A inv_cap, A* d) {
+  A mx = 0;
   for (int64_t j = 0; j < n; ++j) {
-    float v = a * std::exp(z[j] - lse) + c;
-    if (inv_cap != 0.f) {
-      const float u = z[j] * inv_cap;
-      v *= 1.f - u * u;
+    A v = a * std::exp(z[j] - lse) + c;
+    if (inv_cap != 0) {
+      const A u = z[j] * inv_cap;
+      v *= 1 - u * u;
     }
     d[j] = v;
     mx = std::max(mx, std::fabs(v));
   }
   return mx;
 }
-inline void softcap_row_scalar(float* z, int64_t n, float cap) {
-  const float inv = 1.f / cap;
+template <typename A>
+inline void softcap_row_scalar(A* z, int64_t n, A cap) {
+  const A inv = 1 / cap;
   for (int64_t j = 0; j < n; ++j) z[j] = cap * std::tanh(z[j] * inv);
 }
 
@@ -204,6 +211,91 @@ inline void softcap_row(float* z, int64_t n, float cap) {
   if (cpu_has_avx2()) return softcap_row_avx2(z, n, cap);
 #endif
   softcap_row_scalar(z, n, cap);
+}
+
+
+// ---------------------------------------------------------------- dtype conversion of rows
+// out[j] = float(src[j]) (+ bias[j]); dst[j] = T(src[j]) (round to nearest even).
+#if defined(TK_CE_AVX2)
+#define TK_AVX2C __attribute__((target("avx2,fma,f16c")))
+TK_AVX2C inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+TK_AVX2C inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+TK_AVX2C inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+TK_AVX2C inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+TK_AVX2C inline __m128i bf16_round8(__m256 v) {
+  __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i packed = _mm256_packus_epi32(b, b);  // per 128-bit lane: [b0..3, b0..3]
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+TK_AVX2C inline void store8(c10::BFloat16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_round8(v));
+}
+TK_AVX2C inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+template <typename T>
+TK_AVX2C inline void to_float_row_avx2(const T* src, int64_t n, const float* bias, float* out) {
+  int64_t j = 0;
+  if (bias) {
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, _mm256_add_ps(load8(src + j), _mm256_loadu_ps(bias + j)));
+    for (; j < n; ++j) out[j] = static_cast<float>(src[j]) + bias[j];
+  } else {
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, load8(src + j));
+    for (; j < n; ++j) out[j] = static_cast<float>(src[j]);
+  }
+}
+template <typename T>
+TK_AVX2C inline void from_float_row_avx2(const float* src, int64_t n, T* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) store8(dst + j, _mm256_loadu_ps(src + j));
+  for (; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+#undef TK_AVX2C
+#endif
+
+inline bool cpu_has_f16c() {
+#if defined(TK_CE_AVX2)
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+inline double row_max(const double* z, int64_t n) { return row_max_scalar(z, n); }
+inline double exp_sum(const double* z, int64_t n, double m, double* t) { return exp_sum_scalar(z, n, m, t); }
+inline double row_sum(const double* z, int64_t n) { return row_sum_scalar(z, n); }
+inline double dz_row(const double* z, int64_t n, double lse, double a, double c, double inv_cap, double* d) {
+  return dz_row_scalar(z, n, lse, a, c, inv_cap, d);
+}
+inline void softcap_row(double* z, int64_t n, double cap) { softcap_row_scalar(z, n, cap); }
+inline void to_float_row(const double* src, int64_t n, const double* bias, double* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = src[j] + (bias ? bias[j] : 0.0);
+}
+inline void from_float_row(const double* src, int64_t n, double* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+}
+
+template <typename T>
+inline void to_float_row(const T* src, int64_t n, const float* bias, float* out) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_f16c()) return to_float_row_avx2(src, n, bias, out);
+#endif
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(src[j]) + (bias ? bias[j] : 0.f);
+}
+template <typename T>
+inline void from_float_row(const float* src, int64_t n, T* dst) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_f16c()) return from_float_row_avx2(src, n, dst);
+#endif
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
 }  // namespace ce_cpu

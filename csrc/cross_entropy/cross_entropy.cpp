@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cross_entropy/ce_args.h"
@@ -27,22 +28,15 @@ namespace tokenkernels {
 namespace ce {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t block_n_cpu(int64_t N) { return std::min<int64_t>(std::max<int64_t>(N, 1), env_or("TOKENKERNELS_CE_BLOCK_N", 256)); }
 int64_t block_v_cpu(int64_t V) { return std::min<int64_t>(V, env_or("TOKENKERNELS_CE_BLOCK_V", 2048)); }
 
 // Load row i of a (rows, cols) tile of type T into fp32, add bias, apply the softcap.
-template <typename T>
-inline void load_row(const T* tile, int64_t cols, int64_t i, const float* bias, float cap,
-                     float* out) {
-  const T* src = tile + i * cols;
-  if (bias) {
-    for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(src[j]) + bias[j];
-  } else {
-    for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(src[j]);
-  }
-  if (cap > 0.f) ce_cpu::softcap_row(out, cols, cap);
+template <typename T, typename A>
+inline void load_row(const T* tile, int64_t cols, int64_t i, const A* bias, A cap, A* out) {
+  ce_cpu::to_float_row(tile + i * cols, cols, bias, out);
+  if (cap > 0) ce_cpu::softcap_row(out, cols, cap);
 }
 
 // Local vocabulary index of token r's target, or -1 when ignored / owned by another shard /
@@ -71,32 +65,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "tokenkernels.linear_cross_entropy: softcap must be > 0 or None, got ", *softcap);
   if (check) check_target_values(targets, ignore_index, vocab_total, "linear_cross_entropy");
 
-  const auto f32 = hidden.options().dtype(at::kFloat);
+  // statistics in fp32 (fp64 for fp64 inputs, which the CPU accepts for gradcheck)
+  const auto f32 = hidden.options().dtype(hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   auto lse = at::empty({N}, f32);
   auto zt = at::zeros({N}, f32);
   auto sumz = at::zeros({want_sumz ? N : 0}, f32);
   auto amax = at::zeros({aux ? N : 0}, hidden.options().dtype(at::kLong));
-  auto maxz = at::full({aux ? N : 0}, kNegInf, f32);
+  auto maxz = at::full({aux ? N : 0}, -std::numeric_limits<double>::infinity(), f32);
   auto ent = at::empty({aux ? N : 0}, f32);
   if (N == 0) return {lse, zt, sumz, amax, maxz, ent};
 
   auto H = hidden.contiguous();
   auto W = weight.contiguous();
   auto T = targets.to(at::kLong).contiguous();
-  auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  std::vector<float> m(N, kNegInf), s(N, 0.f), tz(N, 0.f);
-  const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
-
+  auto B = bias.has_value() ? bias->to(f32.dtype()).contiguous() : at::Tensor();
   const int64_t bn = block_n_cpu(N), bv = block_v_cpu(V);
   auto zbuf = at::empty({bn * bv}, hidden.options());
   const int64_t* tp = T.data_ptr<int64_t>();
-  float* lsep = lse.data_ptr<float>();
-  float* ztp = zt.data_ptr<float>();
-  float* sump = want_sumz ? sumz.data_ptr<float>() : nullptr;
-  int64_t* amp = aux ? amax.data_ptr<int64_t>() : nullptr;
-  float* mzp = aux ? maxz.data_ptr<float>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, H.scalar_type(), "lce_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    constexpr acc_t kNegInfA = -std::numeric_limits<acc_t>::infinity();
+    std::vector<acc_t> m(N, kNegInfA), s(N, 0), tz(N, 0);
+    const acc_t cap = softcap.has_value() ? static_cast<acc_t>(*softcap) : acc_t(0);
+    acc_t* lsep = lse.data_ptr<acc_t>();
+    acc_t* ztp = zt.data_ptr<acc_t>();
+    acc_t* sump = want_sumz ? sumz.data_ptr<acc_t>() : nullptr;
+    int64_t* amp = aux ? amax.data_ptr<int64_t>() : nullptr;
+    acc_t* mzp = aux ? maxz.data_ptr<acc_t>() : nullptr;
+    acc_t* ep = aux ? ent.data_ptr<acc_t>() : nullptr;
     for (int64_t r0 = 0; r0 < N; r0 += bn) {
       const int64_t rows = std::min(bn, N - r0);
       auto Hc = H.narrow(0, r0, rows);
@@ -105,16 +102,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
         at::mm_out(Z, Hc, W.narrow(0, v0, cols).t());
         const scalar_t* zp = Z.data_ptr<scalar_t>();
-        const float* bp = B.defined() ? B.data_ptr<float>() + v0 : nullptr;
+        const acc_t* bp = B.defined() ? B.data_ptr<acc_t>() + v0 : nullptr;
         at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
-          std::vector<float> row(cols);
+          std::vector<acc_t> row(cols);
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t r = r0 + i;
             load_row(zp, cols, i, bp, cap, row.data());
-            const float bm = ce_cpu::row_max(row.data(), cols);
+            const acc_t bm = ce_cpu::row_max(row.data(), cols);
             bool bad;
             const int64_t lt = local_target(tp[r], ignore_index, vocab_start, V, vocab_total, &bad);
-            if (bad) ztp[r] = std::numeric_limits<float>::quiet_NaN();
+            if (bad) ztp[r] = std::numeric_limits<acc_t>::quiet_NaN();
             else if (lt >= v0 && lt < v0 + cols) ztp[r] = row[lt - v0];
             if (sump) sump[r] += ce_cpu::row_sum(row.data(), cols);
             if (aux && bm > mzp[r]) {  // strict: the earliest block keeps ties
@@ -123,11 +120,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               mzp[r] = bm;
               amp[r] = v0 + j;
             }
-            const float mn = std::max(m[r], bm);
-            if (!(mn > kNegInf)) continue;  // all -inf / NaN row: left to finalisation
-            float t_blk = 0.f;
-            const float s_blk = ce_cpu::exp_sum(row.data(), cols, mn, aux ? &t_blk : nullptr);
-            const float scale = m[r] > kNegInf ? std::exp(m[r] - mn) : 0.f;
+            const acc_t mn = std::max(m[r], bm);
+            if (!(mn > kNegInfA)) continue;  // all -inf / NaN row: left to finalisation
+            acc_t t_blk = 0;
+            const acc_t s_blk = ce_cpu::exp_sum(row.data(), cols, mn, aux ? &t_blk : nullptr);
+            const acc_t scale = m[r] > kNegInfA ? std::exp(m[r] - mn) : acc_t(0);
             s[r] = s[r] * scale + s_blk;
             if (aux) tz[r] = tz[r] * scale + t_blk;
             m[r] = mn;
@@ -135,13 +132,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         });
       }
     }
-  });
-  float* ep = aux ? ent.data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, 1024, [&](int64_t i0, int64_t i1) {
-    for (int64_t r = i0; r < i1; ++r) {
-      lsep[r] = m[r] + std::log(s[r]);
-      if (ep) ep[r] = lsep[r] - tz[r] / s[r];
-    }
+    at::parallel_for(0, N, 1024, [&](int64_t i0, int64_t i1) {
+      for (int64_t r = i0; r < i1; ++r) {
+        lsep[r] = m[r] + std::log(s[r]);
+        if (ep) ep[r] = lsep[r] - tz[r] / s[r];
+      }
+    });
   });
   return {lse, zt, sumz, amax, maxz, ent};
 }
@@ -163,14 +159,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
   TORCH_CHECK(filter_eps >= 0.0, "tokenkernels.", op, ": filter_eps must be >= 0, got ", filter_eps);
 
   const auto dt = hidden.scalar_type();
-  const bool lowp = dt != at::kFloat;
+  const bool lowp = dt == at::kHalf || dt == at::kBFloat16;
   auto dh = need_dh ? at::empty({N, D}, hidden.options()) : at::empty({0}, hidden.options());
   // dweight: fp32 accumulates in place; fp16/bf16 accumulate in their own dtype unless
   // accum_fp32 asks for an fp32 (V, D) buffer.
   const bool dw32 = need_dw && lowp && accum_fp32;
   auto dw = need_dw ? at::zeros({V, D}, dw32 ? weight.options().dtype(at::kFloat) : weight.options())
                     : at::empty({0}, weight.options());
-  auto db32 = at::zeros({need_db ? V : 0}, hidden.options().dtype(at::kFloat));
+  const auto sdt = dt == at::kDouble ? at::kDouble : at::kFloat;  // statistics dtype
+  auto db32 = at::zeros({need_db ? V : 0}, hidden.options().dtype(sdt));
   if (N == 0 || (!need_dh && !need_dw && !need_db)) {
     if (need_dh) dh.zero_();
     return {dh, dw32 ? dw.to(dt) : dw, need_db ? db32.to(bias->scalar_type()) : db32};
@@ -179,28 +176,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
   auto H = hidden.contiguous();
   auto W = weight.contiguous();
   auto T = targets.to(at::kLong).contiguous();
-  auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  auto L = lse.contiguous();
-  auto CP = coef_p.contiguous();
-  auto CT = coef_t.contiguous();
-  auto C1 = coef_1.has_value() ? coef_1->contiguous() : at::Tensor();
-  const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
-  const float inv_cap = cap > 0.f ? 1.f / cap : 0.f;
-  const float feps = static_cast<float>(filter_eps);
+  auto B = bias.has_value() ? bias->to(sdt).contiguous() : at::Tensor();
+  auto L = lse.to(sdt).contiguous();
+  auto CP = coef_p.to(sdt).contiguous();
+  auto CT = coef_t.to(sdt).contiguous();
+  auto C1 = coef_1.has_value() ? coef_1->to(sdt).contiguous() : at::Tensor();
 
   const int64_t bn = block_n_cpu(N), bv = block_v_cpu(V);
   auto zbuf = at::empty({bn * bv}, H.options());
   auto dzbuf = at::empty({bn * bv}, H.options());
-  auto dh_acc = at::empty({need_dh ? bn : 0, D}, H.options().dtype(at::kFloat));
+  auto dh_acc = at::empty({need_dh ? bn : 0, D}, H.options().dtype(sdt));
   auto tmp_dh = at::empty({(need_dh && lowp) ? bn * D : 0}, H.options());
   auto tmp_dw = at::empty({dw32 ? bv * D : 0}, H.options());
   const int64_t* tp = T.data_ptr<int64_t>();
-  const float* lp = L.data_ptr<float>();
-  const float* cpp = CP.data_ptr<float>();
-  const float* ctp = CT.data_ptr<float>();
-  const float* c1p = C1.defined() ? C1.data_ptr<float>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lce_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t* lp = L.data_ptr<acc_t>();
+    const acc_t* cpp = CP.data_ptr<acc_t>();
+    const acc_t* ctp = CT.data_ptr<acc_t>();
+    const acc_t* c1p = C1.defined() ? C1.data_ptr<acc_t>() : nullptr;
+    const acc_t cap = softcap.has_value() ? static_cast<acc_t>(*softcap) : acc_t(0);
+    const acc_t inv_cap = cap > 0 ? 1 / cap : acc_t(0);
+    const acc_t feps = static_cast<acc_t>(filter_eps);
     for (int64_t r0 = 0; r0 < N; r0 += bn) {
       const int64_t rows = std::min(bn, N - r0);
       auto Hc = H.narrow(0, r0, rows);
@@ -214,39 +212,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
         at::mm_out(Z, Hc, Wb.t());
         const scalar_t* zp = Z.data_ptr<scalar_t>();
         scalar_t* dzp = dZ.data_ptr<scalar_t>();
-        const float* bp = B.defined() ? B.data_ptr<float>() + v0 : nullptr;
-        std::atomic<bool> keep{feps <= 0.f};
+        const acc_t* bp = B.defined() ? B.data_ptr<acc_t>() + v0 : nullptr;
+        std::atomic<bool> keep{feps <= 0};
         at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
-          std::vector<float> row(cols), d(cols);
+          std::vector<acc_t> row(cols), d(cols);
           bool k = false;
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t r = r0 + i;
-            const float cp = cpp[r], ct = ctp[r], c1 = c1p ? c1p[r] : 0.f;
+            const acc_t cp = cpp[r], ct = ctp[r], c1 = c1p ? c1p[r] : acc_t(0);
             scalar_t* out = dzp + i * cols;
-            if (cp == 0.f && ct == 0.f && c1 == 0.f) {  // no gradient from this token
+            if (cp == 0 && ct == 0 && c1 == 0) {  // no gradient from this token
               for (int64_t j = 0; j < cols; ++j) out[j] = scalar_t(0);
               continue;
             }
             load_row(zp, cols, i, bp, cap, row.data());
-            float mx = ce_cpu::dz_row(row.data(), cols, lp[r], cp, c1, inv_cap, d.data());
+            acc_t mx = ce_cpu::dz_row(row.data(), cols, lp[r], cp, c1, inv_cap, d.data());
             bool bad;
             const int64_t lt = local_target(tp[r], ignore_index, vocab_start, V,
                                             std::numeric_limits<int64_t>::max(), &bad);
-            if (lt >= v0 && lt < v0 + cols && ct != 0.f) {
+            if (lt >= v0 && lt < v0 + cols && ct != 0) {
               const int64_t j = lt - v0;
-              float v = cp * std::exp(row[j] - lp[r]) + c1 + ct;
-              if (inv_cap != 0.f) v *= 1.f - (row[j] * inv_cap) * (row[j] * inv_cap);
+              acc_t v = cp * std::exp(row[j] - lp[r]) + c1 + ct;
+              if (inv_cap != 0) v *= 1 - (row[j] * inv_cap) * (row[j] * inv_cap);
               d[j] = v;
               mx = std::max(mx, std::fabs(v));
             }
             if (mx >= feps * std::max(std::fabs(cp), std::fabs(ct))) k = true;
-            for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<scalar_t>(d[j]);
+            ce_cpu::from_float_row(d.data(), cols, out);
           }
           if (k) keep.store(true, std::memory_order_relaxed);
         });
         if (!keep.load()) continue;  // every |dZ| below its row's threshold: skip the tile
         if (need_db) {
-          auto colsum = dZ.sum(0, /*keepdim=*/false, at::kFloat);
+          auto colsum = dZ.sum(0, /*keepdim=*/false, sdt);
           db32.narrow(0, v0, cols).add_(colsum);
         }
         if (need_dh) {

@@ -69,13 +69,13 @@ def _resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype)
 def _lce_forward_fake(hidden, weight, targets, bias, ignore_index, softcap, vocab_start,
                       vocab_total, sum_z, aux, check, filter_eps, accum_fp32, impl):
     N = hidden.shape[0]
-    f = hidden.new_empty((N,), dtype=torch.float32)
+    sd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     na = N if aux else 0
-    return (f, hidden.new_empty((N,), dtype=torch.float32),
-            hidden.new_empty((N if sum_z else 0,), dtype=torch.float32),
+    return (hidden.new_empty((N,), dtype=sd), hidden.new_empty((N,), dtype=sd),
+            hidden.new_empty((N if sum_z else 0,), dtype=sd),
             hidden.new_empty((na,), dtype=torch.long),
-            hidden.new_empty((na,), dtype=torch.float32),
-            hidden.new_empty((na,), dtype=torch.float32))
+            hidden.new_empty((na,), dtype=sd),
+            hidden.new_empty((na,), dtype=sd))
 
 
 @torch.library.register_fake("tokenkernels::lce_backward")
@@ -87,7 +87,8 @@ def _lce_backward_fake(hidden, weight, targets, bias, lse, coef_p, coef_t, coef_
     if need_dbias:
         db = bias.new_empty(tuple(bias.shape))
     else:
-        db = hidden.new_empty((0,), dtype=torch.float32)
+        db = hidden.new_empty((0,), dtype=torch.float64 if hidden.dtype == torch.float64
+                              else torch.float32)
     return dh, dw, db
 
 
@@ -110,9 +111,10 @@ def _lce_backward(ctx, g_lse, g_zt, g_sumz, g_amax, g_maxz, g_ent):
     zeros = None
     if g_lse is None or g_zt is None:
         zeros = torch.zeros_like(lse)
-    coef_p = (g_lse if g_lse is not None else zeros).float().contiguous()
-    coef_t = (g_zt if g_zt is not None else zeros).float().contiguous()
-    coef_1 = g_sumz.float().contiguous() if (g_sumz is not None and g_sumz.numel() > 0) else None
+    sd = lse.dtype  # fp32 (fp64 for fp64 inputs)
+    coef_p = (g_lse if g_lse is not None else zeros).to(sd).contiguous()
+    coef_t = (g_zt if g_zt is not None else zeros).to(sd).contiguous()
+    coef_1 = g_sumz.to(sd).contiguous() if (g_sumz is not None and g_sumz.numel() > 0) else None
     dh, dw, db = torch.ops.tokenkernels.lce_backward(
         hidden, weight, targets, bias, lse, coef_p, coef_t, coef_1, ignore_index, softcap,
         vocab_start, filter_eps, need_dh, need_dw, need_db, accum_fp32, impl)
@@ -175,10 +177,11 @@ class _VocabParallelStats(torch.autograd.Function):
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
-        coef_1 = g_sumz.float().contiguous() if g_sumz is not None and g_sumz.numel() else None
+        sd = lse.dtype
+        coef_1 = g_sumz.to(sd).contiguous() if g_sumz is not None and g_sumz.numel() else None
         dh, dw, db = torch.ops.tokenkernels.lce_backward(
-            hidden, weight, targets, bias, lse, g_lse.float().contiguous(),
-            g_zt.float().contiguous(), coef_1, ignore_index, softcap, start, filter_eps,
+            hidden, weight, targets, bias, lse, g_lse.to(sd).contiguous(),
+            g_zt.to(sd).contiguous(), coef_1, ignore_index, softcap, start, filter_eps,
             True, need_dw, need_db, accum_fp32, impl)
         # hidden is replicated: its gradient is the sum of every shard's part
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
@@ -271,7 +274,7 @@ def linear_cross_entropy(
             kernel where available).
 
     Returns:
-        ``loss`` (fp32) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
+        ``loss`` (fp32; fp64 for fp64 inputs, CPU only) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
         asked for by ``return_lse`` / ``return_aux``, in that order.
     """
     _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothing, z_loss)

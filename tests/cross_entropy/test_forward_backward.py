@@ -1,0 +1,346 @@
+"""Kernel vs reference: loss, lse, arg-max, entropy and the gradients of hidden / weight / bias.
+
+fp32 inputs are compared with the fp64 reference (tolerances ``ce_loss`` / ``ce_grad``).
+fp16 / bf16 inputs follow the precision rule: the kernel's error vs the fp64 truth on the same
+low-precision values upcast is no worse than the same-dtype reference's (a plain F.linear +
+cross-entropy pipeline in that dtype) + ``ce_rule`` — for the loss, lse, entropy and every
+gradient. Most cases use filter_eps=None (exact); filtering has its own tests at the end.
+"""
+import pytest
+import torch
+
+import tokenkernels as tk
+from tokenkernels.reference import cross_entropy as ref
+
+from ..tolerances import tol
+from .common import (ALL_DTYPES, BIAS_FACTOR, LOWP, assert_close_fp32, assert_precision_rule, kernel,
+                     logit_scale, make_inputs, reference, rel_err)
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Small tiles (the CPU kernel's tuning knobs) so small shapes run through many row / vocab
+    tiles, the online log-sum-exp across tiles and the tile-wise gradient accumulation."""
+    monkeypatch.setenv("TOKENKERNELS_CE_BLOCK_N", "16")
+    monkeypatch.setenv("TOKENKERNELS_CE_BLOCK_V", "64")
+
+
+# options that matter, alone and combined; (name, make_inputs kwargs, op kwargs, leading shape)
+OPTIONS = [
+    ("plain", {}, {}, (40,)),
+    ("bias", dict(bias=True), {}, (40,)),
+    ("ignore", dict(ignore_frac=0.3), {}, (40,)),
+    ("ignore_index_in_vocab", dict(ignore_frac=0.3, ignore_index=3), dict(ignore_index=3), (40,)),
+    ("softcap", dict(wscale=6.0), dict(softcap=4.0), (40,)),
+    ("smoothing", {}, dict(label_smoothing=0.1), (40,)),
+    ("smoothing_1", {}, dict(label_smoothing=1.0), (40,)),
+    ("z_loss", dict(wscale=3.0), dict(z_loss=0.05), (40,)),
+    ("shift", {}, dict(shift=True), (3, 13)),
+    ("return_lse", {}, dict(return_lse=True), (40,)),
+    ("return_aux", dict(wscale=3.0), dict(return_aux=True), (40,)),
+    ("int32_targets", dict(int32=True, ignore_frac=0.2), {}, (40,)),
+    ("batch_dims", dict(bias=True, ignore_frac=0.2), dict(return_lse=True), (2, 3, 7)),
+    ("all", dict(bias=True, ignore_frac=0.25, wscale=5.0),
+     dict(softcap=3.0, label_smoothing=0.2, z_loss=0.01, shift=True, return_lse=True,
+          return_aux=True), (4, 10)),
+]
+OPTION_IDS = [o[0] for o in OPTIONS]
+REDUCTIONS = ["mean", "sum", "none"]
+V_SMALL, D_SMALL = 300, 32
+
+
+def _compare(dtype, device, shape, D, V, inp, opts, k_opts=None):
+    h, w, t, b = make_inputs(shape, D, V, dtype, **inp)
+    ko = dict(filter_eps=None, **opts, **(k_opts or {}))
+    k = kernel(h.to(device), w.to(device), t.to(device), None if b is None else b.to(device), **ko)
+    truth = reference(h, w, t, b, dtype=F64, **opts)
+    if dtype == torch.float32:
+        assert_close_fp32(k, truth, zscale=logit_scale(h, w, b))
+    else:
+        r = reference(h, w, t, b, **opts)
+        assert_precision_rule(k, r, truth, dtype, factor=1.0 if b is None else BIAS_FACTOR)
+        if "argmax" in truth:
+            # the logits of the kernel and of the truth differ by rounding only: an arg-max may
+            # differ only where the fp64 top-2 gap is within that rounding
+            _argmax_up_to_rounding(k["argmax"], h, w, b, opts, dtype)
+    # shapes and dtypes of the outputs
+    red = opts.get("reduction", "mean")
+    assert k["out"].dtype == torch.float32
+    assert k["out"].shape == (t.shape if red == "none" else ())
+    if "lse" in k:
+        assert k["lse"].dtype == torch.float32 and k["lse"].shape == t.shape
+    if "argmax" in k:
+        assert k["argmax"].shape == t.shape and k["entropy"].shape == t.shape
+        assert k["entropy"].dtype == torch.float32
+    assert k["dh"].dtype == dtype and k["dh"].shape == h.shape
+    assert k["dw"].dtype == dtype and k["dw"].shape == w.shape
+    if b is not None:
+        assert k["db"].dtype == dtype and k["db"].shape == b.shape
+    return k, truth
+
+
+def _argmax_up_to_rounding(argmax, h, w, b, opts, dtype):
+    from tokenkernels.reference.cross_entropy import logits
+
+    z = logits(h.reshape(-1, h.shape[-1]), w, b, opts.get("softcap"), dtype=F64)
+    am = argmax.cpu().reshape(-1)
+    gap = z.max(-1).values - z.gather(1, am[:, None])[:, 0]
+    ulp = torch.finfo(dtype).eps * z.abs().max(-1).values
+    assert bool((gap <= 2 * ulp).all()), gap.max().item()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name,inp,opts,shape", OPTIONS, ids=OPTION_IDS)
+def test_options_fp32(device, name, inp, opts, shape, reduction):
+    _compare(torch.float32, device, shape, D_SMALL, V_SMALL, inp, dict(opts, reduction=reduction))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name,inp,opts,shape", OPTIONS, ids=OPTION_IDS)
+def test_options_fp32_small_tiles(device, small_tiles, name, inp, opts, shape, reduction):
+    _compare(torch.float32, device, shape, D_SMALL, V_SMALL, inp, dict(opts, reduction=reduction))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("name,inp,opts,shape", OPTIONS, ids=OPTION_IDS)
+def test_options_low_precision_rule(device, dtype, name, inp, opts, shape, reduction):
+    """One tile in each direction (N <= 256, V <= 2048): the rule per option."""
+    _compare(dtype, device, shape, D_SMALL, V_SMALL, inp, dict(opts, reduction=reduction))
+
+
+# odd shapes from the issue: N in {1, 3, 1000}, V in {1, 7, 50257}, D in {1, 64, 4096}
+SHAPES = [
+    (1, 64, 7), (3, 1, 7), (3, 64, 1), (1000, 64, 7), (3, 8, 50257), (3, 4096, 7),
+    (1000, 1, 1), (1, 4096, 1), (257, 64, 2049),
+]
+
+
+@pytest.mark.parametrize("N,D,V", SHAPES, ids=[f"N{n}-D{d}-V{v}" for n, d, v in SHAPES])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_shapes_fp32(device, N, D, V, bias):
+    _compare(torch.float32, device, (N,), D, V, dict(bias=bias, wscale=2.0),
+             dict(reduction="none", return_lse=True, return_aux=True, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("N,D,V", SHAPES, ids=[f"N{n}-D{d}-V{v}" for n, d, v in SHAPES])
+def test_shapes_low_precision_rule(device, dtype, N, D, V):
+    """The rule at the issue's shapes with the kernel's default tiles. Shapes spanning several
+    row tiles (N = 1000, 257) or vocabulary tiles (V = 50257, 2049) check that the gradients
+    accumulated tile by tile are not rounded to fp16/bf16 more often than torch's one GEMM."""
+    _compare(dtype, device, (N,), D, V, dict(bias=True, wscale=2.0),
+             dict(reduction="none", return_lse=True))
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("accum_fp32", [False, True])
+def test_multi_tile_gradients_low_precision_rule(device, small_tiles, dtype, accum_fp32):
+    """Many row and vocabulary tiles (16 x 64): dhidden sums 16 vocabulary tiles and dweight 8
+    row tiles. The same-dtype reference rounds each gradient once (one GEMM, fp32 accumulation);
+    the kernel must not be less accurate (accum_fp32 only changes dweight's accumulator)."""
+    _compare(dtype, device, (128,), 32, 1000, dict(bias=True, wscale=2.0),
+             dict(reduction="sum"), dict(accum_fp32=accum_fp32))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_tokens_ignored(device, dtype, reduction):
+    """Every target ignored: the loss is 0 (mean over zero tokens: 0, not NaN) and every
+    gradient is exactly 0; lse is still returned for every token."""
+    h, w, t, b = make_inputs((2, 5), 16, 11, dtype, bias=True, device=device)
+    t = torch.full_like(t, -100)
+    for shift in (False, True):
+        for smoothing, zl in ((0.0, 0.0), (0.3, 0.1)):
+            k = kernel(h, w, t, b, reduction=reduction, shift=shift, filter_eps=None,
+                       label_smoothing=smoothing, z_loss=zl)
+            assert not torch.isnan(k["out"]).any()
+            assert torch.equal(k["out"].cpu(), torch.zeros(() if reduction != "none" else t.shape))
+            for key in ("dh", "dw", "db"):
+                assert torch.equal(k[key].cpu(), torch.zeros_like(k[key].cpu())), key
+    loss, lse = tk.linear_cross_entropy(h, w, t, b, reduction=reduction, return_lse=True)
+    truth = reference(h.cpu(), w.cpu(), t.cpu(), b.cpu(), dtype=F64, return_lse=True)
+    assert torch.isfinite(lse).all()
+    assert rel_err(lse, truth["lse"]) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_shift_last_position_only(device, dtype):
+    """shift=True with T = 1: every position is the last, so everything is ignored."""
+    h, w, t, b = make_inputs((3, 1), 8, 5, dtype, device=device)
+    k = kernel(h, w, t, b, shift=True, filter_eps=None)
+    assert k["out"].item() == 0.0 and not k["dh"].abs().any()
+
+
+def test_shift_equals_manual_shift(device):
+    h, w, t, b = make_inputs((2, 9), 16, 23, torch.float32, bias=True, device=device)
+    a = tk.linear_cross_entropy(h, w, t, b, shift=True, reduction="none")
+    t2 = torch.cat([t[:, 1:], torch.full_like(t[:, :1], -100)], dim=1)
+    c = tk.linear_cross_entropy(h, w, t2, b, reduction="none")
+    assert torch.equal(a, c)
+    assert torch.equal(a[:, -1].cpu(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_non_contiguous_inputs(device, dtype):
+    """Transposed / strided views of hidden, weight, bias and targets give the same result as
+    their contiguous copies, and gradients of the views' shapes."""
+    N, D, V = 37, 24, 150
+    g = torch.Generator().manual_seed(5)
+    h_t = torch.randn(D, N, generator=g).to(dtype).to(device)
+    hidden = h_t.t()                                                     # (N, D), transposed
+    w_big = (torch.randn(V, 2 * D, generator=g) / D ** 0.5).to(dtype).to(device)
+    weight = w_big[:, ::2]                                               # (V, D), stride 2
+    b_big = torch.randn(2 * V, generator=g).to(dtype).to(device)
+    bias = b_big[1::2]                                                   # (V,), stride 2
+    t_big = torch.randint(0, V, (N, 2), generator=g).to(device)
+    targets = t_big[:, 1]                                                # (N,), stride 2
+    assert not (hidden.is_contiguous() or weight.is_contiguous() or bias.is_contiguous()
+                or targets.is_contiguous())
+    opts = dict(label_smoothing=0.1, softcap=5.0, return_lse=True, filter_eps=None)
+    k = kernel(hidden, weight, targets, bias, **opts)
+    c = kernel(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
+               bias.contiguous(), **opts)
+    for key in ("out", "lse", "dh", "dw", "db"):
+        torch.testing.assert_close(k[key], c[key], rtol=0, atol=0, msg=key)
+    assert k["dh"].shape == (N, D) and k["dw"].shape == (V, D) and k["db"].shape == (V,)
+    if dtype == torch.float32:
+        truth = reference(hidden.cpu(), weight.cpu(), targets.cpu(), bias.cpu(), dtype=F64,
+                          label_smoothing=0.1, softcap=5.0, return_lse=True)
+        assert_close_fp32(k, truth)
+
+
+def test_int32_targets_equal_int64(device):
+    h, w, t, b = make_inputs(50, 16, 70, torch.float32, bias=True, ignore_frac=0.2,
+                             device=device)
+    a = kernel(h, w, t, b, reduction="none", return_aux=True)
+    c = kernel(h, w, t.to(torch.int32), b, reduction="none", return_aux=True)
+    for key in ("out", "argmax", "entropy", "dh", "dw", "db"):
+        assert torch.equal(a[key], c[key]), key
+
+
+def test_gradients_only_for_inputs_that_need_them(device):
+    h, w, t, b = make_inputs(20, 8, 30, torch.float32, bias=True, device=device)
+    truth = {}
+    hh, ww, bb = (x.cpu().double().requires_grad_() for x in (h, w, b))
+    ref.linear_cross_entropy(hh, ww, t.cpu(), bb, dtype=F64).backward()
+    truth = dict(dh=hh.grad, dw=ww.grad, db=bb.grad)
+    for need in [(True, False, False), (False, True, False), (False, False, True),
+                 (True, True, False), (False, False, False)]:
+        xs = [x.clone().requires_grad_(r) for x, r in zip((h, w, b), need)]
+        loss = tk.linear_cross_entropy(*xs[:2], t, xs[2], filter_eps=None)
+        assert loss.requires_grad == any(need)
+        if not any(need):
+            continue
+        loss.backward()
+        for x, r, key in zip(xs, need, ("dh", "dw", "db")):
+            if r:
+                assert rel_err(x.grad, truth[key]) <= tol(torch.float32, "ce_grad"), key
+            else:
+                assert x.grad is None
+
+
+def test_aux_matches_reference(device):
+    """arg-max (exact, no ties in continuous data) and entropy, also for the first-maximum rule
+    on exact ties (a duplicated weight row)."""
+    h, w, t, b = make_inputs(64, 16, 500, torch.float32, wscale=4.0, device=device)
+    w = w.clone()
+    w[7] = w[400] = w[7] * 3  # exact duplicate, large: ties resolve to the lower index like
+    # torch.argmax (index 7 lies in an earlier tile than 400 with the default and small tiles)
+    k = kernel(h, w, t, None, return_aux=True)
+    truth = reference(h.cpu(), w.cpu(), t.cpu(), None, dtype=F64, return_aux=True)
+    assert_close_fp32(k, truth, keys=("entropy",))
+    assert torch.equal(k["argmax"].cpu(), truth["argmax"])
+    assert (truth["argmax"] == 7).any(), "the tie case must occur"
+
+
+def test_lse_and_loss_without_grad(device):
+    """No autograd: the op runs under no_grad / on plain tensors too."""
+    h, w, t, b = make_inputs(10, 8, 20, torch.float32, bias=True, device=device)
+    with torch.no_grad():
+        loss, lse = tk.linear_cross_entropy(h, w, t, b, return_lse=True)
+    truth = reference(h.cpu(), w.cpu(), t.cpu(), b.cpu(), dtype=F64, return_lse=True)
+    assert rel_err(loss, truth["out"]) <= tol(torch.float32, "ce_loss")
+    assert rel_err(lse, truth["lse"]) <= tol(torch.float32, "ce_loss")
+
+
+def test_extreme_logits_finite(device):
+    """Large logits (|z| ~ 1e4) must not overflow the online log-sum-exp."""
+    h, w, t, b = make_inputs(16, 8, 100, torch.float32, wscale=3e4, device=device)
+    k = kernel(h, w, t, None, reduction="none", return_lse=True, filter_eps=None)
+    truth = reference(h.cpu(), w.cpu(), t.cpu(), None, dtype=F64, reduction="none",
+                      return_lse=True)
+    for key in ("out", "lse", "dh", "dw"):
+        assert torch.isfinite(k[key]).all(), key
+    assert_close_fp32(k, truth, keys=("out", "lse", "dh", "dw"))
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient filtering
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_filter_auto_within_rule(device, dtype):
+    """filter_eps="auto" on random data: within the precision rule + ``ce_filter`` (fp32: no
+    filtering, bitwise equal to exact)."""
+    opts = dict(reduction="none", label_smoothing=0.05, return_lse=True)
+    h, w, t, b = make_inputs(100, 32, 1500, dtype, bias=True, wscale=4.0)
+    dev = lambda x: x.to(device)  # noqa: E731
+    auto = kernel(dev(h), dev(w), dev(t), dev(b), filter_eps="auto", **opts)
+    exact = kernel(dev(h), dev(w), dev(t), dev(b), filter_eps=None, **opts)
+    if dtype == torch.float32:
+        for key in ("out", "lse", "dh", "dw", "db"):
+            assert torch.equal(auto[key], exact[key]), key
+        return
+    truth = reference(h, w, t, b, dtype=F64, **opts)
+    r = reference(h, w, t, b, **opts)
+    assert_precision_rule(auto, r, truth, dtype, slack=tol(dtype, "ce_filter"))
+
+
+def _peaked_inputs(dtype, device, V=4096, cut=2048, drop=-6.0):
+    """Logits of vocabulary rows >= cut are pushed down by a bias of ``drop``: every softmax
+    value there is ~e^drop / (cut * 1.6) < 2^-15, below the auto threshold of fp16 and bf16,
+    yet not zero, so the exact gradients of those rows are small but nonzero."""
+    h, w, t, b = make_inputs(24, 16, V, dtype, bias=True)
+    b = torch.where(torch.arange(V) >= cut, torch.full((V,), drop), torch.zeros(V)).to(dtype)
+    t = torch.randint(0, cut, t.shape, generator=torch.Generator().manual_seed(3))
+    return h.to(device), w.to(device), t.to(device), b.to(device)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_filter_skips_negligible_tiles(device, monkeypatch, dtype):
+    """Filtering really skips tiles: with every |softmax - onehot| of vocabulary rows >= 2048
+    below the threshold, those rows' weight / bias gradients are exactly 0 with filtering (no
+    tile touched them) and nonzero without, while dhidden stays within the rule + ce_filter."""
+    monkeypatch.setenv("TOKENKERNELS_CE_BLOCK_V", "512")  # tiles inside either half
+    h, w, t, b = _peaked_inputs(dtype, device)
+    feps = "auto" if dtype != torch.float32 else 1e-3  # fp32 "auto" never filters
+    filt = kernel(h, w, t, b, filter_eps=feps)
+    exact = kernel(h, w, t, b, filter_eps=None)
+    assert exact["dw"][2048:].abs().sum() > 0 and exact["db"][2048:].abs().sum() > 0
+    assert not filt["dw"][2048:].abs().any() and not filt["db"][2048:].abs().any()
+    torch.testing.assert_close(filt["dw"][:2048], exact["dw"][:2048], rtol=0, atol=0)
+    assert torch.equal(filt["out"], exact["out"])
+    if dtype == torch.float32:
+        assert rel_err(filt["dh"], exact["dh"]) <= 1e-3 * 2048 / 2048 * 4
+        return
+    hc, wc, tc, bc = (x.cpu() for x in (h, w, t, b))
+    truth = reference(hc, wc, tc, bc, dtype=F64)
+    r = reference(hc, wc, tc, bc)
+    assert_precision_rule(filt, r, truth, dtype, keys=("out", "dh"), slack=tol(dtype, "ce_filter"))
+
+
+def test_filter_fp32_auto_never_filters(device, monkeypatch):
+    monkeypatch.setenv("TOKENKERNELS_CE_BLOCK_V", "512")
+    h, w, t, b = _peaked_inputs(torch.float32, device)
+    auto = kernel(h, w, t, b, filter_eps="auto")
+    assert auto["dw"][2048:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_filter_zero_equals_exact(device, dtype):
+    h, w, t, b = make_inputs(30, 16, 300, dtype, bias=True, device=device)
+    a = kernel(h, w, t, b, filter_eps=0.0)
+    c = kernel(h, w, t, b, filter_eps=None)
+    for key in ("out", "dh", "dw", "db"):
+        assert torch.equal(a[key], c[key]), key
