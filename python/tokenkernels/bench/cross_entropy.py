@@ -1,0 +1,170 @@
+"""cross_entropy family: ``tokenkernels.linear_cross_entropy`` (forward + backward, mean
+reduction) against torch's materialised ``F.linear`` + ``F.cross_entropy`` and, when importable,
+Cut Cross-Entropy (``cut_cross_entropy``) and Liger-Kernel's fused linear cross-entropy.
+
+Time: median of fwd+bwd (and forward alone). Memory: the peak allocation beyond the inputs during
+fwd+bwd; on CPU measured in a fresh subprocess per case from the peak resident set size, on CUDA
+from ``torch.cuda.max_memory_allocated``. Both include the gradients (N·D + V·D elements), which
+every implementation must return; "extra" subtracts them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import Context, Row, fmt_ms, fmt_x
+
+DESCRIPTION = "fused linear cross-entropy fwd+bwd vs torch materialised logits (and peers on CUDA)"
+
+CPU_SHAPES = [(2048, 1024, 32000), (1024, 2048, 128256)]
+CPU_QUICK = [(512, 512, 32000)]
+CUDA_SHAPES = [(8192, 2304, 256000), (4096, 4096, 128256)]
+CUDA_QUICK = [(2048, 2304, 65536)]
+
+
+def make_inputs(N: int, D: int, V: int, dtype: torch.dtype, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g, dtype=dtype)          # drawn in dtype: no fp32 copy
+    w = torch.randn(V, D, generator=g, dtype=dtype).div_(math.sqrt(D))
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::17] = -100
+    return (h.to(device).requires_grad_(), w.to(device).requires_grad_(), t.to(device))
+
+
+def impls(device) -> Dict[str, Callable]:
+    import tokenkernels
+
+    def ours(h, w, t):
+        return tokenkernels.linear_cross_entropy(h, w, t)
+
+    def torch_ref(h, w, t):
+        return torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), t,
+                                                 ignore_index=-100)
+
+    out = {"tokenkernels": ours, "torch": torch_ref}
+    if device.type == "cuda":
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+
+            out["cut_cross_entropy"] = lambda h, w, t: cce(h, w, t)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            lig = LigerFusedLinearCrossEntropyLoss()
+            out["liger"] = lambda h, w, t: lig(w, h, t)
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+def _fwd_bwd(fn, h, w, t):
+    def run():
+        h.grad = None
+        w.grad = None
+        fn(h, w, t).backward()
+    return run
+
+
+def _fwd(fn, h, w, t):
+    def run():
+        with torch.no_grad():
+            fn(h, w, t)
+    return run
+
+
+# ------------------------------------------------------------------------------ CPU memory
+_MEM_SNIPPET = r"""
+import json, resource, sys, torch
+sys.path.insert(0, {path!r})
+from tokenkernels.bench.cross_entropy import make_inputs, impls
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * 4096
+N, D, V, dt, name = {N}, {D}, {V}, getattr(torch, {dt!r}), {name!r}
+h, w, t = make_inputs(N, D, V, dt, torch.device('cpu'))
+fn = impls(torch.device('cpu'))[name]
+base = rss()
+peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+fn(h, w, t).backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(dict(base=base, peak0=peak0, peak=peak)))
+"""
+
+
+def cpu_peak_extra(N, D, V, dtype, name) -> float:
+    """Peak bytes above the inputs during one fwd+bwd, in a fresh process (nan on failure)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = _MEM_SNIPPET.format(path=here, N=N, D=D, V=V, dt=str(dtype).split(".")[-1], name=name)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=900, check=True).stdout.strip().splitlines()[-1]
+        d = json.loads(out)
+        # an upper bound of the op's own peak when set-up peaked higher (peak == peak0)
+        return max(0, d["peak"] - d["base"])
+    except Exception:  # noqa: BLE001
+        return math.nan
+
+
+def run(ctx: Context) -> None:
+    dev = ctx.device
+    if ctx.cuda:
+        shapes = CUDA_QUICK if ctx.quick else CUDA_SHAPES
+        dtypes = [torch.bfloat16]
+    else:
+        shapes = CPU_QUICK if ctx.quick else CPU_SHAPES
+        dtypes = [torch.float32, torch.bfloat16]
+    fns = impls(dev)
+    ctx.total_cases = len(shapes) * len(dtypes) * 2
+    lines = ["| case | impl | fwd+bwd ms | TFLOP/s (6NDV) | vs torch | fwd ms | peak extra MB | "
+             "extra - grads MB | logits MB |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for (N, D, V) in shapes:
+        for dt in dtypes:
+            h, w, t = make_inputs(N, D, V, dt, dev)
+            dname = str(dt).split(".")[-1]
+            case = f"lce N{N} D{D} V{V} {dname}"
+            flops = 6.0 * N * D * V
+            logits_mb = N * V * h.element_size() / 2**20
+            grads_mb = (N * D + V * D) * h.element_size() / 2**20
+            res: Dict[str, Tuple[float, float, float]] = {}
+            started = time.perf_counter()
+            rows: List[Row] = []
+            for name, fn in fns.items():
+                try:
+                    tb = ctx.time(_fwd_bwd(fn, h, w, t), slow=(name != "tokenkernels"))
+                    tf = ctx.time(_fwd(fn, h, w, t), slow=(name != "tokenkernels"))
+                except Exception as e:  # noqa: BLE001  (a peer failing must not stop the table)
+                    ctx.note(f"{case}: {name} failed: {type(e).__name__}: {e}")
+                    continue
+                if ctx.cuda:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev)
+                    _fwd_bwd(fn, h, w, t)()
+                    torch.cuda.synchronize(dev)
+                    h.grad = None
+                    w.grad = None
+                    peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+                else:
+                    peak = cpu_peak_extra(N, D, V, dt, name) / 2**20
+                res[name] = (tb.ms, tf.ms, peak)
+                rows.append(Row("cross_entropy", case, name, tb, work=flops))
+                rows.append(Row("cross_entropy", case + " fwd", name, tf, work=flops / 3))
+            ctx.add(rows, started)
+            t_ref = res.get("torch", (math.nan,))[0]
+            for name, (tb, tf, peak) in res.items():
+                tflops = flops / (tb * 1e-3) / 1e12 if tb else math.nan
+                lines.append(f"| {case} | {name} | {fmt_ms(tb)} | {tflops:.3f} | {fmt_x(t_ref / tb)} | "
+                             f"{fmt_ms(tf)} | {peak:.1f} | {peak - grads_mb:.1f} | {logits_mb:.0f} |")
+            del h, w, t
+    ctx.note("\n".join(lines))
+    ctx.note("vs torch = torch's fwd+bwd time / this one's (> 1: faster than torch). peak extra = "
+             "peak allocation above the inputs during fwd+bwd (includes the returned gradients); "
+             "extra - grads removes the N*D + V*D gradient elements every implementation returns.")
