@@ -78,6 +78,9 @@ class Context {
 
   std::vector<Row> rows;
   std::vector<std::string> notes;
+  // Column labels of the table (a family may rename the baselines it fills in).
+  std::string ref_label = "ATen-ref", alt_label = "DivPrune", floor_label = "GEMM",
+              match_label = "picks=ref";
   LoadSample case_start;   // for the per-case background-load figure in the progress lines
 
  private:
@@ -91,3 +94,4 @@ void register_family(const char* name, const char* description, FamilyFn fn);
 
 // Registration functions, one per bench_<family>.cpp.
 void register_kcenter_benches();
+void register_cross_entropy_benches();

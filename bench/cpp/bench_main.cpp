@@ -31,7 +31,7 @@ extern "C" int32_t aoti_torch_get_current_cuda_stream(int32_t device_index, void
 #endif
 
 // Every family's registration function (see bench.h).
-#define TKBENCH_FAMILIES X(kcenter)
+#define TKBENCH_FAMILIES X(kcenter) X(cross_entropy)
 
 namespace tkbench {
 namespace {
@@ -124,9 +124,10 @@ double other_cores(const LoadSample& a, const LoadSample& b) {
 namespace {
 
 void print_table(const Context& ctx) {
-  const std::vector<std::string> head = {"case", "op ms", "op rate", "ATen-ref ms", "vs ref",
-                                         "DivPrune ms", "vs DivPrune", "GEMM ms", "op/GEMM",
-                                         "picks=ref", "n"};
+  const std::vector<std::string> head = {"case", "op ms", "op rate", ctx.ref_label + " ms",
+                                         "vs " + ctx.ref_label, ctx.alt_label + " ms",
+                                         "vs " + ctx.alt_label, ctx.floor_label + " ms",
+                                         "op/" + ctx.floor_label, ctx.match_label, "n"};
   std::vector<std::vector<std::string>> cells;
   for (const auto& r : ctx.rows) {
     cells.push_back({r.name, fmt_ms(r.op.ms), fmt_rate(r), fmt_ms(r.ref.ms), fmt_x(r.ref.ms / r.op.ms),

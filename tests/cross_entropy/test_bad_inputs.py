@@ -1,0 +1,195 @@
+"""Bad inputs: a clear error naming the argument, never a crash or an out-of-bounds read."""
+import math
+
+import pytest
+import torch
+
+import tokenkernels as tk
+
+LCE = tk.linear_cross_entropy
+
+
+def _ok(device, N=6, D=4, V=9, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, D, generator=g).to(dtype).to(device)
+    w = torch.randn(V, D, generator=g).to(dtype).to(device)
+    b = torch.randn(V, generator=g).to(dtype).to(device)
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+    return h, w, t, b
+
+
+def _raises(match, fn, *a, **k):
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+        fn(*a, **k)
+
+
+def test_valid_inputs_pass(device):
+    h, w, t, b = _ok(device)
+    assert torch.isfinite(LCE(h, w, t, b))
+
+
+def test_shape_mismatches(device):
+    h, w, t, b = _ok(device)
+    _raises(r"weight.*D|D.*weight", LCE, h, w[:, :3], t)            # weight D mismatch
+    _raises(r"weight", LCE, h, w[0], t)                             # weight 1-d
+    _raises(r"weight", LCE, h, w.unsqueeze(0), t)                   # weight 3-d
+    _raises(r"bias", LCE, h, w, t, b[:5])                           # bias length
+    _raises(r"bias", LCE, h, w, t, b.view(3, 3))                    # bias 2-d
+    _raises(r"targets", LCE, h, w, t[:4])                           # targets length
+    _raises(r"targets", LCE, h, w, t.view(2, 3))                    # targets shape
+    _raises(r"targets", LCE, h.view(2, 3, 4), w, t)                 # leading dims mismatch
+    _raises(r"hidden", LCE, h[0, 0], w, t[0])                       # 0-d hidden
+
+
+def test_dtype_mismatches(device):
+    h, w, t, b = _ok(device)
+    _raises(r"targets", LCE, h, w, t.float())                       # float targets
+    _raises(r"targets", LCE, h, w, t.to(torch.int16))               # int16 targets
+    _raises(r"targets", LCE, h, w, t.bool())
+    _raises(r"hidden", LCE, h.to(torch.int32), w.to(torch.int32), t)  # integer hidden
+    _raises(r"hidden", LCE, h.to(torch.int64), w, t)
+    _raises(r"weight", LCE, h, w.half(), t)                         # weight dtype differs
+    _raises(r"bias", LCE, h, w, t, b.half())                        # bias dtype differs
+    _raises(r"hidden", LCE, h.to(torch.complex64), w.to(torch.complex64), t)
+
+
+def test_not_tensors():
+    h, w, t, b = _ok("cpu")
+    _raises(r"hidden", LCE, h.tolist(), w, t)
+    _raises(r"weight", LCE, h, None, t)
+    _raises(r"targets", LCE, h, w, t.tolist())
+    _raises(r"bias", LCE, h, w, t, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_device_mismatches():
+    h, w, t, b = _ok("cpu")
+    _raises(r"weight", LCE, h, w.cuda(), t)
+    _raises(r"targets", LCE, h, w, t.cuda())
+    _raises(r"bias", LCE, h, w, t, b.cuda())
+    _raises(r"weight|hidden", LCE, h.cuda(), w, t.cuda())
+
+
+def test_device_mismatch_meta_weight():
+    """A weight / bias left on the meta device (deferred initialisation never materialised) with
+    CPU hidden states must be refused by name, not dispatched to the fake kernel, whose
+    uninitialised outputs would become a garbage loss. Also exercises the device checks
+    without CUDA."""
+    h, w, t, b = _ok("cpu")
+    _raises(r"weight|device", LCE, h, w.to("meta"), t)
+    _raises(r"bias|device", LCE, h, w, t, b.to("meta"))
+
+
+@pytest.mark.parametrize("bad", [9, 100, -1, -101, 2 ** 40])
+def test_targets_out_of_range_cpu_error(bad):
+    h, w, t, b = _ok("cpu")
+    t[3] = bad
+    _raises(r"targets\[3\].*outside", LCE, h, w, t)
+    _raises(r"targets", LCE, h, w, t.to(torch.int32) if abs(bad) < 2 ** 31 else t, b,
+            reduction="none")
+    # the backward path too (via autograd) never runs: the forward refuses first
+    hh = h.clone().requires_grad_()
+    _raises(r"targets", LCE, hh, w, t)
+
+
+def test_targets_out_of_range_with_shift_checked_after_shift():
+    """With shift=True the last target of a row is dropped (never predicted): an out-of-range
+    value there is harmless, anywhere else it is an error."""
+    h, w, t, b = _ok("cpu", N=6)
+    h, t = h.view(2, 3, 4), t.view(2, 3)
+    t0 = t.clone()
+    t0[:, 0] = 999  # shifted out
+    assert torch.isfinite(LCE(h, w, t0, shift=True))
+    t1 = t.clone()
+    t1[1, 2] = 999  # predicted by position (1, 1)
+    _raises(r"targets", LCE, h, w, t1, shift=True)
+
+
+@pytest.mark.parametrize("bad", [9, -1, 1000])
+def test_targets_out_of_range_unchecked_gives_nan(device, bad):
+    """check=False: never a crash or out-of-bounds read; the token's loss is NaN (so the mean
+    is NaN) and the other tokens are unaffected."""
+    h, w, t, b = _ok(device)
+    t[3] = bad
+    good = t.clone()
+    good[3] = -100
+    per_tok = LCE(h, w, t, b, reduction="none", check=False)
+    assert math.isnan(per_tok[3].item())
+    ref_tok = LCE(h, w, good, b, reduction="none")
+    keep = torch.arange(6, device=device) != 3
+    torch.testing.assert_close(per_tok[keep], ref_tok[keep])
+    assert math.isnan(LCE(h, w, t, b, check=False).item())
+    hh = h.clone().requires_grad_()
+    LCE(hh, w, t, b, check=False, reduction="sum").backward()  # must not crash
+
+
+def test_invalid_options(device):
+    h, w, t, b = _ok(device)
+    _raises(r"reduction", LCE, h, w, t, reduction="avg")
+    _raises(r"reduction", LCE, h, w, t, reduction=None)
+    _raises(r"label_smoothing", LCE, h, w, t, label_smoothing=-0.1)
+    _raises(r"label_smoothing", LCE, h, w, t, label_smoothing=1.5)
+    _raises(r"label_smoothing", LCE, h, w, t, label_smoothing=float("nan"))
+    _raises(r"z_loss", LCE, h, w, t, z_loss=-1e-4)
+    _raises(r"z_loss", LCE, h, w, t, z_loss=float("nan"))
+    _raises(r"softcap", LCE, h, w, t, softcap=0.0)
+    _raises(r"softcap", LCE, h, w, t, softcap=-5.0)
+    _raises(r"softcap", LCE, h, w, t, softcap=float("nan"))
+    _raises(r"filter_eps", LCE, h, w, t, filter_eps="fast")
+    _raises(r"filter_eps", LCE, h, w, t, filter_eps=-1e-3)
+    _raises(r"filter_eps", LCE, h, w, t, filter_eps=float("nan"))
+    _raises(r"impl", LCE, h, w, t, impl="fastest")
+    _raises(r"impl", LCE, h, w, t, impl=None)
+
+
+def test_module_invalid_options_raise_on_call(device):
+    h, w, t, b = _ok(device)
+    with pytest.raises((ValueError, TypeError), match="reduction"):
+        tk.LinearCrossEntropy(reduction="avg")(h, w, t)
+
+
+def test_empty_vocabulary(device):
+    h, w, t, b = _ok(device)
+    _raises(r"V >= 1|at least one|weight", LCE, h, w[:0], t.clamp(max=-100))
+
+
+def test_empty_tokens(device):
+    """N = 0 is valid: mean 0 (not NaN), sum 0, empty per-token loss, zero gradients."""
+    h, w, t, b = _ok(device)
+    h0, t0 = h[:0].clone().requires_grad_(), t[:0]
+    assert LCE(h0, w, t0).item() == 0.0
+    assert LCE(h0, w, t0, reduction="sum").item() == 0.0
+    assert LCE(h0, w, t0, reduction="none").shape == (0,)
+    ww = w.clone().requires_grad_()
+    LCE(h0, ww, t0, reduction="sum").backward()
+    assert torch.equal(ww.grad, torch.zeros_like(ww))
+
+
+def test_ops_reject_bad_internal_arguments(device):
+    """The ops themselves (used directly or by other code) check their arguments too."""
+    h, w, t, b = _ok(device)
+    fwd = torch.ops.tokenkernels.lce_forward
+    bwd = torch.ops.tokenkernels.lce_backward
+    _raises(r"hidden", fwd, h.view(2, 3, 4), w, t, None, -100, None, 0, 9, False, False, True,
+            0.0, False, 0)
+    _raises(r"shard|vocab", fwd, h, w, t, None, -100, None, 5, 9, False, False, True, 0.0,
+            False, 0)
+    _raises(r"softcap", fwd, h, w, t, None, -100, -1.0, 0, 9, False, False, True, 0.0, False, 0)
+    lse = fwd(h, w, t, None, -100, None, 0, 9, False, False, True, 0.0, False, 0)[0]
+    c = torch.ones(6, device=device)
+    _raises(r"lse", bwd, h, w, t, None, lse[:3], c, c, None, -100, None, 0, 0.0, True, True,
+            False, False, 0)
+    _raises(r"coef_p", bwd, h, w, t, None, lse, c.long(), c, None, -100, None, 0, 0.0, True,
+            True, False, False, 0)
+    _raises(r"coef_t", bwd, h, w, t, None, lse, c, c[:2], None, -100, None, 0, 0.0, True, True,
+            False, False, 0)
+    _raises(r"bias", bwd, h, w, t, None, lse, c, c, None, -100, None, 0, 0.0, True, True, True,
+            False, 0)
+    _raises(r"filter_eps", bwd, h, w, t, None, lse, c, c, None, -100, None, 0, -1.0, True, True,
+            False, False, 0)
+
+
+def test_vocab_parallel_range_mismatch():
+    h, w, t, b = _ok("cpu")
+    vp = tk.VocabParallel(group=None, start=0, stop=5)  # weight has 9 rows
+    _raises(r"vocab_parallel", LCE, h, w, t, vocab_parallel=vp)
