@@ -6,8 +6,9 @@
 // folded into the online log-sum-exp by fwd_tile_kernel.
 // Backward: logit tiles recomputed by cuBLAS, dZ by dz_tile_kernel, gradients by two more
 // cuBLAS GEMMs per tile (fp32 accumulators for dhidden; dweight in place for fp32, in its own
-// dtype for fp16/bf16 unless accum_fp32). Gradient filtering is not applied on CUDA yet
-// (a tile-level skip needs a device-side GEMM; see the issue notes).
+// dtype for fp16/bf16 unless accum_fp32). Gradient filtering only in the tuned backward:
+// fp16/bf16 (default for them) = one fused WMMA kernel per 64 x 128 logit tile that recomputes,
+// filters and accumulates dhidden / dweight in fp32 with atomics (no logit buffer at all).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -127,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& coef_p,
     const at::Tensor& coef_t, const std::optional<at::Tensor>& coef_1, int64_t ignore_index,
     std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
-    bool need_dw, bool need_db, bool accum_fp32, int64_t /*impl*/) {
+    bool need_dw, bool need_db, bool accum_fp32, int64_t impl) {
   const char* op = "linear_cross_entropy_backward";
   const auto a = check_lce_args(hidden, weight, targets, bias, op);
   const int64_t N = a.N, D = a.D, V = a.V;
@@ -169,6 +170,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
   tg.V = V;
   tg.vocab_total = std::numeric_limits<int64_t>::max();  // range already checked by the forward
   const float* bp = B.defined() ? B.data_ptr<float>() : nullptr;
+
+  if (lowp && impl != 1) {
+    // tuned: fused WMMA recompute + gradient filtering + atomics into fp32 accumulators
+    auto dh32 = need_dh ? dh : at::empty({0}, f32);  // dh is already fp32 zeros for fp16/bf16
+    if (need_dw && !dw32) dw = at::empty({0}, weight.options());  // replaced by the fp32 sum below
+    auto dwacc = need_dw ? (dw32 ? dw : at::zeros({V, D}, f32)) : at::empty({0}, f32);
+    const cudaError_t e = launch_bwd_fused(
+        H.data_ptr(), W.data_ptr(), to_dtype(dt), N, D, bp, cap, tg, L.data_ptr<float>(),
+        CP.data_ptr<float>(), CT.data_ptr<float>(), C1.defined() ? C1.data_ptr<float>() : nullptr,
+        static_cast<float>(filter_eps), need_dh ? dh32.data_ptr<float>() : nullptr,
+        need_dw ? dwacc.data_ptr<float>() : nullptr, need_db ? db32.data_ptr<float>() : nullptr,
+        nullptr, stream);
+    if (!(e == cudaErrorInvalidValue && impl == 0)) {
+      check_cuda(e, "linear_cross_entropy fused backward");
+      if (need_dw && !dw32) dw = dwacc.to(dt);
+      return finish();
+    }
+    (void)cudaGetLastError();  // unsupported shape/alignment: plain path below
+  }
 
   const int64_t bn = std::min(N, env_or("TOKENKERNELS_CE_CUDA_BLOCK_N", 4096));
   const int64_t bv = std::min(V, env_or("TOKENKERNELS_CE_CUDA_BLOCK_V", 4096));

@@ -107,5 +107,41 @@ cudaError_t launch_fwd_fused(const void* hidden, const void* weight, DType dtype
   return cudaGetLastError();
 }
 
+namespace {
+template <typename T>
+cudaError_t bwd_fused_typed(const T* h, const T* w, int64_t N, int64_t D, const float* bias,
+                            float cap, const Targets& tg, const float* lse, const float* cp,
+                            const float* ct, const float* c1, float feps, float* dH32,
+                            float* dW32, float* db32, unsigned long long* skipped,
+                            cudaStream_t stream) {
+  auto kernel = device::bwd_fused_kernel<T>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       device::kSmemBwd);
+  if (e != cudaSuccess) return e;
+  dim3 grid(blocks_for(N, device::kBM), static_cast<unsigned>((tg.V + device::kBN - 1) / device::kBN));
+  kernel<<<grid, device::kFusedThreads, device::kSmemBwd, stream>>>(
+      h, w, N, D, bias, cap, tg, lse, cp, ct, c1, feps, dH32, dW32, db32, skipped);
+  return cudaGetLastError();
+}
+}  // namespace
+
+cudaError_t launch_bwd_fused(const void* hidden, const void* weight, DType dtype, int64_t N,
+                             int64_t D, const float* bias, float cap, const Targets& tg,
+                             const float* lse, const float* cp, const float* ct, const float* c1,
+                             float filter_eps, float* dH32, float* dW32, float* db32,
+                             unsigned long long* skipped, cudaStream_t stream) {
+  if (dtype == DType::kFloat32 || D % 8 != 0 ||
+      reinterpret_cast<uintptr_t>(hidden) % 16 != 0 || reinterpret_cast<uintptr_t>(weight) % 16 != 0)
+    return cudaErrorInvalidValue;
+  if (N == 0 || tg.V == 0) return cudaSuccess;
+  if (dtype == DType::kFloat16)
+    return bwd_fused_typed(static_cast<const __half*>(hidden), static_cast<const __half*>(weight),
+                           N, D, bias, cap, tg, lse, cp, ct, c1, filter_eps, dH32, dW32, db32,
+                           skipped, stream);
+  return bwd_fused_typed(static_cast<const __nv_bfloat16*>(hidden),
+                         static_cast<const __nv_bfloat16*>(weight), N, D, bias, cap, tg, lse, cp,
+                         ct, c1, filter_eps, dH32, dW32, db32, skipped, stream);
+}
+
 }  // namespace ce
 }  // namespace tokenkernels

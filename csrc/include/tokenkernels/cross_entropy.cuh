@@ -193,41 +193,18 @@ constexpr int kSmemAB = (kBM + kBN) * kLdAB * 2;
 constexpr int kSmemC = kBM * kLdC * 4;
 constexpr int kSmemFused = kSmemAB > kSmemC ? kSmemAB : kSmemC;
 
-// grid = (ceil(N / kBM), splits). Block (x, y) covers tokens [x*kBM, +kBM) and vocabulary tiles
-// [y*tiles_per_split, +tiles_per_split). Epilogue: thread tid owns token row tid/4 and the
-// columns c = tid%4 + 4u (u < 32) of every C tile; the 4 owners of a row are adjacent lanes
-// and merge their states by shuffles at the end.
+// C (kBM x kBN, fp32, row-major, pitch kLdC) = H[row0 : row0+kBM] @ W[v0 : v0+kBN]^T with
+// WMMA tensor cores; rows past N / V and features past D read as zero. All kFusedThreads threads
+// call it; it ends with a barrier, after which Cs (which aliases As/Bs) is ready.
+// Warp w computes the 32 x 32 sub-tile (w / 4, w % 4) as 2 x 2 fragments of 16 x 16.
 template <typename T>
-__global__ void __launch_bounds__(kFusedThreads)
-fwd_fused_kernel(const T* __restrict__ H, const T* __restrict__ W, int64_t N, int64_t D,
-                 const float* __restrict__ bias, float cap, Targets tg, int64_t tiles_per_split,
-                 int splits, float* __restrict__ part, int64_t* __restrict__ part_idx,
-                 float* __restrict__ zt) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void gemm_tile_to_smem(const T* __restrict__ H, const T* __restrict__ W,
+                                                  int64_t N, int64_t D, int64_t V, int64_t row0,
+                                                  int64_t v0, T* As, T* Bs, float* Cs) {
   using namespace nvcuda;
-  __shared__ __align__(128) unsigned char smem[kSmemFused];
-  T* As = reinterpret_cast<T*>(smem);               // kBM x kLdAB
-  T* Bs = As + kBM * kLdAB;                         // kBN x kLdAB (weight rows)
-  float* Cs = reinterpret_cast<float*>(smem);       // kBM x kLdC, aliases As/Bs after K loop
-
-  const int64_t V = tg.V;
-  const int64_t row0 = int64_t(blockIdx.x) * kBM;
-  const int64_t num_vt = (V + kBN - 1) / kBN;
-  const int64_t vt_begin = int64_t(blockIdx.y) * tiles_per_split;
-  const int64_t vt_end = vt_begin + tiles_per_split < num_vt ? vt_begin + tiles_per_split : num_vt;
   const int tid = threadIdx.x, warp = tid / 32;
   const int wm = warp / 4, wn = warp % 4;
-  const int er = tid >> 2, q = tid & 3;
-  const int64_t r = row0 + er;
-  const bool row_ok = r < N;
-  const int64_t lt = row_ok ? local_target(tg, r) : -1;
-
-  float m = -kInf, s = 0.f, tz = 0.f, sz = 0.f, mx = -kInf;
-  int64_t am = INT64_MAX;
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
-
-  for (int64_t vt = vt_begin; vt < vt_end; ++vt) {
-    const int64_t v0 = vt * kBN;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
     for (int a = 0; a < 2; ++a)
@@ -275,6 +252,43 @@ fwd_fused_kernel(const T* __restrict__ H, const T* __restrict__ W, int64_t N, in
         wmma::store_matrix_sync(Cs + (wm * 32 + a * 16) * kLdC + wn * 32 + b * 16, acc[a][b],
                                 kLdC, wmma::mem_row_major);
     __syncthreads();
+
+}
+
+// grid = (ceil(N / kBM), splits). Block (x, y) covers tokens [x*kBM, +kBM) and vocabulary tiles
+// [y*tiles_per_split, +tiles_per_split). Epilogue: thread tid owns token row tid/4 and the
+// columns c = tid%4 + 4u (u < 32) of every C tile; the 4 owners of a row are adjacent lanes
+// and merge their states by shuffles at the end.
+template <typename T>
+__global__ void __launch_bounds__(kFusedThreads)
+fwd_fused_kernel(const T* __restrict__ H, const T* __restrict__ W, int64_t N, int64_t D,
+                 const float* __restrict__ bias, float cap, Targets tg, int64_t tiles_per_split,
+                 int splits, float* __restrict__ part, int64_t* __restrict__ part_idx,
+                 float* __restrict__ zt) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  __shared__ __align__(128) unsigned char smem[kSmemFused];
+  T* As = reinterpret_cast<T*>(smem);               // kBM x kLdAB
+  T* Bs = As + kBM * kLdAB;                         // kBN x kLdAB (weight rows)
+  float* Cs = reinterpret_cast<float*>(smem);       // kBM x kLdC, aliases As/Bs after K loop
+
+  const int64_t V = tg.V;
+  const int64_t row0 = int64_t(blockIdx.x) * kBM;
+  const int64_t num_vt = (V + kBN - 1) / kBN;
+  const int64_t vt_begin = int64_t(blockIdx.y) * tiles_per_split;
+  const int64_t vt_end = vt_begin + tiles_per_split < num_vt ? vt_begin + tiles_per_split : num_vt;
+  const int tid = threadIdx.x;
+  const int er = tid >> 2, q = tid & 3;
+  const int64_t r = row0 + er;
+  const bool row_ok = r < N;
+  const int64_t lt = row_ok ? local_target(tg, r) : -1;
+
+  float m = -kInf, s = 0.f, tz = 0.f, sz = 0.f, mx = -kInf;
+  int64_t am = INT64_MAX;
+
+  for (int64_t vt = vt_begin; vt < vt_end; ++vt) {
+    const int64_t v0 = vt * kBN;
+    gemm_tile_to_smem<T>(H, W, N, D, V, row0, v0, As, Bs, Cs);
 
     if (row_ok) {
       float* crow = Cs + er * kLdC;
@@ -351,6 +365,172 @@ __global__ void fwd_merge_kernel(int64_t N, int splits, const float* __restrict_
     st.maxz[r] = mx;
     st.amax[r] = am;
   }
+}
+
+
+// ------------------------------------------------------------------------------ tuned backward
+// One block per (64-token tile, 128-row vocabulary tile): recompute the logit tile (WMMA), turn
+// it into dZ in shared memory, skip the whole tile when every |dZ| is below its row's filter
+// threshold (gradient filtering), else
+//   dH32[rows, :] += dZ (64 x 128) @ W[vtile, :]      and   dW32[vtile, :] += dZ^T @ H[rows, :]
+// in 64-feature chunks on WMMA, flushed to the fp32 global accumulators with atomicAdd; db32 gets
+// the column sums. Dynamic shared memory, kSmemBwd bytes:
+//   [0, kSmemC)            As/Bs during the K loop, then Cs (fp32), then dZ (T, pitch kLdZ)
+//   [kSmemC, +kSmemG)      G: staging of a W chunk (128 x 64) or an H chunk (64 x 64), pitch kLdG
+//   [.., +kSmemO)          O: fp32 output chunk (up to 128 x 64), pitch kLdO
+constexpr int kLdZ = 2 * kLdC;     // T elements per dZ row: same bytes as a Cs row
+constexpr int kDC = 64;            // feature chunk of the gradient GEMMs
+constexpr int kLdG = kDC + 8;
+constexpr int kLdO = kDC + 4;
+constexpr int kSmemG = kBN * kLdG * 2;
+constexpr int kSmemO = kBN * kLdO * 4;
+constexpr int kSmemBwd = kSmemFused + kSmemG + kSmemO;
+
+template <typename T>
+__global__ void __launch_bounds__(kFusedThreads)
+bwd_fused_kernel(const T* __restrict__ H, const T* __restrict__ W, int64_t N, int64_t D,
+                 const float* __restrict__ bias, float cap, Targets tg,
+                 const float* __restrict__ lse, const float* __restrict__ cp,
+                 const float* __restrict__ ct, const float* __restrict__ c1, float feps,
+                 float* __restrict__ dH32, float* __restrict__ dW32, float* __restrict__ db32,
+                 unsigned long long* __restrict__ skipped) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  extern __shared__ __align__(128) unsigned char smem_dyn[];
+  T* As = reinterpret_cast<T*>(smem_dyn);
+  T* Bs = As + kBM * kLdAB;
+  float* Cs = reinterpret_cast<float*>(smem_dyn);
+  T* dZs = reinterpret_cast<T*>(smem_dyn);
+  T* G = reinterpret_cast<T*>(smem_dyn + kSmemFused);
+  float* O = reinterpret_cast<float*>(smem_dyn + kSmemFused + kSmemG);
+
+  const int64_t V = tg.V;
+  const int64_t row0 = int64_t(blockIdx.x) * kBM;
+  const int64_t v0 = int64_t(blockIdx.y) * kBN;
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int er = tid >> 2, q = tid & 3;
+  const int64_t r = row0 + er;
+  const bool row_ok = r < N;
+
+  gemm_tile_to_smem<T>(H, W, N, D, V, row0, v0, As, Bs, Cs);
+
+  // dZ for this thread's 32 columns of its row, in registers
+  float d[kBN / 4];
+  bool keep = false;
+  {
+    const int64_t lt = row_ok ? local_target(tg, r) : -1;
+    const float a = row_ok ? cp[r] : 0.f, b = row_ok ? ct[r] : 0.f;
+    const float c = (row_ok && c1) ? c1[r] : 0.f, l = row_ok ? lse[r] : 0.f;
+    const float thr = feps * fmaxf(fabsf(a), fabsf(b));
+    const float* crow = Cs + er * kLdC;
+#pragma unroll
+    for (int u = 0; u < kBN / 4; ++u) {
+      const int col = q + 4 * u;
+      const int64_t v = v0 + col;
+      float x = 0.f;
+      if (row_ok && v < V && (a != 0.f || b != 0.f || c != 0.f)) {
+        const float z = apply_cap(crow[col] + (bias ? bias[v] : 0.f), cap);
+        x = a * __expf(z - l) + c + (v == lt ? b : 0.f);
+        if (cap > 0.f) {
+          const float t = z / cap;
+          x *= 1.f - t * t;
+        }
+        keep |= (x != 0.f && fabsf(x) >= thr);
+      }
+      d[u] = x;
+    }
+  }
+  if (!__syncthreads_or(keep)) {  // also the barrier before dZs overwrites Cs
+    if (skipped && tid == 0) atomicAdd(skipped, 1ull);
+    return;
+  }
+#pragma unroll
+  for (int u = 0; u < kBN / 4; ++u) dZs[er * kLdZ + q + 4 * u] = from_float<T>(d[u]);
+  __syncthreads();
+
+  if (db32 && tid < kBN && v0 + tid < V) {  // column sums of dZ (as rounded to T)
+    float acc = 0.f;
+    for (int i = 0; i < kBM; ++i) acc += static_cast<float>(dZs[i * kLdZ + tid]);
+    atomicAdd(db32 + v0 + tid, acc);
+  }
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+
+  if (dH32) {
+    for (int64_t d0 = 0; d0 < D; d0 += kDC) {
+      // G = W[v0 : v0+128, d0 : d0+64]  (row k = vocabulary row, column n = feature)
+      for (int ch = tid; ch < kBN * kDC / 8; ch += kFusedThreads) {
+        const int k = ch / (kDC / 8), n = (ch % (kDC / 8)) * 8;
+        uint4 val = zero4;
+        if (v0 + k < V && d0 + n < D) val = *reinterpret_cast<const uint4*>(W + (v0 + k) * D + d0 + n);
+        *reinterpret_cast<uint4*>(G + k * kLdG + n) = val;
+      }
+      __syncthreads();
+      // 64 x 64 output = 4 x 4 fragments; warp w: row fragment w/2, column fragments 2(w%2)+{0,1}
+      const int rf = warp >> 1, cf0 = (warp & 1) * 2;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+      wmma::fill_fragment(acc[0], 0.f);
+      wmma::fill_fragment(acc[1], 0.f);
+#pragma unroll
+      for (int kk = 0; kk < kBN; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, dZs + (rf * 16) * kLdZ + kk, kLdZ);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fb, G + kk * kLdG + (cf0 + j) * 16, kLdG);
+          wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(O + (rf * 16) * kLdO + (cf0 + j) * 16, acc[j], kLdO, wmma::mem_row_major);
+      __syncthreads();
+      for (int e = tid; e < kBM * kDC; e += kFusedThreads) {
+        const int i = e / kDC, n = e % kDC;
+        if (row0 + i < N && d0 + n < D) atomicAdd(dH32 + (row0 + i) * D + d0 + n, O[i * kLdO + n]);
+      }
+      __syncthreads();
+    }
+  }
+
+  if (dW32) {
+    for (int64_t d0 = 0; d0 < D; d0 += kDC) {
+      // G = H[row0 : row0+64, d0 : d0+64]
+      for (int ch = tid; ch < kBM * kDC / 8; ch += kFusedThreads) {
+        const int k = ch / (kDC / 8), n = (ch % (kDC / 8)) * 8;
+        uint4 val = zero4;
+        if (row0 + k < N && d0 + n < D) val = *reinterpret_cast<const uint4*>(H + (row0 + k) * D + d0 + n);
+        *reinterpret_cast<uint4*>(G + k * kLdG + n) = val;
+      }
+      __syncthreads();
+      // 128 x 64 output = 8 x 4 fragments; warp w: row fragment w, all 4 column fragments.
+      // A = dZ^T (128 x 64): element (m, k) = dZ[k][m], i.e. dZs read column-major.
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.f);
+#pragma unroll
+      for (int kk = 0; kk < kBM; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+        wmma::load_matrix_sync(fa, dZs + kk * kLdZ + warp * 16, kLdZ);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fb, G + kk * kLdG + j * 16, kLdG);
+          wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        wmma::store_matrix_sync(O + (warp * 16) * kLdO + j * 16, acc[j], kLdO, wmma::mem_row_major);
+      __syncthreads();
+      for (int e = tid; e < kBN * kDC; e += kFusedThreads) {
+        const int i = e / kDC, n = e % kDC;
+        if (v0 + i < V && d0 + n < D) atomicAdd(dW32 + (v0 + i) * D + d0 + n, O[i * kLdO + n]);
+      }
+      __syncthreads();
+    }
+  }
+#endif
 }
 
 }  // namespace device

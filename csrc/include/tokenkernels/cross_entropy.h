@@ -70,6 +70,18 @@ cudaError_t launch_fwd_fused(const void* hidden, const void* weight, DType dtype
                              const FwdState& st, int splits, void* workspace,
                              cudaStream_t stream);
 
+// Tuned backward (fp16/bf16; same shape/alignment rules as the fused forward, else
+// cudaErrorInvalidValue): one block per 64 x 128 logit tile recomputes it with WMMA, forms dZ
+// (as launch_dz_tile) in shared memory, skips the tile when every |dZ| < filter_eps *
+// max(|cp|, |ct|) of its row, else adds dZ @ W to dH32 (N, D) and dZ^T @ H to dW32 (V, D)
+// (fp32, zero-initialised by the caller, either may be nullptr) with atomics; db32 (V,) gets
+// the column sums. skipped (nullable): incremented once per filtered tile.
+cudaError_t launch_bwd_fused(const void* hidden, const void* weight, DType dtype, int64_t N,
+                             int64_t D, const float* bias, float cap, const Targets& tg,
+                             const float* lse, const float* cp, const float* ct, const float* c1,
+                             float filter_eps, float* dH32, float* dW32, float* db32,
+                             unsigned long long* skipped, cudaStream_t stream);
+
 }  // namespace ce
 }  // namespace tokenkernels
 #endif
