@@ -270,8 +270,10 @@ def linear_cross_entropy(
         vocab_parallel: a :class:`VocabParallel` when ``weight``/``bias`` hold a vocabulary
             shard; see there.
         check: validate target values (a host sync on CUDA).
-        impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs) or ``"tuned"`` (CUDA fused
-            kernel where available).
+        impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs) or ``"tuned"`` (CUDA fp16/bf16:
+            fused WMMA kernels; the backward accumulates with atomics, so it is not bitwise
+            deterministic). ``"auto"`` picks ``"plain"`` (deterministic) when
+            ``torch.use_deterministic_algorithms(True)`` is on.
 
     Returns:
         ``loss`` (fp32; fp64 for fp64 inputs, CPU only) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
@@ -280,6 +282,8 @@ def linear_cross_entropy(
     _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothing, z_loss)
     if impl not in _IMPLS:
         raise ValueError(f"tokenkernels.linear_cross_entropy: impl must be one of {list(_IMPLS)}, got {impl!r}")
+    if impl == "auto" and torch.are_deterministic_algorithms_enabled():
+        impl = "plain"
     softcap = None if softcap is None else float(softcap)
     eps = float(label_smoothing)
     zl = float(z_loss)
