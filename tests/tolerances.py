@@ -29,25 +29,27 @@ TOLERANCES = {
 
 # cross_entropy family (kinds prefixed "ce_"). Errors are relative to max|fp64 truth| of each
 # output (per-token loss / lse / entropy, or a whole gradient tensor):
-# * ``ce_loss`` / ``ce_grad``: fp32 kernel vs the fp64 reference on the same inputs. Measured on
-#   CPU over the test grid (N <= 1000, D <= 4096, V <= 50257, every option): loss/lse/entropy
-#   <= ~2e-7, gradients <= ~5e-6 (the largest at V = 50257, where the softmax sums 50k terms);
-#   the tolerances leave a >= 10x margin. (fp16/bf16 rows: the same fp32 arithmetic on upcast
-#   inputs, used where a test compares a low-precision kernel run with an fp64 value that both
-#   sides compute identically, e.g. the argmax/entropy of a tiny V.)
+# * ``ce_loss`` / ``ce_grad``: fp32 kernel vs the fp64 reference on the same inputs, max-abs
+#   error relative to max|truth| (per-token loss / lse / entropy: to max(|truth|, the logits'
+#   scale max sum_d |h_d w_d| + |b|), since an fp32 logit is only that accurate). Measured on
+#   CPU over the option / shape grid and the hypothesis cases (N <= 1000, D <= 4096,
+#   V <= 50257): loss/lse/entropy <= 5.6e-7, gradients <= 6.4e-6; the tolerances leave ~8-9x.
 # * ``ce_rule``: the "no worse than the same-dtype reference" rule for fp16/bf16, on normwise
 #   relative errors: ||kernel - truth|| / ||truth|| <= (the same for the reference) + ce_rule.
 #   ce_rule = u/32 with u the unit roundoff (bf16 2^-8, fp16 2^-11), while one rounding of an
-#   output costs ~u/3 normwise: an extra rounding step of the kernel shows, ties do not. Where
-#   the kernel and torch round the logits identically (no bias) the measured ratios of the two
-#   errors are 1.00 - 1.04 on one tile in each direction.
-# * ``ce_filter``: extra error allowed by gradient filtering (filter_eps="auto" = eps/32 of the
-#   dtype) on top of the rule: dropped tiles hold |softmax - onehot| < 2^-12 (bf16) / 2^-15
-#   (fp16) per element; measured extra error on random logits of std ~1-3 is < 1/10 of this.
+#   output costs ~u/3 normwise: an extra rounding step of the kernel shows, the same arithmetic
+#   passes. Where the kernel and torch round the logits identically (no bias) the measured
+#   ratios of the two errors are 1.00 - 1.04 on one tile in each direction (with a bias see
+#   BIAS_FACTOR in tests/cross_entropy/common.py). The fp16/bf16 ce_loss / ce_grad entries
+#   repeat fp32's (those kernels also compute in fp32); the tests use the rule for them.
+# * ``ce_filter``: extra normwise error that gradient filtering (filter_eps="auto": 2^-12 bf16,
+#   2^-15 fp16) may add over the exact kernel. Random logits never leave a whole tile below the
+#   threshold (measured extra: 0); on data built so that half the vocabulary is negligible the
+#   measured extra is 5e-5 (bf16) and 0 (fp16), so the tolerance is the threshold itself.
 _CE = {
-    torch.float32: dict(ce_loss=2e-6, ce_grad=5e-5, ce_rule=0.0, ce_filter=0.0),
-    torch.float16: dict(ce_loss=2e-6, ce_grad=5e-5, ce_rule=2.0 ** -16, ce_filter=2.0 ** -11),
-    torch.bfloat16: dict(ce_loss=2e-6, ce_grad=5e-5, ce_rule=2.0 ** -13, ce_filter=2.0 ** -8),
+    torch.float32: dict(ce_loss=5e-6, ce_grad=5e-5, ce_rule=0.0, ce_filter=0.0),
+    torch.float16: dict(ce_loss=5e-6, ce_grad=5e-5, ce_rule=2.0 ** -16, ce_filter=2.0 ** -15),
+    torch.bfloat16: dict(ce_loss=5e-6, ce_grad=5e-5, ce_rule=2.0 ** -13, ce_filter=2.0 ** -12),
 }
 for _dt, _kinds in _CE.items():
     TOLERANCES[_dt].update(_kinds)

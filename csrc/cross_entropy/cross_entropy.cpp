@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -31,6 +32,12 @@ namespace {
 
 int64_t block_n_cpu(int64_t N) { return std::min<int64_t>(std::max<int64_t>(N, 1), env_or("TOKENKERNELS_CE_BLOCK_N", 256)); }
 int64_t block_v_cpu(int64_t V) { return std::min<int64_t>(V, env_or("TOKENKERNELS_CE_BLOCK_V", 2048)); }
+// fp16/bf16 tiles are computed in fp32 from upcast operands: keep the upcast (block_v, D) weight
+// block near 2 MB.
+int64_t block_v_lowp_cpu(int64_t V, int64_t D) {
+  const int64_t dflt = std::clamp<int64_t>((int64_t(1) << 19) / std::max<int64_t>(D, 1), 128, 2048);
+  return std::min<int64_t>(V, env_or("TOKENKERNELS_CE_BLOCK_V", dflt));
+}
 
 // Load row i of a (rows, cols) tile of type T into fp32, add bias, apply the softcap.
 template <typename T, typename A>
@@ -59,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t vocab_start, int64_t vocab_total, bool want_sumz, bool aux, bool check,
     double /*filter_eps*/, bool /*accum_fp32*/, int64_t /*impl*/) {
   const auto a = check_lce_args(hidden, weight, targets, bias, "linear_cross_entropy");
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, V = a.V;
   check_vocab_range(vocab_start, vocab_total, V, "linear_cross_entropy");
   TORCH_CHECK(!softcap.has_value() || *softcap > 0.0,
@@ -79,11 +87,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto W = weight.contiguous();
   auto T = targets.to(at::kLong).contiguous();
   auto B = bias.has_value() ? bias->to(f32.dtype()).contiguous() : at::Tensor();
-  const int64_t bn = block_n_cpu(N), bv = block_v_cpu(V);
-  auto zbuf = at::empty({bn * bv}, hidden.options());
+  // fp16/bf16: the logit tiles are fp32 GEMMs of upcast operands (exact products, fp32 sums),
+  // so no logit is rounded to the input dtype (torch's materialised path rounds every one).
+  const bool lowp = H.scalar_type() == at::kHalf || H.scalar_type() == at::kBFloat16;
+  const int64_t bn = block_n_cpu(N), bv = lowp ? block_v_lowp_cpu(V, a.D) : block_v_cpu(V);
+  auto zbuf = at::empty({bn * bv}, lowp ? f32 : hidden.options());
+  auto hbuf = lowp ? at::empty({bn * a.D}, f32) : at::Tensor();
+  auto wbuf = lowp ? at::empty({bv * a.D}, f32) : at::Tensor();
   const int64_t* tp = T.data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, H.scalar_type(), "lce_forward_cpu", [&] {
+    using tile_t = std::conditional_t<std::is_same_v<scalar_t, double>, double,
+                   std::conditional_t<std::is_same_v<scalar_t, float>, float, float>>;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     constexpr acc_t kNegInfA = -std::numeric_limits<acc_t>::infinity();
     std::vector<acc_t> m(N, kNegInfA), s(N, 0), tz(N, 0);
@@ -96,12 +111,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     acc_t* ep = aux ? ent.data_ptr<acc_t>() : nullptr;
     for (int64_t r0 = 0; r0 < N; r0 += bn) {
       const int64_t rows = std::min(bn, N - r0);
-      auto Hc = H.narrow(0, r0, rows);
+      at::Tensor Hc = H.narrow(0, r0, rows);
+      if (lowp) Hc = hbuf.narrow(0, 0, rows * a.D).view({rows, a.D}).copy_(Hc);
       for (int64_t v0 = 0; v0 < V; v0 += bv) {
         const int64_t cols = std::min(bv, V - v0);
         auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
-        at::mm_out(Z, Hc, W.narrow(0, v0, cols).t());
-        const scalar_t* zp = Z.data_ptr<scalar_t>();
+        at::Tensor Wb = W.narrow(0, v0, cols);
+        if (lowp) Wb = wbuf.narrow(0, 0, cols * a.D).view({cols, a.D}).copy_(Wb);
+        at::mm_out(Z, Hc, Wb.t());
+        const tile_t* zp = Z.data_ptr<tile_t>();
         const acc_t* bp = B.defined() ? B.data_ptr<acc_t>() + v0 : nullptr;
         at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
           std::vector<acc_t> row(cols);
@@ -149,6 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
     std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
     bool need_dw, bool need_db, bool accum_fp32, int64_t /*impl*/) {
   const auto a = check_lce_args(hidden, weight, targets, bias, "linear_cross_entropy_backward");
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
   const char* op = "linear_cross_entropy_backward";
   check_row_vector(lse, N, hidden, "lse", op);
@@ -158,19 +177,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
   TORCH_CHECK(!need_db || bias.has_value(), "tokenkernels.", op, ": need_dbias without a bias");
   TORCH_CHECK(filter_eps >= 0.0, "tokenkernels.", op, ": filter_eps must be >= 0, got ", filter_eps);
 
+  // Precision: every gradient element is accumulated in fp32 (fp64 for fp64) and rounded to its
+  // dtype once. fp32/fp64: one pass over the tiles, accumulating straight into the outputs.
+  // fp16/bf16: logits, dZ and the gradient GEMMs are all fp32 on upcast tiles (nothing rounded
+  // to the input dtype before the final gradients), in two passes that each keep
+  // only a tile-sized fp32 accumulator: pass A (token chunks outer) finishes dhidden rows, pass B
+  // (vocabulary blocks outer) finishes dweight rows. accum_fp32 trades pass B's recompute for a
+  // (V, D) fp32 buffer.
   const auto dt = hidden.scalar_type();
   const bool lowp = dt == at::kHalf || dt == at::kBFloat16;
+  const auto sdt = dt == at::kDouble ? at::kDouble : at::kFloat;  // accumulation dtype
+  const auto so = hidden.options().dtype(sdt);
   auto dh = need_dh ? at::empty({N, D}, hidden.options()) : at::empty({0}, hidden.options());
-  // dweight: fp32 accumulates in place; fp16/bf16 accumulate in their own dtype unless
-  // accum_fp32 asks for an fp32 (V, D) buffer.
-  const bool dw32 = need_dw && lowp && accum_fp32;
-  auto dw = need_dw ? at::zeros({V, D}, dw32 ? weight.options().dtype(at::kFloat) : weight.options())
+  const bool single_pass = !lowp || accum_fp32;
+  auto dw = need_dw ? (lowp ? at::empty({V, D}, weight.options()) : at::zeros({V, D}, weight.options()))
                     : at::empty({0}, weight.options());
-  const auto sdt = dt == at::kDouble ? at::kDouble : at::kFloat;  // statistics dtype
-  auto db32 = at::zeros({need_db ? V : 0}, hidden.options().dtype(sdt));
+  auto dw_acc = (need_dw && lowp && accum_fp32) ? at::zeros({V, D}, so) : at::Tensor();
+  auto db32 = at::zeros({need_db ? V : 0}, so);
+  auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    if (dw_acc.defined()) dw.copy_(dw_acc);
+    return {dh, dw, need_db ? db32.to(bias->scalar_type()) : db32};
+  };
   if (N == 0 || (!need_dh && !need_dw && !need_db)) {
     if (need_dh) dh.zero_();
-    return {dh, dw32 ? dw.to(dt) : dw, need_db ? db32.to(bias->scalar_type()) : db32};
+    if (need_dw && lowp) dw.zero_();
+    return finish();
   }
 
   auto H = hidden.contiguous();
@@ -181,14 +212,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
   auto CP = coef_p.to(sdt).contiguous();
   auto CT = coef_t.to(sdt).contiguous();
   auto C1 = coef_1.has_value() ? coef_1->to(sdt).contiguous() : at::Tensor();
-
-  const int64_t bn = block_n_cpu(N), bv = block_v_cpu(V);
-  auto zbuf = at::empty({bn * bv}, H.options());
-  auto dzbuf = at::empty({bn * bv}, H.options());
-  auto dh_acc = at::empty({need_dh ? bn : 0, D}, H.options().dtype(sdt));
-  auto tmp_dh = at::empty({(need_dh && lowp) ? bn * D : 0}, H.options());
-  auto tmp_dw = at::empty({dw32 ? bv * D : 0}, H.options());
   const int64_t* tp = T.data_ptr<int64_t>();
+
+  const int64_t bn = block_n_cpu(N);
+  const int64_t bv = lowp ? block_v_lowp_cpu(V, D) : block_v_cpu(V);
+  auto zbuf = at::empty({bn * bv}, so);                           // logits tile, fp32/fp64
+  auto dzbuf = at::empty({bn * bv}, so);                          // dZ tile, fp32/fp64
+  auto hbuf = lowp ? at::empty({bn * D}, so) : at::Tensor();      // upcast hidden chunk
+  auto wbuf = lowp ? at::empty({bv * D}, so) : at::Tensor();      // upcast weight block
+  auto acc_h = (need_dh && lowp) ? at::empty({bn * D}, so) : at::Tensor();
+  auto acc_w = (need_dw && lowp && !accum_fp32) ? at::empty({bv * D}, so) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lce_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -199,78 +232,118 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
     const acc_t cap = softcap.has_value() ? static_cast<acc_t>(*softcap) : acc_t(0);
     const acc_t inv_cap = cap > 0 ? 1 / cap : acc_t(0);
     const acc_t feps = static_cast<acc_t>(filter_eps);
-    for (int64_t r0 = 0; r0 < N; r0 += bn) {
-      const int64_t rows = std::min(bn, N - r0);
-      auto Hc = H.narrow(0, r0, rows);
-      auto acc = need_dh ? dh_acc.narrow(0, 0, rows) : at::Tensor();
-      if (need_dh) acc.zero_();
+
+    // dZ (rows, cols) in acc_t for the tile hidden[r0 : r0+rows] x weight[v0 : v0+cols].
+    // Returns false when every |dZ| is below its row's threshold (the tile can be skipped).
+    // Hc / Wb: the chunk and block in the accumulation dtype (upcast for fp16/bf16).
+    auto tile_dz = [&](const at::Tensor& Hc, int64_t r0, int64_t rows, const at::Tensor& Wb,
+                       int64_t v0, int64_t cols, at::Tensor& dZ) {
+      auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
+      at::mm_out(Z, Hc, Wb.t());
+      dZ = dzbuf.narrow(0, 0, rows * cols).view({rows, cols});
+      const acc_t* zp = Z.data_ptr<acc_t>();
+      acc_t* dzp = dZ.data_ptr<acc_t>();
+      const acc_t* bp = B.defined() ? B.data_ptr<acc_t>() + v0 : nullptr;
+      std::atomic<bool> keep{feps <= 0};
+      at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
+        std::vector<acc_t> row(cols);
+        bool k = false;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = r0 + i;
+          const acc_t cp = cpp[r], ct = ctp[r], c1 = c1p ? c1p[r] : acc_t(0);
+          acc_t* d = dzp + i * cols;
+          if (cp == 0 && ct == 0 && c1 == 0) {  // no gradient from this token
+            std::fill(d, d + cols, acc_t(0));
+            continue;
+          }
+          load_row(zp, cols, i, bp, cap, row.data());
+          acc_t mx = ce_cpu::dz_row(row.data(), cols, lp[r], cp, c1, inv_cap, d);
+          bool bad;
+          const int64_t lt = local_target(tp[r], ignore_index, vocab_start, V,
+                                          std::numeric_limits<int64_t>::max(), &bad);
+          if (lt >= v0 && lt < v0 + cols && ct != 0) {
+            const int64_t j = lt - v0;
+            acc_t v = cp * std::exp(row[j] - lp[r]) + c1 + ct;
+            if (inv_cap != 0) v *= 1 - (row[j] * inv_cap) * (row[j] * inv_cap);
+            d[j] = v;
+            mx = std::max(mx, std::fabs(v));
+          }
+          if (mx >= feps * std::max(std::fabs(cp), std::fabs(ct))) k = true;
+        }
+        if (k) keep.store(true, std::memory_order_relaxed);
+      });
+      return keep.load();
+    };
+    auto add_db = [&](const at::Tensor& dZ, int64_t v0, int64_t cols) {
+      db32.narrow(0, v0, cols).add_(dZ.sum(0));
+    };
+
+    if (single_pass) {
+      // token chunks outer, vocabulary blocks inner; dW accumulates in dw (fp32/fp64) or dw_acc
+      at::Tensor dwt = dw_acc.defined() ? dw_acc : dw;
+      for (int64_t r0 = 0; r0 < N; r0 += bn) {
+        const int64_t rows = std::min(bn, N - r0);
+        at::Tensor Hc = H.narrow(0, r0, rows);
+        if (lowp) Hc = hbuf.narrow(0, 0, rows * D).view({rows, D}).copy_(Hc);
+        at::Tensor acc;
+        if (need_dh) {
+          acc = lowp ? acc_h.narrow(0, 0, rows * D).view({rows, D}) : dh.narrow(0, r0, rows);
+          acc.zero_();
+        }
+        for (int64_t v0 = 0; v0 < V; v0 += bv) {
+          const int64_t cols = std::min(bv, V - v0);
+          at::Tensor Wb = W.narrow(0, v0, cols);
+          if (lowp) Wb = wbuf.narrow(0, 0, cols * D).view({cols, D}).copy_(Wb);
+          at::Tensor dZ;
+          if (!tile_dz(Hc, r0, rows, Wb, v0, cols, dZ)) continue;
+          if (need_db) add_db(dZ, v0, cols);
+          if (need_dh) acc.addmm_(dZ, Wb);
+          if (need_dw) dwt.narrow(0, v0, cols).addmm_(dZ.t(), Hc);
+        }
+        if (need_dh && lowp) dh.narrow(0, r0, rows).copy_(acc);
+      }
+      return;
+    }
+    // fp16/bf16, two passes
+    if (need_dh) {  // pass A: dhidden (and dbias)
+      for (int64_t r0 = 0; r0 < N; r0 += bn) {
+        const int64_t rows = std::min(bn, N - r0);
+        auto acc = acc_h.narrow(0, 0, rows * D).view({rows, D});
+        acc.zero_();
+        auto Hc = hbuf.narrow(0, 0, rows * D).view({rows, D}).copy_(H.narrow(0, r0, rows));
+        for (int64_t v0 = 0; v0 < V; v0 += bv) {
+          const int64_t cols = std::min(bv, V - v0);
+          auto Wb = wbuf.narrow(0, 0, cols * D).view({cols, D}).copy_(W.narrow(0, v0, cols));
+          at::Tensor dZ;
+          if (!tile_dz(Hc, r0, rows, Wb, v0, cols, dZ)) continue;
+          if (need_db) add_db(dZ, v0, cols);
+          acc.addmm_(dZ, Wb);
+        }
+        dh.narrow(0, r0, rows).copy_(acc);
+      }
+    }
+    if (need_dw || (need_db && !need_dh)) {  // pass B: dweight (and dbias if pass A did not run)
       for (int64_t v0 = 0; v0 < V; v0 += bv) {
         const int64_t cols = std::min(bv, V - v0);
-        auto Wb = W.narrow(0, v0, cols);
-        auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
-        auto dZ = dzbuf.narrow(0, 0, rows * cols).view({rows, cols});
-        at::mm_out(Z, Hc, Wb.t());
-        const scalar_t* zp = Z.data_ptr<scalar_t>();
-        scalar_t* dzp = dZ.data_ptr<scalar_t>();
-        const acc_t* bp = B.defined() ? B.data_ptr<acc_t>() + v0 : nullptr;
-        std::atomic<bool> keep{feps <= 0};
-        at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
-          std::vector<acc_t> row(cols), d(cols);
-          bool k = false;
-          for (int64_t i = i0; i < i1; ++i) {
-            const int64_t r = r0 + i;
-            const acc_t cp = cpp[r], ct = ctp[r], c1 = c1p ? c1p[r] : acc_t(0);
-            scalar_t* out = dzp + i * cols;
-            if (cp == 0 && ct == 0 && c1 == 0) {  // no gradient from this token
-              for (int64_t j = 0; j < cols; ++j) out[j] = scalar_t(0);
-              continue;
-            }
-            load_row(zp, cols, i, bp, cap, row.data());
-            acc_t mx = ce_cpu::dz_row(row.data(), cols, lp[r], cp, c1, inv_cap, d.data());
-            bool bad;
-            const int64_t lt = local_target(tp[r], ignore_index, vocab_start, V,
-                                            std::numeric_limits<int64_t>::max(), &bad);
-            if (lt >= v0 && lt < v0 + cols && ct != 0) {
-              const int64_t j = lt - v0;
-              acc_t v = cp * std::exp(row[j] - lp[r]) + c1 + ct;
-              if (inv_cap != 0) v *= 1 - (row[j] * inv_cap) * (row[j] * inv_cap);
-              d[j] = v;
-              mx = std::max(mx, std::fabs(v));
-            }
-            if (mx >= feps * std::max(std::fabs(cp), std::fabs(ct))) k = true;
-            ce_cpu::from_float_row(d.data(), cols, out);
-          }
-          if (k) keep.store(true, std::memory_order_relaxed);
-        });
-        if (!keep.load()) continue;  // every |dZ| below its row's threshold: skip the tile
-        if (need_db) {
-          auto colsum = dZ.sum(0, /*keepdim=*/false, sdt);
-          db32.narrow(0, v0, cols).add_(colsum);
-        }
-        if (need_dh) {
-          if (lowp) {
-            auto tmp = tmp_dh.narrow(0, 0, rows * D).view({rows, D});
-            at::mm_out(tmp, dZ, Wb);
-            acc.add_(tmp);
-          } else {
-            acc.addmm_(dZ, Wb);
-          }
-        }
+        at::Tensor acc;
         if (need_dw) {
-          auto dwb = dw.narrow(0, v0, cols);
-          if (dw32) {
-            auto tmp = tmp_dw.narrow(0, 0, cols * D).view({cols, D});
-            at::mm_out(tmp, dZ.t(), Hc);
-            dwb.add_(tmp);
-          } else {
-            dwb.addmm_(dZ.t(), Hc);
-          }
+          acc = acc_w.narrow(0, 0, cols * D).view({cols, D});
+          acc.zero_();
         }
+        auto Wb = wbuf.narrow(0, 0, cols * D).view({cols, D}).copy_(W.narrow(0, v0, cols));
+        for (int64_t r0 = 0; r0 < N; r0 += bn) {
+          const int64_t rows = std::min(bn, N - r0);
+          auto Hc = hbuf.narrow(0, 0, rows * D).view({rows, D}).copy_(H.narrow(0, r0, rows));
+          at::Tensor dZ;
+          if (!tile_dz(Hc, r0, rows, Wb, v0, cols, dZ)) continue;
+          if (need_db && !need_dh) add_db(dZ, v0, cols);
+          if (need_dw) acc.addmm_(dZ.t(), Hc);
+        }
+        if (need_dw) dw.narrow(0, v0, cols).copy_(acc);
       }
-      if (need_dh) dh.narrow(0, r0, rows).copy_(acc);
     }
   });
-  return {dh, dw32 ? dw.to(dt) : dw, need_db ? db32.to(bias->scalar_type()) : db32};
+  return finish();
 }
 
 }  // namespace

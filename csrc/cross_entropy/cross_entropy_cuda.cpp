@@ -43,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double /*filter_eps*/, bool /*accum_fp32*/, int64_t impl) {
   const char* op = "linear_cross_entropy";
   const auto a = check_lce_args(hidden, weight, targets, bias, op);
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
   check_vocab_range(vocab_start, vocab_total, V, op);
   TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "tokenkernels.", op,
@@ -131,6 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
     bool need_dw, bool need_db, bool accum_fp32, int64_t impl) {
   const char* op = "linear_cross_entropy_backward";
   const auto a = check_lce_args(hidden, weight, targets, bias, op);
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
   check_row_vector(lse, N, hidden, "lse", op);
   check_row_vector(coef_p, N, hidden, "coef_p", op);

@@ -87,7 +87,8 @@ def reference(hidden, weight, targets, bias=None, *, dtype=None, **kw):
     kw.pop("impl", None)
     kw.pop("check", None)
     return run(lambda *a, **k: ref.linear_cross_entropy(*a, dtype=dtype, **k),
-               hidden, weight, targets, bias, cast=torch.float64 if dtype == torch.float64 else None,
+               hidden, weight, targets, bias,
+               cast=torch.float64 if dtype == torch.float64 else None,
                **kw)
 
 
@@ -116,24 +117,35 @@ GRAD_KEYS = ("dh", "dw", "db")
 
 
 def assert_close_fp32(k: dict, t: dict, keys=("out", "lse", "entropy") + GRAD_KEYS,
-                      dtype=torch.float32, zscale: float = 0.0):
+                      dtype=torch.float32, zscale: float = 0.0, exact_argmax: bool = True,
+                      fp32_reference=None):
     """fp32 kernel vs fp64 truth: relative errors within the table's ``loss`` / ``grad``.
     Per-token quantities (loss, lse, entropy) are relative to max(|truth|, ``zscale``), the
     logits' rounding scale (see :func:`logit_scale`; a loss near 0 cannot be relative to 0).
-    A mean/sum loss uses zscale too (its error is that of the per-token losses)."""
+    A mean/sum loss uses zscale too (its error is that of the per-token losses).
+
+    ``fp32_reference``: optional callable giving the same-dtype (fp32) reference's outputs, for
+    ill-conditioned data (e.g. a saturated softcap, whose derivative 1 - tanh^2 cancels in any
+    fp32 evaluation): an output outside the tolerance passes if its error is within twice the
+    fp32 reference's."""
+    ref32 = None
     for key in keys:
         if key not in t or t[key] is None:
             assert key not in k or k[key] is None, key
             continue
         kind = "grad" if key in GRAD_KEYS else "loss"
-        e = rel_err(k[key], t[key], floor=0.0 if kind == "grad" else zscale)
+        floor = 0.0 if kind == "grad" else zscale
+        e = rel_err(k[key], t[key], floor=floor)
         limit = tol(dtype, "ce_" + kind)
+        if e > limit and fp32_reference is not None:
+            ref32 = fp32_reference() if ref32 is None else ref32
+            limit = max(limit, 2 * rel_err(ref32[key], t[key], floor=floor))
         assert e <= limit, f"{key}: relative error {e:.3g} > {limit:.3g}"
-    if "argmax" in t:
+    if "argmax" in t and exact_argmax:
         assert_argmax(k["argmax"], t)
 
 
-def assert_argmax(argmax: torch.Tensor, t: dict, z64: Optional[torch.Tensor] = None):
+def assert_argmax(argmax: torch.Tensor, t: dict):
     """The arg-max must equal the fp64 one (the data are drawn continuous: no exact ties)."""
     assert argmax.dtype == torch.int64
     assert torch.equal(argmax.cpu(), t["argmax"].cpu())
@@ -157,7 +169,8 @@ def norm_err(got: torch.Tensor, truth: torch.Tensor) -> float:
 BIAS_FACTOR = 1.5
 
 
-def assert_precision_rule(k: dict, r: dict, t: dict, dtype, keys=("out", "lse", "entropy") + GRAD_KEYS,
+def assert_precision_rule(k: dict, r: dict, t: dict, dtype,
+                          keys=("out", "lse", "entropy") + GRAD_KEYS,
                           slack: float = 0.0, factor: float = 1.0):
     """fp16/bf16: the kernel's normwise error vs the fp64 truth (on the same low-precision values
     upcast) is no worse than the same-dtype reference's (x ``factor``) + ``ce_rule`` (1/8 ulp of

@@ -13,8 +13,8 @@ import tokenkernels as tk
 from tokenkernels.reference import cross_entropy as ref
 
 from ..tolerances import tol
-from .common import (ALL_DTYPES, BIAS_FACTOR, LOWP, assert_close_fp32, assert_precision_rule, kernel,
-                     logit_scale, make_inputs, reference, rel_err)
+from .common import (ALL_DTYPES, BIAS_FACTOR, LOWP, assert_close_fp32, assert_precision_rule,
+                     kernel, logit_scale, make_inputs, norm_err, reference, rel_err)
 
 F64 = torch.float64
 
@@ -283,8 +283,8 @@ def test_extreme_logits_finite(device):
 # gradient filtering
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_filter_auto_within_rule(device, dtype):
-    """filter_eps="auto" on random data: within the precision rule + ``ce_filter`` (fp32: no
-    filtering, bitwise equal to exact)."""
+    """filter_eps="auto" on random data (one tile in each direction): within the precision rule
+    + ``ce_filter`` (fp32: no filtering, bitwise equal to exact)."""
     opts = dict(reduction="none", label_smoothing=0.05, return_lse=True)
     h, w, t, b = make_inputs(100, 32, 1500, dtype, bias=True, wscale=4.0)
     dev = lambda x: x.to(device)  # noqa: E731
@@ -296,7 +296,8 @@ def test_filter_auto_within_rule(device, dtype):
         return
     truth = reference(h, w, t, b, dtype=F64, **opts)
     r = reference(h, w, t, b, **opts)
-    assert_precision_rule(auto, r, truth, dtype, slack=tol(dtype, "ce_filter"))
+    assert_precision_rule(auto, r, truth, dtype, slack=tol(dtype, "ce_filter"),
+                          factor=BIAS_FACTOR)
 
 
 def _peaked_inputs(dtype, device, V=4096, cut=2048, drop=-9.0):
@@ -313,7 +314,8 @@ def _peaked_inputs(dtype, device, V=4096, cut=2048, drop=-9.0):
 def test_filter_skips_negligible_tiles(device, monkeypatch, dtype):
     """Filtering really skips tiles: with every |softmax - onehot| of vocabulary rows >= 2048
     below the threshold, those rows' weight / bias gradients are exactly 0 with filtering (no
-    tile touched them) and nonzero without, while dhidden stays within the rule + ce_filter."""
+    tile touched them) and nonzero without; the rest is unchanged, and dhidden loses at most
+    ``ce_filter`` (normwise) against the exact kernel (fp32 with filter_eps=1e-3: 1e-3)."""
     monkeypatch.setenv("TOKENKERNELS_CE_BLOCK_V", "512")  # tiles inside either half
     h, w, t, b = _peaked_inputs(dtype, device)
     feps = "auto" if dtype != torch.float32 else 1e-3  # fp32 "auto" never filters
@@ -321,15 +323,15 @@ def test_filter_skips_negligible_tiles(device, monkeypatch, dtype):
     exact = kernel(h, w, t, b, filter_eps=None)
     assert exact["dw"][2048:].abs().sum() > 0 and exact["db"][2048:].abs().sum() > 0
     assert not filt["dw"][2048:].abs().any() and not filt["db"][2048:].abs().any()
-    torch.testing.assert_close(filt["dw"][:2048], exact["dw"][:2048], rtol=0, atol=0)
+    assert torch.equal(filt["dw"][:2048], exact["dw"][:2048])
+    assert torch.equal(filt["db"][:2048], exact["db"][:2048])
     assert torch.equal(filt["out"], exact["out"])
-    if dtype == torch.float32:
-        assert rel_err(filt["dh"], exact["dh"]) <= 1e-3 * 2048 / 2048 * 4
-        return
     hc, wc, tc, bc = (x.cpu() for x in (h, w, t, b))
     truth = reference(hc, wc, tc, bc, dtype=F64)
-    r = reference(hc, wc, tc, bc)
-    assert_precision_rule(filt, r, truth, dtype, keys=("out", "dh"), slack=tol(dtype, "ce_filter"))
+    slack = 1e-3 if dtype == torch.float32 else tol(dtype, "ce_filter")
+    for key in ("dh", "dw", "db"):
+        e_f, e_x = norm_err(filt[key], truth[key]), norm_err(exact[key], truth[key])
+        assert e_f <= e_x + slack, (key, e_f, e_x)
 
 
 def test_filter_fp32_auto_never_filters(device, monkeypatch):

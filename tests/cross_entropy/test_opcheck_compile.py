@@ -65,8 +65,10 @@ def test_opcheck_lce_forward(device, i):
 
 @pytest.mark.parametrize("i", range(len(_bwd_samples("cpu"))))
 def test_opcheck_lce_backward(device, i):
+    # lce_backward has no autograd formula of its own (no double backward)
     torch.library.opcheck(BWD, _bwd_samples(device)[i],
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
 
 
 def _forward(h, w, t, b):

@@ -126,6 +126,21 @@ torch.library.register_autograd("tokenkernels::lce_forward", _lce_backward,
                                 setup_context=_lce_setup_context)
 
 
+def _lce_backward_setup(ctx, inputs, output):
+    pass
+
+
+def _lce_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "tokenkernels.linear_cross_entropy: second derivatives (double backward) are not "
+        "supported; the first derivative under create_graph=True is exact")
+
+
+# Without this, a double backward would silently drop the path through lce_backward.
+torch.library.register_autograd("tokenkernels::lce_backward", _lce_double_backward,
+                                setup_context=_lce_backward_setup)
+
+
 # ---------------------------------------------------------------------------------------------
 # vocabulary parallel: statistics all-reduced over the group
 class _VocabParallelStats(torch.autograd.Function):
@@ -204,6 +219,9 @@ def _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothi
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{op}: targets must have shape {tuple(hidden.shape[:-1])} (hidden's "
                          f"leading dims), got {tuple(targets.shape)}")
+    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but hidden is on {hidden.device}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: targets must be int64 or int32, got {targets.dtype}")
     if reduction not in _REDUCTIONS:
