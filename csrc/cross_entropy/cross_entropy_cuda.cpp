@@ -5,8 +5,7 @@
 // buffer; "plain" (fp32, or impl=1) = fp32 logit tiles from cuBLAS (ATen mm with fp32 output)
 // folded into the online log-sum-exp by fwd_tile_kernel.
 // Backward: logit tiles recomputed by cuBLAS, dZ by dz_tile_kernel, gradients by two more
-// cuBLAS GEMMs per tile (fp32 accumulators for dhidden; dweight in place for fp32, in its own
-// dtype for fp16/bf16 unless accum_fp32). Gradient filtering only in the tuned backward:
+// cuBLAS GEMMs per tile (fp32 accumulators for dhidden and dweight, rounded once). Gradient filtering only in the tuned backward:
 // fp16/bf16 (default for them) = one fused WMMA kernel per 64 x 128 logit tile that recomputes,
 // filters and accumulates dhidden / dweight in fp32 with atomics (no logit buffer at all).
 #include <ATen/ATen.h>
@@ -146,7 +145,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
   const bool lowp = dt != at::kFloat;
   const auto f32 = hidden.options().dtype(at::kFloat);
   auto dh = need_dh ? at::zeros({N, D}, lowp ? f32 : hidden.options()) : at::empty({0}, hidden.options());
-  const bool dw32 = need_dw && lowp && accum_fp32;
+  // fp16/bf16 accumulate dweight in fp32 and round once (the precision rule: never worse than
+  // torch's single-GEMM gradients); accum_fp32 is therefore implied on CUDA.
+  (void)accum_fp32;
+  const bool dw32 = need_dw && lowp;
   auto dw = need_dw ? at::zeros({V, D}, dw32 ? f32 : weight.options()) : at::empty({0}, weight.options());
   auto db32 = at::zeros({need_db ? V : 0}, f32);
   auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
