@@ -8,9 +8,10 @@ import torch  # noqa: F401  (loads libtorch before our extension)
 from . import _C  # noqa: F401  (registers torch.ops.tokenkernels)
 from . import ops, reference
 from .ops.kcenter import coverage_select, kcenter, mmtok_similarity
+from . import tree  # noqa: F401  (tokenkernels.tree.*: token trees for speculative decoding)
 
 __all__ = ["kcenter", "coverage_select", "mmtok_similarity", "ops", "reference",
-           "cuda_available"]
+           "cuda_available", "tree"]
 __version__ = "0.1.0"
 
 
