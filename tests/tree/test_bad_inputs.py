@@ -53,8 +53,8 @@ def test_paths_too_small():
 def _attn_inputs(device):
     p = random_parents(2, 6, seed=1).to(device)
     t = tk.tree.build(p)
-    q = torch.randn(2, 6, 4, 8, device=device)
-    k = torch.randn(2, 20, 2, 8, device=device)
+    q = torch.randn(2, 6, 4, 32, device=device)
+    k = torch.randn(2, 20, 2, 32, device=device)
     return t, q, k, k.clone(), torch.tensor([10, 14], device=device)
 
 
@@ -80,7 +80,7 @@ def test_bad_attention(device):
     with pytest.raises(RuntimeError, match="must be float32, float16 or bfloat16"):
         A(q.double(), k.double(), v.double(), P, t.mask)
     with pytest.raises(RuntimeError, match="out must be a contiguous"):
-        A(q, k, v, P, t.mask, out=torch.empty(2, 6, 4, 7, device=device))
+        A(q, k, v, P, t.mask, out=torch.empty(2, 6, 4, 31, device=device))
     with pytest.raises(RuntimeError, match="lse must be a contiguous float32"):
         A(q, k, v, P, t.mask, lse_out=torch.empty(2, 6, 4, dtype=torch.float16, device=device))
 
@@ -92,7 +92,7 @@ def test_bad_attention_values():
         A(q, k, v, torch.tensor([10, 15]), t)
     with pytest.raises(RuntimeError, match=r"prefix_lens\[0\] = -1 < 0"):
         A(q, k, v, torch.tensor([-1, 3]), t)
-    kp = torch.randn(5, 4, 2, 8)
+    kp = torch.randn(5, 4, 2, 32)
     table = torch.tensor([[0, 1, 2, 3], [4, 0, 9, 1]])
     with pytest.raises(RuntimeError, match=r"block_table\[1, 2\] = 9 is not a page index"):
         A(q, kp, kp, torch.tensor([3, 9]), t, block_table=table)

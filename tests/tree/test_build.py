@@ -118,3 +118,14 @@ def test_max_sizes_without_sync(device):
     assert t2.paths.shape == (2, t.paths.shape[1] + 1, t.max_depth + 3)
     assert torch.equal(t2.paths[:, : t.paths.shape[1], : t.max_depth + 1], t.paths)
     assert (t2.paths[:, t.paths.shape[1]:] == -1).all()
+
+
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+def test_build_impls(device, impl):
+    """Both CUDA variants (plain sibling scan, bitonic-sorted child lists); CPU ignores impl."""
+    p = torch.cat([random_parents(2, 1024, seed=11, bushy=0.9), random_parents(1, 1024, seed=12, bushy=0.05)])
+    lens = torch.tensor([1024, 517, 1000])
+    t = tk.tree.build(p.to(device), lens.to(device), impl=impl)
+    m, d, fc, ns, paths = ref.build(p, lens)
+    for got, want in ((t.mask, m), (t.depth, d), (t.first_child, fc), (t.next_sibling, ns), (t.paths, paths)):
+        assert torch.equal(got.cpu(), want)
