@@ -249,7 +249,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
         V.gather(ch.b, ch.h, ch.pos0 + s, kn, Vb.data_ptr<float>());
         auto kb = Kb.narrow(0, 0, kn), vb = Vb.narrow(0, 0, kn);
         auto sc = at::mm(Q, kb.t());                           // (rows, kn)
-        auto m_new = at::maximum(m, std::get<0>(sc.max(1)));
+        auto m_new = at::maximum(m, sc.amax(1));
         auto alpha = (m - m_new).exp_();                        // 0 on the first block
         sc.sub_(m_new.unsqueeze(1)).exp_();
         l.mul_(alpha).add_(sc.sum(1));
@@ -287,7 +287,7 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
       }
       auto sc = at::mm(Q, Kt.t());                                   // (rows, L)
       sc.view({L, G, L}).masked_fill_(allowed.logical_not().unsqueeze(1), kNegInf);
-      auto mt = std::get<0>(sc.max(1));
+      auto mt = sc.amax(1);
       auto mt_safe = at::where(at::isinf(mt), at::zeros_like(mt), mt);
       sc.sub_(mt_safe.unsqueeze(1)).exp_();
       auto lt = sc.sum(1);
@@ -403,6 +403,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(
   return {accepted, accept_len, bonus};
 }
 
+template <typename T>
+void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* dt, const T* pt, const T* pq,
+                          const double* cn, const double* bv, int64_t B, int64_t n, int64_t V, int64_t max_depth,
+                          int64_t* acc, int64_t* al, int64_t* bo) {
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<double> r(V);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = b * n;
+      int64_t* row = acc + b * (max_depth + 1);
+      int64_t u = 0, k = 0;
+      row[0] = 0;
+      auto load = [&](int64_t node) {   // residual <- target_probs[b, node]; returns its sum
+        const T* src = pt + (o + node) * V;
+        double s = 0;
+        for (int64_t x = 0; x < V; ++x) s += (r[x] = static_cast<double>(src[x]));
+        return s;
+      };
+      double S = load(0);
+      while (true) {
+        int64_t c = fc[o + u], got = -1;
+        while (c >= 0) {
+          TORCH_CHECK(c < n, "tokenkernels.tree.verify_sampling: corrupt child link ", c);
+          const int64_t t = dt[o + c];
+          TORCH_CHECK(t >= 0 && t < V, "tokenkernels.tree.verify_sampling: draft_tokens[", b, ", ", c, "] = ", t,
+                      " is not in [0, V = ", V, ")");
+          const double coin = cn[o + c];
+          if (pq) {
+            const T* q = pq + (o + u) * V;
+            if (accept_with_q(coin, static_cast<double>(q[t]), r[t], S)) { got = c; break; }
+            // residual <- max(p - q, 0) (kept unnormalised; S is its sum)
+            double s2 = 0;
+            for (int64_t x = 0; x < V; ++x) s2 += std::max(r[x] / S - static_cast<double>(q[x]), 0.0);
+            if (s2 > 0) {
+              const double S0 = S;
+              S = 0;
+              for (int64_t x = 0; x < V; ++x) S += (r[x] = std::max(r[x] / S0 - static_cast<double>(q[x]), 0.0));
+            }
+          } else {
+            if (accept_one_hot(coin, r[t], S)) { got = c; break; }
+            if (S - r[t] > 0) {
+              S = S - r[t];
+              r[t] = 0;
+            }
+          }
+          c = ns[o + c];
+        }
+        if (got < 0 || k >= max_depth) break;
+        row[++k] = got;
+        u = got;
+        S = load(u);
+      }
+      al[b] = k;
+      // bonus ~ residual, by inverse CDF: first x with running sum > u * S
+      const double thr = bv[b] * S;
+      double run = 0;
+      int64_t pick = -1, last_pos = 0;
+      for (int64_t x = 0; x < V; ++x) {
+        run += r[x];
+        if (r[x] > 0) last_pos = x;
+        if (run > thr) { pick = x; break; }
+      }
+      bo[b] = pick >= 0 ? pick : last_pos;
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cpu(
     const at::Tensor& first_child_in, const at::Tensor& next_sibling_in, const at::Tensor& draft_in,
     const at::Tensor& target_probs_in, const std::optional<at::Tensor>& draft_probs_in,
@@ -432,78 +498,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cpu(
               bonus_u_in.sizes());
   TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_sampling: max_depth must be >= 0");
   auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in), draft = long_contig(draft_in);
-  auto tp = target_probs_in.to(at::kDouble).contiguous();
-  auto dp = draft_probs_in.has_value() ? draft_probs_in->to(at::kDouble).contiguous() : at::Tensor();
+  // Probabilities are read in their own dtype (only the visited rows are touched; converting the
+  // whole (B, n, V) tensor would cost more than the verification); arithmetic is in double.
+  auto tp = target_probs_in.contiguous();
+  auto dp = draft_probs_in.has_value() ? draft_probs_in->contiguous() : at::Tensor();
+  if (dp.defined() && dp.scalar_type() != tp.scalar_type()) {   // mixed dtypes: both in double
+    tp = tp.to(at::kDouble);
+    dp = dp.to(at::kDouble);
+  }
   auto coins = coins_in.to(at::kDouble).contiguous(), bu = bonus_u_in.to(at::kDouble).contiguous();
   auto opts = fcs.options();
   auto accepted = at::full({B, max_depth + 1}, -1, opts);
   auto accept_len = at::empty({B}, opts);
   auto bonus = at::empty({B}, opts);
-  const int64_t *fc = fcs.data_ptr<int64_t>(), *ns = nss.data_ptr<int64_t>(), *dt = draft.data_ptr<int64_t>();
-  const double* pt = tp.data_ptr<double>();
-  const double* pq = dp.defined() ? dp.data_ptr<double>() : nullptr;
-  const double *cn = coins.data_ptr<double>(), *bv = bu.data_ptr<double>();
-  int64_t *acc = accepted.data_ptr<int64_t>(), *al = accept_len.data_ptr<int64_t>(), *bo = bonus.data_ptr<int64_t>();
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<double> r(V);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t o = b * n;
-      int64_t* row = acc + b * (max_depth + 1);
-      int64_t u = 0, k = 0;
-      row[0] = 0;
-      auto load = [&](int64_t node) {   // residual <- target_probs[b, node]; returns its sum
-        const double* src = pt + (o + node) * V;
-        double s = 0;
-        for (int64_t x = 0; x < V; ++x) s += (r[x] = src[x]);
-        return s;
-      };
-      double S = load(0);
-      while (true) {
-        int64_t c = fc[o + u], got = -1;
-        while (c >= 0) {
-          TORCH_CHECK(c < n, "tokenkernels.tree.verify_sampling: corrupt child link ", c);
-          const int64_t t = dt[o + c];
-          TORCH_CHECK(t >= 0 && t < V, "tokenkernels.tree.verify_sampling: draft_tokens[", b, ", ", c, "] = ", t,
-                      " is not in [0, V = ", V, ")");
-          const double coin = cn[o + c];
-          if (pq) {
-            const double* q = pq + (o + u) * V;
-            if (accept_with_q(coin, q[t], r[t], S)) { got = c; break; }
-            // residual <- max(p - q, 0) (kept unnormalised; S is its sum)
-            double s2 = 0;
-            for (int64_t x = 0; x < V; ++x) s2 += std::max(r[x] / S - q[x], 0.0);
-            if (s2 > 0) {
-              const double S0 = S;
-              for (int64_t x = 0; x < V; ++x) r[x] = std::max(r[x] / S0 - q[x], 0.0);
-              S = 0;
-              for (int64_t x = 0; x < V; ++x) S += r[x];
-            }
-          } else {
-            if (accept_one_hot(coin, r[t], S)) { got = c; break; }
-            if (S - r[t] > 0) {
-              S = S - r[t];
-              r[t] = 0;
-            }
-          }
-          c = ns[o + c];
-        }
-        if (got < 0 || k >= max_depth) break;
-        row[++k] = got;
-        u = got;
-        S = load(u);
-      }
-      al[b] = k;
-      // bonus ~ residual, by inverse CDF: first x with running sum > u * S
-      const double thr = bv[b] * S;
-      double run = 0;
-      int64_t pick = -1, last_pos = 0;
-      for (int64_t x = 0; x < V; ++x) {
-        run += r[x];
-        if (r[x] > 0) last_pos = x;
-        if (run > thr) { pick = x; break; }
-      }
-      bo[b] = pick >= 0 ? pick : last_pos;
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tp.scalar_type(), "tree_verify_sampling_cpu", [&] {
+    verify_sampling_impl<scalar_t>(fcs.data_ptr<int64_t>(), nss.data_ptr<int64_t>(), draft.data_ptr<int64_t>(),
+                                   tp.data_ptr<scalar_t>(), dp.defined() ? dp.data_ptr<scalar_t>() : nullptr,
+                                   coins.data_ptr<double>(), bu.data_ptr<double>(), B, n, V, max_depth,
+                                   accepted.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),
+                                   bonus.data_ptr<int64_t>());
   });
   return {accepted, accept_len, bonus};
 }
