@@ -84,12 +84,12 @@ cudaError_t attention_typed(const AttnProblem& p, int variant, void* workspace, 
   const int64_t chunk = S > 0 ? ceil_div(p.max_prefix, S) : 0;
   if (S > 0) {
     if (variant == 1) {
-      dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(ceil_div(p.n * p.Hq, kWarpsPerRowBlock)),
+      dim3 grid(static_cast<unsigned>(ceil_div(p.n * p.Hq, kWarpsPerRowBlock)), static_cast<unsigned>(S),
                 static_cast<unsigned>(p.B));
       device::prefix_plain_kernel<T, DL><<<grid, 32 * kWarpsPerRowBlock, 0, stream>>>(p, chunk, part_o, part_lse);
     } else {
       const int64_t G = p.Hq / p.Hkv;
-      dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(ceil_div(p.n * G, kTunedRows)),
+      dim3 grid(static_cast<unsigned>(ceil_div(p.n * G, kTunedRows)), static_cast<unsigned>(S),
                 static_cast<unsigned>(p.B * p.Hkv));
       device::prefix_tuned_kernel<T, DL><<<grid, 256, 0, stream>>>(p, chunk, part_o, part_lse);
     }

@@ -31,6 +31,14 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// Prefix length of request b clamped to what the cache can hold in front of its L tree tokens
+// (prefix_lens are not validated on CUDA, which would need a host sync; this keeps reads in
+// bounds for a wrong value).
+__device__ __forceinline__ int64_t prefix_len(const AttnProblem& p, int64_t b, int64_t L) {
+  const int64_t P = p.prefix_lens[b], cap = p.max_prefix - L;
+  return P < 0 ? 0 : (P > cap ? (cap < 0 ? 0 : cap) : P);
+}
+
 __device__ __forceinline__ int64_t tree_len(const int64_t* lens, int64_t b, int64_t n) {
   if (!lens) return n;
   const int64_t L = lens[b];
@@ -81,7 +89,8 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
     int64_t cur_w = top;
     uint32_t acc = 0u;
     int64_t d = -1;
-    for (int j = static_cast<int>(i); j >= 0; j = sh_par[j]) {
+    // (with unvalidated parents a non-decreasing step ends the walk: no cycles, no OOB reads)
+    for (int j = static_cast<int>(i), prev = static_cast<int>(i) + 1; j >= 0 && j < prev; prev = j, j = sh_par[j]) {
       const int64_t w = j >> 5;
       while (cur_w > w) {   // flush finished words (possibly empty ones in between)
         row[cur_w--] = acc;
@@ -101,6 +110,10 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
   if (!kSorted) {
     for (int64_t i = 1 + threadIdx.x; i < L; i += blockDim.x) {
       const int p = sh_par[i];
+      if (p < 0 || p >= i) {   // invalid (unvalidated) parent: not linked
+        next_sibling[b * n + i] = -1;
+        continue;
+      }
       atomicMin(&sh_fc[p], static_cast<int>(i));
       int64_t nxt = -1;
       for (int64_t j = i + 1; j < L; ++j)
@@ -115,7 +128,7 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
   } else {
     const int kNone = 0x7fffffff;
     for (int k = threadIdx.x; k < npow2; k += blockDim.x)
-      keys[k] = (k >= 1 && k < L) ? sh_par[k] * static_cast<int>(n) + k : kNone;
+      keys[k] = (k >= 1 && k < L && sh_par[k] >= 0 && sh_par[k] < k) ? sh_par[k] * static_cast<int>(n) + k : kNone;
     __syncthreads();
     // bitonic sort, ascending; thread t handles the pair (pos, pos + stride) with pos having the
     // `stride` bit clear: pos = 2t - (t mod stride).
@@ -245,20 +258,20 @@ __device__ __forceinline__ void load_q(const AttnProblem& p, int64_t b, int64_t 
   for (int t = 0; t < DL; ++t) st.q[t] = to_f(qr[lane + 32 * t]) * p.scale;
 }
 
-// Split-KV prefix pass, plain: grid (splits, ceil(n*Hq / 4), B), 128 threads, one warp per row,
+// Split-KV prefix pass, plain: grid (ceil(n*Hq / 4), splits, B), 128 threads, one warp per row,
 // K/V straight from global memory. Writes the split's normalised partial output and its lse.
 template <typename T, int DL>
 __global__ void __launch_bounds__(128) prefix_plain_kernel(AttnProblem p, int64_t chunk,
                                                            float* __restrict__ part_o,
                                                            float* __restrict__ part_lse) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t s = blockIdx.x, b = blockIdx.z;
-  const int64_t r = static_cast<int64_t>(blockIdx.y) * 4 + warp;
+  const int64_t s = blockIdx.y, b = blockIdx.z;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp;
   if (r >= p.n * p.Hq) return;
   const int64_t i = r / p.Hq, hq = r % p.Hq, h = hq / (p.Hq / p.Hkv);
   const int64_t L = tree_len(p.tree_lens, b, p.n);
   if (i >= L) return;   // padding rows: the merge writes zeros
-  const int64_t P = p.prefix_lens[b];
+  const int64_t P = prefix_len(p, b, L);
   const int64_t k0 = s * chunk, k1 = (s + 1) * chunk < P ? (s + 1) * chunk : P;
   RowState<DL> st;
   st.init();
@@ -282,7 +295,7 @@ __global__ void __launch_bounds__(128) prefix_plain_kernel(AttnProblem p, int64_
   if (lane == 0) part_lse[row] = st.lse();
 }
 
-// Split-KV prefix pass, tuned: grid (splits, ceil(n*G / kRows), B * Hkv), 256 threads (8 warps).
+// Split-KV prefix pass, tuned: grid (ceil(n*G / kRows), splits, B * Hkv), 256 threads (8 warps).
 // The block serves kRows = 32 query rows of one KV head (4 per warp); K/V tiles of KT keys are
 // staged once in shared memory (fp32, converted once) and reused by all 32 rows, so the cache is
 // read from global memory once per 32 rows instead of once per row.
@@ -294,18 +307,18 @@ __global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_
   constexpr int D = 32 * DL, KT = 128 / DL;   // KT * D = 4096 floats per tile (16 KiB)
   __shared__ float sk[KT * D], sv[KT * D];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t s = blockIdx.x;
+  const int64_t s = blockIdx.y;
   const int64_t b = blockIdx.z / p.Hkv, h = blockIdx.z % p.Hkv;
   const int64_t G = p.Hq / p.Hkv;
   const int64_t L = tree_len(p.tree_lens, b, p.n);
-  const int64_t P = p.prefix_lens[b];
+  const int64_t P = prefix_len(p, b, L);
   const int64_t k0 = s * chunk, k1 = (s + 1) * chunk < P ? (s + 1) * chunk : P;
   // rows of this KV head: rr = i * G + g  ->  query token i, head h * G + g
   RowState<DL> st[kRowsPerWarp];
   bool live[kRowsPerWarp];
 #pragma unroll
   for (int w = 0; w < kRowsPerWarp; ++w) {
-    const int64_t rr = static_cast<int64_t>(blockIdx.y) * kRows + warp * kRowsPerWarp + w;
+    const int64_t rr = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp + w;
     const int64_t i = rr / G;
     live[w] = i < L;
     st[w].init();
@@ -336,7 +349,7 @@ __global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_
 #pragma unroll
   for (int w = 0; w < kRowsPerWarp; ++w) {
     if (!live[w]) continue;
-    const int64_t rr = static_cast<int64_t>(blockIdx.y) * kRows + warp * kRowsPerWarp + w;
+    const int64_t rr = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp + w;
     const int64_t i = rr / G, hq = h * G + rr % G;
     const int64_t row = (s * p.B + b) * p.n * p.Hq + i * p.Hq + hq;
     const float inv = st[w].l > 0.f ? 1.f / st[w].l : 0.f;
@@ -368,7 +381,7 @@ __global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t 
     if (lane == 0) *lse_out = -INFINITY;
     return;
   }
-  const int64_t P = p.prefix_lens[b];
+  const int64_t P = prefix_len(p, b, L);
   RowState<DL> st;
   st.init();
   load_q<T, DL>(p, b, i, hq, st);
