@@ -64,8 +64,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cpu(
   int64_t* fc = first_child.data_ptr<int64_t>();
   int64_t* ns = next_sibling.data_ptr<int64_t>();
 
-  // Mask rows and depths: one independent ancestor walk per node.
-  at::parallel_for(0, B * n, 256, [&](int64_t r0, int64_t r1) {
+  // Mask rows and depths: one independent ancestor walk per node. A chunk gets about 64K
+  // word-operations (W words to clear + the walk), so small batches stay on the calling thread:
+  // waking the pool costs more than they do (n = 1024, B = 1 takes ~15 us on one core).
+  const int64_t grain = std::max<int64_t>(256, (int64_t(1) << 16) / (W + 8));
+  at::parallel_for(0, B * n, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / n, i = r % n;
       if (i >= (len ? len[b] : n)) continue;   // padding: zero row, depth 0
@@ -80,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cpu(
     }
   });
   // Child lists: a backward pass per tree links children in increasing order.
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t L = len ? len[b] : n;
       const int64_t* p = par + b * n;
@@ -117,7 +120,7 @@ at::Tensor paths_cpu(const at::Tensor& parents_in, const at::Tensor& depth_in,
   int64_t* rk = rank.data_ptr<int64_t>();
   int64_t* out = paths.data_ptr<int64_t>();
   // Leaf ranks: a prefix count per tree.
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t L = std::min(len ? len[b] : n, n);
       int64_t c = 0;
@@ -132,9 +135,9 @@ at::Tensor paths_cpu(const at::Tensor& parents_in, const at::Tensor& depth_in,
                   " leaves > max_leaves = ", max_leaves);
     }
   });
-  // Every leaf writes its own root-to-leaf path.
+  // Every leaf writes its own root-to-leaf path (chunks of 4096 nodes, as in build).
   const int64_t Dp = max_depth + 1;
-  at::parallel_for(0, B * n, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, B * n, 4096, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (rk[r] < 0) continue;
       const int64_t b = r / n;
