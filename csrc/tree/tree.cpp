@@ -410,8 +410,10 @@ template <typename T>
 void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* dt, const T* pt, const T* pq,
                           const double* cn, const double* bv, int64_t B, int64_t n, int64_t V, int64_t max_depth,
                           int64_t* acc, int64_t* al, int64_t* bo) {
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<double> r(V);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> rbuf(V), tbuf(V);
+    double* r = rbuf.data();
+    double* tmp = tbuf.data();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * n;
       int64_t* row = acc + b * (max_depth + 1);
@@ -419,9 +421,12 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
       row[0] = 0;
       auto load = [&](int64_t node) {   // residual <- target_probs[b, node]; returns its sum
         const T* src = pt + (o + node) * V;
-        double s = 0;
-        for (int64_t x = 0; x < V; ++x) s += (r[x] = static_cast<double>(src[x]));
-        return s;
+        double s[4] = {0, 0, 0, 0};   // four independent sums: no serial add chain
+        int64_t x = 0;
+        for (; x + 4 <= V; x += 4)
+          for (int j = 0; j < 4; ++j) s[j] += (r[x + j] = static_cast<double>(src[x + j]));
+        for (; x < V; ++x) s[0] += (r[x] = static_cast<double>(src[x]));
+        return (s[0] + s[1]) + (s[2] + s[3]);
       };
       double S = load(0);
       while (true) {
@@ -435,13 +440,19 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
           if (pq) {
             const T* q = pq + (o + u) * V;
             if (accept_with_q(coin, static_cast<double>(q[t]), r[t], S)) { got = c; break; }
-            // residual <- max(p - q, 0) (kept unnormalised; S is its sum)
-            double s2 = 0;
-            for (int64_t x = 0; x < V; ++x) s2 += std::max(r[x] / S - static_cast<double>(q[x]), 0.0);
+            // residual <- max(p - q, 0) with p = r / S (kept unnormalised; S is its sum), one
+            // pass into the spare buffer, kept only if it has mass (rounding can empty it)
+            const double inv = 1.0 / S;
+            double s[4] = {0, 0, 0, 0};
+            int64_t x = 0;
+            for (; x + 4 <= V; x += 4)
+              for (int j = 0; j < 4; ++j)
+                s[j] += (tmp[x + j] = std::max(r[x + j] * inv - static_cast<double>(q[x + j]), 0.0));
+            for (; x < V; ++x) s[0] += (tmp[x] = std::max(r[x] * inv - static_cast<double>(q[x]), 0.0));
+            const double s2 = (s[0] + s[1]) + (s[2] + s[3]);
             if (s2 > 0) {
-              const double S0 = S;
-              S = 0;
-              for (int64_t x = 0; x < V; ++x) S += (r[x] = std::max(r[x] / S0 - static_cast<double>(q[x]), 0.0));
+              std::swap(r, tmp);
+              S = s2;
             }
           } else {
             if (accept_one_hot(coin, r[t], S)) { got = c; break; }

@@ -305,7 +305,7 @@ def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft
                     if coin * float(q[t]) < float(r[t]) / S:
                         got = c
                         break
-                    new = (r / S - q).clamp_min(0.0)
+                    new = (r * (1.0 / S) - q).clamp_min(0.0)      # max(p - q, 0), p = r / S
                     if float(new.sum()) > 0.0:
                         r = new
                         S = float(r.sum())
