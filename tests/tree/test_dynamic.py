@@ -91,3 +91,26 @@ def test_dynamic_drafter_bigram():
             want = float(score[b, p]) + float(logp[tokens[b, p], tokens[b, i]])
             assert abs(float(score[b, i]) - want) < 1e-5
     assert tree.max_depth <= 4
+    # brute force, written out: per depth, every frontier node's top_k children, the top_k
+    # best by cumulative log-prob (ties: lower flat index) become the next frontier; finally the
+    # total_tokens best nodes (root first, ties: lower index) in node order.
+    for b in range(2):
+        toks, pars, cums = [int(root[b])], [-1], [0.0]
+        frontier = [0]
+        for _ in range(4):
+            cand = []
+            for fi, f in enumerate(frontier):
+                lp, tk_ = logp[toks[f]].topk(4)
+                for r in range(4):
+                    cand.append((float(torch.tensor(cums[f], dtype=torch.float32) + lp[r]), fi * 4 + r, f, int(tk_[r])))
+            cand.sort(key=lambda c: (-c[0], c[1]))
+            frontier = []
+            for sc, _, f, t in cand[:4]:
+                frontier.append(len(toks))
+                toks.append(t)
+                pars.append(f)
+                cums.append(sc)
+        keep = sorted(sorted(range(1, len(toks)), key=lambda i: (-cums[i], i))[:11] + [0])
+        pos = {j: r for r, j in enumerate(keep)}
+        assert tokens[b].tolist() == [toks[j] for j in keep]
+        assert parents[b].tolist() == [-1] + [pos[pars[j]] for j in keep[1:]]
