@@ -41,4 +41,40 @@ TORCH_LIBRARY(tokenkernels, m) {
       "Tensor coef_p, Tensor coef_t, Tensor? coef_1, int ignore_index, float? softcap, "
       "int vocab_start, float filter_eps, bool need_dhidden, bool need_dweight, bool need_dbias, "
       "bool accum_fp32, int impl) -> (Tensor, Tensor, Tensor)");
+
+  // ---- tree family (speculative-decoding token trees) ------------------------------------
+  // Conventions: csrc/include/tokenkernels/tree.h. impl: 0 auto, 1 plain, 2 tuned (CUDA only).
+  // build: parents (B, n) int32/int64 -> mask (B, n, ceil(n/32)) int32 bit-packed, depth,
+  // first_child, next_sibling (B, n) int64. check: validate parents/tree_lens values (always on
+  // CPU; one host sync on CUDA).
+  m.def("tree_build(Tensor parents, Tensor? tree_lens, bool check, int impl) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Root-to-leaf paths (B, max_leaves, max_depth + 1) int64, leaves in node order, padded -1.
+  m.def(
+      "tree_paths(Tensor parents, Tensor depth, Tensor first_child, Tensor? tree_lens, int max_leaves, "
+      "int max_depth) -> Tensor");
+  // Tree attention over a KV prefix (no mask) + the tree tokens (packed mask), merged by LSE.
+  // q (B, n, Hq, D); caches (B, N, Hkv, D) or paged (pages, page_size, Hkv, D) + block_table.
+  // Returns out (B, n, Hq, D) in q's dtype and lse (B, n, Hq) fp32.
+  m.def(
+      "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor mask, "
+      "Tensor? tree_lens, Tensor? block_table, float scale, int impl) -> (Tensor, Tensor)");
+  m.def(
+      "tree_attention_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor mask, "
+      "Tensor? tree_lens, Tensor? block_table, float scale, int impl, Tensor(a!) out, Tensor(b!) lse) -> ()");
+  // Verification: accepted (B, max_depth + 1) node indices (root first, padded -1), accept_len
+  // (B,) accepted draft nodes (root excluded), bonus (B,) token.
+  m.def(
+      "tree_verify_greedy(Tensor first_child, Tensor next_sibling, Tensor draft_tokens, "
+      "Tensor target_argmax, int max_depth) -> (Tensor, Tensor, Tensor)");
+  // Lossless multi-candidate speculative sampling; coins (B, n) and bonus_u (B,) are the
+  // uniforms (drawn by the Python wrapper from the user's generator).
+  m.def(
+      "tree_verify_sampling(Tensor first_child, Tensor next_sibling, Tensor draft_tokens, "
+      "Tensor target_probs, Tensor? draft_probs, Tensor coins, Tensor bonus_u, int max_depth) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Dynamic trees (EAGLE-2 / DySpec): the m best (parent, child rank, score) expansions, and
+  // the n best nodes of a drafted tree (indices, re-indexed parents, scores).
+  m.def("tree_select_frontier(Tensor cum_logp, Tensor child_logp, int m) -> (Tensor, Tensor, Tensor)");
+  m.def("tree_select_tree(Tensor cum_logp, Tensor parents, int n) -> (Tensor, Tensor, Tensor)");
+  // ---- end tree family ---------------------------------------------------------------------
 }

@@ -9,10 +9,11 @@ from . import _C  # noqa: F401  (registers torch.ops.tokenkernels)
 from . import ops, reference
 from .ops.kcenter import coverage_select, kcenter, mmtok_similarity
 from .ops.cross_entropy import LinearCrossEntropy, VocabParallel, linear_cross_entropy
+from . import tree  # noqa: F401  (tokenkernels.tree.*: token trees for speculative decoding)
 
 __all__ = ["kcenter", "coverage_select", "mmtok_similarity",
            "linear_cross_entropy", "LinearCrossEntropy", "VocabParallel",
-           "ops", "reference", "cuda_available"]
+           "tree", "ops", "reference", "cuda_available"]
 __version__ = "0.1.0"
 
 

@@ -1,0 +1,655 @@
+// tree family: CUDA device code (torch-free). Launchers: csrc/tree/tree_kernels.cu.
+//
+// Indexing conventions:
+//   * one-block-per-tree kernels (build, paths, verify_sampling, select_*): b = blockIdx.x;
+//   * attention: one warp per query row (b, i, hq); row r of the (n * Hq) rows of request b is
+//     i = r / Hq, hq = r % Hq, and its KV head is h = hq / G (G = Hq / Hkv). Inside a warp, lane
+//     l holds head-dim elements l, l + 32, ..., l + 32 * (DL - 1) (D = 32 * DL), so K/V rows
+//     are read with coalesced 32-lane loads and a dot product is DL FMAs + a warp reduction.
+//   * cache position pos of request b lives at slot (paged) table[b][pos / page_size] *
+//     page_size + pos % page_size, (contiguous) b * N_max + pos; element (slot, h, d) at
+//     ((slot * Hkv + h) * D + d).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "tokenkernels/reduce.cuh"
+#include "tokenkernels/tree.h"
+
+namespace tokenkernels {
+namespace tree {
+namespace device {
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Prefix length of request b clamped to what the cache can hold in front of its L tree tokens
+// (prefix_lens are not validated on CUDA, which would need a host sync; this keeps reads in
+// bounds for a wrong value).
+__device__ __forceinline__ int64_t prefix_len(const AttnProblem& p, int64_t b, int64_t L) {
+  const int64_t P = p.prefix_lens[b], cap = p.max_prefix - L;
+  return P < 0 ? 0 : (P > cap ? (cap < 0 ? 0 : cap) : P);
+}
+
+__device__ __forceinline__ int64_t tree_len(const int64_t* lens, int64_t b, int64_t n) {
+  if (!lens) return n;
+  const int64_t L = lens[b];
+  return L < 0 ? 0 : (L > n ? n : L);
+}
+
+// ------------------------------------------------------------------------------------ build
+// grid = B, block = up to 1024 threads, dynamic shared memory:
+//   int sh_par[n], int sh_fc[n] (+ int keys[npow2] for the sorted variant).
+// Step 1: parents -> shared, first_child <- -1. Step 2: every node walks its ancestors in shared
+// memory, writing its mask row word by word (ancestors come in decreasing index order, so the
+// words are produced from high to low) and its depth. Step 3: child lists, either
+//   plain : node i scans forward for the next node with the same parent (O(n) per thread), and
+//           atomicMin gives each parent its first child; or
+//   sorted: keys parent * n + i are bitonic-sorted block-wide; consecutive keys with the same
+//           parent are consecutive siblings, the first key of each group is the first child.
+template <bool kSorted>
+__global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__ parents,
+                                                     const int64_t* __restrict__ lens, int64_t n,
+                                                     int npow2, uint32_t* __restrict__ mask,
+                                                     int64_t* __restrict__ depth,
+                                                     int64_t* __restrict__ first_child,
+                                                     int64_t* __restrict__ next_sibling) {
+  extern __shared__ int smem_i[];
+  int* sh_par = smem_i;
+  int* sh_fc = smem_i + n;
+  int* keys = smem_i + 2 * n;   // sorted variant only
+  const int64_t b = blockIdx.x;
+  const int64_t L = tree_len(lens, b, n);
+  const int64_t W = mask_words(n);
+  const int64_t* par = parents + b * n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    sh_par[i] = i < L ? static_cast<int>(par[i]) : -1;
+    sh_fc[i] = i < L ? 0x7fffffff : -1;   // "no child yet" for real nodes (atomicMin target)
+  }
+  __syncthreads();
+
+  // mask rows and depths
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    uint32_t* row = mask + (b * n + i) * W;
+    if (i >= L) {
+      for (int64_t w = 0; w < W; ++w) row[w] = 0u;
+      depth[b * n + i] = 0;
+      continue;
+    }
+    const int64_t top = i >> 5;
+    for (int64_t w = top + 1; w < W; ++w) row[w] = 0u;   // words past the node itself
+    int64_t cur_w = top;
+    uint32_t acc = 0u;
+    int64_t d = -1;
+    // (with unvalidated parents a non-decreasing step ends the walk: no cycles, no OOB reads)
+    for (int j = static_cast<int>(i), prev = static_cast<int>(i) + 1; j >= 0 && j < prev; prev = j, j = sh_par[j]) {
+      const int64_t w = j >> 5;
+      while (cur_w > w) {   // flush finished words (possibly empty ones in between)
+        row[cur_w--] = acc;
+        acc = 0u;
+      }
+      acc |= 1u << (j & 31);
+      ++d;
+    }
+    while (cur_w >= 0) {
+      row[cur_w--] = acc;
+      acc = 0u;
+    }
+    depth[b * n + i] = d;
+  }
+
+  // child lists
+  if (!kSorted) {
+    for (int64_t i = 1 + threadIdx.x; i < L; i += blockDim.x) {
+      const int p = sh_par[i];
+      if (p < 0 || p >= i) {   // invalid (unvalidated) parent: not linked
+        next_sibling[b * n + i] = -1;
+        continue;
+      }
+      atomicMin(&sh_fc[p], static_cast<int>(i));
+      int64_t nxt = -1;
+      for (int64_t j = i + 1; j < L; ++j)
+        if (sh_par[j] == p) {
+          nxt = j;
+          break;
+        }
+      next_sibling[b * n + i] = nxt;
+    }
+    if (threadIdx.x == 0) next_sibling[b * n] = -1;
+    for (int64_t i = L + threadIdx.x; i < n; i += blockDim.x) next_sibling[b * n + i] = -1;
+  } else {
+    const int kNone = 0x7fffffff;
+    for (int k = threadIdx.x; k < npow2; k += blockDim.x)
+      keys[k] = (k >= 1 && k < L && sh_par[k] >= 0 && sh_par[k] < k) ? sh_par[k] * static_cast<int>(n) + k : kNone;
+    __syncthreads();
+    // bitonic sort, ascending; thread t handles the pair (pos, pos + stride) with pos having the
+    // `stride` bit clear: pos = 2t - (t mod stride).
+    for (int size = 2; size <= npow2; size <<= 1)
+      for (int stride = size >> 1; stride > 0; stride >>= 1) {
+        for (int t = threadIdx.x; t < npow2 / 2; t += blockDim.x) {
+          const int pos = 2 * t - (t & (stride - 1));
+          const int a = keys[pos], c = keys[pos + stride];
+          const bool asc = (pos & size) == 0;
+          if ((a > c) == asc) {
+            keys[pos] = c;
+            keys[pos + stride] = a;
+          }
+        }
+        __syncthreads();
+      }
+    for (int k = threadIdx.x; k < npow2; k += blockDim.x) {
+      const int key = keys[k];
+      if (key == kNone) continue;
+      const int node = key % static_cast<int>(n), p = key / static_cast<int>(n);
+      const int nk = k + 1 < npow2 ? keys[k + 1] : kNone;
+      next_sibling[b * n + node] = (nk != kNone && nk / static_cast<int>(n) == p) ? nk % static_cast<int>(n) : -1;
+      if (k == 0 || keys[k - 1] / static_cast<int>(n) != p) sh_fc[p] = node;   // one writer per parent
+    }
+    if (threadIdx.x == 0) next_sibling[b * n] = -1;
+    for (int64_t i = L + threadIdx.x; i < n; i += blockDim.x) next_sibling[b * n + i] = -1;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int f = sh_fc[i];
+    first_child[b * n + i] = (f == 0x7fffffff || f < 0) ? -1 : f;
+  }
+}
+
+// ------------------------------------------------------------------------------------ paths
+// grid = B, block = 256. Every thread owns a contiguous chunk of nodes; leaf counts per chunk
+// are scanned block-wide (Hillis-Steele in shared memory) to give each leaf its rank, then each
+// leaf walks up its ancestors writing its path. The output of the tree is pre-filled with -1.
+__global__ void __launch_bounds__(256) paths_kernel(const int64_t* __restrict__ parents,
+                                                    const int64_t* __restrict__ depth,
+                                                    const int64_t* __restrict__ first_child,
+                                                    const int64_t* __restrict__ lens, int64_t n,
+                                                    int64_t L_max, int64_t D_max,
+                                                    int64_t* __restrict__ paths) {
+  __shared__ int64_t scan[256];
+  const int64_t b = blockIdx.x;
+  const int64_t L = tree_len(lens, b, n);
+  const int64_t Dp = D_max + 1;
+  int64_t* out = paths + b * L_max * Dp;
+  for (int64_t e = threadIdx.x; e < L_max * Dp; e += blockDim.x) out[e] = -1;
+  const int64_t per = (L + blockDim.x - 1) / blockDim.x;
+  const int64_t i0 = threadIdx.x * per, i1 = i0 + per < L ? i0 + per : L;
+  int64_t cnt = 0;
+  for (int64_t i = i0; i < i1; ++i) cnt += first_child[b * n + i] < 0;
+  scan[threadIdx.x] = cnt;
+  __syncthreads();
+  for (int off = 1; off < static_cast<int>(blockDim.x); off <<= 1) {   // inclusive scan
+    const int64_t v = threadIdx.x >= static_cast<unsigned>(off) ? scan[threadIdx.x - off] : 0;
+    __syncthreads();
+    scan[threadIdx.x] += v;
+    __syncthreads();
+  }
+  int64_t rank = scan[threadIdx.x] - cnt;   // exclusive
+  for (int64_t i = i0; i < i1; ++i) {
+    if (first_child[b * n + i] >= 0) continue;
+    if (rank < L_max)
+      for (int64_t j = i; j >= 0; j = parents[b * n + j]) {
+        const int64_t d = depth[b * n + j];
+        if (d <= D_max) out[rank * Dp + d] = j;
+      }
+    ++rank;
+  }
+}
+
+// -------------------------------------------------------------------------------- attention
+template <typename T>
+struct Cache {
+  const T* base;
+  const int64_t* table;
+  int64_t N_max, page_size, max_pages, Hkv, D;
+  __device__ __forceinline__ const T* row(int64_t b, int64_t pos, int64_t h) const {
+    const int64_t slot = table ? table[b * max_pages + pos / page_size] * page_size + pos % page_size
+                               : b * N_max + pos;
+    return base + (slot * Hkv + h) * D;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ Cache<T> make_cache(const AttnProblem& p, const void* base) {
+  return Cache<T>{static_cast<const T*>(base), p.block_table, p.N_max, p.page_size, p.max_pages, p.Hkv, p.D};
+}
+
+// Online-softmax state of one query row, distributed over a warp (DL dims per lane).
+template <int DL>
+struct RowState {
+  float q[DL], o[DL];
+  float m, l;
+  __device__ __forceinline__ void init() {
+    m = -INFINITY;
+    l = 0.f;
+#pragma unroll
+    for (int t = 0; t < DL; ++t) o[t] = 0.f;
+  }
+  // Add one key whose K/V elements for this lane are kf[t], vf[t]; all lanes get the same s.
+  __device__ __forceinline__ void add(const float (&kf)[DL], const float (&vf)[DL]) {
+    float s = 0.f;
+#pragma unroll
+    for (int t = 0; t < DL; ++t) s += q[t] * kf[t];
+    s = warp_sum_f(s);
+    const float m_new = fmaxf(m, s);
+    const float corr = __expf(m - m_new);   // 0 on the first key (m = -inf)
+    const float pr = __expf(s - m_new);
+    l = l * corr + pr;
+#pragma unroll
+    for (int t = 0; t < DL; ++t) o[t] = o[t] * corr + pr * vf[t];
+    m = m_new;
+  }
+  __device__ __forceinline__ float lse() const { return l > 0.f ? m + __logf(l) : -INFINITY; }
+};
+
+template <typename T, int DL>
+__device__ __forceinline__ void load_q(const AttnProblem& p, int64_t b, int64_t i, int64_t hq,
+                                       RowState<DL>& st) {
+  const T* qr = static_cast<const T*>(p.q) + ((b * p.n + i) * p.Hq + hq) * p.D;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int t = 0; t < DL; ++t) st.q[t] = to_f(qr[lane + 32 * t]) * p.scale;
+}
+
+// Split-KV prefix pass, plain: grid (ceil(n*Hq / 4), splits, B), 128 threads, one warp per row,
+// K/V straight from global memory. Writes the split's normalised partial output and its lse.
+template <typename T, int DL>
+__global__ void __launch_bounds__(128) prefix_plain_kernel(AttnProblem p, int64_t chunk,
+                                                           float* __restrict__ part_o,
+                                                           float* __restrict__ part_lse) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t s = blockIdx.y, b = blockIdx.z;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp;
+  if (r >= p.n * p.Hq) return;
+  const int64_t i = r / p.Hq, hq = r % p.Hq, h = hq / (p.Hq / p.Hkv);
+  const int64_t L = tree_len(p.tree_lens, b, p.n);
+  if (i >= L) return;   // padding rows: the merge writes zeros
+  const int64_t P = prefix_len(p, b, L);
+  const int64_t k0 = s * chunk, k1 = (s + 1) * chunk < P ? (s + 1) * chunk : P;
+  RowState<DL> st;
+  st.init();
+  load_q<T, DL>(p, b, i, hq, st);
+  const Cache<T> K = make_cache<T>(p, p.k), V = make_cache<T>(p, p.v);
+  for (int64_t pos = k0; pos < k1; ++pos) {
+    const T* kr = K.row(b, pos, h);
+    const T* vr = V.row(b, pos, h);
+    float kf[DL], vf[DL];
+#pragma unroll
+    for (int t = 0; t < DL; ++t) {
+      kf[t] = to_f(kr[lane + 32 * t]);
+      vf[t] = to_f(vr[lane + 32 * t]);
+    }
+    st.add(kf, vf);
+  }
+  const int64_t row = (s * p.B + b) * p.n * p.Hq + r;
+  const float inv = st.l > 0.f ? 1.f / st.l : 0.f;
+#pragma unroll
+  for (int t = 0; t < DL; ++t) part_o[row * p.D + lane + 32 * t] = st.o[t] * inv;
+  if (lane == 0) part_lse[row] = st.lse();
+}
+
+// Split-KV prefix pass, tuned: grid (ceil(n*G / kRows), splits, B * Hkv), 256 threads (8 warps).
+// The block serves kRows = 32 query rows of one KV head (4 per warp); K/V tiles of KT keys are
+// staged once in shared memory (fp32, converted once) and reused by all 32 rows, so the cache is
+// read from global memory once per 32 rows instead of once per row.
+template <typename T, int DL>
+__global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_t chunk,
+                                                           float* __restrict__ part_o,
+                                                           float* __restrict__ part_lse) {
+  constexpr int kRowsPerWarp = 4, kRows = 8 * kRowsPerWarp;
+  constexpr int D = 32 * DL, KT = 128 / DL;   // KT * D = 4096 floats per tile (16 KiB)
+  __shared__ float sk[KT * D], sv[KT * D];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t s = blockIdx.y;
+  const int64_t b = blockIdx.z / p.Hkv, h = blockIdx.z % p.Hkv;
+  const int64_t G = p.Hq / p.Hkv;
+  const int64_t L = tree_len(p.tree_lens, b, p.n);
+  const int64_t P = prefix_len(p, b, L);
+  const int64_t k0 = s * chunk, k1 = (s + 1) * chunk < P ? (s + 1) * chunk : P;
+  // rows of this KV head: rr = i * G + g  ->  query token i, head h * G + g
+  RowState<DL> st[kRowsPerWarp];
+  bool live[kRowsPerWarp];
+#pragma unroll
+  for (int w = 0; w < kRowsPerWarp; ++w) {
+    const int64_t rr = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp + w;
+    const int64_t i = rr / G;
+    live[w] = i < L;
+    st[w].init();
+    if (live[w]) load_q<T, DL>(p, b, i, h * G + rr % G, st[w]);
+  }
+  const Cache<T> K = make_cache<T>(p, p.k), V = make_cache<T>(p, p.v);
+  for (int64_t t0 = k0; t0 < k1; t0 += KT) {
+    const int kn = static_cast<int>(k1 - t0 < KT ? k1 - t0 : KT);
+    __syncthreads();   // previous tile fully consumed
+    for (int e = threadIdx.x; e < kn * D; e += blockDim.x) {
+      const int key = e / D, d = e % D;
+      sk[e] = to_f(K.row(b, t0 + key, h)[d]);
+      sv[e] = to_f(V.row(b, t0 + key, h)[d]);
+    }
+    __syncthreads();
+    for (int key = 0; key < kn; ++key) {
+      float kf[DL], vf[DL];
+#pragma unroll
+      for (int t = 0; t < DL; ++t) {
+        kf[t] = sk[key * D + lane + 32 * t];
+        vf[t] = sv[key * D + lane + 32 * t];
+      }
+#pragma unroll
+      for (int w = 0; w < kRowsPerWarp; ++w)
+        if (live[w]) st[w].add(kf, vf);
+    }
+  }
+#pragma unroll
+  for (int w = 0; w < kRowsPerWarp; ++w) {
+    if (!live[w]) continue;
+    const int64_t rr = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp + w;
+    const int64_t i = rr / G, hq = h * G + rr % G;
+    const int64_t row = (s * p.B + b) * p.n * p.Hq + i * p.Hq + hq;
+    const float inv = st[w].l > 0.f ? 1.f / st[w].l : 0.f;
+#pragma unroll
+    for (int t = 0; t < DL; ++t) part_o[row * p.D + lane + 32 * t] = st[w].o[t] * inv;
+    if (lane == 0) part_lse[row] = st[w].lse();
+  }
+}
+
+// Tree part + merge: grid (ceil(n*Hq / 4), B), 128 threads, one warp per row (i, hq). The row's
+// tree keys are the set bits j < L of its mask row (visited word by word with __ffs, so only
+// ancestors are read); the result is merged with the `splits` prefix partials by log-sum-exp and
+// written in the output dtype together with the row's lse.
+template <typename T, int DL>
+__global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t splits,
+                                                         const float* __restrict__ part_o,
+                                                         const float* __restrict__ part_lse) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t b = blockIdx.y;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp;
+  if (r >= p.n * p.Hq) return;
+  const int64_t i = r / p.Hq, hq = r % p.Hq, h = hq / (p.Hq / p.Hkv);
+  const int64_t L = tree_len(p.tree_lens, b, p.n);
+  T* out = static_cast<T*>(p.out) + ((b * p.n + i) * p.Hq + hq) * p.D;
+  float* lse_out = p.lse + (b * p.n + i) * p.Hq + hq;
+  if (i >= L) {
+#pragma unroll
+    for (int t = 0; t < DL; ++t) out[lane + 32 * t] = from_f<T>(0.f);
+    if (lane == 0) *lse_out = -INFINITY;
+    return;
+  }
+  const int64_t P = prefix_len(p, b, L);
+  RowState<DL> st;
+  st.init();
+  load_q<T, DL>(p, b, i, hq, st);
+  const Cache<T> K = make_cache<T>(p, p.k), V = make_cache<T>(p, p.v);
+  const int64_t W = mask_words(p.n);
+  const int32_t* mrow = p.mask + (b * p.n + i) * W;
+  for (int64_t w = 0; w * 32 < L; ++w) {
+    uint32_t bits = static_cast<uint32_t>(mrow[w]);
+    if ((w + 1) * 32 > L) bits &= (1u << (L - w * 32)) - 1u;   // keys past the tree length
+    while (bits) {
+      const int64_t j = w * 32 + __ffs(bits) - 1;
+      bits &= bits - 1u;
+      const T* kr = K.row(b, P + j, h);
+      const T* vr = V.row(b, P + j, h);
+      float kf[DL], vf[DL];
+#pragma unroll
+      for (int t = 0; t < DL; ++t) {
+        kf[t] = to_f(kr[lane + 32 * t]);
+        vf[t] = to_f(vr[lane + 32 * t]);
+      }
+      st.add(kf, vf);
+    }
+  }
+  // merge: parts = tree part (normalised) + every split
+  const float lse_t = st.lse();
+  float M = lse_t;
+  for (int64_t s = 0; s < splits; ++s) M = fmaxf(M, part_lse[(s * p.B + b) * p.n * p.Hq + r]);
+  const float Ms = M == -INFINITY ? 0.f : M;
+  float den = 0.f, acc[DL];
+  {
+    const float wt = __expf(lse_t - Ms);
+    const float inv = st.l > 0.f ? 1.f / st.l : 0.f;
+    den += wt;
+#pragma unroll
+    for (int t = 0; t < DL; ++t) acc[t] = wt * st.o[t] * inv;
+  }
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t row = (s * p.B + b) * p.n * p.Hq + r;
+    const float ws = __expf(part_lse[row] - Ms);   // 0 for empty splits (lse = -inf)
+    if (ws == 0.f) continue;
+    den += ws;
+#pragma unroll
+    for (int t = 0; t < DL; ++t) acc[t] += ws * part_o[row * p.D + lane + 32 * t];
+  }
+  const float inv_den = den > 0.f ? 1.f / den : 0.f;
+#pragma unroll
+  for (int t = 0; t < DL; ++t) out[lane + 32 * t] = from_f<T>(acc[t] * inv_den);
+  if (lane == 0) *lse_out = den > 0.f ? Ms + __logf(den) : -INFINITY;
+}
+
+// ----------------------------------------------------------------------------------- verify
+// One thread per tree: the greedy walk (first child whose token equals the target arg-max).
+__global__ void __launch_bounds__(128) verify_greedy_kernel(const int64_t* __restrict__ fc,
+                                                            const int64_t* __restrict__ ns,
+                                                            const int64_t* __restrict__ draft,
+                                                            const int64_t* __restrict__ argmax,
+                                                            int64_t B, int64_t n, int64_t max_depth,
+                                                            int64_t* __restrict__ accepted,
+                                                            int64_t* __restrict__ accept_len,
+                                                            int64_t* __restrict__ bonus) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  const int64_t o = b * n;
+  int64_t* row = accepted + b * (max_depth + 1);
+  for (int64_t k = 0; k <= max_depth; ++k) row[k] = -1;
+  row[0] = 0;
+  int64_t u = 0, k = 0;
+  while (k < max_depth) {
+    const int64_t want = argmax[o + u];
+    int64_t c = fc[o + u];
+    while (c >= 0 && c < n && draft[o + c] != want) c = ns[o + c];
+    if (c < 0 || c >= n) break;
+    row[++k] = c;
+    u = c;
+  }
+  accept_len[b] = k;
+  bonus[b] = argmax[o + u];
+}
+
+// Block-wide double sum, every thread gets the result (contains barriers).
+__device__ __forceinline__ double block_sum_d(double v, double* sh) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  double t = 0;
+  for (int w = 0; w < nw; ++w) t += sh[w];   // same order in every thread: identical results
+  return t;
+}
+
+// Stochastic verification, one block (256 threads) per tree; the residual r (V floats) lives in
+// the workspace row of the tree. Every decision is computed identically by all threads from
+// block-reduced values, so the control flow stays uniform.
+__global__ void __launch_bounds__(256) verify_sampling_kernel(
+    const int64_t* __restrict__ fc, const int64_t* __restrict__ ns, const int64_t* __restrict__ draft,
+    const float* __restrict__ tp, const float* __restrict__ dp, const float* __restrict__ coins,
+    const float* __restrict__ bonus_u, int64_t n, int64_t V, int64_t max_depth,
+    int64_t* __restrict__ accepted, int64_t* __restrict__ accept_len, int64_t* __restrict__ bonus,
+    float* __restrict__ work) {
+  __shared__ double sh[32];
+  __shared__ long long sh_pick;
+  const int64_t b = blockIdx.x, o = b * n;
+  float* r = work + b * V;
+  int64_t* row = accepted + b * (max_depth + 1);
+  for (int64_t k = threadIdx.x; k <= max_depth; k += blockDim.x) row[k] = k == 0 ? 0 : -1;
+  auto load = [&](int64_t node) {   // r <- target_probs[b, node]; returns the sum
+    __syncthreads();   // every thread is done reading the previous residual
+    const float* src = tp + (o + node) * V;
+    double s = 0;
+    for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s += (r[x] = src[x]);
+    return block_sum_d(s, sh);   // its barriers also publish r
+  };
+  double S = load(0);
+  int64_t u = 0, k = 0;
+  while (true) {
+    int64_t c = fc[o + u], got = -1;
+    while (c >= 0 && c < n) {
+      const int64_t t = draft[o + c];
+      const double coin = coins[o + c];
+      if (t >= 0 && t < V) {
+        if (dp) {
+          const float* q = dp + (o + u) * V;
+          if (accept_with_q(coin, q[t], r[t], S)) { got = c; break; }
+          double s2 = 0;
+          for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s2 += fmax(r[x] / S - q[x], 0.0);
+          s2 = block_sum_d(s2, sh);
+          if (s2 > 0) {
+            for (int64_t x = threadIdx.x; x < V; x += blockDim.x) r[x] = static_cast<float>(fmax(r[x] / S - q[x], 0.0));
+            double s3 = 0;   // each thread re-reads only the entries it wrote
+            for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s3 += r[x];
+            S = block_sum_d(s3, sh);
+          }
+        } else {
+          const double rt = r[t];
+          if (accept_one_hot(coin, rt, S)) { got = c; break; }
+          if (S - rt > 0) {
+            S -= rt;
+            __syncthreads();   // every thread has read r[t]
+            if (threadIdx.x == 0) r[t] = 0.f;
+            __syncthreads();
+          }
+        }
+      }
+      c = ns[o + c];
+    }
+    if (got < 0 || k >= max_depth) break;
+    ++k;
+    if (threadIdx.x == 0) row[k] = got;
+    u = got;
+    S = load(u);
+  }
+  // bonus ~ r by inverse CDF: thread chunks, block exclusive scan of chunk sums, then the first
+  // crossing index (block minimum); if rounding leaves none, the last positive entry.
+  const int64_t per = (V + blockDim.x - 1) / blockDim.x;
+  const int64_t x0 = threadIdx.x * per, x1 = x0 + per < V ? x0 + per : V;
+  double local = 0;
+  for (int64_t x = x0; x < x1; ++x) local += r[x];
+  __shared__ double pre[256];
+  pre[threadIdx.x] = local;
+  if (threadIdx.x == 0) sh_pick = 0x7fffffffffffffffll;
+  __syncthreads();
+  if (threadIdx.x == 0) {   // serial exclusive scan over <= 256 chunk sums (cheap, deterministic)
+    double run = 0;
+    for (unsigned t = 0; t < blockDim.x; ++t) {
+      const double v = pre[t];
+      pre[t] = run;
+      run += v;
+    }
+  }
+  __syncthreads();
+  const double thr = static_cast<double>(bonus_u[b]) * S;
+  double run = pre[threadIdx.x];
+  for (int64_t x = x0; x < x1; ++x) {
+    run += r[x];
+    if (run > thr) {
+      atomicMin(&sh_pick, static_cast<long long>(x));
+      break;
+    }
+  }
+  __syncthreads();
+  if (sh_pick == 0x7fffffffffffffffll) {
+    long long last = 0;
+    for (int64_t x = x0; x < x1; ++x)
+      if (r[x] > 0) last = x;
+    __syncthreads();
+    if (threadIdx.x == 0) sh_pick = 0;
+    __syncthreads();
+    atomicMax(&sh_pick, last);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    accept_len[b] = k;
+    bonus[b] = sh_pick;
+  }
+}
+
+// ---------------------------------------------------------------------------- dynamic trees
+// select_frontier: grid B, 256 threads; scores in shared memory; each candidate's rank is the
+// number of candidates that rank before it (O((F*K)^2 / threads), fine for F*K in the hundreds).
+__global__ void __launch_bounds__(256) select_frontier_kernel(const float* __restrict__ cum,
+                                                              const float* __restrict__ child, int64_t F,
+                                                              int64_t K, int64_t m, int64_t* __restrict__ parent,
+                                                              int64_t* __restrict__ rank_out,
+                                                              float* __restrict__ score) {
+  extern __shared__ float sc[];
+  const int64_t b = blockIdx.x, E = F * K;
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) sc[e] = cum[b * F + e / K] + child[b * E + e];
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    int64_t rk = 0;
+    for (int64_t f = 0; f < E && rk < m; ++f) rk += rank_before(sc[f], f, sc[e], e);
+    if (rk < m) {
+      parent[b * m + rk] = e / K;
+      rank_out[b * m + rk] = e % K;
+      score[b * m + rk] = sc[e];
+    }
+  }
+}
+
+// select_tree: grid B, 256 threads; shared: scores (T floats), kept position (T ints). Rank by
+// score (root forced first), keep rank < n, position = kept nodes before it, then each kept node
+// walks up to its nearest kept ancestor.
+__global__ void __launch_bounds__(256) select_tree_kernel(const float* __restrict__ cum,
+                                                          const int64_t* __restrict__ parents, int64_t T,
+                                                          int64_t n, int64_t* __restrict__ idx,
+                                                          int64_t* __restrict__ new_parents,
+                                                          float* __restrict__ score) {
+  extern __shared__ float smem_f[];
+  float* sc = smem_f;
+  int* pos = reinterpret_cast<int*>(smem_f + T);
+  const int64_t b = blockIdx.x;
+  for (int64_t e = threadIdx.x; e < T; e += blockDim.x) sc[e] = e == 0 ? INFINITY : cum[b * T + e];
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < T; e += blockDim.x) {
+    int64_t rk = 0;
+    for (int64_t f = 0; f < T && rk < n; ++f) rk += rank_before(sc[f], f, sc[e], e);
+    pos[e] = rk < n ? 1 : 0;
+  }
+  __syncthreads();
+  // position among kept nodes (O(T) per node; T is at most a few thousand)
+  int mypos[16];
+  int cntl = 0;
+  for (int64_t e = threadIdx.x; e < T; e += blockDim.x) {
+    int c = 0;
+    if (pos[e])
+      for (int64_t f = 0; f < e; ++f) c += pos[f];
+    if (cntl < 16) mypos[cntl] = pos[e] ? c : -1;
+    ++cntl;
+  }
+  __syncthreads();
+  cntl = 0;
+  for (int64_t e = threadIdx.x; e < T; e += blockDim.x) {
+    pos[e] = mypos[cntl < 16 ? cntl : 15];
+    ++cntl;
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < T; e += blockDim.x) {
+    const int r = pos[e];
+    if (r < 0) continue;
+    int64_t a = e > 0 ? parents[b * T + e] : -1;
+    while (a >= 0 && pos[a] < 0) a = parents[b * T + a];
+    idx[b * n + r] = e;
+    new_parents[b * n + r] = a >= 0 ? pos[a] : -1;
+    score[b * n + r] = cum[b * T + e];
+  }
+}
+
+}  // namespace device
+}  // namespace tree
+}  // namespace tokenkernels

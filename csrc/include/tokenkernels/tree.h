@@ -1,0 +1,127 @@
+// tree family (speculative-decoding token trees): torch-free definitions shared by the CPU
+// kernels (csrc/tree/tree.cpp), the CUDA kernels (tree.cuh) and their launchers
+// (csrc/tree/tree_kernels.cu).
+//
+// Conventions (see python/tokenkernels/reference/tree.py, the oracle):
+//   parents (B, n): parents[b][0] = -1, 0 <= parents[b][i] < i for i < tree_lens[b];
+//   mask (B, n, W = ceil(n/32)) int32, little-endian bit-packed: bit j%32 of word j/32 of row i
+//     is set iff j is i or an ancestor of i (padding rows all zero);
+//   depth, first_child, next_sibling (B, n) int64 (-1 = none; children linked in node order);
+//   paths (B, L_max, depth_max+1) int64, one root-to-leaf path per leaf in node order, -1 pad.
+#pragma once
+#include <cstdint>
+
+#include "tokenkernels/common.h"
+
+namespace tokenkernels {
+namespace tree {
+
+TK_HD int64_t mask_words(int64_t n) { return (n + 31) / 32; }
+
+// Bit j of a packed mask row.
+TK_HD bool mask_bit(const int32_t* row, int64_t j) {
+  return ((static_cast<uint32_t>(row[j >> 5]) >> (j & 31)) & 1u) != 0;
+}
+
+// Speculative-sampling acceptance (SpecInfer): candidate token t drawn from q is accepted with
+// probability min(1, p(t)/q(t)); with a uniform coin in [0, 1) that is coin * q(t) < p(t). The
+// deterministic-candidate case is q = one-hot: coin < p(t). p = residual / its sum S, so the
+// tests below take the unnormalised residual r(t) and S.
+TK_HD bool accept_with_q(double coin, double q_t, double r_t, double S) { return coin * q_t < r_t / S; }
+TK_HD bool accept_one_hot(double coin, double r_t, double S) { return coin * S < r_t; }
+
+// "a ranks before b" for the dynamic-tree selections: larger score first, ties to the lower
+// index. NaN scores rank last.
+TK_HD bool rank_before(float sa, int64_t ia, float sb, int64_t ib) {
+  const bool na = sa != sa, nb = sb != sb;
+  if (na != nb) return nb;
+  if (na) return ia < ib;
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+}  // namespace tree
+}  // namespace tokenkernels
+
+// ------------------------------------------------------------------ CUDA launchers (host API)
+#if defined(TOKENKERNELS_WITH_CUDA) || defined(__CUDACC__)
+#include <cuda_runtime_api.h>
+
+namespace tokenkernels {
+namespace tree {
+
+// Largest n the CUDA build / select kernels handle (one block per tree, node data in shared
+// memory).
+constexpr int64_t kMaxCudaNodes = 4096;
+
+// build: parents (B, n) int64 (validated by the caller), lens (B,) int64 or nullptr (= n).
+// Writes mask (B, n, W) int32, depth, first_child, next_sibling (B, n) int64. One block per tree.
+// variant 1 = plain (each node scans for its next sibling, O(n) per thread); otherwise tuned
+// (children grouped by a block-wide bitonic sort of (parent, index) keys).
+cudaError_t launch_build(const int64_t* parents, const int64_t* lens, int64_t B, int64_t n,
+                         int32_t* mask, int64_t* depth, int64_t* first_child,
+                         int64_t* next_sibling, int variant, cudaStream_t stream);
+
+// paths (B, L_max, D_max + 1) int64, fully written (-1 padding). One block per tree.
+cudaError_t launch_paths(const int64_t* parents, const int64_t* depth, const int64_t* first_child,
+                         const int64_t* lens, int64_t B, int64_t n, int64_t L_max, int64_t D_max,
+                         int64_t* paths, cudaStream_t stream);
+
+// Tree attention. q (B, n, Hq, D) contiguous; K/V caches contiguous (B, N_max, Hkv, D) or paged
+// (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int64. Tree token j of request
+// b sits at cache position prefix_lens[b] + j. Output out (B, n, Hq, D) in the input dtype, lse
+// (B, n, Hq) fp32 (natural log). Rows i >= tree_lens[b]: zeros, lse = -inf.
+struct AttnProblem {
+  int64_t B = 0, n = 0, Hq = 0, Hkv = 0, D = 0;
+  DType dtype = DType::kFloat32;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const int64_t* prefix_lens = nullptr;   // (B,)
+  const int32_t* mask = nullptr;          // (B, n, W)
+  const int64_t* tree_lens = nullptr;     // (B,) or nullptr
+  const int64_t* block_table = nullptr;   // (B, max_pages) or nullptr (contiguous)
+  int64_t N_max = 0;                      // contiguous: cache length per request
+  int64_t page_size = 0, max_pages = 0;   // paged
+  int64_t max_prefix = 0;                 // host-side upper bound of prefix_lens (no sync)
+  float scale = 1.0f;
+  void* out = nullptr;
+  float* lse = nullptr;
+};
+// Number of prefix splits the launcher will use, and the fp32 workspace it needs for them.
+int64_t attention_splits(const AttnProblem& p);
+size_t attention_workspace_bytes(const AttnProblem& p);
+// variant 1 = plain (one warp per query row and head, K/V read from global memory);
+// otherwise tuned (K/V tiles staged in shared memory once per block and reused by every query
+// row of the KV head). Both: prefix in splits with no mask, then the tree part with the mask
+// merged with the splits by log-sum-exp. Requires D % 32 == 0 and D <= 256.
+cudaError_t launch_attention(const AttnProblem& p, int variant, void* workspace, cudaStream_t stream);
+
+// Greedy verification, one thread per tree. accepted (B, max_depth+1), accept_len, bonus (B,).
+cudaError_t launch_verify_greedy(const int64_t* first_child, const int64_t* next_sibling,
+                                 const int64_t* draft_tokens, const int64_t* target_argmax,
+                                 int64_t B, int64_t n, int64_t max_depth, int64_t* accepted,
+                                 int64_t* accept_len, int64_t* bonus, cudaStream_t stream);
+
+// Stochastic verification, one block per tree. target_probs / draft_probs (B, n, V) fp32
+// contiguous (draft_probs may be nullptr), coins (B, n), bonus_u (B,) fp32. workspace: B*V
+// floats (the residual).
+cudaError_t launch_verify_sampling(const int64_t* first_child, const int64_t* next_sibling,
+                                   const int64_t* draft_tokens, const float* target_probs,
+                                   const float* draft_probs, const float* coins,
+                                   const float* bonus_u, int64_t B, int64_t n, int64_t V,
+                                   int64_t max_depth, int64_t* accepted, int64_t* accept_len,
+                                   int64_t* bonus, float* workspace, cudaStream_t stream);
+
+// Dynamic trees. select_frontier: cum (B, F), child (B, F, K) fp32 -> the m best (parent, rank,
+// score). select_tree: cum (B, T) fp32, parents (B, T) int64 -> n kept nodes (indices, parents
+// re-indexed to the nearest kept ancestor, score). One block per item, F*K and T <= kMaxCudaNodes.
+cudaError_t launch_select_frontier(const float* cum, const float* child, int64_t B, int64_t F,
+                                   int64_t K, int64_t m, int64_t* parent, int64_t* rank,
+                                   float* score, cudaStream_t stream);
+cudaError_t launch_select_tree(const float* cum, const int64_t* parents, int64_t B, int64_t T,
+                               int64_t n, int64_t* idx, int64_t* new_parents, float* score,
+                               cudaStream_t stream);
+
+}  // namespace tree
+}  // namespace tokenkernels
+#endif

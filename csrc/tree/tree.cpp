@@ -1,0 +1,635 @@
+// tree family, CPU kernels (speculative-decoding token trees).
+//
+// build: every mask row is independent (walk the node's ancestors, set their bits), so rows run
+//   in parallel over (tree, node) with at::parallel_for; depth falls out of the same walk. Child
+//   lists need, per tree, one backward linear pass (O(n), ~1 ns a node: cheaper than any thread
+//   hand-off), run in parallel over the batch. paths: leaf ranks by one prefix count per tree,
+//   then every leaf writes its own path in parallel.
+// attention: the prefix is split into chunks over (request, KV head, chunk) work items in
+//   parallel (split-KV): each item streams 256-key blocks through two BLAS GEMMs with an online
+//   softmax and no mask at all (every tree token sees the whole prefix). The tree part (n keys)
+//   is a third GEMM with the packed mask applied, and a log-sum-exp merge combines it with the
+//   prefix chunks. All G = H_q / H_kv query heads of a KV head share one GEMM (GQA), and
+//   fp16/bf16 K/V blocks are converted to fp32 once per block.
+// verify: one tree per task, in parallel over the batch (the walk itself is inherently serial).
+// select_frontier / select_tree: partial sorts per batch item, in parallel over the batch.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "tree/tree_args.h"
+#include "tokenkernels/tree.h"
+
+namespace tokenkernels {
+namespace tree {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+at::Tensor long_contig(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+at::Tensor opt_long(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? long_contig(*t) : at::Tensor();
+}
+
+// ------------------------------------------------------------------------------------- build
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cpu(
+    const at::Tensor& parents_in, const std::optional<at::Tensor>& tree_lens, bool check, int64_t impl) {
+  (void)check;   // CPU always validates: it is a linear pass over data already in cache
+  (void)impl;
+  check_index_tensor(parents_in, "build", "parents", 2);
+  const int64_t B = parents_in.size(0), n = parents_in.size(1);
+  TORCH_CHECK(n >= 1, "tokenkernels.tree.build: parents must have at least one node (the root)");
+  check_lens_shape(tree_lens, parents_in, B, "build", "tree_lens");
+  auto parents = long_contig(parents_in);
+  auto lens = opt_long(tree_lens);
+  check_parent_values(parents, lens, "build");
+
+  const int64_t W = mask_words(n);
+  auto opts = parents.options();
+  auto mask = at::zeros({B, n, W}, opts.dtype(at::kInt));
+  auto depth = at::zeros({B, n}, opts);
+  auto first_child = at::full({B, n}, -1, opts);
+  auto next_sibling = at::full({B, n}, -1, opts);
+  const int64_t* par = parents.data_ptr<int64_t>();
+  const int64_t* len = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  uint32_t* m = reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>());
+  int64_t* dep = depth.data_ptr<int64_t>();
+  int64_t* fc = first_child.data_ptr<int64_t>();
+  int64_t* ns = next_sibling.data_ptr<int64_t>();
+
+  // Mask rows and depths: one independent ancestor walk per node. A chunk gets about 64K
+  // word-operations (W words to clear + the walk), so small batches stay on the calling thread:
+  // waking the pool costs more than they do (n = 1024, B = 1 takes ~15 us on one core).
+  const int64_t grain = std::max<int64_t>(256, (int64_t(1) << 16) / (W + 8));
+  at::parallel_for(0, B * n, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / n, i = r % n;
+      if (i >= (len ? len[b] : n)) continue;   // padding: zero row, depth 0
+      const int64_t* p = par + b * n;
+      uint32_t* row = m + r * W;
+      int64_t d = -1;
+      for (int64_t j = i; j >= 0; j = p[j]) {
+        row[j >> 5] |= 1u << (j & 31);
+        ++d;
+      }
+      dep[r] = d;
+    }
+  });
+  // Child lists: a backward pass per tree links children in increasing order.
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t L = len ? len[b] : n;
+      const int64_t* p = par + b * n;
+      int64_t* f = fc + b * n;
+      int64_t* s = ns + b * n;
+      for (int64_t i = L - 1; i >= 1; --i) {
+        s[i] = f[p[i]];
+        f[p[i]] = i;
+      }
+    }
+  });
+  return {mask, depth, first_child, next_sibling};
+}
+
+at::Tensor paths_cpu(const at::Tensor& parents_in, const at::Tensor& depth_in,
+                     const at::Tensor& first_child_in, const std::optional<at::Tensor>& tree_lens,
+                     int64_t max_leaves, int64_t max_depth) {
+  check_index_tensor(parents_in, "paths", "parents", 2);
+  const int64_t B = parents_in.size(0), n = parents_in.size(1);
+  TORCH_CHECK(depth_in.sizes() == parents_in.sizes() && first_child_in.sizes() == parents_in.sizes(),
+              "tokenkernels.tree.paths: depth and first_child must have parents' shape ", parents_in.sizes());
+  check_lens_shape(tree_lens, parents_in, B, "paths", "tree_lens");
+  TORCH_CHECK(max_leaves >= 0 && max_depth >= 0, "tokenkernels.tree.paths: max_leaves and max_depth must be >= 0");
+  auto parents = long_contig(parents_in);
+  auto depth = long_contig(depth_in);
+  auto fcs = long_contig(first_child_in);
+  auto lens = opt_long(tree_lens);
+  auto paths = at::full({B, max_leaves, max_depth + 1}, -1, parents.options());
+  auto rank = at::full({B, n}, -1, parents.options());
+  const int64_t* par = parents.data_ptr<int64_t>();
+  const int64_t* dep = depth.data_ptr<int64_t>();
+  const int64_t* fc = fcs.data_ptr<int64_t>();
+  const int64_t* len = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  int64_t* rk = rank.data_ptr<int64_t>();
+  int64_t* out = paths.data_ptr<int64_t>();
+  // Leaf ranks: a prefix count per tree.
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / n), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t L = std::min(len ? len[b] : n, n);
+      int64_t c = 0;
+      for (int64_t i = 0; i < L; ++i) {
+        if (fc[b * n + i] < 0) {
+          TORCH_CHECK(dep[b * n + i] <= max_depth, "tokenkernels.tree.paths: node ", i, " of tree ", b,
+                      " has depth ", dep[b * n + i], " > max_depth = ", max_depth);
+          rk[b * n + i] = c++;
+        }
+      }
+      TORCH_CHECK(c <= max_leaves, "tokenkernels.tree.paths: tree ", b, " has ", c,
+                  " leaves > max_leaves = ", max_leaves);
+    }
+  });
+  // Every leaf writes its own root-to-leaf path (chunks of 4096 nodes, as in build).
+  const int64_t Dp = max_depth + 1;
+  at::parallel_for(0, B * n, 4096, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (rk[r] < 0) continue;
+      const int64_t b = r / n;
+      int64_t* row = out + (b * max_leaves + rk[r]) * Dp;
+      for (int64_t j = r % n; j >= 0; j = par[b * n + j]) row[dep[b * n + j]] = j;
+    }
+  });
+  return paths;
+}
+
+// ---------------------------------------------------------------------------------- attention
+
+constexpr int64_t kKeyBlock = 256;   // keys per GEMM block in the prefix loop
+
+template <typename T>
+struct CacheView {
+  const T* base;
+  const AttnDims* d;
+  const int64_t* table;   // (B, max_pages) or nullptr
+  // Pointer to the D values of (request b, position pos, kv head h).
+  const T* row(int64_t b, int64_t pos, int64_t h) const {
+    int64_t slot;
+    if (table) {
+      const int64_t page = table[b * d->max_pages + pos / d->page_size];
+      slot = page * d->page_size + pos % d->page_size;
+    } else {
+      slot = b * d->N_max + pos;
+    }
+    return base + (slot * d->Hkv + h) * d->D;
+  }
+  // Rows [pos0, pos0 + cnt) of head h as fp32 (cnt, D) into dst.
+  void gather(int64_t b, int64_t h, int64_t pos0, int64_t cnt, float* dst) const {
+    const int64_t D = d->D;
+    for (int64_t r = 0; r < cnt; ++r) {
+      const T* src = row(b, pos0 + r, h);
+      float* o = dst + r * D;
+      for (int64_t x = 0; x < D; ++x) o[x] = static_cast<float>(src[x]);
+    }
+  }
+};
+
+// (L*G, D) fp32 queries of KV head h, pre-multiplied by the softmax scale; row i*G + g is query
+// token i, head h*G + g.
+template <typename T>
+at::Tensor gather_q(const T* q, const AttnDims& d, int64_t b, int64_t h, int64_t L, float scale) {
+  const int64_t G = d.Hq / d.Hkv, D = d.D;
+  auto Q = at::empty({L * G, D}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = Q.data_ptr<float>();
+  for (int64_t i = 0; i < L; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const T* src = q + ((b * d.n + i) * d.Hq + h * G + g) * D;
+      float* o = dst + (i * G + g) * D;
+      for (int64_t x = 0; x < D; ++x) o[x] = static_cast<float>(src[x]) * scale;
+    }
+  return Q;
+}
+
+struct Chunk {
+  int64_t b, h, pos0, cnt;
+};
+
+template <typename T>
+void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const AttnDims& d, const int64_t* P, const int64_t* Lens,
+                        const int32_t* mask, const int64_t* table, float scale, at::Tensor& out,
+                        at::Tensor& lse) {
+  const int64_t G = d.Hq / d.Hkv, D = d.D, n = d.n, W = d.W;
+  const T* qp = q.data_ptr<T>();
+  CacheView<T> K{k.data_ptr<T>(), &d, table};
+  CacheView<T> V{v.data_ptr<T>(), &d, table};
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto len_of = [&](int64_t b) { return Lens ? Lens[b] : n; };
+
+  // Plan the split-KV chunks: enough work items for every thread, >= 2 key blocks each.
+  int64_t total = 0;
+  for (int64_t b = 0; b < d.B; ++b)
+    if (len_of(b) > 0) total += P[b];
+  const int64_t target = 4 * std::max<int64_t>(1, at::get_num_threads());
+  int64_t chunk = std::max<int64_t>(2 * kKeyBlock, (total * d.Hkv + target - 1) / target);
+  chunk = (chunk + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first(d.B * d.Hkv + 1, 0);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t h = 0; h < d.Hkv; ++h) {
+      first[b * d.Hkv + h] = static_cast<int64_t>(chunks.size());
+      if (len_of(b) > 0)
+        for (int64_t s = 0; s < P[b]; s += chunk) chunks.push_back({b, h, s, std::min(chunk, P[b] - s)});
+    }
+  first[d.B * d.Hkv] = static_cast<int64_t>(chunks.size());
+  const int64_t R = n * G;   // rows per (request, KV head)
+  const int64_t C = static_cast<int64_t>(chunks.size());
+  auto part_o = at::empty({std::max<int64_t>(C, 1), R, D}, f32);
+  auto part_lse = at::empty({std::max<int64_t>(C, 1), R}, f32);
+
+  // Prefix chunks: no mask, online softmax over 256-key blocks.
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    auto Kb = at::empty({kKeyBlock, D}, f32);
+    auto Vb = at::empty({kKeyBlock, D}, f32);
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& ch = chunks[c];
+      const int64_t rows = len_of(ch.b) * G;
+      auto Q = gather_q(qp, d, ch.b, ch.h, len_of(ch.b), scale);
+      auto m = at::full({rows}, kNegInf, f32);
+      auto l = at::zeros({rows}, f32);
+      auto o = part_o[c].narrow(0, 0, rows);
+      o.zero_();
+      for (int64_t s = 0; s < ch.cnt; s += kKeyBlock) {
+        const int64_t kn = std::min(kKeyBlock, ch.cnt - s);
+        K.gather(ch.b, ch.h, ch.pos0 + s, kn, Kb.data_ptr<float>());
+        V.gather(ch.b, ch.h, ch.pos0 + s, kn, Vb.data_ptr<float>());
+        auto kb = Kb.narrow(0, 0, kn), vb = Vb.narrow(0, 0, kn);
+        auto sc = at::mm(Q, kb.t());                           // (rows, kn)
+        auto m_new = at::maximum(m, sc.amax(1));
+        auto alpha = (m - m_new).exp_();                        // 0 on the first block
+        sc.sub_(m_new.unsqueeze(1)).exp_();
+        l.mul_(alpha).add_(sc.sum(1));
+        o.mul_(alpha.unsqueeze(1)).addmm_(sc, vb);
+        m = m_new;
+      }
+      o.div_(l.unsqueeze(1));
+      part_lse[c].narrow(0, 0, rows).copy_(m + l.log());
+    }
+  });
+
+  // Tree part with the mask, then the log-sum-exp merge with the prefix chunks.
+  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / d.Hkv, h = t % d.Hkv, L = len_of(b);
+      const int64_t rows = L * G;
+      // padding query rows: zeros, lse = -inf
+      for (int64_t i = L; i < n; ++i)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t hq = h * G + g;
+          T* dst = op + ((b * n + i) * d.Hq + hq) * D;
+          for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(0.0f);
+          lp[(b * n + i) * d.Hq + hq] = kNegInf;
+        }
+      if (L == 0) continue;
+      auto Q = gather_q(qp, d, b, h, L, scale);
+      auto Kt = at::empty({L, D}, f32), Vt = at::empty({L, D}, f32);
+      K.gather(b, h, P[b], L, Kt.data_ptr<float>());
+      V.gather(b, h, P[b], L, Vt.data_ptr<float>());
+      auto allowed = at::empty({L, L}, at::TensorOptions().dtype(at::kBool));
+      bool* al = allowed.data_ptr<bool>();
+      for (int64_t i = 0; i < L; ++i) {
+        const int32_t* row = mask + (b * n + i) * W;
+        for (int64_t j = 0; j < L; ++j) al[i * L + j] = mask_bit(row, j);
+      }
+      auto sc = at::mm(Q, Kt.t());                                   // (rows, L)
+      sc.view({L, G, L}).masked_fill_(allowed.logical_not().unsqueeze(1), kNegInf);
+      auto mt = sc.amax(1);
+      auto mt_safe = at::where(at::isinf(mt), at::zeros_like(mt), mt);
+      sc.sub_(mt_safe.unsqueeze(1)).exp_();
+      auto lt = sc.sum(1);
+      auto ot = at::mm(sc, Vt).div_(lt.clamp_min(1e-30f).unsqueeze(1));
+      auto lse_t = mt_safe + lt.log();                                   // -inf where empty
+      // merge: parts = prefix chunks of (b, h) + the tree part
+      const int64_t c0 = first[t], c1 = first[t + 1];
+      auto M = lse_t.clone();
+      for (int64_t c = c0; c < c1; ++c) M = at::maximum(M, part_lse[c].narrow(0, 0, rows));
+      auto Ms = at::where(at::isinf(M), at::zeros_like(M), M);
+      auto w = (lse_t - Ms).exp_();
+      auto num = ot.mul_(w.unsqueeze(1));
+      auto den = w.clone();
+      for (int64_t c = c0; c < c1; ++c) {
+        auto wc = (part_lse[c].narrow(0, 0, rows) - Ms).exp_();
+        num.addcmul_(part_o[c].narrow(0, 0, rows), wc.unsqueeze(1));
+        den.add_(wc);
+      }
+      num.div_(den.clamp_min(1e-30f).unsqueeze(1));
+      auto lse_all = Ms + den.log();
+      const float* nm = num.template data_ptr<float>();
+      const float* la = lse_all.template data_ptr<float>();
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = i * G + g, hq = h * G + g;
+          T* dst = op + ((b * n + i) * d.Hq + hq) * D;
+          for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(nm[r * D + x]);
+          lp[(b * n + i) * d.Hq + hq] = la[r];
+        }
+    }
+  });
+}
+
+void attention_out_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                       const at::Tensor& prefix_lens, const at::Tensor& mask_in,
+                       const std::optional<at::Tensor>& tree_lens,
+                       const std::optional<at::Tensor>& block_table, double scale, int64_t impl,
+                       const at::Tensor& out, const at::Tensor& lse) {
+  (void)impl;
+  auto d = check_attention_args(q_in, k_in, v_in, prefix_lens, mask_in, tree_lens, block_table);
+  check_out_args(q_in, d, out, lse);
+  auto P = long_contig(prefix_lens);
+  auto Lens = opt_long(tree_lens);
+  auto table = opt_long(block_table);
+  check_attention_values(d, P, Lens, table);
+  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), mask = mask_in.contiguous();
+  at::Tensor o = out, l = lse;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu", [&] {
+    attention_cpu_impl<scalar_t>(q, k, v, d, P.data_ptr<int64_t>(),
+                                 Lens.defined() ? Lens.data_ptr<int64_t>() : nullptr,
+                                 mask.data_ptr<int32_t>(),
+                                 table.defined() ? table.data_ptr<int64_t>() : nullptr,
+                                 static_cast<float>(scale), o, l);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, const at::Tensor& prefix_lens,
+                                                 const at::Tensor& mask,
+                                                 const std::optional<at::Tensor>& tree_lens,
+                                                 const std::optional<at::Tensor>& block_table,
+                                                 double scale, int64_t impl) {
+  TORCH_CHECK(q.dim() == 4, "tokenkernels.tree.attention: q must be 4-D (B, n, H_q, D), got shape ", q.sizes());
+  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  attention_out_cpu(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, impl, out, lse);
+  return {out, lse};
+}
+
+// ------------------------------------------------------------------------------------- verify
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(
+    const at::Tensor& first_child_in, const at::Tensor& next_sibling_in, const at::Tensor& draft_in,
+    const at::Tensor& argmax_in, int64_t max_depth) {
+  check_verify_args(first_child_in, next_sibling_in, draft_in, "verify_greedy");
+  check_index_tensor(argmax_in, "verify_greedy", "target_argmax", 2);
+  TORCH_CHECK(argmax_in.sizes() == first_child_in.sizes(), "tokenkernels.tree.verify_greedy: target_argmax ",
+              argmax_in.sizes(), " must match the tree's (B, n) = ", first_child_in.sizes());
+  check_device(first_child_in, argmax_in, "verify_greedy", "tree", "target_argmax");
+  TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_greedy: max_depth must be >= 0");
+  const int64_t B = first_child_in.size(0), n = first_child_in.size(1);
+  auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in);
+  auto draft = long_contig(draft_in), am = long_contig(argmax_in);
+  auto opts = fcs.options();
+  auto accepted = at::full({B, max_depth + 1}, -1, opts);
+  auto accept_len = at::empty({B}, opts);
+  auto bonus = at::empty({B}, opts);
+  const int64_t *fc = fcs.data_ptr<int64_t>(), *ns = nss.data_ptr<int64_t>();
+  const int64_t *dt = draft.data_ptr<int64_t>(), *ta = am.data_ptr<int64_t>();
+  int64_t *acc = accepted.data_ptr<int64_t>(), *al = accept_len.data_ptr<int64_t>(), *bo = bonus.data_ptr<int64_t>();
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = b * n;
+      int64_t* row = acc + b * (max_depth + 1);
+      int64_t u = 0, k = 0;
+      row[0] = 0;
+      while (k < max_depth) {
+        const int64_t want = ta[o + u];
+        int64_t c = fc[o + u];
+        while (c >= 0 && dt[o + c] != want) {
+          TORCH_CHECK(c < n, "tokenkernels.tree.verify_greedy: corrupt child link ", c);
+          c = ns[o + c];
+        }
+        if (c < 0) break;
+        TORCH_CHECK(c < n, "tokenkernels.tree.verify_greedy: corrupt child link ", c);
+        row[++k] = c;
+        u = c;
+      }
+      al[b] = k;
+      bo[b] = ta[o + u];
+    }
+  });
+  return {accepted, accept_len, bonus};
+}
+
+template <typename T>
+void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* dt, const T* pt, const T* pq,
+                          const double* cn, const double* bv, int64_t B, int64_t n, int64_t V, int64_t max_depth,
+                          int64_t* acc, int64_t* al, int64_t* bo) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> rbuf(V), tbuf(V);
+    double* r = rbuf.data();
+    double* tmp = tbuf.data();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = b * n;
+      int64_t* row = acc + b * (max_depth + 1);
+      int64_t u = 0, k = 0;
+      row[0] = 0;
+      auto load = [&](int64_t node) {   // residual <- target_probs[b, node]; returns its sum
+        const T* src = pt + (o + node) * V;
+        double s[4] = {0, 0, 0, 0};   // four independent sums: no serial add chain
+        int64_t x = 0;
+        for (; x + 4 <= V; x += 4)
+          for (int j = 0; j < 4; ++j) s[j] += (r[x + j] = static_cast<double>(src[x + j]));
+        for (; x < V; ++x) s[0] += (r[x] = static_cast<double>(src[x]));
+        return (s[0] + s[1]) + (s[2] + s[3]);
+      };
+      double S = load(0);
+      while (true) {
+        int64_t c = fc[o + u], got = -1;
+        while (c >= 0) {
+          TORCH_CHECK(c < n, "tokenkernels.tree.verify_sampling: corrupt child link ", c);
+          const int64_t t = dt[o + c];
+          TORCH_CHECK(t >= 0 && t < V, "tokenkernels.tree.verify_sampling: draft_tokens[", b, ", ", c, "] = ", t,
+                      " is not in [0, V = ", V, ")");
+          const double coin = cn[o + c];
+          if (pq) {
+            const T* q = pq + (o + u) * V;
+            if (accept_with_q(coin, static_cast<double>(q[t]), r[t], S)) { got = c; break; }
+            // residual <- max(p - q, 0) with p = r / S (kept unnormalised; S is its sum), one
+            // pass into the spare buffer, kept only if it has mass (rounding can empty it)
+            const double inv = 1.0 / S;
+            double s[4] = {0, 0, 0, 0};
+            int64_t x = 0;
+            for (; x + 4 <= V; x += 4)
+              for (int j = 0; j < 4; ++j)
+                s[j] += (tmp[x + j] = std::max(r[x + j] * inv - static_cast<double>(q[x + j]), 0.0));
+            for (; x < V; ++x) s[0] += (tmp[x] = std::max(r[x] * inv - static_cast<double>(q[x]), 0.0));
+            const double s2 = (s[0] + s[1]) + (s[2] + s[3]);
+            if (s2 > 0) {
+              std::swap(r, tmp);
+              S = s2;
+            }
+          } else {
+            if (accept_one_hot(coin, r[t], S)) { got = c; break; }
+            if (S - r[t] > 0) {
+              S = S - r[t];
+              r[t] = 0;
+            }
+          }
+          c = ns[o + c];
+        }
+        if (got < 0 || k >= max_depth) break;
+        row[++k] = got;
+        u = got;
+        S = load(u);
+      }
+      al[b] = k;
+      // bonus ~ residual, by inverse CDF: first x with running sum > u * S
+      const double thr = bv[b] * S;
+      double run = 0;
+      int64_t pick = -1, last_pos = 0;
+      for (int64_t x = 0; x < V; ++x) {
+        run += r[x];
+        if (r[x] > 0) last_pos = x;
+        if (run > thr) { pick = x; break; }
+      }
+      bo[b] = pick >= 0 ? pick : last_pos;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cpu(
+    const at::Tensor& first_child_in, const at::Tensor& next_sibling_in, const at::Tensor& draft_in,
+    const at::Tensor& target_probs_in, const std::optional<at::Tensor>& draft_probs_in,
+    const at::Tensor& coins_in, const at::Tensor& bonus_u_in, int64_t max_depth) {
+  const char* op = "verify_sampling";
+  check_verify_args(first_child_in, next_sibling_in, draft_in, op);
+  const int64_t B = first_child_in.size(0), n = first_child_in.size(1);
+  TORCH_CHECK(target_probs_in.dim() == 3 && target_probs_in.size(0) == B && target_probs_in.size(1) == n,
+              "tokenkernels.tree.verify_sampling: target_probs must have shape (", B, ", ", n, ", V), got ",
+              target_probs_in.sizes());
+  TORCH_CHECK(target_probs_in.is_floating_point(), "tokenkernels.tree.verify_sampling: target_probs must be "
+              "floating point, got ", target_probs_in.scalar_type());
+  check_device(first_child_in, target_probs_in, op, "tree", "target_probs");
+  const int64_t V = target_probs_in.size(2);
+  TORCH_CHECK(V >= 1, "tokenkernels.tree.verify_sampling: the vocabulary must not be empty");
+  if (draft_probs_in.has_value()) {
+    TORCH_CHECK(draft_probs_in->sizes() == target_probs_in.sizes() && draft_probs_in->is_floating_point(),
+                "tokenkernels.tree.verify_sampling: draft_probs must be floating point with target_probs' shape ",
+                target_probs_in.sizes(), ", got ", draft_probs_in->scalar_type(), " ", draft_probs_in->sizes());
+    check_device(first_child_in, *draft_probs_in, op, "tree", "draft_probs");
+  }
+  TORCH_CHECK(coins_in.dim() == 2 && coins_in.size(0) == B && coins_in.size(1) == n && coins_in.is_floating_point(),
+              "tokenkernels.tree.verify_sampling: coins must be floating point of shape (", B, ", ", n, "), got ",
+              coins_in.sizes());
+  TORCH_CHECK(bonus_u_in.dim() == 1 && bonus_u_in.size(0) == B && bonus_u_in.is_floating_point(),
+              "tokenkernels.tree.verify_sampling: bonus_u must be floating point of shape (", B, ",), got ",
+              bonus_u_in.sizes());
+  TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_sampling: max_depth must be >= 0");
+  auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in), draft = long_contig(draft_in);
+  // Probabilities are read in their own dtype (only the visited rows are touched; converting the
+  // whole (B, n, V) tensor would cost more than the verification); arithmetic is in double.
+  auto tp = target_probs_in.contiguous();
+  auto dp = draft_probs_in.has_value() ? draft_probs_in->contiguous() : at::Tensor();
+  if (dp.defined() && dp.scalar_type() != tp.scalar_type()) {   // mixed dtypes: both in double
+    tp = tp.to(at::kDouble);
+    dp = dp.to(at::kDouble);
+  }
+  auto coins = coins_in.to(at::kDouble).contiguous(), bu = bonus_u_in.to(at::kDouble).contiguous();
+  auto opts = fcs.options();
+  auto accepted = at::full({B, max_depth + 1}, -1, opts);
+  auto accept_len = at::empty({B}, opts);
+  auto bonus = at::empty({B}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tp.scalar_type(), "tree_verify_sampling_cpu", [&] {
+    verify_sampling_impl<scalar_t>(fcs.data_ptr<int64_t>(), nss.data_ptr<int64_t>(), draft.data_ptr<int64_t>(),
+                                   tp.data_ptr<scalar_t>(), dp.defined() ? dp.data_ptr<scalar_t>() : nullptr,
+                                   coins.data_ptr<double>(), bu.data_ptr<double>(), B, n, V, max_depth,
+                                   accepted.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),
+                                   bonus.data_ptr<int64_t>());
+  });
+  return {accepted, accept_len, bonus};
+}
+
+// ------------------------------------------------------------------------------ dynamic trees
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_frontier_cpu(const at::Tensor& cum_in,
+                                                                   const at::Tensor& child_in, int64_t m) {
+  TORCH_CHECK(cum_in.dim() == 2 && cum_in.is_floating_point(), "tokenkernels.tree.select_frontier: cum_logp "
+              "must be a floating (B, F) tensor, got ", cum_in.scalar_type(), " ", cum_in.sizes());
+  TORCH_CHECK(child_in.dim() == 3 && child_in.is_floating_point() && child_in.size(0) == cum_in.size(0) &&
+                  child_in.size(1) == cum_in.size(1),
+              "tokenkernels.tree.select_frontier: child_logp must be a floating (B, F, K) tensor with B, F of cum_logp ",
+              cum_in.sizes(), ", got ", child_in.sizes());
+  check_device(cum_in, child_in, "select_frontier", "cum_logp", "child_logp");
+  const int64_t B = cum_in.size(0), F = cum_in.size(1), K = child_in.size(2);
+  TORCH_CHECK(m >= 0 && m <= F * K, "tokenkernels.tree.select_frontier: m = ", m, " must lie in [0, F*K = ", F * K, "]");
+  auto cum = cum_in.to(at::kFloat).contiguous(), child = child_in.to(at::kFloat).contiguous();
+  auto lopt = cum.options().dtype(at::kLong);
+  auto parent = at::empty({B, m}, lopt), rank = at::empty({B, m}, lopt), score = at::empty({B, m}, cum.options());
+  const float *cp = cum.data_ptr<float>(), *kp = child.data_ptr<float>();
+  int64_t *po = parent.data_ptr<int64_t>(), *ro = rank.data_ptr<int64_t>();
+  float* so = score.data_ptr<float>();
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<float> s(F * K);
+    std::vector<int64_t> idx(F * K);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t f = 0; f < F; ++f)
+        for (int64_t k = 0; k < K; ++k) s[f * K + k] = cp[b * F + f] + kp[(b * F + f) * K + k];
+      std::iota(idx.begin(), idx.end(), 0);
+      std::partial_sort(idx.begin(), idx.begin() + m, idx.end(),
+                        [&](int64_t a, int64_t c) { return rank_before(s[a], a, s[c], c); });
+      for (int64_t j = 0; j < m; ++j) {
+        po[b * m + j] = idx[j] / K;
+        ro[b * m + j] = idx[j] % K;
+        so[b * m + j] = s[idx[j]];
+      }
+    }
+  });
+  return {parent, rank, score};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_tree_cpu(const at::Tensor& cum_in,
+                                                               const at::Tensor& parents_in, int64_t n) {
+  TORCH_CHECK(cum_in.dim() == 2 && cum_in.is_floating_point(), "tokenkernels.tree.select_tree: cum_logp must be "
+              "a floating (B, T) tensor, got ", cum_in.scalar_type(), " ", cum_in.sizes());
+  check_index_tensor(parents_in, "select_tree", "parents", 2);
+  TORCH_CHECK(parents_in.sizes() == cum_in.sizes(), "tokenkernels.tree.select_tree: parents ", parents_in.sizes(),
+              " must match cum_logp ", cum_in.sizes());
+  check_device(cum_in, parents_in, "select_tree", "cum_logp", "parents");
+  const int64_t B = cum_in.size(0), T = cum_in.size(1);
+  TORCH_CHECK(n >= 1 && n <= T, "tokenkernels.tree.select_tree: n = ", n, " must lie in [1, T = ", T, "]");
+  auto cum = cum_in.to(at::kFloat).contiguous();
+  auto parents = long_contig(parents_in);
+  check_parent_values(parents, at::Tensor(), "select_tree");
+  auto lopt = parents.options();
+  auto idx = at::empty({B, n}, lopt), newp = at::empty({B, n}, lopt), score = at::empty({B, n}, cum.options());
+  const float* cp = cum.data_ptr<float>();
+  const int64_t* pp = parents.data_ptr<int64_t>();
+  int64_t *io = idx.data_ptr<int64_t>(), *npo = newp.data_ptr<int64_t>();
+  float* so = score.data_ptr<float>();
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> order(T), pos(T);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* s = cp + b * T;
+      const int64_t* p = pp + b * T;
+      std::iota(order.begin(), order.end(), 0);
+      // the root first, then by score (ties: lower index)
+      std::partial_sort(order.begin(), order.begin() + n, order.end(), [&](int64_t a, int64_t c) {
+        if (a == 0 || c == 0) return a == 0 && c != 0;
+        return rank_before(s[a], a, s[c], c);
+      });
+      std::sort(order.begin(), order.begin() + n);
+      std::fill(pos.begin(), pos.end(), -1);
+      for (int64_t r = 0; r < n; ++r) pos[order[r]] = r;
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t j = order[r];
+        int64_t a = j > 0 ? p[j] : -1;
+        while (a >= 0 && pos[a] < 0) a = p[a];   // nearest kept ancestor
+        io[b * n + r] = j;
+        npo[b * n + r] = a >= 0 ? pos[a] : -1;
+        so[b * n + r] = s[j];
+      }
+    }
+  });
+  return {idx, newp, score};
+}
+
+}  // namespace
+}  // namespace tree
+}  // namespace tokenkernels
+
+TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
+  m.impl("tree_build", &tokenkernels::tree::build_cpu);
+  m.impl("tree_paths", &tokenkernels::tree::paths_cpu);
+  m.impl("tree_attention", &tokenkernels::tree::attention_cpu);
+  m.impl("tree_attention_out", &tokenkernels::tree::attention_out_cpu);
+  m.impl("tree_verify_greedy", &tokenkernels::tree::verify_greedy_cpu);
+  m.impl("tree_verify_sampling", &tokenkernels::tree::verify_sampling_cpu);
+  m.impl("tree_select_frontier", &tokenkernels::tree::select_frontier_cpu);
+  m.impl("tree_select_tree", &tokenkernels::tree::select_tree_cpu);
+}

@@ -1,0 +1,132 @@
+"""tree family: ``tokenkernels.tree`` ops against the PyTorch reference
+(``tokenkernels.reference.tree``) and, for attention, the dense-mask SDPA baseline (one padded
+``scaled_dot_product_attention`` call with a (B, n, prefix + n) bool mask, GQA via enable_gqa)
+and an unmasked SDPA of the same n queries over the same keys (the floor: a plain n-query decode).
+
+Trees: Medusa's 63-node default tree (64 nodes with the root) for verify/attention; random trees
+(uniform attachment, fixed seed) for build. Shapes: Llama-3-8B attention heads (32 query heads,
+8 KV heads, head dim 128).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+import tokenkernels as tk
+from tokenkernels.reference import tree as ref
+
+from . import Context, Row
+
+DESCRIPTION = "token trees: build, verify (greedy / sampling), tree attention vs dense-mask SDPA"
+
+MEDUSA_63 = [[0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0],
+             [0, 5], [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0],
+             [0, 9], [8], [9], [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5],
+             [0, 0, 0, 0], [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9],
+             [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0],
+             [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]]
+
+
+def random_parents(B: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(B, n, generator=g)
+    p = (u * torch.arange(n)).long()          # uniform in [0, i)
+    p[:, 0] = -1
+    return p
+
+
+def _rows(ctx: Context, case: str, fns, work=0.0, bytes_=False):
+    started = time.perf_counter()
+    rows = []
+    for impl, fn, slow in fns:
+        t = ctx.time(fn, slow=slow)
+        rows.append(Row("tree", case, impl, t, work=work if impl == "tokenkernels" else 0.0, bytes=bytes_))
+    ctx.add(rows, started)
+    return rows
+
+
+def _ratio_note(rows, what: str) -> str:
+    base = {r.impl: r.timing.ms for r in rows}
+    op = base.get("tokenkernels", math.nan)
+    parts = [f"{k} {v / op:.2f}x" for k, v in base.items() if k != "tokenkernels"]
+    return f"{what}: tokenkernels {op:.3f} ms; others' time / ours: " + ", ".join(parts)
+
+
+def run(ctx: Context) -> None:
+    dev = ctx.device
+    quick = ctx.quick
+
+    # ---- build
+    for B, n in ([(1, 64), (1, 256)] if quick else [(1, 64), (1, 256), (1, 1024), (16, 256)]):
+        par = random_parents(B, n, seed=n + B).to(dev)
+        t0 = tk.tree.build(par)
+        md, ml = t0.max_depth, t0.paths.shape[1]
+        rows = _rows(ctx, f"build B{B} n{n}", [
+            ("tokenkernels", lambda: tk.tree.build(par), False),
+            # sizes of paths given: no read-back of depth/leaf counts (CUDA: no host sync)
+            ("tokenkernels_sizes_given", lambda: tk.tree.build(par, max_depth=md, max_leaves=ml), False),
+            ("reference", lambda: ref.build(par.cpu()), True),
+        ])
+        ctx.note(_ratio_note(rows, f"build B{B} n{n}"))
+
+    # ---- verify
+    medusa = tk.tree.from_paths(MEDUSA_63)
+    for B in (1, 16):
+        par = medusa[None].expand(B, 64).contiguous().to(dev)
+        tree = tk.tree.build(par)
+        g = torch.Generator().manual_seed(B)
+        draft = torch.randint(0, 4, (B, 64), generator=g).to(dev)
+        am = torch.randint(0, 4, (B, 64), generator=g).to(dev)
+        rows = _rows(ctx, f"verify_greedy medusa63 B{B}", [
+            ("tokenkernels", lambda: tk.tree.verify_greedy(tree, draft, am), False),
+            ("reference", lambda: ref.verify_greedy(tree.first_child, tree.next_sibling, draft, am, tree.max_depth),
+             True),
+        ])
+        ctx.note(_ratio_note(rows, f"verify_greedy B{B}"))
+    V = 32000
+    B = 4
+    par = medusa[None].expand(B, 64).contiguous().to(dev)
+    tree = tk.tree.build(par)
+    g = torch.Generator().manual_seed(0)
+    tp = torch.softmax(torch.randn(B, 64, V, generator=g) * 3, -1).to(dev)
+    dp = torch.softmax(torch.randn(B, 64, V, generator=g) * 3, -1).to(dev)
+    draft = torch.multinomial(dp[:, 0].cpu(), 64, replacement=True, generator=g).to(dev)
+    coins, bu = torch.rand(B, 64, generator=g).to(dev), torch.rand(B, generator=g).to(dev)
+    rows = _rows(ctx, f"verify_sampling medusa63 B{B} V{V}", [
+        ("tokenkernels", lambda: tk.tree.verify_sampling(tree, draft, tp, draft_probs=dp, coins=coins,
+                                                          bonus_u=bu, check=False), False),
+        ("reference", lambda: ref.verify_sampling(tree.first_child, tree.next_sibling, draft, tp, dp, coins, bu,
+                                                  tree.max_depth), True),
+    ])
+    ctx.note(_ratio_note(rows, f"verify_sampling B{B} V{V}"))
+
+    # ---- attention: 64-node tree over a long prefix, Llama-3-8B heads
+    Hq, Hkv, D = 32, 8, 128
+    n = 64
+    prefixes = [1024] if quick else [4096]
+    for prefix in prefixes:
+        for dtype in (torch.float32, torch.bfloat16):
+            B = 1
+            tree = tk.tree.build(medusa[None].to(dev))
+            g = torch.Generator().manual_seed(prefix)
+            N = prefix + n
+            q = torch.randn(B, n, Hq, D, generator=g).to(dtype).to(dev)
+            k = torch.randn(B, N, Hkv, D, generator=g).to(dtype).to(dev)
+            v = torch.randn(B, N, Hkv, D, generator=g).to(dtype).to(dev)
+            P = torch.full((B,), prefix, device=dev)
+            page = 16
+            table = torch.arange(N // page, device=dev).view(1, -1)
+            kp, vp = k.view(-1, page, Hkv, D), v.view(-1, page, Hkv, D)
+            out = torch.empty_like(q)
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            kv_bytes = 2 * N * Hkv * D * q.element_size()
+            rows = _rows(ctx, f"attention medusa63 prefix{prefix} B{B} Hq{Hq} Hkv{Hkv} D{D} {str(dtype)[6:]}", [
+                ("tokenkernels", lambda: tk.tree.attention(q, k, v, P, tree, out=out), False),
+                ("tokenkernels_paged16", lambda: tk.tree.attention(q, kp, vp, P, tree, block_table=table), False),
+                ("sdpa_dense_mask", lambda: ref.attention_sdpa(q, k, v, P, tree.mask), False),
+                ("sdpa_no_mask_decode", lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qt, kt, vt, enable_gqa=True), False),
+            ], work=kv_bytes, bytes_=True)
+            ctx.note(_ratio_note(rows, f"attention prefix {prefix} {dtype}"))

@@ -1,0 +1,456 @@
+"""tree family: token trees for speculative decoding (SpecInfer, Medusa, EAGLE-2, Sequoia, DySpec).
+
+Node 0 of every tree is the root (the last token already accepted). ``parents`` (B, n) int32/int64
+has ``parents[b, 0] == -1`` and ``0 <= parents[b, i] < i`` (parents before children); ragged trees
+in one batch give ``tree_lens`` (B,), nodes past it are padding. n may be 1024 or more.
+
+* :func:`build` -> :class:`Tree` (bit-packed masks, depths, paths, child/sibling links);
+* :func:`from_paths` Medusa/EAGLE ``choices`` -> parents in Medusa's canonical node order;
+* :func:`attention`: every tree token attends the whole KV prefix (no mask read) plus its
+  ancestors in the tree (packed mask), merged by log-sum-exp; contiguous or paged caches, GQA;
+* :func:`verify_greedy`, :func:`verify_sampling` (lossless multi-candidate speculative sampling);
+* dynamic trees: :func:`select_frontier`, :func:`select_tree` and :class:`DynamicTreeDrafter`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..reference import tree as _ref
+
+_IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
+_ops = torch.ops.tokenkernels
+
+
+def _err(op: str, msg: str) -> str:
+    return f"tokenkernels.tree.{op}: {msg}"
+
+
+def _index_tensor(t, name: str, op: str, dims: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(_err(op, f"{name} must be a torch.Tensor, got {type(t).__name__}"))
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(_err(op, f"{name} must be int32 or int64, got {t.dtype}"))
+    if t.dim() != dims:
+        raise ValueError(_err(op, f"{name} must be {dims}-D, got shape {tuple(t.shape)}"))
+    return t
+
+
+def _dims_1_or_2(t) -> int:
+    """1 for a 1-D tensor (a single tree), else 2 (anything else then fails the 2-D check)."""
+    return 1 if isinstance(t, torch.Tensor) and t.dim() == 1 else 2
+
+
+def _lens(t, B: int, device, name: str, op: str) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(_err(op, f"{name} must be an integer tensor, got {t.dtype}"))
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.shape != (B,):
+        raise ValueError(_err(op, f"{name} must have shape ({B},), got {tuple(t.shape)}"))
+    if t.device != torch.device(device):
+        raise ValueError(_err(op, f"{name} is on {t.device} but parents is on {device}"))
+    return t.to(torch.long)
+
+
+@dataclasses.dataclass
+class Tree:
+    """A batch of token trees, as built by :func:`build`.
+
+    Attributes:
+        parents: (B, n) int64, as given (padding entries kept).
+        mask: (B, n, ceil(n/32)) int32, bit-packed little-endian: bit ``j % 32`` of word
+            ``j // 32`` of row ``i`` is set iff ``j`` is ``i`` or an ancestor of ``i``.
+        depth: (B, n) int64, root 0 (padding 0).
+        paths: (B, L_max, max_depth + 1) int64 root-to-leaf node indices, one row per leaf in
+            increasing leaf order, padded with -1 (Medusa's retrieve indices).
+        first_child, next_sibling: (B, n) int64, -1 = none; children are linked in node order.
+        tree_lens: (B,) int64 or None (all trees have n nodes).
+        max_depth: the largest depth in the batch (a Python int).
+    """
+    parents: torch.Tensor
+    mask: torch.Tensor
+    depth: torch.Tensor
+    paths: torch.Tensor
+    first_child: torch.Tensor
+    next_sibling: torch.Tensor
+    tree_lens: Optional[torch.Tensor]
+    max_depth: int
+
+    @property
+    def n(self) -> int:
+        return self.parents.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.parents.shape[0]
+
+    def dense_mask(self) -> torch.Tensor:
+        """(B, n, n) bool: ``[b, i, j]`` iff j is i or an ancestor of i."""
+        return _ref.unpack_bits(self.mask, self.n)
+
+    def positions(self, prefix_lens) -> torch.Tensor:
+        """(B, n) int64 position ids of the tree tokens: ``prefix_len + depth``."""
+        if not isinstance(prefix_lens, torch.Tensor):
+            prefix_lens = torch.as_tensor(prefix_lens, device=self.depth.device)
+        if prefix_lens.dim() == 0:
+            prefix_lens = prefix_lens.reshape(1).expand(self.batch)
+        if prefix_lens.shape != (self.batch,):
+            raise ValueError(_err("Tree.positions", f"prefix_lens must have shape ({self.batch},), "
+                                  f"got {tuple(prefix_lens.shape)}"))
+        return prefix_lens.to(self.depth.device, torch.long)[:, None] + self.depth
+
+
+def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
+          max_depth: Optional[int] = None, max_leaves: Optional[int] = None,
+          check: bool = True, impl: str = "auto") -> Tree:
+    """Build the tree buffers from parent arrays.
+
+    Args:
+        parents: (n,) or (B, n) int32/int64, ``parents[b, 0] == -1``, ``0 <= parents[b, i] < i``.
+        tree_lens: (B,) number of real nodes per tree (ragged batch), each in [1, n].
+        max_depth, max_leaves: sizes of ``paths`` (and of the verify outputs). Left None they are
+            read from the built tree (one host sync on CUDA); pass both to avoid it. On CPU too
+            small values raise; on CUDA deeper nodes / extra leaves are dropped.
+        check: validate parents and tree_lens (always done on CPU; one host sync on CUDA).
+        impl: CUDA variant "auto" | "plain" | "tuned" (CPU ignores it).
+    """
+    op = "build"
+    parents = _index_tensor(parents, "parents", op, _dims_1_or_2(parents))
+    if parents.dim() == 1:
+        parents = parents.unsqueeze(0)
+    if impl not in _IMPLS:
+        raise ValueError(_err(op, f"impl must be one of {list(_IMPLS)}, got {impl!r}"))
+    B, n = parents.shape
+    lens = _lens(tree_lens, B, parents.device, "tree_lens", op)
+    mask, depth, first_child, next_sibling = _ops.tree_build(parents, lens, check, _IMPLS[impl])
+    if max_depth is None or max_leaves is None:
+        valid = torch.arange(n, device=parents.device)[None, :] < (
+            lens[:, None] if lens is not None else n)
+        leaves = ((first_child < 0) & valid).sum(1)
+        md, ml = torch.stack([depth.max(), leaves.max()]).tolist()
+        max_depth = md if max_depth is None else max_depth
+        max_leaves = ml if max_leaves is None else max_leaves
+    paths = _ops.tree_paths(parents, depth, first_child, lens, int(max_leaves), int(max_depth))
+    return Tree(parents.long(), mask, depth, paths, first_child, next_sibling, lens, int(max_depth))
+
+
+def from_paths(choices: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Medusa / EAGLE ``choices`` (tuples of child ranks, e.g. ``[(0,), (1,), (0, 0)]``) ->
+    parents (n,) int64 with n = len(choices) + 1.
+
+    Nodes are in Medusa's canonical order: the root 0, then the choices sorted by length and then
+    lexicographically; so :func:`build`'s masks, depths and (as a set) paths line up with
+    Medusa's own ``medusa_attn_mask``, ``medusa_position_ids`` and ``retrieve_indices``. Node
+    ``k + 1`` holds the candidate of rank ``choice[-1]`` of the draft head ``len(choice) - 1``.
+    Every prefix of a choice must itself be a choice."""
+    try:
+        return _ref.from_paths(choices)
+    except ValueError as e:
+        raise ValueError(_err("from_paths", str(e))) from None
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_lens,
+              mask, *, tree_lens: Optional[torch.Tensor] = None,
+              block_table: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+              return_lse: bool = False, out: Optional[torch.Tensor] = None,
+              lse_out: Optional[torch.Tensor] = None, impl: str = "auto"):
+    """Attention of the n tree tokens of each request over its KV prefix and its tree.
+
+    Args:
+        q: (B, n, H_q, D) float32/float16/bfloat16 queries of the tree tokens.
+        k_cache, v_cache: contiguous (B, N, H_kv, D), or paged (num_pages, page_size, H_kv, D)
+            with ``block_table``; same dtype as q. The tree tokens' K/V are already written at
+            positions ``prefix_lens[b] + j`` (j = 0 .. n-1).
+        prefix_lens: (B,) integer tensor: tokens before the tree (including none of the tree).
+        mask: a :class:`Tree` or its bit-packed (B, n, ceil(n/32)) int32 mask.
+        tree_lens: (B,) real tree sizes (taken from the Tree when a Tree is passed); query rows
+            past it are zero with lse = -inf, tree keys past it are ignored.
+        block_table: (B, max_pages) int32/int64 page indices (paged layout).
+        scale: softmax scale, default 1/sqrt(D).
+        return_lse: also return the (B, n, H_q) float32 log-sum-exp (natural log).
+        out, lse_out: preallocated outputs (contiguous; CUDA-graph friendly). ``lse_out`` may be
+            omitted, then a scratch one is allocated.
+        impl: CUDA variant "auto" | "plain" | "tuned".
+
+    Tree token i attends every prefix token and the tree tokens whose bit is set in its mask row
+    (itself and its ancestors). H_q must be a multiple of H_kv (GQA). Computed in fp32.
+    """
+    op = "attention"
+    if isinstance(mask, Tree):
+        if tree_lens is None:
+            tree_lens = mask.tree_lens
+        mask = mask.mask
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("mask", mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(_err(op, f"{name} must be a torch.Tensor, got {type(t).__name__}"))
+    if impl not in _IMPLS:
+        raise ValueError(_err(op, f"impl must be one of {list(_IMPLS)}, got {impl!r}"))
+    if q.dim() != 4:
+        raise ValueError(_err(op, f"q must be 4-D (B, n, H_q, D), got shape {tuple(q.shape)}"))
+    B = q.shape[0]
+    if not isinstance(prefix_lens, torch.Tensor):
+        prefix_lens = torch.as_tensor(prefix_lens, device=q.device)
+    if prefix_lens.dim() == 0:
+        prefix_lens = prefix_lens.reshape(1).expand(B)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if out is None and lse_out is None:
+        o, lse = _ops.tree_attention(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
+                                     scale, _IMPLS[impl])
+    else:
+        o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32) if lse_out is None else lse_out
+        _ops.tree_attention_out(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
+                                scale, _IMPLS[impl], o, lse)
+    return (o, lse) if return_lse else o
+
+
+def _tokens(t, tree: Tree, name: str, op: str) -> torch.Tensor:
+    t = _index_tensor(t, name, op, _dims_1_or_2(t))
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.shape != (tree.batch, tree.n):
+        raise ValueError(_err(op, f"{name} must have shape ({tree.batch}, {tree.n}), got {tuple(t.shape)}"))
+    if t.device != tree.parents.device:
+        raise ValueError(_err(op, f"{name} is on {t.device} but the tree is on {tree.parents.device}"))
+    return t
+
+
+def verify_greedy(tree: Tree, draft_tokens: torch.Tensor, target_argmax: torch.Tensor):
+    """Greedy tree verification.
+
+    From the root, repeatedly move to the first child (in node order) whose draft token equals
+    the target's arg-max at the current node.
+
+    Args:
+        tree: from :func:`build`.
+        draft_tokens: (B, n) token of every node (node 0, the root, is ignored).
+        target_argmax: (B, n) the target model's arg-max token after each node.
+
+    Returns:
+        accepted (B, max_depth + 1) int64 node indices, the root first, padded -1;
+        accept_len (B,) int64 number of accepted draft nodes (the root not counted), so
+        ``accepted[b, :accept_len[b] + 1]`` is the accepted path; bonus (B,) int64 = target
+        arg-max at the last accepted node.
+    """
+    op = "verify_greedy"
+    if not isinstance(tree, Tree):
+        raise TypeError(_err(op, f"tree must be a tokenkernels.tree.Tree, got {type(tree).__name__}"))
+    draft_tokens = _tokens(draft_tokens, tree, "draft_tokens", op)
+    target_argmax = _tokens(target_argmax, tree, "target_argmax", op)
+    return _ops.tree_verify_greedy(tree.first_child, tree.next_sibling, draft_tokens,
+                                   target_argmax, tree.max_depth)
+
+
+def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.Tensor, *,
+                    draft_probs: Optional[torch.Tensor] = None,
+                    generator: Optional[torch.Generator] = None, check: bool = True,
+                    coins: Optional[torch.Tensor] = None, bonus_u: Optional[torch.Tensor] = None):
+    """Lossless multi-candidate speculative sampling over a token tree (SpecInfer's rule).
+
+    At node u with residual distribution p (initially ``target_probs[u]``) the children are tried
+    in node order:
+
+    * with ``draft_probs`` (children drawn i.i.d. from ``q = draft_probs[u]``): accept child c
+      (token t) with probability ``min(1, p(t) / q(t))``, else ``p <- normalise(max(p - q, 0))``;
+    * without (deterministic candidates, q = one-hot): accept with probability ``p(t)``, else
+      ``p(t) <- 0`` and renormalise.
+
+    An accepted child becomes the current node (p = its target distribution); when no child is
+    accepted (or at a leaf) the bonus token is drawn from p. The emitted tokens are distributed
+    exactly as sampling from the target.
+
+    Args:
+        tree, draft_tokens: as in :func:`verify_greedy`.
+        target_probs: (B, n, V) the target's (temperature-adjusted) probabilities after each node.
+        draft_probs: (B, n, V) the draft distribution each node's children were drawn from.
+        generator: for the uniforms (B*n + B of them, drawn on the tree's device).
+        check: verify that the probability rows of real nodes sum to ~1 (one host sync on CUDA).
+        coins, bonus_u: the uniforms themselves ((B, n) and (B,)), overriding ``generator``
+            (tests, replay).
+
+    Returns: as :func:`verify_greedy`.
+    """
+    op = "verify_sampling"
+    if not isinstance(tree, Tree):
+        raise TypeError(_err(op, f"tree must be a tokenkernels.tree.Tree, got {type(tree).__name__}"))
+    draft_tokens = _tokens(draft_tokens, tree, "draft_tokens", op)
+    B, n = tree.batch, tree.n
+    dev = tree.parents.device
+    for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(_err(op, f"{name} must be a floating-point tensor"))
+        if t.dim() != 3 or t.shape[:2] != (B, n):
+            raise ValueError(_err(op, f"{name} must have shape ({B}, {n}, V), got {tuple(t.shape)}"))
+        if t.device != dev:
+            raise ValueError(_err(op, f"{name} is on {t.device} but the tree is on {dev}"))
+    if draft_probs is not None and draft_probs.shape != target_probs.shape:
+        raise ValueError(_err(op, f"draft_probs {tuple(draft_probs.shape)} must match target_probs "
+                              f"{tuple(target_probs.shape)}"))
+    if check:
+        valid = torch.arange(n, device=dev)[None, :] < (
+            tree.tree_lens[:, None] if tree.tree_lens is not None else n)
+        for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
+            if t is None:
+                continue
+            s = t.double().sum(-1)
+            bad = valid & (((s - 1).abs() > 1e-3) | (t < 0).any(-1) | ~torch.isfinite(s))
+            if bool(bad.any()):
+                b, i = torch.nonzero(bad)[0].tolist()
+                raise ValueError(_err(op, f"{name}[{b}, {i}] is not a probability distribution "
+                                      f"(sum {float(s[b, i]):.6g}, entries must be >= 0 and sum to 1)"))
+    if coins is None:
+        coins = torch.rand((B, n), generator=generator, device=dev)
+    if bonus_u is None:
+        bonus_u = torch.rand((B,), generator=generator, device=dev)
+    return _ops.tree_verify_sampling(tree.first_child, tree.next_sibling, draft_tokens,
+                                     target_probs, draft_probs, coins, bonus_u, tree.max_depth)
+
+
+def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int):
+    """One EAGLE-2 / DySpec expansion step: among every (frontier node f, child rank k) pair, the
+    m with the largest ``cum_logp[b, f] + child_logp[b, f, k]`` (fp32; ties to the lower flat
+    index ``f*K + k``), best first.
+
+    Args:
+        cum_logp: (B, F) cumulative draft log-probabilities of the frontier nodes.
+        child_logp: (B, F, K) log-probabilities of each frontier node's top-K children.
+        m: how many to keep (<= F*K).
+
+    Returns: parent (B, m) int64 frontier index, rank (B, m) int64 child rank, score (B, m) fp32.
+    """
+    if not isinstance(cum_logp, torch.Tensor) or not isinstance(child_logp, torch.Tensor):
+        raise TypeError(_err("select_frontier", "cum_logp and child_logp must be tensors"))
+    return _ops.tree_select_frontier(cum_logp, child_logp, int(m))
+
+
+def select_tree(cum_logp: torch.Tensor, parents: torch.Tensor, n: int):
+    """Keep the n best nodes of a drafted tree (EAGLE-2's final re-ranking).
+
+    The root (node 0) is always kept; the others by ``cum_logp`` (ties to the lower index). Kept
+    nodes stay in their original (parents-first) order, so the result is ready for
+    :func:`build`. With cumulative log-probabilities (non-increasing from parent to child) the
+    kept set is closed under ancestors; otherwise a node is re-attached to its nearest kept
+    ancestor.
+
+    Args:
+        cum_logp: (B, T) scores of the T drafted nodes.
+        parents: (B, T) int32/int64 parents of the drafted tree (parents before children).
+        n: nodes to keep (1 <= n <= T).
+
+    Returns: indices (B, n) int64 into the T nodes (ascending), parents (B, n) int64 re-indexed,
+    score (B, n) fp32.
+    """
+    if not isinstance(cum_logp, torch.Tensor) or not isinstance(parents, torch.Tensor):
+        raise TypeError(_err("select_tree", "cum_logp and parents must be tensors"))
+    return _ops.tree_select_tree(cum_logp, parents, int(n))
+
+
+class DynamicTreeDrafter:
+    """Grows a draft tree greedily by cumulative draft probability (EAGLE-2 / DySpec).
+
+    ``step(tokens, parents, frontier) -> log_probs`` is any draft model: given the current tree
+    (``tokens`` (B, T) with the root's token at 0, ``parents`` (B, T)) and the indices
+    ``frontier`` (B, F) of the nodes to expand, it returns (B, F, V) log-probabilities of the next
+    token after each frontier node (build the masks/positions with :func:`build` on ``parents``).
+
+    Each of ``depth`` rounds takes every frontier node's ``top_k`` children, keeps the ``top_k``
+    best by cumulative log-probability (:func:`select_frontier`) as the next frontier, and
+    finally keeps the ``total_tokens`` best nodes overall (:func:`select_tree`).
+    """
+
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 *, top_k: int = 10, depth: int = 6, total_tokens: int = 60):
+        if top_k < 1 or depth < 1 or total_tokens < 1:
+            raise ValueError(_err("DynamicTreeDrafter", "top_k, depth and total_tokens must be >= 1"))
+        self.step, self.top_k, self.depth, self.total_tokens = step, top_k, depth, total_tokens
+
+    @torch.no_grad()
+    def draft(self, root_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """root_tokens (B,) -> (tokens (B, n), parents (B, n), cum_logp (B, n)) of the kept tree."""
+        B = root_tokens.shape[0]
+        dev = root_tokens.device
+        tokens = root_tokens.long().reshape(B, 1)
+        parents = torch.full((B, 1), -1, dtype=torch.long, device=dev)
+        cum = torch.zeros(B, 1, device=dev)
+        frontier = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        for _ in range(self.depth):
+            logp = self.step(tokens, parents, frontier).float()                  # (B, F, V)
+            k = min(self.top_k, logp.shape[-1])
+            child_logp, child_tok = logp.topk(k, dim=-1)                        # (B, F, k)
+            m = min(self.top_k, frontier.shape[1] * k)
+            par_f, rank, score = select_frontier(torch.gather(cum, 1, frontier), child_logp, m)
+            new_tok = torch.gather(child_tok.reshape(B, -1), 1, par_f * k + rank)
+            T = tokens.shape[1]
+            tokens = torch.cat([tokens, new_tok], 1)
+            parents = torch.cat([parents, torch.gather(frontier, 1, par_f)], 1)
+            cum = torch.cat([cum, score], 1)
+            frontier = torch.arange(T, T + m, device=dev).expand(B, m)
+        n = min(self.total_tokens, tokens.shape[1])
+        idx, new_par, score = select_tree(cum, parents, n)
+        return torch.gather(tokens, 1, idx), new_par, score
+
+
+# ------------------------------------------------------------------ fake (meta) implementations
+@torch.library.register_fake("tokenkernels::tree_build")
+def _build_fake(parents, tree_lens, check, impl):
+    B, n = parents.shape
+    W = (n + 31) // 32
+    lng = dict(dtype=torch.long)
+    return (parents.new_empty((B, n, W), dtype=torch.int32), parents.new_empty((B, n), **lng),
+            parents.new_empty((B, n), **lng), parents.new_empty((B, n), **lng))
+
+
+@torch.library.register_fake("tokenkernels::tree_paths")
+def _paths_fake(parents, depth, first_child, tree_lens, max_leaves, max_depth):
+    return parents.new_empty((parents.shape[0], max_leaves, max_depth + 1), dtype=torch.long)
+
+
+@torch.library.register_fake("tokenkernels::tree_attention")
+def _attention_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, impl):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("tokenkernels::tree_attention_out")
+def _attention_out_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, impl, out, lse):
+    return None
+
+
+def _verify_fake_outputs(first_child, max_depth):
+    B = first_child.shape[0]
+    return (first_child.new_empty((B, max_depth + 1), dtype=torch.long),
+            first_child.new_empty((B,), dtype=torch.long), first_child.new_empty((B,), dtype=torch.long))
+
+
+@torch.library.register_fake("tokenkernels::tree_verify_greedy")
+def _verify_greedy_fake(first_child, next_sibling, draft_tokens, target_argmax, max_depth):
+    return _verify_fake_outputs(first_child, max_depth)
+
+
+@torch.library.register_fake("tokenkernels::tree_verify_sampling")
+def _verify_sampling_fake(first_child, next_sibling, draft_tokens, target_probs, draft_probs, coins,
+                          bonus_u, max_depth):
+    return _verify_fake_outputs(first_child, max_depth)
+
+
+@torch.library.register_fake("tokenkernels::tree_select_frontier")
+def _select_frontier_fake(cum_logp, child_logp, m):
+    B = cum_logp.shape[0]
+    return (cum_logp.new_empty((B, m), dtype=torch.long), cum_logp.new_empty((B, m), dtype=torch.long),
+            cum_logp.new_empty((B, m), dtype=torch.float32))
+
+
+@torch.library.register_fake("tokenkernels::tree_select_tree")
+def _select_tree_fake(cum_logp, parents, n):
+    B = cum_logp.shape[0]
+    return (cum_logp.new_empty((B, n), dtype=torch.long), cum_logp.new_empty((B, n), dtype=torch.long),
+            cum_logp.new_empty((B, n), dtype=torch.float32))

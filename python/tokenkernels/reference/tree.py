@@ -1,0 +1,366 @@
+"""tree family: pure-PyTorch reference of the speculative-decoding token-tree ops (the oracle).
+
+Conventions (shared with the kernels and documented in ``tokenkernels.tree``):
+
+* ``parents`` (B, n): node 0 of every tree is the root (``parents[b, 0] == -1``), and
+  ``0 <= parents[b, i] < i`` for ``1 <= i < tree_lens[b]`` (parents before children). Nodes at
+  or past ``tree_lens[b]`` are padding: their parents are ignored.
+* ``mask`` (B, n, ceil(n/32)) int32, bit-packed little-endian: bit ``j % 32`` of word ``j // 32``
+  of row ``i`` is set iff ``j`` is ``i`` or an ancestor of ``i``. Padding rows are all zero.
+* ``depth`` (B, n) int64 (root 0, padding 0); ``first_child`` / ``next_sibling`` (B, n) int64,
+  -1 = none; children are linked in increasing node order.
+* ``paths`` (B, L_max, depth_max + 1) int64: one root-to-leaf path per leaf, leaves in increasing
+  node order, padded with -1 (Medusa's "retrieve indices").
+
+Everything here is written for clarity, not speed.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def lens_or_full(parents: torch.Tensor, tree_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    B, n = parents.shape
+    if tree_lens is None:
+        return torch.full((B,), n, dtype=torch.long, device=parents.device)
+    return tree_lens.to(device=parents.device, dtype=torch.long)
+
+
+def validate_parents(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None) -> None:
+    """Raise ValueError naming the first offending entry."""
+    B, n = parents.shape
+    lens = lens_or_full(parents, tree_lens)
+    for b in range(B):
+        L = int(lens[b])
+        if not 1 <= L <= n:
+            raise ValueError(f"tree_lens[{b}] = {L} must lie in [1, n = {n}]")
+        p = parents[b, :L].tolist()
+        if p[0] != -1:
+            raise ValueError(f"parents[{b}, 0] = {p[0]}: the root's parent must be -1")
+        for i in range(1, L):
+            if not 0 <= p[i] < i:
+                raise ValueError(f"parents[{b}, {i}] = {p[i]} must lie in [0, {i}) "
+                                 "(parents before children; -1 only for the root)")
+
+
+def pack_bits(dense: torch.Tensor) -> torch.Tensor:
+    """(..., n) bool -> (..., ceil(n/32)) int32, bit j%32 of word j//32 = dense[..., j]."""
+    n = dense.shape[-1]
+    W = (n + 31) // 32
+    padded = torch.zeros(*dense.shape[:-1], W * 32, dtype=torch.int64, device=dense.device)
+    padded[..., :n] = dense.to(torch.int64)
+    weights = (torch.ones(32, dtype=torch.int64, device=dense.device) << torch.arange(32, device=dense.device))
+    words = (padded.view(*dense.shape[:-1], W, 32) * weights).sum(-1)   # in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words)           # two's complement int32
+    return words.to(torch.int32)
+
+
+def unpack_bits(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., W) int32 -> (..., n) bool (inverse of :func:`pack_bits`)."""
+    shifts = torch.arange(32, device=mask.device, dtype=torch.int64)
+    bits = (mask.to(torch.int64).unsqueeze(-1) >> shifts) & 1             # (..., W, 32)
+    return bits.flatten(-2)[..., :n].bool()
+
+
+# --------------------------------------------------------------------------------------- build
+
+
+def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None):
+    """Returns (mask, depth, first_child, next_sibling, paths) as described in the module doc."""
+    validate_parents(parents, tree_lens)
+    B, n = parents.shape
+    dev = parents.device
+    lens = lens_or_full(parents, tree_lens)
+    valid = torch.arange(n, device=dev)[None, :] < lens[:, None]           # (B, n)
+    par = torch.where(valid, parents.long(), torch.full_like(parents.long(), -1))
+    par[:, 0] = -1
+
+    # dense ancestor-or-self matrix by walking every node up one level per step
+    dense = torch.zeros(B, n, n, dtype=torch.bool, device=dev)
+    cur = torch.arange(n, device=dev).expand(B, n).clone()                 # current ancestor
+    cur = torch.where(valid, cur, torch.full_like(cur, -1))
+    depth = torch.zeros(B, n, dtype=torch.long, device=dev)
+    bi = torch.arange(B, device=dev)[:, None].expand(B, n)
+    ii = torch.arange(n, device=dev)[None, :].expand(B, n)
+    while bool((cur >= 0).any()):
+        on = cur >= 0
+        dense[bi[on], ii[on], cur[on]] = True
+        nxt = torch.gather(par, 1, cur.clamp_min(0))
+        cur = torch.where(on, nxt, cur)
+        depth += (cur >= 0).long()
+    mask = pack_bits(dense)
+
+    # children linked in increasing node order: sort nodes by (parent, index)
+    first_child = torch.full((B, n), -1, dtype=torch.long, device=dev)
+    next_sibling = torch.full((B, n), -1, dtype=torch.long, device=dev)
+    for b in range(B):
+        L = int(lens[b])
+        kids = torch.arange(1, L, device=dev)
+        order = kids[torch.argsort(par[b, 1:L], stable=True)]               # grouped by parent
+        p_sorted = par[b, order]
+        if len(order):
+            same = p_sorted[1:] == p_sorted[:-1]
+            next_sibling[b, order[:-1][same]] = order[1:][same]
+            starts = torch.ones(len(order), dtype=torch.bool, device=dev)
+            starts[1:] = ~same
+            first_child[b, p_sorted[starts]] = order[starts]
+    paths = build_paths(first_child, depth, lens, parents=par)
+    return mask, depth, first_child, next_sibling, paths
+
+
+def build_paths(first_child: torch.Tensor, depth: torch.Tensor, lens: torch.Tensor,
+                parents: Optional[torch.Tensor] = None, max_leaves: Optional[int] = None,
+                max_depth: Optional[int] = None) -> torch.Tensor:
+    """Root-to-leaf paths (B, L_max, depth_max+1), leaves in node order, padded -1."""
+    B, n = first_child.shape
+    dev = first_child.device
+    valid = torch.arange(n, device=dev)[None, :] < lens[:, None]
+    leaf = (first_child < 0) & valid
+    if max_leaves is None:
+        max_leaves = int(leaf.sum(1).max()) if B else 0
+    if max_depth is None:
+        max_depth = int(torch.where(valid, depth, torch.zeros_like(depth)).max()) if B else 0
+    paths = torch.full((B, max_leaves, max_depth + 1), -1, dtype=torch.long, device=dev)
+    if parents is None:
+        raise ValueError("build_paths needs the parents")
+    for b in range(B):
+        for r, leaf_i in enumerate(torch.nonzero(leaf[b]).flatten().tolist()):
+            j = leaf_i
+            while j >= 0:
+                paths[b, r, int(depth[b, j])] = j
+                j = int(parents[b, j])
+    return paths
+
+
+def dense_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    return unpack_bits(mask, n)
+
+
+def positions(depth: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
+    return prefix_lens.to(depth.device).long()[:, None] + depth
+
+
+# ----------------------------------------------------------------------------------- from_paths
+
+
+def canonical_choices(choices: Sequence[Sequence[int]]) -> List[Tuple[int, ...]]:
+    """Medusa's canonical node order (after the root): by length, then lexicographically."""
+    return sorted((tuple(int(c) for c in ch) for ch in choices), key=lambda x: (len(x), x))
+
+
+def from_paths(choices: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Medusa/EAGLE choices (tuples of child ranks) -> parents (n,) int64, n = len(choices) + 1."""
+    order = canonical_choices(choices)
+    index = {(): 0}
+    for k, ch in enumerate(order):
+        if ch in index:
+            raise ValueError(f"choices: {list(ch)} appears twice")
+        index[ch] = k + 1
+    parents = [-1]
+    for ch in order:
+        if len(ch) == 0:
+            raise ValueError("choices: the empty path is the root, do not list it")
+        if ch[:-1] not in index:
+            raise ValueError(f"choices: {list(ch)} has no parent path {list(ch[:-1])}")
+        parents.append(index[ch[:-1]])
+    return torch.tensor(parents, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+def gather_kv(cache: torch.Tensor, b: int, count: int, block_table: Optional[torch.Tensor]) -> torch.Tensor:
+    """The first `count` positions of request b as (count, H_kv, D)."""
+    if block_table is None:
+        return cache[b, :count]
+    page_size = cache.shape[1]
+    pos = torch.arange(count, device=cache.device)
+    pages = block_table[b].long()[pos // page_size]
+    return cache[pages, pos % page_size]
+
+
+def attention(q, k_cache, v_cache, prefix_lens, mask, *, tree_lens=None, block_table=None,
+              scale=None):
+    """(out (B, n, H_q, D) in q.dtype, lse (B, n, H_q) natural-log, float32 or float64).
+
+    Computed in float32 (float64 if q is float64) with a dense bool mask over prefix + tree.
+    Query rows at or past tree_lens are zero with lse = -inf."""
+    B, n, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lens = torch.full((B,), n, dtype=torch.long) if tree_lens is None else tree_lens.long().cpu()
+    out = torch.zeros(B, n, Hq, D, dtype=cdt, device=q.device)
+    lse = torch.full((B, n, Hq), -math.inf, dtype=cdt, device=q.device)
+    tree = unpack_bits(mask, n)
+    for b in range(B):
+        P, L = int(prefix_lens[b]), int(lens[b])
+        k = gather_kv(k_cache, b, P + L, block_table).to(cdt).repeat_interleave(G, dim=1)  # (P+L, Hq, D)
+        v = gather_kv(v_cache, b, P + L, block_table).to(cdt).repeat_interleave(G, dim=1)
+        allowed = torch.cat([torch.ones(L, P, dtype=torch.bool, device=q.device), tree[b, :L, :L]], 1)
+        s = torch.einsum("ihd,jhd->hij", q[b, :L].to(cdt), k) * scale           # (Hq, L, P+L)
+        s = s.masked_fill(~allowed, -math.inf)
+        row_lse = torch.logsumexp(s, -1)                                         # (Hq, L)
+        p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)
+        out[b, :L] = torch.einsum("hij,jhd->ihd", p, v)
+        lse[b, :L] = row_lse.transpose(0, 1)
+    return out.to(q.dtype), lse
+
+
+def attention_sdpa(q, k_cache, v_cache, prefix_lens, mask, *, scale=None):
+    """The dense-mask SDPA baseline (contiguous caches, full trees): one padded SDPA call."""
+    B, n, Hq, D = q.shape
+    N = int(prefix_lens.max()) + n
+    Hkv = k_cache.shape[2]
+    tree = unpack_bits(mask, n)
+    pos = torch.arange(N, device=q.device)
+    P = prefix_lens.to(q.device).long()[:, None, None]
+    col = pos[None, None, :]
+    in_tree = (col >= P) & (col < P + n)
+    tree_col = (col - P).clamp(0, n - 1).expand(B, n, N)
+    allowed = (col < P) | (in_tree & torch.gather(tree, 2, tree_col))
+    k = k_cache[:, :N].transpose(1, 2)
+    v = v_cache[:, :N].transpose(1, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=Hq != Hkv)
+    return o.transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------- verify
+
+
+def verify_greedy(first_child, next_sibling, draft_tokens, target_argmax, max_depth):
+    """Walk from the root: move to the first child whose draft token equals the target's arg-max
+    at the current node. accepted (B, max_depth+1) starts with the root (0); accept_len counts
+    the accepted draft nodes (root excluded); bonus = target arg-max at the last accepted node."""
+    B, n = first_child.shape
+    accepted = torch.full((B, max_depth + 1), -1, dtype=torch.long)
+    accept_len = torch.zeros(B, dtype=torch.long)
+    bonus = torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        u, k = 0, 0
+        accepted[b, 0] = 0
+        while True:
+            want = int(target_argmax[b, u])
+            c = int(first_child[b, u])
+            while c >= 0 and int(draft_tokens[b, c]) != want:
+                c = int(next_sibling[b, c])
+            if c < 0 or k >= max_depth:
+                break
+            k += 1
+            accepted[b, k] = c
+            u = c
+        accept_len[b] = k
+        bonus[b] = int(target_argmax[b, u])
+    dev = first_child.device
+    return accepted.to(dev), accept_len.to(dev), bonus.to(dev)
+
+
+def sample_inverse_cdf(r: torch.Tensor, total: float, u: float) -> int:
+    """First index whose running sum exceeds u * total (last positive entry if rounding says
+    none)."""
+    c = torch.cumsum(r, 0)
+    hit = torch.nonzero(c > u * total).flatten()
+    if len(hit):
+        return int(hit[0])
+    pos = torch.nonzero(r > 0).flatten()
+    return int(pos[-1]) if len(pos) else 0
+
+
+def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft_probs, coins,
+                    bonus_u, max_depth):
+    """Lossless multi-candidate speculative sampling over the tree (SpecInfer's rule), float64.
+
+    At node u with residual p (initially target_probs[u]) the children c are tried in order
+    with the uniform coins[b, c]:
+      * draft_probs given (children drawn i.i.d. from q = draft_probs[u]): accept iff
+        coin * q(t) < p(t) (probability min(1, p/q)); else p <- normalise(max(p - q, 0));
+      * draft_probs None (deterministic candidates, q = one-hot): accept iff coin < p(t); else
+        p(t) <- 0, renormalised.
+    Accepted: continue at c with p = target_probs[c]. No child accepted (or a leaf): the bonus
+    token is drawn from p by inverse CDF with bonus_u[b]."""
+    B, n = first_child.shape
+    accepted = torch.full((B, max_depth + 1), -1, dtype=torch.long)
+    accept_len = torch.zeros(B, dtype=torch.long)
+    bonus = torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        u, k = 0, 0
+        accepted[b, 0] = 0
+        r = target_probs[b, 0].double().cpu()
+        S = float(r.sum())
+        while True:
+            c = int(first_child[b, u])
+            got = -1
+            while c >= 0:
+                t = int(draft_tokens[b, c])
+                coin = float(coins[b, c])
+                if draft_probs is not None:
+                    q = draft_probs[b, u].double().cpu()
+                    if coin * float(q[t]) < float(r[t]) / S:
+                        got = c
+                        break
+                    new = (r * (1.0 / S) - q).clamp_min(0.0)      # max(p - q, 0), p = r / S
+                    if float(new.sum()) > 0.0:
+                        r = new
+                        S = float(r.sum())
+                else:
+                    if coin * S < float(r[t]):
+                        got = c
+                        break
+                    if S - float(r[t]) > 0.0:
+                        S = S - float(r[t])
+                        r = r.clone()
+                        r[t] = 0.0
+                c = int(next_sibling[b, c])
+            if got < 0 or k >= max_depth:
+                break
+            k += 1
+            accepted[b, k] = got
+            u = got
+            r = target_probs[b, u].double().cpu()
+            S = float(r.sum())
+        accept_len[b] = k
+        bonus[b] = sample_inverse_cdf(r, S, float(bonus_u[b]))
+    dev = first_child.device
+    return accepted.to(dev), accept_len.to(dev), bonus.to(dev)
+
+
+# -------------------------------------------------------------------------------- dynamic trees
+
+
+def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int):
+    """EAGLE-2 expansion step: scores cum_logp[b, f] + child_logp[b, f, k] (float32); the m best
+    (ties: lowest flat index f*K + k). Returns (parent f (B, m) int64, child rank k (B, m) int64,
+    score (B, m) float32), best first."""
+    B, F, K = child_logp.shape
+    score = (cum_logp.float()[:, :, None] + child_logp.float()).reshape(B, F * K)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :m]
+    return order // K, order % K, torch.gather(score, 1, order)
+
+
+def select_tree(cum_logp: torch.Tensor, parents: torch.Tensor, n: int):
+    """Keep the n best nodes of a drafted tree (the root always; ties: lowest index), in their
+    original (parents-first) order. Returns (indices (B, n) int64 into the T nodes, new parents
+    (B, n) int64 re-indexed: the nearest kept ancestor, root -1, score (B, n) float32)."""
+    B, T = cum_logp.shape
+    validate_parents(parents)
+    score = cum_logp.float().clone()
+    key = score.clone()
+    key[:, 0] = math.inf
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :n]
+    idx = torch.sort(order, dim=1).values
+    new_par = torch.full((B, n), -1, dtype=torch.long, device=cum_logp.device)
+    for b in range(B):
+        pos = {int(j): r for r, j in enumerate(idx[b].tolist())}
+        for r, j in enumerate(idx[b].tolist()):
+            a = int(parents[b, j]) if j > 0 else -1
+            while a >= 0 and a not in pos:
+                a = int(parents[b, a])
+            new_par[b, r] = pos[a] if a >= 0 else -1
+    return idx, new_par, torch.gather(score, 1, idx)

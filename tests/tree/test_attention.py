@@ -1,0 +1,144 @@
+"""tree.attention vs the fp64 reference (dense mask over prefix + tree) and the SDPA baseline."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenkernels as tk
+from tokenkernels.reference import tree as ref
+
+from ..tolerances import DTYPES, tree_tol
+from .trees import MEDUSA_63, chain, random_parents
+
+
+def make_case(B, n, Hq, Hkv, D, prefix, dtype, seed, device, page_size=None, lens=None, parents=None):
+    g = torch.Generator().manual_seed(seed)
+    if parents is None:
+        parents = random_parents(B, n, seed)
+    tree = tk.tree.build(parents.to(device), None if lens is None else lens.to(device))
+    P = torch.tensor(prefix)
+    N = int(P.max()) + n + 3
+    q = torch.randn(B, n, Hq, D, generator=g)
+    k = torch.randn(B, N, Hkv, D, generator=g)
+    v = torch.randn(B, N, Hkv, D, generator=g)
+    table = None
+    if page_size is not None:
+        # scatter each request's positions over shuffled pages of a shared pool
+        pages_per = (N + page_size - 1) // page_size
+        num_pages = B * pages_per + 5
+        table = torch.randperm(num_pages, generator=g)[: B * pages_per].view(B, pages_per)
+        kp = torch.randn(num_pages, page_size, Hkv, D, generator=g)
+        vp = torch.randn(num_pages, page_size, Hkv, D, generator=g)
+        pos = torch.arange(pages_per * page_size)
+        for b in range(B):
+            kp[table[b, pos // page_size], pos % page_size] = torch.cat(
+                [k[b], torch.zeros(pages_per * page_size - N, Hkv, D)])
+            vp[table[b, pos // page_size], pos % page_size] = torch.cat(
+                [v[b], torch.zeros(pages_per * page_size - N, Hkv, D)])
+        k, v = kp, vp
+    cast = lambda t: t.to(dtype).to(device)  # noqa: E731
+    return tree, cast(q), cast(k), cast(v), P.to(device), None if table is None else table.to(device)
+
+
+def check(tree, q, k, v, P, table, lens=None, scale=None):
+    out, lse = tk.tree.attention(q, k, v, P, tree, block_table=table, scale=scale, return_lse=True)
+    want, want_lse = ref.attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), P.cpu(),
+                                   tree.mask.cpu(), tree_lens=None if tree.tree_lens is None else tree.tree_lens.cpu(),
+                                   block_table=None if table is None else table.cpu(), scale=scale)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
+    err = (out.double().cpu() - want).abs().max().item()
+    assert err <= tree_tol(q.dtype, "attn"), err
+    fin = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), fin)
+    assert (lse.cpu().double()[fin] - want_lse[fin]).abs().max().item() <= tree_tol(q.dtype, "lse") * max(
+        1.0, want_lse[fin].abs().max().item())
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged1"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_attention_grid(device, dtype, layout, heads):
+    Hq, Hkv = heads
+    page = {"contiguous": None, "paged16": 16, "paged1": 1}[layout]
+    B, n = 3, 37
+    lens = torch.tensor([37, 1, 20])
+    tree, q, k, v, P, table = make_case(B, n, Hq, Hkv, 32, [300, 0, 77], dtype, 1, device, page, lens)
+    out, lse = check(tree, q, k, v, P, table)
+    assert (out[1, 1:] == 0).all() and torch.isinf(lse[1, 1:]).all()
+
+
+@pytest.mark.parametrize("n", [1, 7, 129])
+def test_attention_sizes(device, n):
+    tree, q, k, v, P, table = make_case(2, n, 4, 1, 64, [1000, 3], torch.float32, n, device)
+    check(tree, q, k, v, P, table, scale=0.3)
+
+
+def test_attention_medusa_tree_vs_sdpa(device):
+    """The dense-mask SDPA baseline (what the benchmark compares against) agrees too."""
+    parents = tk.tree.from_paths(MEDUSA_63)[None].expand(2, 64)
+    tree, q, k, v, P, _ = make_case(2, 64, 8, 2, 64, [513, 200], torch.float32, 3, device, parents=parents)
+    out = tk.tree.attention(q, k, v, P, tree)
+    base = ref.attention_sdpa(q.cpu(), k.cpu(), v.cpu(), P.cpu(), tree.mask.cpu())
+    torch.testing.assert_close(out.cpu(), base, atol=2e-5, rtol=1e-4)
+
+
+def test_attention_chain_equals_causal(device):
+    """A chain tree is ordinary causal attention over prefix + n tokens."""
+    tree, q, k, v, P, _ = make_case(1, 16, 2, 2, 32, [40], torch.float32, 4, device, parents=chain(16)[None])
+    out = tk.tree.attention(q, k, v, P, tree)
+    N = 56
+    causal = torch.ones(16, N, dtype=torch.bool).tril(40)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.cpu().transpose(1, 2), k.cpu()[:, :N].transpose(1, 2), v.cpu()[:, :N].transpose(1, 2), attn_mask=causal)
+    torch.testing.assert_close(out.cpu(), want.transpose(1, 2), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_out(device, dtype):
+    tree, q, k, v, P, table = make_case(2, 9, 4, 2, 32, [50, 10], dtype, 5, device, 8)
+    want, want_lse = tk.tree.attention(q, k, v, P, tree, block_table=table, return_lse=True)
+    out = torch.full_like(q, 7.0)
+    lse = torch.full(q.shape[:3], 7.0, device=device)
+    got = tk.tree.attention(q, k, v, P, tree, block_table=table, out=out, lse_out=lse)
+    assert got is out
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    out2 = torch.empty_like(q)
+    tk.tree.attention(q, k, v, P, tree, block_table=table, out=out2)
+    assert torch.equal(out2, want)
+
+
+def test_attention_noncontiguous_q(device):
+    tree, q, k, v, P, _ = make_case(2, 11, 4, 2, 32, [20, 30], torch.float32, 6, device)
+    qn = q.transpose(1, 2).contiguous().transpose(1, 2)     # same values, other strides
+    assert not qn.is_contiguous()
+    torch.testing.assert_close(tk.tree.attention(qn, k, v, P, tree), tk.tree.attention(q, k, v, P, tree),
+                               atol=0, rtol=0)
+
+
+@settings(max_examples=12)
+@given(n=st.integers(1, 40), G=st.sampled_from([1, 2, 4]), prefix=st.integers(0, 700),
+       page=st.sampled_from([None, 3, 32]), seed=st.integers(0, 10**6))
+def test_attention_hypothesis(n, G, prefix, page, seed):
+    lens = torch.tensor([n, max(1, n // 2)])
+    tree, q, k, v, P, table = make_case(2, n, 2 * G, 2, 32, [prefix, prefix // 3], torch.float32, seed, "cpu",
+                                        page, lens)
+    check(tree, q, k, v, P, table)
+
+
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_impls(device, impl, dtype):
+    """Both CUDA prefix passes (per-row plain, shared-memory tiled), long prefix (several splits),
+    head dims 64 and 128; CPU ignores impl."""
+    for D, page in ((64, None), (128, 16)):
+        lens = torch.tensor([30, 64])
+        tree, q, k, v, P, table = make_case(2, 64, 8, 2, D, [2000, 700], dtype, D, device, page, lens)
+        out, lse = tk.tree.attention(q, k, v, P, tree, block_table=table, return_lse=True, impl=impl)
+        want, want_lse = ref.attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), P.cpu(), tree.mask.cpu(),
+                                       tree_lens=lens, block_table=None if table is None else table.cpu())
+        assert (out.double().cpu() - want).abs().max().item() <= tree_tol(dtype, "attn")
