@@ -8,9 +8,11 @@ import torch  # noqa: F401  (loads libtorch before our extension)
 from . import _C  # noqa: F401  (registers torch.ops.tokenkernels)
 from . import ops, reference
 from .ops.kcenter import coverage_select, kcenter, mmtok_similarity
+from . import kv_select  # noqa: E402  (kv_select family: tokenkernels.kv_select.*)
 
 __all__ = ["kcenter", "coverage_select", "mmtok_similarity", "ops", "reference",
            "cuda_available"]
+__all__ += ["kv_select"]  # kv_select family
 __version__ = "0.1.0"
 
 

@@ -1,2 +1,3 @@
 """Pure-PyTorch reference implementations: readable, the test oracle, and a fallback."""
 from . import kcenter  # noqa: F401
+from . import kv_select  # noqa: F401
