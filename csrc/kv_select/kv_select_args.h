@@ -97,6 +97,7 @@ inline void check_v_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, 
 // q: (B, H_q, D) (dims == 3) or (B, C, H_q, D) (dims == 4). Returns H_q.
 inline int64_t check_query(const at::Tensor& q, const at::Tensor& k_cache, int64_t dims,
                            const char* op) {
+  check_cache(k_cache, "k_cache", op);
   check_float_input(q, "q");
   TORCH_CHECK(q.device() == k_cache.device(), "tokenkernels.", op, ": q is on ", q.device(),
               " but k_cache is on ", k_cache.device());

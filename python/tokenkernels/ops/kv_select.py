@@ -249,7 +249,7 @@ class SelectionCache:
         """(B,) bool hit decision for mean queries ``qm`` (B, H_q, D) fp32 (state must exist)."""
         a = qm.reshape(qm.shape[0], -1).float()
         p = self.prev_q
-        cos = (a * p).sum(1) / (a.norm(dim=1) * p.norm(dim=1)).clamp_min(1e-12)
+        cos = ((a * p).sum(1) / (a.norm(dim=1) * p.norm(dim=1)).clamp_min(1e-12)).clamp(-1.0, 1.0)
         return self.valid & (cos > self.threshold)
 
     def update(self, qm: torch.Tensor, idx: torch.Tensor, hit: torch.Tensor, n_sink: int, k: int) -> None:

@@ -217,7 +217,7 @@ class SelectionCache:
         if self.prev_q is None or self.prev_q.shape != qm.reshape(B, -1).shape:
             return torch.zeros(B, dtype=torch.bool, device=qm.device)
         a, p = qm.reshape(B, -1).float(), self.prev_q.float()
-        cos = (a * p).sum(1) / (a.norm(dim=1) * p.norm(dim=1)).clamp_min(1e-12)
+        cos = ((a * p).sum(1) / (a.norm(dim=1) * p.norm(dim=1)).clamp_min(1e-12)).clamp(-1.0, 1.0)
         return cos > self.threshold
 
 
