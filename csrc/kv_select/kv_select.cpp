@@ -62,31 +62,38 @@ void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, con
   std::vector<float> cmax(static_cast<size_t>(B * H_q * nch), -kInf), csum(cmax.size(), 0.0f);
   auto len = [&](int64_t b) { return (skip && skip[b]) ? int64_t(0) : seq_len(L, b); };
 
-  // Pass 1: logits and chunk statistics. Task = (b, g, chunk).
-  at::parallel_for(0, B * H_kv * nch, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> kbuf(D), dotv(G);
+  // Pass 1: logits and chunk statistics. Task = (b, chunk): each token's row of all KV heads is
+  // read once, front to back (contiguous in both layouts), and scored against every q-head.
+  at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> kbuf(D), mx(H_q);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t % nch, g = (t / nch) % H_kv, b = t / (nch * H_kv);
+      const int64_t c = t % nch, b = t / nch;
       const int64_t n0 = c * kChunk, n1 = std::min(len(b), n0 + kChunk);
       if (n0 >= n1) continue;
-      const float* qg = qm + (b * H_q + g * G) * D;
-      float* lg = logits.data() + (b * H_q + g * G) * N;   // head h row: lg + (h - g*G) * N
-      std::vector<float> mx(G, -kInf);
+      float* lg = logits.data() + b * H_q * N;   // head h row: lg + h * N
+      std::fill(mx.begin(), mx.end(), -kInf);
+      float dotv[64];
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t off = token_offset(L, ks, b, n);
         if (off < 0) {   // page out of range (unchecked input): the token gets no weight
-          for (int64_t h = 0; h < G; ++h) lg[h * N + n] = -kInf;
+          for (int64_t h = 0; h < H_q; ++h) lg[h * N + n] = -kInf;
           continue;
         }
-        const float* kr = cpu::row_as_float(kbase + off + g * ks.head, ks.dim, D, kbuf.data());
-        cpu::dots(qg, G, kr, D, dotv.data());
-        for (int64_t h = 0; h < G; ++h) {
-          lg[h * N + n] = dotv[h];
-          mx[h] = std::max(mx[h], dotv[h]);
+        for (int64_t g = 0; g < H_kv; ++g) {
+          const float* kr = cpu::row_as_float(kbase + off + g * ks.head, ks.dim, D, kbuf.data());
+          for (int64_t h0 = 0; h0 < G; h0 += 64) {   // (G <= 64 in practice: one pass)
+            const int64_t gh = std::min<int64_t>(64, G - h0);
+            cpu::dots(qm + (b * H_q + g * G + h0) * D, gh, kr, D, dotv);
+            for (int64_t i = 0; i < gh; ++i) {
+              const int64_t h = g * G + h0 + i;
+              lg[h * N + n] = dotv[i];
+              mx[h] = std::max(mx[h], dotv[i]);
+            }
+          }
         }
       }
-      for (int64_t h = 0; h < G; ++h) {
-        const size_t si = static_cast<size_t>((b * H_q + g * G + h) * nch + c);
+      for (int64_t h = 0; h < H_q; ++h) {
+        const size_t si = static_cast<size_t>((b * H_q + h) * nch + c);
         cmax[si] = mx[h];
         csum[si] = mx[h] == -kInf ? 0.0f : cpu::exp_sub_sum(lg + h * N + n0, n1 - n0, mx[h]);
       }
