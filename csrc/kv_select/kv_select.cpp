@@ -448,13 +448,11 @@ void prefill_run(const PrefillArgs& a, const at::Tensor& q, const at::Tensor& k_
     const int64_t s0 = cs.data_ptr<int32_t>()[b], Lb = seq_len(L, b);
     const int64_t c_len = std::max<int64_t>(0, std::min<int64_t>(C, Lb - s0));
     if (c_len == 0) continue;
-    // Key positions: selected past tokens (unique, ascending), then the chunk.
+    // Key positions: the listed past tokens (every entry counts, as in decode), then the chunk.
     std::vector<int32_t> pos;
     const int32_t* r = ix.data_ptr<int32_t>() + b * a.K;
     for (int64_t j = 0; j < a.K; ++j)
       if (r[j] >= 0 && r[j] < s0) pos.push_back(r[j]);
-    std::sort(pos.begin(), pos.end());
-    pos.erase(std::unique(pos.begin(), pos.end()), pos.end());
     const int64_t P = static_cast<int64_t>(pos.size());
     for (int64_t c = 0; c < c_len; ++c) pos.push_back(static_cast<int32_t>(s0 + c));
     const int64_t T = static_cast<int64_t>(pos.size());

@@ -64,18 +64,15 @@ TK_HD int64_t selected_count(int64_t n, int64_t k, int64_t n_sink, int64_t n_loc
 namespace tokenkernels {
 namespace kv_select {
 
-// Kernel variant: 0 auto (tuned where one exists), 1 plain (simple, the first thing to test on a
-// new GPU), 2 tuned.
-enum class Variant : int32_t { kAuto = 0, kPlain = 1, kTuned = 2 };
-
-// score: q (B, H_q, D) fp32 contiguous (the mean query for a prefill chunk); k cache in `dtype`.
+// score: q (B, H_q, D) fp32 contiguous, pre-scaled (the mean query for a prefill chunk); k cache
+// in `dtype`. One variant (three passes: logits + block partials, per-head lse, sum over heads).
 // out (B, N_max) fp32: sum over q-heads of softmax_n(scale * q_h . k_n), -inf past seq_len.
 // skip (B,) bool or nullptr: rows to leave untouched (Selection Cache hits).
 // workspace: score_workspace_bytes(...) bytes (per-head logits and partial softmax stats).
 size_t score_workspace_bytes(int64_t B, int64_t H_q, int64_t N_max);
 cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DType dtype,
-                         const float* q, int64_t H_q, float scale, const bool* skip, float* out,
-                         void* workspace, Variant variant, cudaStream_t stream);
+                         const float* q, int64_t H_q, const bool* skip, float* out,
+                         void* workspace, cudaStream_t stream);
 
 // topk: scores (B, N_max) fp32 (row stride ld). out (B, n_sink + k + n_local) int32, ascending,
 // -1 padded. reuse (B, k) int32 ascending middle picks and reuse_mask (B,) bool, or nullptr.
@@ -86,27 +83,33 @@ cudaError_t launch_topk(const float* scores, int64_t B, int64_t N_max, int64_t l
                         const int32_t* reuse, const bool* reuse_mask, int32_t* out,
                         cudaStream_t stream);
 
-// sparse decode: q (B, H_q, D) in dtype (contiguous), indices (B, K) int32 (-1 skipped),
+// Limits of the CUDA kernels (the adapter checks them): head_dim <= 256, H_q / H_kv <= 16.
+constexpr int64_t kCudaMaxHeadDim = 256;
+constexpr int64_t kCudaMaxGroup = 16;
+
+// sparse decode: q (B, H_q, D) fp32 contiguous, pre-scaled; indices (B, K) int32 (-1 skipped),
 // out (B, H_q, D) in dtype, lse (B, H_q) fp32 or nullptr. Split-KV: each (request, KV head,
 // split) block handles K / splits indices for all H_q / H_kv heads of the group, then a merge
 // kernel combines the partial (max, sum, acc) by log-sum-exp. workspace: decode_workspace_bytes.
+// splits = 1 is the plain variant (one block per request and KV head); decode_num_splits picks
+// the tuned split count (enough blocks for ~2 waves on `sm_count` SMs).
 int64_t decode_num_splits(int64_t B, int64_t H_kv, int64_t K, int sm_count);
 size_t decode_workspace_bytes(int64_t B, int64_t H_q, int64_t D, int64_t splits);
 cudaError_t launch_sparse_decode(const KVLayout& L, const void* k, CacheStrides ks, const void* v,
-                                 CacheStrides vs, DType dtype, const void* q, int64_t H_q,
-                                 const int32_t* indices, int64_t K, float scale, void* out,
-                                 float* lse, int64_t splits, void* workspace, Variant variant,
-                                 cudaStream_t stream);
+                                 CacheStrides vs, DType dtype, const float* q, int64_t H_q,
+                                 const int32_t* indices, int64_t K, void* out, float* lse,
+                                 int64_t splits, void* workspace, cudaStream_t stream);
 
-// sparse prefill: q (B, C, H_q, D) in dtype (contiguous), chunk_start (B,) int32. Query c of
+// sparse prefill: q (B, C, H_q, D) fp32 contiguous, pre-scaled; chunk_start (B,) int32. Query c of
 // request b attends the entries of indices[b] in [0, chunk_start[b]) and the chunk positions
 // chunk_start[b] .. chunk_start[b] + c; rows past the chunk length min(C, seq_len - start) get
 // out 0 and lse -inf. out (B, C, H_q, D) in dtype, lse (B, C, H_q) fp32 or nullptr.
+size_t prefill_workspace_bytes(int64_t B, int64_t C, int64_t H_q, int64_t D);
 cudaError_t launch_sparse_prefill(const KVLayout& L, const void* k, CacheStrides ks,
-                                  const void* v, CacheStrides vs, DType dtype, const void* q,
+                                  const void* v, CacheStrides vs, DType dtype, const float* q,
                                   int64_t C, int64_t H_q, const int32_t* indices, int64_t K,
-                                  const int32_t* chunk_start, float scale, void* out, float* lse,
-                                  cudaStream_t stream);
+                                  const int32_t* chunk_start, void* out, float* lse,
+                                  void* workspace, cudaStream_t stream);
 
 }  // namespace kv_select
 }  // namespace tokenkernels

@@ -173,7 +173,8 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     keys/values must already be in the cache at those positions. Request b's chunk has
     ``min(C, seq_lens[b] - chunk_start[b])`` real queries (rows past it are padding: output 0,
     lse -inf). Query c attends the entries of ``indices[b]`` in ``[0, chunk_start[b])`` (others
-    and -1 are ignored; duplicates count once) plus chunk positions ``chunk_start[b] .. + c``
+    and -1 are ignored; like :func:`sparse_decode`, every listed entry counts, so pass
+    indices without duplicates, as :func:`topk` writes them) plus chunk positions ``chunk_start[b] .. + c``
     (causal) -- one softmax over both, i.e. the two partial attentions merged by log-sum-exp.
 
     Returns (B, C, H_q, D) in q's dtype (and lse (B, C, H_q) float32 with ``return_lse``).

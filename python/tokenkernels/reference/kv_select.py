@@ -150,7 +150,8 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     The chunk's own keys/values are already in the cache at those positions; request b's chunk
     has ``min(C, seq_lens[b] - chunk_start[b])`` real queries (later rows are padding: out 0,
     lse -inf). Query c attends the selected past tokens (entries of ``indices`` in
-    [0, chunk_start[b]); -1 and later entries are ignored) and the chunk positions
+    [0, chunk_start[b]), each listed entry once per listing; -1 and later entries are ignored)
+    and the chunk positions
     chunk_start[b] .. chunk_start[b] + c (causal)."""
     B, C, Hq, D = q.shape
     cd = _cdtype(q)
@@ -165,7 +166,7 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         if c_len == 0:
             continue
         idx = indices[b].long()
-        past = torch.unique(idx[(idx >= 0) & (idx < s0)])
+        past = idx[(idx >= 0) & (idx < s0)]              # each listed entry counts
         keys = torch.cat([past, torch.arange(s0, s0 + c_len, device=q.device)])
         K = Kd[b, keys].to(cd).repeat_interleave(G, dim=1)
         V = Vd[b, keys].to(cd).repeat_interleave(G, dim=1)
