@@ -30,6 +30,7 @@ import torch
 
 FAMILIES: Dict[str, str] = {
     "kcenter": "tokenkernels.bench.kcenter",
+    "kv_select": "tokenkernels.bench.kv_select",
 }
 
 
