@@ -247,53 +247,66 @@ void decode_kernel(const KVLayout& L, const T* kb, const CacheStrides& ks, const
                    const int32_t* indices, int64_t K, T* out, float* lse) {
   const int64_t B = L.B, H_kv = L.H_kv, D = L.D, G = H_q / H_kv;
   const int64_t threads = at::get_num_threads();
-  const int64_t tasks = B * H_kv;
-  int64_t splits = std::max<int64_t>(1, (2 * threads + tasks - 1) / tasks);
+  // Split the index list so that there are >= 2 tasks per thread, each >= 128 indices.
+  int64_t splits = std::max<int64_t>(1, (2 * threads + B - 1) / std::max<int64_t>(B, 1));
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, K / 128));
   const int64_t per = (K + splits - 1) / std::max<int64_t>(splits, 1);
   std::vector<float> pm(static_cast<size_t>(B * H_q * splits), -kInf), ps(pm.size(), 0.0f);
   std::vector<float> pacc(static_cast<size_t>(B * H_q * splits * D), 0.0f);
 
-  at::parallel_for(0, tasks * splits, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> kbuf(D), lg, dotv(G);
-    std::vector<int64_t> offs;
+  // Task = (b, split): each listed token's K row (all KV heads, contiguous in both layouts) is
+  // read once and scored against every q-head; then each V row once, accumulated into the G
+  // heads of its group.
+  at::parallel_for(0, B * splits, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> kbuf(D), lg, mx(H_q);
+    std::vector<int64_t> offk, offv;
+    float dotv[64];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t sp = t % splits, g = (t / splits) % H_kv, b = t / (splits * H_kv);
+      const int64_t sp = t % splits, b = t / splits;
       const int64_t j0 = sp * per, j1 = std::min(K, j0 + per);
       const int64_t Lb = seq_len(L, b);
-      // Offsets of the valid listed tokens (-1 and out-of-range entries skipped).
-      offs.clear();
-      for (int64_t j = j0; j < j1; ++j) {
+      offk.clear();
+      offv.clear();
+      for (int64_t j = j0; j < j1; ++j) {   // valid listed tokens (-1 / out of range skipped)
         const int32_t n = indices[b * K + j];
         if (n < 0 || n >= Lb) continue;
-        const int64_t off = token_offset(L, ks, b, n);
-        if (off >= 0) offs.push_back(n);
+        const int64_t ok = token_offset(L, ks, b, n), ov = token_offset(L, vs, b, n);
+        if (ok < 0 || ov < 0) continue;
+        offk.push_back(ok);
+        offv.push_back(ov);
       }
-      const int64_t M = static_cast<int64_t>(offs.size());
+      const int64_t M = static_cast<int64_t>(offk.size());
       if (M == 0) continue;
-      lg.resize(static_cast<size_t>(G * M));
-      const float* qg = q + (b * H_q + g * G) * D;
-      std::vector<float> mx(G, -kInf);
+      lg.resize(static_cast<size_t>(H_q * M));
+      std::fill(mx.begin(), mx.end(), -kInf);
+      const float* qb = q + b * H_q * D;
       for (int64_t i = 0; i < M; ++i) {
-        const int64_t off = token_offset(L, ks, b, offs[i]);
-        const float* kr = cpu::row_as_float(kb + off + g * ks.head, ks.dim, D, kbuf.data());
-        cpu::dots(qg, G, kr, D, dotv.data());
-        for (int64_t h = 0; h < G; ++h) {
-          lg[h * M + i] = dotv[h];
-          mx[h] = std::max(mx[h], dotv[h]);
+        for (int64_t g = 0; g < H_kv; ++g) {
+          const float* kr = cpu::row_as_float(kb + offk[i] + g * ks.head, ks.dim, D, kbuf.data());
+          for (int64_t h0 = 0; h0 < G; h0 += 64) {
+            const int64_t gh = std::min<int64_t>(64, G - h0);
+            cpu::dots(qb + (g * G + h0) * D, gh, kr, D, dotv);
+            for (int64_t x = 0; x < gh; ++x) {
+              const int64_t h = g * G + h0 + x;
+              lg[h * M + i] = dotv[x];
+              mx[h] = std::max(mx[h], dotv[x]);
+            }
+          }
         }
       }
-      for (int64_t h = 0; h < G; ++h) {
-        const size_t si = static_cast<size_t>((b * H_q + g * G + h) * splits + sp);
+      for (int64_t h = 0; h < H_q; ++h) {
+        const size_t si = static_cast<size_t>((b * H_q + h) * splits + sp);
         pm[si] = mx[h];
         ps[si] = cpu::exp_sub_sum(lg.data() + h * M, M, mx[h]);
       }
       for (int64_t i = 0; i < M; ++i) {
-        const int64_t off = token_offset(L, vs, b, offs[i]);
-        const float* vr = cpu::row_as_float(vb + off + g * vs.head, vs.dim, D, kbuf.data());
-        for (int64_t h = 0; h < G; ++h)
-          cpu::axpy(lg[h * M + i], vr,
-                    pacc.data() + ((b * H_q + g * G + h) * splits + sp) * D, D);
+        for (int64_t g = 0; g < H_kv; ++g) {
+          const float* vr = cpu::row_as_float(vb + offv[i] + g * vs.head, vs.dim, D, kbuf.data());
+          for (int64_t x = 0; x < G; ++x) {
+            const int64_t h = g * G + x;
+            cpu::axpy(lg[h * M + i], vr, pacc.data() + ((b * H_q + h) * splits + sp) * D, D);
+          }
+        }
       }
     }
   });

@@ -39,7 +39,7 @@ cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DTyp
                          const float* q, int64_t H_q, const bool* skip, float* out,
                          void* workspace, cudaStream_t stream) {
   if (L.B == 0 || L.N_max == 0) return cudaSuccess;
-  if (!limits_ok(L, H_q)) return cudaErrorInvalidValue;
+  if (!limits_ok(L, H_q) || L.B > 65535) return cudaErrorInvalidValue;   // B is grid.y
   const int64_t nblk = cdiv(L.N_max, device::kScoreTok);
   char* base = static_cast<char*>(workspace);
   float* logits = reinterpret_cast<float*>(base);
@@ -115,7 +115,8 @@ cudaError_t launch_attend(const KVLayout& L, const void* k, CacheStrides ks, con
   float* pl = reinterpret_cast<float*>(base);
   base += align_up(sizeof(float) * n);
   float* pacc = reinterpret_cast<float*>(base);
-  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(L.H_kv), static_cast<unsigned>(rows));
+  if (L.H_kv > 65535 || splits > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(L.H_kv), static_cast<unsigned>(splits));
   return with_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     device::attend_kernel<T, Keys><<<grid, device::kAttnThreads, 0, stream>>>(

@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(
 }
 
 // =============================================================================== attention
-// attend_kernel: one block per (row, KV head g, split). A "row" is one query position: a decode
+// attend_kernel: one block per (row, KV head g, split); grid (rows, H_kv, splits). A "row" is one query position: a decode
 // request (row = b) or one query of a prefill chunk (row = b * C + c). The block attends the
 // row's key list slice [j0, j1) with the G q-heads of group g and writes the partial softmax
 // state (max m, sum l, unnormalised acc[D]) per head to the workspace; merge_kernel combines the
@@ -343,8 +343,8 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(
   __shared__ float p[kMaxG * kAttnTile];        // logits, then probabilities, of the tile
   __shared__ int64_t voff[kAttnTile];           // V offsets of the tile's keys (-1: skip)
   __shared__ float m_run[kMaxG], l_run[kMaxG], alpha[kMaxG];
-  const int64_t row = blockIdx.z;
-  const int g = blockIdx.y, sp = blockIdx.x;
+  const int64_t row = blockIdx.x;   // rows in x: B * C can exceed the 65535 limit of y / z
+  const int g = blockIdx.y, sp = blockIdx.z;
   const int D = static_cast<int>(L.D), G = H_q / static_cast<int>(L.H_kv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = kAttnThreads / 32;
   const int64_t b = keys.batch(row);
