@@ -114,7 +114,7 @@ def test_sparse_decode(device, page, G, D, dtype):
     _close(lse, wl, kv_tol(dtype, "lse"), "lse")
 
 
-@pytest.mark.parametrize("page", LAYOUTS)
+@pytest.mark.parametrize("page", LAYOUTS + [64])
 @pytest.mark.parametrize("G", [1, 4, 8])
 def test_sparse_decode_full_budget_equals_sdpa(device, page, G):
     """Exactness anchor: with the budget >= seq_len, select + sparse_decode is full attention."""
@@ -233,3 +233,40 @@ def test_int64_metadata_accepted(device):
     a = kv.select(c.q, c.k, c.seq_lens.long(), k=8, n_sink=2, n_local=4, block_table=c.block_table.long())
     b = kv.select(c.q, c.k, c.seq_lens, k=8, n_sink=2, n_local=4, block_table=c.block_table)
     assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_decode_step_has_no_host_sync():
+    """select (with a SelectionCache) + sparse_decode with out= and check=False never sync."""
+    c = make_case([300, 120], G=4, D=128, page_size=16, device="cuda")
+    sc = kv.SelectionCache(0.9)
+    out, lse = torch.empty_like(c.q), torch.empty(2, 8, device="cuda")
+    idx = torch.empty(2, 4 + 32 + 16, dtype=torch.int32, device="cuda")
+    kv.select(c.q, c.k, c.seq_lens, k=32, n_sink=4, n_local=16, block_table=c.block_table, cache=sc,
+              out=idx, check=False)   # first call sizes the cache state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            kv.select(c.q, c.k, c.seq_lens, k=32, n_sink=4, n_local=16, block_table=c.block_table,
+                      cache=sc, out=idx, check=False)
+            kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, out=out, lse=lse,
+                             check=False)
+            for impl in ("plain", "tuned"):
+                kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, check=False,
+                                 impl=impl)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sc.hits.tolist() == [2, 2]   # the same query twice more: cos = 1 > 0.9
+
+
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+def test_decode_impls_agree(device, impl):
+    """The CUDA plain (one block per request and KV head) and tuned (split-KV) variants; the
+    CPU ignores impl."""
+    c = make_case([1000, 3, 513], G=8, D=128, page_size=16, device=device)
+    idx = kv.select(c.q, c.k, c.seq_lens, k=300, n_sink=4, n_local=64, block_table=c.block_table)
+    got = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, impl=impl)
+    want = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
+                             block_table=cpu(c.block_table))
+    _close(got, want, kv_tol(torch.float32, "out"), "out")
