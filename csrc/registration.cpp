@@ -28,7 +28,7 @@ TORCH_LIBRARY(tokenkernels, m) {
   // rows with skip[b] (Selection Cache hits).
   m.def(
       "kv_score(Tensor q, Tensor k_cache, Tensor seq_lens, Tensor? block_table, float scale, "
-      "Tensor? skip, bool check) -> Tensor");
+      "Tensor? skip, bool check, int impl) -> Tensor");
   // Selected token indices (B, n_sink + k + n_local) int32 ascending, padded -1. Rows with
   // reuse_mask[b] take their middle tokens from reuse (B, k) int32 ascending.
   m.def(

@@ -28,7 +28,7 @@ using tkbench::Row;
 using OptT = std::optional<at::Tensor>;
 
 using ScoreSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                            double, const OptT&, bool);
+                            double, const OptT&, bool, int64_t);
 using TopkSig = at::Tensor(const at::Tensor&, int64_t, const at::Tensor&, int64_t, int64_t,
                            const OptT&, const OptT&);
 using DecodeSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -89,7 +89,7 @@ void run_kv_select(Context& ctx) {
     const int64_t W = kSink + kTop + kLocal;
 
     auto select = [&] {
-      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false);
+      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
       return topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt);
     };
     auto idx = select();
@@ -124,12 +124,12 @@ void run_kv_select(Context& ctx) {
       r.name = name;
       r.work = kv_bytes / 2;
       r.bytes = true;
-      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false);
+      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
       const double err = (s - ref_score(q, k)).abs().max().item<double>();
       char m[64];
       std::snprintf(m, sizeof m, "err %.1e", err);
       r.match = m;
-      r.op = ctx.time([&] { score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false); });
+      r.op = ctx.time([&] { score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0); });
       r.ref = ctx.time([&] { ref_score(q, k); }, true);
       ctx.add(std::move(r));
     }
@@ -139,7 +139,7 @@ void run_kv_select(Context& ctx) {
       r.name = name;
       r.work = N * 4.0;
       r.bytes = true;
-      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false);
+      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
       auto mine = topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt);
       r.match = at::equal(mine, ref_topk(s, N)) ? "equal" : "DIFFER";
       r.op = ctx.time([&] { topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt); });

@@ -134,7 +134,8 @@ void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, con
 
 at::Tensor score_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& seq_lens,
                      const std::optional<at::Tensor>& block_table, double scale,
-                     const std::optional<at::Tensor>& skip, bool /*check: always on CPU*/) {
+                     const std::optional<at::Tensor>& skip, bool /*check: always on CPU*/,
+                     int64_t /*impl: CUDA only*/) {
   constexpr const char* op = "kv_select.score";
   TORCH_CHECK(q.dim() == 3 || q.dim() == 4, "tokenkernels.", op,
               ": q must be (B, H_q, D) or (B, C, H_q, D), got shape ", q.sizes());

@@ -42,7 +42,7 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 // ---------------------------------------------------------------------------------- score
 at::Tensor score_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& seq_lens,
                       const std::optional<at::Tensor>& block_table, double scale,
-                      const std::optional<at::Tensor>& skip, bool check) {
+                      const std::optional<at::Tensor>& skip, bool check, int64_t impl) {
   constexpr const char* op = "kv_select.score";
   TORCH_CHECK(q.dim() == 3 || q.dim() == 4, "tokenkernels.", op,
               ": q must be (B, H_q, D) or (B, C, H_q, D), got shape ", q.sizes());
@@ -67,7 +67,7 @@ at::Tensor score_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::
   check_cuda(launch_score(meta.layout, k_cache.data_ptr(), strides_of(k_cache),
                           dtype_of(k_cache.scalar_type()), qm.data_ptr<float>(), H_q,
                           sk.defined() ? sk.data_ptr<bool>() : nullptr, out.data_ptr<float>(),
-                          ws.data_ptr(), current_cuda_stream(k_cache.device())),
+                          ws.data_ptr(), static_cast<int>(impl), current_cuda_stream(k_cache.device())),
              "kv_select score");
   return out;
 }

@@ -1,6 +1,7 @@
 // kv_select family: CUDA launchers (torch-free; compiled by nvcc for every arch in
 // TOKENKERNELS_CUDA_ARCHS). Each returns the first launch error; nothing here syncs the host.
 #include <algorithm>
+#include <cstdint>
 
 #include "tokenkernels/kv_select.cuh"
 
@@ -22,6 +23,17 @@ cudaError_t with_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// The tuned scoring kernel's requirements: unit stride on D, 16-byte vectors that tile a row
+// with a power-of-two number (<= 32) of lanes, and every row start 16-byte aligned.
+bool score_tuned_ok(const KVLayout& L, const void* k, const CacheStrides& ks, size_t elt) {
+  const int64_t vec = 16 / static_cast<int64_t>(elt);
+  if (ks.dim != 1 || L.D % vec != 0) return false;
+  const int64_t r = L.D / vec;
+  if (r < 1 || r > 32 || (r & (r - 1)) != 0) return false;
+  if (reinterpret_cast<uintptr_t>(k) % 16 != 0) return false;
+  return ks.head % vec == 0 && ks.slot % vec == 0 && ks.page % vec == 0;
+}
+
 bool limits_ok(const KVLayout& L, int64_t H_q) {
   return L.D > 0 && L.D <= kCudaMaxHeadDim && L.H_kv > 0 && H_q % L.H_kv == 0 &&
          H_q / L.H_kv <= kCudaMaxGroup;
@@ -37,7 +49,7 @@ size_t score_workspace_bytes(int64_t B, int64_t H_q, int64_t N_max) {
 
 cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DType dtype,
                          const float* q, int64_t H_q, const bool* skip, float* out,
-                         void* workspace, cudaStream_t stream) {
+                         void* workspace, int variant, cudaStream_t stream) {
   if (L.B == 0 || L.N_max == 0) return cudaSuccess;
   if (!limits_ok(L, H_q) || L.B > 65535) return cudaErrorInvalidValue;   // B is grid.y
   const int64_t nblk = cdiv(L.N_max, device::kScoreTok);
@@ -53,6 +65,7 @@ cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DTyp
   cudaError_t e = with_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     auto kernel = device::score_logits_kernel<T>;
+    if (variant != 1 && score_tuned_ok(L, k, ks, sizeof(T))) kernel = device::score_logits_tuned_kernel<T>;
     if (smem > 48 * 1024) {   // opt in to large dynamic shared memory (many heads x wide heads)
       cudaError_t a = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem));

@@ -290,3 +290,16 @@ def test_precision_no_worse_than_same_dtype_reference(device, dtype, page):
     # can flip the final rounding, e.g. under CUDA's summation order)
     tiny = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps * truth.abs().max().item()
     assert e_got <= e_ref + tiny, f"kernel {e_got:.3g} vs same-dtype reference {e_ref:.3g}"
+
+
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("dtype,D,strided", [(torch.bfloat16, 128, False), (torch.float32, 64, False),
+                                             (torch.float16, 256, False), (torch.float32, 256, False),
+                                             (torch.bfloat16, 128, True)])
+def test_score_impls_agree(device, impl, dtype, D, strided):
+    """The CUDA plain and tuned (16-byte vector loads; falls back to plain where the layout does
+    not allow it: fp32 D=256, strided) scoring variants; the CPU ignores impl."""
+    c = make_case([700, 64, 5], G=4, D=D, dtype=dtype, page_size=16, strided=strided, device=device)
+    got = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table, impl=impl)
+    want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table))
+    _close(got, want, kv_tol(dtype, "score") * c.q.shape[1], "score")

@@ -22,9 +22,9 @@ def _samples(device):
 def test_opcheck(device):
     c, h, s, idx, hs, hidx = _samples(device)
     skip = torch.tensor([False, True, False], device=device)
-    torch.library.opcheck(OPS.kv_score.default, (c.q, c.k, c.seq_lens, c.block_table, 1.0, None, True))
-    torch.library.opcheck(OPS.kv_score.default, (c.q, c.k, c.seq_lens, c.block_table, 0.5, skip, True))
-    torch.library.opcheck(OPS.kv_score.default, (h.q, h.k, h.seq_lens, None, 1.0, None, True))
+    torch.library.opcheck(OPS.kv_score.default, (c.q, c.k, c.seq_lens, c.block_table, 1.0, None, True, 0))
+    torch.library.opcheck(OPS.kv_score.default, (c.q, c.k, c.seq_lens, c.block_table, 0.5, skip, True, 1))
+    torch.library.opcheck(OPS.kv_score.default, (h.q, h.k, h.seq_lens, None, 1.0, None, True, 2))
     torch.library.opcheck(OPS.kv_topk.default, (s, 6, c.seq_lens, 2, 3, None, None))
     reuse = idx[:, 2:8].contiguous()
     torch.library.opcheck(OPS.kv_topk.default, (s, 6, c.seq_lens, 2, 3, reuse, skip))

@@ -73,6 +73,31 @@ __device__ __forceinline__ float warp_dot(const float* q_row, const float (&r)[k
 constexpr int kScoreTok = 64;
 constexpr int kScoreThreads = 256;
 
+// The end of both pass-1 kernels, after the block's logits lg (kScoreTok x H_q, shared memory)
+// are complete and a barrier has passed: write them to logits[b][h][n] ((h, n) order, so
+// consecutive threads write consecutive tokens) and the per-head partial (max, sum exp) of the
+// block's tokens (warp per head) to pstat[b][h][blk].
+__device__ __forceinline__ void score_block_tail(const float* lg, int H_q, int b, int blk, int nblk,
+                                                 int64_t n0, int64_t N, float* __restrict__ logits,
+                                                 float2* __restrict__ pstat) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  for (int i = threadIdx.x; i < kScoreTok * H_q; i += blockDim.x) {
+    const int h = i / kScoreTok, tl = i % kScoreTok;
+    const int64_t n = n0 + tl;
+    if (n < N) logits[(static_cast<int64_t>(b) * H_q + h) * N + n] = lg[tl * H_q + h];
+  }
+  for (int h = warp; h < H_q; h += nwarps) {
+    float m = -INFINITY;
+    for (int tl = lane; tl < kScoreTok; tl += 32) m = fmaxf(m, lg[tl * H_q + h]);
+    m = warp_max_f(m);
+    float s = 0.0f;
+    if (m != -INFINITY)
+      for (int tl = lane; tl < kScoreTok; tl += 32) s += __expf(lg[tl * H_q + h] - m);
+    s = warp_sum_f(s);
+    if (lane == 0) pstat[(static_cast<int64_t>(b) * H_q + h) * nblk + blk] = make_float2(m, s);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kScoreThreads) score_logits_kernel(
     KVLayout L, const T* __restrict__ k, CacheStrides ks, const float* __restrict__ q, int H_q,
@@ -82,7 +107,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_logits_kernel(
   float* lg = smem + H_q * L.D;           // (kScoreTok, H_q)
   const int b = blockIdx.y, blk = blockIdx.x, nblk = gridDim.x;
   const int D = static_cast<int>(L.D), G = H_q / static_cast<int>(L.H_kv);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = kScoreThreads / 32;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t N = L.N_max, n0 = static_cast<int64_t>(blk) * kScoreTok;
   const int64_t len = (skip && skip[b]) ? 0 : seq_len(L, b);
   if (n0 >= len) {   // nothing valid in this block (uniform: all threads leave together)
@@ -108,23 +133,89 @@ __global__ void __launch_bounds__(kScoreThreads) score_logits_kernel(
     }
   }
   __syncthreads();
-  // Logits to global memory, (h, n) order so consecutive threads write consecutive tokens.
-  for (int i = threadIdx.x; i < kScoreTok * H_q; i += blockDim.x) {
-    const int h = i / kScoreTok, tl = i % kScoreTok;
-    const int64_t n = n0 + tl;
-    if (n < N) logits[(static_cast<int64_t>(b) * H_q + h) * N + n] = lg[tl * H_q + h];
+  score_block_tail(lg, H_q, b, blk, nblk, n0, N, logits, pstat);
+}
+
+// Tuned pass 1 (same outputs as score_logits_kernel): 16-byte vector loads. A row (token n, KV
+// head g) of D elements is read by a group of R = D / VEC lanes (VEC = 16 / sizeof(T)), each
+// lane one 16-byte vector; a warp reads 32 / R rows at once, consecutive groups taking
+// consecutive heads of a token (contiguous memory in both layouts), and each group keeps two
+// rows in flight. Partial dots with the G q-heads of the row's group are reduced over the R lanes
+// with xor shuffles. Requires (checked by the launcher): ks.dim == 1, D % VEC == 0, R a power of
+// two <= 32, a 16-byte aligned cache and strides that are multiples of VEC.
+template <typename T>
+struct Vec16 {
+  static constexpr int N = 16 / static_cast<int>(sizeof(T));
+  __device__ __forceinline__ static void load(const T* p, float (&out)[16 / sizeof(T)]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_f(e[i]);
   }
-  // Per-head partial softmax statistics over the block's tokens (warp per head).
-  for (int h = warp; h < H_q; h += nwarps) {
-    float m = -INFINITY;
-    for (int tl = lane; tl < kScoreTok; tl += 32) m = fmaxf(m, lg[tl * H_q + h]);
-    m = warp_max_f(m);
-    float s = 0.0f;
-    if (m != -INFINITY)
-      for (int tl = lane; tl < kScoreTok; tl += 32) s += __expf(lg[tl * H_q + h] - m);
-    s = warp_sum_f(s);
-    if (lane == 0) pstat[(static_cast<int64_t>(b) * H_q + h) * nblk + blk] = make_float2(m, s);
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kScoreThreads) score_logits_tuned_kernel(
+    KVLayout L, const T* __restrict__ k, CacheStrides ks, const float* __restrict__ q, int H_q,
+    const bool* __restrict__ skip, float* __restrict__ logits, float2* __restrict__ pstat) {
+  constexpr int VEC = Vec16<T>::N;
+  extern __shared__ float smem[];
+  float* qs = smem;                       // (H_q, D)
+  float* lg = smem + H_q * L.D;           // (kScoreTok, H_q)
+  const int b = blockIdx.y, blk = blockIdx.x, nblk = gridDim.x;
+  const int D = static_cast<int>(L.D), H_kv = static_cast<int>(L.H_kv), G = H_q / H_kv;
+  const int R = D / VEC;                  // lanes per row (power of two, <= 32)
+  const int lane = threadIdx.x & 31;
+  const int sub = lane & (R - 1);         // this lane's vector within the row
+  const int group = threadIdx.x / R, ngroups = kScoreThreads / R;
+  const int64_t N = L.N_max, n0 = static_cast<int64_t>(blk) * kScoreTok;
+  const int64_t len = (skip && skip[b]) ? 0 : seq_len(L, b);
+  if (n0 >= len) {
+    for (int h = threadIdx.x; h < H_q; h += blockDim.x)
+      pstat[(static_cast<int64_t>(b) * H_q + h) * nblk + blk] = make_float2(-INFINITY, 0.0f);
+    return;
   }
+  for (int i = threadIdx.x; i < H_q * D; i += blockDim.x) qs[i] = q[static_cast<int64_t>(b) * H_q * D + i];
+  __syncthreads();
+  const int total = kScoreTok * H_kv;     // rows (token, head) of the block
+  // Uniform trip count for every thread (shuffles need whole warps); two rows per group per step.
+  for (int base = 0; base < total; base += 2 * ngroups) {
+    int row[2];
+    int64_t off[2];
+    float kv[2][VEC];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      row[u] = base + u * ngroups + group;
+      off[u] = -1;
+      if (row[u] < total) {
+        const int64_t n = n0 + row[u] / H_kv;
+        if (n < len) {
+          const int64_t o = token_offset(L, ks, b, n);
+          if (o >= 0) off[u] = o + static_cast<int64_t>(row[u] % H_kv) * ks.head + sub * VEC;
+        }
+      }
+      if (off[u] >= 0) Vec16<T>::load(k + off[u], kv[u]);
+      else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) kv[u][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int g = row[u] < total ? row[u] % H_kv : 0;
+      const int tl = row[u] < total ? row[u] / H_kv : 0;
+      for (int j = 0; j < G; ++j) {
+        const float* qr = qs + (g * G + j) * D + sub * VEC;
+        float s = 0.0f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s = fmaf(qr[e], kv[u][e], s);
+        for (int o = R >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (sub == 0 && row[u] < total) lg[tl * H_q + g * G + j] = off[u] >= 0 ? s : -INFINITY;
+      }
+    }
+  }
+  __syncthreads();
+  score_block_tail(lg, H_q, b, blk, nblk, n0, N, logits, pstat);
 }
 
 // Pass 2: one block (256 threads) per (b, h): lse = log sum over the partials.

@@ -65,14 +65,17 @@ namespace tokenkernels {
 namespace kv_select {
 
 // score: q (B, H_q, D) fp32 contiguous, pre-scaled (the mean query for a prefill chunk); k cache
-// in `dtype`. One variant (three passes: logits + block partials, per-head lse, sum over heads).
+// in `dtype`. Three passes: logits + per-block softmax partials, per-head lse, sum over heads.
+// variant: 0 auto (tuned when eligible), 1 plain (one warp per token row, scalar loads), 2 tuned
+// (16-byte vector loads, two rows in flight per lane group; needs unit stride on D, D / (16 /
+// sizeof(dtype)) a power of two <= 32, 16-byte aligned rows -- otherwise plain is used).
 // out (B, N_max) fp32: sum over q-heads of softmax_n(scale * q_h . k_n), -inf past seq_len.
 // skip (B,) bool or nullptr: rows to leave untouched (Selection Cache hits).
 // workspace: score_workspace_bytes(...) bytes (per-head logits and partial softmax stats).
 size_t score_workspace_bytes(int64_t B, int64_t H_q, int64_t N_max);
 cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DType dtype,
                          const float* q, int64_t H_q, const bool* skip, float* out,
-                         void* workspace, cudaStream_t stream);
+                         void* workspace, int variant, cudaStream_t stream);
 
 // topk: scores (B, N_max) fp32 (row stride ld). out (B, n_sink + k + n_local) int32, ascending,
 // -1 padded. reuse (B, k) int32 ascending middle picks and reuse_mask (B,) bool, or nullptr.

@@ -71,7 +71,8 @@ def capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor] = None) 
 
 def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
           block_table: Optional[torch.Tensor] = None, scale: float = 1.0,
-          skip: Optional[torch.Tensor] = None, check: bool = True) -> torch.Tensor:
+          skip: Optional[torch.Tensor] = None, check: bool = True,
+          impl: str = "auto") -> torch.Tensor:
     """TokenSelect criticality of every cached token.
 
     For each q-head h with KV head g = h // (H_q / H_kv): ``s_h = softmax_n(scale * q_h . k_n)``
@@ -83,6 +84,8 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
         scale: logit scale (TokenSelect uses 1.0, i.e. no 1/sqrt(D)).
         skip: (B,) bool; rows to leave unscored (set to -inf), e.g. Selection Cache hits.
         check: validate seq_lens / block_table values (one host sync on CUDA).
+        impl: CUDA kernel variant: "auto" (tuned when the cache allows 16-byte vector loads),
+            "plain", "tuned"; the CPU ignores it.
 
     Returns:
         (B, N_max) float32, -inf past each seq_len.
@@ -91,7 +94,8 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
     q, k_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op)
     seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
     block_table = _int32(block_table, "block_table", op, k_cache.device)
-    return torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), skip, check)
+    return torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), skip, check,
+                                           _impl(impl, op))
 
 
 def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 128,
@@ -287,7 +291,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
     seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
     block_table = _int32(block_table, "block_table", op, k_cache.device)
     if cache is None:
-        s = torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), None, check)
+        s = torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), None, check, 0)
         return topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out)
     if not isinstance(cache, SelectionCache):
         raise TypeError(f"tokenkernels.kv_select.select: cache must be a SelectionCache, got {type(cache).__name__}")
@@ -297,7 +301,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
     B = qm.shape[0]
     cache._ensure(B, qm.shape[1] * qm.shape[2], k, q.device)
     hit = cache.decide(qm)
-    s = torch.ops.tokenkernels.kv_score(qm, k_cache, seq_lens, block_table, float(scale), hit, check)
+    s = torch.ops.tokenkernels.kv_score(qm, k_cache, seq_lens, block_table, float(scale), hit, check, 0)
     idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=cache.prev_mid, reuse_mask=hit, out=out)
     cache.update(qm, idx, hit, n_sink, k)
     return idx
@@ -305,7 +309,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
 
 # ------------------------------------------------------------------ fake (meta) implementations
 @torch.library.register_fake("tokenkernels::kv_score")
-def _score_fake(q, k_cache, seq_lens, block_table, scale, skip, check):
+def _score_fake(q, k_cache, seq_lens, block_table, scale, skip, check, impl):
     n = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     return q.new_empty((q.shape[0], n), dtype=torch.float32)
 
