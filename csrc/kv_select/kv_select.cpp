@@ -100,8 +100,10 @@ void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, con
     }
   });
   // Pass 2: per (b, h) log-sum-exp; then fold it into per-chunk factors exp(cmax - lse).
-  at::parallel_for(0, B * H_q, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  // (B * H_q * chunks values: a few microseconds, so no parallel region -- on a shared machine
+  // every region's barrier can cost a scheduler tick.)
+  {
+    for (int64_t r = 0; r < B * H_q; ++r) {
       float* cm = cmax.data() + r * nch;
       float* cs = csum.data() + r * nch;
       float M = -kInf;
@@ -113,7 +115,7 @@ void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, con
         cm[c] = (cm[c] == -kInf || S == 0.0) ? 0.0f
                                              : static_cast<float>(std::exp(double(cm[c]) - double(M)) / S);
     }
-  });
+  }
   // Pass 3: score_n = sum_h e[h, n] * factor[h, chunk(n)]; -inf past the valid length.
   at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -185,7 +187,8 @@ void topk_impl(const at::Tensor& scores_in, int64_t k, const at::Tensor& seq_len
   if (reuse.has_value()) { ru = reuse->contiguous(); rm = reuse_mask->contiguous(); }
   const float* sc = scores.data_ptr<float>();
   int32_t* o = out.data_ptr<int32_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  // One request per task; a single request runs inline (no parallel region for one task).
+  at::parallel_for(0, B, 2, [&](int64_t b0, int64_t b1) {
     std::vector<uint64_t> keys;
     for (int64_t b = b0; b < b1; ++b) {
       int32_t* ob = o + b * W;
@@ -311,8 +314,8 @@ void decode_kernel(const KVLayout& L, const T* kb, const CacheStrides& ks, const
       }
     }
   });
-  // Merge the splits by log-sum-exp.
-  at::parallel_for(0, B * H_q, 8, [&](int64_t r0, int64_t r1) {
+  // Merge the splits by log-sum-exp (inline below 64 rows: tiny work, no region barrier).
+  at::parallel_for(0, B * H_q, 64, [&](int64_t r0, int64_t r1) {
     std::vector<float> acc(D);
     for (int64_t r = r0; r < r1; ++r) {
       float M = -kInf;
