@@ -80,10 +80,10 @@ void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, con
           continue;
         }
         for (int64_t g = 0; g < H_kv; ++g) {
-          const float* kr = cpu::row_as_float(kbase + off + g * ks.head, ks.dim, D, kbuf.data());
           for (int64_t h0 = 0; h0 < G; h0 += 64) {   // (G <= 64 in practice: one pass)
             const int64_t gh = std::min<int64_t>(64, G - h0);
-            cpu::dots(qm + (b * H_q + g * G + h0) * D, gh, kr, D, dotv);
+            cpu::dots_row(qm + (b * H_q + g * G + h0) * D, gh, kbase + off + g * ks.head, ks.dim, D,
+                          kbuf.data(), dotv);
             for (int64_t i = 0; i < gh; ++i) {
               const int64_t h = g * G + h0 + i;
               lg[h * N + n] = dotv[i];
@@ -286,10 +286,10 @@ void decode_kernel(const KVLayout& L, const T* kb, const CacheStrides& ks, const
       const float* qb = q + b * H_q * D;
       for (int64_t i = 0; i < M; ++i) {
         for (int64_t g = 0; g < H_kv; ++g) {
-          const float* kr = cpu::row_as_float(kb + offk[i] + g * ks.head, ks.dim, D, kbuf.data());
           for (int64_t h0 = 0; h0 < G; h0 += 64) {
             const int64_t gh = std::min<int64_t>(64, G - h0);
-            cpu::dots(qb + (g * G + h0) * D, gh, kr, D, dotv);
+            cpu::dots_row(qb + (g * G + h0) * D, gh, kb + offk[i] + g * ks.head, ks.dim, D,
+                          kbuf.data(), dotv);
             for (int64_t x = 0; x < gh; ++x) {
               const int64_t h = g * G + h0 + x;
               lg[h * M + i] = dotv[x];
@@ -303,13 +303,12 @@ void decode_kernel(const KVLayout& L, const T* kb, const CacheStrides& ks, const
         pm[si] = mx[h];
         ps[si] = cpu::exp_sub_sum(lg.data() + h * M, M, mx[h]);
       }
+      std::vector<float> w(G);
       for (int64_t i = 0; i < M; ++i) {
         for (int64_t g = 0; g < H_kv; ++g) {
-          const float* vr = cpu::row_as_float(vb + offv[i] + g * vs.head, vs.dim, D, kbuf.data());
-          for (int64_t x = 0; x < G; ++x) {
-            const int64_t h = g * G + x;
-            cpu::axpy(lg[h * M + i], vr, pacc.data() + ((b * H_q + h) * splits + sp) * D, D);
-          }
+          for (int64_t x = 0; x < G; ++x) w[x] = lg[(g * G + x) * M + i];
+          cpu::axpy_row(w.data(), G, vb + offv[i] + g * vs.head, vs.dim, D, kbuf.data(),
+                        pacc.data() + ((b * H_q + g * G) * splits + sp) * D, splits * D);
         }
       }
     }

@@ -90,6 +90,61 @@ TK_KV_TARGET inline void dots_avx2(const float* q, int64_t G, const float* k, in
   }
 }
 
+// [sum(a0), sum(a1), sum(a2), sum(a3)] in one horizontal-add tree.
+TK_KV_TARGET inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// 8 consecutive elements as fp32, converted in registers (no staging buffer).
+TK_KV_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+TK_KV_TARGET inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+TK_KV_TARGET inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// out[h] = <q_h, k> for a unit-stride key row of any element type, D % 8 == 0: the key is
+// converted in registers and shared by a block of 4 heads (one horizontal-add tree per block).
+template <typename T>
+TK_KV_TARGET inline void dots_row_avx2(const float* q, int64_t G, const T* k, int64_t D, float* out) {
+  int64_t h = 0;
+  for (; h + 4 <= G; h += 4) {
+    const float* q0 = q + h * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 kv = load8(k + d);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + d), kv, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + d), kv, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + d), kv, a3);
+    }
+    _mm_storeu_ps(out + h, hsum4(a0, a1, a2, a3));
+  }
+  for (; h < G; ++h) {
+    const float* q0 = q + h * D;
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), load8(k + d), a0);
+    out[h] = hsum(a0);
+  }
+}
+
+// acc_h += w[h] * v for h < G (acc_h = acc + h * ld), v a unit-stride row of type T converted
+// in registers; D % 8 == 0.
+template <typename T>
+TK_KV_TARGET inline void axpy_row_avx2(const float* w, int64_t G, const T* v, int64_t D, float* acc,
+                                       int64_t ld) {
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 x = load8(v + d);
+    for (int64_t h = 0; h < G; ++h) {
+      float* a = acc + h * ld + d;
+      _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(w[h]), x, _mm256_loadu_ps(a)));
+    }
+  }
+}
+
 TK_KV_TARGET inline float exp_sub_sum_avx2(float* x, int64_t n, float m) {
   const __m256 mv = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
@@ -146,6 +201,20 @@ inline void dots(const float* q, int64_t G, const float* k, int64_t D, float* ou
   }
 }
 
+template <typename T>
+inline const float* row_as_float(const T* src, int64_t stride, int64_t D, float* buf);
+
+// out[h] = <q_h, key row> for a cache row of element type T with element stride `stride`; `buf`
+// (D floats) stages the row when it cannot be read in place.
+template <typename T>
+inline void dots_row(const float* q, int64_t G, const T* k, int64_t stride, int64_t D, float* buf,
+                     float* out) {
+#if defined(TK_KV_AVX2)
+  if (stride == 1 && D % 8 == 0 && has_avx2()) return dots_row_avx2<T>(q, G, k, D, out);
+#endif
+  dots(q, G, row_as_float(k, stride, D, buf), D, out);
+}
+
 // x[i] = exp(x[i] - m); returns the sum.
 inline float exp_sub_sum(float* x, int64_t n, float m) {
 #if defined(TK_KV_AVX2)
@@ -161,6 +230,20 @@ inline void axpy(float a, const float* x, float* y, int64_t D) {
   if (has_avx2()) return axpy_avx2(a, x, y, D);
 #endif
   for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+}
+
+// acc + h * ld += w[h] * (value row) for h < G; `buf` stages rows that cannot be read in place.
+template <typename T>
+inline const float* row_as_float(const T* src, int64_t stride, int64_t D, float* buf);
+
+template <typename T>
+inline void axpy_row(const float* w, int64_t G, const T* v, int64_t stride, int64_t D, float* buf,
+                     float* acc, int64_t ld) {
+#if defined(TK_KV_AVX2)
+  if (stride == 1 && D % 8 == 0 && has_avx2()) return axpy_row_avx2<T>(w, G, v, D, acc, ld);
+#endif
+  const float* vr = row_as_float(v, stride, D, buf);
+  for (int64_t h = 0; h < G; ++h) axpy(w[h], vr, acc + h * ld, D);
 }
 
 // A cache row (D elements, element stride `stride`) as fp32: returns `src` itself when it is
