@@ -58,77 +58,70 @@ void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, con
                   int64_t H_q, const bool* skip, float* out) {
   const int64_t B = L.B, N = L.N_max, H_kv = L.H_kv, D = L.D, G = H_q / H_kv;
   const int64_t nch = std::max<int64_t>(1, (N + kChunk - 1) / kChunk);
-  std::vector<float> logits(static_cast<size_t>(B * H_q * N));   // e = exp(l - chunk max)
+  // Token-major scratch: e[b][n][h] = exp(l - chunk max of head h); all heads of a token are
+  // contiguous, so pass 1 writes and pass 3 reads whole lines.
+  std::vector<float> logits(static_cast<size_t>(B * N * H_q));
   std::vector<float> cmax(static_cast<size_t>(B * H_q * nch), -kInf), csum(cmax.size(), 0.0f);
   auto len = [&](int64_t b) { return (skip && skip[b]) ? int64_t(0) : seq_len(L, b); };
 
   // Pass 1: logits and chunk statistics. Task = (b, chunk): each token's row of all KV heads is
   // read once, front to back (contiguous in both layouts), and scored against every q-head.
   at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> kbuf(D), mx(H_q);
+    std::vector<float> kbuf(D), mx(H_q), sums(H_q), msub(H_q);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % nch, b = t / nch;
       const int64_t n0 = c * kChunk, n1 = std::min(len(b), n0 + kChunk);
       if (n0 >= n1) continue;
-      float* lg = logits.data() + b * H_q * N;   // head h row: lg + h * N
+      float* E = logits.data() + (b * N + n0) * H_q;   // token n, head h: E[(n - n0) * H_q + h]
       std::fill(mx.begin(), mx.end(), -kInf);
-      float dotv[64];
       for (int64_t n = n0; n < n1; ++n) {
+        float* row = E + (n - n0) * H_q;
         const int64_t off = token_offset(L, ks, b, n);
         if (off < 0) {   // page out of range (unchecked input): the token gets no weight
-          for (int64_t h = 0; h < H_q; ++h) lg[h * N + n] = -kInf;
+          for (int64_t h = 0; h < H_q; ++h) row[h] = -kInf;
           continue;
         }
-        for (int64_t g = 0; g < H_kv; ++g) {
-          for (int64_t h0 = 0; h0 < G; h0 += 64) {   // (G <= 64 in practice: one pass)
-            const int64_t gh = std::min<int64_t>(64, G - h0);
-            cpu::dots_row(qm + (b * H_q + g * G + h0) * D, gh, kbase + off + g * ks.head, ks.dim, D,
-                          kbuf.data(), dotv);
-            for (int64_t i = 0; i < gh; ++i) {
-              const int64_t h = g * G + h0 + i;
-              lg[h * N + n] = dotv[i];
-              mx[h] = std::max(mx[h], dotv[i]);
-            }
-          }
-        }
+        for (int64_t g = 0; g < H_kv; ++g)
+          cpu::dots_row(qm + (b * H_q + g * G) * D, G, kbase + off + g * ks.head, ks.dim, D,
+                        kbuf.data(), row + g * G);
+        for (int64_t h = 0; h < H_q; ++h) mx[h] = std::max(mx[h], row[h]);
       }
+      for (int64_t h = 0; h < H_q; ++h) msub[h] = mx[h] == -kInf ? 0.0f : mx[h];
+      cpu::exp_sub_rows(E, n1 - n0, H_q, msub.data(), sums.data());
       for (int64_t h = 0; h < H_q; ++h) {
         const size_t si = static_cast<size_t>((b * H_q + h) * nch + c);
         cmax[si] = mx[h];
-        csum[si] = mx[h] == -kInf ? 0.0f : cpu::exp_sub_sum(lg + h * N + n0, n1 - n0, mx[h]);
+        csum[si] = mx[h] == -kInf ? 0.0f : sums[h];
       }
     }
   });
   // Pass 2: per (b, h) log-sum-exp; then fold it into per-chunk factors exp(cmax - lse).
   // (B * H_q * chunks values: a few microseconds, so no parallel region -- on a shared machine
   // every region's barrier can cost a scheduler tick.)
-  {
-    for (int64_t r = 0; r < B * H_q; ++r) {
-      float* cm = cmax.data() + r * nch;
-      float* cs = csum.data() + r * nch;
-      float M = -kInf;
-      for (int64_t c = 0; c < nch; ++c) M = std::max(M, cm[c]);
-      double S = 0.0;
-      for (int64_t c = 0; c < nch; ++c)
-        if (cm[c] != -kInf) S += double(cs[c]) * std::exp(double(cm[c]) - double(M));
-      for (int64_t c = 0; c < nch; ++c)
-        cm[c] = (cm[c] == -kInf || S == 0.0) ? 0.0f
-                                             : static_cast<float>(std::exp(double(cm[c]) - double(M)) / S);
-    }
+  for (int64_t r = 0; r < B * H_q; ++r) {
+    float* cm = cmax.data() + r * nch;
+    const float* cs = csum.data() + r * nch;
+    float M = -kInf;
+    for (int64_t c = 0; c < nch; ++c) M = std::max(M, cm[c]);
+    double S = 0.0;
+    for (int64_t c = 0; c < nch; ++c)
+      if (cm[c] != -kInf) S += double(cs[c]) * std::exp(double(cm[c]) - double(M));
+    for (int64_t c = 0; c < nch; ++c)
+      cm[c] = (cm[c] == -kInf || S == 0.0) ? 0.0f
+                                           : static_cast<float>(std::exp(double(cm[c]) - double(M)) / S);
   }
-  // Pass 3: score_n = sum_h e[h, n] * factor[h, chunk(n)]; -inf past the valid length.
+  // Pass 3: score_n = sum_h e[n][h] * factor[h][chunk(n)] (a dot over the token's H_q values);
+  // -inf past the valid length.
   at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> f(H_q);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % nch, b = t / nch;
       const int64_t n0 = c * kChunk, n1e = std::min(N, n0 + kChunk);
       const int64_t n1 = std::min(len(b), n1e);
       float* o = out + b * N;
-      for (int64_t n = n0; n < n1; ++n) o[n] = 0.0f;
-      for (int64_t h = 0; h < H_q; ++h) {
-        const float f = cmax[(b * H_q + h) * nch + c];
-        const float* e = logits.data() + (b * H_q + h) * N;
-        for (int64_t n = n0; n < n1; ++n) o[n] += e[n] * f;
-      }
+      for (int64_t h = 0; h < H_q; ++h) f[h] = cmax[(b * H_q + h) * nch + c];
+      const float* E = logits.data() + b * N * H_q;
+      for (int64_t n = n0; n < n1; ++n) cpu::dots(f.data(), 1, E + n * H_q, H_q, o + n);
       for (int64_t n = std::max(n0, n1); n < n1e; ++n) o[n] = -kInf;
     }
   });

@@ -159,6 +159,27 @@ TK_KV_TARGET inline float exp_sub_sum_avx2(float* x, int64_t n, float m) {
   return s;
 }
 
+// Token-major rows x[t * H + h], t < T: x = exp(x - m[h]); sums[h] = sum over t.
+TK_KV_TARGET inline void exp_sub_rows_avx2(float* x, int64_t T, int64_t H, const float* m, float* sums) {
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8) {
+    const __m256 mv = _mm256_loadu_ps(m + h);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < T; ++t) {
+      float* p = x + t * H + h;
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
+      _mm256_storeu_ps(p, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    _mm256_storeu_ps(sums + h, acc);
+  }
+  for (; h < H; ++h) {
+    float s = 0.0f;
+    for (int64_t t = 0; t < T; ++t) { float& v = x[t * H + h]; v = std::exp(v - m[h]); s += v; }
+    sums[h] = s;
+  }
+}
+
 TK_KV_TARGET inline void axpy_avx2(float a, const float* x, float* y, int64_t D) {
   const __m256 av = _mm256_set1_ps(a);
   int64_t d = 0;
@@ -213,6 +234,18 @@ inline void dots_row(const float* q, int64_t G, const T* k, int64_t stride, int6
   if (stride == 1 && D % 8 == 0 && has_avx2()) return dots_row_avx2<T>(q, G, k, D, out);
 #endif
   dots(q, G, row_as_float(k, stride, D, buf), D, out);
+}
+
+// Token-major rows x[t * H + h]: x = exp(x - m[h]) and sums[h] = its column sum (m finite).
+inline void exp_sub_rows(float* x, int64_t T, int64_t H, const float* m, float* sums) {
+#if defined(TK_KV_AVX2)
+  if (has_avx2()) return exp_sub_rows_avx2(x, T, H, m, sums);
+#endif
+  for (int64_t h = 0; h < H; ++h) {
+    float s = 0.0f;
+    for (int64_t t = 0; t < T; ++t) { float& v = x[t * H + h]; v = std::exp(v - m[h]); s += v; }
+    sums[h] = s;
+  }
 }
 
 // x[i] = exp(x[i] - m); returns the sum.
