@@ -10,10 +10,11 @@ from . import ops, reference
 from .ops.kcenter import coverage_select, kcenter, mmtok_similarity
 from .ops.cross_entropy import LinearCrossEntropy, VocabParallel, linear_cross_entropy
 from . import tree  # noqa: F401  (tokenkernels.tree.*: token trees for speculative decoding)
+from . import kv_select  # noqa: E402  (kv_select family: tokenkernels.kv_select.*)
 
 __all__ = ["kcenter", "coverage_select", "mmtok_similarity",
            "linear_cross_entropy", "LinearCrossEntropy", "VocabParallel",
-           "tree", "ops", "reference", "cuda_available"]
+           "tree", "kv_select", "ops", "reference", "cuda_available"]
 __version__ = "0.1.0"
 
 

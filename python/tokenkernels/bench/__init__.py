@@ -32,6 +32,8 @@ FAMILIES: Dict[str, str] = {
     "kcenter": "tokenkernels.bench.kcenter",
     "cross_entropy": "tokenkernels.bench.cross_entropy",
     "tree": "tokenkernels.bench.tree",
+
+    "kv_select": "tokenkernels.bench.kv_select",
 }
 
 

@@ -2,3 +2,5 @@
 from . import kcenter  # noqa: F401
 from . import cross_entropy  # noqa: F401
 from . import tree  # noqa: F401
+
+from . import kv_select  # noqa: F401
