@@ -26,6 +26,14 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _install(src, dest):
+    """Copy to a temporary name and rename over dest: a process that has the old file mapped
+    (a running test or bench) keeps its inode instead of seeing it rewritten under it."""
+    tmp = Path(str(dest) + ".tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         build_dir = Path(os.environ.get(
@@ -49,7 +57,7 @@ class CMakeBuild(build_ext):
         built = next(build_dir.glob("_C*.so"))
         dest = Path(self.get_ext_fullpath(ext.name))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(built, dest)
+        _install(built, dest)
         # The microbenchmark binary travels inside the package (see tokenkernels/_bench_bin.py).
         # Editable installs (setuptools >= 64) build in a temporary tree and only carry the
         # extension module back, so the binary also goes straight into the source package.
@@ -57,7 +65,7 @@ class CMakeBuild(build_ext):
             for pkg_dir in {dest.parent, ROOT / "python" / "tokenkernels"}:
                 bin_dir = pkg_dir / "_bin"
                 bin_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(build_dir / "tokenkernels-bench", bin_dir / "tokenkernels-bench")
+                _install(build_dir / "tokenkernels-bench", bin_dir / "tokenkernels-bench")
 
 
 setup(

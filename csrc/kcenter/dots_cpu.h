@@ -11,6 +11,8 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+
+#include "tokenkernels/cpu_simd.h"
 #define TK_HAVE_AVX2_PATH 1
 #endif
 
@@ -33,13 +35,7 @@ inline void dots_block_scalar(const float* const* a, const float* const* x, int6
 }
 
 #if defined(TK_HAVE_AVX2_PATH)
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 0x55));
-  return _mm_cvtss_f32(lo);
-}
+using simd::hsum;
 
 template <int NR, int NJ>
 __attribute__((target("avx2,fma"))) inline void dots_block_avx2(const float* const* a,
@@ -65,7 +61,7 @@ __attribute__((target("avx2,fma"))) inline void dots_block_avx2(const float* con
   }
   for (int r = 0; r < NR; ++r)
     for (int j = 0; j < NJ; ++j) {
-      float s = hsum256(acc[r][j]);
+      float s = hsum(acc[r][j]);
       for (int64_t d = D8; d < d1; ++d) s += a[r][d] * x[j][d];
       out[r * ldo + j] = add ? out[r * ldo + j] + s : s;
     }
