@@ -32,3 +32,40 @@ def causal_lm(name: str, *, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     return model
+
+
+IMAGE_TOKEN = 500
+IMAGE_TOKENS = 16          # 32x32 image, 8x8 patches, CLS dropped ("default" strategy)
+
+
+def llava(*, seed: int = 0) -> torch.nn.Module:
+    """LLaVA-1.5 layout: CLIP vision tower (2 layers), 2-layer MLP projector, Llama LM."""
+    vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    tc = T.LlamaConfig(**_COMMON, pad_token_id=0)
+    cfg = T.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN,
+                        image_seq_length=IMAGE_TOKENS)
+    torch.manual_seed(seed)
+    return T.LlavaForConditionalGeneration(cfg).eval()
+
+
+def llava_batch(image_counts, *, seed: int = 0, text_after=(4, 7)):
+    """Left-padded prompts: [text, (image placeholders, text) * n, text] per row, pixel values of
+    all images in row-major order."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for r, n in enumerate(image_counts):
+        parts = [torch.randint(1, IMAGE_TOKEN, (3,), generator=g)]
+        for _ in range(n):
+            parts += [torch.full((IMAGE_TOKENS,), IMAGE_TOKEN),
+                      torch.randint(1, IMAGE_TOKEN, (2,), generator=g)]
+        parts.append(torch.randint(1, IMAGE_TOKEN, (text_after[r % len(text_after)],), generator=g))
+        prompts.append(torch.cat(parts))
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = p
+        am[i, L - len(p):] = 1
+    pix = torch.randn(sum(image_counts), 3, 32, 32, generator=g)
+    return ids, am, pix
