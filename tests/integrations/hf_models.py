@@ -69,3 +69,36 @@ def llava_batch(image_counts, *, seed: int = 0, text_after=(4, 7)):
         am[i, L - len(p):] = 1
     pix = torch.randn(sum(image_counts), 3, 32, 32, generator=g)
     return ids, am, pix
+
+
+def llava_next(*, seed: int = 0) -> torch.nn.Module:
+    """LLaVA-NeXT layout (anyres tiles of 32x32, image_newline tokens)."""
+    vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    tc = T.LlamaConfig(**_COMMON, pad_token_id=0)
+    cfg = T.LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN,
+                            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
+    torch.manual_seed(seed)
+    return T.LlavaNextForConditionalGeneration(cfg).eval()
+
+
+def llava_next_batch(model, *, seed: int = 0):
+    """Two left-padded prompts with one image each (32x64 and 64x64): the placeholder counts
+    are the model's own feature counts. Returns ids, mask, pixel values, image sizes, counts."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([[32, 64], [64, 64]])
+    pix = torch.randn(2, 5, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pix, image_sizes=sizes,
+                                               return_dict=True).pooler_output
+    Ns = [int(f.shape[0]) for f in feats]
+    rows = [torch.cat([torch.randint(1, IMAGE_TOKEN, (3,), generator=g),
+                       torch.full((n,), IMAGE_TOKEN),
+                       torch.randint(1, IMAGE_TOKEN, (4,), generator=g)]) for n in Ns]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(2, L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        am[i, L - len(r):] = 1
+    return ids, am, pix, sizes, Ns

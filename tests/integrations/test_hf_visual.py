@@ -13,7 +13,7 @@ from tokenkernels.integrations.transformers import (apply_visual_token_pruning,
                                                     remove_visual_token_pruning,
                                                     visual_pruning_stats)
 
-from .hf_models import IMAGE_TOKEN, IMAGE_TOKENS, llava, llava_batch
+from .hf_models import IMAGE_TOKEN, IMAGE_TOKENS, llava, llava_batch, llava_next, llava_next_batch
 
 NEW = 5
 
@@ -60,10 +60,9 @@ def test_keep_all_is_identical(model, method):
     assert visual_pruning_stats(m)["kept_per_image"] == [IMAGE_TOKENS] * 3
 
 
-def _hand_pruned_generation(model, ids, am, pix, picks, n=NEW):
+def _hand_pruned_generation(model, ids, am, feats, picks, n=NEW):
     """Unpatched model, one row at a time: the prompt's embeddings with only the picked image
     tokens, positions 0..len-1, then greedy decoding with the KV cache."""
-    feats = model.model.get_image_features(pixel_values=pix, return_dict=True).pooler_output
     emb = model.get_input_embeddings()
     outs, img = [], 0
     for r in range(ids.shape[0]):
@@ -71,10 +70,13 @@ def _hand_pruned_generation(model, ids, am, pix, picks, n=NEW):
         e = emb(row)
         keep = torch.ones(len(row), dtype=torch.bool)
         where = (row == IMAGE_TOKEN).nonzero().squeeze(1)
-        for c in range(len(where) // IMAGE_TOKENS):
-            pos = where[c * IMAGE_TOKENS:(c + 1) * IMAGE_TOKENS]
+        start = 0
+        while start < len(where):
+            n_img = feats[img].shape[0]
+            pos = where[start:start + n_img]
+            start += n_img
             e[pos] = feats[img].to(e.dtype)
-            drop = torch.ones(IMAGE_TOKENS, dtype=torch.bool)
+            drop = torch.ones(n_img, dtype=torch.bool)
             drop[picks[img]] = False
             keep[pos[drop]] = False
             img += 1
@@ -138,7 +140,7 @@ def test_pruned_generation(model, method, counts):
                     p = tk.coverage_select(sim, k).sort().values
                 picks.append(p)
                 img += 1
-        expect = _hand_pruned_generation(m2, ids, am, pix, picks)
+        expect = _hand_pruned_generation(m2, ids, am, feats, picks)
     # (positions, mask and cache all enter the logits: a wrong position shift shows here)
     for r, (toks, lg) in enumerate(expect):
         assert out[r, ids.shape[1]:].tolist() == toks
@@ -179,3 +181,28 @@ def test_bad_arguments(model):
     ids, am, pix = llava_batch([1, 1])
     with pytest.raises(ValueError, match="do not match"):
         m(input_ids=ids, attention_mask=am, pixel_values=pix[:1])
+
+
+def test_llava_next_anyres():
+    """LLaVA-NeXT: per-image token counts differ (anyres tiles + newline tokens); keep=1.0 is
+    identical, keep=0.2 prunes each image to round(0.2 * N_i) and equals the hand-pruned model."""
+    m = llava_next()
+    ids, am, pix, sizes, Ns = llava_next_batch(m)
+    kw = dict(image_sizes=sizes, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
+              output_logits=True)
+    with torch.no_grad():
+        ref = m.generate(input_ids=ids, attention_mask=am, pixel_values=pix, **kw).sequences
+        apply_visual_token_pruning(m, keep=1.0)
+        assert torch.equal(m.generate(input_ids=ids, attention_mask=am, pixel_values=pix, **kw).sequences, ref)
+        apply_visual_token_pruning(m, keep=0.2)
+        out = m.generate(input_ids=ids, attention_mask=am, pixel_values=pix, **kw)
+        ks = [round(0.2 * n) for n in Ns]
+        assert visual_pruning_stats(m)["kept_per_image"] == ks
+        remove_visual_token_pruning(m)
+        feats = m.model.get_image_features(pixel_values=pix, image_sizes=sizes, return_dict=True).pooler_output
+        picks = [tk.kcenter(f, k, sorted=True) for f, k in zip(feats, ks)]
+        expect = _hand_pruned_generation(m, ids, am, feats, picks)
+    logits = torch.stack(out.logits, 1)
+    for r, (toks, lg) in enumerate(expect):
+        assert out.sequences[r, ids.shape[1]:].tolist() == toks
+        torch.testing.assert_close(logits[r], lg, rtol=1e-5, atol=1e-5)
