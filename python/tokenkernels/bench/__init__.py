@@ -31,6 +31,7 @@ import torch
 FAMILIES: Dict[str, str] = {
     "kcenter": "tokenkernels.bench.kcenter",
     "cross_entropy": "tokenkernels.bench.cross_entropy",
+    "integrations": "tokenkernels.bench.integrations",
 }
 
 
