@@ -61,6 +61,10 @@ def _dense(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is None:
             raise ValueError("tokenselect attention: softcap needs the model's eager_attention_forward")
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            # our masks are SDPA's (bool, True = attend); eager adds the mask to the logits
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
+                                         ).masked_fill(~attention_mask, torch.finfo(query.dtype).min)
         return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
