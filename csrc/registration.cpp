@@ -41,4 +41,45 @@ TORCH_LIBRARY(tokenkernels, m) {
       "Tensor coef_p, Tensor coef_t, Tensor? coef_1, int ignore_index, float? softcap, "
       "int vocab_start, float filter_eps, bool need_dhidden, bool need_dweight, bool need_dbias, "
       "bool accum_fp32, int impl) -> (Tensor, Tensor, Tensor)");
+  // ---- kv_select family (TokenSelect: token-level KV selection and sparse attention) -------
+  // KV layouts: contiguous k/v_cache (B, N_max, H_kv, D), block_table None; or paged
+  // (num_pages, page_size, H_kv, D) with block_table (B, max_pages) int32. seq_lens (B,) int32.
+  // Any strides on the cache dims are accepted. check: validate value-dependent arguments
+  // (seq_lens within capacity, pages in range, indices < seq_len); one host sync on CUDA, always
+  // done on CPU. impl: 0 auto, 1 plain, 2 tuned (CUDA; CPU ignores it).
+  // Criticality scores (B, N_max) fp32: sum over q-heads of softmax over valid tokens of
+  // scale * q_h . k_n (q (B, H_q, D) or (B, C, H_q, D) -> chunk mean); -inf past seq_len and for
+  // rows with skip[b] (Selection Cache hits).
+  m.def(
+      "kv_score(Tensor q, Tensor k_cache, Tensor seq_lens, Tensor? block_table, float scale, "
+      "Tensor? skip, bool check, int impl) -> Tensor");
+  // Selected token indices (B, n_sink + k + n_local) int32 ascending, padded -1. Rows with
+  // reuse_mask[b] take their middle tokens from reuse (B, k) int32 ascending.
+  m.def(
+      "kv_topk(Tensor scores, int k, Tensor seq_lens, int n_sink, int n_local, Tensor? reuse, "
+      "Tensor? reuse_mask) -> Tensor");
+  m.def(
+      "kv_topk_out(Tensor scores, int k, Tensor seq_lens, int n_sink, int n_local, Tensor? reuse, "
+      "Tensor? reuse_mask, Tensor(a!) out) -> ()");
+  // Attention of q (B, H_q, D) over the tokens listed in indices (B, K) int32 (-1 skipped):
+  // out (B, H_q, D) in q's dtype, lse (B, H_q) fp32 (natural log; -inf when nothing attended).
+  m.def(
+      "kv_sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, Tensor seq_lens, "
+      "Tensor? block_table, float scale, bool check, int impl) -> (Tensor, Tensor)");
+  m.def(
+      "kv_sparse_decode_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
+      "Tensor seq_lens, Tensor? block_table, float scale, bool check, int impl, Tensor(a!) out, "
+      "Tensor(b!) lse) -> ()");
+  // Chunked prefill: q (B, C, H_q, D) at positions chunk_start[b] + c (their K/V already in the
+  // cache); attends the indices in [0, chunk_start[b]) plus the chunk causally. out like q,
+  // lse (B, C, H_q) fp32.
+  m.def(
+      "kv_sparse_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
+      "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "kv_sparse_prefill_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
+      "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check, "
+      "Tensor(a!) out, Tensor(b!) lse) -> ()");
+  // ---- end kv_select family ----------------------------------------------------------------
 }

@@ -95,3 +95,4 @@ void register_family(const char* name, const char* description, FamilyFn fn);
 // Registration functions, one per bench_<family>.cpp.
 void register_kcenter_benches();
 void register_cross_entropy_benches();
+void register_kv_select_benches();   // kv_select family

@@ -31,7 +31,7 @@ extern "C" int32_t aoti_torch_get_current_cuda_stream(int32_t device_index, void
 #endif
 
 // Every family's registration function (see bench.h).
-#define TKBENCH_FAMILIES X(kcenter) X(cross_entropy)
+#define TKBENCH_FAMILIES X(kcenter) X(cross_entropy) X(kv_select)
 
 namespace tkbench {
 namespace {

@@ -10,9 +10,12 @@ from . import ops, reference
 from .ops.kcenter import coverage_select, kcenter, mmtok_similarity
 from .ops.cross_entropy import LinearCrossEntropy, VocabParallel, linear_cross_entropy
 
+from . import kv_select  # noqa: E402  (kv_select family: tokenkernels.kv_select.*)
+
 __all__ = ["kcenter", "coverage_select", "mmtok_similarity",
            "linear_cross_entropy", "LinearCrossEntropy", "VocabParallel",
            "ops", "reference", "cuda_available"]
+__all__ += ["kv_select"]  # kv_select family
 __version__ = "0.1.0"
 
 

@@ -32,6 +32,7 @@ FAMILIES: Dict[str, str] = {
     "kcenter": "tokenkernels.bench.kcenter",
     "cross_entropy": "tokenkernels.bench.cross_entropy",
     "integrations": "tokenkernels.bench.integrations",
+    "kv_select": "tokenkernels.bench.kv_select",
 }
 
 

@@ -1,0 +1,128 @@
+"""kv_select family: a TokenSelect decode step (``tokenkernels.kv_select``) against dense attention
+with torch SDPA over the whole cache, and against the same selection done with plain torch
+(einsum + softmax + ``torch.topk`` + gather + SDPA); plus score and top-k alone.
+
+Shape (issue #4): Llama-3-8B heads (H_q 32, H_kv 8, D 128), one request with N = 32768 tokens
+(8192 with --quick) in a contiguous (B, N, H_kv, D) cache, budget 128 sink + 2048 top-k + 512
+local; fp32 and bf16. Same seeds and shapes as bench/cpp/bench_kv_select.cpp.
+"""
+from __future__ import annotations
+
+import time
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from tokenkernels import kv_select as kv
+
+from . import Context, Row
+
+DESCRIPTION = ("TokenSelect decode step (score + top-k + sparse decode, cache hit) vs torch SDPA "
+               "over the full cache, Llama-3-8B heads")
+
+H_Q, H_KV, D = 32, 8, 128
+N_SINK, TOP_K, N_LOCAL = 128, 2048, 512
+
+
+def dense_decode(q, k, v):
+    """Full decode attention with torch SDPA, enable_gqa: q (B, H_q, D) over every token of a
+    (B, N, H_kv, D) cache (used on the gathered tokens too)."""
+    return F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+                                          enable_gqa=True)[:, :, 0]
+
+
+def dense_decode_grouped(q, kh, vh):
+    """The fastest dense form found on CPU: the G queries of a KV head as G query rows of one
+    SDPA head, against an HF-layout (B, H_kv, N, D) contiguous cache (K/V read once)."""
+    B = q.shape[0]
+    return F.scaled_dot_product_attention(q.view(B, H_KV, H_Q // H_KV, D), kh, vh).reshape(B, H_Q, D)
+
+
+def torch_select(q, k, N):
+    """TokenSelect selection in plain torch (per-head softmax, soft vote, torch.topk)."""
+    kf = k.float().repeat_interleave(H_Q // H_KV, dim=2)
+    s = torch.softmax(torch.einsum("bhd,bnhd->bhn", q.float(), kf), -1).sum(1)
+    mid = torch.topk(s[:, N_SINK:N - N_LOCAL], TOP_K).indices + N_SINK
+    dev = q.device
+    B = q.shape[0]
+    return torch.cat([torch.arange(N_SINK, device=dev).expand(B, -1), mid.sort(1).values,
+                      torch.arange(N - N_LOCAL, N, device=dev).expand(B, -1)], 1)
+
+
+def torch_sparse_decode(q, k, v, idx):
+    """Gather the selected tokens and run SDPA over them."""
+    b = torch.arange(q.shape[0], device=q.device)[:, None]
+    ks, vs = k[b, idx], v[b, idx]                    # (B, W, H_kv, D)
+    return dense_decode(q, ks, vs)
+
+
+def _case(ctx: Context, dtype: torch.dtype, N: int) -> List[Row]:
+    t0 = time.perf_counter()
+    dn = "fp32" if dtype == torch.float32 else "bf16"
+    torch.manual_seed(7)
+    k = torch.randn(1, N, H_KV, D, dtype=dtype, device=ctx.device)
+    v = torch.randn(1, N, H_KV, D, dtype=dtype, device=ctx.device)
+    q = torch.randn(1, H_Q, D, dtype=dtype, device=ctx.device)
+    sl = torch.full((1,), N, dtype=torch.int32, device=ctx.device)
+    kh, vh = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()   # SDPA's own layout
+    elt = q.element_size()
+    W = N_SINK + TOP_K + N_LOCAL
+    sel_bytes = 2.0 * W * H_KV * D * elt
+    k_bytes = float(N * H_KV * D * elt)
+    case = f"decode step {dn} N{N} H32/8 D128 k{W}"
+    idx = kv.select(q, k, sl, k=TOP_K, n_sink=N_SINK, n_local=N_LOCAL, check=False)
+    ti = torch_select(q, k, N)
+    agree = "equal" if torch.equal(idx.long(), ti) else "differ (ties)"
+
+    def ours():
+        i = kv.select(q, k, sl, k=TOP_K, n_sink=N_SINK, n_local=N_LOCAL, check=False)
+        return kv.sparse_decode(q, k, v, i, sl, check=False)
+
+    rows = [
+        Row("kv_select", case, "tokenkernels select+sparse_decode", ctx.time(ours), work=k_bytes + sel_bytes,
+            bytes=True, picks=agree),
+        Row("kv_select", case, "tokenkernels sparse_decode (cache hit)",
+            ctx.time(lambda: kv.sparse_decode(q, k, v, idx, sl, check=False)), work=sel_bytes, bytes=True),
+        Row("kv_select", case, "torch SDPA full cache (grouped q)",
+            ctx.time(lambda: dense_decode_grouped(q, kh, vh), slow=True), work=2 * k_bytes, bytes=True),
+        Row("kv_select", case, "torch SDPA full cache (enable_gqa)",
+            ctx.time(lambda: dense_decode(q, k, v), slow=True), work=2 * k_bytes, bytes=True),
+        Row("kv_select", case, "torch select (topk) + gathered SDPA",
+            ctx.time(lambda: torch_sparse_decode(q, k, v, torch_select(q, k, N)), slow=True),
+            work=k_bytes + sel_bytes, bytes=True),
+        Row("kv_select", case, "tokenkernels score", ctx.time(lambda: kv.score(q, k, sl, check=False)),
+            work=k_bytes, bytes=True),
+        Row("kv_select", case, "torch score (einsum+softmax)",
+            ctx.time(lambda: torch.softmax(torch.einsum(
+                "bhd,bnhd->bhn", q.float(), k.float().repeat_interleave(H_Q // H_KV, dim=2)), -1).sum(1),
+                slow=True), work=k_bytes, bytes=True),
+    ]
+    s = kv.score(q, k, sl)
+    rows += [
+        Row("kv_select", case, "tokenkernels topk", ctx.time(lambda: kv.topk(s, TOP_K, sl, n_sink=N_SINK,
+                                                                             n_local=N_LOCAL)),
+            work=4.0 * N, bytes=True),
+        Row("kv_select", case, "torch.topk + sort",
+            ctx.time(lambda: torch.topk(s[:, N_SINK:N - N_LOCAL], TOP_K).indices.sort(1)),
+            work=4.0 * N, bytes=True),
+    ]
+    ctx.add(rows, t0)
+    t = {r.impl: r.timing.ms for r in rows}
+    full = t["torch SDPA full cache (grouped q)"]
+    ctx.note(f"{case}: select+sparse_decode {full / t['tokenkernels select+sparse_decode']:.2f}x and "
+             f"cache hit {full / t['tokenkernels sparse_decode (cache hit)']:.2f}x vs torch SDPA over the "
+             f"full cache with grouped queries ({full:.2f} ms; with enable_gqa "
+             f"{t['torch SDPA full cache (enable_gqa)']:.2f} ms); vs torch select+gathered SDPA "
+             f"{t['torch select (topk) + gathered SDPA'] / t['tokenkernels select+sparse_decode']:.2f}x; "
+             f"score {t['torch score (einsum+softmax)'] / t['tokenkernels score']:.2f}x, "
+             f"topk {t['torch.topk + sort'] / t['tokenkernels topk']:.2f}x vs torch "
+             f"(targets: >= 2x select+decode, >= 10x cache hit)")
+    return rows
+
+
+def run(ctx: Context) -> None:
+    N = 8192 if ctx.quick else 32768
+    ctx.total_cases = 2
+    for dtype in (torch.float32, torch.bfloat16):
+        _case(ctx, dtype, N)

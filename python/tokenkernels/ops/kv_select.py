@@ -1,0 +1,347 @@
+"""kv_select family: token-level top-k KV selection, gathering and sparse attention
+(TokenSelect), for contiguous and paged KV caches, varlen batches and GQA, on CPU and CUDA.
+
+KV layouts (every op supports both):
+
+* contiguous: ``k_cache``, ``v_cache`` (B, N_max, H_kv, D), ``block_table=None``;
+* paged: ``k_cache``, ``v_cache`` (num_pages, page_size, H_kv, D) with ``block_table``
+  (B, max_pages) int32; token n of request b lives at page ``block_table[b, n // page_size]``,
+  slot ``n % page_size``.
+
+``seq_lens`` (B,) gives each request's valid length. Any strides on the cache dims are read in
+place (e.g. HF's (B, H_kv, N, D) cache passed as ``cache.transpose(1, 2)``). fp32/fp16/bf16;
+q-head ``h`` reads KV head ``h // (H_q // H_kv)``. Arithmetic is fp32.
+
+A decode step::
+
+    idx = kv_select.select(q, k_cache, seq_lens, k=2048, n_sink=128, n_local=512, cache=sc)
+    o = kv_select.sparse_decode(q, k_cache, v_cache, idx, seq_lens, scale=D ** -0.5)
+
+``check=True`` (default) validates value-dependent arguments (seq_lens within the cache
+capacity, page numbers in range, indices < seq_len); on CUDA that costs one host sync, so pass
+``check=False`` in CUDA-graph captured decode loops (the kernels then skip out-of-range tokens
+instead of reading out of bounds). With ``out=`` buffers and ``check=False`` nothing
+syncs the host or changes shape.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+_IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
+
+
+def _tensor(t, name: str, op: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _int32(t, name: str, op: str, device: torch.device) -> Optional[torch.Tensor]:
+    """Integer tensor -> int32 on `device` (no host sync)."""
+    if t is None:
+        return None
+    t = _tensor(t, name, op)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be an integer tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"tokenkernels.kv_select.{op}: {name} is on {t.device} but k_cache is on {device}")
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+def _nonneg(v: int, name: str, op: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be an int, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"tokenkernels.kv_select.{op}: {name} must be >= 0, got {v}")
+    return v
+
+
+def _impl(impl: str, op: str) -> int:
+    if impl not in _IMPLS:
+        raise ValueError(f"tokenkernels.kv_select.{op}: impl must be one of {list(_IMPLS)}, got {impl!r}")
+    return _IMPLS[impl]
+
+
+def capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor] = None) -> int:
+    """Token capacity per request (N_max): k_cache.size(1), or max_pages * page_size."""
+    return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+
+
+def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
+          block_table: Optional[torch.Tensor] = None, scale: float = 1.0,
+          skip: Optional[torch.Tensor] = None, check: bool = True,
+          impl: str = "auto") -> torch.Tensor:
+    """TokenSelect criticality of every cached token.
+
+    For each q-head h with KV head g = h // (H_q / H_kv): ``s_h = softmax_n(scale * q_h . k_n)``
+    over the request's valid tokens; ``score_n = sum_h s_h,n`` (soft voting across heads).
+
+    Args:
+        q: (B, H_q, D) decode queries, or (B, C, H_q, D) a prefill chunk (its mean query is used).
+        k_cache, seq_lens, block_table: see the module docstring.
+        scale: logit scale (TokenSelect uses 1.0, i.e. no 1/sqrt(D)).
+        skip: (B,) bool; rows to leave unscored (set to -inf), e.g. Selection Cache hits.
+        check: validate seq_lens / block_table values (one host sync on CUDA).
+        impl: CUDA kernel variant: "auto" (tuned when the cache allows 16-byte vector loads),
+            "plain", "tuned"; the CPU ignores it.
+
+    Returns:
+        (B, N_max) float32, -inf past each seq_len.
+    """
+    op = "score"
+    q, k_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op)
+    seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
+    block_table = _int32(block_table, "block_table", op, k_cache.device)
+    return torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), skip, check,
+                                           _impl(impl, op))
+
+
+def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 128,
+         n_local: int = 512, reuse: Optional[torch.Tensor] = None,
+         reuse_mask: Optional[torch.Tensor] = None,
+         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Token indices to attend: sink + top-k + local window.
+
+    Always the first ``n_sink`` and last ``n_local`` valid tokens, plus the ``k`` highest scores
+    among the tokens in between (ties: lowest index). A request with seq_len <= n_sink + k +
+    n_local gets all its tokens.
+
+    Args:
+        scores: (B, N_max) float32 (from :func:`score`).
+        reuse, reuse_mask: (B, k) int32 ascending middle picks and (B,) bool: rows with
+            ``reuse_mask`` take their middle tokens from ``reuse`` (entries outside the current
+            middle region dropped) instead of from ``scores`` (the Selection Cache hit path).
+        out: (B, n_sink + k + n_local) int32 buffer to write into (CUDA-graph friendly).
+
+    Returns:
+        (B, n_sink + k + n_local) int32, ascending, padded with -1. When seq_len exceeds the
+        budget, ``out[:, n_sink:n_sink + k]`` are exactly the k scored picks.
+    """
+    op = "topk"
+    scores = _tensor(scores, "scores", op)
+    k, n_sink, n_local = _nonneg(k, "k", op), _nonneg(n_sink, "n_sink", op), _nonneg(n_local, "n_local", op)
+    seq_lens = _int32(seq_lens, "seq_lens", op, scores.device)
+    reuse = _int32(reuse, "reuse", op, scores.device)
+    if out is None:
+        return torch.ops.tokenkernels.kv_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask)
+    torch.ops.tokenkernels.kv_topk_out(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, out)
+    return out
+
+
+def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  indices: torch.Tensor, seq_lens: torch.Tensor, *,
+                  block_table: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                  return_lse: bool = False, out: Optional[torch.Tensor] = None,
+                  lse: Optional[torch.Tensor] = None, check: bool = True,
+                  impl: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Exact decode attention over the listed tokens, gathered straight from the cache.
+
+    Args:
+        q: (B, H_q, D), same dtype as the caches.
+        indices: (B, K) int32 token positions (-1 entries are skipped), e.g. from :func:`select`.
+        scale: logit scale, default 1/sqrt(D).
+        return_lse: also return the (B, H_q) float32 log-sum-exp of the scaled logits
+            (-inf for a request with nothing to attend, whose output is 0).
+        out, lse: preallocated (B, H_q, D) / (B, H_q) float32 buffers.
+        impl: CUDA kernel variant ("auto", "plain", "tuned"); the CPU ignores it.
+    """
+    op = "sparse_decode"
+    q, k_cache, v_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(v_cache, "v_cache", op)
+    indices = _int32(indices, "indices", op, k_cache.device)
+    seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
+    block_table = _int32(block_table, "block_table", op, k_cache.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if out is None and lse is None:
+        o, l = torch.ops.tokenkernels.kv_sparse_decode(q, k_cache, v_cache, indices, seq_lens, block_table,
+                                                       scale, check, _impl(impl, op))
+    else:
+        o = out if out is not None else torch.empty_like(q)
+        l = lse if lse is not None else q.new_empty(q.shape[:2], dtype=torch.float32)
+        torch.ops.tokenkernels.kv_sparse_decode_out(q, k_cache, v_cache, indices, seq_lens, block_table,
+                                                    scale, check, _impl(impl, op), o, l)
+    return (o, l) if return_lse else o
+
+
+def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   indices: torch.Tensor, seq_lens: torch.Tensor,
+                   chunk_start: Union[int, torch.Tensor], *,
+                   block_table: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                   return_lse: bool = False, out: Optional[torch.Tensor] = None,
+                   lse: Optional[torch.Tensor] = None,
+                   check: bool = True) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Chunked sparse prefill (TokenSelect): a chunk attends the selected past plus itself.
+
+    ``q`` (B, C, H_q, D) holds the queries of positions ``chunk_start[b] + c``; the chunk's own
+    keys/values must already be in the cache at those positions. Request b's chunk has
+    ``min(C, seq_lens[b] - chunk_start[b])`` real queries (rows past it are padding: output 0,
+    lse -inf). Query c attends the entries of ``indices[b]`` in ``[0, chunk_start[b])`` (others
+    and -1 are ignored; like :func:`sparse_decode`, every listed entry counts, so pass
+    indices without duplicates, as :func:`topk` writes them) plus chunk positions ``chunk_start[b] .. + c``
+    (causal) -- one softmax over both, i.e. the two partial attentions merged by log-sum-exp.
+
+    Returns (B, C, H_q, D) in q's dtype (and lse (B, C, H_q) float32 with ``return_lse``).
+    """
+    op = "sparse_prefill"
+    q, k_cache, v_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(v_cache, "v_cache", op)
+    if isinstance(chunk_start, int) and not isinstance(chunk_start, bool):
+        chunk_start = torch.full((q.shape[0],), chunk_start, dtype=torch.int32, device=k_cache.device)
+    chunk_start = _int32(chunk_start, "chunk_start", op, k_cache.device)
+    indices = _int32(indices, "indices", op, k_cache.device)
+    seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
+    block_table = _int32(block_table, "block_table", op, k_cache.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if out is None and lse is None:
+        o, l = torch.ops.tokenkernels.kv_sparse_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start,
+                                                        block_table, scale, check)
+    else:
+        o = out if out is not None else torch.empty_like(q)
+        l = lse if lse is not None else q.new_empty(q.shape[:3], dtype=torch.float32)
+        torch.ops.tokenkernels.kv_sparse_prefill_out(q, k_cache, v_cache, indices, seq_lens, chunk_start,
+                                                     block_table, scale, check, o, l)
+    return (o, l) if return_lse else o
+
+
+class SelectionCache:
+    """TokenSelect's Selection Cache, decided on the device per request (no host sync).
+
+    Per request it keeps the previous step's mean query (all heads, flattened, fp32) and the k
+    middle picks of the last scored step. A step is a **hit** for request b when a previous
+    query exists and ``cos(q_now, q_prev) > threshold``: the previous middle picks are reused
+    (sink and local windows are rebuilt for the current length) and scoring is skipped for that
+    request (the scoring kernels exit early for it). The stored query is replaced every step
+    (consecutive queries are compared); the stored picks only on a miss.
+
+    One cache per layer. Its state is sized on first use (batch B, H_q * D, k); a call with other
+    sizes starts afresh. ``reset(mask)`` forgets some requests (e.g. a finished slot).
+
+    Attributes:
+        hits, lookups: (B,) int64 device tensors: per-request hit and lookup counts.
+    """
+
+    def __init__(self, threshold: float = 0.9):
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+            raise TypeError("tokenkernels.kv_select.SelectionCache: threshold must be a float")
+        self.threshold = float(threshold)
+        self.prev_q: Optional[torch.Tensor] = None     # (B, H_q * D) fp32
+        self.prev_mid: Optional[torch.Tensor] = None   # (B, k) int32
+        self.valid: Optional[torch.Tensor] = None      # (B,) bool
+        self.hits: Optional[torch.Tensor] = None       # (B,) int64
+        self.lookups: Optional[torch.Tensor] = None    # (B,) int64
+        self.last_hit: Optional[torch.Tensor] = None   # (B,) bool, the last step's decision
+
+    def _ensure(self, B: int, HD: int, k: int, device: torch.device) -> None:
+        ok = (self.prev_q is not None and self.prev_q.shape == (B, HD) and self.prev_q.device == device
+              and self.prev_mid.shape == (B, k))
+        if not ok:
+            self.prev_q = torch.zeros(B, HD, dtype=torch.float32, device=device)
+            self.prev_mid = torch.full((B, k), -1, dtype=torch.int32, device=device)
+            self.valid = torch.zeros(B, dtype=torch.bool, device=device)
+            self.hits = torch.zeros(B, dtype=torch.long, device=device)
+            self.lookups = torch.zeros(B, dtype=torch.long, device=device)
+
+    def reset(self, mask: Optional[torch.Tensor] = None) -> None:
+        """Forget every request, or those where ``mask`` (B,) bool is True (no host sync)."""
+        if self.valid is None:
+            return
+        if mask is None:
+            self.valid.zero_()
+        else:
+            self.valid &= ~mask.to(self.valid.device)
+
+    def decide(self, qm: torch.Tensor) -> torch.Tensor:
+        """(B,) bool hit decision for mean queries ``qm`` (B, H_q, D) fp32 (state must exist)."""
+        a = qm.reshape(qm.shape[0], -1).float()
+        p = self.prev_q
+        cos = ((a * p).sum(1) / (a.norm(dim=1) * p.norm(dim=1)).clamp_min(1e-12)).clamp(-1.0, 1.0)
+        return self.valid & (cos > self.threshold)
+
+    def update(self, qm: torch.Tensor, idx: torch.Tensor, hit: torch.Tensor, n_sink: int, k: int) -> None:
+        mid = idx[:, n_sink:n_sink + k]
+        torch.where(hit[:, None], self.prev_mid, mid, out=self.prev_mid)
+        self.prev_q.copy_(qm.reshape(qm.shape[0], -1))
+        self.valid.fill_(True)
+        self.hits += hit
+        self.lookups += 1
+        self.last_hit = hit
+
+    @property
+    def hit_count(self) -> torch.Tensor:
+        """Total hits over all requests (a device scalar; reading it is the caller's sync)."""
+        return self.hits.sum() if self.hits is not None else torch.zeros((), dtype=torch.long)
+
+    @property
+    def lookup_count(self) -> torch.Tensor:
+        return self.lookups.sum() if self.lookups is not None else torch.zeros((), dtype=torch.long)
+
+
+def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k: int,
+           n_sink: int = 128, n_local: int = 512, block_table: Optional[torch.Tensor] = None,
+           scale: float = 1.0, cache: Optional[SelectionCache] = None,
+           out: Optional[torch.Tensor] = None, check: bool = True) -> torch.Tensor:
+    """:func:`score` + :func:`topk` in one call, optionally through a :class:`SelectionCache`.
+
+    Returns (B, n_sink + k + n_local) int32 indices, ascending, -1 padded (see :func:`topk`),
+    ready for :func:`sparse_decode` / :func:`sparse_prefill`.
+    """
+    op = "select"
+    q, k_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op)
+    k, n_sink, n_local = _nonneg(k, "k", op), _nonneg(n_sink, "n_sink", op), _nonneg(n_local, "n_local", op)
+    seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
+    block_table = _int32(block_table, "block_table", op, k_cache.device)
+    if cache is None:
+        s = torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), None, check, 0)
+        return topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out)
+    if not isinstance(cache, SelectionCache):
+        raise TypeError(f"tokenkernels.kv_select.select: cache must be a SelectionCache, got {type(cache).__name__}")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"tokenkernels.kv_select.select: q must be (B, H_q, D) or (B, C, H_q, D), got {tuple(q.shape)}")
+    qm = q.float().mean(1) if q.dim() == 4 else q.float()
+    B = qm.shape[0]
+    cache._ensure(B, qm.shape[1] * qm.shape[2], k, q.device)
+    hit = cache.decide(qm)
+    s = torch.ops.tokenkernels.kv_score(qm, k_cache, seq_lens, block_table, float(scale), hit, check, 0)
+    idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=cache.prev_mid, reuse_mask=hit, out=out)
+    cache.update(qm, idx, hit, n_sink, k)
+    return idx
+
+
+# ------------------------------------------------------------------ fake (meta) implementations
+@torch.library.register_fake("tokenkernels::kv_score")
+def _score_fake(q, k_cache, seq_lens, block_table, scale, skip, check, impl):
+    n = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    return q.new_empty((q.shape[0], n), dtype=torch.float32)
+
+
+@torch.library.register_fake("tokenkernels::kv_topk")
+def _topk_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask):
+    return scores.new_empty((scores.shape[0], n_sink + k + n_local), dtype=torch.int32)
+
+
+@torch.library.register_fake("tokenkernels::kv_topk_out")
+def _topk_out_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, out):
+    return None
+
+
+@torch.library.register_fake("tokenkernels::kv_sparse_decode")
+def _decode_fake(q, k_cache, v_cache, indices, seq_lens, block_table, scale, check, impl):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("tokenkernels::kv_sparse_decode_out")
+def _decode_out_fake(q, k_cache, v_cache, indices, seq_lens, block_table, scale, check, impl, out, lse):
+    return None
+
+
+@torch.library.register_fake("tokenkernels::kv_sparse_prefill")
+def _prefill_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("tokenkernels::kv_sparse_prefill_out")
+def _prefill_out_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check, out, lse):
+    return None
+
+
+__all__ = ["score", "topk", "sparse_decode", "sparse_prefill", "select", "SelectionCache", "capacity"]

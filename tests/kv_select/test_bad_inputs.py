@@ -1,0 +1,150 @@
+"""Bad arguments raise a clear error naming the argument, never a crash or an OOB read."""
+import pytest
+import torch
+
+from tokenkernels import kv_select as kv
+
+from .cases import make_case
+
+ERR = (RuntimeError, ValueError, TypeError)
+
+
+def _c(device, page=None, **kw):
+    return make_case([40, 20], G=4, D=64, page_size=page, device=device, **kw)
+
+
+def test_block_table_out_of_range(device):
+    c = _c(device, page=16)
+    bt = c.block_table.clone()
+    bt[1, 0] = 10_000
+    with pytest.raises(RuntimeError, match=r"block_table\[1, 0\] = 10000 is outside"):
+        kv.score(c.q, c.k, c.seq_lens, block_table=bt)
+    bt[1, 0] = -3
+    idx = torch.zeros(2, 4, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=r"block_table\[1, 0\] = -3"):
+        kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=bt)
+    with pytest.raises(RuntimeError, match="block_table must have shape"):
+        kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table[:1])
+    with pytest.raises(TypeError, match="block_table must be an integer tensor"):
+        kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table.float())
+
+
+@pytest.mark.parametrize("page", [None, 16])
+def test_seq_len_beyond_capacity(device, page):
+    c = _c(device, page=page)
+    cap = kv.capacity(c.k, c.block_table)
+    sl = torch.tensor([cap + 1, 3], dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=rf"seq_lens\[0\] = {cap + 1} is outside \[0, {cap}\]"):
+        kv.score(c.q, c.k, sl, block_table=c.block_table)
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        kv.select(c.q, c.k, sl, k=4, n_sink=1, n_local=1, block_table=c.block_table)
+    sl = torch.tensor([-1, 3], dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=r"seq_lens\[0\] = -1"):
+        kv.score(c.q, c.k, sl, block_table=c.block_table)
+    with pytest.raises(RuntimeError, match="seq_lens must have shape"):
+        kv.score(c.q, c.k, c.seq_lens[:1], block_table=c.block_table)
+
+
+def test_gqa_ratio(device):
+    c = _c(device)
+    q = c.q[:, :7]   # 7 q-heads over 2 KV heads
+    with pytest.raises(RuntimeError, match=r"H_q \(7\) must be a multiple of H_kv \(2\)"):
+        kv.score(q, c.k, c.seq_lens)
+    idx = torch.zeros(2, 3, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=r"H_q \(7\) must be a multiple of H_kv \(2\)"):
+        kv.sparse_decode(q.contiguous(), c.k, c.v, idx, c.seq_lens)
+
+
+def test_negative_budget(device):
+    c = _c(device)
+    s = kv.score(c.q, c.k, c.seq_lens)
+    for name, kw in [("k", dict(k=-1)), ("n_sink", dict(k=4, n_sink=-2)), ("n_local", dict(k=4, n_local=-5))]:
+        with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+            kv.topk(s, kw.pop("k"), c.seq_lens, **kw)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        kv.select(c.q, c.k, c.seq_lens, k=-3)
+    with pytest.raises(RuntimeError, match="k must be >= 0"):   # the raw op checks too
+        torch.ops.tokenkernels.kv_topk(s, -1, c.seq_lens, 0, 0, None, None)
+
+
+def test_dtype_device_mismatch(device):
+    c = _c(device)
+    idx = torch.zeros(2, 3, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match="q dtype .* differs from k_cache dtype"):
+        kv.sparse_decode(c.q.half(), c.k, c.v, idx, c.seq_lens)
+    with pytest.raises(RuntimeError, match="v_cache dtype .* differs from k_cache dtype"):
+        kv.sparse_decode(c.q, c.k, c.v.half(), idx, c.seq_lens)
+    with pytest.raises(RuntimeError, match="v_cache must have the shape of k_cache"):
+        kv.sparse_decode(c.q, c.k, c.v[:, :10], idx, c.seq_lens)
+    with pytest.raises(RuntimeError, match="k_cache must be float32, float16 or bfloat16"):
+        kv.score(c.q, c.k.double(), c.seq_lens)
+    with pytest.raises(RuntimeError, match="q head_dim 32 differs from k_cache head_dim 64"):
+        kv.score(c.q[..., :32], c.k, c.seq_lens)
+    with pytest.raises(RuntimeError, match="k_cache must be 4-D"):
+        kv.score(c.q, c.k[0], c.seq_lens)
+    with pytest.raises(RuntimeError, match="contiguous k_cache must have 2 rows"):
+        kv.score(c.q, c.k[:1], c.seq_lens)
+    with pytest.raises(RuntimeError, match="indices must be int32"):
+        torch.ops.tokenkernels.kv_sparse_decode(c.q, c.k, c.v, idx.long(), c.seq_lens, None, 1.0, True, 0)
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        kv.sparse_decode(c.q, c.k, c.v, idx.float(), c.seq_lens)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        kv.score([1, 2], c.k, c.seq_lens)
+    if device == "cpu" and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="seq_lens is on"):
+            kv.score(c.q, c.k, c.seq_lens.cuda())
+
+
+def test_indices_values(device):
+    c = _c(device)
+    idx = torch.tensor([[0, -1, 39], [0, 20, -1]], dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=r"indices\[1, 1\] = 20 is outside \[-1, seq_lens\[1\] = 20\)"):
+        kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens)
+    idx = torch.tensor([[0, -2, 39], [0, 2, -1]], dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=r"indices\[0, 1\] = -2"):
+        kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens)
+    with pytest.raises(RuntimeError, match="indices must have shape"):
+        kv.sparse_decode(c.q, c.k, c.v, idx[0], c.seq_lens)
+
+
+def test_prefill_args(device):
+    c = _c(device, C=4)
+    idx = torch.zeros(2, 3, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=r"chunk_start\[1\] = 25 is outside \[0, seq_lens\[1\] = 20\]"):
+        kv.sparse_prefill(c.q, c.k, c.v, idx, c.seq_lens, torch.tensor([0, 25], device=device))
+    with pytest.raises(RuntimeError, match="chunk_start must be a"):
+        kv.sparse_prefill(c.q, c.k, c.v, idx, c.seq_lens, torch.tensor([0, 1, 2], device=device))
+    with pytest.raises(RuntimeError, match=r"q must be \(B, C, H_q, D\)"):
+        kv.sparse_prefill(c.q[:, 0], c.k, c.v, idx, c.seq_lens, 0)
+
+
+def test_out_buffers(device):
+    c = _c(device)
+    s = kv.score(c.q, c.k, c.seq_lens)
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        kv.topk(s, 4, c.seq_lens, n_sink=1, n_local=1, out=torch.empty(2, 5, dtype=torch.int32, device=device))
+    with pytest.raises(RuntimeError, match="out must be Int"):
+        kv.topk(s, 4, c.seq_lens, n_sink=1, n_local=1, out=torch.empty(2, 6, dtype=torch.long, device=device))
+    idx = torch.zeros(2, 3, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, lse=torch.empty(2, 3, device=device))
+    with pytest.raises(RuntimeError, match="reuse must have shape"):
+        kv.topk(s, 4, c.seq_lens, reuse=torch.zeros(2, 3, dtype=torch.int32, device=device),
+                reuse_mask=torch.zeros(2, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="cache must be a SelectionCache"):
+        kv.select(c.q, c.k, c.seq_lens, k=4, cache=object())
+
+
+def test_unchecked_bad_values_do_not_read_out_of_bounds(device):
+    """check=False skips the host-side validation; out-of-range pages and indices are skipped
+    by the kernels (CPU always validates, so there the error is still raised)."""
+    c = _c(device, page=16)
+    bt = c.block_table.clone()
+    bt[0, 1] = 1 << 30
+    idx = torch.tensor([[0, 30, 500], [1, 2, 3]], dtype=torch.int32, device=device)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="block_table"):
+            kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=bt, check=False)
+    else:
+        out = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=bt, check=False)
+        assert torch.isfinite(out).all()

@@ -1,0 +1,305 @@
+"""kv_select kernels vs the PyTorch reference (fp64 truth on the same upcast inputs):
+both layouts (contiguous, paged with page size 1 and 16), GQA ratios 1/4/8, head_dim 64/128/256,
+fp32/fp16/bf16, varlen batches with odd lengths, strided (HF-transposed) caches."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenkernels import kv_select as kv
+from tokenkernels.reference import kv_select as ref
+
+from ..tolerances import DTYPES, kv_tol
+from .cases import cpu, f64, make_case
+
+LAYOUTS = [None, 1, 16]                 # page size; None = contiguous
+SEQ = [129, 1, 7, 100]                  # varlen batch, odd sizes
+
+
+def _close(got, want, atol, what):
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), f"{what}: -inf pattern differs"
+    fin = torch.isfinite(want)
+    err = (got[fin] - want[fin]).abs().max().item() if fin.any() else 0.0
+    assert err <= atol, f"{what}: max error {err:.3g} > {atol:.3g}"
+
+
+@pytest.mark.parametrize("page", LAYOUTS)
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score(device, page, G, D, dtype):
+    c = make_case(SEQ, G=G, D=D, dtype=dtype, page_size=page, device=device, seed=D + G)
+    scale = D ** -0.5 if G == 4 else 1.0
+    got = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table, scale=scale)
+    want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table), scale=scale)
+    assert got.dtype == torch.float32 and got.shape == (4, kv.capacity(c.k, c.block_table))
+    _close(got, want, kv_tol(dtype, "score") * c.q.shape[1], "score")
+
+
+@pytest.mark.parametrize("page", LAYOUTS)
+@pytest.mark.parametrize("strided", [False, True])
+def test_score_chunk_mean_query(device, page, strided):
+    c = make_case([300, 41], G=4, D=64, page_size=page, strided=strided, device=device, C=5)
+    got = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table)
+    want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table))
+    _close(got, want, kv_tol(torch.float32, "score") * 8, "score(chunk)")
+    # the chunk's mean query gives the same scores as passing the mean itself
+    got2 = kv.score(c.q.mean(1), c.k, c.seq_lens, block_table=c.block_table)
+    _close(got2, want, kv_tol(torch.float32, "score") * 8, "score(mean)")
+
+
+@pytest.mark.parametrize("seq", [[5, 22, 23, 100, 0, 1000], [1], [7, 129]])
+@pytest.mark.parametrize("budget", [(4, 10, 8), (0, 3, 0), (2, 0, 5), (128, 20, 512)])
+def test_topk_vs_reference(device, seq, budget):
+    n_sink, k, n_local = budget
+    c = make_case(seq, G=2, D=64, device=device, seed=len(seq))
+    s = kv.score(c.q, c.k, c.seq_lens)
+    got = kv.topk(s, k, c.seq_lens, n_sink=n_sink, n_local=n_local)
+    want = ref.topk(s.cpu(), k, c.seq_lens.cpu(), n_sink=n_sink, n_local=n_local)
+    assert got.dtype == torch.int32 and got.shape == (len(seq), n_sink + k + n_local)
+    assert torch.equal(got.cpu(), want)
+    for b, L in enumerate(seq):   # structural properties
+        row = got[b].cpu()
+        n = int((row >= 0).sum())
+        assert n == min(L, n_sink + k + n_local)
+        assert torch.all(row[n:] == -1) and torch.all(row[:n].diff() > 0)
+        if L > n_sink + k + n_local:
+            assert torch.equal(row[:n_sink], torch.arange(n_sink, dtype=torch.int32))
+            assert torch.equal(row[n - n_local:n], torch.arange(L - n_local, L, dtype=torch.int32))
+
+
+def test_topk_ties_lowest_index(device):
+    # integer-valued scores with many ties: the lowest index wins among equal scores
+    g = torch.Generator().manual_seed(3)
+    s = torch.randint(0, 4, (3, 1000), generator=g).float()
+    sl = torch.tensor([1000, 777, 129], dtype=torch.int32)
+    got = kv.topk(s.to(device), 37, sl.to(device), n_sink=3, n_local=11)
+    assert torch.equal(got.cpu(), ref.topk(s, 37, sl, n_sink=3, n_local=11))
+    # and against torch.topk's set where there are no ties
+    s = torch.randn(2, 513, generator=g)
+    sl = torch.tensor([513, 400], dtype=torch.int32)
+    got = kv.topk(s.to(device), 50, sl.to(device), n_sink=0, n_local=0).cpu()
+    for b in range(2):
+        want = torch.topk(s[b, :int(sl[b])], 50).indices.sort().values.int()
+        assert torch.equal(got[b], want)
+
+
+def test_topk_reuse(device):
+    s = torch.randn(3, 200)
+    sl = torch.tensor([200, 150, 20], dtype=torch.int32)
+    reuse = torch.tensor([[5, 9, 60, 150, 199], [4, 4, 100, 140, 145], [1, 2, 3, 4, 5]], dtype=torch.int32)
+    mask = torch.tensor([True, True, True])
+    got = kv.topk(s.to(device), 5, sl.to(device), n_sink=4, n_local=10, reuse=reuse.to(device),
+                  reuse_mask=mask.to(device)).cpu()
+    want = ref.topk(s, 5, sl, n_sink=4, n_local=10, reuse=reuse, reuse_mask=mask)
+    assert torch.equal(got, want)
+    # row 0: 199 lies in the local window, dropped from the middle; row 1: duplicate 4 once,
+    assert got[0].tolist()[:8] == [0, 1, 2, 3, 5, 9, 60, 150]
+    assert got[1].tolist()[:8] == [0, 1, 2, 3, 4, 100, 140, 141]   # 140, 145 are local now
+
+
+@pytest.mark.parametrize("page", LAYOUTS)
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_decode(device, page, G, D, dtype):
+    c = make_case(SEQ, G=G, D=D, dtype=dtype, page_size=page, device=device, seed=7 * D + G)
+    s = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table)
+    idx = kv.topk(s, 20, c.seq_lens, n_sink=3, n_local=9)
+    out, lse = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, return_lse=True)
+    wo, wl = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
+                               block_table=cpu(c.block_table), return_lse=True)
+    assert out.dtype == dtype and out.shape == c.q.shape and lse.dtype == torch.float32
+    _close(out, wo, kv_tol(dtype, "out"), "out")
+    _close(lse, wl, kv_tol(dtype, "lse"), "lse")
+
+
+@pytest.mark.parametrize("page", LAYOUTS + [64])
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_sparse_decode_full_budget_equals_sdpa(device, page, G):
+    """Exactness anchor: with the budget >= seq_len, select + sparse_decode is full attention."""
+    seq = [129, 1, 64, 1000]
+    c = make_case(seq, G=G, D=64, page_size=page, device=device, seed=G)
+    idx = kv.select(c.q, c.k, c.seq_lens, k=1000, n_sink=4, n_local=8, block_table=c.block_table)
+    out = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table)
+    K = ref.dense_cache(c.k, c.block_table)
+    V = ref.dense_cache(c.v, c.block_table)
+    for b, L in enumerate(seq):
+        Kb = K[b, :L].transpose(0, 1).repeat_interleave(G, 0)   # (H_q, L, D)
+        Vb = V[b, :L].transpose(0, 1).repeat_interleave(G, 0)
+        want = F.scaled_dot_product_attention(c.q[b][:, None], Kb, Vb)[:, 0]
+        torch.testing.assert_close(out[b], want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("page", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_hf_cache(device, page, dtype):
+    """HF's (B, H_kv, N, D) cache passed as transpose(1, 2): read in place, same results."""
+    c = make_case([300, 77], G=4, D=128, dtype=dtype, page_size=page, strided=True, device=device)
+    assert page == 1 or not c.k.is_contiguous()   # (a size-1 page dim leaves it contiguous)
+    kc, vc = c.k.contiguous(), c.v.contiguous()
+    s1 = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table)
+    s2 = kv.score(c.q, kc, c.seq_lens, block_table=c.block_table)
+    assert torch.equal(s1, s2)
+    idx = kv.topk(s1, 30, c.seq_lens, n_sink=4, n_local=16)
+    o1 = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table)
+    o2 = kv.sparse_decode(c.q, kc, vc, idx, c.seq_lens, block_table=c.block_table)
+    assert torch.equal(o1, o2)
+
+
+def test_strided_head_dim(device):
+    """A non-unit stride on D itself (every other element of a wider tensor) is accepted."""
+    c = make_case([50, 9], G=2, D=64, device=device)
+    wide_k = torch.stack([c.k, torch.full_like(c.k, float("nan"))], -1).flatten(-2)
+    wide_v = torch.stack([c.v, torch.full_like(c.v, float("nan"))], -1).flatten(-2)
+    k2, v2 = wide_k[..., ::2], wide_v[..., ::2]
+    assert k2.stride(-1) == 2
+    idx = kv.select(c.q, k2, c.seq_lens, k=10, n_sink=2, n_local=4)
+    assert torch.equal(idx, kv.select(c.q, c.k, c.seq_lens, k=10, n_sink=2, n_local=4))
+    assert torch.equal(kv.sparse_decode(c.q, k2, v2, idx, c.seq_lens),
+                       kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens))
+
+
+def test_decode_minus_one_and_empty(device):
+    c = make_case([40, 40, 0], G=4, D=64, device=device)
+    idx = torch.tensor([[3, -1, 7, -1], [-1, -1, -1, -1], [-1, -1, -1, -1]], dtype=torch.int32, device=device)
+    out, lse = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, return_lse=True)
+    wo, wl = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens), return_lse=True)
+    _close(out, wo, 2e-5, "out")
+    assert torch.all(out[1:] == 0) and torch.all(torch.isneginf(lse[1:]))
+    idx2 = torch.tensor([[3, 7]] + [[-1, -1]] * 2, dtype=torch.int32, device=device)
+    assert torch.equal(out[0], kv.sparse_decode(c.q, c.k, c.v, idx2, c.seq_lens)[0])
+
+
+@pytest.mark.parametrize("page", LAYOUTS)
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_prefill(device, page, G, dtype):
+    C = 9
+    starts = [120, 0, 30, 64]
+    chunk = [9, 5, 1, 9]                  # varlen chunks (padding rows past them)
+    seq = [s + n for s, n in zip(starts, chunk)]
+    c = make_case(seq, G=G, D=64, dtype=dtype, page_size=page, device=device, seed=G, C=C)
+    cs = torch.tensor(starts, dtype=torch.int32, device=device)
+    idx = kv.select(c.q, c.k, cs, k=12, n_sink=2, n_local=6, block_table=c.block_table)
+    out, lse = kv.sparse_prefill(c.q, c.k, c.v, idx, c.seq_lens, cs, block_table=c.block_table,
+                                 return_lse=True)
+    wo, wl = ref.sparse_prefill(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens), cs.cpu(),
+                                block_table=cpu(c.block_table), return_lse=True)
+    assert out.shape == c.q.shape and out.dtype == dtype and lse.shape == c.q.shape[:3]
+    _close(out, wo, kv_tol(dtype, "out"), "out")
+    _close(lse, wl, kv_tol(dtype, "lse"), "lse")
+    assert torch.all(out[1, 5:] == 0) and torch.all(torch.isneginf(lse[2, 1:]))
+
+
+def test_sparse_prefill_full_budget_is_causal_attention(device):
+    """With every past token selected, the chunk's output is ordinary causal attention."""
+    C, s0 = 16, 50
+    c = make_case([s0 + C], G=4, D=64, device=device, C=C)
+    idx = torch.arange(s0, dtype=torch.int32, device=device)[None]
+    out = kv.sparse_prefill(c.q, c.k, c.v, idx, c.seq_lens, s0)
+    K = c.k[0].transpose(0, 1).repeat_interleave(4, 0)    # (H_q, N, D)
+    V = c.v[0].transpose(0, 1).repeat_interleave(4, 0)
+    Q = c.q[0].transpose(0, 1)                             # (H_q, C, D)
+    mask = torch.arange(s0 + C, device=device)[None, :] <= (s0 + torch.arange(C, device=device))[:, None]
+    want = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask).transpose(0, 1)
+    torch.testing.assert_close(out[0], want, atol=2e-5, rtol=1e-4)
+
+
+def test_out_variants(device):
+    c = make_case([200, 33, 90], G=4, D=64, page_size=16, device=device)
+    W = 4 + 20 + 8
+    buf = torch.full((3, W), 123, dtype=torch.int32, device=device)
+    r = kv.select(c.q, c.k, c.seq_lens, k=20, n_sink=4, n_local=8, block_table=c.block_table, out=buf)
+    assert r is buf
+    assert torch.equal(buf, kv.select(c.q, c.k, c.seq_lens, k=20, n_sink=4, n_local=8, block_table=c.block_table))
+    o = torch.empty_like(c.q)
+    l = torch.empty(3, c.q.shape[1], device=device)
+    r = kv.sparse_decode(c.q, c.k, c.v, buf, c.seq_lens, block_table=c.block_table, out=o, lse=l,
+                         return_lse=True)
+    assert r[0] is o and r[1] is l
+    wo, wl = kv.sparse_decode(c.q, c.k, c.v, buf, c.seq_lens, block_table=c.block_table, return_lse=True)
+    assert torch.equal(o, wo) and torch.equal(l, wl)
+    c2 = make_case([40, 12], G=2, D=64, device=device, C=4)
+    cs = torch.tensor([36, 10], dtype=torch.int32, device=device)
+    idx = torch.arange(8, dtype=torch.int32, device=device).expand(2, 8).contiguous()
+    o = torch.full_like(c2.q, 7.0)
+    r = kv.sparse_prefill(c2.q, c2.k, c2.v, idx, c2.seq_lens, cs, out=o)
+    assert r is o and torch.equal(o, kv.sparse_prefill(c2.q, c2.k, c2.v, idx, c2.seq_lens, cs))
+
+
+def test_int64_metadata_accepted(device):
+    c = make_case([60, 20], G=2, D=64, page_size=16, device=device)
+    a = kv.select(c.q, c.k, c.seq_lens.long(), k=8, n_sink=2, n_local=4, block_table=c.block_table.long())
+    b = kv.select(c.q, c.k, c.seq_lens, k=8, n_sink=2, n_local=4, block_table=c.block_table)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_decode_step_has_no_host_sync():
+    """select (with a SelectionCache) + sparse_decode with out= and check=False never sync."""
+    c = make_case([300, 120], G=4, D=128, page_size=16, device="cuda")
+    sc = kv.SelectionCache(0.9)
+    out, lse = torch.empty_like(c.q), torch.empty(2, 8, device="cuda")
+    idx = torch.empty(2, 4 + 32 + 16, dtype=torch.int32, device="cuda")
+    kv.select(c.q, c.k, c.seq_lens, k=32, n_sink=4, n_local=16, block_table=c.block_table, cache=sc,
+              out=idx, check=False)   # first call sizes the cache state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            kv.select(c.q, c.k, c.seq_lens, k=32, n_sink=4, n_local=16, block_table=c.block_table,
+                      cache=sc, out=idx, check=False)
+            kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, out=out, lse=lse,
+                             check=False)
+            for impl in ("plain", "tuned"):
+                kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, check=False,
+                                 impl=impl)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sc.hits.tolist() == [2, 2]   # the same query twice more: cos = 1 > 0.9
+
+
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+def test_decode_impls_agree(device, impl):
+    """The CUDA plain (one block per request and KV head) and tuned (split-KV) variants; the
+    CPU ignores impl."""
+    c = make_case([1000, 3, 513], G=8, D=128, page_size=16, device=device)
+    idx = kv.select(c.q, c.k, c.seq_lens, k=300, n_sink=4, n_local=64, block_table=c.block_table)
+    got = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, impl=impl)
+    want = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
+                             block_table=cpu(c.block_table))
+    _close(got, want, kv_tol(torch.float32, "out"), "out")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page", [None, 16])
+def test_precision_no_worse_than_same_dtype_reference(device, dtype, page):
+    """Decode output error vs the fp64 truth is no worse than the same-dtype torch
+    reference's (which computes in fp32 and rounds the output to the dtype), plus a tiny tol."""
+    c = make_case([700, 33], G=4, D=128, dtype=dtype, page_size=page, device=device, seed=11)
+    idx = kv.select(c.q, c.k, c.seq_lens, k=200, n_sink=4, n_local=32, block_table=c.block_table)
+    truth = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
+                              block_table=cpu(c.block_table))
+    same = ref.sparse_decode(c.q.cpu(), c.k.cpu(), c.v.cpu(), idx.cpu(), cpu(c.seq_lens),
+                             block_table=cpu(c.block_table))
+    got = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table)
+    e_got = (got.double().cpu() - truth).abs().max().item()
+    e_ref = (same.double() - truth).abs().max().item()
+    # tiny tol: 1e-6 in fp32; in fp16/bf16 one output ulp (an fp32 difference in the last bit
+    # can flip the final rounding, e.g. under CUDA's summation order)
+    tiny = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps * truth.abs().max().item()
+    assert e_got <= e_ref + tiny, f"kernel {e_got:.3g} vs same-dtype reference {e_ref:.3g}"
+
+
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("dtype,D,strided", [(torch.bfloat16, 128, False), (torch.float32, 64, False),
+                                             (torch.float16, 256, False), (torch.float32, 256, False),
+                                             (torch.bfloat16, 128, True)])
+def test_score_impls_agree(device, impl, dtype, D, strided):
+    """The CUDA plain and tuned (16-byte vector loads; falls back to plain where the layout does
+    not allow it: fp32 D=256, strided) scoring variants; the CPU ignores impl."""
+    c = make_case([700, 64, 5], G=4, D=D, dtype=dtype, page_size=16, strided=strided, device=device)
+    got = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table, impl=impl)
+    want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table))
+    _close(got, want, kv_tol(dtype, "score") * c.q.shape[1], "score")
