@@ -48,29 +48,66 @@ def _batch(padding: bool, seed: int = 1):
 
 
 def _step(model, ids, am, labels, **kw):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, attention_mask=am, labels=labels, **kw)
-    out.loss.backward()
+    """One forward + backward; returns the outputs, every parameter gradient (fp64) and the
+    final (normed) hidden states the LM head sees."""
+    store = {}
+    hook = model.model.norm.register_forward_hook(lambda mod, a, out: store.__setitem__("h", out.detach()))
+    try:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=am, labels=labels, **kw)
+        out.loss.backward()
+    finally:
+        hook.remove()
     grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()
              if p.grad is not None}
-    return out, grads
+    return out, grads, store["h"]
 
 
-def _compare(model, dtype, kind, **kw):
-    """Run unpatched then patched; return (loss_ref, loss_patched, worst grad error)."""
-    ref, g_ref = _step(model, **kw)
+def _truth(model, hidden, labels, *, ignore_index=-100, shift_labels=None, num_items_in_batch=None):
+    """fp64 loss and LM-head weight gradient from the same final hidden states."""
+    W = model.lm_head.weight.detach().double().requires_grad_()
+    z = hidden.double() @ W.T
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    if shift_labels is None:
+        shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], 1)
+    red = "mean" if num_items_in_batch is None else "sum"
+    loss = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), shift_labels.reshape(-1),
+                                             ignore_index=ignore_index, reduction=red)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    loss.backward()
+    return loss.item(), W.grad
+
+
+def _compare(model, dtype, kind, *, ids, am, labels, **kw):
+    """Unpatched then patched: loss and every gradient within the per-dtype tolerance; in
+    fp16/bf16 also the precision rule against the fp64 loss / LM-head gradient computed from
+    the same final hidden states (the kernel no worse than HF's own rounding, + ce_rule)."""
+    ref, g_ref, hidden = _step(model, ids, am, labels, **kw)
     patch_causal_lm_loss(model)
     try:
-        out, g = _step(model, **kw)
+        out, g, hidden2 = _step(model, ids, am, labels, **kw)
     finally:
         unpatch_causal_lm_loss(model)
     assert out.logits is None                      # never materialised
+    assert torch.equal(hidden, hidden2)
     assert set(g) == set(g_ref) and len(g) == len(list(model.parameters()))
     l_ref, l = ref.loss.double().item(), out.loss.double().item()
     assert abs(l - l_ref) <= tol(dtype, "hf_loss" + kind) * abs(l_ref), (l, l_ref)
     for n in g_ref:
         err = ((g[n] - g_ref[n]).norm() / g_ref[n].norm().clamp_min(1e-30)).item()
         assert err <= tol(dtype, "hf_grad" + kind), f"{n}: gradient error {err:.3e}"
+    if dtype != torch.float32:
+        l64, gw64 = _truth(model, hidden, labels, **kw)
+        rule = tol(dtype, "ce_rule")
+        assert abs(l - l64) <= abs(l_ref - l64) + rule * abs(l64), (l, l_ref, l64)
+        tied = model.lm_head.weight is model.get_input_embeddings().weight
+        if not tied:    # a tied weight's gradient also holds the embedding path
+            e_tk = ((g["lm_head.weight"] - gw64).norm() / gw64.norm()).item()
+            e_hf = ((g_ref["lm_head.weight"] - gw64).norm() / gw64.norm()).item()
+            assert e_tk <= e_hf + rule, (e_tk, e_hf)
     return l_ref, l
 
 
