@@ -296,8 +296,26 @@ void decode_kernel(const KVLayout& L, const T* kb, const CacheStrides& ks, const
         pm[si] = mx[h];
         ps[si] = cpu::exp_sub_sum(lg.data() + h * M, M, mx[h]);
       }
-      std::vector<float> w(G);
-      for (int64_t i = 0; i < M; ++i) {
+      std::vector<float> w(4 * G);
+      int64_t i = 0;
+      if (vs.dim == 1) {   // four value rows per step (accumulators loaded/stored once per four)
+        for (; i + 4 <= M; i += 4) {
+          for (int64_t g = 0; g < H_kv; ++g) {
+            const T* rows[4];
+            for (int r = 0; r < 4; ++r) {
+              rows[r] = vb + offv[i + r] + g * vs.head;
+              for (int64_t x = 0; x < G; ++x) w[r * G + x] = lg[(g * G + x) * M + i + r];
+            }
+            if (!cpu::axpy4_rows(w.data(), G, rows, D, pacc.data() + ((b * H_q + g * G) * splits + sp) * D,
+                                 splits * D)) {
+              for (int r = 0; r < 4; ++r)
+                cpu::axpy_row(w.data() + r * G, G, rows[r], vs.dim, D, kbuf.data(),
+                              pacc.data() + ((b * H_q + g * G) * splits + sp) * D, splits * D);
+            }
+          }
+        }
+      }
+      for (; i < M; ++i) {
         for (int64_t g = 0; g < H_kv; ++g) {
           for (int64_t x = 0; x < G; ++x) w[x] = lg[(g * G + x) * M + i];
           cpu::axpy_row(w.data(), G, vb + offv[i] + g * vs.head, vs.dim, D, kbuf.data(),

@@ -145,6 +145,25 @@ TK_KV_TARGET inline void axpy_row_avx2(const float* w, int64_t G, const T* v, in
   }
 }
 
+// Four value rows at once: acc_h += sum_r w[r * G + h] * v_r for h < G, so each accumulator
+// chunk is loaded and stored once per four rows. Unit-stride rows, D % 8 == 0.
+template <typename T>
+TK_KV_TARGET inline void axpy4_rows_avx2(const float* w, int64_t G, const T* const* v, int64_t D,
+                                         float* acc, int64_t ld) {
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 x0 = load8(v[0] + d), x1 = load8(v[1] + d), x2 = load8(v[2] + d), x3 = load8(v[3] + d);
+    for (int64_t h = 0; h < G; ++h) {
+      float* a = acc + h * ld + d;
+      __m256 s = _mm256_loadu_ps(a);
+      s = _mm256_fmadd_ps(_mm256_set1_ps(w[h]), x0, s);
+      s = _mm256_fmadd_ps(_mm256_set1_ps(w[G + h]), x1, s);
+      s = _mm256_fmadd_ps(_mm256_set1_ps(w[2 * G + h]), x2, s);
+      s = _mm256_fmadd_ps(_mm256_set1_ps(w[3 * G + h]), x3, s);
+      _mm256_storeu_ps(a, s);
+    }
+  }
+}
+
 TK_KV_TARGET inline float exp_sub_sum_avx2(float* x, int64_t n, float m) {
   const __m256 mv = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
@@ -246,6 +265,17 @@ inline void exp_sub_rows(float* x, int64_t T, int64_t H, const float* m, float* 
     for (int64_t t = 0; t < T; ++t) { float& v = x[t * H + h]; v = std::exp(v - m[h]); s += v; }
     sums[h] = s;
   }
+}
+
+// Four unit-stride rows at once when possible (w holds 4 x G weights, row-major); false when the
+// caller must fall back to axpy_row per row.
+template <typename T>
+inline bool axpy4_rows(const float* w, int64_t G, const T* const* v, int64_t D, float* acc, int64_t ld) {
+#if defined(TK_KV_AVX2)
+  if (D % 8 == 0 && has_avx2()) { axpy4_rows_avx2<T>(w, G, v, D, acc, ld); return true; }
+#endif
+  (void)w; (void)G; (void)v; (void)D; (void)acc; (void)ld;
+  return false;
 }
 
 // x[i] = exp(x[i] - m); returns the sum.

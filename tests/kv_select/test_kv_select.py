@@ -303,3 +303,18 @@ def test_score_impls_agree(device, impl, dtype, D, strided):
     got = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table, impl=impl)
     want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table))
     _close(got, want, kv_tol(dtype, "score") * c.q.shape[1], "score")
+
+
+@pytest.mark.parametrize("D", [3, 12, 20])
+@pytest.mark.parametrize("page", [None, 16])
+def test_odd_head_dim(device, D, page):
+    """head_dim not a multiple of the 8-wide vectors (scalar tails / staging path)."""
+    c = make_case([100, 37], G=4, D=D, page_size=page, device=device, seed=D)
+    s = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table)
+    _close(s, ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table)),
+           kv_tol(torch.float32, "score") * 8, "score")
+    idx = kv.topk(s, 10, c.seq_lens, n_sink=2, n_local=4)
+    out = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table)
+    want = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
+                             block_table=cpu(c.block_table))
+    _close(out, want, kv_tol(torch.float32, "out"), "out")

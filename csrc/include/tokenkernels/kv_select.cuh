@@ -515,7 +515,9 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(
     __syncthreads();   // p / voff reuse by the next tile
   }
   // Partial state out: index ((row * H_q + h) * splits + sp).
-  for (int h = 0; h < G; ++h) {
+#pragma unroll
+  for (int h = 0; h < kMaxG; ++h) {   // (static indices keep acc in registers)
+    if (h >= G) break;
     const int64_t s_idx = (row * H_q + static_cast<int64_t>(g) * G + h) * splits + sp;
     if (threadIdx.x == 0) { pm[s_idx] = m_run[h]; pl[s_idx] = l_run[h]; }
 #pragma unroll
