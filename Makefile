@@ -7,6 +7,7 @@ PIP     := $(PYTHON) -m pip
 NVCC    := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUTLASS := nvidia-cutlass==4.2.0.0
 TORCH   := torch==2.13.0
+TRANSFORMERS := transformers>=5.23,<6
 BUILD   ?= build
 JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 
@@ -20,6 +21,8 @@ deps:
 	@$(PYTHON) -c "import pytest, hypothesis, numpy, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
 		$(PIP) install -q pytest hypothesis numpy ninja matplotlib "setuptools>=64" wheel
 	@command -v cmake >/dev/null 2>&1 || $(PIP) install -q "cmake>=3.18"
+	@$(PYTHON) -c "import sys, transformers as t; v = tuple(int(x) for x in t.__version__.split('.')[:2]); sys.exit(not (5, 23) <= v < (6, 0))" 2>/dev/null || \
+		$(PIP) install -q "$(TRANSFORMERS)"
 	@if [ -n "$(NVCC)" ]; then $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)" \
 		|| $(PIP) install -q --no-deps $(CUTLASS); fi
 

@@ -77,6 +77,27 @@ TREE_TOLERANCES = {
 def tree_tol(dtype: torch.dtype, kind: str) -> float:
     return TREE_TOLERANCES[dtype][kind]
 
+# HF integrations (kinds prefixed "hf_"): a patched tiny HF model against the same model
+# unpatched (HF's own logits + F.cross_entropy), on CPU; errors relative:
+# * ``hf_loss``: |loss_patched - loss_hf| / |loss_hf|;
+# * ``hf_grad``: per parameter, ||g_patched - g_hf|| / ||g_hf||.
+# In fp32 both sides compute the same function: measured (Llama/Mistral/Qwen2/Qwen3/Gemma 2,
+# vocab 512, logits O(1), padding and ignored labels) loss <= 1.9e-7, gradients <= 8.8e-7.
+# In bf16/fp16 HF rounds the logits (and the softmax gradient) to the model dtype while the
+# kernel keeps them in fp32, so the gap is HF's own rounding error, of the order of the unit
+# roundoff u (bf16 2^-8, fp16 2^-11). Measured with the kernel that computes low precision in
+# fp32 end to end: bf16 loss <= 9.5e-5, gradients <= 1.4e-2 (Gemma 2 with its softcap
+# included); fp16 (Llama) loss 3.2e-6, gradients 9.6e-4 (a kernel rounding the logits to the
+# model dtype like HF matches it to ~1e-6). The tolerances leave a 3-5x margin; the tests also
+# hold the low-precision loss to the precision rule (error vs the fp64 loss of the same final
+# hidden states no worse than HF's + ``ce_rule``), which the loose tolerances alone would not.
+_HF = {
+    torch.float32: dict(hf_loss=2e-6, hf_grad=1e-5, hf_loss_softcap=2e-6, hf_grad_softcap=1e-5),
+    torch.float16: dict(hf_loss=4e-5, hf_grad=5e-3, hf_loss_softcap=4e-5, hf_grad_softcap=5e-3),
+    torch.bfloat16: dict(hf_loss=4e-4, hf_grad=4e-2, hf_loss_softcap=4e-4, hf_grad_softcap=4e-2),
+}
+for _dt, _kinds in _HF.items():
+    TOLERANCES[_dt].update(_kinds)
 # ---- kv_select family ------------------------------------------------------------------------
 # The kernels compute in fp32 from the (exactly upcast) fp16/bf16 inputs; the oracle is the
 # fp64 reference on the same upcast values. Absolute tolerances for:

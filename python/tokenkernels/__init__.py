@@ -12,6 +12,8 @@ from .ops.cross_entropy import LinearCrossEntropy, VocabParallel, linear_cross_e
 from . import tree  # noqa: F401  (tokenkernels.tree.*: token trees for speculative decoding)
 from . import kv_select  # noqa: E402  (kv_select family: tokenkernels.kv_select.*)
 
+from . import kv_select  # noqa: E402  (kv_select family: tokenkernels.kv_select.*)
+
 __all__ = ["kcenter", "coverage_select", "mmtok_similarity",
            "linear_cross_entropy", "LinearCrossEntropy", "VocabParallel",
            "tree", "kv_select", "ops", "reference", "cuda_available"]

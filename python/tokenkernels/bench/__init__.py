@@ -32,7 +32,7 @@ FAMILIES: Dict[str, str] = {
     "kcenter": "tokenkernels.bench.kcenter",
     "cross_entropy": "tokenkernels.bench.cross_entropy",
     "tree": "tokenkernels.bench.tree",
-
+    "integrations": "tokenkernels.bench.integrations",
     "kv_select": "tokenkernels.bench.kv_select",
 }
 

@@ -1,0 +1,324 @@
+"""Visual token pruning for HF LLaVA-style models (DivPrune via ``kcenter``, MMTok via
+``coverage_select``), with the language model really receiving fewer tokens.
+
+How it works (``apply_visual_token_pruning`` replaces the instance's ``forward``):
+
+1. Prefill (``pixel_values`` or ``mm_encoder_outputs`` given): the image features after the
+   projector are computed with the model's own ``get_image_features`` (one (N_i, D) block per
+   image, LLaVA-NeXT's packed blocks included), and per image ``k_i`` of them are kept:
+   ``kcenter`` (cosine, isolated start: DivPrune's rule) or ``coverage_select`` over
+   ``mmtok_similarity(text, vision)`` where ``text`` are the embeddings of that prompt's text
+   tokens (MMTok). Kept tokens stay in their original order.
+2. The prompt is rebuilt without the dropped placeholders: embeddings (placeholders filled with
+   the kept features), attention mask, position ids (each kept token's original position minus
+   the number of tokens dropped before it, so positions stay contiguous) and labels (if given).
+   Rows that lose different numbers of tokens are left-padded to the longest row (mask 0,
+   label -100).
+3. Decode steps of ``generate`` arrive in the original coordinates (``input_ids``/mask grow from
+   the unpruned prompt length); they are mapped onto the pruned cache: the prompt part of the
+   mask is replaced by the pruned one and position ids are shifted by each row's dropped count.
+
+The language model therefore runs its prefill, keeps its KV cache and decodes over
+``L - dropped`` tokens. ``keep=1.0`` reproduces the unpruned model exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import weakref
+from typing import List, Optional
+
+import torch
+
+from ._hf_common import model_type, require_transformers
+
+SUPPORTED_VISUAL_MODELS = ("llava", "llava_next")
+_ATTR = "_tokenkernels_visual_pruning"
+_METHODS = ("kcenter", "coverage")
+
+
+@dataclasses.dataclass
+class _Prompt:
+    """Bookkeeping of the last pruned prefill, used to map decode steps."""
+    L: int                        # original prompt length
+    Lp: int                       # pruned prompt length
+    mask: torch.Tensor            # (B, Lp) pruned prompt attention mask (long)
+    removed: torch.Tensor         # (B,) tokens dropped per row
+    padded: bool                  # whether the pruned prompt has any masked position
+    cache_ref: Optional[weakref.ref] = None
+
+
+@dataclasses.dataclass
+class _VisualPruning:
+    original_forward: Optional[object]
+    keep: Optional[float]
+    k: Optional[int]
+    method: str
+    alpha: float
+    tau: float
+    prompt: Optional[_Prompt] = None
+    # statistics of the last pruned prefill (for inspection / tests)
+    last_tokens_per_image: List[int] = dataclasses.field(default_factory=list)
+    last_kept_per_image: List[int] = dataclasses.field(default_factory=list)
+    last_image_rows: List[int] = dataclasses.field(default_factory=list)
+    last_seq_len: int = 0
+
+
+def _k_for(st: _VisualPruning, n: int) -> int:
+    if st.k is not None:
+        return max(1, min(int(st.k), n))
+    return max(1, min(n, int(round(st.keep * n))))
+
+
+def _image_features(self, pixel_values, image_sizes, mm_encoder_outputs, kwargs):
+    if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+        feats = mm_encoder_outputs["image"].pooler_output
+    else:
+        fkw = dict(pixel_values=pixel_values, return_dict=True)
+        for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+            if kwargs.get(key) is not None:
+                fkw[key] = kwargs[key]
+        if image_sizes is not None:
+            fkw["image_sizes"] = image_sizes
+        feats = self.model.get_image_features(**fkw).pooler_output
+    if isinstance(feats, torch.Tensor):
+        feats = list(feats) if feats.dim() == 3 else [feats]
+    return list(feats)
+
+
+def _select(st: _VisualPruning, feats: List[torch.Tensor], text: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Per image, the sorted indices of the kept feature rows."""
+    from ..ops.kcenter import coverage_select, kcenter, mmtok_similarity
+
+    n_img = len(feats)
+    Ns = [int(f.shape[0]) for f in feats]
+    ks = [_k_for(st, n) for n in Ns]
+    if all(k == n for k, n in zip(ks, Ns)):
+        return [torch.arange(n, device=f.device) for f, n in zip(feats, Ns)]
+    dev, D = feats[0].device, feats[0].shape[-1]
+    Nmax = max(Ns)
+    x = feats[0].new_zeros((n_img, Nmax, D))
+    for i, f in enumerate(feats):
+        x[i, :Ns[i]] = f
+    lengths = torch.tensor(Ns, dtype=torch.long, device=dev)
+    k_t = torch.tensor(ks, dtype=torch.long, device=dev)
+    with torch.no_grad():
+        if st.method == "kcenter":
+            idx = kcenter(x.detach(), k_t, lengths=lengths, metric="cosine", start="isolated",
+                          sorted=True, k_max=max(ks))
+        else:
+            Ts = [int(t.shape[0]) for t in text]
+            Tmax = max(max(Ts), 1)
+            tx = x.new_zeros((n_img, Tmax, D))
+            for i, t in enumerate(text):
+                tx[i, :Ts[i]] = t
+            sim = mmtok_similarity(tx.detach(), x.detach(), alpha=st.alpha, tau_tv=st.tau,
+                                   text_lengths=torch.tensor(Ts, dtype=torch.long, device=dev),
+                                   vision_lengths=lengths)
+            idx = coverage_select(sim, k_t, lengths=lengths, k_max=max(ks))
+            idx = torch.where(idx < 0, torch.full_like(idx, Nmax), idx).sort(dim=1).values
+    return [idx[i, :ks[i]] for i in range(n_img)]
+
+
+def _prefill(self, st: _VisualPruning, input_ids, pixel_values, attention_mask, position_ids,
+             labels, image_sizes, mm_encoder_outputs, kwargs):
+    """Prune and rebuild the prompt; returns the kwargs for the original forward."""
+    if input_ids is None:
+        raise ValueError("tokenkernels visual pruning: pass input_ids (the image placeholders are "
+                         "located by config.image_token_id), not inputs_embeds")
+    cfg = self.config
+    tok = cfg.image_token_id
+    B, L = input_ids.shape
+    dev = input_ids.device
+    embed = self.get_input_embeddings()
+    inputs_embeds = embed(input_ids)
+    feats = _image_features(self, pixel_values, image_sizes, mm_encoder_outputs, kwargs)
+    feats = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in feats]
+    is_img = input_ids == tok
+    flat_pos = is_img.reshape(-1).nonzero().squeeze(1)            # row-major placeholder order
+    Ns = [int(f.shape[0]) for f in feats]
+    if flat_pos.numel() != sum(Ns):
+        raise ValueError(f"tokenkernels visual pruning: image features and image tokens do not match: "
+                         f"{flat_pos.numel()} placeholder tokens, {sum(Ns)} features "
+                         f"({len(Ns)} images)")
+    offsets = [0]
+    for n in Ns:
+        offsets.append(offsets[-1] + n)
+    rows = [int(flat_pos[o]) // L for o in offsets[:-1]]
+    am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    text = []
+    if st.method == "coverage":
+        for r in rows:
+            sel = (~is_img[r]) & (am[r] != 0)
+            text.append(inputs_embeds[r][sel])
+    picks = _select(st, feats, text)
+
+    # keep mask over the original positions: every non-image token, and the picked image tokens
+    keep_img = torch.zeros(flat_pos.numel(), dtype=torch.bool, device=dev)
+    for i, p in enumerate(picks):
+        keep_img[offsets[i] + p.to(dev)] = True
+    keep = (~is_img).reshape(-1).clone()
+    keep[flat_pos[keep_img]] = True
+    keep = keep.view(B, L)
+
+    # embeddings with every placeholder filled (as HF does), then compressed
+    merged = inputs_embeds.masked_scatter(is_img.unsqueeze(-1), torch.cat(feats, 0))
+    n_keep = keep.sum(1)
+    Lp = int(n_keep.max())
+    removed = L - n_keep
+    fill = Lp - n_keep                                              # left padding per row
+    csum = keep.long().cumsum(1)
+    dest = fill[:, None] + csum - 1                                 # new column of a kept token
+    b_idx, j_idx = keep.nonzero(as_tuple=True)
+    d_idx = dest[b_idx, j_idx]
+
+    new_embeds = merged.new_zeros((B, Lp, merged.shape[-1]))
+    new_embeds[b_idx, d_idx] = merged[b_idx, j_idx]
+    new_mask = torch.zeros((B, Lp), dtype=am.dtype, device=dev)
+    new_mask[b_idx, d_idx] = am[b_idx, j_idx]
+    if position_ids is None:
+        pos = torch.arange(L, device=dev).expand(B, L)
+    else:
+        pos = position_ids.expand(B, L) if position_ids.dim() == 2 else position_ids
+    removed_before = (torch.arange(L, device=dev)[None, :] + 1) - csum   # dropped at or before j
+    new_pos = torch.zeros((B, Lp), dtype=torch.long, device=dev)
+    new_pos[b_idx, d_idx] = (pos[b_idx, j_idx] - removed_before[b_idx, j_idx]).long()
+    new_labels = None
+    if labels is not None:
+        new_labels = torch.full((B, Lp), -100, dtype=labels.dtype, device=labels.device)
+        new_labels[b_idx, d_idx] = labels.to(dev)[b_idx, j_idx]
+
+    padded = bool((new_mask == 0).any()) or attention_mask is not None and bool((am == 0).any())
+    st.prompt = _Prompt(L=L, Lp=Lp, mask=new_mask, removed=removed, padded=padded)
+    st.last_tokens_per_image = Ns
+    st.last_kept_per_image = [int(p.numel()) for p in picks]
+    st.last_image_rows = rows
+    st.last_seq_len = Lp
+    pass_mask = new_mask if (attention_mask is not None or padded) else None
+    kept_feats = torch.cat([f[p.to(f.device)] for f, p in zip(feats, picks)], 0)
+    return dict(inputs_embeds=new_embeds, attention_mask=pass_mask, position_ids=new_pos,
+                labels=new_labels), kept_feats
+
+
+def _map_decode(st: _VisualPruning, past_key_values, input_ids, inputs_embeds, attention_mask,
+                position_ids):
+    """Map a decode step's (original-coordinate) mask / position ids onto the pruned cache."""
+    p = st.prompt
+    s = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    past = past_key_values.get_seq_length()
+    extra = past - p.Lp + s                                         # tokens after the prompt
+    B = p.mask.shape[0]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[1] != p.L + extra:
+            raise ValueError(f"tokenkernels visual pruning: a decode step's attention_mask has shape "
+                             f"{tuple(attention_mask.shape)}, expected (B, {p.L + extra}) (the unpruned "
+                             f"prompt of {p.L} tokens plus {extra} generated)")
+        mask = torch.cat([p.mask.to(attention_mask.dtype), attention_mask[:, p.L:]], 1)
+    elif p.padded:
+        mask = torch.cat([p.mask, p.mask.new_ones((B, extra))], 1)
+    else:
+        mask = None
+    if position_ids is None:
+        position_ids = (p.L + past - p.Lp + torch.arange(s, device=p.mask.device))[None, :]
+    position_ids = position_ids - p.removed.to(position_ids.device)[:, None]
+    return mask, position_ids
+
+
+def _pruned_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                    past_key_values=None, inputs_embeds=None, labels=None, logits_to_keep=0,
+                    image_sizes=None, mm_encoder_outputs=None, **kwargs):
+    st: _VisualPruning = getattr(self, _ATTR)
+    original = st.original_forward if st.original_forward is not None else \
+        types.MethodType(type(self).forward, self)
+    has_images = pixel_values is not None or (mm_encoder_outputs is not None
+                                              and mm_encoder_outputs.get("image") is not None)
+    if has_images:
+        extra, kept_feats = _prefill(self, st, input_ids, pixel_values, attention_mask, position_ids,
+                                     labels, image_sizes, mm_encoder_outputs, kwargs)
+        for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+            kwargs.pop(key, None)
+        out = original(input_ids=None, past_key_values=past_key_values,
+                       logits_to_keep=logits_to_keep, **extra, **kwargs)
+        cache = getattr(out, "past_key_values", None)
+        st.prompt.cache_ref = weakref.ref(cache) if cache is not None else None
+        if hasattr(out, "image_hidden_states"):
+            out.image_hidden_states = kept_feats
+        return out
+    p = st.prompt
+    if (p is not None and past_key_values is not None and p.cache_ref is not None
+            and p.cache_ref() is past_key_values and past_key_values.get_seq_length() > 0):
+        attention_mask, position_ids = _map_decode(st, past_key_values, input_ids, inputs_embeds,
+                                                   attention_mask, position_ids)
+    elif past_key_values is None or past_key_values.get_seq_length() == 0:
+        st.prompt = None                                            # a text-only prefill
+    return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                    logits_to_keep=logits_to_keep, image_sizes=image_sizes, **kwargs)
+
+
+def apply_visual_token_pruning(model: torch.nn.Module, *, keep: Optional[float] = 0.098,
+                               k: Optional[int] = None, method: str = "kcenter",
+                               alpha: float = 0.5, tau: float = 0.02) -> torch.nn.Module:
+    """Prune each image's visual tokens before the language model (in place).
+
+    Args:
+        model: ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        keep: fraction of each image's tokens to keep (default 0.098, DivPrune's 56 of 576);
+            ignored when ``k`` is given. ``keep=1.0`` keeps everything (outputs identical to the
+            unpruned model).
+        k: number of tokens to keep per image (capped at the image's token count).
+        method: ``"kcenter"`` (DivPrune: greedy max-min diversity, cosine distance) or
+            ``"coverage"`` (MMTok: greedy maximum coverage of the prompt's text embeddings and
+            of the image's own tokens, ``alpha`` / ``tau`` as in :func:`mmtok_similarity`).
+
+    Returns the model. ``model.generate(...)`` and ``model(...)`` (with ``labels`` too) then run
+    the language model on the pruned sequence; ``outputs.logits`` covers the pruned sequence.
+    :func:`visual_pruning_stats` reports the last prefill's per-image token counts;
+    :func:`remove_visual_token_pruning` undoes the patch.
+    """
+    require_transformers()
+    mt = model_type(model)
+    if mt not in SUPPORTED_VISUAL_MODELS:
+        raise ValueError(f"tokenkernels.apply_visual_token_pruning: model type {mt!r} is not supported "
+                         f"(supported: {list(SUPPORTED_VISUAL_MODELS)})")
+    if method not in _METHODS:
+        raise ValueError(f"tokenkernels.apply_visual_token_pruning: method must be 'kcenter' or "
+                         f"'coverage', got {method!r}")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"tokenkernels.apply_visual_token_pruning: k must be an int >= 1, got {k!r}")
+        keep = None
+    else:
+        if keep is None or not 0.0 < float(keep) <= 1.0:
+            raise ValueError(f"tokenkernels.apply_visual_token_pruning: keep must lie in (0, 1], got {keep!r}")
+        keep = float(keep)
+    prev = getattr(model, _ATTR, None)
+    original = prev.original_forward if prev is not None else model.__dict__.get("forward")
+    setattr(model, _ATTR, _VisualPruning(original_forward=original, keep=keep, k=k, method=method,
+                                         alpha=float(alpha), tau=float(tau)))
+    model.forward = types.MethodType(_pruned_forward, model)
+    return model
+
+
+def remove_visual_token_pruning(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`apply_visual_token_pruning` (a no-op on an unpatched model)."""
+    st = model.__dict__.get(_ATTR)
+    if st is None:
+        return model
+    if st.original_forward is None:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = st.original_forward
+    delattr(model, _ATTR)
+    return model
+
+
+def visual_pruning_stats(model: torch.nn.Module) -> dict:
+    """The last pruned prefill: tokens per image before/after, each image's batch row, and the
+    language model's (pruned) prompt length."""
+    st = model.__dict__.get(_ATTR)
+    if st is None:
+        raise ValueError("tokenkernels.visual_pruning_stats: visual pruning is not applied to this model")
+    return dict(tokens_per_image=list(st.last_tokens_per_image),
+                kept_per_image=list(st.last_kept_per_image),
+                image_rows=list(st.last_image_rows), lm_prompt_len=st.last_seq_len)

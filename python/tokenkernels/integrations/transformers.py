@@ -1,0 +1,24 @@
+"""HF transformers integrations of tokenkernels.
+
+* :func:`patch_causal_lm_loss` / :func:`unpatch_causal_lm_loss`: causal-LM loss via the fused
+  linear cross-entropy (Llama, Mistral, Qwen2, Qwen3, Gemma 2), logits never materialised.
+* :func:`enable_tokenselect_attention` / :func:`disable_tokenselect_attention`: TokenSelect
+  decode attention (``kv_select``) registered as ``"tokenselect"`` in HF's AttentionInterface;
+  :func:`tokenselect_stats` reports Selection Cache hit rates and attended tokens.
+* :func:`apply_visual_token_pruning` / :func:`remove_visual_token_pruning`: DivPrune (kcenter)
+  or MMTok (coverage) pruning of LLaVA / LLaVA-NeXT image tokens before the language model.
+
+Tested with transformers 5.23 (the pinned range is ``transformers>=5.23,<6``).
+"""
+from ._hf_loss import SUPPORTED_LOSS_MODELS, patch_causal_lm_loss, unpatch_causal_lm_loss
+from ._hf_tokenselect import (disable_tokenselect_attention, enable_tokenselect_attention,
+                              reset_tokenselect_stats, tokenselect_attention_forward,
+                              tokenselect_stats)
+from ._hf_visual import (SUPPORTED_VISUAL_MODELS, apply_visual_token_pruning,
+                         remove_visual_token_pruning, visual_pruning_stats)
+
+__all__ = ["patch_causal_lm_loss", "unpatch_causal_lm_loss", "SUPPORTED_LOSS_MODELS",
+           "enable_tokenselect_attention", "disable_tokenselect_attention", "tokenselect_stats",
+           "reset_tokenselect_stats", "tokenselect_attention_forward",
+           "apply_visual_token_pruning", "remove_visual_token_pruning", "visual_pruning_stats",
+           "SUPPORTED_VISUAL_MODELS"]

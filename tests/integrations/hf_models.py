@@ -1,0 +1,104 @@
+"""Tiny randomly initialised HF models for the integration tests (no downloads)."""
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               max_position_embeddings=256)
+
+CAUSAL_LMS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+
+
+def causal_lm(name: str, *, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2-layer GQA model of type ``name`` (fp32, eval mode so dropout is off)."""
+    kw = dict(_COMMON, **overrides)
+    if name == "llama":
+        cfg, cls = T.LlamaConfig(**kw), T.LlamaForCausalLM
+    elif name == "mistral":
+        cfg, cls = T.MistralConfig(**kw), T.MistralForCausalLM
+    elif name == "qwen2":
+        cfg, cls = T.Qwen2Config(**kw), T.Qwen2ForCausalLM
+    elif name == "qwen3":
+        cfg, cls = T.Qwen3Config(**kw), T.Qwen3ForCausalLM
+    elif name == "gemma2":
+        kw.setdefault("final_logit_softcapping", 0.5)   # small: the cap really bends the logits
+        kw.setdefault("query_pre_attn_scalar", kw["head_dim"])
+        kw.setdefault("sliding_window", 8)
+        cfg, cls = T.Gemma2Config(**kw), T.Gemma2ForCausalLM
+    else:
+        raise ValueError(name)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    return model
+
+
+IMAGE_TOKEN = 500
+IMAGE_TOKENS = 16          # 32x32 image, 8x8 patches, CLS dropped ("default" strategy)
+
+
+def llava(*, seed: int = 0) -> torch.nn.Module:
+    """LLaVA-1.5 layout: CLIP vision tower (2 layers), 2-layer MLP projector, Llama LM."""
+    vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    tc = T.LlamaConfig(**_COMMON, pad_token_id=0)
+    cfg = T.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN,
+                        image_seq_length=IMAGE_TOKENS)
+    torch.manual_seed(seed)
+    return T.LlavaForConditionalGeneration(cfg).eval()
+
+
+def llava_batch(image_counts, *, seed: int = 0, text_after=(4, 7)):
+    """Left-padded prompts: [text, (image placeholders, text) * n, text] per row, pixel values of
+    all images in row-major order."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for r, n in enumerate(image_counts):
+        parts = [torch.randint(1, IMAGE_TOKEN, (3,), generator=g)]
+        for _ in range(n):
+            parts += [torch.full((IMAGE_TOKENS,), IMAGE_TOKEN),
+                      torch.randint(1, IMAGE_TOKEN, (2,), generator=g)]
+        parts.append(torch.randint(1, IMAGE_TOKEN, (text_after[r % len(text_after)],), generator=g))
+        prompts.append(torch.cat(parts))
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = p
+        am[i, L - len(p):] = 1
+    pix = torch.randn(sum(image_counts), 3, 32, 32, generator=g)
+    return ids, am, pix
+
+
+def llava_next(*, seed: int = 0) -> torch.nn.Module:
+    """LLaVA-NeXT layout (anyres tiles of 32x32, image_newline tokens)."""
+    vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    tc = T.LlamaConfig(**_COMMON, pad_token_id=0)
+    cfg = T.LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN,
+                            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
+    torch.manual_seed(seed)
+    return T.LlavaNextForConditionalGeneration(cfg).eval()
+
+
+def llava_next_batch(model, *, seed: int = 0):
+    """Two left-padded prompts with one image each (32x64 and 64x64): the placeholder counts
+    are the model's own feature counts. Returns ids, mask, pixel values, image sizes, counts."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([[32, 64], [64, 64]])
+    pix = torch.randn(2, 5, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pix, image_sizes=sizes,
+                                               return_dict=True).pooler_output
+    Ns = [int(f.shape[0]) for f in feats]
+    rows = [torch.cat([torch.randint(1, IMAGE_TOKEN, (3,), generator=g),
+                       torch.full((n,), IMAGE_TOKEN),
+                       torch.randint(1, IMAGE_TOKEN, (4,), generator=g)]) for n in Ns]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(2, L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        am[i, L - len(r):] = 1
+    return ids, am, pix, sizes, Ns
