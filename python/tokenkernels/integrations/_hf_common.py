@@ -16,6 +16,26 @@ def require_transformers():
     return transformers
 
 
+def current_forward(model: torch.nn.Module, attr: str):
+    """The instance-level forward a patch stored under ``attr`` replaces: the one saved by an
+    earlier patch of the same kind, else the instance's own (None = the class's forward)."""
+    prev = getattr(model, attr, None)
+    return prev.original_forward if prev is not None else model.__dict__.get("forward")
+
+
+def restore_forward(model: torch.nn.Module, attr: str) -> torch.nn.Module:
+    """Undo a forward patch whose state (with ``original_forward``) is stored under ``attr``."""
+    st = model.__dict__.get(attr)
+    if st is None:
+        return model
+    if st.original_forward is None:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = st.original_forward
+    delattr(model, attr)
+    return model
+
+
 def slice_hidden(hidden: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
     """HF's ``logits_to_keep`` slicing of the last hidden states (int: the last n positions,
     0 = all; a 1-D tensor: these positions; a 2-D bool mask: the True positions, flattened)."""

@@ -24,7 +24,8 @@ from typing import Optional, Union
 
 import torch
 
-from ._hf_common import model_type, require_transformers, slice_hidden, wants_tuple
+from ._hf_common import (current_forward, model_type, require_transformers, restore_forward,
+                         slice_hidden, wants_tuple)
 
 # model_type -> where the softcap lives (None: no final-logit softcapping)
 SUPPORTED_LOSS_MODELS = {
@@ -143,8 +144,7 @@ def patch_causal_lm_loss(model: torch.nn.Module, *, return_logits: bool = False,
     if not isinstance(lm_head, torch.nn.Linear) or not isinstance(getattr(model, "model", None), torch.nn.Module):
         raise ValueError("tokenkernels.patch_causal_lm_loss: the model needs `.model` (the decoder) and an "
                          f"nn.Linear `.lm_head`; got {type(model).__name__}")
-    prev = getattr(model, _ATTR, None)
-    original = prev.original_forward if prev is not None else model.__dict__.get("forward")
+    original = current_forward(model, _ATTR)
     setattr(model, _ATTR, _LossPatch(original_forward=original, return_logits=bool(return_logits),
                                      filter_eps=filter_eps, accum_fp32=bool(accum_fp32), impl=impl,
                                      check=bool(check)))
@@ -154,15 +154,7 @@ def patch_causal_lm_loss(model: torch.nn.Module, *, return_logits: bool = False,
 
 def unpatch_causal_lm_loss(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`patch_causal_lm_loss` (a no-op on an unpatched model)."""
-    st = model.__dict__.get(_ATTR)
-    if st is None:
-        return model
-    if st.original_forward is None:
-        model.__dict__.pop("forward", None)
-    else:
-        model.forward = st.original_forward
-    delattr(model, _ATTR)
-    return model
+    return restore_forward(model, _ATTR)
 
 
 def is_loss_patched(model: torch.nn.Module) -> bool:

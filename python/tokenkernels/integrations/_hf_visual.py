@@ -30,7 +30,7 @@ from typing import List, Optional
 
 import torch
 
-from ._hf_common import model_type, require_transformers
+from ._hf_common import current_forward, model_type, require_transformers, restore_forward
 
 SUPPORTED_VISUAL_MODELS = ("llava", "llava_next")
 _ATTR = "_tokenkernels_visual_pruning"
@@ -292,8 +292,7 @@ def apply_visual_token_pruning(model: torch.nn.Module, *, keep: Optional[float] 
         if keep is None or not 0.0 < float(keep) <= 1.0:
             raise ValueError(f"tokenkernels.apply_visual_token_pruning: keep must lie in (0, 1], got {keep!r}")
         keep = float(keep)
-    prev = getattr(model, _ATTR, None)
-    original = prev.original_forward if prev is not None else model.__dict__.get("forward")
+    original = current_forward(model, _ATTR)
     setattr(model, _ATTR, _VisualPruning(original_forward=original, keep=keep, k=k, method=method,
                                          alpha=float(alpha), tau=float(tau)))
     model.forward = types.MethodType(_pruned_forward, model)
@@ -302,15 +301,7 @@ def apply_visual_token_pruning(model: torch.nn.Module, *, keep: Optional[float] 
 
 def remove_visual_token_pruning(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`apply_visual_token_pruning` (a no-op on an unpatched model)."""
-    st = model.__dict__.get(_ATTR)
-    if st is None:
-        return model
-    if st.original_forward is None:
-        model.__dict__.pop("forward", None)
-    else:
-        model.forward = st.original_forward
-    delattr(model, _ATTR)
-    return model
+    return restore_forward(model, _ATTR)
 
 
 def visual_pruning_stats(model: torch.nn.Module) -> dict:
