@@ -71,6 +71,39 @@ inline void check_row_vector(const at::Tensor& t, int64_t N, const at::Tensor& h
               t.device(), " but hidden is on ", hidden.device());
 }
 
+// Everything lce_forward checks before touching values (no host sync).
+inline LceArgs check_lce_forward_args(const at::Tensor& hidden, const at::Tensor& weight,
+                                      const at::Tensor& targets,
+                                      const std::optional<at::Tensor>& bias,
+                                      std::optional<double> softcap, int64_t vocab_start,
+                                      int64_t vocab_total) {
+  const char* op = "linear_cross_entropy";
+  const auto a = check_lce_args(hidden, weight, targets, bias, op);
+  check_vocab_range(vocab_start, vocab_total, a.V, op);
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "tokenkernels.", op,
+              ": softcap must be > 0 or None, got ", *softcap);
+  return a;
+}
+
+// Everything lce_backward checks (no host sync).
+inline LceArgs check_lce_backward_args(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const at::Tensor& targets,
+                                       const std::optional<at::Tensor>& bias,
+                                       const at::Tensor& lse, const at::Tensor& coef_p,
+                                       const at::Tensor& coef_t,
+                                       const std::optional<at::Tensor>& coef_1, double filter_eps,
+                                       bool need_db) {
+  const char* op = "linear_cross_entropy_backward";
+  const auto a = check_lce_args(hidden, weight, targets, bias, op);
+  check_row_vector(lse, a.N, hidden, "lse", op);
+  check_row_vector(coef_p, a.N, hidden, "coef_p", op);
+  check_row_vector(coef_t, a.N, hidden, "coef_t", op);
+  if (coef_1.has_value()) check_row_vector(*coef_1, a.N, hidden, "coef_1", op);
+  TORCH_CHECK(!need_db || bias.has_value(), "tokenkernels.", op, ": need_dbias without a bias");
+  TORCH_CHECK(filter_eps >= 0.0, "tokenkernels.", op, ": filter_eps must be >= 0, got ", filter_eps);
+  return a;
+}
+
 // Value check (host sync on CUDA): every target is ignore_index or in [0, vocab_total).
 inline void check_target_values(const at::Tensor& targets, int64_t ignore_index,
                                 int64_t vocab_total, const char* op) {

@@ -65,12 +65,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& bias, int64_t ignore_index, std::optional<double> softcap,
     int64_t vocab_start, int64_t vocab_total, bool want_sumz, bool aux, bool check,
     double /*filter_eps*/, bool /*accum_fp32*/, int64_t /*impl*/) {
-  const auto a = check_lce_args(hidden, weight, targets, bias, "linear_cross_entropy");
+  const auto a = check_lce_forward_args(hidden, weight, targets, bias, softcap, vocab_start,
+                                        vocab_total);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, V = a.V;
-  check_vocab_range(vocab_start, vocab_total, V, "linear_cross_entropy");
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0,
-              "tokenkernels.linear_cross_entropy: softcap must be > 0 or None, got ", *softcap);
   if (check) check_target_values(targets, ignore_index, vocab_total, "linear_cross_entropy");
 
   // statistics in fp32 (fp64 for fp64 inputs, which the CPU accepts for gradcheck)
@@ -166,16 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
     const at::Tensor& coef_t, const std::optional<at::Tensor>& coef_1, int64_t ignore_index,
     std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
     bool need_dw, bool need_db, bool accum_fp32, int64_t /*impl*/) {
-  const auto a = check_lce_args(hidden, weight, targets, bias, "linear_cross_entropy_backward");
+  const auto a = check_lce_backward_args(hidden, weight, targets, bias, lse, coef_p, coef_t,
+                                         coef_1, filter_eps, need_db);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
-  const char* op = "linear_cross_entropy_backward";
-  check_row_vector(lse, N, hidden, "lse", op);
-  check_row_vector(coef_p, N, hidden, "coef_p", op);
-  check_row_vector(coef_t, N, hidden, "coef_t", op);
-  if (coef_1.has_value()) check_row_vector(*coef_1, N, hidden, "coef_1", op);
-  TORCH_CHECK(!need_db || bias.has_value(), "tokenkernels.", op, ": need_dbias without a bias");
-  TORCH_CHECK(filter_eps >= 0.0, "tokenkernels.", op, ": filter_eps must be >= 0, got ", filter_eps);
 
   // Precision: every gradient element is accumulated in fp32 (fp64 for fp64) and rounded to its
   // dtype once. fp32/fp64: one pass over the tiles, accumulating straight into the outputs.

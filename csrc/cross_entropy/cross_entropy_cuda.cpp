@@ -29,6 +29,18 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
+// Where each token's target lives, for the kernels. T: targets as contiguous int64.
+Targets make_targets(const at::Tensor& T, int64_t ignore_index, int64_t vocab_start, int64_t V,
+                     int64_t vocab_total) {
+  Targets tg;
+  tg.t = T.data_ptr<int64_t>();
+  tg.ignore_index = ignore_index;
+  tg.vocab_start = vocab_start;
+  tg.V = V;
+  tg.vocab_total = vocab_total;
+  return tg;
+}
+
 // fp32 logits tile Z = a @ b^T (fp16/bf16 inputs on tensor cores, fp32 output).
 void logits_tile(at::Tensor& Z, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) at::mm_out(Z, a, b.t());
@@ -41,12 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t vocab_start, int64_t vocab_total, bool want_sumz, bool aux, bool check,
     double /*filter_eps*/, bool /*accum_fp32*/, int64_t impl) {
   const char* op = "linear_cross_entropy";
-  const auto a = check_lce_args(hidden, weight, targets, bias, op);
+  const auto a = check_lce_forward_args(hidden, weight, targets, bias, softcap, vocab_start,
+                                        vocab_total);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
-  check_vocab_range(vocab_start, vocab_total, V, op);
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "tokenkernels.", op,
-              ": softcap must be > 0 or None, got ", *softcap);
   c10::DeviceGuard guard(hidden.device());
   if (check) check_target_values(targets, ignore_index, vocab_total, op);
 
@@ -70,12 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
   const cudaStream_t stream = current_cuda_stream(hidden.device());
 
-  Targets tg;
-  tg.t = T.data_ptr<int64_t>();
-  tg.ignore_index = ignore_index;
-  tg.vocab_start = vocab_start;
-  tg.V = V;
-  tg.vocab_total = vocab_total;
+  const Targets tg = make_targets(T, ignore_index, vocab_start, V, vocab_total);
   FwdState st;
   st.m = m.data_ptr<float>();
   st.s = s.data_ptr<float>();
@@ -129,16 +134,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
     const at::Tensor& coef_t, const std::optional<at::Tensor>& coef_1, int64_t ignore_index,
     std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
     bool need_dw, bool need_db, bool accum_fp32, int64_t impl) {
-  const char* op = "linear_cross_entropy_backward";
-  const auto a = check_lce_args(hidden, weight, targets, bias, op);
+  const auto a = check_lce_backward_args(hidden, weight, targets, bias, lse, coef_p, coef_t,
+                                         coef_1, filter_eps, need_db);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
-  check_row_vector(lse, N, hidden, "lse", op);
-  check_row_vector(coef_p, N, hidden, "coef_p", op);
-  check_row_vector(coef_t, N, hidden, "coef_t", op);
-  if (coef_1.has_value()) check_row_vector(*coef_1, N, hidden, "coef_1", op);
-  TORCH_CHECK(!need_db || bias.has_value(), "tokenkernels.", op, ": need_dbias without a bias");
-  TORCH_CHECK(filter_eps >= 0.0, "tokenkernels.", op, ": filter_eps must be >= 0, got ", filter_eps);
   c10::DeviceGuard guard(hidden.device());
 
   const auto dt = hidden.scalar_type();
@@ -167,12 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
   auto C1 = coef_1.has_value() ? coef_1->contiguous() : at::Tensor();
   const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
   const cudaStream_t stream = current_cuda_stream(hidden.device());
-  Targets tg;
-  tg.t = T.data_ptr<int64_t>();
-  tg.ignore_index = ignore_index;
-  tg.vocab_start = vocab_start;
-  tg.V = V;
-  tg.vocab_total = std::numeric_limits<int64_t>::max();  // range already checked by the forward
+  // the range of the targets was checked (or NaN-marked) by the forward
+  const Targets tg = make_targets(T, ignore_index, vocab_start, V,
+                                  std::numeric_limits<int64_t>::max());
   const float* bp = B.defined() ? B.data_ptr<float>() : nullptr;
 
   if (lowp && impl != 1) {
