@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "tokenkernels/common.h"
+#include "tokenkernels/convert.cuh"
 #include "tokenkernels/cross_entropy.h"
 
 namespace tokenkernels {
@@ -37,12 +38,7 @@ __device__ __forceinline__ int64_t local_target(const Targets& tg, int64_t r) {
   return (l >= 0 && l < tg.V) ? l : -1;
 }
 
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using tokenkernels::dev::from_f;
 
 // (value, index) arg-max with ties to the lower index.
 __device__ __forceinline__ void better(float& v, int64_t& i, float v2, int64_t i2) {
@@ -177,7 +173,7 @@ dz_tile_kernel(const float* __restrict__ Z, int64_t cols, int64_t r0, int64_t v0
       const float u = v / cap;
       d *= 1.f - u * u;
     }
-    o[j] = from_float<T>(d);
+    o[j] = from_f<T>(d);
   }
 }
 
@@ -445,7 +441,7 @@ bwd_fused_kernel(const T* __restrict__ H, const T* __restrict__ W, int64_t N, in
     return;
   }
 #pragma unroll
-  for (int u = 0; u < kBN / 4; ++u) dZs[er * kLdZ + q + 4 * u] = from_float<T>(d[u]);
+  for (int u = 0; u < kBN / 4; ++u) dZs[er * kLdZ + q + 4 * u] = from_f<T>(d[u]);
   __syncthreads();
 
   if (db32 && tid < kBN && v0 + tid < V) {  // column sums of dZ (as rounded to T)

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "tokenkernels/kcenter.h"
+#include "tokenkernels/convert.cuh"
 #include "tokenkernels/reduce.cuh"
 
 namespace tokenkernels {
@@ -213,14 +214,7 @@ struct StreamState {
   int64_t nblk;
 };
 
-template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+using tokenkernels::dev::to_f;
 
 // One block per item: outputs padding, mind initialisation and the first pick.
 __global__ void __launch_bounds__(1024) stream_init_kernel(Problem p, const float* __restrict__ nn_key,
@@ -291,7 +285,7 @@ __global__ void __launch_bounds__(256) stream_step_kernel(Problem p, const T* __
     if (m != -INFINITY && is_valid(p, b, j, L)) {
       const T* xj = x + (b * N + j) * D;
       float acc = 0.0f;
-      for (int64_t d = lane; d < D; d += 32) acc = fmaf(to_f32(xj[d]), to_f32(xp[d]), acc);
+      for (int64_t d = lane; d < D; d += 32) acc = fmaf(to_f(xj[d]), to_f(xp[d]), acc);
       acc = warp_sum_f(acc);
       m = fminf(m, key_from_gram(p.metric, acc, ap, p.aux[b * N + j]));
       if (lane == 0) ws.mind[b * N + j] = m;

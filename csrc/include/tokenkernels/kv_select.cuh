@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "tokenkernels/kv_select.h"
+#include "tokenkernels/convert.cuh"
 #include "tokenkernels/reduce.cuh"
 
 namespace tokenkernels {
@@ -26,13 +27,8 @@ constexpr int kMaxD = 256;                 // head_dim limit of the CUDA kernels
 constexpr int kRegsPerLane = kMaxD / 32;   // key elements a lane holds
 constexpr int kMaxG = 16;                  // q-heads per KV head limit (GQA group)
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using tokenkernels::dev::from_f;
+using tokenkernels::dev::to_f;
 
 __device__ __forceinline__ float warp_max_f(float v) {
 #pragma unroll

@@ -18,18 +18,14 @@
 
 #include "tokenkernels/reduce.cuh"
 #include "tokenkernels/tree.h"
+#include "tokenkernels/convert.cuh"
 
 namespace tokenkernels {
 namespace tree {
 namespace device {
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using tokenkernels::dev::from_f;
+using tokenkernels::dev::to_f;
 
 // Prefix length of request b clamped to what the cache can hold in front of its L tree tokens
 // (prefix_lens are not validated on CUDA, which would need a host sync; this keeps reads in
