@@ -13,6 +13,8 @@ from tokenkernels.integrations.transformers import (apply_visual_token_pruning,
                                                     remove_visual_token_pruning,
                                                     visual_pruning_stats)
 
+from tokenkernels.integrations._hf_common import cache_of, forward_cache_name
+
 from .hf_models import IMAGE_TOKEN, IMAGE_TOKENS, llava, llava_batch, llava_next, llava_next_batch
 
 NEW = 5
@@ -87,7 +89,8 @@ def _hand_pruned_generation(model, ids, am, feats, picks, n=NEW):
             logits.append(out.logits[0, -1])
             t = out.logits[:, -1].argmax(-1)
             toks.append(int(t))
-            out = model(input_ids=t[None], past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=t[None], use_cache=True,
+                        **{forward_cache_name(type(model).forward): cache_of(out)})
         outs.append((toks, torch.stack(logits)))
     return outs
 

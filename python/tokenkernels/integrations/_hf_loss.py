@@ -24,8 +24,9 @@ from typing import Optional, Union
 
 import torch
 
-from ._hf_common import (current_forward, model_type, require_transformers, restore_forward,
-                         slice_hidden, wants_tuple)
+from ._hf_common import (cache_of, current_forward, forward_cache_name, model_type,
+                         output_cache_field, require_transformers, restore_forward, slice_hidden,
+                         wants_tuple)
 
 # model_type -> where the softcap lives (None: no final-logit softcapping)
 SUPPORTED_LOSS_MODELS = {
@@ -65,8 +66,11 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                     past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                     _cache_positional=None, inputs_embeds=None, labels=None, use_cache=None,
                      logits_to_keep=0, **kwargs):
+    # The KV cache comes as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (older) and
+    # stays in kwargs under the caller's name; a positional one (HF's 4th parameter) is passed
+    # on under the name the decoder takes.
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from ..ops.cross_entropy import linear_cross_entropy
@@ -80,9 +84,11 @@ def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     ignore_index = kwargs.pop("ignore_index", -100)
     shift_labels = kwargs.pop("shift_labels", None)
 
+    if _cache_positional is not None:
+        kwargs[forward_cache_name(self.model.forward)] = _cache_positional
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         position_ids=position_ids, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     hidden = slice_hidden(hidden, logits_to_keep)
 
@@ -109,9 +115,9 @@ def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=Non
         logits = _logits(self, hidden)
 
     out = CausalLMOutputWithPast(loss=loss, logits=logits,
-                                 past_key_values=getattr(outputs, "past_key_values", None),
                                  hidden_states=getattr(outputs, "hidden_states", None),
-                                 attentions=getattr(outputs, "attentions", None))
+                                 attentions=getattr(outputs, "attentions", None),
+                                 **{output_cache_field(CausalLMOutputWithPast): cache_of(outputs)})
     return out.to_tuple() if wants_tuple(self, return_dict) else out
 
 

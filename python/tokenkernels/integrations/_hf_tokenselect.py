@@ -26,6 +26,9 @@ import torch
 from ._hf_common import require_transformers
 
 NAME = "tokenselect"
+# keywords with which HF's paged / continuous-batching path (packed varlen queries) calls an
+# attention function: ``cache`` (<= 5.23), ``read_index``/``write_index``, ``cu_seq_lens_q``
+_PAGED_KWARGS = ("cache", "read_index", "write_index", "cu_seq_lens_q")
 _ATTR = "_tokenkernels_tokenselect"
 
 
@@ -93,7 +96,8 @@ def tokenselect_attention_forward(module, query, key, value, attention_mask, dro
     sparse = (st is not None and q_len == 1 and N > max(st.sparse_min_len, 0)
               and not (dropout > 0.0 and module.training)
               and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
-              and kwargs.get("cache") is None and value.shape[-1] == D
+              and not any(kwargs.get(name) is not None for name in _PAGED_KWARGS)
+              and value.shape[-1] == D
               and not kwargs.get("output_attentions", False))
     if not sparse:
         if st is not None:

@@ -30,7 +30,8 @@ from typing import List, Optional
 
 import torch
 
-from ._hf_common import current_forward, model_type, require_transformers, restore_forward
+from ._hf_common import (cache_from_kwargs, cache_of, current_forward, forward_cache_name,
+                         model_type, require_transformers, restore_forward)
 
 SUPPORTED_VISUAL_MODELS = ("llava", "llava_next")
 _ATTR = "_tokenkernels_visual_pruning"
@@ -225,9 +226,14 @@ def _map_decode(st: _VisualPruning, past_key_values, input_ids, inputs_embeds, a
 
 
 def _pruned_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                    past_key_values=None, inputs_embeds=None, labels=None, logits_to_keep=0,
+                    _cache_positional=None, inputs_embeds=None, labels=None, logits_to_keep=0,
                     image_sizes=None, mm_encoder_outputs=None, **kwargs):
     st: _VisualPruning = getattr(self, _ATTR)
+    # The KV cache arrives as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (older):
+    # it stays in kwargs under the caller's name and is only read here.
+    if _cache_positional is not None:
+        kwargs[forward_cache_name(type(self).forward)] = _cache_positional
+    past_key_values = cache_from_kwargs(kwargs)
     original = st.original_forward if st.original_forward is not None else \
         types.MethodType(type(self).forward, self)
     has_images = pixel_values is not None or (mm_encoder_outputs is not None
@@ -237,9 +243,8 @@ def _pruned_forward(self, input_ids=None, pixel_values=None, attention_mask=None
                                      labels, image_sizes, mm_encoder_outputs, kwargs)
         for key in ("vision_feature_layer", "vision_feature_select_strategy"):
             kwargs.pop(key, None)
-        out = original(input_ids=None, past_key_values=past_key_values,
-                       logits_to_keep=logits_to_keep, **extra, **kwargs)
-        cache = getattr(out, "past_key_values", None)
+        out = original(input_ids=None, logits_to_keep=logits_to_keep, **extra, **kwargs)
+        cache = cache_of(out)
         st.prompt.cache_ref = weakref.ref(cache) if cache is not None else None
         if hasattr(out, "image_hidden_states"):
             out.image_hidden_states = kept_feats
@@ -252,8 +257,8 @@ def _pruned_forward(self, input_ids=None, pixel_values=None, attention_mask=None
     elif past_key_values is None or past_key_values.get_seq_length() == 0:
         st.prompt = None                                            # a text-only prefill
     return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                    logits_to_keep=logits_to_keep, image_sizes=image_sizes, **kwargs)
+                    inputs_embeds=inputs_embeds, labels=labels, logits_to_keep=logits_to_keep,
+                    image_sizes=image_sizes, **kwargs)
 
 
 def apply_visual_token_pruning(model: torch.nn.Module, *, keep: Optional[float] = 0.098,
