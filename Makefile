@@ -1,42 +1,47 @@
 # tokenkernels — the two commands a fresh machine needs:
-#   make bench   install what is missing, build, print the benchmark table (GPU when present)
-#   make test    install what is missing, build, run every test, and (where nvcc exists) the
+#   make bench   set up the environment, build, print the quick benchmark table of every family
+#                (GPU when present; FULL=1 for the full run)
+#   make test    set up the environment, build, run every test, and (where nvcc exists) the
 #                CUDA compile-and-link check for sm_80 + sm_90a
+#
+# The environment (tools/env.py): a project-local .venv with exactly requirements/lock.txt
+# (torch 2.13.0 CPU, transformers, pytest, ...), seeing none of the machine's packages; on a
+# machine whose python3 already holds a CUDA torch, that interpreter is used as it is and only
+# missing requirements are installed. Nothing is fetched when everything is installed.
 PYTHON  ?= python3
-PIP     := $(PYTHON) -m pip
+ENV_PY  := $(shell $(PYTHON) tools/env.py python)
+ENV_BIN := $(dir $(ENV_PY))
 NVCC    := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-CUTLASS := nvidia-cutlass==4.2.0.0
-TORCH   := torch==2.13.0
-TRANSFORMERS := transformers>=5.23,<6
 BUILD   ?= build
 JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
+# the environment's tools (cmake, ninja from the lock) come first
+export PATH := $(ENV_BIN):$(PATH)
 
-.PHONY: all deps build test pytest cuda-check bench bench-cpp clean
+.PHONY: all deps env-check lock build test pytest cuda-check bench bench-cpp clean distclean
 
 all: test
 
-# Install only what is missing: a CUDA torch already on the machine is kept as it is.
 deps:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH)
-	@$(PYTHON) -c "import pytest, hypothesis, numpy, ninja, matplotlib, setuptools, wheel" 2>/dev/null || \
-		$(PIP) install -q pytest hypothesis numpy ninja matplotlib "setuptools>=64" wheel
-	@command -v cmake >/dev/null 2>&1 || $(PIP) install -q "cmake>=3.18"
-	@$(PYTHON) -c "import sys, transformers as t; v = tuple(int(x) for x in t.__version__.split('.')[:2]); sys.exit(not (5, 23) <= v < (6, 0))" 2>/dev/null || \
-		$(PIP) install -q "$(TRANSFORMERS)"
-	@if [ -n "$(NVCC)" ]; then $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)" \
-		|| $(PIP) install -q --no-deps $(CUTLASS); fi
+	@$(PYTHON) tools/env.py ensure
+
+env-check:
+	@$(PYTHON) tools/env.py check
+
+# Re-resolve requirements/direct.txt into requirements/lock.txt (needs the package index).
+lock:
+	$(PYTHON) tools/env.py lock
 
 build: deps
-	MAX_JOBS=$(JOBS) $(PIP) install -q -e . --no-build-isolation --no-deps
+	MAX_JOBS=$(JOBS) $(ENV_PY) -m pip install -q -e . --no-build-isolation --no-deps
 
 pytest: build
-	$(PYTHON) -m pytest tests -q
+	$(ENV_PY) -m pytest tests -q
 
 # Compile every .cu for sm_80 and sm_90a and link them with the CUDA adapters and the CPU
 # objects into one shared library with --no-undefined. Needs nvcc, not a GPU or a CUDA torch.
 cuda-check: deps
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: no nvcc on this machine, skipped"; exit 0; fi; \
-	cmake -S . -B $(BUILD)/cuda-check -G Ninja -DPython3_EXECUTABLE=$$(command -v $(PYTHON)) \
+	cmake -S . -B $(BUILD)/cuda-check -G Ninja -DPython3_EXECUTABLE=$(ENV_PY) \
 		-DCMAKE_CUDA_COMPILER=$(NVCC) -DTOKENKERNELS_CUDA=OFF -DTOKENKERNELS_CUDA_CHECK=ON \
 		-DTOKENKERNELS_BENCH=OFF -DTOKENKERNELS_CUDA_ARCHS="80;90a" >/dev/null && \
 	cmake --build $(BUILD)/cuda-check --target tokenkernels_cuda_check -j $(JOBS) && \
@@ -44,11 +49,15 @@ cuda-check: deps
 
 test: pytest cuda-check
 
+# quick table of every family (~2 min on 2 CPU cores); FULL=1: the full run (~20 min)
 bench: build
-	$(PYTHON) -m tokenkernels.bench
+	$(ENV_PY) -m tokenkernels.bench $(if $(FULL),--full,)
 
 bench-cpp: build
-	$(PYTHON) -m tokenkernels._bench_bin
+	$(ENV_PY) -m tokenkernels._bench_bin
 
 clean:
 	rm -rf $(BUILD) python/tokenkernels/_C*.so python/tokenkernels/_bin *.egg-info python/*.egg-info
+
+distclean: clean
+	rm -rf .venv
