@@ -8,7 +8,7 @@
 * :func:`apply_visual_token_pruning` / :func:`remove_visual_token_pruning`: DivPrune (kcenter)
   or MMTok (coverage) pruning of LLaVA / LLaVA-NeXT image tokens before the language model.
 
-Tested with transformers 5.23 (the pinned range is ``transformers>=5.23,<6``).
+Supported: transformers ``>=5.17,<6`` (tested with 5.17.0 and 5.24.0; see ``_hf_common``).
 """
 from ._hf_loss import SUPPORTED_LOSS_MODELS, patch_causal_lm_loss, unpatch_causal_lm_loss
 from ._hf_tokenselect import (disable_tokenselect_attention, enable_tokenselect_attention,
