@@ -159,6 +159,7 @@ def bench_tokenselect(ctx: Context, lines: List[str]) -> None:
 
     from ..integrations.transformers import (disable_tokenselect_attention,
                                              enable_tokenselect_attention, tokenselect_stats)
+    from ..integrations._hf_common import forward_cache_name
     from ..integrations._hf_tokenselect import tokenselect_attention_forward
 
     N, Hq, Hkv, D, layers, dt = _tokenselect_shape(ctx.quick, ctx.cuda)
@@ -178,9 +179,11 @@ def bench_tokenselect(ctx: Context, lines: List[str]) -> None:
     tok = torch.tensor([[7]], device=ctx.device)
     pos = torch.tensor([[N]], device=ctx.device)
 
+    cache_kw = forward_cache_name(model.forward)   # "cache" from transformers 5.24, "past_key_values" before
+
     def step():
         with torch.no_grad():
-            model(input_ids=tok, past_key_values=cache, position_ids=pos, use_cache=True)
+            model(input_ids=tok, position_ids=pos, use_cache=True, **{cache_kw: cache})
         cache.crop(-1)                 # back to N tokens (HF 5.x: negative = tokens to drop)
 
     budget = (128, 2048, 512)
