@@ -172,18 +172,18 @@ class _Clock:
 
 def test_estimate_weighted_by_family_costs():
     clock = _Clock()
-    p = Progress([("a", ["a1", "a2"]), ("b", ["b1"])], {"a": 1.0, "b": 2.0}, clock=clock)
-    assert p.total == 3 and p.left() == 4.0
-    assert p.start_line() == "3 cases in 2 families (a 2, b 1), expected ~4 s on a quiet 2-core CPU"
+    p = Progress([("a", ["a1", "a2"]), ("b", ["b1"])], {"a": 2.0, "b": 1.0}, clock=clock)
+    assert p.total == 3 and p.left() == 5.0
+    assert p.start_line() == "3 cases in 2 families (a 2, b 1), expected ~5 s on a quiet 2-core CPU"
     p.begin_family("a")
-    clock.t += 3.0                 # the machine runs 3x slower than the table
-    assert p.case_done() == ("[1/3]", "elapsed 3 s, ~9 s left")     # (1 + 2) x 3
-    clock.t += 3.0
-    assert p.case_done() == ("[2/3]", "elapsed 6 s, ~6 s left")     # 2 x 3
-    assert p.end_family() == "[a] 2 cases, 6 s"
+    clock.t += 4.0                 # the machine runs 2x slower than the table
+    assert p.case_done() == ("[1/3]", "elapsed 4 s, ~6 s left")     # (2 + 1) x 2
+    clock.t += 4.0
+    assert p.case_done() == ("[2/3]", "elapsed 8 s, ~2 s left")     # 1 x 2
+    assert p.end_family() == "[a] 2 cases, 8 s"
     p.begin_family("b")
-    clock.t += 6.0
-    assert p.case_done() == ("[3/3]", "elapsed 12 s, ~0 s left")
+    clock.t += 2.0
+    assert p.case_done() == ("[3/3]", "elapsed 10 s, ~0 s left")
 
 
 def test_estimate_without_typical_figures():
