@@ -222,3 +222,13 @@ def test_output_overrides_and_no_files(tmp_path):
     assert paths("--plot", "p.png") == ("latest_cpu_quick.csv", "p.png")
     assert paths("--no-files") == (None, None)
     assert paths("--no-files", "--csv", "a.csv") == ("a.csv", None)
+
+
+def test_progress_line_names_sub_case_rows(capsys):
+    ctx = Context(torch.device("cpu"), True, None)
+    ctx.total_cases = 1
+    ctx.add([bench.Row("x", "lce A", "tokenkernels", Timing(1.0, 1)),
+             bench.Row("x", "lce A fwd", "tokenkernels", Timing(0.5, 1))], 0.0)
+    line = capsys.readouterr().err
+    assert line.startswith("[1/1] lce A: tokenkernels 1.00 ms, tokenkernels (fwd) 0.500 ms  (")
+    assert ctx.case_labels == ["lce A"]

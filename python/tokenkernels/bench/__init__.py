@@ -312,7 +312,9 @@ class Context:
         self._case_no += 1
         self.rows.extend(rows)
         self.case_labels.append(rows[0].case)
-        parts = ", ".join(f"{r.impl} {fmt_ms(r.timing.ms)} ms" for r in rows)
+        head = rows[0].case   # rows of a sub-case ("<case> fwd") are named by their suffix
+        parts = ", ".join(f"{r.impl}{'' if r.case == head else ' (' + r.case[len(head):].strip() + ')'} "
+                          f"{fmt_ms(r.timing.ms)} ms" for r in rows)
         if self.progress is not None:
             tag, eta = self.progress.case_done()
             eta = f" | {eta}"
@@ -456,10 +458,12 @@ class LoadMeter:
     def other_cores(self) -> Optional[float]:
         """Average number of cores other processes kept busy since construction."""
         end = self._sample()
-        if self.start is None or end is None or end[0] <= self.start[0]:
+        # /proc/stat counts in clock ticks (10 ms): intervals shorter than a few ticks say nothing
+        if self.start is None or end is None or end[0] - self.start[0] < 0.05:
             return None
         wall = end[0] - self.start[0]
-        return max(0.0, ((end[1] - self.start[1]) - (end[2] - self.start[2])) / wall)
+        other = ((end[1] - self.start[1]) - (end[2] - self.start[2])) / wall
+        return min(float(os.cpu_count() or 1), max(0.0, other))
 
 
 def wait_for_idle(max_s: float) -> None:
