@@ -30,6 +30,24 @@ CUDA_SHAPES = [(8192, 2304, 256000), (4096, 4096, 128256)]
 CUDA_QUICK = [(2048, 2304, 65536)]
 
 
+def _specs(quick: bool, cuda: bool):
+    """(N, D, V, dtype) per case: CUDA bf16 only; CPU fp32 and bf16."""
+    if cuda:
+        shapes, dtypes = (CUDA_QUICK if quick else CUDA_SHAPES), [torch.bfloat16]
+    else:
+        shapes, dtypes = (CPU_QUICK if quick else CPU_SHAPES), [torch.float32, torch.bfloat16]
+    return [(N, D, V, dt) for (N, D, V) in shapes for dt in dtypes]
+
+
+def case_label(N: int, D: int, V: int, dtype: torch.dtype) -> str:
+    return f"lce N{N} D{D} V{V} {str(dtype).split('.')[-1]}"
+
+
+def cases(quick: bool, cuda: bool = False) -> List[str]:
+    """The case labels :func:`run` adds, in order (one progress line each: fwd+bwd and fwd)."""
+    return [case_label(*sp) for sp in _specs(quick, cuda)]
+
+
 def make_inputs(N: int, D: int, V: int, dtype: torch.dtype, device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, D, generator=g, dtype=dtype)          # drawn in dtype: no fp32 copy
@@ -125,54 +143,47 @@ def cpu_peak_extra(N, D, V, dtype, name) -> float:
 
 def run(ctx: Context) -> None:
     dev = ctx.device
-    if ctx.cuda:
-        shapes = CUDA_QUICK if ctx.quick else CUDA_SHAPES
-        dtypes = [torch.bfloat16]
-    else:
-        shapes = CPU_QUICK if ctx.quick else CPU_SHAPES
-        dtypes = [torch.float32, torch.bfloat16]
+    specs = _specs(ctx.quick, ctx.cuda)
     fns = impls(dev)
-    ctx.total_cases = len(shapes) * len(dtypes) * 2
+    ctx.total_cases = len(specs)
     lines = ["| case | impl | fwd+bwd ms | TFLOP/s (6NDV) | vs torch | fwd ms | peak extra MB | "
              "extra - grads MB | logits MB |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
-    for (N, D, V) in shapes:
-        for dt in dtypes:
-            h, w, t = make_inputs(N, D, V, dt, dev)
-            dname = str(dt).split(".")[-1]
-            case = f"lce N{N} D{D} V{V} {dname}"
-            flops = 6.0 * N * D * V
-            logits_mb = N * V * h.element_size() / 2**20
-            grads_mb = (N * D + V * D) * h.element_size() / 2**20
-            res: Dict[str, Tuple[float, float, float]] = {}
-            started = time.perf_counter()
-            rows: List[Row] = []
-            for name, fn in fns.items():
-                try:
-                    tb = ctx.time(_fwd_bwd(fn, h, w, t), slow=(name != "tokenkernels"))
-                    tf = ctx.time(_fwd(fn, h, w, t), slow=(name != "tokenkernels"))
-                except Exception as e:  # noqa: BLE001  (a peer failing must not stop the table)
-                    ctx.note(f"{case}: {name} failed: {type(e).__name__}: {e}")
-                    continue
-                if ctx.cuda:
-                    torch.cuda.reset_peak_memory_stats(dev)
-                    base = torch.cuda.memory_allocated(dev)
-                    _fwd_bwd(fn, h, w, t)()
-                    torch.cuda.synchronize(dev)
-                    h.grad = None
-                    w.grad = None
-                    peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-                else:
-                    peak = cpu_peak_extra(N, D, V, dt, name) / 2**20
-                res[name] = (tb.ms, tf.ms, peak)
-                rows.append(Row("cross_entropy", case, name, tb, work=flops))
-                rows.append(Row("cross_entropy", case + " fwd", name, tf, work=flops / 3))
-            ctx.add(rows, started)
-            t_ref = res.get("torch", (math.nan,))[0]
-            for name, (tb, tf, peak) in res.items():
-                tflops = flops / (tb * 1e-3) / 1e12 if tb else math.nan
-                lines.append(f"| {case} | {name} | {fmt_ms(tb)} | {tflops:.3f} | {fmt_x(t_ref / tb)} | "
-                             f"{fmt_ms(tf)} | {peak:.1f} | {peak - grads_mb:.1f} | {logits_mb:.0f} |")
-            del h, w, t
+    for (N, D, V, dt) in specs:
+        h, w, t = make_inputs(N, D, V, dt, dev)
+        case = case_label(N, D, V, dt)
+        flops = 6.0 * N * D * V
+        logits_mb = N * V * h.element_size() / 2**20
+        grads_mb = (N * D + V * D) * h.element_size() / 2**20
+        res: Dict[str, Tuple[float, float, float]] = {}
+        started = time.perf_counter()
+        rows: List[Row] = []
+        for name, fn in fns.items():
+            try:
+                tb = ctx.time(_fwd_bwd(fn, h, w, t), slow=(name != "tokenkernels"))
+                tf = ctx.time(_fwd(fn, h, w, t), slow=(name != "tokenkernels"))
+            except Exception as e:  # noqa: BLE001  (a peer failing must not stop the table)
+                ctx.note(f"{case}: {name} failed: {type(e).__name__}: {e}")
+                continue
+            if ctx.cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+                _fwd_bwd(fn, h, w, t)()
+                torch.cuda.synchronize(dev)
+                h.grad = None
+                w.grad = None
+                peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+            else:
+                peak = cpu_peak_extra(N, D, V, dt, name) / 2**20
+            res[name] = (tb.ms, tf.ms, peak)
+            rows.append(Row("cross_entropy", case, name, tb, work=flops))
+            rows.append(Row("cross_entropy", case + " fwd", name, tf, work=flops / 3))
+        ctx.add(rows, started)
+        t_ref = res.get("torch", (math.nan,))[0]
+        for name, (tb, tf, peak) in res.items():
+            tflops = flops / (tb * 1e-3) / 1e12 if tb else math.nan
+            lines.append(f"| {case} | {name} | {fmt_ms(tb)} | {tflops:.3f} | {fmt_x(t_ref / tb)} | "
+                         f"{fmt_ms(tf)} | {peak:.1f} | {peak - grads_mb:.1f} | {logits_mb:.0f} |")
+        del h, w, t
     ctx.note("\n".join(lines))
     ctx.note("vs torch = torch's fwd+bwd time / this one's (> 1: faster than torch). peak extra = "
              "peak allocation above the inputs during fwd+bwd (includes the returned gradients); "

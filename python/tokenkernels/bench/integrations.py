@@ -29,6 +29,40 @@ from . import Context, Row, fmt_ms, fmt_x
 DESCRIPTION = "HF transformers integrations: loss patch, TokenSelect decode, visual pruning (end to end)"
 
 
+# ------------------------------------------------------------------------------ cases
+def _loss_shape(quick: bool):
+    return (32000, 1, 256) if quick else (128256, 2, 512)        # V, B, L
+
+
+def _tokenselect_shape(quick: bool, cuda: bool):
+    N = 8192 if quick else 32768
+    return N, 32, 8, 128, 2, (torch.bfloat16 if cuda else torch.float32)   # N Hq Hkv D layers dtype
+
+
+def _visual_images(quick: bool) -> int:
+    return 2 if quick else 4
+
+
+VISUAL_TEXT = (16, 64)   # text tokens before each image, after the last one
+
+
+def loss_labels(quick: bool, cuda: bool) -> List[str]:
+    V, B, L = _loss_shape(quick)
+    return [f"train step llama D256 2L V{V} B{B} L{L}"]
+
+
+def tokenselect_labels(quick: bool, cuda: bool) -> List[str]:
+    N, Hq, Hkv, D, layers, dt = _tokenselect_shape(quick, cuda)
+    return [f"decode step llama {layers}L Hq{Hq} Hkv{Hkv} D{D} N{N} {str(dt).split('.')[-1]}",
+            f"attention call Hq{Hq} Hkv{Hkv} D{D} N{N}"]
+
+
+def visual_labels(quick: bool, cuda: bool) -> List[str]:
+    n_img = _visual_images(quick)
+    txt = VISUAL_TEXT[0] * n_img + VISUAL_TEXT[1]
+    return [f"llava prefill {n_img}x576 img + {txt} txt, LM D1024 4L"]
+
+
 def _quiet_transformers():
     import transformers
 
@@ -84,8 +118,8 @@ def _cpu_step_peak(V, B, L, patched) -> float:
 def bench_loss(ctx: Context, lines: List[str]) -> None:
     from ..integrations.transformers import patch_causal_lm_loss, unpatch_causal_lm_loss
 
-    V, B, L = (32000, 1, 256) if ctx.quick else (128256, 2, 512)
-    case = f"train step llama D256 2L V{V} B{B} L{L}"
+    V, B, L = _loss_shape(ctx.quick)
+    case, = loss_labels(ctx.quick, ctx.cuda)
     model = _loss_model(V, ctx.device)
     ids = torch.randint(0, V, (B, L), device=ctx.device)
 
@@ -125,11 +159,11 @@ def bench_tokenselect(ctx: Context, lines: List[str]) -> None:
 
     from ..integrations.transformers import (disable_tokenselect_attention,
                                              enable_tokenselect_attention, tokenselect_stats)
+    from ..integrations._hf_common import forward_cache_name
     from ..integrations._hf_tokenselect import tokenselect_attention_forward
 
-    N = 8192 if ctx.quick else 32768
-    Hq, Hkv, D, layers = 32, 8, 128, 2
-    dt = torch.bfloat16 if ctx.cuda else torch.float32
+    N, Hq, Hkv, D, layers, dt = _tokenselect_shape(ctx.quick, ctx.cuda)
+    case, case1 = tokenselect_labels(ctx.quick, ctx.cuda)
     torch.manual_seed(0)
     cfg = T.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024,
                         num_hidden_layers=layers, num_attention_heads=Hq, num_key_value_heads=Hkv,
@@ -145,13 +179,14 @@ def bench_tokenselect(ctx: Context, lines: List[str]) -> None:
     tok = torch.tensor([[7]], device=ctx.device)
     pos = torch.tensor([[N]], device=ctx.device)
 
+    cache_kw = forward_cache_name(model.forward)   # "cache" from transformers 5.24, "past_key_values" before
+
     def step():
         with torch.no_grad():
-            model(input_ids=tok, past_key_values=cache, position_ids=pos, use_cache=True)
+            model(input_ids=tok, position_ids=pos, use_cache=True, **{cache_kw: cache})
         cache.crop(-1)                 # back to N tokens (HF 5.x: negative = tokens to drop)
 
     budget = (128, 2048, 512)
-    case = f"decode step llama {layers}L Hq{Hq} Hkv{Hkv} D{D} N{N} {str(dt).split('.')[-1]}"
     started = time.perf_counter()
     rows, res = [], {}
     t = ctx.time(step)
@@ -176,7 +211,6 @@ def bench_tokenselect(ctx: Context, lines: List[str]) -> None:
     attn = model.model.layers[0].self_attn
     q = torch.randn(1, Hq, 1, D, generator=g).to(ctx.device, dt)
     key, value = cache.layers[0].keys, cache.layers[0].values
-    case1 = f"attention call Hq{Hq} Hkv{Hkv} D{D} N{N}"
     started = time.perf_counter()
     t_sdpa = ctx.time(lambda: sdpa_attention_forward(attn, q, key, value, None, scaling=D ** -0.5))
     # the fastest dense form on CPU: each KV head's G queries as rows of one head (what HF's
@@ -208,7 +242,7 @@ def bench_visual(ctx: Context, lines: List[str]) -> None:
     T = _quiet_transformers()
     from ..integrations.transformers import apply_visual_token_pruning, remove_visual_token_pruning
 
-    n_img = 2 if ctx.quick else 4
+    n_img = _visual_images(ctx.quick)
     vc = T.CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                             num_attention_heads=4, image_size=336, patch_size=14, projection_dim=256)
     tc = T.LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2816,
@@ -220,8 +254,8 @@ def bench_visual(ctx: Context, lines: List[str]) -> None:
     g = torch.Generator().manual_seed(0)
     parts = []
     for _ in range(n_img):
-        parts += [torch.randint(1, 1000, (16,), generator=g), torch.full((576,), 1000)]
-    parts.append(torch.randint(1, 1000, (64,), generator=g))
+        parts += [torch.randint(1, 1000, (VISUAL_TEXT[0],), generator=g), torch.full((576,), 1000)]
+    parts.append(torch.randint(1, 1000, (VISUAL_TEXT[1],), generator=g))
     ids = torch.cat(parts)[None].to(ctx.device)
     pix = torch.randn(n_img, 3, 336, 336, generator=g).to(ctx.device)
 
@@ -229,7 +263,8 @@ def bench_visual(ctx: Context, lines: List[str]) -> None:
         with torch.no_grad():
             model(input_ids=ids, pixel_values=pix, logits_to_keep=1, use_cache=True)
 
-    case = f"llava prefill {n_img}x576 img + {ids.shape[1] - 576 * n_img} txt, LM D1024 4L"
+    case, = visual_labels(ctx.quick, ctx.cuda)
+    assert f"+ {ids.shape[1] - 576 * n_img} txt" in case, case
     started = time.perf_counter()
     t0 = ctx.time(prefill)
     rows, res = [Row("integrations", case, "unpruned", t0)], {}
@@ -245,11 +280,21 @@ def bench_visual(ctx: Context, lines: List[str]) -> None:
                      f"{fmt_x(t0.ms / ms)} | - |")
 
 
+# (part, its case labels); a part that fails is noted and the others still run
+PARTS = ((bench_loss, loss_labels), (bench_tokenselect, tokenselect_labels),
+         (bench_visual, visual_labels))
+
+
+def cases(quick: bool, cuda: bool = False) -> List[str]:
+    """The case labels :func:`run` adds, in order (one progress line each)."""
+    return [label for _, labels in PARTS for label in labels(quick, cuda)]
+
+
 def run(ctx: Context) -> None:
-    ctx.total_cases = 4
+    ctx.total_cases = len(cases(ctx.quick, ctx.cuda))
     lines = ["| case | integration | HF ms | with tokenkernels ms | speed-up | peak memory HF -> ours |",
              "|---|---|--:|--:|--:|--:|"]
-    for fn in (bench_loss, bench_tokenselect, bench_visual):
+    for fn, _ in PARTS:
         try:
             fn(ctx, lines)
         except Exception as e:  # noqa: BLE001  (one part failing must not hide the others)

@@ -26,6 +26,26 @@ STARTS = ["isolated", "first"]
 COVERAGE = (50, 576, 56)   # text rows, vision tokens (rows and candidates), k
 
 
+def kcenter_label(start: str, B: int, N: int, k: int) -> str:
+    return f"kcenter {start} B{B} N{N} D{D} k{k}"
+
+
+def coverage_label() -> str:
+    T, V, k = COVERAGE
+    return f"coverage_select B1 M{T + V} N{V} k{k}"   # sim is (text + vision, vision)
+
+
+def _specs(quick: bool, cuda: bool):
+    """(start, B, N, k) per k-center case, then None for the coverage case; the same shapes in
+    quick and full runs (quick only times fewer repeats)."""
+    return [(start, B, N, k) for start in STARTS for B, N, k in SHAPES] + [None]
+
+
+def cases(quick: bool, cuda: bool = False) -> List[str]:
+    """The case labels :func:`run` adds, in order (one progress line each)."""
+    return [coverage_label() if sp is None else kcenter_label(*sp) for sp in _specs(quick, cuda)]
+
+
 def make_tokens(B: int, N: int, D: int, seed: int) -> torch.Tensor:
     """(B, N, D) fp32 on the CPU; same draws as make_tokens() in bench_kcenter.cpp."""
     torch.manual_seed(seed)
@@ -82,7 +102,7 @@ def _kcenter_case(ctx: Context, B: int, N: int, k: int, start: str, peers) -> Ti
     t_start = time.perf_counter()
     x = make_tokens(B, N, D, 1234 + N + B).to(ctx.device)
     xs = x[0] if B == 1 else x             # 2-D for a single item, as callers pass it
-    case = f"kcenter {start} B{B} N{N} D{D} k{k}"
+    case = kcenter_label(start, B, N, k)
     work = 2.0 * B * N * N * D if start == "isolated" else 2.0 * B * k * N * D
     gemm_flops = 2.0 * B * N * N * D
 
@@ -136,7 +156,8 @@ def _coverage_case(ctx: Context) -> None:
     emb = make_tokens(1, T + V, D, 99)
     sim = tokenkernels.mmtok_similarity(emb[:, :T], emb[:, T:])[0].to(ctx.device)   # (T+V, V)
     M, N = sim.shape
-    case = f"coverage_select B1 M{M} N{N} k{k}"
+    case = coverage_label()
+    assert (M, N) == (T + V, V), sim.shape
     work = float(M * N * 4)   # bytes of sim, read once
     picks_ref = ref.coverage_select(sim, k)
     out = tokenkernels.coverage_select(sim, k)
@@ -168,14 +189,17 @@ def _one_thread(ctx: Context, B: int, N: int, k: int, start: str) -> Optional[Ti
 
 def run(ctx: Context) -> None:
     peers, missing = _peers()
-    ctx.total_cases = len(SHAPES) * len(STARTS) + 1
+    specs = _specs(ctx.quick, ctx.cuda)
+    ctx.total_cases = len(specs)
     b1, b8 = {}, {}
-    for start in STARTS:
-        for B, N, k in SHAPES:
-            t = _kcenter_case(ctx, B, N, k, start, peers)
-            if N == 576:
-                (b1 if B == 1 else b8)[start] = t
-    _coverage_case(ctx)
+    for sp in specs:
+        if sp is None:
+            _coverage_case(ctx)
+            continue
+        start, B, N, k = sp
+        t = _kcenter_case(ctx, B, N, k, start, peers)
+        if N == 576:
+            (b1 if B == 1 else b8)[start] = t
     for start in STARTS:
         eight = 8 * b1[start].ms
         line = (f"batch scaling ({start}, N576 D{D} k56): batch 8 {b8[start].ms:.2f} ms vs "

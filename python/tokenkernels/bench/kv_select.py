@@ -25,6 +25,22 @@ H_Q, H_KV, D = 32, 8, 128
 N_SINK, TOP_K, N_LOCAL = 128, 2048, 512
 
 
+def _specs(quick: bool, cuda: bool):
+    """(dtype, N) per case."""
+    N = 8192 if quick else 32768
+    return [(torch.float32, N), (torch.bfloat16, N)]
+
+
+def case_label(dtype: torch.dtype, N: int) -> str:
+    dn = "fp32" if dtype == torch.float32 else "bf16"
+    return f"decode step {dn} N{N} H32/8 D128 k{N_SINK + TOP_K + N_LOCAL}"
+
+
+def cases(quick: bool, cuda: bool = False) -> List[str]:
+    """The case labels :func:`run` adds, in order (one progress line each)."""
+    return [case_label(*sp) for sp in _specs(quick, cuda)]
+
+
 def dense_decode(q, k, v):
     """Full decode attention with torch SDPA, enable_gqa: q (B, H_q, D) over every token of a
     (B, N, H_kv, D) cache (used on the gathered tokens too)."""
@@ -59,7 +75,6 @@ def torch_sparse_decode(q, k, v, idx):
 
 def _case(ctx: Context, dtype: torch.dtype, N: int) -> List[Row]:
     t0 = time.perf_counter()
-    dn = "fp32" if dtype == torch.float32 else "bf16"
     torch.manual_seed(7)
     k = torch.randn(1, N, H_KV, D, dtype=dtype, device=ctx.device)
     v = torch.randn(1, N, H_KV, D, dtype=dtype, device=ctx.device)
@@ -70,7 +85,7 @@ def _case(ctx: Context, dtype: torch.dtype, N: int) -> List[Row]:
     W = N_SINK + TOP_K + N_LOCAL
     sel_bytes = 2.0 * W * H_KV * D * elt
     k_bytes = float(N * H_KV * D * elt)
-    case = f"decode step {dn} N{N} H32/8 D128 k{W}"
+    case = case_label(dtype, N)
     idx = kv.select(q, k, sl, k=TOP_K, n_sink=N_SINK, n_local=N_LOCAL, check=False)
     ti = torch_select(q, k, N)
     agree = "equal" if torch.equal(idx.long(), ti) else "differ (ties)"
@@ -122,7 +137,7 @@ def _case(ctx: Context, dtype: torch.dtype, N: int) -> List[Row]:
 
 
 def run(ctx: Context) -> None:
-    N = 8192 if ctx.quick else 32768
-    ctx.total_cases = 2
-    for dtype in (torch.float32, torch.bfloat16):
+    specs = _specs(ctx.quick, ctx.cuda)
+    ctx.total_cases = len(specs)
+    for dtype, N in specs:
         _case(ctx, dtype, N)

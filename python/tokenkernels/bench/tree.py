@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import List
 
 import torch
 
@@ -27,6 +28,33 @@ MEDUSA_63 = [[0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 
              [0, 0, 0, 0], [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9],
              [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0],
              [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]]
+
+
+HQ, HKV, HD = 32, 8, 128      # Llama-3-8B attention heads
+VERIFY_B = (1, 16)
+SAMPLING_B, SAMPLING_V = 4, 32000
+ATTN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _builds(quick: bool):
+    """(B, n) of the build cases."""
+    return [(1, 64), (1, 256)] if quick else [(1, 64), (1, 256), (1, 1024), (16, 256)]
+
+
+def _prefixes(quick: bool):
+    return [1024] if quick else [4096]
+
+
+def attention_label(prefix: int, dtype: torch.dtype) -> str:
+    return f"attention medusa63 prefix{prefix} B1 Hq{HQ} Hkv{HKV} D{HD} {str(dtype)[6:]}"
+
+
+def cases(quick: bool, cuda: bool = False) -> List[str]:
+    """The case labels :func:`run` adds, in order (one progress line each)."""
+    return ([f"build B{B} n{n}" for B, n in _builds(quick)]
+            + [f"verify_greedy medusa63 B{B}" for B in VERIFY_B]
+            + [f"verify_sampling medusa63 B{SAMPLING_B} V{SAMPLING_V}"]
+            + [attention_label(p, dt) for p in _prefixes(quick) for dt in ATTN_DTYPES])
 
 
 def random_parents(B: int, n: int, seed: int) -> torch.Tensor:
@@ -57,9 +85,10 @@ def _ratio_note(rows, what: str) -> str:
 def run(ctx: Context) -> None:
     dev = ctx.device
     quick = ctx.quick
+    ctx.total_cases = len(cases(quick, ctx.cuda))
 
     # ---- build
-    for B, n in ([(1, 64), (1, 256)] if quick else [(1, 64), (1, 256), (1, 1024), (16, 256)]):
+    for B, n in _builds(quick):
         par = random_parents(B, n, seed=n + B).to(dev)
         t0 = tk.tree.build(par)
         md, ml = t0.max_depth, t0.paths.shape[1]
@@ -73,7 +102,7 @@ def run(ctx: Context) -> None:
 
     # ---- verify
     medusa = tk.tree.from_paths(MEDUSA_63)
-    for B in (1, 16):
+    for B in VERIFY_B:
         par = medusa[None].expand(B, 64).contiguous().to(dev)
         tree = tk.tree.build(par)
         g = torch.Generator().manual_seed(B)
@@ -85,8 +114,8 @@ def run(ctx: Context) -> None:
              True),
         ])
         ctx.note(_ratio_note(rows, f"verify_greedy B{B}"))
-    V = 32000
-    B = 4
+    V = SAMPLING_V
+    B = SAMPLING_B
     par = medusa[None].expand(B, 64).contiguous().to(dev)
     tree = tk.tree.build(par)
     g = torch.Generator().manual_seed(0)
@@ -103,11 +132,10 @@ def run(ctx: Context) -> None:
     ctx.note(_ratio_note(rows, f"verify_sampling B{B} V{V}"))
 
     # ---- attention: 64-node tree over a long prefix, Llama-3-8B heads
-    Hq, Hkv, D = 32, 8, 128
+    Hq, Hkv, D = HQ, HKV, HD
     n = 64
-    prefixes = [1024] if quick else [4096]
-    for prefix in prefixes:
-        for dtype in (torch.float32, torch.bfloat16):
+    for prefix in _prefixes(quick):
+        for dtype in ATTN_DTYPES:
             B = 1
             tree = tk.tree.build(medusa[None].to(dev))
             g = torch.Generator().manual_seed(prefix)
@@ -122,7 +150,7 @@ def run(ctx: Context) -> None:
             out = torch.empty_like(q)
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             kv_bytes = 2 * N * Hkv * D * q.element_size()
-            rows = _rows(ctx, f"attention medusa63 prefix{prefix} B{B} Hq{Hq} Hkv{Hkv} D{D} {str(dtype)[6:]}", [
+            rows = _rows(ctx, attention_label(prefix, dtype), [
                 ("tokenkernels", lambda: tk.tree.attention(q, k, v, P, tree, out=out), False),
                 ("tokenkernels_paged16", lambda: tk.tree.attention(q, kp, vp, P, tree, block_table=table), False),
                 ("sdpa_dense_mask", lambda: ref.attention_sdpa(q, k, v, P, tree.mask), False),

@@ -1,0 +1,234 @@
+"""The benchmark CLI (python -m tokenkernels.bench): quick by default, --full, the case plan
+every family exposes (and runs exactly), the time-left estimate, and the default output files."""
+import csv
+import math
+import re
+
+import pytest
+import torch
+
+from tokenkernels import bench
+from tokenkernels.bench import Context, Progress, Timing, fmt_duration
+
+# Cases per family on CPU: the quick run (the default) and --full.
+EXPECTED = {
+    "quick": {"cross_entropy": 2, "integrations": 4, "kcenter": 7, "kv_select": 2, "tree": 7},
+    "full": {"cross_entropy": 4, "integrations": 4, "kcenter": 7, "kv_select": 2, "tree": 9},
+}
+PROGRESS = re.compile(r"^\[(\d+)/(\d+)\] (.+?): .*\| elapsed .+, ~.+ left$")
+
+
+# ------------------------------------------------------------------------------ arguments
+def test_default_is_quick():
+    a = bench.parse_args([])
+    assert a.quick is True and a.family == "all" and a.no_files is False
+
+
+def test_full_flag():
+    assert bench.parse_args(["--full"]).quick is False
+
+
+def test_quick_is_an_alias_of_the_default():
+    assert bench.parse_args(["--quick"]).quick is True
+    assert vars(bench.parse_args(["--quick"])) == vars(bench.parse_args([]))
+
+
+def test_quick_and_full_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--full"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ case plan
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_case_counts(mode):
+    quick = mode == "quick"
+    p = bench.plan(sorted(bench.FAMILIES), quick)
+    assert {f: len(c) for f, c in p} == EXPECTED[mode]
+    for f, labels in p:
+        assert len(set(labels)) == len(labels), f"{f}: duplicate case labels {labels}"
+    prog = Progress(p, bench.CASE_SECONDS[mode])
+    assert prog.total == sum(EXPECTED[mode].values())
+    assert prog.start_line().startswith(f"{prog.total} cases in 5 families")
+    assert "expected ~" in prog.start_line()
+    assert set(bench.CASE_SECONDS[mode]) == set(bench.FAMILIES)
+
+
+def test_case_counts_cuda():
+    # cross_entropy runs bf16 only on CUDA; the other families do the same cases
+    assert len(bench.family_cases("cross_entropy", True, cuda=True)) == 1
+    assert len(bench.family_cases("cross_entropy", False, cuda=True)) == 2
+    for f in ("integrations", "kcenter", "kv_select", "tree"):
+        assert len(bench.family_cases(f, True, cuda=True)) == EXPECTED["quick"][f]
+
+
+class _NoTiming(Context):
+    """Runs a family's code without timing anything (each measurement: 1 ms, not called)."""
+
+    def time(self, fn, slow=False):
+        return Timing(1.0, 1, math.nan)
+
+
+def _run_untimed(name, quick=True):
+    mod = __import__(bench.FAMILIES[name], fromlist=["run"])
+    labels = bench.family_cases(name, quick)
+    prog = Progress([(name, labels)], {name: 1.0})
+    ctx = _NoTiming(torch.device("cpu"), quick, None, progress=prog)
+    prog.begin_family(name)
+    mod.run(ctx)
+    line = prog.end_family()
+    assert line.startswith(f"[{name}] {len(labels)} cases, "), line   # none skipped or extra
+    return labels, ctx
+
+
+def test_kcenter_runs_its_listed_cases(monkeypatch):
+    from tokenkernels.bench import kcenter
+
+    # same structure, small features: the listed labels follow the constants
+    monkeypatch.setattr(kcenter, "D", 64)
+    monkeypatch.setattr(kcenter, "SHAPES", [(1, 576, 8), (8, 576, 8)])
+    monkeypatch.setattr(kcenter, "COVERAGE", (10, 576, 8))
+    labels, ctx = _run_untimed("kcenter")
+    assert len(labels) == 5
+    assert ctx.case_labels == labels
+    assert [r.case for r in ctx.rows if r.impl == "tokenkernels"] == labels
+
+
+def test_cross_entropy_runs_its_listed_cases(monkeypatch):
+    from tokenkernels.bench import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "cpu_peak_extra", lambda *a: 0.0)   # no subprocess
+    monkeypatch.setattr(cross_entropy, "CPU_QUICK", [(64, 32, 1000)])
+    labels, ctx = _run_untimed("cross_entropy")
+    assert labels == ["lce N64 D32 V1000 float32", "lce N64 D32 V1000 bfloat16"]
+    assert ctx.case_labels == labels
+
+
+def test_integrations_failed_part_is_counted_as_skipped(monkeypatch):
+    from tokenkernels.bench import integrations
+
+    def broken(ctx, lines):
+        raise RuntimeError("no model here")
+
+    def one(ctx, lines):
+        ctx.add([bench.Row("integrations", integrations.loss_labels(ctx.quick, ctx.cuda)[0], "hf",
+                           Timing(1.0, 1))], 0.0)
+
+    parts = ((one, integrations.loss_labels), (broken, integrations.tokenselect_labels),
+             (broken, integrations.visual_labels))
+    monkeypatch.setattr(integrations, "PARTS", parts)
+    prog = Progress([("integrations", integrations.cases(True)), ("tree", ["t"])], None)
+    ctx = Context(torch.device("cpu"), True, None, progress=prog)
+    prog.begin_family("integrations")
+    integrations.run(ctx)
+    assert ctx.case_labels == integrations.loss_labels(True, False)
+    assert "1 of 4 cases ran (3 skipped)" in prog.end_family()
+    assert prog.done == 4 and prog.total == 5
+    assert any("no model here" in n for n in ctx.notes)
+
+
+@pytest.mark.parametrize("family", ["tree", "kv_select"])
+def test_progress_lines_and_files_of_a_real_run(family, capsys, tmp_path, monkeypatch):
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--family", family, "--repeats", "1"]) == 0
+    out, err = capsys.readouterr()
+    labels = bench.family_cases(family, True)
+    lines = [m for m in map(PROGRESS.match, err.splitlines()) if m]
+    assert [m.group(3) for m in lines] == labels
+    assert [int(m.group(1)) for m in lines] == list(range(1, len(labels) + 1))
+    assert {int(m.group(2)) for m in lines} == {len(labels)}
+    assert f"quick run, {len(labels)} cases in 1 families ({family} {len(labels)})" in err
+    assert re.search(rf"done, {len(labels)} cases, total wall time \d+ s", err)
+    assert re.search(r"^wall time: .+ import to last table", out, re.M)
+    # files: the default names, and every table row in the CSV
+    csv_path = tmp_path / "bench" / "results" / f"latest_cpu_quick_{family}.csv"
+    png_path = csv_path.with_suffix(".png")
+    assert f"wrote {csv_path.relative_to(tmp_path)}" in err
+    assert png_path.stat().st_size > 1000
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows if r["impl"].startswith("tokenkernels")][:1] == labels[:1]
+    assert sorted({r["case"] for r in rows}) == sorted(labels)
+
+
+# ------------------------------------------------------------------------------ estimate
+@pytest.mark.parametrize("s, text", [
+    (0, "0 s"), (0.4, "0 s"), (48, "48 s"), (59.6, "1 min"), (60, "1 min"), (70, "1 min 10 s"),
+    (599, "9 min 59 s"), (630, "11 min"), (3599, "1 h"), (3725, "1 h 2 min"), (-3, "0 s"),
+    (math.nan, "?"), (None, "?"), (math.inf, "?"),
+])
+def test_fmt_duration(s, text):
+    assert fmt_duration(s) == text
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_estimate_weighted_by_family_costs():
+    clock = _Clock()
+    p = Progress([("a", ["a1", "a2"]), ("b", ["b1"])], {"a": 2.0, "b": 1.0}, clock=clock)
+    assert p.total == 3 and p.left() == 5.0
+    assert p.start_line() == "3 cases in 2 families (a 2, b 1), expected ~5 s on a quiet 2-core CPU"
+    p.begin_family("a")
+    clock.t += 4.0                 # the machine runs 2x slower than the table
+    assert p.case_done() == ("[1/3]", "elapsed 4 s, ~6 s left")     # (2 + 1) x 2
+    clock.t += 4.0
+    assert p.case_done() == ("[2/3]", "elapsed 8 s, ~2 s left")     # 1 x 2
+    assert p.end_family() == "[a] 2 cases, 8 s"
+    p.begin_family("b")
+    clock.t += 2.0
+    assert p.case_done() == ("[3/3]", "elapsed 10 s, ~0 s left")
+
+
+def test_estimate_without_typical_figures():
+    clock = _Clock()
+    p = Progress([("x", ["1", "2", "3", "4"])], None, clock=clock)
+    assert math.isnan(p.left()) and "expected" not in p.start_line()
+    p.begin_family("x")
+    clock.t += 10.0
+    assert p.case_done() == ("[1/4]", "elapsed 10 s, ~30 s left")   # per finished case
+    # relative weights only (e.g. --repeats): no expected total up front
+    assert "expected" not in Progress([("x", ["1"])], {"x": 5.0}, absolute=False).start_line()
+
+
+# ------------------------------------------------------------------------------ output files
+def test_default_outputs_in_bench_results(tmp_path):
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    cpu = torch.device("cpu")
+    assert bench.default_outputs(cpu, True, cwd=str(tmp_path)) == (
+        "bench/results/latest_cpu_quick.csv", "bench/results/latest_cpu_quick.png")
+    assert bench.default_outputs(torch.device("cuda", 0), False, cwd=str(tmp_path)) == (
+        "bench/results/latest_cuda_full.csv", "bench/results/latest_cuda_full.png")
+    assert bench.default_outputs(cpu, True, "kcenter", cwd=str(tmp_path))[0] == \
+        "bench/results/latest_cpu_quick_kcenter.csv"
+
+
+def test_default_outputs_without_bench_results(tmp_path):
+    assert bench.default_outputs(torch.device("cpu"), False, cwd=str(tmp_path)) == (
+        "latest_cpu_full.csv", "latest_cpu_full.png")
+
+
+def test_output_overrides_and_no_files(tmp_path):
+    cpu = torch.device("cpu")
+    paths = lambda *argv: bench.output_paths(bench.parse_args(list(argv)), cpu, cwd=str(tmp_path))  # noqa: E731
+    assert paths() == ("latest_cpu_quick.csv", "latest_cpu_quick.png")
+    assert paths("--full", "--csv", "a.csv") == ("a.csv", "latest_cpu_full.png")
+    assert paths("--plot", "p.png") == ("latest_cpu_quick.csv", "p.png")
+    assert paths("--no-files") == (None, None)
+    assert paths("--no-files", "--csv", "a.csv") == ("a.csv", None)
+
+
+def test_progress_line_names_sub_case_rows(capsys):
+    ctx = Context(torch.device("cpu"), True, None)
+    ctx.total_cases = 1
+    ctx.add([bench.Row("x", "lce A", "tokenkernels", Timing(1.0, 1)),
+             bench.Row("x", "lce A fwd", "tokenkernels", Timing(0.5, 1))], 0.0)
+    line = capsys.readouterr().err
+    assert line.startswith("[1/1] lce A: tokenkernels 1.00 ms, tokenkernels (fwd) 0.500 ms  (")
+    assert ctx.case_labels == ["lce A"]
