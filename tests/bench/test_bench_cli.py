@@ -232,3 +232,8 @@ def test_progress_line_names_sub_case_rows(capsys):
     line = capsys.readouterr().err
     assert line.startswith("[1/1] lce A: tokenkernels 1.00 ms, tokenkernels (fwd) 0.500 ms  (")
     assert ctx.case_labels == ["lce A"]
+
+
+def test_device_defaults_to_auto():
+    assert bench.parse_args([]).device == "auto"
+    assert bench.parse_args(["--device", "cpu"]).device == "cpu"

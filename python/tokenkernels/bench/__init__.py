@@ -524,7 +524,9 @@ def output_paths(args: argparse.Namespace, device: torch.device,
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tokenkernels.bench", description=__doc__.split("\n")[0])
     p.add_argument("--family", default="all", help=f"one of {sorted(FAMILIES)} or 'all' (default)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda when a GPU and a CUDA build of tokenkernels are present, "
+                        "else cpu), cpu or cuda[:i]")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--full", dest="quick", action="store_false",
                       help="the full run: larger shapes, more repeats (~12-20 min on a 2-core CPU)")
@@ -557,6 +559,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     import tokenkernels
 
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() and tokenkernels.cuda_available() else "cpu"
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
