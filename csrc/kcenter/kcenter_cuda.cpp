@@ -100,7 +100,9 @@ std::tuple<at::Tensor, at::Tensor> kcenter_cuda(const at::Tensor& x_in, int64_t 
     at::Tensor nn;
     if (isolated) {
       nn = at::empty({B, N}, f32);
-      const int64_t rows = std::max<int64_t>(1, kSlabBytes / (N * int64_t(sizeof(float))));
+      // (N = 0: no rows, no slab; max(N, 1) only keeps the division defined)
+      const int64_t rows =
+          std::max<int64_t>(1, kSlabBytes / (std::max<int64_t>(N, 1) * int64_t(sizeof(float))));
       for (int64_t b = 0; b < B; ++b) {
         Problem pb = p;
         pb.B = 1;

@@ -80,6 +80,8 @@ cudaError_t launch_greedy_streaming(const Problem& p, const void* x, DType dtype
       p, nn_key, start, k, k_per_item, idx, radii, ws);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
+  // N = 0: the init padded every output and there is nothing to pick (and no block to launch).
+  if (ws.nblk == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(ws.nblk), static_cast<unsigned>(p.B));
   for (int64_t s = 1; s < k; ++s) {   // one launch per pick; the picks stay on the device
     switch (dtype) {

@@ -28,6 +28,12 @@ __device__ __forceinline__ int64_t item_length(const Problem& p, int64_t b) {
 __device__ __forceinline__ bool is_valid(const Problem& p, int64_t b, int64_t j, int64_t L) {
   return j < L && !(p.exclude && p.exclude[b * p.N + j]);
 }
+// True when an arg-max over the packed keys found nothing pickable: either no key took part
+// (N = 0: the max stayed at its identity kPackedMin, whose value decodes to NaN and whose
+// index to 2^32 - 1) or every token is selected / invalid (-inf).
+__device__ __forceinline__ bool nothing_to_pick(unsigned long long best) {
+  return best == kPackedMin || packed_value(best) == -INFINITY;
+}
 __device__ __forceinline__ int64_t item_k(int64_t k, const int64_t* k_per_item, int64_t b) {
   if (!k_per_item) return k;
   const int64_t kb = k_per_item[b];
@@ -101,7 +107,7 @@ __global__ void __launch_bounds__(1024) greedy_gram_plain_kernel(
     best = key > best ? key : best;
   }
   best = block_max_u64(best, red);   // its barriers also order mind[] before later reads
-  if (kb == 0 || packed_value(best) == -INFINITY) return;
+  if (kb == 0 || nothing_to_pick(best)) return;
   int64_t pick = packed_index(best);
   float rad = INFINITY;   // radius of the current pick
   if (!start && packed_value(best) != INFINITY) rad = dist_from_key(p.metric, packed_value(best));
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(1024) greedy_gram_plain_kernel(
       local = key > local ? key : local;
     }
     const unsigned long long top = block_max_u64(local, red);
-    if (packed_value(top) == -INFINITY) break;   // nothing left (only without `check`)
+    if (nothing_to_pick(top)) break;   // nothing left (only without `check`)
     pick = packed_index(top);
     rad = dist_from_key(p.metric, packed_value(top));
   }
@@ -168,7 +174,7 @@ __global__ void __launch_bounds__(1024) greedy_gram_reg_kernel(
   }
   best = block_max_u64_db(best, red[0]);
   int buf = 1;
-  if (kb == 0 || packed_value(best) == -INFINITY) return;
+  if (kb == 0 || nothing_to_pick(best)) return;
   int64_t pick = packed_index(best);
   float rad = INFINITY;
   if (!start && packed_value(best) != INFINITY) rad = dist_from_key(p.metric, packed_value(best));
@@ -197,7 +203,7 @@ __global__ void __launch_bounds__(1024) greedy_gram_reg_kernel(
     }
     const unsigned long long top = block_max_u64_db(local, red[buf]);
     buf ^= 1;
-    if (packed_value(top) == -INFINITY) break;
+    if (nothing_to_pick(top)) break;
     pick = packed_index(top);
     rad = dist_from_key(p.metric, packed_value(top));
   }
@@ -242,7 +248,7 @@ __global__ void __launch_bounds__(1024) stream_init_kernel(Problem p, const floa
   best = block_max_u64(best, red);
   if (threadIdx.x == 0) {
     ws.counter[b] = 0;
-    if (kb == 0 || packed_value(best) == -INFINITY) {
+    if (kb == 0 || nothing_to_pick(best)) {
       ws.pick[b] = -1;
     } else {
       const int64_t pick = packed_index(best);
@@ -313,7 +319,7 @@ __global__ void __launch_bounds__(256) stream_step_kernel(Problem p, const T* __
   best = block_max_u64(best, red);
   if (threadIdx.x == 0) {
     ws.counter[b] = 0;
-    if (packed_value(best) == -INFINITY) {
+    if (nothing_to_pick(best)) {
       ws.pick[b] = -1;
     } else {
       const int64_t pick = packed_index(best);
@@ -361,7 +367,7 @@ __global__ void __launch_bounds__(512) coverage_kernel(const float* __restrict__
       local = key > local ? key : local;
     }
     const unsigned long long top = block_max_u64(local, red);
-    if (top == kPackedMin || packed_value(top) == -INFINITY) break;
+    if (nothing_to_pick(top)) break;
     const int64_t pick = packed_index(top);
     if (threadIdx.x == 0) {
       idx[b * k + s] = pick;
