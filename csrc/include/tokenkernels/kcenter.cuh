@@ -1,7 +1,8 @@
 // kcenter family: CUDA device code (torch-free). Launchers: csrc/kcenter/kcenter_kernels.cu.
 //
 // Indexing conventions (all kernels):
-//   item b = blockIdx.y (row kernels) or blockIdx.x (one-block-per-item kernels)
+//   item b = b0 + blockIdx.y (row kernels: the launcher covers B in chunks of at most
+//   kMaxGridY items, so any B launches) or blockIdx.x (one-block-per-item kernels)
 //   token j in [0, N); valid(b, j) = j < lengths[b] && !exclude[b*N + j]
 //   Gram value of (i, j) of item b: gram[b*batch_stride + (i - row0)*ld + j]
 //   "mind" = running minimum key to the selected set; -inf marks selected or invalid tokens.
@@ -41,11 +42,12 @@ __device__ __forceinline__ int64_t item_k(int64_t k, const int64_t* k_per_item, 
 }
 
 // ---------------------------------------------------------------- nearest-neighbour keys
-// One warp per row. grid = (ceil(rows / warps_per_block), B); launched with 256 threads.
+// One warp per row. grid = (ceil(rows / warps_per_block), items b0 .. b0 + gridDim.y - 1);
+// launched with 256 threads.
 __global__ void __launch_bounds__(256) nn_keys_kernel(Problem p, const float* __restrict__ gram, int64_t row0,
                                int64_t rows, int64_t ld, int64_t batch_stride,
-                               float* __restrict__ nn_key) {
-  const int64_t b = blockIdx.y;
+                               float* __restrict__ nn_key, int64_t b0) {
+  const int64_t b = b0 + blockIdx.y;
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * warps + warp;
   if (r >= rows) return;
@@ -265,17 +267,18 @@ __global__ void __launch_bounds__(1024) stream_init_kernel(Problem p, const floa
   }
 }
 
-// Step s (1 <= s < k): grid = (nblk, B). Each block computes the distance of the current pick
-// to its tokens (one warp per token, dot product over D from x), updates mind and writes its
-// arg-max; the last block of the item to finish reduces the partials and makes pick s.
+// Step s (1 <= s < k): grid = (nblk, items b0 .. b0 + gridDim.y - 1), nblk >= 1. Each block
+// computes the distance of the current pick to its tokens (one warp per token, dot product
+// over D from x), updates mind and writes its arg-max; the last block of the item to finish
+// reduces the partials and makes pick s.
 template <typename T>
 __global__ void __launch_bounds__(256) stream_step_kernel(Problem p, const T* __restrict__ x, int64_t D, int64_t step,
                                    int64_t k, const int64_t* __restrict__ k_per_item,
                                    int64_t* __restrict__ idx, float* __restrict__ radii,
-                                   StreamState ws, int tokens_per_block) {
+                                   StreamState ws, int tokens_per_block, int64_t b0) {
   __shared__ unsigned long long red[32];
   __shared__ bool is_last;
-  const int64_t b = blockIdx.y, N = p.N;
+  const int64_t b = b0 + blockIdx.y, N = p.N;
   const int64_t cur = ws.pick[b];
   if (cur < 0 || step >= item_k(k, k_per_item, b)) return;   // uniform over the item's blocks
   const int64_t L = item_length(p, b);
