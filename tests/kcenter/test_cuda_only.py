@@ -1,18 +1,27 @@
 """CUDA-only properties of the kcenter family (skipped without CUDA):
 
-* batches beyond the 65535 limit of gridDim.y (row kernels are launched in chunks of items).
+* batches beyond the 65535 limit of gridDim.y (row kernels are launched in chunks of items);
+* fp32 inputs get an IEEE fp32 Gram whatever the global TF32 / matmul-precision setting.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 import tokenkernels as tk
+from tokenkernels.reference import kcenter as ref
 
 from ..conftest import HAS_CUDA
 from .oracle import replay_kcenter
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+
+TINY = 1e-6
 
 
 # ------------------------------------------------------------------------------ B > 65535
@@ -37,3 +46,67 @@ def test_batch_beyond_grid_y_limit(impl, start):
     rep = (b % R).cuda()
     assert torch.equal(idx, idx[rep]), "items past 65535 differ from their identical twins"
     assert torch.equal(rad, rad[rep])
+
+
+# ------------------------------------------------------------------------------ TF32
+def _radii_errors(rad, r_rad, t_rad):
+    fin = torch.isfinite(t_rad)
+    t = t_rad.double()[fin]
+    return ((rad.cpu().double()[fin] - t).abs().max().item(),
+            (r_rad.double()[fin] - t).abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["plain", "tuned", "stream"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("mode", ["allow_tf32", "precision_high"])
+def test_fp32_gram_ignores_global_tf32(impl, metric, mode):
+    """With TF32 allowed globally, cuBLAS would round the fp32 Gram's inputs to 10 mantissa bits
+    (distances ~1e-3 off for l2 here, ~2e-5 for cosine): the kernel's radii must stay as close to
+    the fp64 truth as the fp32 reference's, and the user's setting must survive the call."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 257, 512, generator=g)
+    k = 40
+    # CPU references first, under the default precision
+    r_idx, r_rad = ref.kcenter(x, k, metric=metric, return_radii=True)
+    t_idx, t_rad = ref.kcenter(x, k, metric=metric, return_radii=True, dtype=torch.float64)
+    assert torch.equal(r_idx, t_idx), "data must be tie-free for this test"
+    before = torch.get_float32_matmul_precision()
+    try:
+        if mode == "allow_tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            torch.set_float32_matmul_precision("high")
+        idx, rad = tk.kcenter(x.cuda(), k, metric=metric, impl=impl, return_radii=True)
+        torch.cuda.synchronize()
+        assert torch.backends.cuda.matmul.allow_tf32 is True, "the TF32 setting leaked"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(idx.cpu(), t_idx)
+    e_k, e_r = _radii_errors(rad, r_rad, t_rad)
+    assert e_k <= e_r + TINY, (e_k, e_r)
+
+
+def test_fp32_gram_ignores_tf32_env_override():
+    """TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (read once at start-up) turns TF32 on for every fp32
+    cuBLAS GEMM; the kcenter Gram must stay IEEE fp32 (checked in a fresh process)."""
+    script = textwrap.dedent("""
+        import torch, tokenkernels as tk
+        from tokenkernels.reference import kcenter as ref
+        assert torch.backends.cuda.matmul.allow_tf32, "the override did not take effect"
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(2, 257, 512, generator=g)
+        t_idx, t_rad = ref.kcenter(x, 30, metric="l2", return_radii=True, dtype=torch.float64)
+        r_idx, r_rad = ref.kcenter(x, 30, metric="l2", return_radii=True)
+        idx, rad = tk.kcenter(x.cuda(), 30, metric="l2", return_radii=True)
+        fin = torch.isfinite(t_rad)
+        e_k = (rad.cpu().double()[fin] - t_rad[fin]).abs().max().item()
+        e_r = (r_rad.double()[fin] - t_rad[fin]).abs().max().item()
+        assert torch.equal(idx.cpu(), t_idx), "picks differ from the fp64 truth"
+        assert e_k <= e_r + 1e-6, (e_k, e_r)
+        print("ok")
+    """)
+    env = dict(os.environ, TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
