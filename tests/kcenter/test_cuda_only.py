@@ -1,7 +1,9 @@
 """CUDA-only properties of the kcenter family (skipped without CUDA):
 
 * batches beyond the 65535 limit of gridDim.y (row kernels are launched in chunks of items);
-* fp32 inputs get an IEEE fp32 Gram whatever the global TF32 / matmul-precision setting.
+* fp32 inputs get an IEEE fp32 Gram whatever the global TF32 / matmul-precision setting;
+* every hot path is free of host syncs with ``check=False`` (under
+  ``torch.cuda.set_sync_debug_mode("error")``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .oracle import replay_kcenter
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
 
+IMPLS = ["auto", "plain", "tuned", "stream"]
 TINY = 1e-6
 
 
@@ -110,3 +113,59 @@ def test_fp32_gram_ignores_tf32_env_override():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------------ no host syncs
+def _hot_calls():
+    """Every kcenter-family entry point, called the sync-free way: check=False, k a Python int
+    (or a device tensor with k_max=), every tensor argument on the device."""
+    dev = "cuda"
+    g = torch.Generator().manual_seed(5)
+    B, N, D = 3, 200, 32
+    x32 = torch.randn(B, N, D, generator=g).to(dev)
+    xbf = x32.to(torch.bfloat16)
+    lengths = torch.tensor([200, 150, 77], device=dev)
+    exclude = (torch.rand(B, N, generator=g) < 0.1).to(dev)
+    kk = torch.tensor([20, 10, 5], device=dev)
+    k0 = torch.tensor(7, device=dev)
+    start_idx = torch.tensor([3, 1, 2], device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    text = torch.randn(B, 16, D, generator=g).to(dev)
+    tl = torch.tensor([16, 8, 0], device=dev)
+    calls = []
+    for impl in IMPLS:
+        for x in (x32, xbf):
+            for start in ("isolated", "first", "random", start_idx, 2):
+                calls.append(lambda x=x, s=start, i=impl: tk.kcenter(
+                    x, 10, start=s, impl=i, check=False, generator=gen))
+            calls.append(lambda x=x, i=impl: tk.kcenter(
+                x, kk, k_max=20, lengths=lengths, exclude=exclude, metric="l2", start="first",
+                sorted=True, return_radii=True, impl=i, check=False))
+            calls.append(lambda x=x, i=impl: tk.kcenter(
+                x, k0, k_max=7, lengths=lengths, exclude=exclude, start="random", generator=gen,
+                return_radii=True, impl=i, check=False))
+        calls.append(lambda i=impl: tk.kcenter(x32[0], 5, exclude=exclude[0], impl=i, check=False))
+    sim = tk.mmtok_similarity(text, x32, text_lengths=tl, vision_lengths=lengths)
+    calls.append(lambda: tk.mmtok_similarity(text, x32, text_lengths=tl, vision_lengths=lengths))
+    calls.append(lambda: tk.coverage_select(sim, 10, lengths=lengths, row_lengths=tl + N,
+                                            exclude=exclude, return_gains=True, check=False))
+    calls.append(lambda: tk.coverage_select(sim, kk, k_max=20, check=False))
+    calls.append(lambda: tk.coverage_select(sim[0].to(torch.bfloat16), 4, check=False))
+    return calls, x32
+
+
+def test_check_false_paths_are_sync_free():
+    calls, x = _hot_calls()
+    for c in calls:       # warm-up: lazy cuBLAS handles, allocator, generator state
+        c()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for c in calls:
+            c()
+        # the control: check=True (the default) does sync, so the mode is really on
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            tk.kcenter(x, 10)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -252,6 +252,23 @@ def test_per_item_k_tensor(device, start):
     check_sorted_matches(s_idx, s_rad, idx, rad)
 
 
+def test_zero_dim_k_tensor_with_k_max(device):
+    """A 0-d k tensor with k_max= is one k for every item and stays on the device (no host
+    sync): the output is k_max wide, padded with -1 past k."""
+    x, _ = make_x(2, 12, 5, torch.float32, seed=3, device=device)
+    k0 = torch.tensor(3, device=device)
+    idx, rad = tk.kcenter(x, k0, k_max=5, return_radii=True)
+    a_idx, a_rad = tk.kcenter(x, 3, return_radii=True)
+    assert idx.shape == (2, 5)
+    assert torch.equal(idx[:, :3], a_idx) and torch.equal(rad[:, :3], a_rad)
+    assert (idx[:, 3:] == -1).all() and torch.isnan(rad[:, 3:]).all()
+    assert tk.kcenter(x, k0).shape == (2, 3)                  # without k_max: k itself
+    sim = torch.rand(2, 6, 12, generator=torch.Generator().manual_seed(0)).to(device)
+    c = tk.coverage_select(sim, k0, k_max=4)
+    assert c.shape == (2, 4) and torch.equal(c[:, :3], tk.coverage_select(sim, 3))
+    assert (c[:, 3] == -1).all()
+
+
 def test_k_zero(device):
     x, _ = make_x(3, 9, 5, torch.float32, seed=0, device=device)
     for start in ("isolated", "first", "random"):
