@@ -27,10 +27,22 @@ DType to_dtype(at::ScalarType t) {
 }
 
 // x (.., n, D) @ y(.., m, D)^T in fp32 (fp32 accumulate; fp16/bf16 inputs stay on tensor cores).
+// fp32 inputs get an IEEE fp32 GEMM whatever the global matmul precision says
+// (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision("high"/"medium"),
+// fp32_precision = "tf32", TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1): TF32 would move distances by
+// ~1e-3 and change picks. at::NoTF32Guard is thread-local and restores on scope exit: GEMMs
+// of other threads keep the user's setting, and nothing leaks past this call. (ATen's cuBLAS
+// path, the default, honours it; with torch.backends.cuda.preferred_blas_library("cublaslt")
+// ATen's cuBLASLt path reads only the global setting - see README, kcenter.)
 at::Tensor gram_fp32(const at::Tensor& a, const at::Tensor& b) {
   const bool lowp = a.scalar_type() != at::kFloat;
-  if (a.dim() == 3) return lowp ? at::bmm(a, b.transpose(1, 2), at::kFloat) : at::bmm(a, b.transpose(1, 2));
-  return lowp ? at::mm(a, b.t(), at::kFloat) : at::mm(a, b.t());
+  if (lowp) {
+    if (a.dim() == 3) return at::bmm(a, b.transpose(1, 2), at::kFloat);
+    return at::mm(a, b.t(), at::kFloat);
+  }
+  at::NoTF32Guard ieee_fp32;
+  if (a.dim() == 3) return at::bmm(a, b.transpose(1, 2));
+  return at::mm(a, b.t());
 }
 
 // Sort each row's picks ascending, -1 padding last; radii follow.
@@ -100,7 +112,9 @@ std::tuple<at::Tensor, at::Tensor> kcenter_cuda(const at::Tensor& x_in, int64_t 
     at::Tensor nn;
     if (isolated) {
       nn = at::empty({B, N}, f32);
-      const int64_t rows = std::max<int64_t>(1, kSlabBytes / (N * int64_t(sizeof(float))));
+      // (N = 0: no rows, no slab; max(N, 1) only keeps the division defined)
+      const int64_t rows =
+          std::max<int64_t>(1, kSlabBytes / (std::max<int64_t>(N, 1) * int64_t(sizeof(float))));
       for (int64_t b = 0; b < B; ++b) {
         Problem pb = p;
         pb.B = 1;

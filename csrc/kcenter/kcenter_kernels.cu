@@ -13,6 +13,9 @@ constexpr int kGreedyThreads = 1024;      // one block per item
 constexpr int kStreamThreads = 256;       // 8 warps
 constexpr int kStreamTokensPerBlock = 64; // 8 tokens per warp per step
 constexpr int kCoverageThreads = 512;
+// gridDim.y (and z) is limited to 65535: kernels that put items on y are launched once per
+// chunk of at most this many items (with the chunk's first item b0), so any B works.
+constexpr int64_t kMaxGridY = 65535;
 
 int64_t stream_blocks(int64_t N) { return (N + kStreamTokensPerBlock - 1) / kStreamTokensPerBlock; }
 size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
@@ -22,10 +25,15 @@ cudaError_t launch_nn_keys(const Problem& p, const float* gram, int64_t row0, in
                            int64_t ld, int64_t batch_stride, float* nn_key, cudaStream_t stream) {
   if (p.B == 0 || rows == 0) return cudaSuccess;
   const int warps = kRowThreads / 32;
-  dim3 grid(static_cast<unsigned>((rows + warps - 1) / warps), static_cast<unsigned>(p.B));
-  device::nn_keys_kernel<<<grid, kRowThreads, 0, stream>>>(p, gram, row0, rows, ld, batch_stride,
-                                                            nn_key);
-  return cudaGetLastError();
+  for (int64_t b0 = 0; b0 < p.B; b0 += kMaxGridY) {
+    dim3 grid(static_cast<unsigned>((rows + warps - 1) / warps),
+              static_cast<unsigned>(std::min(kMaxGridY, p.B - b0)));
+    device::nn_keys_kernel<<<grid, kRowThreads, 0, stream>>>(p, gram, row0, rows, ld,
+                                                              batch_stride, nn_key, b0);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t launch_greedy_gram(const Problem& p, const float* gram, const float* nn_key,
@@ -80,27 +88,32 @@ cudaError_t launch_greedy_streaming(const Problem& p, const void* x, DType dtype
       p, nn_key, start, k, k_per_item, idx, radii, ws);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  dim3 grid(static_cast<unsigned>(ws.nblk), static_cast<unsigned>(p.B));
+  // N = 0: the init padded every output and there is nothing to pick (and no block to launch).
+  if (ws.nblk == 0) return cudaSuccess;
   for (int64_t s = 1; s < k; ++s) {   // one launch per pick; the picks stay on the device
-    switch (dtype) {
-      case DType::kFloat32:
-        device::stream_step_kernel<float><<<grid, kStreamThreads, 0, stream>>>(
-            p, static_cast<const float*>(x), D, s, k, k_per_item, idx, radii, ws,
-            kStreamTokensPerBlock);
-        break;
-      case DType::kFloat16:
-        device::stream_step_kernel<__half><<<grid, kStreamThreads, 0, stream>>>(
-            p, static_cast<const __half*>(x), D, s, k, k_per_item, idx, radii, ws,
-            kStreamTokensPerBlock);
-        break;
-      case DType::kBFloat16:
-        device::stream_step_kernel<__nv_bfloat16><<<grid, kStreamThreads, 0, stream>>>(
-            p, static_cast<const __nv_bfloat16*>(x), D, s, k, k_per_item, idx, radii, ws,
-            kStreamTokensPerBlock);
-        break;
+    for (int64_t b0 = 0; b0 < p.B; b0 += kMaxGridY) {
+      dim3 grid(static_cast<unsigned>(ws.nblk),
+                static_cast<unsigned>(std::min(kMaxGridY, p.B - b0)));
+      switch (dtype) {
+        case DType::kFloat32:
+          device::stream_step_kernel<float><<<grid, kStreamThreads, 0, stream>>>(
+              p, static_cast<const float*>(x), D, s, k, k_per_item, idx, radii, ws,
+              kStreamTokensPerBlock, b0);
+          break;
+        case DType::kFloat16:
+          device::stream_step_kernel<__half><<<grid, kStreamThreads, 0, stream>>>(
+              p, static_cast<const __half*>(x), D, s, k, k_per_item, idx, radii, ws,
+              kStreamTokensPerBlock, b0);
+          break;
+        case DType::kBFloat16:
+          device::stream_step_kernel<__nv_bfloat16><<<grid, kStreamThreads, 0, stream>>>(
+              p, static_cast<const __nv_bfloat16*>(x), D, s, k, k_per_item, idx, radii, ws,
+              kStreamTokensPerBlock, b0);
+          break;
+      }
+      e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
     }
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }

@@ -35,7 +35,10 @@ def split_k(k: IntOrTensor, B: int, device: torch.device, op: str,
     if k.dtype.is_floating_point or k.dtype == torch.bool:
         raise TypeError(f"tokenkernels.{op}: k must be an integer tensor, got {k.dtype}")
     if k.dim() == 0:
-        return split_k(int(k), B, device, op, k_max)
+        if k_max is None:
+            return split_k(int(k), B, device, op, k_max)
+        # with k_max given, a 0-d tensor stays on its device (no host sync): one k for every item
+        k = k.reshape(1).expand(B)
     if k.shape != (B,):
         raise ValueError(f"tokenkernels.{op}: k must be an int or have shape ({B},), got {tuple(k.shape)}")
     k = k.to(device=device, dtype=torch.long)

@@ -252,6 +252,23 @@ def test_per_item_k_tensor(device, start):
     check_sorted_matches(s_idx, s_rad, idx, rad)
 
 
+def test_zero_dim_k_tensor_with_k_max(device):
+    """A 0-d k tensor with k_max= is one k for every item and stays on the device (no host
+    sync): the output is k_max wide, padded with -1 past k."""
+    x, _ = make_x(2, 12, 5, torch.float32, seed=3, device=device)
+    k0 = torch.tensor(3, device=device)
+    idx, rad = tk.kcenter(x, k0, k_max=5, return_radii=True)
+    a_idx, a_rad = tk.kcenter(x, 3, return_radii=True)
+    assert idx.shape == (2, 5)
+    assert torch.equal(idx[:, :3], a_idx) and torch.equal(rad[:, :3], a_rad)
+    assert (idx[:, 3:] == -1).all() and torch.isnan(rad[:, 3:]).all()
+    assert tk.kcenter(x, k0).shape == (2, 3)                  # without k_max: k itself
+    sim = torch.rand(2, 6, 12, generator=torch.Generator().manual_seed(0)).to(device)
+    c = tk.coverage_select(sim, k0, k_max=4)
+    assert c.shape == (2, 4) and torch.equal(c[:, :3], tk.coverage_select(sim, 3))
+    assert (c[:, 3] == -1).all()
+
+
 def test_k_zero(device):
     x, _ = make_x(3, 9, 5, torch.float32, seed=0, device=device)
     for start in ("isolated", "first", "random"):
@@ -303,6 +320,43 @@ def test_empty_shapes(device):
     assert tk.kcenter(x, 0).shape == (2, 0)
     x = torch.randn(0, 5, 4, device=device)
     assert tk.kcenter(x, 2).shape == (0, 2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("start", ["isolated", "first", "random", "index"])
+def test_no_tokens_k_positive_check_false(device, impl, start):
+    """N = 0 with k > 0 and check=False: every output is -1 / NaN on every path. (On CUDA the
+    arg-max over no tokens stays at the packed minimum, whose index decodes to 2^32 - 1: the
+    kernels must treat it as "nothing to pick", like coverage_select does, instead of writing
+    the running minimum / reading the Gram at that index, and the streaming path must not
+    launch a step with no blocks.)"""
+    for D in (4, 0):
+        x = torch.randn(3, 0, D, device=device)
+        exclude = torch.zeros(3, 0, dtype=torch.bool, device=device)
+        start_arg = torch.zeros(3, dtype=torch.long, device=device) if start == "index" else start
+        for kw in (dict(), dict(exclude=exclude),
+                   dict(lengths=torch.tensor([0, 2, 5], device=device))):
+            idx, rad = tk.kcenter(x, 4, start=start_arg, check=False, impl=impl, return_radii=True,
+                                  generator=gen(device, 0), **kw)
+            assert idx.shape == (3, 4) and rad.shape == (3, 4)
+            assert (idx == -1).all() and torch.isnan(rad).all()
+        kk = torch.tensor([2, 0, 3], device=device)
+        idx, rad = tk.kcenter(x, kk, k_max=5, start=start_arg, check=False, impl=impl,
+                              return_radii=True, sorted=True, generator=gen(device, 0))
+        assert idx.shape == (3, 5) and (idx == -1).all() and torch.isnan(rad).all()
+        i1 = tk.kcenter(x[0], 2, start=start_arg if start != "index" else 0, check=False,
+                        impl=impl, generator=gen(device, 0))
+        assert i1.cpu().tolist() == [-1, -1]
+    # with check=True the same call is an error that names the problem, on CPU and CUDA alike
+    with pytest.raises(RuntimeError, match="exceeds the number of valid tokens"):
+        tk.kcenter(torch.randn(2, 0, 4, device=device), 1)
+
+
+def test_coverage_no_candidates_check_false(device):
+    """coverage_select with N = 0 candidates and k > 0, check=False: all -1 / NaN."""
+    sim = torch.rand(2, 5, 0, device=device)
+    idx, gains = tk.coverage_select(sim, 3, check=False, return_gains=True)
+    assert idx.shape == (2, 3) and (idx == -1).all() and torch.isnan(gains).all()
 
 
 @pytest.mark.parametrize("metric", METRICS)

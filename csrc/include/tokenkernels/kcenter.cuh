@@ -1,7 +1,8 @@
 // kcenter family: CUDA device code (torch-free). Launchers: csrc/kcenter/kcenter_kernels.cu.
 //
 // Indexing conventions (all kernels):
-//   item b = blockIdx.y (row kernels) or blockIdx.x (one-block-per-item kernels)
+//   item b = b0 + blockIdx.y (row kernels: the launcher covers B in chunks of at most
+//   kMaxGridY items, so any B launches) or blockIdx.x (one-block-per-item kernels)
 //   token j in [0, N); valid(b, j) = j < lengths[b] && !exclude[b*N + j]
 //   Gram value of (i, j) of item b: gram[b*batch_stride + (i - row0)*ld + j]
 //   "mind" = running minimum key to the selected set; -inf marks selected or invalid tokens.
@@ -28,6 +29,12 @@ __device__ __forceinline__ int64_t item_length(const Problem& p, int64_t b) {
 __device__ __forceinline__ bool is_valid(const Problem& p, int64_t b, int64_t j, int64_t L) {
   return j < L && !(p.exclude && p.exclude[b * p.N + j]);
 }
+// True when an arg-max over the packed keys found nothing pickable: either no key took part
+// (N = 0: the max stayed at its identity kPackedMin, whose value decodes to NaN and whose
+// index to 2^32 - 1) or every token is selected / invalid (-inf).
+__device__ __forceinline__ bool nothing_to_pick(unsigned long long best) {
+  return best == kPackedMin || packed_value(best) == -INFINITY;
+}
 __device__ __forceinline__ int64_t item_k(int64_t k, const int64_t* k_per_item, int64_t b) {
   if (!k_per_item) return k;
   const int64_t kb = k_per_item[b];
@@ -35,11 +42,12 @@ __device__ __forceinline__ int64_t item_k(int64_t k, const int64_t* k_per_item, 
 }
 
 // ---------------------------------------------------------------- nearest-neighbour keys
-// One warp per row. grid = (ceil(rows / warps_per_block), B); launched with 256 threads.
+// One warp per row. grid = (ceil(rows / warps_per_block), items b0 .. b0 + gridDim.y - 1);
+// launched with 256 threads.
 __global__ void __launch_bounds__(256) nn_keys_kernel(Problem p, const float* __restrict__ gram, int64_t row0,
                                int64_t rows, int64_t ld, int64_t batch_stride,
-                               float* __restrict__ nn_key) {
-  const int64_t b = blockIdx.y;
+                               float* __restrict__ nn_key, int64_t b0) {
+  const int64_t b = b0 + blockIdx.y;
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * warps + warp;
   if (r >= rows) return;
@@ -101,7 +109,7 @@ __global__ void __launch_bounds__(1024) greedy_gram_plain_kernel(
     best = key > best ? key : best;
   }
   best = block_max_u64(best, red);   // its barriers also order mind[] before later reads
-  if (kb == 0 || packed_value(best) == -INFINITY) return;
+  if (kb == 0 || nothing_to_pick(best)) return;
   int64_t pick = packed_index(best);
   float rad = INFINITY;   // radius of the current pick
   if (!start && packed_value(best) != INFINITY) rad = dist_from_key(p.metric, packed_value(best));
@@ -124,7 +132,7 @@ __global__ void __launch_bounds__(1024) greedy_gram_plain_kernel(
       local = key > local ? key : local;
     }
     const unsigned long long top = block_max_u64(local, red);
-    if (packed_value(top) == -INFINITY) break;   // nothing left (only without `check`)
+    if (nothing_to_pick(top)) break;   // nothing left (only without `check`)
     pick = packed_index(top);
     rad = dist_from_key(p.metric, packed_value(top));
   }
@@ -168,7 +176,7 @@ __global__ void __launch_bounds__(1024) greedy_gram_reg_kernel(
   }
   best = block_max_u64_db(best, red[0]);
   int buf = 1;
-  if (kb == 0 || packed_value(best) == -INFINITY) return;
+  if (kb == 0 || nothing_to_pick(best)) return;
   int64_t pick = packed_index(best);
   float rad = INFINITY;
   if (!start && packed_value(best) != INFINITY) rad = dist_from_key(p.metric, packed_value(best));
@@ -197,7 +205,7 @@ __global__ void __launch_bounds__(1024) greedy_gram_reg_kernel(
     }
     const unsigned long long top = block_max_u64_db(local, red[buf]);
     buf ^= 1;
-    if (packed_value(top) == -INFINITY) break;
+    if (nothing_to_pick(top)) break;
     pick = packed_index(top);
     rad = dist_from_key(p.metric, packed_value(top));
   }
@@ -242,7 +250,7 @@ __global__ void __launch_bounds__(1024) stream_init_kernel(Problem p, const floa
   best = block_max_u64(best, red);
   if (threadIdx.x == 0) {
     ws.counter[b] = 0;
-    if (kb == 0 || packed_value(best) == -INFINITY) {
+    if (kb == 0 || nothing_to_pick(best)) {
       ws.pick[b] = -1;
     } else {
       const int64_t pick = packed_index(best);
@@ -259,17 +267,18 @@ __global__ void __launch_bounds__(1024) stream_init_kernel(Problem p, const floa
   }
 }
 
-// Step s (1 <= s < k): grid = (nblk, B). Each block computes the distance of the current pick
-// to its tokens (one warp per token, dot product over D from x), updates mind and writes its
-// arg-max; the last block of the item to finish reduces the partials and makes pick s.
+// Step s (1 <= s < k): grid = (nblk, items b0 .. b0 + gridDim.y - 1), nblk >= 1. Each block
+// computes the distance of the current pick to its tokens (one warp per token, dot product
+// over D from x), updates mind and writes its arg-max; the last block of the item to finish
+// reduces the partials and makes pick s.
 template <typename T>
 __global__ void __launch_bounds__(256) stream_step_kernel(Problem p, const T* __restrict__ x, int64_t D, int64_t step,
                                    int64_t k, const int64_t* __restrict__ k_per_item,
                                    int64_t* __restrict__ idx, float* __restrict__ radii,
-                                   StreamState ws, int tokens_per_block) {
+                                   StreamState ws, int tokens_per_block, int64_t b0) {
   __shared__ unsigned long long red[32];
   __shared__ bool is_last;
-  const int64_t b = blockIdx.y, N = p.N;
+  const int64_t b = b0 + blockIdx.y, N = p.N;
   const int64_t cur = ws.pick[b];
   if (cur < 0 || step >= item_k(k, k_per_item, b)) return;   // uniform over the item's blocks
   const int64_t L = item_length(p, b);
@@ -313,7 +322,7 @@ __global__ void __launch_bounds__(256) stream_step_kernel(Problem p, const T* __
   best = block_max_u64(best, red);
   if (threadIdx.x == 0) {
     ws.counter[b] = 0;
-    if (packed_value(best) == -INFINITY) {
+    if (nothing_to_pick(best)) {
       ws.pick[b] = -1;
     } else {
       const int64_t pick = packed_index(best);
@@ -361,7 +370,7 @@ __global__ void __launch_bounds__(512) coverage_kernel(const float* __restrict__
       local = key > local ? key : local;
     }
     const unsigned long long top = block_max_u64(local, red);
-    if (top == kPackedMin || packed_value(top) == -INFINITY) break;
+    if (nothing_to_pick(top)) break;
     const int64_t pick = packed_index(top);
     if (threadIdx.x == 0) {
       idx[b * k + s] = pick;

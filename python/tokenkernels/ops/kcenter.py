@@ -23,7 +23,7 @@ def _resolve_start(start, x3: torch.Tensor, squeeze: bool, lengths, exclude, gen
             return None
         if start == "first":
             # index 0 of the valid tokens: with `exclude`, the first token not excluded
-            if exclude is None:
+            if exclude is None or N == 0:   # (argmax over no tokens is an error; any start is)
                 return torch.zeros(B, dtype=torch.long, device=x3.device)
             return valid_mask(B, N, lengths, exclude, x3.device).to(torch.int8).argmax(1)
         if start == "random":
