@@ -98,6 +98,57 @@ def test_topk_reuse(device):
     assert got[1].tolist()[:8] == [0, 1, 2, 3, 4, 100, 140, 141]   # 140, 145 are local now
 
 
+def test_topk_reuse_not_ascending(device):
+    """A reuse list that is not ascending keeps, in order, the in-range entries above the last
+    one kept -- the output stays ascending. (CUDA used to compare with the previous *raw*
+    entry: [5, 9, -1, 7] gave 5, 9, 7.)"""
+    s = torch.randn(4, 100)
+    sl = torch.full((4,), 100, dtype=torch.int32)
+    reuse = torch.tensor([[5, 9, -1, 7], [50, 10, 20, 60], [97, 3, 4, 1], [1, 2, 2, 95]], dtype=torch.int32)
+    mask = torch.tensor([True, True, True, True])
+    got = kv.topk(s.to(device), 4, sl.to(device), n_sink=2, n_local=4, reuse=reuse.to(device),
+                  reuse_mask=mask.to(device)).cpu()
+    sink, local = [0, 1], [96, 97, 98, 99]
+    mids = [[5, 9], [50, 60], [3, 4], [2, 95]]   # middle region [2, 96)
+    for b, mid in enumerate(mids):
+        row = sink + mid + local
+        assert got[b].tolist() == row + [-1] * (10 - len(row)), f"row {b}"
+    assert torch.equal(got, ref.topk(s, 4, sl, n_sink=2, n_local=4, reuse=reuse, reuse_mask=mask))
+
+
+def test_topk_reuse_random_lists(device):
+    """Long reuse lists (several 512-entry tiles of the CUDA kernel, whose scan carries the
+    running maximum across tiles): unsorted, duplicated, out-of-range and sorted rows, against
+    the reference and the CPU kernel."""
+    g = torch.Generator().manual_seed(4)
+    B, N, k = 6, 4000, 1500
+    s = torch.randn(B, N, generator=g)
+    sl = torch.tensor([4000, 3999, 2500, 1800, 4000, 3000], dtype=torch.int32)
+    reuse = torch.randint(-3, N + 3, (B, k), generator=g, dtype=torch.int32)   # row 0: unsorted
+    reuse[1] = torch.randint(0, N, (k,), generator=g).sort().values             # sorted, duplicates
+    reuse[2] = torch.arange(k, 0, -1)                                            # descending
+    reuse[3] = torch.arange(k) * 2 + 5                                           # ascending, runs out of range
+    reuse[3, 600] = 1700                                  # drops the next entries up to 1700 (tile 1)
+    reuse[4] = torch.arange(k) + 10
+    reuse[4, 3] = N - 700                              # tile 0 sets a maximum that tiles 1, 2 never pass
+    reuse[5] = torch.randint(0, 600, (k,), generator=g, dtype=torch.int32)       # dense duplicates
+    mask = torch.tensor([True, True, True, True, True, False])
+    got = kv.topk(s.to(device), k, sl.to(device), n_sink=7, n_local=64, reuse=reuse.to(device),
+                  reuse_mask=mask.to(device)).cpu()
+    want = ref.topk(s, k, sl, n_sink=7, n_local=64, reuse=reuse, reuse_mask=mask)
+    assert torch.equal(got, want)
+    assert torch.equal(got, kv.topk(s, k, sl, n_sink=7, n_local=64, reuse=reuse, reuse_mask=mask))
+    for b in range(B):
+        row = got[b][got[b] >= 0]
+        assert torch.all(row.diff() > 0), f"row {b} not ascending"
+    # row 4: nothing after N - 700 exceeds it; the local window and the padding follow
+    assert got[4, 7:12].tolist() == [10, 11, 12, N - 700, N - 64]
+    assert torch.all(got[4, 7 + 4 + 64:] == -1)
+    # row 3: 7, 9, ..., 1203 (5 is a sink token), 1700, then 1701 .. 1735 (the middle ends at 1736)
+    mid3 = list(range(7, 1205, 2)) + [1700] + list(range(1701, 1736, 2))
+    assert got[3, 7:7 + len(mid3)].tolist() == mid3
+
+
 @pytest.mark.parametrize("page", LAYOUTS)
 @pytest.mark.parametrize("G", [1, 4, 8])
 @pytest.mark.parametrize("D", [64, 128, 256])

@@ -119,8 +119,11 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
     Args:
         scores: (B, N_max) float32 (from :func:`score`).
         reuse, reuse_mask: (B, k) int32 ascending middle picks and (B,) bool: rows with
-            ``reuse_mask`` take their middle tokens from ``reuse`` (entries outside the current
-            middle region dropped) instead of from ``scores`` (the Selection Cache hit path).
+            ``reuse_mask`` take their middle tokens from ``reuse`` instead of from ``scores``
+            (the Selection Cache hit path): in order, the entries inside the current middle
+            region that exceed the last entry kept -- duplicates and entries outside the region
+            are dropped, and a list that is not ascending keeps an ascending subsequence
+            (``[5, 9, -1, 7]`` keeps 5, 9), so the output stays ascending.
         out: (B, n_sink + k + n_local) int32 buffer to write into (CUDA-graph friendly).
 
     Returns:
