@@ -36,6 +36,41 @@ def test_score(device, page, G, D, dtype):
     _close(got, want, kv_tol(dtype, "score") * c.q.shape[1], "score")
 
 
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("page", [None, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_unscaled_logits_relative_precision(device, dtype, page, impl):
+    """TokenSelect's unscaled logits (scale 1: max logits 30-55 here): the probabilities of the
+    dominant tokens keep fp32 relative precision. Inputs are small integers and halves, so every
+    logit is exact in fp32 and only the softmax arithmetic is measured. Computing them as
+    exp(l - lse) with lse = m + log(s) rounded to fp32 costs up to ulp(m) / 2 ~ 1.9e-6 relative
+    (an fp32 torch emulation of that form: 1.94e-6 on this case); exp(l - m) / s: 2.4e-7 in the
+    same emulation, the CPU kernel 5.0e-7."""
+    g = torch.Generator().manual_seed(21)
+    B, N, H_kv, G, D = 4, 300, 8, 4, 64
+    q = torch.randint(-4, 5, (B, H_kv * G, D), generator=g).float()
+    k = torch.randint(-2, 3, (B, N, H_kv, D), generator=g).float() * 0.5
+    sl = torch.tensor([300, 299, 257, 180], dtype=torch.int32)
+    bt = None
+    if page is not None:   # the same tokens through a shuffled block table
+        P = N // page + 1
+        k = torch.cat([k, torch.zeros(B, P * page - N, H_kv, D)], 1).view(B * P, page, H_kv, D)
+        perm = torch.randperm(B * P, generator=g)
+        k = k[torch.argsort(perm)]
+        bt = perm.view(B, P).to(torch.int32)   # page p of request b is k[argsort(perm)][perm[b, p]]
+    kd = ref.dense_cache(k, bt)[:, :N]
+    want = ref.score(q.double(), kd.double(), sl, scale=1.0)
+    got = kv.score(q.to(dtype).to(device), k.to(dtype).to(device), sl.to(device),
+                   block_table=None if bt is None else bt.to(device), scale=1.0, impl=impl).cpu()
+    got = got[:, :N]
+    m = torch.einsum("bhd,bnhd->bhn", q.double(), kd.repeat_interleave(G, 2).double()).amax(-1)
+    assert m.min() > 25 and m.max() < 64
+    _close(got, want, kv_tol(dtype, "score") * H_kv * G, "score")
+    big = want > 0.1
+    rel = ((got.double() - want).abs()[big] / want[big]).max().item()
+    assert rel <= 1e-6, f"relative error {rel:.3g} of the dominant tokens' scores"
+
+
 @pytest.mark.parametrize("page", LAYOUTS)
 @pytest.mark.parametrize("strided", [False, True])
 def test_score_chunk_mean_query(device, page, strided):

@@ -214,9 +214,13 @@ __global__ void __launch_bounds__(kScoreThreads) score_logits_tuned_kernel(
   score_block_tail(lg, H_q, b, blk, nblk, n0, N, logits, pstat);
 }
 
-// Pass 2: one block (256 threads) per (b, h): lse = log sum over the partials.
-__global__ void __launch_bounds__(256) score_lse_kernel(const float2* __restrict__ pstat, int nblk,
-                                                        float* __restrict__ lse) {
+// Pass 2: one block (256 threads) per (b, h): the head's softmax statistics (m, s) -- the max
+// logit and sum_n exp(logit_n - m) -- from the block partials. They are kept apart (not folded
+// into lse = m + log s): TokenSelect's unscaled logits are 30-60, where rounding m + log s to
+// fp32 alone costs up to ulp(m) / 2 ~ 2e-6 relative in every probability.
+// An empty head (no valid token) gets (+inf, 1), so that its terms exp(l - m) / s are 0.
+__global__ void __launch_bounds__(256) score_stats_kernel(const float2* __restrict__ pstat, int nblk,
+                                                          float2* __restrict__ stat) {
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   const float2* p = pstat + row * nblk;
@@ -238,14 +242,15 @@ __global__ void __launch_bounds__(256) score_lse_kernel(const float2* __restrict
   __syncthreads();
   s = lane < nwarps ? red[lane] : 0.0f;
   s = warp_sum_f(s);
-  if (threadIdx.x == 0) lse[row] = (m == -INFINITY || s == 0.0f) ? INFINITY : m + logf(s);
+  if (threadIdx.x == 0)
+    stat[row] = (m == -INFINITY || s == 0.0f) ? make_float2(INFINITY, 1.0f) : make_float2(m, s);
 }
 
-// Pass 3: thread per token: score = sum_h exp(logit - lse_h); -inf past seq_len / skipped rows.
-// grid (ceil(N_max / 256), B). (lse = +inf for an empty head makes its terms exp(-inf) = 0.)
+// Pass 3: thread per token: score = sum_h exp(logit - m_h) / s_h; -inf past seq_len / skipped
+// rows. grid (ceil(N_max / 256), B).
 __global__ void __launch_bounds__(256) score_out_kernel(KVLayout L, int H_q, const bool* __restrict__ skip,
                                                         const float* __restrict__ logits,
-                                                        const float* __restrict__ lse, float* __restrict__ out) {
+                                                        const float2* __restrict__ stat, float* __restrict__ out) {
   const int b = blockIdx.y;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, N = L.N_max;
   if (n >= N) return;
@@ -255,7 +260,8 @@ __global__ void __launch_bounds__(256) score_out_kernel(KVLayout L, int H_q, con
     acc = 0.0f;
     for (int h = 0; h < H_q; ++h) {
       const int64_t row = static_cast<int64_t>(b) * H_q + h;
-      acc += __expf(logits[row * N + n] - lse[row]);
+      const float2 ms = stat[row];
+      acc += __expf(logits[row * N + n] - ms.x) / ms.y;
     }
   }
   out[static_cast<int64_t>(b) * N + n] = acc;
