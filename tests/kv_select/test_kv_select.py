@@ -323,27 +323,56 @@ def test_int64_metadata_accepted(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 def test_cuda_decode_step_has_no_host_sync():
-    """select (with a SelectionCache) + sparse_decode with out= and check=False never sync."""
-    c = make_case([300, 120], G=4, D=128, page_size=16, device="cuda")
+    """Whole TokenSelect decode (and chunked-prefill) steps with check=False and out= buffers
+    never sync the host (torch.cuda.set_sync_debug_mode("error") turns any sync into an
+    error): score, topk (with reuse), select with and without a SelectionCache (decide, reuse,
+    update, reset, counters), sparse_decode (every impl, with and without out=/lse=),
+    sparse_prefill (int and tensor chunk_start, with and without out=/lse=)."""
+    B, H_kv, G, D, k, n_sink, n_local = 2, 2, 4, 128, 32, 4, 16
+    W = n_sink + k + n_local
+    c = make_case([300, 120], H_kv=H_kv, G=G, D=D, page_size=16, device="cuda")
+    p = make_case([300, 120], H_kv=H_kv, G=G, D=D, page_size=16, device="cuda", C=8)
+    cs = c.seq_lens - 8
+    H_q = H_kv * G
     sc = kv.SelectionCache(0.9)
-    out, lse = torch.empty_like(c.q), torch.empty(2, 8, device="cuda")
-    idx = torch.empty(2, 4 + 32 + 16, dtype=torch.int32, device="cuda")
-    kv.select(c.q, c.k, c.seq_lens, k=32, n_sink=4, n_local=16, block_table=c.block_table, cache=sc,
-              out=idx, check=False)   # first call sizes the cache state
+    out, lse = torch.empty_like(c.q), torch.empty(B, H_q, device="cuda")
+    pout, plse = torch.empty_like(p.q), torch.empty(B, 8, H_q, device="cuda")
+    idx = torch.empty(B, W, dtype=torch.int32, device="cuda")
+    idx2 = torch.empty_like(idx)
+    kw = dict(block_table=c.block_table, check=False)
+
+    def step():
+        s = kv.score(c.q, c.k, c.seq_lens, skip=sc.last_hit, **kw)
+        kv.topk(s, k, c.seq_lens, n_sink=n_sink, n_local=n_local, reuse=sc.prev_mid,
+                reuse_mask=sc.last_hit, out=idx2)
+        kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, out=idx2, **kw)
+        kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, cache=sc, out=idx, **kw)
+        kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, out=out, lse=lse, **kw)
+        for impl in ("auto", "plain", "tuned"):
+            kv.score(c.q, c.k, c.seq_lens, impl=impl, **kw)
+            kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, impl=impl, return_lse=True, **kw)
+        pidx = kv.select(p.q, p.k, cs, k=k, n_sink=n_sink, n_local=n_local, cache=sc, **kw)
+        kv.sparse_prefill(p.q, p.k, p.v, pidx, p.seq_lens, cs, out=pout, lse=plse, **kw)
+        kv.sparse_prefill(p.q, p.k, p.v, pidx, p.seq_lens, 5, return_lse=True, **kw)
+        sc.reset(torch.zeros(B, dtype=torch.bool, device="cuda"))
+        return sc.hit_count, sc.lookup_count
+
+    step()   # sizes the cache state (and lets every lazy initialisation happen)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            kv.select(c.q, c.k, c.seq_lens, k=32, n_sink=4, n_local=16, block_table=c.block_table,
-                      cache=sc, out=idx, check=False)
-            kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, out=out, lse=lse,
-                             check=False)
-            for impl in ("plain", "tuned"):
-                kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, check=False,
-                                 impl=impl)
+            step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert sc.hits.tolist() == [2, 2]   # the same query twice more: cos = 1 > 0.9
+    torch.cuda.synchronize()
+    # the decode query alternates with the prefill chunk's mean query in the one cache: whatever
+    # the hits, the unchecked results equal the checked ones
+    want = kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, block_table=c.block_table)
+    assert torch.equal(idx2, want)
+    o, l = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, return_lse=True)
+    assert torch.equal(out, o) and torch.equal(lse, l)
+    assert int(sc.lookup_count) == 2 * 2 * 3
 
 
 @pytest.mark.parametrize("impl", ["plain", "tuned"])
