@@ -194,7 +194,8 @@ void topk_impl(const at::Tensor& scores_in, int64_t k, const at::Tensor& seq_len
         for (int64_t n = 0; n < lo; ++n) ob[w++] = static_cast<int32_t>(n);
         if (rm.defined() && rm.data_ptr<bool>()[b]) {
           // Cache hit: the previous middle picks, restricted to the current middle region;
-          // strictly increasing entries only (ascending input, duplicates dropped).
+          // an entry is kept when it exceeds the last kept one (ascending input: duplicates
+          // dropped; any input: the output stays ascending). The CUDA kernel keeps the same.
           const int32_t* r = ru.data_ptr<int32_t>() + b * k;
           int64_t last = -1;
           for (int64_t j = 0; j < k; ++j)

@@ -102,11 +102,16 @@ inline int64_t check_query(const at::Tensor& q, const at::Tensor& k_cache, int64
   TORCH_CHECK(q.device() == k_cache.device(), "tokenkernels.", op, ": q is on ", q.device(),
               " but k_cache is on ", k_cache.device());
   const int64_t H_q = q.size(-2), D = q.size(-1), H_kv = k_cache.size(2);
+  // (H_q = 0 would pass the GQA check below and mean a zero-sized CUDA grid; D = 0 is outside
+  // the CUDA kernels' limits. Both are rejected here, the same on every device.)
+  TORCH_CHECK(H_q > 0, "tokenkernels.", op, ": q must have at least one head (H_q = q.size(",
+              dims - 2, ") > 0), got shape ", q.sizes());
+  TORCH_CHECK(D > 0, "tokenkernels.", op, ": head_dim (q.size(", dims - 1,
+              ")) must be > 0, got shape ", q.sizes());
   TORCH_CHECK(D == k_cache.size(3), "tokenkernels.", op, ": q head_dim ", D,
               " differs from k_cache head_dim ", k_cache.size(3));
   TORCH_CHECK(H_kv > 0 && H_q % H_kv == 0, "tokenkernels.", op, ": H_q (", H_q,
               ") must be a multiple of H_kv (", H_kv, ")");
-  (void)dims;
   return H_q;
 }
 

@@ -44,7 +44,7 @@ bool limits_ok(const KVLayout& L, int64_t H_q) {
 size_t score_workspace_bytes(int64_t B, int64_t H_q, int64_t N_max) {
   const int64_t nblk = std::max<int64_t>(1, cdiv(N_max, device::kScoreTok));
   return align_up(sizeof(float) * B * H_q * N_max) + align_up(sizeof(float2) * B * H_q * nblk) +
-         align_up(sizeof(float) * B * H_q);
+         align_up(sizeof(float2) * B * H_q);
 }
 
 cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DType dtype,
@@ -58,7 +58,7 @@ cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DTyp
   base += align_up(sizeof(float) * L.B * H_q * L.N_max);
   float2* pstat = reinterpret_cast<float2*>(base);
   base += align_up(sizeof(float2) * L.B * H_q * nblk);
-  float* lse = reinterpret_cast<float*>(base);
+  float2* stat = reinterpret_cast<float2*>(base);   // per (b, h): softmax max and sum
 
   const size_t smem = sizeof(float) * static_cast<size_t>(H_q * L.D + device::kScoreTok * H_q);
   const dim3 grid1(static_cast<unsigned>(nblk), static_cast<unsigned>(L.B));
@@ -76,12 +76,12 @@ cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DTyp
     return cudaGetLastError();
   });
   if (e != cudaSuccess) return e;
-  device::score_lse_kernel<<<static_cast<unsigned>(L.B * H_q), 256, 0, stream>>>(
-      pstat, static_cast<int>(nblk), lse);
+  device::score_stats_kernel<<<static_cast<unsigned>(L.B * H_q), 256, 0, stream>>>(
+      pstat, static_cast<int>(nblk), stat);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const dim3 grid3(static_cast<unsigned>(cdiv(L.N_max, 256)), static_cast<unsigned>(L.B));
-  device::score_out_kernel<<<grid3, 256, 0, stream>>>(L, static_cast<int>(H_q), skip, logits, lse, out);
+  device::score_out_kernel<<<grid3, 256, 0, stream>>>(L, static_cast<int>(H_q), skip, logits, stat, out);
   return cudaGetLastError();
 }
 

@@ -160,3 +160,39 @@ def test_other_models_full_budget(name, cache_impl):
         assert st["sparse_steps"] == LAYERS * (NEW - 1)
         if name == "mistral-window":      # the window, not the budget, bounds what is attended
             assert all(v == [16, 16] for v in st["last_attended"].values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "padding-mask"])
+def test_cuda_decode_steps_do_not_sync(masked):
+    """The sparse decode path of the attention function (select through the layer's Selection
+    Cache, or score + mask + topk with a padding mask, then sparse_decode) runs on CUDA without
+    a host sync (set_sync_debug_mode("error")), as CUDA graphs need."""
+    from tokenkernels.integrations import _hf_tokenselect as hts
+
+    B, H_q, H_kv, N, D = 2, 8, 2, 200, 64
+    mod = torch.nn.Module().eval()
+    mod.layer_idx = 0
+    st = hts._TokenSelect(k=16, n_sink=4, n_local=8, cache_threshold=0.9, score_scale=1.0,
+                          sparse_min_len=0, previous_impl=None)
+    setattr(mod, hts._ATTR, st)
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(B, H_kv, N, D, generator=g).cuda()
+    value = torch.randn(B, H_kv, N, D, generator=g).cuda()
+    mask = None
+    if masked:   # SDPA's bool mask (True = attend); row 1 left-padded by 30 tokens
+        m = torch.ones(B, 1, 1, N, dtype=torch.bool)
+        m[1, ..., :30] = False
+        mask = m.cuda()
+    queries = [torch.randn(B, H_q, 1, D, generator=g).cuda() for _ in range(3)]
+    out, _ = hts.tokenselect_attention_forward(mod, queries[0], key, value, mask, scaling=D ** -0.5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for q in queries[1:]:
+            out, _ = hts.tokenselect_attention_forward(mod, q, key, value, mask, scaling=D ** -0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (B, 1, H_q, D) and torch.isfinite(out).all()
+    assert st.stats[0].sparse_steps == 3
+    assert st.stats[0].last_attended.tolist() == [28, 28 - 4 if masked else 28]

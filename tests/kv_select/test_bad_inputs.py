@@ -55,6 +55,41 @@ def test_gqa_ratio(device):
         kv.sparse_decode(q.contiguous(), c.k, c.v, idx, c.seq_lens)
 
 
+def test_zero_query_heads_or_head_dim(device):
+    """H_q = 0 passes the GQA check (0 % H_kv == 0) and would launch a zero-sized CUDA grid, and
+    D = 0 is outside the CUDA kernels' limits: every op rejects both, the same on every device."""
+    c = _c(device, C=3)                                  # q (2, 3, 8, 64)
+    q0, q0d = c.q[:, 0, :0], c.q[:, :, :0]               # (2, 0, 64), chunk (2, 3, 0, 64)
+    idx = torch.zeros(2, 3, dtype=torch.int32, device=device)
+    heads = r"q must have at least one head \(H_q = q.size\({}\) > 0\)"
+    with pytest.raises(RuntimeError, match="kv_select.score: " + heads.format(1)):
+        kv.score(q0, c.k, c.seq_lens)
+    with pytest.raises(RuntimeError, match="kv_select.score: " + heads.format(2)):
+        kv.score(q0d, c.k, c.seq_lens)
+    with pytest.raises(RuntimeError, match=heads.format(1)):
+        kv.select(q0, c.k, c.seq_lens, k=4, n_sink=1, n_local=1)
+    with pytest.raises(RuntimeError, match=heads.format(1)):
+        kv.select(q0, c.k, c.seq_lens, k=4, n_sink=1, n_local=1, cache=kv.SelectionCache())
+    with pytest.raises(RuntimeError, match="kv_select.sparse_decode: " + heads.format(1)):
+        kv.sparse_decode(q0, c.k, c.v, idx, c.seq_lens)
+    with pytest.raises(RuntimeError, match="kv_select.sparse_decode: " + heads.format(1)):
+        kv.sparse_decode(q0, c.k, c.v, idx, c.seq_lens, out=torch.empty_like(q0),
+                         lse=torch.empty(2, 0, device=device))
+    with pytest.raises(RuntimeError, match="kv_select.sparse_prefill: " + heads.format(2)):
+        kv.sparse_prefill(q0d, c.k, c.v, idx, c.seq_lens, 0)
+    with pytest.raises(RuntimeError, match="kv_select.sparse_prefill: " + heads.format(2)):
+        kv.sparse_prefill(q0d, c.k, c.v, idx, c.seq_lens, 0, out=torch.empty_like(q0d))
+    # head_dim 0 (q and cache alike)
+    k0, v0 = c.k[..., :0], c.v[..., :0]
+    dim0 = r"head_dim \(q.size\({}\)\) must be > 0"
+    with pytest.raises(RuntimeError, match="kv_select.score: " + dim0.format(2)):
+        kv.score(c.q[:, 0, :, :0], k0, c.seq_lens)
+    with pytest.raises(RuntimeError, match="kv_select.sparse_decode: " + dim0.format(2)):
+        kv.sparse_decode(c.q[:, 0, :, :0], k0, v0, idx, c.seq_lens)
+    with pytest.raises(RuntimeError, match="kv_select.sparse_prefill: " + dim0.format(3)):
+        kv.sparse_prefill(c.q[..., :0], k0, v0, idx, c.seq_lens, 0)
+
+
 def test_negative_budget(device):
     c = _c(device)
     s = kv.score(c.q, c.k, c.seq_lens)

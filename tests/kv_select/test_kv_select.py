@@ -36,6 +36,41 @@ def test_score(device, page, G, D, dtype):
     _close(got, want, kv_tol(dtype, "score") * c.q.shape[1], "score")
 
 
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("page", [None, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_unscaled_logits_relative_precision(device, dtype, page, impl):
+    """TokenSelect's unscaled logits (scale 1: max logits 30-55 here): the probabilities of the
+    dominant tokens keep fp32 relative precision. Inputs are small integers and halves, so every
+    logit is exact in fp32 and only the softmax arithmetic is measured. Computing them as
+    exp(l - lse) with lse = m + log(s) rounded to fp32 costs up to ulp(m) / 2 ~ 1.9e-6 relative
+    (an fp32 torch emulation of that form: 1.94e-6 on this case); exp(l - m) / s: 2.4e-7 in the
+    same emulation, the CPU kernel 5.0e-7."""
+    g = torch.Generator().manual_seed(21)
+    B, N, H_kv, G, D = 4, 300, 8, 4, 64
+    q = torch.randint(-4, 5, (B, H_kv * G, D), generator=g).float()
+    k = torch.randint(-2, 3, (B, N, H_kv, D), generator=g).float() * 0.5
+    sl = torch.tensor([300, 299, 257, 180], dtype=torch.int32)
+    bt = None
+    if page is not None:   # the same tokens through a shuffled block table
+        P = N // page + 1
+        k = torch.cat([k, torch.zeros(B, P * page - N, H_kv, D)], 1).view(B * P, page, H_kv, D)
+        perm = torch.randperm(B * P, generator=g)
+        k = k[torch.argsort(perm)]
+        bt = perm.view(B, P).to(torch.int32)   # page p of request b is k[argsort(perm)][perm[b, p]]
+    kd = ref.dense_cache(k, bt)[:, :N]
+    want = ref.score(q.double(), kd.double(), sl, scale=1.0)
+    got = kv.score(q.to(dtype).to(device), k.to(dtype).to(device), sl.to(device),
+                   block_table=None if bt is None else bt.to(device), scale=1.0, impl=impl).cpu()
+    got = got[:, :N]
+    m = torch.einsum("bhd,bnhd->bhn", q.double(), kd.repeat_interleave(G, 2).double()).amax(-1)
+    assert m.min() > 25 and m.max() < 64
+    _close(got, want, kv_tol(dtype, "score") * H_kv * G, "score")
+    big = want > 0.1
+    rel = ((got.double() - want).abs()[big] / want[big]).max().item()
+    assert rel <= 1e-6, f"relative error {rel:.3g} of the dominant tokens' scores"
+
+
 @pytest.mark.parametrize("page", LAYOUTS)
 @pytest.mark.parametrize("strided", [False, True])
 def test_score_chunk_mean_query(device, page, strided):
@@ -96,6 +131,57 @@ def test_topk_reuse(device):
     # row 0: 199 lies in the local window, dropped from the middle; row 1: duplicate 4 once,
     assert got[0].tolist()[:8] == [0, 1, 2, 3, 5, 9, 60, 150]
     assert got[1].tolist()[:8] == [0, 1, 2, 3, 4, 100, 140, 141]   # 140, 145 are local now
+
+
+def test_topk_reuse_not_ascending(device):
+    """A reuse list that is not ascending keeps, in order, the in-range entries above the last
+    one kept -- the output stays ascending. (CUDA used to compare with the previous *raw*
+    entry: [5, 9, -1, 7] gave 5, 9, 7.)"""
+    s = torch.randn(4, 100)
+    sl = torch.full((4,), 100, dtype=torch.int32)
+    reuse = torch.tensor([[5, 9, -1, 7], [50, 10, 20, 60], [97, 3, 4, 1], [1, 2, 2, 95]], dtype=torch.int32)
+    mask = torch.tensor([True, True, True, True])
+    got = kv.topk(s.to(device), 4, sl.to(device), n_sink=2, n_local=4, reuse=reuse.to(device),
+                  reuse_mask=mask.to(device)).cpu()
+    sink, local = [0, 1], [96, 97, 98, 99]
+    mids = [[5, 9], [50, 60], [3, 4], [2, 95]]   # middle region [2, 96)
+    for b, mid in enumerate(mids):
+        row = sink + mid + local
+        assert got[b].tolist() == row + [-1] * (10 - len(row)), f"row {b}"
+    assert torch.equal(got, ref.topk(s, 4, sl, n_sink=2, n_local=4, reuse=reuse, reuse_mask=mask))
+
+
+def test_topk_reuse_random_lists(device):
+    """Long reuse lists (several 512-entry tiles of the CUDA kernel, whose scan carries the
+    running maximum across tiles): unsorted, duplicated, out-of-range and sorted rows, against
+    the reference and the CPU kernel."""
+    g = torch.Generator().manual_seed(4)
+    B, N, k = 6, 4000, 1500
+    s = torch.randn(B, N, generator=g)
+    sl = torch.tensor([4000, 3999, 2500, 1800, 4000, 3000], dtype=torch.int32)
+    reuse = torch.randint(-3, N + 3, (B, k), generator=g, dtype=torch.int32)   # row 0: unsorted
+    reuse[1] = torch.randint(0, N, (k,), generator=g).sort().values             # sorted, duplicates
+    reuse[2] = torch.arange(k, 0, -1)                                            # descending
+    reuse[3] = torch.arange(k) * 2 + 5                                           # ascending, runs out of range
+    reuse[3, 600] = 1700                                  # drops the next entries up to 1700 (tile 1)
+    reuse[4] = torch.arange(k) + 10
+    reuse[4, 3] = N - 700                              # tile 0 sets a maximum that tiles 1, 2 never pass
+    reuse[5] = torch.randint(0, 600, (k,), generator=g, dtype=torch.int32)       # dense duplicates
+    mask = torch.tensor([True, True, True, True, True, False])
+    got = kv.topk(s.to(device), k, sl.to(device), n_sink=7, n_local=64, reuse=reuse.to(device),
+                  reuse_mask=mask.to(device)).cpu()
+    want = ref.topk(s, k, sl, n_sink=7, n_local=64, reuse=reuse, reuse_mask=mask)
+    assert torch.equal(got, want)
+    assert torch.equal(got, kv.topk(s, k, sl, n_sink=7, n_local=64, reuse=reuse, reuse_mask=mask))
+    for b in range(B):
+        row = got[b][got[b] >= 0]
+        assert torch.all(row.diff() > 0), f"row {b} not ascending"
+    # row 4: nothing after N - 700 exceeds it; the local window and the padding follow
+    assert got[4, 7:12].tolist() == [10, 11, 12, N - 700, N - 64]
+    assert torch.all(got[4, 7 + 4 + 64:] == -1)
+    # row 3: 7, 9, ..., 1203 (5 is a sink token), 1700, then 1701 .. 1735 (the middle ends at 1736)
+    mid3 = list(range(7, 1205, 2)) + [1700] + list(range(1701, 1736, 2))
+    assert got[3, 7:7 + len(mid3)].tolist() == mid3
 
 
 @pytest.mark.parametrize("page", LAYOUTS)
@@ -237,27 +323,56 @@ def test_int64_metadata_accepted(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 def test_cuda_decode_step_has_no_host_sync():
-    """select (with a SelectionCache) + sparse_decode with out= and check=False never sync."""
-    c = make_case([300, 120], G=4, D=128, page_size=16, device="cuda")
+    """Whole TokenSelect decode (and chunked-prefill) steps with check=False and out= buffers
+    never sync the host (torch.cuda.set_sync_debug_mode("error") turns any sync into an
+    error): score, topk (with reuse), select with and without a SelectionCache (decide, reuse,
+    update, reset, counters), sparse_decode (every impl, with and without out=/lse=),
+    sparse_prefill (int and tensor chunk_start, with and without out=/lse=)."""
+    B, H_kv, G, D, k, n_sink, n_local = 2, 2, 4, 128, 32, 4, 16
+    W = n_sink + k + n_local
+    c = make_case([300, 120], H_kv=H_kv, G=G, D=D, page_size=16, device="cuda")
+    p = make_case([300, 120], H_kv=H_kv, G=G, D=D, page_size=16, device="cuda", C=8)
+    cs = c.seq_lens - 8
+    H_q = H_kv * G
     sc = kv.SelectionCache(0.9)
-    out, lse = torch.empty_like(c.q), torch.empty(2, 8, device="cuda")
-    idx = torch.empty(2, 4 + 32 + 16, dtype=torch.int32, device="cuda")
-    kv.select(c.q, c.k, c.seq_lens, k=32, n_sink=4, n_local=16, block_table=c.block_table, cache=sc,
-              out=idx, check=False)   # first call sizes the cache state
+    out, lse = torch.empty_like(c.q), torch.empty(B, H_q, device="cuda")
+    pout, plse = torch.empty_like(p.q), torch.empty(B, 8, H_q, device="cuda")
+    idx = torch.empty(B, W, dtype=torch.int32, device="cuda")
+    idx2 = torch.empty_like(idx)
+    kw = dict(block_table=c.block_table, check=False)
+
+    def step():
+        s = kv.score(c.q, c.k, c.seq_lens, skip=sc.last_hit, **kw)
+        kv.topk(s, k, c.seq_lens, n_sink=n_sink, n_local=n_local, reuse=sc.prev_mid,
+                reuse_mask=sc.last_hit, out=idx2)
+        kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, out=idx2, **kw)
+        kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, cache=sc, out=idx, **kw)
+        kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, out=out, lse=lse, **kw)
+        for impl in ("auto", "plain", "tuned"):
+            kv.score(c.q, c.k, c.seq_lens, impl=impl, **kw)
+            kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, impl=impl, return_lse=True, **kw)
+        pidx = kv.select(p.q, p.k, cs, k=k, n_sink=n_sink, n_local=n_local, cache=sc, **kw)
+        kv.sparse_prefill(p.q, p.k, p.v, pidx, p.seq_lens, cs, out=pout, lse=plse, **kw)
+        kv.sparse_prefill(p.q, p.k, p.v, pidx, p.seq_lens, 5, return_lse=True, **kw)
+        sc.reset(torch.zeros(B, dtype=torch.bool, device="cuda"))
+        return sc.hit_count, sc.lookup_count
+
+    step()   # sizes the cache state (and lets every lazy initialisation happen)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            kv.select(c.q, c.k, c.seq_lens, k=32, n_sink=4, n_local=16, block_table=c.block_table,
-                      cache=sc, out=idx, check=False)
-            kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, out=out, lse=lse,
-                             check=False)
-            for impl in ("plain", "tuned"):
-                kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, check=False,
-                                 impl=impl)
+            step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert sc.hits.tolist() == [2, 2]   # the same query twice more: cos = 1 > 0.9
+    torch.cuda.synchronize()
+    # the decode query alternates with the prefill chunk's mean query in the one cache: whatever
+    # the hits, the unchecked results equal the checked ones
+    want = kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, block_table=c.block_table)
+    assert torch.equal(idx2, want)
+    o, l = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, return_lse=True)
+    assert torch.equal(out, o) and torch.equal(lse, l)
+    assert int(sc.lookup_count) == 2 * 2 * 3
 
 
 @pytest.mark.parametrize("impl", ["plain", "tuned"])

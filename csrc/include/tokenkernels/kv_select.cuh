@@ -214,9 +214,13 @@ __global__ void __launch_bounds__(kScoreThreads) score_logits_tuned_kernel(
   score_block_tail(lg, H_q, b, blk, nblk, n0, N, logits, pstat);
 }
 
-// Pass 2: one block (256 threads) per (b, h): lse = log sum over the partials.
-__global__ void __launch_bounds__(256) score_lse_kernel(const float2* __restrict__ pstat, int nblk,
-                                                        float* __restrict__ lse) {
+// Pass 2: one block (256 threads) per (b, h): the head's softmax statistics (m, s) -- the max
+// logit and sum_n exp(logit_n - m) -- from the block partials. They are kept apart (not folded
+// into lse = m + log s): TokenSelect's unscaled logits are 30-60, where rounding m + log s to
+// fp32 alone costs up to ulp(m) / 2 ~ 2e-6 relative in every probability.
+// An empty head (no valid token) gets (+inf, 1), so that its terms exp(l - m) / s are 0.
+__global__ void __launch_bounds__(256) score_stats_kernel(const float2* __restrict__ pstat, int nblk,
+                                                          float2* __restrict__ stat) {
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   const float2* p = pstat + row * nblk;
@@ -238,14 +242,15 @@ __global__ void __launch_bounds__(256) score_lse_kernel(const float2* __restrict
   __syncthreads();
   s = lane < nwarps ? red[lane] : 0.0f;
   s = warp_sum_f(s);
-  if (threadIdx.x == 0) lse[row] = (m == -INFINITY || s == 0.0f) ? INFINITY : m + logf(s);
+  if (threadIdx.x == 0)
+    stat[row] = (m == -INFINITY || s == 0.0f) ? make_float2(INFINITY, 1.0f) : make_float2(m, s);
 }
 
-// Pass 3: thread per token: score = sum_h exp(logit - lse_h); -inf past seq_len / skipped rows.
-// grid (ceil(N_max / 256), B). (lse = +inf for an empty head makes its terms exp(-inf) = 0.)
+// Pass 3: thread per token: score = sum_h exp(logit - m_h) / s_h; -inf past seq_len / skipped
+// rows. grid (ceil(N_max / 256), B).
 __global__ void __launch_bounds__(256) score_out_kernel(KVLayout L, int H_q, const bool* __restrict__ skip,
                                                         const float* __restrict__ logits,
-                                                        const float* __restrict__ lse, float* __restrict__ out) {
+                                                        const float2* __restrict__ stat, float* __restrict__ out) {
   const int b = blockIdx.y;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, N = L.N_max;
   if (n >= N) return;
@@ -255,7 +260,8 @@ __global__ void __launch_bounds__(256) score_out_kernel(KVLayout L, int H_q, con
     acc = 0.0f;
     for (int h = 0; h < H_q; ++h) {
       const int64_t row = static_cast<int64_t>(b) * H_q + h;
-      acc += __expf(logits[row * N + n] - lse[row]);
+      const float2 ms = stat[row];
+      acc += __expf(logits[row * N + n] - ms.x) / ms.y;
     }
   }
   out[static_cast<int64_t>(b) * N + n] = acc;
@@ -267,9 +273,16 @@ __global__ void __launch_bounds__(256) score_out_kernel(KVLayout L, int H_q, con
 // tokens [n_sink, L - n_local) and how many tokens equal to T to take (k_eq, lowest indices
 // first). One ordered pass then writes: sink tokens, the middle tokens with key > T or (key == T
 // and among the first k_eq such), and the local tokens -- ascending, via block prefix sums, so
-// no sort is needed. Rows with reuse_mask take the middle from reuse (strictly increasing
-// in-range entries).
+// no sort is needed. Rows with reuse_mask take the middle from reuse: its in-range entries
+// that exceed the last one kept (the ascending input's entries, duplicates dropped).
 constexpr int kTopkThreads = 512;   // (1024 caps registers at 64 and spills the scan state)
+
+struct MaxOp {
+  __device__ __forceinline__ unsigned long long operator()(unsigned long long a,
+                                                           unsigned long long b) const {
+    return a > b ? a : b;
+  }
+};
 
 __device__ __forceinline__ uint32_t ordered_key(float v) {
   const uint32_t u = __float_as_uint(v);
@@ -299,19 +312,27 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(
   const float* row = scores + b * ld;
   int64_t written = 0;   // middle tokens written (uniform across the block)
   if (reuse_mask && reuse_mask[b]) {
-    // Compaction of the strictly increasing in-range reuse entries.
+    // Compaction of the reuse entries, as on the CPU: an entry is kept when it lies in
+    // [lo, hi) and exceeds the last kept one (so the output stays strictly ascending whatever
+    // the input). The last kept entry before j is the largest in-range entry before j (an
+    // in-range entry that is not kept is <= it), so one block max-scan over the keys
+    // in-range ? v + 1 : 0, carried across tiles, decides every entry of a tile at once.
     const int32_t* r = reuse + b * k;
+    unsigned long long run_max = 0;   // (largest in-range entry so far) + 1; 0: none yet
     for (int64_t j0 = 0; j0 < k; j0 += blockDim.x) {
       const int64_t j = j0 + threadIdx.x;
-      bool keep = false;
-      if (j < k) {
-        const int32_t v = r[j];
-        keep = v >= lo && v < hi && (j == 0 || v > r[j - 1]);
-      }
+      const int32_t v = j < k ? r[j] : -1;
+      const bool in = j < k && v >= lo && v < hi;
+      const unsigned long long key = in ? static_cast<unsigned long long>(v) + 1ull : 0ull;
+      unsigned long long before, tile_max;
+      Scan(scan_tmp).ExclusiveScan(key, before, run_max, MaxOp{}, tile_max);
+      const bool keep = in && key > before;
+      __syncthreads();   // scan_tmp reuse
       unsigned long long pos, total;
       Scan(scan_tmp).ExclusiveSum(keep ? 1ull : 0ull, pos, total);
-      if (keep) o[n_sink + written + static_cast<int64_t>(pos)] = r[j];
+      if (keep) o[n_sink + written + static_cast<int64_t>(pos)] = v;
       written += static_cast<int64_t>(total);
+      run_max = tile_max > run_max ? tile_max : run_max;
       __syncthreads();   // scan_tmp reuse
     }
   } else if (k > 0) {

@@ -65,7 +65,8 @@ namespace tokenkernels {
 namespace kv_select {
 
 // score: q (B, H_q, D) fp32 contiguous, pre-scaled (the mean query for a prefill chunk); k cache
-// in `dtype`. Three passes: logits + per-block softmax partials, per-head lse, sum over heads.
+// in `dtype`. Three passes: logits + per-block softmax partials, per-head softmax (max, sum),
+// sum over heads of exp(logit - max) / sum.
 // variant: 0 auto (tuned when eligible), 1 plain (one warp per token row, scalar loads), 2 tuned
 // (16-byte vector loads, two rows in flight per lane group; needs unit stride on D, D / (16 /
 // sizeof(dtype)) a power of two <= 32, 16-byte aligned rows -- otherwise plain is used).

@@ -113,23 +113,26 @@ def tokenselect_attention_forward(module, query, key, value, attention_mask, dro
     cache = st.caches.get(layer)
     if cache is None:
         cache = st.caches[layer] = kv_select.SelectionCache(threshold=st.cache_threshold)
+    # check=False: seq_lens is the cache length itself and the indices come from topk, so the
+    # value checks could not fail -- on CUDA they would cost a host sync per layer and step
+    # (and rule out CUDA graphs). The CPU validates anyway.
     if attention_mask is None:
         idx = kv_select.select(q, kc, seq_lens, k=st.k, n_sink=st.n_sink, n_local=st.n_local,
-                               scale=st.score_scale, cache=cache)
+                               scale=st.score_scale, cache=cache, check=False)
     else:
         # padding / windows: masked tokens can neither be scored nor attended
         valid = _valid_from_mask(attention_mask, B, N)
         qm = q.float()
         cache._ensure(B, Hq * D, st.k, q.device)
         hit = cache.decide(qm)
-        s = kv_select.score(q, kc, seq_lens, scale=st.score_scale, skip=hit)
+        s = kv_select.score(q, kc, seq_lens, scale=st.score_scale, skip=hit, check=False)
         s = s.masked_fill(~valid, float("-inf"))
         idx = kv_select.topk(s, st.k, seq_lens, n_sink=st.n_sink, n_local=st.n_local,
                              reuse=cache.prev_mid, reuse_mask=hit)
         cache.update(qm, idx, hit, st.n_sink, st.k)
         ok = (idx >= 0) & valid.gather(1, idx.clamp(min=0).long())
         idx = torch.where(ok, idx, torch.full_like(idx, -1))
-    out = kv_select.sparse_decode(q, kc, vc, idx, seq_lens, scale=scaling)   # (B, H_q, D)
+    out = kv_select.sparse_decode(q, kc, vc, idx, seq_lens, scale=scaling, check=False)   # (B, H_q, D)
     ls = st.stats.setdefault(layer, _LayerStats())
     ls.sparse_steps += 1
     ls.last_attended = (idx >= 0).sum(1)

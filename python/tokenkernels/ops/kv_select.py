@@ -64,6 +64,14 @@ def _impl(impl: str, op: str) -> int:
     return _IMPLS[impl]
 
 
+def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    """The logit scale: 1/sqrt(D) by default (head_dim 0 is left to the op's own check)."""
+    if scale is not None:
+        return float(scale)
+    D = q.shape[-1] if q.dim() > 0 else 0
+    return D ** -0.5 if D > 0 else 1.0
+
+
 def capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor] = None) -> int:
     """Token capacity per request (N_max): k_cache.size(1), or max_pages * page_size."""
     return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
@@ -111,8 +119,11 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
     Args:
         scores: (B, N_max) float32 (from :func:`score`).
         reuse, reuse_mask: (B, k) int32 ascending middle picks and (B,) bool: rows with
-            ``reuse_mask`` take their middle tokens from ``reuse`` (entries outside the current
-            middle region dropped) instead of from ``scores`` (the Selection Cache hit path).
+            ``reuse_mask`` take their middle tokens from ``reuse`` instead of from ``scores``
+            (the Selection Cache hit path): in order, the entries inside the current middle
+            region that exceed the last entry kept -- duplicates and entries outside the region
+            are dropped, and a list that is not ascending keeps an ascending subsequence
+            (``[5, 9, -1, 7]`` keeps 5, 9), so the output stays ascending.
         out: (B, n_sink + k + n_local) int32 buffer to write into (CUDA-graph friendly).
 
     Returns:
@@ -152,7 +163,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     indices = _int32(indices, "indices", op, k_cache.device)
     seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
     block_table = _int32(block_table, "block_table", op, k_cache.device)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(q, scale)
     if out is None and lse is None:
         o, l = torch.ops.tokenkernels.kv_sparse_decode(q, k_cache, v_cache, indices, seq_lens, block_table,
                                                        scale, check, _impl(impl, op))
@@ -191,7 +202,7 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     indices = _int32(indices, "indices", op, k_cache.device)
     seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
     block_table = _int32(block_table, "block_table", op, k_cache.device)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(q, scale)
     if out is None and lse is None:
         o, l = torch.ops.tokenkernels.kv_sparse_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start,
                                                         block_table, scale, check)

@@ -79,7 +79,9 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
     A request with seq_len <= n_sink + k + n_local gets all its tokens. Otherwise: tokens
     [0, n_sink), [L - n_local, L), and the k highest scores among [n_sink, L - n_local) (ties:
     lowest index). Rows with ``reuse_mask`` take their middle tokens from ``reuse`` (B, k) instead
-    (entries outside [n_sink, L - n_local) dropped) -- the Selection Cache hit path.
+    -- the Selection Cache hit path: in order, the entries in [n_sink, L - n_local) that exceed
+    the last entry kept (for an ascending list: its entries in range, duplicates dropped; the
+    result is ascending whatever the list, e.g. [5, 9, -1, 7] keeps 5, 9).
     """
     B = scores.shape[0]
     W = n_sink + k + n_local
@@ -91,8 +93,14 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
             continue
         lo, hi = n_sink, L - n_local
         if reuse_mask is not None and bool(reuse_mask[b]):
-            r = reuse[b].long()
-            mid = torch.unique(r[(r >= lo) & (r < hi)])
+            # in-range entries greater than the last one kept (an ascending list without
+            # duplicates as it is; any other list keeps its ascending subsequence greedily)
+            kept, last = [], -1
+            for v in reuse[b].tolist():
+                if lo <= v < hi and v > last:
+                    kept.append(v)
+                    last = v
+            mid = torch.tensor(kept, dtype=torch.long)
         else:
             s = scores[b, lo:hi]
             order = torch.sort(s, descending=True, stable=True).indices[:k]
