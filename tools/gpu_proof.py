@@ -1062,6 +1062,10 @@ class Runner:
             break
         fam["stages"][stage] = {"complete": complete, "why": why,
                                 "elapsed": round(time.monotonic() - t0, 1)}
+        if not any(r.get("stage") == stage for r in fam["results"].values()) and fam["runs"] and \
+                fam["runs"][-1]["rc"] not in (0, 5) and not fam["runs"][-1]["stopped"]:
+            # pytest itself failed (collection / import error): nothing proven, say why
+            fam["stages"][stage]["error"] = " | ".join(_tail_lines(log, 6))[-600:]
         if stage == "tests":
             fam["complete"] = complete
         return fam
@@ -1087,7 +1091,8 @@ class Runner:
         recs = [r for f in self.report["tests"].values() for r in f["results"].values() if r.get("stage") == stage]
         c = count_outcomes(recs)
         incomplete = [f for f in FAMILIES if not self.report["tests"].get(f, {}).get("stages", {}).get(stage, {}).get("complete")]
-        st = "fail" if any(c.get(o) for o in FAILING) else ("partial" if incomplete else "ok")
+        errors = [f for f in FAMILIES if self.report["tests"].get(f, {}).get("stages", {}).get(stage, {}).get("error")]
+        st = "fail" if any(c.get(o) for o in FAILING) or errors else ("partial" if incomplete else "ok")
         return st, f"{sum(c.values())} tests: {fmt_counts(c)}" + (f"; incomplete: {', '.join(incomplete)}" if incomplete else "")
 
     # -------------------------------------------------------------- sanitizers
@@ -1252,13 +1257,16 @@ print(json.dumps({"bf16_tflops": 2 * n**3 / s / 1e12, "copy_gbs": 2 * nbytes / c
         self.report["proven"] = proven(self.report)
         text = render_summary(self.report)
         rc = exit_status(self.report)
-        write_results(self.report, text, self.results, self.work, self.console)
+        try:
+            write_results(self.report, text, self.results, self.work, self.console)
+        except OSError as e:
+            self.say(f"gpu-proof: could not write the results to {self.results}: {e}")
         self.say(text)
         return rc
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(BaseException):
+    """SIGTERM or the watchdog: not an Exception, so no stage's error handler swallows it."""
 
 
 def _raise_term(signum, frame):
@@ -1478,6 +1486,13 @@ def render_summary(report: dict) -> str:
                "'?' run cut before its summary)")
     fails = [r for f in report.get("tests", {}).values() for r in f.get("results", {}).values()
              if r["outcome"] in FAILING]
+    errs = [(fam, stage, st["error"]) for fam, f in report.get("tests", {}).items()
+            for stage, st in f.get("stages", {}).items() if st.get("error")]
+    if errs:
+        out.append("")
+        out.append("pytest could not run:")
+        for fam, stage, e in errs[:4]:
+            out.append(f"  {stage} {fam}: {e[-300:]}")
     if fails:
         out.append("")
         out.append(f"failures ({len(fails)}, first 8):")

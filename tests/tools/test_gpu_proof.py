@@ -197,11 +197,11 @@ def test_b():
 '''
 
 
-@pytest.mark.parametrize("mode", ["sticky", "crash", "hang"])
+@pytest.mark.parametrize("mode", ["sticky", "crash", "hang", "broken"])
 def test_runner_restarts_after_sticky_errors_and_crashes(tmp_path, mode):
     d = tmp_path / "fake"
     d.mkdir()
-    (d / "test_fake.py").write_text(FAKE_TESTS.format(name=mode, mode=mode))
+    (d / "test_fake.py").write_text(FAKE_TESTS.format(name=mode, mode=mode) + ("def (:\n" if mode == "broken" else ""))
     args = gp.parse_args(["--results", str(tmp_path / "res"), "--work", str(tmp_path / "work")])
     r = gp.Runner(args, gp.Console())
     r.work.mkdir(parents=True)
@@ -211,6 +211,10 @@ def test_runner_restarts_after_sticky_errors_and_crashes(tmp_path, mode):
     r.selection = lambda stage, family: [str(d / "test_fake.py"), "-p", "no:hypothesispytest"]
     fam = r.run_tests("smoke", "fake", 3.0 if mode == "hang" else 30.0)
     out = {k.split("::")[-1]: v["outcome"] for k, v in fam["results"].items()}
+    if mode == "broken":                              # a collection error: nothing ran, say why
+        assert out == {} and "SyntaxError" in fam["stages"]["smoke"]["error"]
+        assert not fam["stages"]["smoke"]["complete"] and len(fam["runs"]) == 1
+        return
     if mode == "hang":
         assert out == {"test_a[cuda-plain]": "passed", "test_a[cuda-tuned]": "interrupted"}
         assert not fam["stages"]["smoke"]["complete"]
@@ -343,3 +347,20 @@ def test_make_targets_pass_the_options():
     assert "tools/gpu_proof.py" in out and "--dry-run" in out and '--results "/tmp/o"' in out and "--budget 300" in out
     out = subprocess.run(["make", "-n", "gpu-proof", "RESULTS=/tmp/r"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "--dry-run" not in out and '--results "/tmp/r"' in out
+
+
+def test_a_machine_without_a_cuda_torch_gets_a_summary_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gp, "GPU_PYTHONS", [])
+    fake = tmp_path / "python3"                      # an interpreter without torch
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    fake.chmod(0o755)
+    rc = gp.main(["--python", str(fake), "--results", str(tmp_path / "res"), "--work", str(tmp_path / "w"),
+                  "--budget", "120"])
+    out = capsys.readouterr().out
+    assert rc == 2
+    assert out.rstrip().splitlines()[-1].startswith("gpu-proof: NOT RUN")
+    assert "no interpreter with a CUDA torch" in out
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == sorted(gp.RESULT_FILES)
+    proven = json.loads((tmp_path / "res" / "proven.json").read_text())
+    assert set(proven) == set(gp.FAMILIES) and {v for f in proven.values() for v in f.values()} == {"untested"}
+    assert issubclass(gp._Terminated, BaseException) and not issubclass(gp._Terminated, Exception)
