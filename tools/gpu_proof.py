@@ -1050,7 +1050,9 @@ class Runner:
                     why = "stopped at its deadline"
                 break
             sticky = [s for s in parsed["sticky"] if s["nodeid"] in new]
-            crashed = r.rc is None or r.rc < 0 or r.rc not in (0, 1, 5)
+            # a signal, an odd exit (2: stopped by the plugin, 3: internal error) or a test that
+            # started and never reported (e.g. pytest-timeout's os._exit): the rest did not run
+            crashed = r.rc is None or r.rc < 0 or r.rc not in (0, 1, 5) or unfinished is not None
             if sticky or crashed:
                 why = (f"sticky CUDA error in {sticky[-1]['nodeid']}" if sticky else f"pytest exit {r.rc}")
                 run_rec["restart"] = why
