@@ -808,7 +808,6 @@ class Runner:
                              "wheels": {}, "impls": read_impls()}
         self.py: Optional[str] = None
         self.pyinfo: dict = {}
-        self.env: Dict[str, str] = dict(os.environ)
         self.built = False
         self.gpu_ok = False
         self.has_timeout_plugin = False
