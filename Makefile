@@ -17,7 +17,7 @@ JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 # the environment's tools (cmake, ninja from the lock) come first
 export PATH := $(ENV_BIN):$(PATH)
 
-.PHONY: all deps env-check lock build test pytest cuda-check bench bench-cpp clean distclean
+.PHONY: all deps env-check lock build test pytest cuda-check bench bench-cpp gpu-proof gpu-wheels clean distclean
 
 all: test
 
@@ -55,6 +55,20 @@ bench: build
 
 bench-cpp: build
 	$(ENV_PY) -m tokenkernels._bench_bin
+
+# GPU proof (tools/gpu_proof.py, standard library only; see bench/README.md "GPU proof"). On a GPU
+# machine without internet, in one run of at most BUDGET s (default 540): install the wheels carried
+# in .whl/, build for its arch, CUDA tests, compute-sanitizer, CUDA benchmarks, summary last; results
+# in OUT= / RESULTS= (default $OUT, else build/gpu-proof). DRY_RUN=1: every step that needs no GPU.
+gpu-proof:
+	@$(PYTHON) tools/gpu_proof.py --fallback-python "$(ENV_PY)" \
+		$(if $(filter 1 yes true,$(DRY_RUN)),--dry-run,) \
+		$(if $(RESULTS),--results "$(RESULTS)",$(if $(OUT),--results "$(OUT)",)) \
+		$(if $(BUDGET),--budget $(BUDGET),)
+
+# Here, before a GPU session: download the wheels the GPU machine lacks into .whl/ (carry it).
+gpu-wheels:
+	@$(PYTHON) tools/gpu_proof.py --download-wheels --pip-python "$(ENV_PY)"
 
 clean:
 	rm -rf $(BUILD) python/tokenkernels/_C*.so python/tokenkernels/_bin *.egg-info python/*.egg-info
