@@ -142,7 +142,12 @@ at::Tensor paths_cpu(const at::Tensor& parents_in, const at::Tensor& depth_in,
       if (rk[r] < 0) continue;
       const int64_t b = r / n;
       int64_t* row = out + (b * max_leaves + rk[r]) * Dp;
-      for (int64_t j = r % n; j >= 0; j = par[b * n + j]) row[dep[b * n + j]] = j;
+      // effective parents (tree.h): a direct call with bad parents cannot loop or read past
+      // the tree; depths outside [0, max_depth] (inconsistent inputs) are not written
+      for (int64_t j = r % n; j >= 0; j = effective_parent(par[b * n + j], j)) {
+        const int64_t d = dep[b * n + j];
+        if (d >= 0 && d <= max_depth) row[d] = j;
+      }
     }
   });
   return paths;

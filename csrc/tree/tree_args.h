@@ -40,7 +40,8 @@ inline void check_lens_shape(const std::optional<at::Tensor>& lens, const at::Te
   check_device(ref, *lens, op, "parents", name);
 }
 
-// Values of tree_lens (1 <= len <= n) and parents (root -1, 0 <= p < i) on CPU tensors.
+// Values of tree_lens (1 <= len <= n) and parents (root -1, 0 <= p < i) on CPU int64 tensors (so
+// an int64 parent beyond int32 is rejected, never wrapped). Always on CPU; on CUDA with check.
 inline void check_parent_values(const at::Tensor& parents_cpu, const at::Tensor& lens_cpu,
                                 const char* op, const char* name = "parents") {
   const int64_t B = parents_cpu.size(0), n = parents_cpu.size(1);

@@ -14,6 +14,7 @@ from .trees import random_parents
     ([[-1, 0, -1]], r"parents\[0, 2\] = -1"),                             # a second root
     ([[-1, 0, -5]], r"parents\[0, 2\] = -5"),                             # < -1
     ([[-1, 0, 0], [-1, 7, 0]], r"parents\[1, 1\] = 7"),                   # out of range
+    ([[-1, 0, 2**32]], r"parents\[0, 2\] = 4294967296 must lie"),         # int64, not wrapped to 0
 ])
 def test_bad_parents(device, parents, match):
     with pytest.raises((RuntimeError, ValueError), match=match):

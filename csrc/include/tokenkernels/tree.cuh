@@ -36,15 +36,21 @@ __device__ __forceinline__ int64_t prefix_len(const AttnProblem& p, int64_t b, i
 }
 
 __device__ __forceinline__ int64_t tree_len(const int64_t* lens, int64_t b, int64_t n) {
-  if (!lens) return n;
-  const int64_t L = lens[b];
-  return L < 0 ? 0 : (L > n ? n : L);
+  return lens ? clamp_len(lens[b], n) : n;
+}
+
+// Tree keys of request b that lie inside the cache: all L of them unless the tree alone is
+// longer than the cache (unvalidated tree_lens); keys past it are skipped.
+__device__ __forceinline__ int64_t tree_keys(const AttnProblem& p, int64_t P, int64_t L) {
+  return L < p.max_prefix - P ? L : p.max_prefix - P;
 }
 
 // ------------------------------------------------------------------------------------ build
 // grid = B, block = up to 1024 threads, dynamic shared memory:
 //   int sh_par[n], int sh_fc[n] (+ int keys[npow2] for the sorted variant).
-// Step 1: parents -> shared, first_child <- -1. Step 2: every node walks its ancestors in shared
+// Step 1: effective parents (tree.h: invalid ones -> -1, checked in int64 before the narrowing)
+// -> shared, first_child <- -1, next_sibling <- -1 for the nodes no child list links (root,
+// padding, detached nodes). Step 2: every node walks its ancestors in shared
 // memory, writing its mask row word by word (ancestors come in decreasing index order, so the
 // words are produced from high to low) and its depth. Step 3: child lists, either
 //   plain : node i scans forward for the next node with the same parent (O(n) per thread), and
@@ -67,8 +73,10 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
   const int64_t W = mask_words(n);
   const int64_t* par = parents + b * n;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    sh_par[i] = i < L ? static_cast<int>(par[i]) : -1;
+    const int p = i < L ? static_cast<int>(effective_parent(par[i], i)) : -1;   // in [-1, i)
+    sh_par[i] = p;
     sh_fc[i] = i < L ? 0x7fffffff : -1;   // "no child yet" for real nodes (atomicMin target)
+    if (p < 0) next_sibling[b * n + i] = -1;   // the only write of this entry
   }
   __syncthreads();
 
@@ -85,8 +93,8 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
     int64_t cur_w = top;
     uint32_t acc = 0u;
     int64_t d = -1;
-    // (with unvalidated parents a non-decreasing step ends the walk: no cycles, no OOB reads)
-    for (int j = static_cast<int>(i), prev = static_cast<int>(i) + 1; j >= 0 && j < prev; prev = j, j = sh_par[j]) {
+    // effective parents strictly decrease: the walk ends, and stays inside the tree
+    for (int j = static_cast<int>(i); j >= 0; j = sh_par[j]) {
       const int64_t w = j >> 5;
       while (cur_w > w) {   // flush finished words (possibly empty ones in between)
         row[cur_w--] = acc;
@@ -106,10 +114,7 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
   if (!kSorted) {
     for (int64_t i = 1 + threadIdx.x; i < L; i += blockDim.x) {
       const int p = sh_par[i];
-      if (p < 0 || p >= i) {   // invalid (unvalidated) parent: not linked
-        next_sibling[b * n + i] = -1;
-        continue;
-      }
+      if (p < 0) continue;   // detached node: not linked (next_sibling written in step 1)
       atomicMin(&sh_fc[p], static_cast<int>(i));
       int64_t nxt = -1;
       for (int64_t j = i + 1; j < L; ++j)
@@ -119,12 +124,10 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
         }
       next_sibling[b * n + i] = nxt;
     }
-    if (threadIdx.x == 0) next_sibling[b * n] = -1;
-    for (int64_t i = L + threadIdx.x; i < n; i += blockDim.x) next_sibling[b * n + i] = -1;
   } else {
     const int kNone = 0x7fffffff;
     for (int k = threadIdx.x; k < npow2; k += blockDim.x)
-      keys[k] = (k >= 1 && k < L && sh_par[k] >= 0 && sh_par[k] < k) ? sh_par[k] * static_cast<int>(n) + k : kNone;
+      keys[k] = (k >= 1 && k < L && sh_par[k] >= 0) ? sh_par[k] * static_cast<int>(n) + k : kNone;
     __syncthreads();
     // bitonic sort, ascending; thread t handles the pair (pos, pos + stride) with pos having the
     // `stride` bit clear: pos = 2t - (t mod stride).
@@ -149,8 +152,6 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
       next_sibling[b * n + node] = (nk != kNone && nk / static_cast<int>(n) == p) ? nk % static_cast<int>(n) : -1;
       if (k == 0 || keys[k - 1] / static_cast<int>(n) != p) sh_fc[p] = node;   // one writer per parent
     }
-    if (threadIdx.x == 0) next_sibling[b * n] = -1;
-    for (int64_t i = L + threadIdx.x; i < n; i += blockDim.x) next_sibling[b * n + i] = -1;
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -163,6 +164,9 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
 // grid = B, block = 256. Every thread owns a contiguous chunk of nodes; leaf counts per chunk
 // are scanned block-wide (Hillis-Steele in shared memory) to give each leaf its rank, then each
 // leaf walks up its ancestors writing its path. The output of the tree is pre-filled with -1.
+// The walk follows effective parents (tree.h), so unvalidated parents (build check=False, or a
+// direct call) end it instead of looping or reading past the tree; depths outside [0, D_max]
+// are not written.
 __global__ void __launch_bounds__(256) paths_kernel(const int64_t* __restrict__ parents,
                                                     const int64_t* __restrict__ depth,
                                                     const int64_t* __restrict__ first_child,
@@ -191,30 +195,39 @@ __global__ void __launch_bounds__(256) paths_kernel(const int64_t* __restrict__ 
   for (int64_t i = i0; i < i1; ++i) {
     if (first_child[b * n + i] >= 0) continue;
     if (rank < L_max)
-      for (int64_t j = i; j >= 0; j = parents[b * n + j]) {
+      for (int64_t j = i; j >= 0; j = effective_parent(parents[b * n + j], j)) {
         const int64_t d = depth[b * n + j];
-        if (d <= D_max) out[rank * Dp + d] = j;
+        if (d >= 0 && d <= D_max) out[rank * Dp + d] = j;
       }
     ++rank;
   }
 }
 
 // -------------------------------------------------------------------------------- attention
+// pos < max_prefix always (callers clamp), so the table column is < max_pages; the page index
+// itself is clamped into [0, num_pages) (validated on the host only with check=True).
 template <typename T>
 struct Cache {
   const T* base;
   const int64_t* table;
-  int64_t N_max, page_size, max_pages, Hkv, D;
+  int64_t N_max, page_size, max_pages, num_pages, Hkv, D;
   __device__ __forceinline__ const T* row(int64_t b, int64_t pos, int64_t h) const {
-    const int64_t slot = table ? table[b * max_pages + pos / page_size] * page_size + pos % page_size
-                               : b * N_max + pos;
+    int64_t slot;
+    if (table) {
+      int64_t page = table[b * max_pages + pos / page_size];
+      page = page < 0 ? 0 : (page >= num_pages ? num_pages - 1 : page);
+      slot = page * page_size + pos % page_size;
+    } else {
+      slot = b * N_max + pos;
+    }
     return base + (slot * Hkv + h) * D;
   }
 };
 
 template <typename T>
 __device__ __forceinline__ Cache<T> make_cache(const AttnProblem& p, const void* base) {
-  return Cache<T>{static_cast<const T*>(base), p.block_table, p.N_max, p.page_size, p.max_pages, p.Hkv, p.D};
+  return Cache<T>{static_cast<const T*>(base), p.block_table, p.N_max, p.page_size, p.max_pages,
+                  p.num_pages, p.Hkv, p.D};
 }
 
 // Online-softmax state of one query row, distributed over a warp (DL dims per lane).

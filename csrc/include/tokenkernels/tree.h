@@ -18,6 +18,21 @@ namespace tree {
 
 TK_HD int64_t mask_words(int64_t n) { return (n + 31) / 32; }
 
+// The parent node i follows in every ancestor walk: parents[i] when it is a valid parent
+// (0 <= p < i), else -1. With validated parents this is the identity; with unvalidated ones
+// (CUDA check=False) a node whose parent is invalid -- the root's own -1 aside: a second -1, a
+// self or forward reference, a value >= n, or an int64 beyond int32 -- becomes the root of a
+// detached subtree: walks stop there (no loops, no reads past the tree), it is nobody's child.
+TK_HD int64_t effective_parent(int64_t p, int64_t i) { return (p >= 0 && p < i) ? p : -1; }
+
+// tree_lens[b] clamped into [0, n] (unvalidated lengths never index past the tree).
+TK_HD int64_t clamp_len(int64_t L, int64_t n) { return L < 0 ? 0 : (L > n ? n : L); }
+
+// Child links are valid iff they point forward inside the tree: first_child[u] is -1 or in
+// (u, n), next_sibling[c] is -1 or in (c, n) (what build produces). Walks over unvalidated links
+// stop at the first link that is not (so a corrupt link can never loop or read out of bounds).
+TK_HD bool link_ok(int64_t next, int64_t cur, int64_t n) { return next > cur && next < n; }
+
 // Bit j of a packed mask row.
 TK_HD bool mask_bit(const int32_t* row, int64_t j) {
   return ((static_cast<uint32_t>(row[j >> 5]) >> (j & 31)) & 1u) != 0;

@@ -120,7 +120,16 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
             read from the built tree (one host sync on CUDA); pass both to avoid it. On CPU too
             small values raise; on CUDA deeper nodes / extra leaves are dropped.
         check: validate parents and tree_lens (always done on CPU; one host sync on CUDA).
+            With ``check=False`` on CUDA bad values are not errors but have a defined result:
+            a node whose parent is not in ``[0, i)`` (a second -1, itself, a later node, a value
+            >= n, an int64 beyond int32 -- never wrapped) is the root of a detached subtree: its
+            own and its descendants' ancestor walks stop at it (mask rows, depths and paths), it
+            is nobody's child (``next_sibling`` -1, not in its parent's list); ``tree_lens`` are
+            clamped into ``[0, n]``. Nothing loops or is read out of bounds.
         impl: CUDA variant "auto" | "plain" | "tuned" (CPU ignores it).
+
+    With ``check=False`` and both ``max_depth`` and ``max_leaves`` given, a CUDA build never
+    syncs with the host (CUDA graphs).
     """
     op = "build"
     parents = _index_tensor(parents, "parents", op, _dims_1_or_2(parents))
