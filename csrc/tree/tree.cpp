@@ -332,8 +332,9 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
 void attention_out_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                        const at::Tensor& prefix_lens, const at::Tensor& mask_in,
                        const std::optional<at::Tensor>& tree_lens,
-                       const std::optional<at::Tensor>& block_table, double scale, int64_t impl,
-                       const at::Tensor& out, const at::Tensor& lse) {
+                       const std::optional<at::Tensor>& block_table, double scale, bool check,
+                       int64_t impl, const at::Tensor& out, const at::Tensor& lse) {
+  (void)check;   // always validated on CPU (no sync to save)
   (void)impl;
   auto d = check_attention_args(q_in, k_in, v_in, prefix_lens, mask_in, tree_lens, block_table);
   check_out_args(q_in, d, out, lse);
@@ -357,11 +358,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& mask,
                                                  const std::optional<at::Tensor>& tree_lens,
                                                  const std::optional<at::Tensor>& block_table,
-                                                 double scale, int64_t impl) {
+                                                 double scale, bool check, int64_t impl) {
   TORCH_CHECK(q.dim() == 4, "tokenkernels.tree.attention: q must be 4-D (B, n, H_q, D), got shape ", q.sizes());
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  attention_out_cpu(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, impl, out, lse);
+  attention_out_cpu(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, impl, out, lse);
   return {out, lse};
 }
 

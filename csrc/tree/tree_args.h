@@ -131,7 +131,8 @@ inline AttnDims check_attention_args(const at::Tensor& q, const at::Tensor& k, c
   return d;
 }
 
-// Value checks (CPU tensors, int64): lengths fit the cache, pages in range.
+// Value checks (CPU tensors, int64): lengths fit the cache, pages in range. Always on CPU; on
+// CUDA with check=True (one host sync), else the kernels clamp (tree.h AttnProblem).
 inline void check_attention_values(const AttnDims& d, const at::Tensor& prefix_cpu,
                                    const at::Tensor& lens_cpu, const at::Tensor& table_cpu) {
   const int64_t* P = prefix_cpu.data_ptr<int64_t>();

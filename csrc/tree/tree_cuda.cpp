@@ -68,7 +68,7 @@ at::Tensor paths_cuda(const at::Tensor& parents_in, const at::Tensor& depth_in, 
 void attention_out_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                         const at::Tensor& prefix_lens, const at::Tensor& mask_in,
                         const std::optional<at::Tensor>& tree_lens, const std::optional<at::Tensor>& block_table,
-                        double scale, int64_t impl, const at::Tensor& out, const at::Tensor& lse) {
+                        double scale, bool check, int64_t impl, const at::Tensor& out, const at::Tensor& lse) {
   auto d = check_attention_args(q_in, k_in, v_in, prefix_lens, mask_in, tree_lens, block_table);
   check_out_args(q_in, d, out, lse);
   TORCH_CHECK(d.D % 32 == 0 && d.D <= 256, "tokenkernels.tree.attention: head dim D = ", d.D,
@@ -78,6 +78,20 @@ void attention_out_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
   auto P = long_contig(prefix_lens);
   auto lens = opt_long(tree_lens);
   auto table = opt_long(block_table);
+  if (check) {   // one D2H copy of (prefix_lens, tree_lens, block_table)
+    std::vector<at::Tensor> parts{P};
+    if (lens.defined()) parts.push_back(lens);
+    if (table.defined()) parts.push_back(table.reshape({-1}));
+    auto host = at::cat(parts).cpu();
+    int64_t off = d.B;
+    at::Tensor P_h = host.narrow(0, 0, d.B), lens_h, table_h;
+    if (lens.defined()) {
+      lens_h = host.narrow(0, off, d.B);
+      off += d.B;
+    }
+    if (table.defined()) table_h = host.narrow(0, off, d.B * d.max_pages).view({d.B, d.max_pages});
+    check_attention_values(d, P_h, lens_h, table_h);
+  }
   AttnProblem p;
   p.B = d.B;
   p.n = d.n;
@@ -95,8 +109,9 @@ void attention_out_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
   p.N_max = d.N_max;
   p.page_size = d.paged ? d.page_size : 1;
   p.max_pages = d.max_pages;
-  // Upper bound of every prefix from the shapes alone (no sync): the cache capacity.
-  p.max_prefix = d.paged ? d.max_pages * d.page_size : d.N_max;
+  p.num_pages = d.num_pages;
+  // Positions per request from the shapes alone (no sync): the cache capacity (0 without pages).
+  p.max_prefix = d.paged ? (d.num_pages > 0 ? d.max_pages * d.page_size : 0) : d.N_max;
   p.scale = static_cast<float>(scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -109,11 +124,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   const at::Tensor& prefix_lens, const at::Tensor& mask,
                                                   const std::optional<at::Tensor>& tree_lens,
                                                   const std::optional<at::Tensor>& block_table, double scale,
-                                                  int64_t impl) {
+                                                  bool check, int64_t impl) {
   TORCH_CHECK(q.dim() == 4, "tokenkernels.tree.attention: q must be 4-D (B, n, H_q, D), got shape ", q.sizes());
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  attention_out_cuda(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, impl, out, lse);
+  attention_out_cuda(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, impl, out, lse);
   return {out, lse};
 }
 

@@ -121,3 +121,69 @@ def test_int64_parents_rejected_unwrapped(device):
         tk.tree.build(p.to(device))
 
 
+# -------------------------------------------------------------------------------- attention
+def _attn_case(device, B=2, n=6, N=20, pages=None):
+    par = random_parents(B, n, seed=1)
+    t = tk.tree.build(par.to(device))
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(B, n, 4, 32, generator=g).to(device)
+    if pages is None:
+        k = torch.randn(B, N, 2, 32, generator=g).to(device)
+        v = torch.randn(B, N, 2, 32, generator=g).to(device)
+    else:
+        k = torch.randn(pages, 4, 2, 32, generator=g).to(device)
+        v = torch.randn(pages, 4, 2, 32, generator=g).to(device)
+    return t, q, k, v
+
+
+def test_cpu_attention_validates_even_unchecked():
+    t, q, kp, vp = _attn_case("cpu", pages=5)
+    table = torch.tensor([[0, 1, 2, 3], [4, 0, 9, 1]])
+    with pytest.raises(RuntimeError, match=r"block_table\[1, 2\] = 9 is not a page index"):
+        tk.tree.attention(q, kp, vp, torch.tensor([3, 9]), t, block_table=table, check=False)
+
+
+@CUDA
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+def test_cuda_unchecked_attention_clamps(impl):
+    """Pages outside [0, num_pages) are clamped, prefix_lens into [0, capacity - tree_len], tree
+    keys past the capacity skipped: no error, no out-of-bounds read (a later sync stays clean)."""
+    t, q, kp, vp = _attn_case("cuda", pages=5)
+    A = lambda *a, **kw: tk.tree.attention(*a, check=False, impl=impl, return_lse=True, **kw)  # noqa: E731
+    P = torch.tensor([3, 9], device="cuda")
+    bad = torch.tensor([[0, 1, -7, 3], [4, 0, 9, 1 << 40]], device="cuda")
+    got = A(q, kp, vp, P, t, block_table=bad)
+    want = A(q, kp, vp, P, t, block_table=bad.clamp(0, 4))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # prefix_lens: negative -> 0, too long -> capacity (4 pages * 4) - tree_len (6) = 10
+    table = torch.tensor([[0, 1, 2, 3], [4, 0, 2, 1]], device="cuda")
+    got = A(q, kp, vp, torch.tensor([-5, 1 << 40], device="cuda"), t, block_table=table)
+    want = A(q, kp, vp, torch.tensor([0, 10], device="cuda"), t, block_table=table)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # a tree longer than the cache (6 tree tokens, 4 positions): keys past it are skipped
+    tc, qc, kc, vc = _attn_case("cuda", N=4)
+    out, lse = tk.tree.attention(qc, kc, vc, torch.tensor([2, 0], device="cuda"), tc, check=False, impl=impl,
+                                 tree_lens=torch.tensor([6, 9], device="cuda"), return_lse=True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    # row 0 (the root) attends key 0 only: its output is v of position 0
+    torch.testing.assert_close(out[:, 0], vc[:, 0].repeat_interleave(2, dim=1), rtol=1e-5, atol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("impl", ["plain", "tuned"])
+def test_cuda_attention_any_batch(impl):
+    """B > 65535 (the grid's y/z limit): rows of every request on x."""
+    B, P = 65544, 40
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t = tk.tree.build(torch.full((B, 1), -1, device="cuda"), max_depth=0, max_leaves=1, check=False)
+    q = torch.randn(B, 1, 2, 32, device="cuda", generator=g)
+    k = torch.randn(B, P + 1, 2, 32, device="cuda", generator=g)
+    v = torch.randn(B, P + 1, 2, 32, device="cuda", generator=g)
+    out = tk.tree.attention(q, k, v, torch.full((B,), P, device="cuda"), t, impl=impl, check=False)
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                           v.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=2e-5)
+    assert (out[-1].abs().sum() > 0).item()   # the last request was computed too
+
+

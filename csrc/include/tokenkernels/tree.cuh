@@ -2,7 +2,9 @@
 //
 // Indexing conventions:
 //   * one-block-per-tree kernels (build, paths, verify_sampling, select_*): b = blockIdx.x;
-//   * attention: one warp per query row (b, i, hq); row r of the (n * Hq) rows of request b is
+//   * attention: the request (and KV head) and the row block share blockIdx.x (plus a launch
+//     offset `block0`: the launcher splits grids past the x limit), so any B works; the prefix
+//     split is blockIdx.y (<= 64). One warp per query row (b, i, hq); row r of the (n * Hq) rows of request b is
 //     i = r / Hq, hq = r % Hq, and its KV head is h = hq / G (G = Hq / Hkv). Inside a warp, lane
 //     l holds head-dim elements l, l + 32, ..., l + 32 * (DL - 1) (D = 32 * DL), so K/V rows
 //     are read with coalesced 32-lane loads and a dot product is DL FMAs + a warp reduction.
@@ -267,15 +269,17 @@ __device__ __forceinline__ void load_q(const AttnProblem& p, int64_t b, int64_t 
   for (int t = 0; t < DL; ++t) st.q[t] = to_f(qr[lane + 32 * t]) * p.scale;
 }
 
-// Split-KV prefix pass, plain: grid (ceil(n*Hq / 4), splits, B), 128 threads, one warp per row,
-// K/V straight from global memory. Writes the split's normalised partial output and its lse.
+// Split-KV prefix pass, plain: grid (B * RB, splits) with RB = ceil(n*Hq / 4) row blocks per
+// request, 128 threads, one warp per row, K/V straight from global memory. Writes the split's
+// normalised partial output and its lse.
 template <typename T, int DL>
-__global__ void __launch_bounds__(128) prefix_plain_kernel(AttnProblem p, int64_t chunk,
+__global__ void __launch_bounds__(128) prefix_plain_kernel(AttnProblem p, int64_t chunk, int64_t block0,
                                                            float* __restrict__ part_o,
                                                            float* __restrict__ part_lse) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t s = blockIdx.y, b = blockIdx.z;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp;
+  const int64_t RB = (p.n * p.Hq + 3) / 4, blk = block0 + blockIdx.x;
+  const int64_t s = blockIdx.y, b = blk / RB;
+  const int64_t r = (blk % RB) * 4 + warp;
   if (r >= p.n * p.Hq) return;
   const int64_t i = r / p.Hq, hq = r % p.Hq, h = hq / (p.Hq / p.Hkv);
   const int64_t L = tree_len(p.tree_lens, b, p.n);
@@ -304,21 +308,24 @@ __global__ void __launch_bounds__(128) prefix_plain_kernel(AttnProblem p, int64_
   if (lane == 0) part_lse[row] = st.lse();
 }
 
-// Split-KV prefix pass, tuned: grid (ceil(n*G / kRows), splits, B * Hkv), 256 threads (8 warps).
+// Split-KV prefix pass, tuned: grid (B * Hkv * RB, splits) with RB = ceil(n*G / kRows) row
+// blocks per (request, KV head), 256 threads (8 warps).
 // The block serves kRows = 32 query rows of one KV head (4 per warp); K/V tiles of KT keys are
 // staged once in shared memory (fp32, converted once) and reused by all 32 rows, so the cache is
 // read from global memory once per 32 rows instead of once per row.
 template <typename T, int DL>
-__global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_t chunk,
+__global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_t chunk, int64_t block0,
                                                            float* __restrict__ part_o,
                                                            float* __restrict__ part_lse) {
   constexpr int kRowsPerWarp = 4, kRows = 8 * kRowsPerWarp;
   constexpr int D = 32 * DL, KT = 128 / DL;   // KT * D = 4096 floats per tile (16 KiB)
   __shared__ float sk[KT * D], sv[KT * D];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t s = blockIdx.y;
-  const int64_t b = blockIdx.z / p.Hkv, h = blockIdx.z % p.Hkv;
   const int64_t G = p.Hq / p.Hkv;
+  const int64_t RB = (p.n * G + kRows - 1) / kRows, blk = block0 + blockIdx.x;
+  const int64_t rb = blk % RB, bh = blk / RB;
+  const int64_t s = blockIdx.y;
+  const int64_t b = bh / p.Hkv, h = bh % p.Hkv;
   const int64_t L = tree_len(p.tree_lens, b, p.n);
   const int64_t P = prefix_len(p, b, L);
   const int64_t k0 = s * chunk, k1 = (s + 1) * chunk < P ? (s + 1) * chunk : P;
@@ -327,7 +334,7 @@ __global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_
   bool live[kRowsPerWarp];
 #pragma unroll
   for (int w = 0; w < kRowsPerWarp; ++w) {
-    const int64_t rr = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp + w;
+    const int64_t rr = rb * kRows + warp * kRowsPerWarp + w;
     const int64_t i = rr / G;
     live[w] = i < L;
     st[w].init();
@@ -358,7 +365,7 @@ __global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_
 #pragma unroll
   for (int w = 0; w < kRowsPerWarp; ++w) {
     if (!live[w]) continue;
-    const int64_t rr = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp + w;
+    const int64_t rr = rb * kRows + warp * kRowsPerWarp + w;
     const int64_t i = rr / G, hq = h * G + rr % G;
     const int64_t row = (s * p.B + b) * p.n * p.Hq + i * p.Hq + hq;
     const float inv = st[w].l > 0.f ? 1.f / st[w].l : 0.f;
@@ -368,17 +375,18 @@ __global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_
   }
 }
 
-// Tree part + merge: grid (ceil(n*Hq / 4), B), 128 threads, one warp per row (i, hq). The row's
-// tree keys are the set bits j < L of its mask row (visited word by word with __ffs, so only
+// Tree part + merge: grid B * RB (RB = ceil(n*Hq / 4)), 128 threads, one warp per row (i, hq).
+// The row's tree keys are the set bits j < tree_keys of its mask row (visited word by word with __ffs, so only
 // ancestors are read); the result is merged with the `splits` prefix partials by log-sum-exp and
 // written in the output dtype together with the row's lse.
 template <typename T, int DL>
-__global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t splits,
+__global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t splits, int64_t block0,
                                                          const float* __restrict__ part_o,
                                                          const float* __restrict__ part_lse) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t b = blockIdx.y;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp;
+  const int64_t RB = (p.n * p.Hq + 3) / 4, blk = block0 + blockIdx.x;
+  const int64_t b = blk / RB;
+  const int64_t r = (blk % RB) * 4 + warp;
   if (r >= p.n * p.Hq) return;
   const int64_t i = r / p.Hq, hq = r % p.Hq, h = hq / (p.Hq / p.Hkv);
   const int64_t L = tree_len(p.tree_lens, b, p.n);
@@ -390,16 +398,16 @@ __global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t 
     if (lane == 0) *lse_out = -INFINITY;
     return;
   }
-  const int64_t P = prefix_len(p, b, L);
+  const int64_t P = prefix_len(p, b, L), Lk = tree_keys(p, P, L);
   RowState<DL> st;
   st.init();
   load_q<T, DL>(p, b, i, hq, st);
   const Cache<T> K = make_cache<T>(p, p.k), V = make_cache<T>(p, p.v);
   const int64_t W = mask_words(p.n);
   const int32_t* mrow = p.mask + (b * p.n + i) * W;
-  for (int64_t w = 0; w * 32 < L; ++w) {
+  for (int64_t w = 0; w * 32 < Lk; ++w) {
     uint32_t bits = static_cast<uint32_t>(mrow[w]);
-    if ((w + 1) * 32 > L) bits &= (1u << (L - w * 32)) - 1u;   // keys past the tree length
+    if ((w + 1) * 32 > Lk) bits &= (1u << (Lk - w * 32)) - 1u;   // keys past the tree length
     while (bits) {
       const int64_t j = w * 32 + __ffs(bits) - 1;
       bits &= bits - 1u;

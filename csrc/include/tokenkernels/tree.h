@@ -84,7 +84,8 @@ cudaError_t launch_paths(const int64_t* parents, const int64_t* depth, const int
 // Tree attention. q (B, n, Hq, D) contiguous; K/V caches contiguous (B, N_max, Hkv, D) or paged
 // (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int64. Tree token j of request
 // b sits at cache position prefix_lens[b] + j. Output out (B, n, Hq, D) in the input dtype, lse
-// (B, n, Hq) fp32 (natural log). Rows i >= tree_lens[b]: zeros, lse = -inf.
+// (B, n, Hq) fp32 (natural log). Rows i >= tree_lens[b]: zeros, lse = -inf. Any B: every grid
+// puts (request, row block) on x (launched in chunks past the x limit).
 struct AttnProblem {
   int64_t B = 0, n = 0, Hq = 0, Hkv = 0, D = 0;
   DType dtype = DType::kFloat32;
@@ -97,7 +98,11 @@ struct AttnProblem {
   const int64_t* block_table = nullptr;   // (B, max_pages) or nullptr (contiguous)
   int64_t N_max = 0;                      // contiguous: cache length per request
   int64_t page_size = 0, max_pages = 0;   // paged
-  int64_t max_prefix = 0;                 // host-side upper bound of prefix_lens (no sync)
+  int64_t num_pages = 0;                  // paged: table entries are clamped into [0, num_pages)
+  // Cache positions per request (contiguous N_max, paged max_pages * page_size; 0 if the cache
+  // holds nothing): prefixes are clamped to max_prefix - tree_len and tree keys past it skipped,
+  // so unvalidated prefix_lens / tree_lens (check=False) never read out of bounds.
+  int64_t max_prefix = 0;
   float scale = 1.0f;
   void* out = nullptr;
   float* lse = nullptr;

@@ -170,7 +170,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
               mask, *, tree_lens: Optional[torch.Tensor] = None,
               block_table: Optional[torch.Tensor] = None, scale: Optional[float] = None,
               return_lse: bool = False, out: Optional[torch.Tensor] = None,
-              lse_out: Optional[torch.Tensor] = None, impl: str = "auto"):
+              lse_out: Optional[torch.Tensor] = None, check: bool = True, impl: str = "auto"):
     """Attention of the n tree tokens of each request over its KV prefix and its tree.
 
     Args:
@@ -187,6 +187,13 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
         return_lse: also return the (B, n, H_q) float32 log-sum-exp (natural log).
         out, lse_out: preallocated outputs (contiguous; CUDA-graph friendly). ``lse_out`` may be
             omitted, then a scratch one is allocated.
+        check: validate ``prefix_lens`` (>= 0, prefix + tree fits the cache), ``tree_lens``
+            (in [0, n]) and the used ``block_table`` entries (pages in [0, num_pages)): always
+            on CPU, one host sync on CUDA. With ``check=False`` on CUDA the call is sync-free and
+            bad values are clamped instead of raising (never an out-of-bounds read): tree_lens
+            into [0, n], prefix_lens into [0, capacity - tree_len] (capacity = N, or max_pages *
+            page_size), tree keys past the capacity are skipped, page indices are clamped into
+            [0, num_pages).
         impl: CUDA variant "auto" | "plain" | "tuned".
 
     Tree token i attends every prefix token and the tree tokens whose bit is set in its mask row
@@ -212,12 +219,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if out is None and lse_out is None:
         o, lse = _ops.tree_attention(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                     scale, _IMPLS[impl])
+                                     scale, bool(check), _IMPLS[impl])
     else:
         o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
         lse = q.new_empty(q.shape[:3], dtype=torch.float32) if lse_out is None else lse_out
         _ops.tree_attention_out(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                scale, _IMPLS[impl], o, lse)
+                                scale, bool(check), _IMPLS[impl], o, lse)
     return (o, lse) if return_lse else o
 
 
@@ -425,12 +432,13 @@ def _paths_fake(parents, depth, first_child, tree_lens, max_leaves, max_depth):
 
 
 @torch.library.register_fake("tokenkernels::tree_attention")
-def _attention_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, impl):
+def _attention_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, check, impl):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenkernels::tree_attention_out")
-def _attention_out_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, impl, out, lse):
+def _attention_out_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, check, impl,
+                        out, lse):
     return None
 
 
