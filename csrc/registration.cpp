@@ -69,11 +69,13 @@ TORCH_LIBRARY(tokenkernels, m) {
       "tree_verify_greedy(Tensor first_child, Tensor next_sibling, Tensor draft_tokens, "
       "Tensor target_argmax, int max_depth) -> (Tensor, Tensor, Tensor)");
   // Lossless multi-candidate speculative sampling; coins (B, n) and bonus_u (B,) are the
-  // uniforms (drawn by the Python wrapper from the user's generator).
+  // uniforms (drawn by the Python wrapper from the user's generator). check: validate the child
+  // links and the draft tokens of linked nodes (always on CPU; one host sync on CUDA, else
+  // out-of-range tokens are never accepted).
   m.def(
       "tree_verify_sampling(Tensor first_child, Tensor next_sibling, Tensor draft_tokens, "
-      "Tensor target_probs, Tensor? draft_probs, Tensor coins, Tensor bonus_u, int max_depth) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor target_probs, Tensor? draft_probs, Tensor coins, Tensor bonus_u, int max_depth, "
+      "bool check) -> (Tensor, Tensor, Tensor)");
   // Dynamic trees (EAGLE-2 / DySpec): the m best (parent, child rank, score) expansions, and
   // the n best nodes of a drafted tree (indices, re-indexed parents, scores).
   m.def("tree_select_frontier(Tensor cum_logp, Tensor child_logp, int m) -> (Tensor, Tensor, Tensor)");

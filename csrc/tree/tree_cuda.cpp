@@ -1,8 +1,13 @@
 // tree family: CUDA adapter (compiled by the host C++ compiler; kernels in tree_kernels.cu).
-// No host syncs, except the value validation of build(check=true) (one D2H copy of parents)
-// and select_tree (parents are always validated there, like the CPU path).
+// No host syncs, except the value validations of check=true (build: parents and tree_lens;
+// attention: prefix_lens, tree_lens, block_table; verify_sampling: child links and draft tokens --
+// the same checks and messages as the CPU path, on host copies) and select_tree (parents are
+// always validated there, like the CPU path). With check=false bad values give the documented,
+// in-bounds results of the kernels (tree.h) instead of an error.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "cuda_glue.h"
 #include "tree/tree_args.h"
@@ -160,7 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
     const at::Tensor& fc_in, const at::Tensor& ns_in, const at::Tensor& draft_in, const at::Tensor& tp_in,
-    const std::optional<at::Tensor>& dp_in, const at::Tensor& coins_in, const at::Tensor& bu_in, int64_t max_depth) {
+    const std::optional<at::Tensor>& dp_in, const at::Tensor& coins_in, const at::Tensor& bu_in, int64_t max_depth,
+    bool check) {
   const char* op = "verify_sampling";
   check_verify_args(fc_in, ns_in, draft_in, op);
   const int64_t B = fc_in.size(0), n = fc_in.size(1);
@@ -187,16 +193,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
   TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_sampling: max_depth must be >= 0");
   c10::DeviceGuard guard(fc_in.device());
   auto fc = long_contig(fc_in), ns = long_contig(ns_in), draft = long_contig(draft_in);
-  auto tp = tp_in.to(at::kFloat).contiguous();
-  auto dp = dp_in.has_value() ? dp_in->to(at::kFloat).contiguous() : at::Tensor();
-  auto coins = coins_in.to(at::kFloat).contiguous(), bu = bu_in.to(at::kFloat).contiguous();
+  if (check) {   // one D2H copy of (first_child, next_sibling, draft_tokens)
+    auto host = at::stack({fc, ns, draft}).cpu();
+    check_link_values(host[0], host[1], op);
+    check_draft_values(host[0], host[1], host[2], V, op);
+  }
+  // Probabilities in fp32 (exact for fp32/fp16/bf16), or fp64 if either is fp64; the residual,
+  // coins and every decision in fp64, as on CPU.
+  const bool f64 = tp_in.scalar_type() == at::kDouble || (dp_in.has_value() && dp_in->scalar_type() == at::kDouble);
+  const auto pt = f64 ? at::kDouble : at::kFloat;
+  auto tp = tp_in.to(pt).contiguous();
+  auto dp = dp_in.has_value() ? dp_in->to(pt).contiguous() : at::Tensor();
+  auto coins = coins_in.to(at::kDouble).contiguous(), bu = bu_in.to(at::kDouble).contiguous();
   auto [acc, alen, bonus] = verify_outputs(fc, max_depth);
-  auto work = at::empty({B, V}, tp.options());
+  auto work = at::empty({B, V}, tp.options().dtype(at::kDouble));
   check_cuda(launch_verify_sampling(fc.data_ptr<int64_t>(), ns.data_ptr<int64_t>(), draft.data_ptr<int64_t>(),
-                                    tp.data_ptr<float>(), opt_ptr<float>(dp), coins.data_ptr<float>(),
-                                    bu.data_ptr<float>(), B, n, V, max_depth, acc.data_ptr<int64_t>(),
-                                    alen.data_ptr<int64_t>(), bonus.data_ptr<int64_t>(), work.data_ptr<float>(),
-                                    current_cuda_stream(fc_in.device())),
+                                    tp.data_ptr(), dp.defined() ? dp.data_ptr() : nullptr, f64,
+                                    coins.data_ptr<double>(), bu.data_ptr<double>(), B, n, V, max_depth,
+                                    acc.data_ptr<int64_t>(), alen.data_ptr<int64_t>(), bonus.data_ptr<int64_t>(),
+                                    work.data_ptr<double>(), current_cuda_stream(fc_in.device())),
              "tree verify_sampling");
   return {acc, alen, bonus};
 }

@@ -156,21 +156,29 @@ cudaError_t launch_verify_greedy(const int64_t* first_child, const int64_t* next
 }
 
 cudaError_t launch_verify_sampling(const int64_t* first_child, const int64_t* next_sibling,
-                                   const int64_t* draft_tokens, const float* target_probs, const float* draft_probs,
-                                   const float* coins, const float* bonus_u, int64_t B, int64_t n, int64_t V,
-                                   int64_t max_depth, int64_t* accepted, int64_t* accept_len, int64_t* bonus,
-                                   float* workspace, cudaStream_t stream) {
+                                   const int64_t* draft_tokens, const void* target_probs, const void* draft_probs,
+                                   bool probs_fp64, const double* coins, const double* bonus_u, int64_t B, int64_t n,
+                                   int64_t V, int64_t max_depth, int64_t* accepted, int64_t* accept_len,
+                                   int64_t* bonus, double* workspace, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  device::verify_sampling_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(
-      first_child, next_sibling, draft_tokens, target_probs, draft_probs, coins, bonus_u, n, V, max_depth, accepted,
-      accept_len, bonus, workspace);
+  if (B > kMaxGridX) return cudaErrorInvalidValue;
+  if (probs_fp64)
+    device::verify_sampling_kernel<double><<<static_cast<unsigned>(B), 256, 0, stream>>>(
+        first_child, next_sibling, draft_tokens, static_cast<const double*>(target_probs),
+        static_cast<const double*>(draft_probs), coins, bonus_u, n, V, max_depth, accepted, accept_len, bonus,
+        workspace);
+  else
+    device::verify_sampling_kernel<float><<<static_cast<unsigned>(B), 256, 0, stream>>>(
+        first_child, next_sibling, draft_tokens, static_cast<const float*>(target_probs),
+        static_cast<const float*>(draft_probs), coins, bonus_u, n, V, max_depth, accepted, accept_len, bonus,
+        workspace);
   return cudaGetLastError();
 }
 
 cudaError_t launch_select_frontier(const float* cum, const float* child, int64_t B, int64_t F, int64_t K, int64_t m,
                                    int64_t* parent, int64_t* rank, float* score, cudaStream_t stream) {
   if (B == 0 || m == 0) return cudaSuccess;
-  if (F * K > kMaxCudaNodes) return cudaErrorInvalidValue;
+  if (F * K > kMaxCudaNodes || B > kMaxGridX) return cudaErrorInvalidValue;
   device::select_frontier_kernel<<<static_cast<unsigned>(B), 256, sizeof(float) * F * K, stream>>>(
       cum, child, F, K, m, parent, rank, score);
   return cudaGetLastError();

@@ -143,11 +143,19 @@ def test_bad_verify(device):
         tk.tree.verify_sampling(t, draft, probs, draft_probs=probs[..., :4])
 
 
-def test_bad_verify_token_range():
-    t, draft, probs = _verify_inputs("cpu")
+def test_bad_verify_token_range(device):
+    """The same error on CPU and CUDA (check=True): the lowest linked node of the first tree."""
+    t, draft, probs = _verify_inputs(device)
     draft[:, 1:] = 5   # V = 5
-    with pytest.raises(RuntimeError, match=r"draft_tokens\[.*\] = 5 is not in \[0, V = 5\)"):
+    with pytest.raises(RuntimeError, match=r"draft_tokens\[0, 1\] = 5 is not in \[0, V = 5\)"):
         tk.tree.verify_sampling(t, draft, probs)
+    draft[:] = 0
+    draft[1, 8] = -3
+    with pytest.raises(RuntimeError, match=r"draft_tokens\[1, 8\] = -3 is not in \[0, V = 5\)"):
+        tk.tree.verify_sampling(t, draft, probs, draft_probs=probs)
+    draft[0, 0] = 99   # the root's token is never used
+    draft[1, 8] = 0
+    tk.tree.verify_sampling(t, draft, probs)
 
 
 def test_bad_dynamic(device):

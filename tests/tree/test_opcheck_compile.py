@@ -41,8 +41,10 @@ def _samples(device):
         (OPS.tree_attention_out.default, (d(q), d(kp), d(vp), d(P), d(tree.mask), d(lens), d(table), 0.25, True, 0,
                                           d(torch.empty_like(q)), d(torch.empty(2, 40, 4)))),
         (OPS.tree_verify_greedy.default, (d(fc), d(ns), d(draft), d(am), tree.max_depth)),
-        (OPS.tree_verify_sampling.default, (d(fc), d(ns), d(draft), d(tp), d(dp), d(coins), d(bu), tree.max_depth)),
-        (OPS.tree_verify_sampling.default, (d(fc), d(ns), d(draft), d(tp), None, d(coins), d(bu), tree.max_depth)),
+        (OPS.tree_verify_sampling.default, (d(fc), d(ns), d(draft), d(tp), d(dp), d(coins), d(bu), tree.max_depth,
+                                            True)),
+        (OPS.tree_verify_sampling.default, (d(fc), d(ns), d(draft), d(tp), None, d(coins), d(bu), tree.max_depth,
+                                            False)),
         (OPS.tree_select_frontier.default, (d(cum), d(child), 7)),
         (OPS.tree_select_tree.default, (d(cum), d(random_parents(2, 5, seed=2)), 3)),
     ]

@@ -187,3 +187,148 @@ def test_cuda_attention_any_batch(impl):
     assert (out[-1].abs().sum() > 0).item()   # the last request was computed too
 
 
+# ----------------------------------------------------------------------------------- verify
+def _verify_case(device, V=5):
+    p = random_parents(2, 9, seed=3)
+    t = tk.tree.build(p.to(device))
+    g = torch.Generator().manual_seed(4)
+    draft = torch.randint(0, V, (2, 9), generator=g)
+    probs = torch.softmax(torch.randn(2, 9, V, generator=g), -1)
+    coins, bu = torch.rand(2, 9, generator=g), torch.rand(2, generator=g)
+    return t, draft, probs, coins, bu
+
+
+def test_cpu_verify_validates_even_unchecked():
+    t, draft, probs, coins, bu = _verify_case("cpu")
+    draft[1, 4] = -1
+    with pytest.raises(RuntimeError, match=r"draft_tokens\[1, 4\] = -1 is not in \[0, V = 5\)"):
+        tk.tree.verify_sampling(t, draft, probs, coins=coins, bonus_u=bu, check=False)
+
+
+@CUDA
+@pytest.mark.parametrize("mode", ["one_hot", "draft_probs"])
+def test_cuda_unchecked_draft_tokens_skipped(mode):
+    """check=False: an out-of-range draft token is never accepted and leaves the residual as it
+    was (the reference's rule for such tokens)."""
+    t, draft, probs, coins, bu = _verify_case("cuda")
+    draft[:, 1::2] = torch.tensor([-1, 5, 1 << 40, -(1 << 40)])
+    q = probs.flip(-1).contiguous() if mode == "draft_probs" else None
+    c = lambda x: None if x is None else x.cuda()  # noqa: E731
+    got = tk.tree.verify_sampling(t, draft.cuda(), probs.cuda(), draft_probs=c(q), coins=coins.cuda(),
+                                  bonus_u=bu.cuda(), check=False)
+    want = ref.verify_sampling(t.first_child.cpu(), t.next_sibling.cpu(), draft, probs, q, coins, bu, t.max_depth)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+
+
+def _corrupt(t, **links):
+    return dataclasses.replace(t, **{k: v.to(t.first_child.device) for k, v in links.items()})
+
+
+@pytest.mark.parametrize("kind,argmax,greedy", [
+    ("self_loop", [9, 9, 9, 9], ([0, -1, -1, -1], 0, 9)),   # used to loop forever on node 1
+    ("backward", [1, 2, 1, 9], ([0, 1, 2, -1], 2, 1)),     # used to re-accept node 1
+    ("past_n", [1, 2, 3, 9], ([0, 1, 2, 3], 3, 9)),
+])
+def test_corrupt_links(device, kind, argmax, greedy):
+    """Hand-made links that are not the tree's: the CPU (and CUDA verify_sampling with check=True)
+    raise; CUDA greedy and check=False sampling end the walk at the corrupt link instead of
+    looping or reading past the tree."""
+    t = tk.tree.build(chain(4)[None].to(device))   # first_child [1, 2, 3, -1], next_sibling -1
+    ns = t.next_sibling.cpu().clone()
+    fc = t.first_child.cpu().clone()
+    if kind == "self_loop":
+        ns[0, 1] = 1
+        match = r"next_sibling\[0, 1\] = 1 is not -1 or a node in \(1, n = 4\)"
+    elif kind == "backward":
+        fc[0, 2] = 1
+        match = r"first_child\[0, 2\] = 1 is not -1 or a node in \(2, n = 4\)"
+    else:
+        fc[0, 3] = 1 << 40
+        match = r"first_child\[0, 3\] = 1099511627776 is not -1"
+    bad = _corrupt(t, first_child=fc, next_sibling=ns)
+    draft = torch.tensor([[0, 1, 2, 3]], device=device)
+    am = torch.tensor([argmax], device=device)
+    probs = torch.full((1, 4, 4), 0.25, device=device)
+    coins = torch.full((1, 4), 0.99, device=device)          # rejects every candidate
+    bu = torch.zeros(1, device=device)
+    with pytest.raises(RuntimeError, match=match):
+        tk.tree.verify_sampling(bad, draft, probs, coins=coins, bonus_u=bu)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="verify_greedy: " + match):
+            tk.tree.verify_greedy(bad, draft, am)
+        return
+    acc, alen, bonus = tk.tree.verify_greedy(bad, draft, am)
+    assert (acc[0].tolist(), int(alen), int(bonus)) == greedy
+    acc, alen, bonus = tk.tree.verify_sampling(bad, draft, probs, coins=coins, bonus_u=bu, check=False)
+    torch.cuda.synchronize()
+    assert alen.tolist() == [0]
+
+
+@pytest.mark.parametrize("mode", ["one_hot", "draft_probs"])
+def test_verify_sampling_zero_residual(device, mode):
+    """check=False with target rows of no usable mass (all zero, NaN): no child is accepted there
+    and the bonus is the row's last positive entry (0 if none) -- the same on both devices, the
+    same as the reference, never a 0/0."""
+    V = 4
+    target = torch.tensor([[[0.0, 0.0, 0.0, 0.0],               # root: no mass
+                            [0.0, 0.0, 0.0, 0.0],
+                            [0.25, 0.25, 0.25, 0.25],
+                            [0.25, 0.25, 0.25, 0.25]]]).expand(3, 4, V).clone()
+    target[1, 0] = torch.tensor([0.0, math.nan, 0.5, 0.0])      # root: NaN sum -> last positive = 2
+    target[2, 0] = torch.tensor([0.0, 1.0, 0.0, 0.0])           # root accepts node 1 (token 1) ...
+    target[2, 1] = 0.0                                          # ... whose row is empty
+    draft = torch.tensor([[0, 1, 3, 2]]).expand(3, 4).contiguous()
+    q = torch.full((3, 4, V), 0.25) if mode == "draft_probs" else None
+    coins = torch.full((3, 4), 0.1)
+    bu = torch.full((3,), 0.5)
+    t3 = tk.tree.build(torch.tensor([[-1, 0, 0, 1]]).expand(3, 4).contiguous().to(device))
+    c = lambda x: None if x is None else x.to(device)  # noqa: E731
+    acc, alen, bonus = tk.tree.verify_sampling(t3, c(draft), c(target), draft_probs=c(q), coins=c(coins),
+                                               bonus_u=c(bu), check=False)
+    assert alen.tolist() == [0, 0, 1]
+    assert acc.tolist() == [[0, -1, -1], [0, -1, -1], [0, 1, -1]]
+    assert bonus.tolist() == [0, 2, 0]
+    want = ref.verify_sampling(t3.first_child.cpu(), t3.next_sibling.cpu(), draft, target, q, coins, bu,
+                               t3.max_depth)
+    for a, b in zip((acc, alen, bonus), want):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_verify_sampling_tiny_residual(device):
+    """A residual whose mass is below fp32's smallest subnormal (3.5e-46) after a rejection: kept
+    in fp64 on both devices (an fp32 residual rounded it to 0 and divided 0 by 0 at the next
+    child), so the next child is accepted on CPU and CUDA alike."""
+    t = tk.tree.build(torch.tensor([[-1, 0, 0]]).to(device))
+    tiny = torch.tensor(1e-45).item()                          # fp32's smallest subnormal
+    target = torch.tensor([[[2.0, tiny, 2.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])   # root sum 4
+    q = torch.tensor([[[0.75, 0.0, 0.5], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])      # (check=False rows)
+    draft = torch.tensor([[0, 0, 1]])
+    coins = torch.tensor([[0.0, 0.9, 0.5]])    # node 1: 0.9 * 0.75 >= 0.5 -> rejected
+    bu = torch.tensor([0.5])
+    c = lambda x: x.to(device)  # noqa: E731
+    acc, alen, bonus = tk.tree.verify_sampling(t, c(draft), c(target), draft_probs=c(q), coins=c(coins),
+                                               bonus_u=c(bu), check=False)
+    assert acc.tolist() == [[0, 2]] and alen.tolist() == [1] and bonus.tolist() == [2]
+    want = ref.verify_sampling(t.first_child.cpu(), t.next_sibling.cpu(), draft, target, q, coins, bu, t.max_depth)
+    for a, b in zip((acc, alen, bonus), want):
+        assert torch.equal(a.cpu(), b)
+
+
+@CUDA
+@pytest.mark.parametrize("mode", ["one_hot", "draft_probs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_verify_sampling_equals_cpu(mode, dtype):
+    """fp64 residual and decisions on both devices: identical results over many draws, large V."""
+    B, V = 256, 32000
+    p = tk.tree.from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])[None].expand(B, 8).contiguous()
+    g = torch.Generator().manual_seed(5)
+    target = torch.softmax(torch.randn(B, 8, V, generator=g) * 3, -1).to(dtype)
+    q = torch.softmax(torch.randn(B, 8, V, generator=g) * 3, -1).to(dtype) if mode == "draft_probs" else None
+    draft = torch.multinomial(target[:, 0].float(), 8, generator=g)   # likely tokens: both outcomes happen
+    coins, bu = torch.rand(B, 8, generator=g), torch.rand(B, generator=g)
+    got = [tk.tree.verify_sampling(tk.tree.build(p.to(dev)), draft.to(dev), target.to(dev),
+                                   draft_probs=None if q is None else q.to(dev), coins=coins.to(dev),
+                                   bonus_u=bu.to(dev), check=False) for dev in ("cpu", "cuda")]
+    for a, b in zip(*got):
+        assert torch.equal(a, b.cpu())

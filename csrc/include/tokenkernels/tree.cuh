@@ -451,6 +451,7 @@ __global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t 
 
 // ----------------------------------------------------------------------------------- verify
 // One thread per tree: the greedy walk (first child whose token equals the target arg-max).
+// Links are followed only while they point forward (link_ok), so corrupt ones end the walk.
 __global__ void __launch_bounds__(128) verify_greedy_kernel(const int64_t* __restrict__ fc,
                                                             const int64_t* __restrict__ ns,
                                                             const int64_t* __restrict__ draft,
@@ -468,9 +469,12 @@ __global__ void __launch_bounds__(128) verify_greedy_kernel(const int64_t* __res
   int64_t u = 0, k = 0;
   while (k < max_depth) {
     const int64_t want = argmax[o + u];
-    int64_t c = fc[o + u];
-    while (c >= 0 && c < n && draft[o + c] != want) c = ns[o + c];
-    if (c < 0 || c >= n) break;
+    int64_t c = fc[o + u], prev = u;
+    while (link_ok(c, prev, n) && draft[o + c] != want) {
+      prev = c;
+      c = ns[o + c];
+    }
+    if (!link_ok(c, prev, n)) break;
     row[++k] = c;
     u = c;
   }
@@ -490,47 +494,52 @@ __device__ __forceinline__ double block_sum_d(double v, double* sh) {
   return t;
 }
 
-// Stochastic verification, one block (256 threads) per tree; the residual r (V floats) lives in
+// Stochastic verification, one block (256 threads) per tree; the residual r (V doubles) lives in
 // the workspace row of the tree. Every decision is computed identically by all threads from
-// block-reduced values, so the control flow stays uniform.
+// block-reduced values, so the control flow stays uniform. The arithmetic is the CPU kernel's
+// (fp64 residual, r * (1 / S) updates, the new S = the sum of the stored values), so CPU and CUDA
+// decisions agree up to the summation order of S. P: the probabilities' type (float or double).
+template <typename P>
 __global__ void __launch_bounds__(256) verify_sampling_kernel(
     const int64_t* __restrict__ fc, const int64_t* __restrict__ ns, const int64_t* __restrict__ draft,
-    const float* __restrict__ tp, const float* __restrict__ dp, const float* __restrict__ coins,
-    const float* __restrict__ bonus_u, int64_t n, int64_t V, int64_t max_depth,
+    const P* __restrict__ tp, const P* __restrict__ dp, const double* __restrict__ coins,
+    const double* __restrict__ bonus_u, int64_t n, int64_t V, int64_t max_depth,
     int64_t* __restrict__ accepted, int64_t* __restrict__ accept_len, int64_t* __restrict__ bonus,
-    float* __restrict__ work) {
+    double* __restrict__ work) {
   __shared__ double sh[32];
   __shared__ long long sh_pick;
   const int64_t b = blockIdx.x, o = b * n;
-  float* r = work + b * V;
+  double* r = work + b * V;
   int64_t* row = accepted + b * (max_depth + 1);
   for (int64_t k = threadIdx.x; k <= max_depth; k += blockDim.x) row[k] = k == 0 ? 0 : -1;
   auto load = [&](int64_t node) {   // r <- target_probs[b, node]; returns the sum
     __syncthreads();   // every thread is done reading the previous residual
-    const float* src = tp + (o + node) * V;
+    const P* src = tp + (o + node) * V;
     double s = 0;
-    for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s += (r[x] = src[x]);
+    for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s += (r[x] = static_cast<double>(src[x]));
     return block_sum_d(s, sh);   // its barriers also publish r
   };
   double S = load(0);
   int64_t u = 0, k = 0;
   while (true) {
-    int64_t c = fc[o + u], got = -1;
-    while (c >= 0 && c < n) {
+    int64_t c = fc[o + u], prev = u, got = -1;
+    while (residual_usable(S) && link_ok(c, prev, n)) {
       const int64_t t = draft[o + c];
       const double coin = coins[o + c];
-      if (t >= 0 && t < V) {
+      if (t >= 0 && t < V) {   // out-of-range tokens (check=False): never accepted, r unchanged
         if (dp) {
-          const float* q = dp + (o + u) * V;
-          if (accept_with_q(coin, q[t], r[t], S)) { got = c; break; }
+          const P* q = dp + (o + u) * V;
+          if (accept_with_q(coin, static_cast<double>(q[t]), r[t], S)) { got = c; break; }
+          const double inv = 1.0 / S;
           double s2 = 0;
-          for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s2 += fmax(r[x] / S - q[x], 0.0);
-          s2 = block_sum_d(s2, sh);
-          if (s2 > 0) {
-            for (int64_t x = threadIdx.x; x < V; x += blockDim.x) r[x] = static_cast<float>(fmax(r[x] / S - q[x], 0.0));
-            double s3 = 0;   // each thread re-reads only the entries it wrote
-            for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s3 += r[x];
-            S = block_sum_d(s3, sh);
+          for (int64_t x = threadIdx.x; x < V; x += blockDim.x)
+            s2 += pos_part(r[x] * inv - static_cast<double>(q[x]));
+          s2 = block_sum_d(s2, sh);   // its barriers: every thread has read r[t]
+          if (s2 > 0) {               // kept only if it has mass (rounding can empty it)
+            for (int64_t x = threadIdx.x; x < V; x += blockDim.x)
+              r[x] = pos_part(r[x] * inv - static_cast<double>(q[x]));   // the values summed above
+            S = s2;
+            __syncthreads();   // publish r
           }
         } else {
           const double rt = r[t];
@@ -538,11 +547,12 @@ __global__ void __launch_bounds__(256) verify_sampling_kernel(
           if (S - rt > 0) {
             S -= rt;
             __syncthreads();   // every thread has read r[t]
-            if (threadIdx.x == 0) r[t] = 0.f;
+            if (threadIdx.x == 0) r[t] = 0.0;
             __syncthreads();
           }
         }
       }
+      prev = c;
       c = ns[o + c];
     }
     if (got < 0 || k >= max_depth) break;
@@ -552,9 +562,11 @@ __global__ void __launch_bounds__(256) verify_sampling_kernel(
     S = load(u);
   }
   // bonus ~ r by inverse CDF: thread chunks, block exclusive scan of chunk sums, then the first
-  // crossing index (block minimum); if rounding leaves none, the last positive entry.
+  // crossing index (block minimum); if none (rounding, or a residual without usable mass), the
+  // last positive entry (0 if none).
   const int64_t per = (V + blockDim.x - 1) / blockDim.x;
   const int64_t x0 = threadIdx.x * per, x1 = x0 + per < V ? x0 + per : V;
+  const bool usable = residual_usable(S);
   double local = 0;
   for (int64_t x = x0; x < x1; ++x) local += r[x];
   __shared__ double pre[256];
@@ -570,13 +582,15 @@ __global__ void __launch_bounds__(256) verify_sampling_kernel(
     }
   }
   __syncthreads();
-  const double thr = static_cast<double>(bonus_u[b]) * S;
-  double run = pre[threadIdx.x];
-  for (int64_t x = x0; x < x1; ++x) {
-    run += r[x];
-    if (run > thr) {
-      atomicMin(&sh_pick, static_cast<long long>(x));
-      break;
+  if (usable) {
+    const double thr = bonus_u[b] * S;
+    double run = pre[threadIdx.x];
+    for (int64_t x = x0; x < x1; ++x) {
+      run += r[x];
+      if (run > thr) {
+        atomicMin(&sh_pick, static_cast<long long>(x));
+        break;
+      }
     }
   }
   __syncthreads();

@@ -9,6 +9,7 @@
 //   depth, first_child, next_sibling (B, n) int64 (-1 = none; children linked in node order);
 //   paths (B, L_max, depth_max+1) int64, one root-to-leaf path per leaf in node order, -1 pad.
 #pragma once
+#include <cfloat>
 #include <cstdint>
 
 #include "tokenkernels/common.h"
@@ -41,7 +42,15 @@ TK_HD bool mask_bit(const int32_t* row, int64_t j) {
 // Speculative-sampling acceptance (SpecInfer): candidate token t drawn from q is accepted with
 // probability min(1, p(t)/q(t)); with a uniform coin in [0, 1) that is coin * q(t) < p(t). The
 // deterministic-candidate case is q = one-hot: coin < p(t). p = residual / its sum S, so the
-// tests below take the unnormalised residual r(t) and S.
+// tests below take the unnormalised residual r(t) and S. CPU and CUDA evaluate them (and every
+// residual update) in fp64 with the same formulas, so their decisions agree.
+//
+// A residual without usable mass (S not > 0 or not finite: a target row of zeros / NaN, only
+// possible with check=False) accepts no child and never divides by S; its bonus is the inverse-
+// CDF fallback (the last positive entry, token 0 if none).
+// max(x, 0), with NaN -> 0 on every compiler and device (std::max and fmax disagree on NaN).
+TK_HD double pos_part(double x) { return x > 0.0 ? x : 0.0; }
+TK_HD bool residual_usable(double S) { return S > 0.0 && S <= DBL_MAX; }   // false for NaN, inf
 TK_HD bool accept_with_q(double coin, double q_t, double r_t, double S) { return coin * q_t < r_t / S; }
 TK_HD bool accept_one_hot(double coin, double r_t, double S) { return coin * S < r_t; }
 
@@ -122,15 +131,16 @@ cudaError_t launch_verify_greedy(const int64_t* first_child, const int64_t* next
                                  int64_t B, int64_t n, int64_t max_depth, int64_t* accepted,
                                  int64_t* accept_len, int64_t* bonus, cudaStream_t stream);
 
-// Stochastic verification, one block per tree. target_probs / draft_probs (B, n, V) fp32
-// contiguous (draft_probs may be nullptr), coins (B, n), bonus_u (B,) fp32. workspace: B*V
-// floats (the residual).
+// Stochastic verification, one block per tree. target_probs / draft_probs (B, n, V) contiguous,
+// both fp32 or (probs_fp64) both fp64 (draft_probs may be nullptr); coins (B, n), bonus_u (B,)
+// fp64. workspace: B*V doubles (the fp64 residual, as on CPU). Draft tokens outside [0, V) are
+// never accepted and leave the residual unchanged; corrupt child links end the sibling walk.
 cudaError_t launch_verify_sampling(const int64_t* first_child, const int64_t* next_sibling,
-                                   const int64_t* draft_tokens, const float* target_probs,
-                                   const float* draft_probs, const float* coins,
-                                   const float* bonus_u, int64_t B, int64_t n, int64_t V,
+                                   const int64_t* draft_tokens, const void* target_probs,
+                                   const void* draft_probs, bool probs_fp64, const double* coins,
+                                   const double* bonus_u, int64_t B, int64_t n, int64_t V,
                                    int64_t max_depth, int64_t* accepted, int64_t* accept_len,
-                                   int64_t* bonus, float* workspace, cudaStream_t stream);
+                                   int64_t* bonus, double* workspace, cudaStream_t stream);
 
 // Dynamic trees. select_frontier: cum (B, F), child (B, F, K) fp32 -> the m best (parent, rank,
 // score). select_tree: cum (B, T) fp32, parents (B, T) int64 -> n kept nodes (indices, parents

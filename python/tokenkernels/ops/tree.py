@@ -283,12 +283,24 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
     accepted (or at a leaf) the bonus token is drawn from p. The emitted tokens are distributed
     exactly as sampling from the target.
 
+    CPU and CUDA compute the residual and every decision in fp64 with the same formulas, so
+    with the same coins they return the same result (up to ties within the last bits of the
+    summation order). A residual that rounding would empty is not applied (p is kept). A node
+    whose target row has no usable mass (sum not > 0 or not finite; only with ``check=False``)
+    accepts no child, and its bonus is the row's last positive entry (token 0 if none) -- never
+    a division by zero.
+
     Args:
         tree, draft_tokens: as in :func:`verify_greedy`.
         target_probs: (B, n, V) the target's (temperature-adjusted) probabilities after each node.
         draft_probs: (B, n, V) the draft distribution each node's children were drawn from.
         generator: for the uniforms (B*n + B of them, drawn on the tree's device).
-        check: verify that the probability rows of real nodes sum to ~1 (one host sync on CUDA).
+        check: verify that the probability rows of real nodes sum to ~1, that the child links
+            are the tree's and that the draft tokens of the nodes verification can visit are in
+            ``[0, V)`` (the same errors on CPU and CUDA; host syncs on CUDA). With
+            ``check=False`` the CUDA call is sync-free; an out-of-range draft token is then never
+            accepted (and leaves the residual unchanged), a corrupt child link ends the walk.
+            The CPU validates links and tokens in any case.
         coins, bonus_u: the uniforms themselves ((B, n) and (B,)), overriding ``generator``
             (tests, replay).
 
@@ -329,7 +341,8 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
     if bonus_u is None:
         bonus_u = torch.rand((B,), generator=generator, device=dev)
     return _ops.tree_verify_sampling(tree.first_child, tree.next_sibling, draft_tokens,
-                                     target_probs, draft_probs, coins, bonus_u, tree.max_depth)
+                                     target_probs, draft_probs, coins, bonus_u, tree.max_depth,
+                                     bool(check))
 
 
 def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int):
@@ -455,7 +468,7 @@ def _verify_greedy_fake(first_child, next_sibling, draft_tokens, target_argmax, 
 
 @torch.library.register_fake("tokenkernels::tree_verify_sampling")
 def _verify_sampling_fake(first_child, next_sibling, draft_tokens, target_probs, draft_probs, coins,
-                          bonus_u, max_depth):
+                          bonus_u, max_depth, check):
     return _verify_fake_outputs(first_child, max_depth)
 
 
