@@ -332,3 +332,42 @@ def test_cuda_verify_sampling_equals_cpu(mode, dtype):
                                    bonus_u=bu.to(dev), check=False) for dev in ("cpu", "cuda")]
     for a, b in zip(*got):
         assert torch.equal(a, b.cpu())
+
+
+# ------------------------------------------------------------------------------- sync-free
+@CUDA
+def test_cuda_check_false_has_no_host_sync():
+    """build (sizes given), attention (out=, contiguous and paged, both impls), verify_greedy and
+    verify_sampling (coins given) with check=False never sync with the host."""
+    dev = "cuda"
+    B, n, V = 2, 24, 50
+    par = random_parents(B, n, seed=6).to(dev)
+    lens = torch.tensor([24, 13], device=dev)
+    t0 = tk.tree.build(par, lens)
+    md, ml = t0.max_depth, t0.paths.shape[1]
+    q = torch.randn(B, n, 8, 64, device=dev)
+    k = torch.randn(B, 300, 2, 64, device=dev)
+    v = torch.randn(B, 300, 2, 64, device=dev)
+    kp, vp = k.view(B * 75, 4, 2, 64), v.view(B * 75, 4, 2, 64)
+    table = torch.arange(B * 75, device=dev).view(B, 75)
+    P = torch.tensor([250, 100], device=dev)
+    out, lse = torch.empty_like(q), torch.empty(B, n, 8, device=dev)
+    draft = torch.randint(0, V, (B, n), device=dev)
+    am = torch.randint(0, V, (B, n), device=dev)
+    probs = torch.softmax(torch.randn(B, n, V, device=dev), -1)
+    coins, bu = torch.rand(B, n, device=dev), torch.rand(B, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for impl in ("plain", "tuned"):
+            t = tk.tree.build(par, lens, max_depth=md, max_leaves=ml, check=False, impl=impl)
+            tk.tree.attention(q, k, v, P, t, out=out, lse_out=lse, check=False, impl=impl)
+            tk.tree.attention(q, kp, vp, P, t, block_table=table, out=out, check=False, impl=impl)
+            tk.tree.verify_greedy(t, draft, am)
+            tk.tree.verify_sampling(t, draft, probs, draft_probs=probs, coins=coins, bonus_u=bu, check=False)
+            tk.tree.verify_sampling(t, draft, probs, generator=None, check=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    want = tk.tree.attention(q, kp, vp, P, t0, block_table=table)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
