@@ -54,24 +54,28 @@ TORCH_LIBRARY(tokenkernels, m) {
       "int max_depth) -> Tensor");
   // Tree attention over a KV prefix (no mask) + the tree tokens (packed mask), merged by LSE.
   // q (B, n, Hq, D); caches (B, N, Hkv, D) or paged (pages, page_size, Hkv, D) + block_table.
-  // Returns out (B, n, Hq, D) in q's dtype and lse (B, n, Hq) fp32.
+  // Returns out (B, n, Hq, D) in q's dtype and lse (B, n, Hq) fp32. check: validate prefix_lens,
+  // tree_lens and block_table values (always on CPU; one host sync on CUDA, else clamped).
   m.def(
       "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor mask, "
-      "Tensor? tree_lens, Tensor? block_table, float scale, int impl) -> (Tensor, Tensor)");
+      "Tensor? tree_lens, Tensor? block_table, float scale, bool check, int impl) -> (Tensor, Tensor)");
   m.def(
       "tree_attention_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor mask, "
-      "Tensor? tree_lens, Tensor? block_table, float scale, int impl, Tensor(a!) out, Tensor(b!) lse) -> ()");
+      "Tensor? tree_lens, Tensor? block_table, float scale, bool check, int impl, Tensor(a!) out, "
+      "Tensor(b!) lse) -> ()");
   // Verification: accepted (B, max_depth + 1) node indices (root first, padded -1), accept_len
   // (B,) accepted draft nodes (root excluded), bonus (B,) token.
   m.def(
       "tree_verify_greedy(Tensor first_child, Tensor next_sibling, Tensor draft_tokens, "
       "Tensor target_argmax, int max_depth) -> (Tensor, Tensor, Tensor)");
   // Lossless multi-candidate speculative sampling; coins (B, n) and bonus_u (B,) are the
-  // uniforms (drawn by the Python wrapper from the user's generator).
+  // uniforms (drawn by the Python wrapper from the user's generator). check: validate the child
+  // links and the draft tokens of linked nodes (always on CPU; one host sync on CUDA, else
+  // out-of-range tokens are never accepted).
   m.def(
       "tree_verify_sampling(Tensor first_child, Tensor next_sibling, Tensor draft_tokens, "
-      "Tensor target_probs, Tensor? draft_probs, Tensor coins, Tensor bonus_u, int max_depth) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor target_probs, Tensor? draft_probs, Tensor coins, Tensor bonus_u, int max_depth, "
+      "bool check) -> (Tensor, Tensor, Tensor)");
   // Dynamic trees (EAGLE-2 / DySpec): the m best (parent, child rank, score) expansions, and
   // the n best nodes of a drafted tree (indices, re-indexed parents, scores).
   m.def("tree_select_frontier(Tensor cum_logp, Tensor child_logp, int m) -> (Tensor, Tensor, Tensor)");

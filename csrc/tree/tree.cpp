@@ -13,6 +13,10 @@
 //   fp16/bf16 K/V blocks are converted to fp32 once per block.
 // verify: one tree per task, in parallel over the batch (the walk itself is inherently serial).
 // select_frontier / select_tree: partial sorts per batch item, in parallel over the batch.
+//
+// Value checks (parents / tree_lens, prefix_lens / block_table, child links / draft tokens) are
+// cheap linear passes here, so the CPU always runs them (`check` only matters on CUDA, where it
+// costs a host sync); the walks are nevertheless guarded exactly as on CUDA (tree.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -142,7 +146,12 @@ at::Tensor paths_cpu(const at::Tensor& parents_in, const at::Tensor& depth_in,
       if (rk[r] < 0) continue;
       const int64_t b = r / n;
       int64_t* row = out + (b * max_leaves + rk[r]) * Dp;
-      for (int64_t j = r % n; j >= 0; j = par[b * n + j]) row[dep[b * n + j]] = j;
+      // effective parents (tree.h): a direct call with bad parents cannot loop or read past
+      // the tree; depths outside [0, max_depth] (inconsistent inputs) are not written
+      for (int64_t j = r % n; j >= 0; j = effective_parent(par[b * n + j], j)) {
+        const int64_t d = dep[b * n + j];
+        if (d >= 0 && d <= max_depth) row[d] = j;
+      }
     }
   });
   return paths;
@@ -327,8 +336,9 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
 void attention_out_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                        const at::Tensor& prefix_lens, const at::Tensor& mask_in,
                        const std::optional<at::Tensor>& tree_lens,
-                       const std::optional<at::Tensor>& block_table, double scale, int64_t impl,
-                       const at::Tensor& out, const at::Tensor& lse) {
+                       const std::optional<at::Tensor>& block_table, double scale, bool check,
+                       int64_t impl, const at::Tensor& out, const at::Tensor& lse) {
+  (void)check;   // always validated on CPU (no sync to save)
   (void)impl;
   auto d = check_attention_args(q_in, k_in, v_in, prefix_lens, mask_in, tree_lens, block_table);
   check_out_args(q_in, d, out, lse);
@@ -352,11 +362,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& mask,
                                                  const std::optional<at::Tensor>& tree_lens,
                                                  const std::optional<at::Tensor>& block_table,
-                                                 double scale, int64_t impl) {
+                                                 double scale, bool check, int64_t impl) {
   TORCH_CHECK(q.dim() == 4, "tokenkernels.tree.attention: q must be 4-D (B, n, H_q, D), got shape ", q.sizes());
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  attention_out_cpu(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, impl, out, lse);
+  attention_out_cpu(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, impl, out, lse);
   return {out, lse};
 }
 
@@ -374,6 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(
   const int64_t B = first_child_in.size(0), n = first_child_in.size(1);
   auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in);
   auto draft = long_contig(draft_in), am = long_contig(argmax_in);
+  check_link_values(fcs, nss, "verify_greedy");
   auto opts = fcs.options();
   auto accepted = at::full({B, max_depth + 1}, -1, opts);
   auto accept_len = at::empty({B}, opts);
@@ -389,13 +400,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(
       row[0] = 0;
       while (k < max_depth) {
         const int64_t want = ta[o + u];
-        int64_t c = fc[o + u];
-        while (c >= 0 && dt[o + c] != want) {
-          TORCH_CHECK(c < n, "tokenkernels.tree.verify_greedy: corrupt child link ", c);
+        int64_t c = fc[o + u], prev = u;
+        while (link_ok(c, prev, n) && dt[o + c] != want) {
+          prev = c;
           c = ns[o + c];
         }
-        if (c < 0) break;
-        TORCH_CHECK(c < n, "tokenkernels.tree.verify_greedy: corrupt child link ", c);
+        if (!link_ok(c, prev, n)) break;
         row[++k] = c;
         u = c;
       }
@@ -430,14 +440,13 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
       };
       double S = load(0);
       while (true) {
-        int64_t c = fc[o + u], got = -1;
-        while (c >= 0) {
-          TORCH_CHECK(c < n, "tokenkernels.tree.verify_sampling: corrupt child link ", c);
+        int64_t c = fc[o + u], prev = u, got = -1;
+        // (links and tokens are validated up front; the guards mirror the CUDA kernel)
+        while (residual_usable(S) && link_ok(c, prev, n)) {
           const int64_t t = dt[o + c];
-          TORCH_CHECK(t >= 0 && t < V, "tokenkernels.tree.verify_sampling: draft_tokens[", b, ", ", c, "] = ", t,
-                      " is not in [0, V = ", V, ")");
           const double coin = cn[o + c];
-          if (pq) {
+          const bool in_vocab = t >= 0 && t < V;   // else: never accepted, residual unchanged
+          if (in_vocab && pq) {
             const T* q = pq + (o + u) * V;
             if (accept_with_q(coin, static_cast<double>(q[t]), r[t], S)) { got = c; break; }
             // residual <- max(p - q, 0) with p = r / S (kept unnormalised; S is its sum), one
@@ -447,20 +456,21 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
             int64_t x = 0;
             for (; x + 4 <= V; x += 4)
               for (int j = 0; j < 4; ++j)
-                s[j] += (tmp[x + j] = std::max(r[x + j] * inv - static_cast<double>(q[x + j]), 0.0));
-            for (; x < V; ++x) s[0] += (tmp[x] = std::max(r[x] * inv - static_cast<double>(q[x]), 0.0));
+                s[j] += (tmp[x + j] = pos_part(r[x + j] * inv - static_cast<double>(q[x + j])));
+            for (; x < V; ++x) s[0] += (tmp[x] = pos_part(r[x] * inv - static_cast<double>(q[x])));
             const double s2 = (s[0] + s[1]) + (s[2] + s[3]);
             if (s2 > 0) {
               std::swap(r, tmp);
               S = s2;
             }
-          } else {
+          } else if (in_vocab) {
             if (accept_one_hot(coin, r[t], S)) { got = c; break; }
             if (S - r[t] > 0) {
               S = S - r[t];
               r[t] = 0;
             }
           }
+          prev = c;
           c = ns[o + c];
         }
         if (got < 0 || k >= max_depth) break;
@@ -469,15 +479,20 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
         S = load(u);
       }
       al[b] = k;
-      // bonus ~ residual, by inverse CDF: first x with running sum > u * S
-      const double thr = bv[b] * S;
-      double run = 0;
+      // bonus ~ residual, by inverse CDF: first x with running sum > u * S; if none (rounding,
+      // or a residual without usable mass), the last positive entry (0 if none)
       int64_t pick = -1, last_pos = 0;
-      for (int64_t x = 0; x < V; ++x) {
-        run += r[x];
-        if (r[x] > 0) last_pos = x;
-        if (run > thr) { pick = x; break; }
+      if (residual_usable(S)) {
+        const double thr = bv[b] * S;
+        double run = 0;
+        for (int64_t x = 0; x < V; ++x) {
+          run += r[x];
+          if (run > thr) { pick = x; break; }
+        }
       }
+      if (pick < 0)
+        for (int64_t x = 0; x < V; ++x)
+          if (r[x] > 0) last_pos = x;
       bo[b] = pick >= 0 ? pick : last_pos;
     }
   });
@@ -486,7 +501,8 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cpu(
     const at::Tensor& first_child_in, const at::Tensor& next_sibling_in, const at::Tensor& draft_in,
     const at::Tensor& target_probs_in, const std::optional<at::Tensor>& draft_probs_in,
-    const at::Tensor& coins_in, const at::Tensor& bonus_u_in, int64_t max_depth) {
+    const at::Tensor& coins_in, const at::Tensor& bonus_u_in, int64_t max_depth, bool check) {
+  (void)check;   // always validated on CPU (no sync to save)
   const char* op = "verify_sampling";
   check_verify_args(first_child_in, next_sibling_in, draft_in, op);
   const int64_t B = first_child_in.size(0), n = first_child_in.size(1);
@@ -512,6 +528,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cpu(
               bonus_u_in.sizes());
   TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_sampling: max_depth must be >= 0");
   auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in), draft = long_contig(draft_in);
+  check_link_values(fcs, nss, op);
+  check_draft_values(fcs, nss, draft, V, op);
   // Probabilities are read in their own dtype (only the visited rows are touched; converting the
   // whole (B, n, V) tensor would cost more than the verification); arithmetic is in double.
   auto tp = target_probs_in.contiguous();

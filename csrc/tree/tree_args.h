@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "check.h"
 #include "tokenkernels/tree.h"
@@ -40,7 +42,8 @@ inline void check_lens_shape(const std::optional<at::Tensor>& lens, const at::Te
   check_device(ref, *lens, op, "parents", name);
 }
 
-// Values of tree_lens (1 <= len <= n) and parents (root -1, 0 <= p < i) on CPU tensors.
+// Values of tree_lens (1 <= len <= n) and parents (root -1, 0 <= p < i) on CPU int64 tensors (so
+// an int64 parent beyond int32 is rejected, never wrapped). Always on CPU; on CUDA with check.
 inline void check_parent_values(const at::Tensor& parents_cpu, const at::Tensor& lens_cpu,
                                 const char* op, const char* name = "parents") {
   const int64_t B = parents_cpu.size(0), n = parents_cpu.size(1);
@@ -130,7 +133,8 @@ inline AttnDims check_attention_args(const at::Tensor& q, const at::Tensor& k, c
   return d;
 }
 
-// Value checks (CPU tensors, int64): lengths fit the cache, pages in range.
+// Value checks (CPU tensors, int64): lengths fit the cache, pages in range. Always on CPU; on
+// CUDA with check=True (one host sync), else the kernels clamp (tree.h AttnProblem).
 inline void check_attention_values(const AttnDims& d, const at::Tensor& prefix_cpu,
                                    const at::Tensor& lens_cpu, const at::Tensor& table_cpu) {
   const int64_t* P = prefix_cpu.data_ptr<int64_t>();
@@ -179,6 +183,46 @@ inline void check_verify_args(const at::Tensor& fc, const at::Tensor& ns, const 
               ": draft_tokens ", draft.sizes(), " must match the tree's (B, n) = ", fc.sizes());
   check_device(fc, ns, op, "first_child", "next_sibling");
   check_device(fc, draft, op, "tree", "draft_tokens");
+}
+
+// Values of the child links (CPU int64 tensors): first_child[b, u] and next_sibling[b, u] are -1
+// or a node in (u, n) -- what build produces, and what makes every walk end (tree.h link_ok).
+inline void check_link_values(const at::Tensor& fc_cpu, const at::Tensor& ns_cpu, const char* op) {
+  const int64_t B = fc_cpu.size(0), n = fc_cpu.size(1);
+  const int64_t* fc = fc_cpu.data_ptr<int64_t>();
+  const int64_t* ns = ns_cpu.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t u = 0; u < n; ++u) {
+      const int64_t f = fc[b * n + u], s = ns[b * n + u];
+      TORCH_CHECK(f == -1 || link_ok(f, u, n), "tokenkernels.tree.", op, ": first_child[", b, ", ", u, "] = ", f,
+                  " is not -1 or a node in (", u, ", n = ", n, ") (corrupt child link; use tree.build)");
+      TORCH_CHECK(s == -1 || link_ok(s, u, n), "tokenkernels.tree.", op, ": next_sibling[", b, ", ", u, "] = ", s,
+                  " is not -1 or a node in (", u, ", n = ", n, ") (corrupt child link; use tree.build)");
+    }
+}
+
+// Draft tokens (CPU int64) of every linked node (a first_child / next_sibling target: the nodes
+// verification can visit; the root and padding are ignored) must lie in [0, V). After
+// check_link_values. Reports the lowest such node of the first offending tree.
+inline void check_draft_values(const at::Tensor& fc_cpu, const at::Tensor& ns_cpu, const at::Tensor& draft_cpu,
+                               int64_t V, const char* op) {
+  const int64_t B = fc_cpu.size(0), n = fc_cpu.size(1);
+  const int64_t* fc = fc_cpu.data_ptr<int64_t>();
+  const int64_t* ns = ns_cpu.data_ptr<int64_t>();
+  const int64_t* dt = draft_cpu.data_ptr<int64_t>();
+  std::vector<char> linked(static_cast<size_t>(n));
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(linked.begin(), linked.end(), 0);
+    for (int64_t u = 0; u < n; ++u) {
+      if (link_ok(fc[b * n + u], u, n)) linked[fc[b * n + u]] = 1;
+      if (link_ok(ns[b * n + u], u, n)) linked[ns[b * n + u]] = 1;
+    }
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t t = dt[b * n + c];
+      TORCH_CHECK(!linked[c] || (t >= 0 && t < V), "tokenkernels.tree.", op, ": draft_tokens[", b, ", ", c,
+                  "] = ", t, " is not in [0, V = ", V, ")");
+    }
+  }
 }
 
 }  // namespace tree

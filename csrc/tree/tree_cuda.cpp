@@ -1,8 +1,13 @@
 // tree family: CUDA adapter (compiled by the host C++ compiler; kernels in tree_kernels.cu).
-// No host syncs, except the value validation of build(check=true) (one D2H copy of parents)
-// and select_tree (parents are always validated there, like the CPU path).
+// No host syncs, except the value validations of check=true (build: parents and tree_lens;
+// attention: prefix_lens, tree_lens, block_table; verify_sampling: child links and draft tokens --
+// the same checks and messages as the CPU path, on host copies) and select_tree (parents are
+// always validated there, like the CPU path). With check=false bad values give the documented,
+// in-bounds results of the kernels (tree.h) instead of an error.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "cuda_glue.h"
 #include "tree/tree_args.h"
@@ -68,7 +73,7 @@ at::Tensor paths_cuda(const at::Tensor& parents_in, const at::Tensor& depth_in, 
 void attention_out_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                         const at::Tensor& prefix_lens, const at::Tensor& mask_in,
                         const std::optional<at::Tensor>& tree_lens, const std::optional<at::Tensor>& block_table,
-                        double scale, int64_t impl, const at::Tensor& out, const at::Tensor& lse) {
+                        double scale, bool check, int64_t impl, const at::Tensor& out, const at::Tensor& lse) {
   auto d = check_attention_args(q_in, k_in, v_in, prefix_lens, mask_in, tree_lens, block_table);
   check_out_args(q_in, d, out, lse);
   TORCH_CHECK(d.D % 32 == 0 && d.D <= 256, "tokenkernels.tree.attention: head dim D = ", d.D,
@@ -78,6 +83,20 @@ void attention_out_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
   auto P = long_contig(prefix_lens);
   auto lens = opt_long(tree_lens);
   auto table = opt_long(block_table);
+  if (check) {   // one D2H copy of (prefix_lens, tree_lens, block_table)
+    std::vector<at::Tensor> parts{P};
+    if (lens.defined()) parts.push_back(lens);
+    if (table.defined()) parts.push_back(table.reshape({-1}));
+    auto host = at::cat(parts).cpu();
+    int64_t off = d.B;
+    at::Tensor P_h = host.narrow(0, 0, d.B), lens_h, table_h;
+    if (lens.defined()) {
+      lens_h = host.narrow(0, off, d.B);
+      off += d.B;
+    }
+    if (table.defined()) table_h = host.narrow(0, off, d.B * d.max_pages).view({d.B, d.max_pages});
+    check_attention_values(d, P_h, lens_h, table_h);
+  }
   AttnProblem p;
   p.B = d.B;
   p.n = d.n;
@@ -95,8 +114,9 @@ void attention_out_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
   p.N_max = d.N_max;
   p.page_size = d.paged ? d.page_size : 1;
   p.max_pages = d.max_pages;
-  // Upper bound of every prefix from the shapes alone (no sync): the cache capacity.
-  p.max_prefix = d.paged ? d.max_pages * d.page_size : d.N_max;
+  p.num_pages = d.num_pages;
+  // Positions per request from the shapes alone (no sync): the cache capacity (0 without pages).
+  p.max_prefix = d.paged ? (d.num_pages > 0 ? d.max_pages * d.page_size : 0) : d.N_max;
   p.scale = static_cast<float>(scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -109,11 +129,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   const at::Tensor& prefix_lens, const at::Tensor& mask,
                                                   const std::optional<at::Tensor>& tree_lens,
                                                   const std::optional<at::Tensor>& block_table, double scale,
-                                                  int64_t impl) {
+                                                  bool check, int64_t impl) {
   TORCH_CHECK(q.dim() == 4, "tokenkernels.tree.attention: q must be 4-D (B, n, H_q, D), got shape ", q.sizes());
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  attention_out_cuda(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, impl, out, lse);
+  attention_out_cuda(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, impl, out, lse);
   return {out, lse};
 }
 
@@ -145,7 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
     const at::Tensor& fc_in, const at::Tensor& ns_in, const at::Tensor& draft_in, const at::Tensor& tp_in,
-    const std::optional<at::Tensor>& dp_in, const at::Tensor& coins_in, const at::Tensor& bu_in, int64_t max_depth) {
+    const std::optional<at::Tensor>& dp_in, const at::Tensor& coins_in, const at::Tensor& bu_in, int64_t max_depth,
+    bool check) {
   const char* op = "verify_sampling";
   check_verify_args(fc_in, ns_in, draft_in, op);
   const int64_t B = fc_in.size(0), n = fc_in.size(1);
@@ -172,16 +193,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
   TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_sampling: max_depth must be >= 0");
   c10::DeviceGuard guard(fc_in.device());
   auto fc = long_contig(fc_in), ns = long_contig(ns_in), draft = long_contig(draft_in);
-  auto tp = tp_in.to(at::kFloat).contiguous();
-  auto dp = dp_in.has_value() ? dp_in->to(at::kFloat).contiguous() : at::Tensor();
-  auto coins = coins_in.to(at::kFloat).contiguous(), bu = bu_in.to(at::kFloat).contiguous();
+  if (check) {   // one D2H copy of (first_child, next_sibling, draft_tokens)
+    auto host = at::stack({fc, ns, draft}).cpu();
+    check_link_values(host[0], host[1], op);
+    check_draft_values(host[0], host[1], host[2], V, op);
+  }
+  // Probabilities in fp32 (exact for fp32/fp16/bf16), or fp64 if either is fp64; the residual,
+  // coins and every decision in fp64, as on CPU.
+  const bool f64 = tp_in.scalar_type() == at::kDouble || (dp_in.has_value() && dp_in->scalar_type() == at::kDouble);
+  const auto pt = f64 ? at::kDouble : at::kFloat;
+  auto tp = tp_in.to(pt).contiguous();
+  auto dp = dp_in.has_value() ? dp_in->to(pt).contiguous() : at::Tensor();
+  auto coins = coins_in.to(at::kDouble).contiguous(), bu = bu_in.to(at::kDouble).contiguous();
   auto [acc, alen, bonus] = verify_outputs(fc, max_depth);
-  auto work = at::empty({B, V}, tp.options());
+  auto work = at::empty({B, V}, tp.options().dtype(at::kDouble));
   check_cuda(launch_verify_sampling(fc.data_ptr<int64_t>(), ns.data_ptr<int64_t>(), draft.data_ptr<int64_t>(),
-                                    tp.data_ptr<float>(), opt_ptr<float>(dp), coins.data_ptr<float>(),
-                                    bu.data_ptr<float>(), B, n, V, max_depth, acc.data_ptr<int64_t>(),
-                                    alen.data_ptr<int64_t>(), bonus.data_ptr<int64_t>(), work.data_ptr<float>(),
-                                    current_cuda_stream(fc_in.device())),
+                                    tp.data_ptr(), dp.defined() ? dp.data_ptr() : nullptr, f64,
+                                    coins.data_ptr<double>(), bu.data_ptr<double>(), B, n, V, max_depth,
+                                    acc.data_ptr<int64_t>(), alen.data_ptr<int64_t>(), bonus.data_ptr<int64_t>(),
+                                    work.data_ptr<double>(), current_cuda_stream(fc_in.device())),
              "tree verify_sampling");
   return {acc, alen, bonus};
 }

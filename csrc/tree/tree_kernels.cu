@@ -12,9 +12,22 @@ constexpr int kWarpsPerRowBlock = 4;   // plain prefix / tree-merge kernels: 128
 constexpr int kTunedRows = 32;         // prefix_tuned_kernel: rows per block
 constexpr int64_t kMinChunk = 256;     // fewest prefix keys per split
 constexpr int64_t kMaxSplits = 64;
+constexpr int64_t kMaxGridX = 2147483647;   // gridDim.x limit (y and z stop at 65535)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+
+// Launch `blocks` blocks along x in chunks of at most kMaxGridX; launch(block0, count) issues
+// one chunk whose kernel adds block0 to blockIdx.x.
+template <typename F>
+cudaError_t launch_x_chunks(int64_t blocks, F&& launch) {
+  for (int64_t b0 = 0; b0 < blocks; b0 += kMaxGridX) {
+    launch(b0, static_cast<unsigned>(std::min(kMaxGridX, blocks - b0)));
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
 
 int num_sms() {
   int dev = 0, sms = 0;
@@ -28,7 +41,7 @@ cudaError_t launch_build(const int64_t* parents, const int64_t* lens, int64_t B,
                          int64_t* depth, int64_t* first_child, int64_t* next_sibling, int variant,
                          cudaStream_t stream) {
   if (B == 0 || n == 0) return cudaSuccess;
-  if (n > kMaxCudaNodes) return cudaErrorInvalidValue;
+  if (n > kMaxCudaNodes || B > kMaxGridX) return cudaErrorInvalidValue;
   int npow2 = 2;
   while (npow2 < n) npow2 <<= 1;
   const bool sorted = variant != 1;
@@ -54,6 +67,7 @@ cudaError_t launch_paths(const int64_t* parents, const int64_t* depth, const int
                          const int64_t* lens, int64_t B, int64_t n, int64_t L_max, int64_t D_max, int64_t* paths,
                          cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
+  if (B > kMaxGridX) return cudaErrorInvalidValue;
   device::paths_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(parents, depth, first_child, lens, n, L_max,
                                                                       D_max, paths);
   return cudaGetLastError();
@@ -82,23 +96,27 @@ cudaError_t attention_typed(const AttnProblem& p, int variant, void* workspace, 
   float* part_o = reinterpret_cast<float*>(base);
   float* part_lse = reinterpret_cast<float*>(base + align_up(sizeof(float) * rows * p.D));
   const int64_t chunk = S > 0 ? ceil_div(p.max_prefix, S) : 0;
+  // (request [, KV head], row block) flattened on x: any B (y = the split, <= kMaxSplits)
+  const int64_t row_blocks = ceil_div(p.n * p.Hq, kWarpsPerRowBlock);   // plain prefix, merge
   if (S > 0) {
+    cudaError_t e;
     if (variant == 1) {
-      dim3 grid(static_cast<unsigned>(ceil_div(p.n * p.Hq, kWarpsPerRowBlock)), static_cast<unsigned>(S),
-                static_cast<unsigned>(p.B));
-      device::prefix_plain_kernel<T, DL><<<grid, 32 * kWarpsPerRowBlock, 0, stream>>>(p, chunk, part_o, part_lse);
+      e = launch_x_chunks(p.B * row_blocks, [&](int64_t b0, unsigned nx) {
+        device::prefix_plain_kernel<T, DL><<<dim3(nx, static_cast<unsigned>(S)), 32 * kWarpsPerRowBlock, 0,
+                                              stream>>>(p, chunk, b0, part_o, part_lse);
+      });
     } else {
-      const int64_t G = p.Hq / p.Hkv;
-      dim3 grid(static_cast<unsigned>(ceil_div(p.n * G, kTunedRows)), static_cast<unsigned>(S),
-                static_cast<unsigned>(p.B * p.Hkv));
-      device::prefix_tuned_kernel<T, DL><<<grid, 256, 0, stream>>>(p, chunk, part_o, part_lse);
+      const int64_t tuned_blocks = ceil_div(p.n * (p.Hq / p.Hkv), kTunedRows);
+      e = launch_x_chunks(p.B * p.Hkv * tuned_blocks, [&](int64_t b0, unsigned nx) {
+        device::prefix_tuned_kernel<T, DL><<<dim3(nx, static_cast<unsigned>(S)), 256, 0, stream>>>(
+            p, chunk, b0, part_o, part_lse);
+      });
     }
-    cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
-  dim3 grid(static_cast<unsigned>(ceil_div(p.n * p.Hq, kWarpsPerRowBlock)), static_cast<unsigned>(p.B));
-  device::tree_merge_kernel<T, DL><<<grid, 32 * kWarpsPerRowBlock, 0, stream>>>(p, S, part_o, part_lse);
-  return cudaGetLastError();
+  return launch_x_chunks(p.B * row_blocks, [&](int64_t b0, unsigned nx) {
+    device::tree_merge_kernel<T, DL><<<nx, 32 * kWarpsPerRowBlock, 0, stream>>>(p, S, b0, part_o, part_lse);
+  });
 }
 
 template <typename T>
@@ -138,21 +156,29 @@ cudaError_t launch_verify_greedy(const int64_t* first_child, const int64_t* next
 }
 
 cudaError_t launch_verify_sampling(const int64_t* first_child, const int64_t* next_sibling,
-                                   const int64_t* draft_tokens, const float* target_probs, const float* draft_probs,
-                                   const float* coins, const float* bonus_u, int64_t B, int64_t n, int64_t V,
-                                   int64_t max_depth, int64_t* accepted, int64_t* accept_len, int64_t* bonus,
-                                   float* workspace, cudaStream_t stream) {
+                                   const int64_t* draft_tokens, const void* target_probs, const void* draft_probs,
+                                   bool probs_fp64, const double* coins, const double* bonus_u, int64_t B, int64_t n,
+                                   int64_t V, int64_t max_depth, int64_t* accepted, int64_t* accept_len,
+                                   int64_t* bonus, double* workspace, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  device::verify_sampling_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(
-      first_child, next_sibling, draft_tokens, target_probs, draft_probs, coins, bonus_u, n, V, max_depth, accepted,
-      accept_len, bonus, workspace);
+  if (B > kMaxGridX) return cudaErrorInvalidValue;
+  if (probs_fp64)
+    device::verify_sampling_kernel<double><<<static_cast<unsigned>(B), 256, 0, stream>>>(
+        first_child, next_sibling, draft_tokens, static_cast<const double*>(target_probs),
+        static_cast<const double*>(draft_probs), coins, bonus_u, n, V, max_depth, accepted, accept_len, bonus,
+        workspace);
+  else
+    device::verify_sampling_kernel<float><<<static_cast<unsigned>(B), 256, 0, stream>>>(
+        first_child, next_sibling, draft_tokens, static_cast<const float*>(target_probs),
+        static_cast<const float*>(draft_probs), coins, bonus_u, n, V, max_depth, accepted, accept_len, bonus,
+        workspace);
   return cudaGetLastError();
 }
 
 cudaError_t launch_select_frontier(const float* cum, const float* child, int64_t B, int64_t F, int64_t K, int64_t m,
                                    int64_t* parent, int64_t* rank, float* score, cudaStream_t stream) {
   if (B == 0 || m == 0) return cudaSuccess;
-  if (F * K > kMaxCudaNodes) return cudaErrorInvalidValue;
+  if (F * K > kMaxCudaNodes || B > kMaxGridX) return cudaErrorInvalidValue;
   device::select_frontier_kernel<<<static_cast<unsigned>(B), 256, sizeof(float) * F * K, stream>>>(
       cum, child, F, K, m, parent, rank, score);
   return cudaGetLastError();
@@ -161,7 +187,7 @@ cudaError_t launch_select_frontier(const float* cum, const float* child, int64_t
 cudaError_t launch_select_tree(const float* cum, const int64_t* parents, int64_t B, int64_t T, int64_t n,
                                int64_t* idx, int64_t* new_parents, float* score, cudaStream_t stream) {
   if (B == 0 || n == 0) return cudaSuccess;
-  if (T > kMaxCudaNodes) return cudaErrorInvalidValue;   // 16 nodes per thread of 256
+  if (T > kMaxCudaNodes || B > kMaxGridX) return cudaErrorInvalidValue;   // 16 nodes per thread of 256
   device::select_tree_kernel<<<static_cast<unsigned>(B), 256, (sizeof(float) + sizeof(int)) * T, stream>>>(
       cum, parents, T, n, idx, new_parents, score);
   return cudaGetLastError();

@@ -14,6 +14,7 @@ from .trees import random_parents
     ([[-1, 0, -1]], r"parents\[0, 2\] = -1"),                             # a second root
     ([[-1, 0, -5]], r"parents\[0, 2\] = -5"),                             # < -1
     ([[-1, 0, 0], [-1, 7, 0]], r"parents\[1, 1\] = 7"),                   # out of range
+    ([[-1, 0, 2**32]], r"parents\[0, 2\] = 4294967296 must lie"),         # int64, not wrapped to 0
 ])
 def test_bad_parents(device, parents, match):
     with pytest.raises((RuntimeError, ValueError), match=match):
@@ -64,7 +65,7 @@ def test_bad_attention(device):
     with pytest.raises(ValueError, match=r"q must be 4-D \(B, n, H_q, D\)"):
         A(q[0], k, v, P, t.mask)
     with pytest.raises(RuntimeError, match=r"q must be 4-D \(B, n, H_q, D\)"):   # the op itself
-        torch.ops.tokenkernels.tree_attention(q[0], k, v, P, t.mask, None, None, 1.0, 0)
+        torch.ops.tokenkernels.tree_attention(q[0], k, v, P, t.mask, None, None, 1.0, True, 0)
     with pytest.raises(RuntimeError, match="mask must have shape"):
         A(q, k, v, P, t.mask[:, :5])
     with pytest.raises(RuntimeError, match="mask must be int32"):
@@ -85,19 +86,27 @@ def test_bad_attention(device):
         A(q, k, v, P, t.mask, lse_out=torch.empty(2, 6, 4, dtype=torch.float16, device=device))
 
 
-def test_bad_attention_values():
-    t, q, k, v, P = _attn_inputs("cpu")
+def test_bad_attention_values(device):
+    """check=True (the default): the same errors on CPU and CUDA (one host sync there)."""
+    t, q, k, v, P = _attn_inputs(device)
     A = tk.tree.attention
+    d = lambda x: torch.tensor(x, device=device)  # noqa: E731
     with pytest.raises(RuntimeError, match=r"request 1 needs 21 cache positions .* k_cache holds 20"):
-        A(q, k, v, torch.tensor([10, 15]), t)
+        A(q, k, v, d([10, 15]), t)
     with pytest.raises(RuntimeError, match=r"prefix_lens\[0\] = -1 < 0"):
-        A(q, k, v, torch.tensor([-1, 3]), t)
-    kp = torch.randn(5, 4, 2, 32)
-    table = torch.tensor([[0, 1, 2, 3], [4, 0, 9, 1]])
-    with pytest.raises(RuntimeError, match=r"block_table\[1, 2\] = 9 is not a page index"):
-        A(q, kp, kp, torch.tensor([3, 9]), t, block_table=table)
+        A(q, k, v, d([-1, 3]), t)
+    with pytest.raises(RuntimeError, match=r"tree_lens\[1\] = 7 must lie in \[0, n = 6\]"):
+        A(q, k, v, P, t.mask, tree_lens=d([6, 7]))
+    kp = torch.randn(5, 4, 2, 32, device=device)
+    table = d([[0, 1, 2, 3], [4, 0, 9, 1]])
+    with pytest.raises(RuntimeError, match=r"block_table\[1, 2\] = 9 is not a page index in \[0, 5\)"):
+        A(q, kp, kp, d([3, 9]), t, block_table=table)
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = -1 is not a page index"):
+        A(q, kp, kp, d([3, 9]), t, block_table=table.int() - (table == 0).int())
     with pytest.raises(RuntimeError, match="needs 5 pages but block_table has 4"):
-        A(q, kp, kp, torch.tensor([3, 14]), t, block_table=table)
+        A(q, kp, kp, d([3, 14]), t, block_table=table)
+    if device == "cuda":
+        torch.cuda.synchronize()   # nothing was launched with the bad values: no sticky error
     with pytest.raises(RuntimeError, match="block_table must have 2 rows"):
         A(q, kp, kp, P, t, block_table=table[:1])
 
@@ -134,11 +143,19 @@ def test_bad_verify(device):
         tk.tree.verify_sampling(t, draft, probs, draft_probs=probs[..., :4])
 
 
-def test_bad_verify_token_range():
-    t, draft, probs = _verify_inputs("cpu")
+def test_bad_verify_token_range(device):
+    """The same error on CPU and CUDA (check=True): the lowest linked node of the first tree."""
+    t, draft, probs = _verify_inputs(device)
     draft[:, 1:] = 5   # V = 5
-    with pytest.raises(RuntimeError, match=r"draft_tokens\[.*\] = 5 is not in \[0, V = 5\)"):
+    with pytest.raises(RuntimeError, match=r"draft_tokens\[0, 1\] = 5 is not in \[0, V = 5\)"):
         tk.tree.verify_sampling(t, draft, probs)
+    draft[:] = 0
+    draft[1, 8] = -3
+    with pytest.raises(RuntimeError, match=r"draft_tokens\[1, 8\] = -3 is not in \[0, V = 5\)"):
+        tk.tree.verify_sampling(t, draft, probs, draft_probs=probs)
+    draft[0, 0] = 99   # the root's token is never used
+    draft[1, 8] = 0
+    tk.tree.verify_sampling(t, draft, probs)
 
 
 def test_bad_dynamic(device):

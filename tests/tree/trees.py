@@ -55,3 +55,53 @@ def medusa_buffers(choices: Sequence[Sequence[int]]):
             continue   # not a leaf
         paths.append(tuple([0] + [sorted_choices.index(c[: j + 1]) + 1 for j in range(len(c))]))
     return attn, pos, sorted(paths)
+
+
+def unchecked_build(parents: torch.Tensor, lens=None):
+    """The documented result of ``build(..., check=False)`` on CUDA for *any* parents (brute force):
+    node i (< tree_lens[b], clamped into [0, n]) follows parents[b, i] only if it lies in [0, i);
+    otherwise it is the root of a detached subtree (its ancestor walk stops at it, it is nobody's
+    child). Returns (mask, depth, first_child, next_sibling, paths) as ``reference.tree.build``."""
+    from tokenkernels.reference import tree as ref
+
+    B, n = parents.shape
+    eff = torch.full((B, n), -1, dtype=torch.long)
+    Ls = []
+    for b in range(B):
+        L = n if lens is None else min(max(int(lens[b]), 0), n)
+        Ls.append(L)
+        for i in range(1, L):
+            p = int(parents[b, i])
+            if 0 <= p < i:
+                eff[b, i] = p
+    dense = torch.zeros(B, n, n, dtype=torch.bool)
+    depth = torch.zeros(B, n, dtype=torch.long)
+    fc = torch.full((B, n), -1, dtype=torch.long)
+    ns = torch.full((B, n), -1, dtype=torch.long)
+    for b in range(B):
+        last = {}
+        for i in range(Ls[b]):
+            j, d = i, -1
+            while j >= 0:
+                dense[b, i, j] = True
+                d += 1
+                j = int(eff[b, j])
+            depth[b, i] = d
+            p = int(eff[b, i])
+            if p >= 0:
+                if p in last:
+                    ns[b, last[p]] = i
+                else:
+                    fc[b, p] = i
+                last[p] = i
+    leaves = [[i for i in range(Ls[b]) if fc[b, i] < 0] for b in range(B)]
+    L_max = max(len(x) for x in leaves)
+    D_max = int(depth.max())
+    paths = torch.full((B, L_max, D_max + 1), -1, dtype=torch.long)
+    for b in range(B):
+        for r, i in enumerate(leaves[b]):
+            j = i
+            while j >= 0:
+                paths[b, r, depth[b, j]] = j
+                j = int(eff[b, j])
+    return ref.pack_bits(dense), depth, fc, ns, paths

@@ -2,7 +2,9 @@
 //
 // Indexing conventions:
 //   * one-block-per-tree kernels (build, paths, verify_sampling, select_*): b = blockIdx.x;
-//   * attention: one warp per query row (b, i, hq); row r of the (n * Hq) rows of request b is
+//   * attention: the request (and KV head) and the row block share blockIdx.x (plus a launch
+//     offset `block0`: the launcher splits grids past the x limit), so any B works; the prefix
+//     split is blockIdx.y (<= 64). One warp per query row (b, i, hq); row r of the (n * Hq) rows of request b is
 //     i = r / Hq, hq = r % Hq, and its KV head is h = hq / G (G = Hq / Hkv). Inside a warp, lane
 //     l holds head-dim elements l, l + 32, ..., l + 32 * (DL - 1) (D = 32 * DL), so K/V rows
 //     are read with coalesced 32-lane loads and a dot product is DL FMAs + a warp reduction.
@@ -36,15 +38,21 @@ __device__ __forceinline__ int64_t prefix_len(const AttnProblem& p, int64_t b, i
 }
 
 __device__ __forceinline__ int64_t tree_len(const int64_t* lens, int64_t b, int64_t n) {
-  if (!lens) return n;
-  const int64_t L = lens[b];
-  return L < 0 ? 0 : (L > n ? n : L);
+  return lens ? clamp_len(lens[b], n) : n;
+}
+
+// Tree keys of request b that lie inside the cache: all L of them unless the tree alone is
+// longer than the cache (unvalidated tree_lens); keys past it are skipped.
+__device__ __forceinline__ int64_t tree_keys(const AttnProblem& p, int64_t P, int64_t L) {
+  return L < p.max_prefix - P ? L : p.max_prefix - P;
 }
 
 // ------------------------------------------------------------------------------------ build
 // grid = B, block = up to 1024 threads, dynamic shared memory:
 //   int sh_par[n], int sh_fc[n] (+ int keys[npow2] for the sorted variant).
-// Step 1: parents -> shared, first_child <- -1. Step 2: every node walks its ancestors in shared
+// Step 1: effective parents (tree.h: invalid ones -> -1, checked in int64 before the narrowing)
+// -> shared, first_child <- -1, next_sibling <- -1 for the nodes no child list links (root,
+// padding, detached nodes). Step 2: every node walks its ancestors in shared
 // memory, writing its mask row word by word (ancestors come in decreasing index order, so the
 // words are produced from high to low) and its depth. Step 3: child lists, either
 //   plain : node i scans forward for the next node with the same parent (O(n) per thread), and
@@ -67,8 +75,10 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
   const int64_t W = mask_words(n);
   const int64_t* par = parents + b * n;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    sh_par[i] = i < L ? static_cast<int>(par[i]) : -1;
+    const int p = i < L ? static_cast<int>(effective_parent(par[i], i)) : -1;   // in [-1, i)
+    sh_par[i] = p;
     sh_fc[i] = i < L ? 0x7fffffff : -1;   // "no child yet" for real nodes (atomicMin target)
+    if (p < 0) next_sibling[b * n + i] = -1;   // the only write of this entry
   }
   __syncthreads();
 
@@ -85,8 +95,8 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
     int64_t cur_w = top;
     uint32_t acc = 0u;
     int64_t d = -1;
-    // (with unvalidated parents a non-decreasing step ends the walk: no cycles, no OOB reads)
-    for (int j = static_cast<int>(i), prev = static_cast<int>(i) + 1; j >= 0 && j < prev; prev = j, j = sh_par[j]) {
+    // effective parents strictly decrease: the walk ends, and stays inside the tree
+    for (int j = static_cast<int>(i); j >= 0; j = sh_par[j]) {
       const int64_t w = j >> 5;
       while (cur_w > w) {   // flush finished words (possibly empty ones in between)
         row[cur_w--] = acc;
@@ -106,10 +116,7 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
   if (!kSorted) {
     for (int64_t i = 1 + threadIdx.x; i < L; i += blockDim.x) {
       const int p = sh_par[i];
-      if (p < 0 || p >= i) {   // invalid (unvalidated) parent: not linked
-        next_sibling[b * n + i] = -1;
-        continue;
-      }
+      if (p < 0) continue;   // detached node: not linked (next_sibling written in step 1)
       atomicMin(&sh_fc[p], static_cast<int>(i));
       int64_t nxt = -1;
       for (int64_t j = i + 1; j < L; ++j)
@@ -119,12 +126,10 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
         }
       next_sibling[b * n + i] = nxt;
     }
-    if (threadIdx.x == 0) next_sibling[b * n] = -1;
-    for (int64_t i = L + threadIdx.x; i < n; i += blockDim.x) next_sibling[b * n + i] = -1;
   } else {
     const int kNone = 0x7fffffff;
     for (int k = threadIdx.x; k < npow2; k += blockDim.x)
-      keys[k] = (k >= 1 && k < L && sh_par[k] >= 0 && sh_par[k] < k) ? sh_par[k] * static_cast<int>(n) + k : kNone;
+      keys[k] = (k >= 1 && k < L && sh_par[k] >= 0) ? sh_par[k] * static_cast<int>(n) + k : kNone;
     __syncthreads();
     // bitonic sort, ascending; thread t handles the pair (pos, pos + stride) with pos having the
     // `stride` bit clear: pos = 2t - (t mod stride).
@@ -149,8 +154,6 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
       next_sibling[b * n + node] = (nk != kNone && nk / static_cast<int>(n) == p) ? nk % static_cast<int>(n) : -1;
       if (k == 0 || keys[k - 1] / static_cast<int>(n) != p) sh_fc[p] = node;   // one writer per parent
     }
-    if (threadIdx.x == 0) next_sibling[b * n] = -1;
-    for (int64_t i = L + threadIdx.x; i < n; i += blockDim.x) next_sibling[b * n + i] = -1;
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -163,6 +166,9 @@ __global__ void __launch_bounds__(1024) build_kernel(const int64_t* __restrict__
 // grid = B, block = 256. Every thread owns a contiguous chunk of nodes; leaf counts per chunk
 // are scanned block-wide (Hillis-Steele in shared memory) to give each leaf its rank, then each
 // leaf walks up its ancestors writing its path. The output of the tree is pre-filled with -1.
+// The walk follows effective parents (tree.h), so unvalidated parents (build check=False, or a
+// direct call) end it instead of looping or reading past the tree; depths outside [0, D_max]
+// are not written.
 __global__ void __launch_bounds__(256) paths_kernel(const int64_t* __restrict__ parents,
                                                     const int64_t* __restrict__ depth,
                                                     const int64_t* __restrict__ first_child,
@@ -191,30 +197,39 @@ __global__ void __launch_bounds__(256) paths_kernel(const int64_t* __restrict__ 
   for (int64_t i = i0; i < i1; ++i) {
     if (first_child[b * n + i] >= 0) continue;
     if (rank < L_max)
-      for (int64_t j = i; j >= 0; j = parents[b * n + j]) {
+      for (int64_t j = i; j >= 0; j = effective_parent(parents[b * n + j], j)) {
         const int64_t d = depth[b * n + j];
-        if (d <= D_max) out[rank * Dp + d] = j;
+        if (d >= 0 && d <= D_max) out[rank * Dp + d] = j;
       }
     ++rank;
   }
 }
 
 // -------------------------------------------------------------------------------- attention
+// pos < max_prefix always (callers clamp), so the table column is < max_pages; the page index
+// itself is clamped into [0, num_pages) (validated on the host only with check=True).
 template <typename T>
 struct Cache {
   const T* base;
   const int64_t* table;
-  int64_t N_max, page_size, max_pages, Hkv, D;
+  int64_t N_max, page_size, max_pages, num_pages, Hkv, D;
   __device__ __forceinline__ const T* row(int64_t b, int64_t pos, int64_t h) const {
-    const int64_t slot = table ? table[b * max_pages + pos / page_size] * page_size + pos % page_size
-                               : b * N_max + pos;
+    int64_t slot;
+    if (table) {
+      int64_t page = table[b * max_pages + pos / page_size];
+      page = page < 0 ? 0 : (page >= num_pages ? num_pages - 1 : page);
+      slot = page * page_size + pos % page_size;
+    } else {
+      slot = b * N_max + pos;
+    }
     return base + (slot * Hkv + h) * D;
   }
 };
 
 template <typename T>
 __device__ __forceinline__ Cache<T> make_cache(const AttnProblem& p, const void* base) {
-  return Cache<T>{static_cast<const T*>(base), p.block_table, p.N_max, p.page_size, p.max_pages, p.Hkv, p.D};
+  return Cache<T>{static_cast<const T*>(base), p.block_table, p.N_max, p.page_size, p.max_pages,
+                  p.num_pages, p.Hkv, p.D};
 }
 
 // Online-softmax state of one query row, distributed over a warp (DL dims per lane).
@@ -254,15 +269,17 @@ __device__ __forceinline__ void load_q(const AttnProblem& p, int64_t b, int64_t 
   for (int t = 0; t < DL; ++t) st.q[t] = to_f(qr[lane + 32 * t]) * p.scale;
 }
 
-// Split-KV prefix pass, plain: grid (ceil(n*Hq / 4), splits, B), 128 threads, one warp per row,
-// K/V straight from global memory. Writes the split's normalised partial output and its lse.
+// Split-KV prefix pass, plain: grid (B * RB, splits) with RB = ceil(n*Hq / 4) row blocks per
+// request, 128 threads, one warp per row, K/V straight from global memory. Writes the split's
+// normalised partial output and its lse.
 template <typename T, int DL>
-__global__ void __launch_bounds__(128) prefix_plain_kernel(AttnProblem p, int64_t chunk,
+__global__ void __launch_bounds__(128) prefix_plain_kernel(AttnProblem p, int64_t chunk, int64_t block0,
                                                            float* __restrict__ part_o,
                                                            float* __restrict__ part_lse) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t s = blockIdx.y, b = blockIdx.z;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp;
+  const int64_t RB = (p.n * p.Hq + 3) / 4, blk = block0 + blockIdx.x;
+  const int64_t s = blockIdx.y, b = blk / RB;
+  const int64_t r = (blk % RB) * 4 + warp;
   if (r >= p.n * p.Hq) return;
   const int64_t i = r / p.Hq, hq = r % p.Hq, h = hq / (p.Hq / p.Hkv);
   const int64_t L = tree_len(p.tree_lens, b, p.n);
@@ -291,21 +308,24 @@ __global__ void __launch_bounds__(128) prefix_plain_kernel(AttnProblem p, int64_
   if (lane == 0) part_lse[row] = st.lse();
 }
 
-// Split-KV prefix pass, tuned: grid (ceil(n*G / kRows), splits, B * Hkv), 256 threads (8 warps).
+// Split-KV prefix pass, tuned: grid (B * Hkv * RB, splits) with RB = ceil(n*G / kRows) row
+// blocks per (request, KV head), 256 threads (8 warps).
 // The block serves kRows = 32 query rows of one KV head (4 per warp); K/V tiles of KT keys are
 // staged once in shared memory (fp32, converted once) and reused by all 32 rows, so the cache is
 // read from global memory once per 32 rows instead of once per row.
 template <typename T, int DL>
-__global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_t chunk,
+__global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_t chunk, int64_t block0,
                                                            float* __restrict__ part_o,
                                                            float* __restrict__ part_lse) {
   constexpr int kRowsPerWarp = 4, kRows = 8 * kRowsPerWarp;
   constexpr int D = 32 * DL, KT = 128 / DL;   // KT * D = 4096 floats per tile (16 KiB)
   __shared__ float sk[KT * D], sv[KT * D];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t s = blockIdx.y;
-  const int64_t b = blockIdx.z / p.Hkv, h = blockIdx.z % p.Hkv;
   const int64_t G = p.Hq / p.Hkv;
+  const int64_t RB = (p.n * G + kRows - 1) / kRows, blk = block0 + blockIdx.x;
+  const int64_t rb = blk % RB, bh = blk / RB;
+  const int64_t s = blockIdx.y;
+  const int64_t b = bh / p.Hkv, h = bh % p.Hkv;
   const int64_t L = tree_len(p.tree_lens, b, p.n);
   const int64_t P = prefix_len(p, b, L);
   const int64_t k0 = s * chunk, k1 = (s + 1) * chunk < P ? (s + 1) * chunk : P;
@@ -314,7 +334,7 @@ __global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_
   bool live[kRowsPerWarp];
 #pragma unroll
   for (int w = 0; w < kRowsPerWarp; ++w) {
-    const int64_t rr = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp + w;
+    const int64_t rr = rb * kRows + warp * kRowsPerWarp + w;
     const int64_t i = rr / G;
     live[w] = i < L;
     st[w].init();
@@ -345,7 +365,7 @@ __global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_
 #pragma unroll
   for (int w = 0; w < kRowsPerWarp; ++w) {
     if (!live[w]) continue;
-    const int64_t rr = static_cast<int64_t>(blockIdx.x) * kRows + warp * kRowsPerWarp + w;
+    const int64_t rr = rb * kRows + warp * kRowsPerWarp + w;
     const int64_t i = rr / G, hq = h * G + rr % G;
     const int64_t row = (s * p.B + b) * p.n * p.Hq + i * p.Hq + hq;
     const float inv = st[w].l > 0.f ? 1.f / st[w].l : 0.f;
@@ -355,17 +375,18 @@ __global__ void __launch_bounds__(256) prefix_tuned_kernel(AttnProblem p, int64_
   }
 }
 
-// Tree part + merge: grid (ceil(n*Hq / 4), B), 128 threads, one warp per row (i, hq). The row's
-// tree keys are the set bits j < L of its mask row (visited word by word with __ffs, so only
+// Tree part + merge: grid B * RB (RB = ceil(n*Hq / 4)), 128 threads, one warp per row (i, hq).
+// The row's tree keys are the set bits j < tree_keys of its mask row (visited word by word with __ffs, so only
 // ancestors are read); the result is merged with the `splits` prefix partials by log-sum-exp and
 // written in the output dtype together with the row's lse.
 template <typename T, int DL>
-__global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t splits,
+__global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t splits, int64_t block0,
                                                          const float* __restrict__ part_o,
                                                          const float* __restrict__ part_lse) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t b = blockIdx.y;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + warp;
+  const int64_t RB = (p.n * p.Hq + 3) / 4, blk = block0 + blockIdx.x;
+  const int64_t b = blk / RB;
+  const int64_t r = (blk % RB) * 4 + warp;
   if (r >= p.n * p.Hq) return;
   const int64_t i = r / p.Hq, hq = r % p.Hq, h = hq / (p.Hq / p.Hkv);
   const int64_t L = tree_len(p.tree_lens, b, p.n);
@@ -377,16 +398,16 @@ __global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t 
     if (lane == 0) *lse_out = -INFINITY;
     return;
   }
-  const int64_t P = prefix_len(p, b, L);
+  const int64_t P = prefix_len(p, b, L), Lk = tree_keys(p, P, L);
   RowState<DL> st;
   st.init();
   load_q<T, DL>(p, b, i, hq, st);
   const Cache<T> K = make_cache<T>(p, p.k), V = make_cache<T>(p, p.v);
   const int64_t W = mask_words(p.n);
   const int32_t* mrow = p.mask + (b * p.n + i) * W;
-  for (int64_t w = 0; w * 32 < L; ++w) {
+  for (int64_t w = 0; w * 32 < Lk; ++w) {
     uint32_t bits = static_cast<uint32_t>(mrow[w]);
-    if ((w + 1) * 32 > L) bits &= (1u << (L - w * 32)) - 1u;   // keys past the tree length
+    if ((w + 1) * 32 > Lk) bits &= (1u << (Lk - w * 32)) - 1u;   // keys past the tree length
     while (bits) {
       const int64_t j = w * 32 + __ffs(bits) - 1;
       bits &= bits - 1u;
@@ -430,6 +451,7 @@ __global__ void __launch_bounds__(128) tree_merge_kernel(AttnProblem p, int64_t 
 
 // ----------------------------------------------------------------------------------- verify
 // One thread per tree: the greedy walk (first child whose token equals the target arg-max).
+// Links are followed only while they point forward (link_ok), so corrupt ones end the walk.
 __global__ void __launch_bounds__(128) verify_greedy_kernel(const int64_t* __restrict__ fc,
                                                             const int64_t* __restrict__ ns,
                                                             const int64_t* __restrict__ draft,
@@ -447,9 +469,12 @@ __global__ void __launch_bounds__(128) verify_greedy_kernel(const int64_t* __res
   int64_t u = 0, k = 0;
   while (k < max_depth) {
     const int64_t want = argmax[o + u];
-    int64_t c = fc[o + u];
-    while (c >= 0 && c < n && draft[o + c] != want) c = ns[o + c];
-    if (c < 0 || c >= n) break;
+    int64_t c = fc[o + u], prev = u;
+    while (link_ok(c, prev, n) && draft[o + c] != want) {
+      prev = c;
+      c = ns[o + c];
+    }
+    if (!link_ok(c, prev, n)) break;
     row[++k] = c;
     u = c;
   }
@@ -469,47 +494,52 @@ __device__ __forceinline__ double block_sum_d(double v, double* sh) {
   return t;
 }
 
-// Stochastic verification, one block (256 threads) per tree; the residual r (V floats) lives in
+// Stochastic verification, one block (256 threads) per tree; the residual r (V doubles) lives in
 // the workspace row of the tree. Every decision is computed identically by all threads from
-// block-reduced values, so the control flow stays uniform.
+// block-reduced values, so the control flow stays uniform. The arithmetic is the CPU kernel's
+// (fp64 residual, r * (1 / S) updates, the new S = the sum of the stored values), so CPU and CUDA
+// decisions agree up to the summation order of S. P: the probabilities' type (float or double).
+template <typename P>
 __global__ void __launch_bounds__(256) verify_sampling_kernel(
     const int64_t* __restrict__ fc, const int64_t* __restrict__ ns, const int64_t* __restrict__ draft,
-    const float* __restrict__ tp, const float* __restrict__ dp, const float* __restrict__ coins,
-    const float* __restrict__ bonus_u, int64_t n, int64_t V, int64_t max_depth,
+    const P* __restrict__ tp, const P* __restrict__ dp, const double* __restrict__ coins,
+    const double* __restrict__ bonus_u, int64_t n, int64_t V, int64_t max_depth,
     int64_t* __restrict__ accepted, int64_t* __restrict__ accept_len, int64_t* __restrict__ bonus,
-    float* __restrict__ work) {
+    double* __restrict__ work) {
   __shared__ double sh[32];
   __shared__ long long sh_pick;
   const int64_t b = blockIdx.x, o = b * n;
-  float* r = work + b * V;
+  double* r = work + b * V;
   int64_t* row = accepted + b * (max_depth + 1);
   for (int64_t k = threadIdx.x; k <= max_depth; k += blockDim.x) row[k] = k == 0 ? 0 : -1;
   auto load = [&](int64_t node) {   // r <- target_probs[b, node]; returns the sum
     __syncthreads();   // every thread is done reading the previous residual
-    const float* src = tp + (o + node) * V;
+    const P* src = tp + (o + node) * V;
     double s = 0;
-    for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s += (r[x] = src[x]);
+    for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s += (r[x] = static_cast<double>(src[x]));
     return block_sum_d(s, sh);   // its barriers also publish r
   };
   double S = load(0);
   int64_t u = 0, k = 0;
   while (true) {
-    int64_t c = fc[o + u], got = -1;
-    while (c >= 0 && c < n) {
+    int64_t c = fc[o + u], prev = u, got = -1;
+    while (residual_usable(S) && link_ok(c, prev, n)) {
       const int64_t t = draft[o + c];
       const double coin = coins[o + c];
-      if (t >= 0 && t < V) {
+      if (t >= 0 && t < V) {   // out-of-range tokens (check=False): never accepted, r unchanged
         if (dp) {
-          const float* q = dp + (o + u) * V;
-          if (accept_with_q(coin, q[t], r[t], S)) { got = c; break; }
+          const P* q = dp + (o + u) * V;
+          if (accept_with_q(coin, static_cast<double>(q[t]), r[t], S)) { got = c; break; }
+          const double inv = 1.0 / S;
           double s2 = 0;
-          for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s2 += fmax(r[x] / S - q[x], 0.0);
-          s2 = block_sum_d(s2, sh);
-          if (s2 > 0) {
-            for (int64_t x = threadIdx.x; x < V; x += blockDim.x) r[x] = static_cast<float>(fmax(r[x] / S - q[x], 0.0));
-            double s3 = 0;   // each thread re-reads only the entries it wrote
-            for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s3 += r[x];
-            S = block_sum_d(s3, sh);
+          for (int64_t x = threadIdx.x; x < V; x += blockDim.x)
+            s2 += pos_part(r[x] * inv - static_cast<double>(q[x]));
+          s2 = block_sum_d(s2, sh);   // its barriers: every thread has read r[t]
+          if (s2 > 0) {               // kept only if it has mass (rounding can empty it)
+            for (int64_t x = threadIdx.x; x < V; x += blockDim.x)
+              r[x] = pos_part(r[x] * inv - static_cast<double>(q[x]));   // the values summed above
+            S = s2;
+            __syncthreads();   // publish r
           }
         } else {
           const double rt = r[t];
@@ -517,11 +547,12 @@ __global__ void __launch_bounds__(256) verify_sampling_kernel(
           if (S - rt > 0) {
             S -= rt;
             __syncthreads();   // every thread has read r[t]
-            if (threadIdx.x == 0) r[t] = 0.f;
+            if (threadIdx.x == 0) r[t] = 0.0;
             __syncthreads();
           }
         }
       }
+      prev = c;
       c = ns[o + c];
     }
     if (got < 0 || k >= max_depth) break;
@@ -531,9 +562,11 @@ __global__ void __launch_bounds__(256) verify_sampling_kernel(
     S = load(u);
   }
   // bonus ~ r by inverse CDF: thread chunks, block exclusive scan of chunk sums, then the first
-  // crossing index (block minimum); if rounding leaves none, the last positive entry.
+  // crossing index (block minimum); if none (rounding, or a residual without usable mass), the
+  // last positive entry (0 if none).
   const int64_t per = (V + blockDim.x - 1) / blockDim.x;
   const int64_t x0 = threadIdx.x * per, x1 = x0 + per < V ? x0 + per : V;
+  const bool usable = residual_usable(S);
   double local = 0;
   for (int64_t x = x0; x < x1; ++x) local += r[x];
   __shared__ double pre[256];
@@ -549,13 +582,15 @@ __global__ void __launch_bounds__(256) verify_sampling_kernel(
     }
   }
   __syncthreads();
-  const double thr = static_cast<double>(bonus_u[b]) * S;
-  double run = pre[threadIdx.x];
-  for (int64_t x = x0; x < x1; ++x) {
-    run += r[x];
-    if (run > thr) {
-      atomicMin(&sh_pick, static_cast<long long>(x));
-      break;
+  if (usable) {
+    const double thr = bonus_u[b] * S;
+    double run = pre[threadIdx.x];
+    for (int64_t x = x0; x < x1; ++x) {
+      run += r[x];
+      if (run > thr) {
+        atomicMin(&sh_pick, static_cast<long long>(x));
+        break;
+      }
     }
   }
   __syncthreads();

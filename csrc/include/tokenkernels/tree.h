@@ -9,6 +9,7 @@
 //   depth, first_child, next_sibling (B, n) int64 (-1 = none; children linked in node order);
 //   paths (B, L_max, depth_max+1) int64, one root-to-leaf path per leaf in node order, -1 pad.
 #pragma once
+#include <cfloat>
 #include <cstdint>
 
 #include "tokenkernels/common.h"
@@ -18,6 +19,21 @@ namespace tree {
 
 TK_HD int64_t mask_words(int64_t n) { return (n + 31) / 32; }
 
+// The parent node i follows in every ancestor walk: parents[i] when it is a valid parent
+// (0 <= p < i), else -1. With validated parents this is the identity; with unvalidated ones
+// (CUDA check=False) a node whose parent is invalid -- the root's own -1 aside: a second -1, a
+// self or forward reference, a value >= n, or an int64 beyond int32 -- becomes the root of a
+// detached subtree: walks stop there (no loops, no reads past the tree), it is nobody's child.
+TK_HD int64_t effective_parent(int64_t p, int64_t i) { return (p >= 0 && p < i) ? p : -1; }
+
+// tree_lens[b] clamped into [0, n] (unvalidated lengths never index past the tree).
+TK_HD int64_t clamp_len(int64_t L, int64_t n) { return L < 0 ? 0 : (L > n ? n : L); }
+
+// Child links are valid iff they point forward inside the tree: first_child[u] is -1 or in
+// (u, n), next_sibling[c] is -1 or in (c, n) (what build produces). Walks over unvalidated links
+// stop at the first link that is not (so a corrupt link can never loop or read out of bounds).
+TK_HD bool link_ok(int64_t next, int64_t cur, int64_t n) { return next > cur && next < n; }
+
 // Bit j of a packed mask row.
 TK_HD bool mask_bit(const int32_t* row, int64_t j) {
   return ((static_cast<uint32_t>(row[j >> 5]) >> (j & 31)) & 1u) != 0;
@@ -26,7 +42,15 @@ TK_HD bool mask_bit(const int32_t* row, int64_t j) {
 // Speculative-sampling acceptance (SpecInfer): candidate token t drawn from q is accepted with
 // probability min(1, p(t)/q(t)); with a uniform coin in [0, 1) that is coin * q(t) < p(t). The
 // deterministic-candidate case is q = one-hot: coin < p(t). p = residual / its sum S, so the
-// tests below take the unnormalised residual r(t) and S.
+// tests below take the unnormalised residual r(t) and S. CPU and CUDA evaluate them (and every
+// residual update) in fp64 with the same formulas, so their decisions agree.
+//
+// A residual without usable mass (S not > 0 or not finite: a target row of zeros / NaN, only
+// possible with check=False) accepts no child and never divides by S; its bonus is the inverse-
+// CDF fallback (the last positive entry, token 0 if none).
+// max(x, 0), with NaN -> 0 on every compiler and device (std::max and fmax disagree on NaN).
+TK_HD double pos_part(double x) { return x > 0.0 ? x : 0.0; }
+TK_HD bool residual_usable(double S) { return S > 0.0 && S <= DBL_MAX; }   // false for NaN, inf
 TK_HD bool accept_with_q(double coin, double q_t, double r_t, double S) { return coin * q_t < r_t / S; }
 TK_HD bool accept_one_hot(double coin, double r_t, double S) { return coin * S < r_t; }
 
@@ -69,7 +93,8 @@ cudaError_t launch_paths(const int64_t* parents, const int64_t* depth, const int
 // Tree attention. q (B, n, Hq, D) contiguous; K/V caches contiguous (B, N_max, Hkv, D) or paged
 // (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int64. Tree token j of request
 // b sits at cache position prefix_lens[b] + j. Output out (B, n, Hq, D) in the input dtype, lse
-// (B, n, Hq) fp32 (natural log). Rows i >= tree_lens[b]: zeros, lse = -inf.
+// (B, n, Hq) fp32 (natural log). Rows i >= tree_lens[b]: zeros, lse = -inf. Any B: every grid
+// puts (request, row block) on x (launched in chunks past the x limit).
 struct AttnProblem {
   int64_t B = 0, n = 0, Hq = 0, Hkv = 0, D = 0;
   DType dtype = DType::kFloat32;
@@ -82,7 +107,11 @@ struct AttnProblem {
   const int64_t* block_table = nullptr;   // (B, max_pages) or nullptr (contiguous)
   int64_t N_max = 0;                      // contiguous: cache length per request
   int64_t page_size = 0, max_pages = 0;   // paged
-  int64_t max_prefix = 0;                 // host-side upper bound of prefix_lens (no sync)
+  int64_t num_pages = 0;                  // paged: table entries are clamped into [0, num_pages)
+  // Cache positions per request (contiguous N_max, paged max_pages * page_size; 0 if the cache
+  // holds nothing): prefixes are clamped to max_prefix - tree_len and tree keys past it skipped,
+  // so unvalidated prefix_lens / tree_lens (check=False) never read out of bounds.
+  int64_t max_prefix = 0;
   float scale = 1.0f;
   void* out = nullptr;
   float* lse = nullptr;
@@ -102,15 +131,16 @@ cudaError_t launch_verify_greedy(const int64_t* first_child, const int64_t* next
                                  int64_t B, int64_t n, int64_t max_depth, int64_t* accepted,
                                  int64_t* accept_len, int64_t* bonus, cudaStream_t stream);
 
-// Stochastic verification, one block per tree. target_probs / draft_probs (B, n, V) fp32
-// contiguous (draft_probs may be nullptr), coins (B, n), bonus_u (B,) fp32. workspace: B*V
-// floats (the residual).
+// Stochastic verification, one block per tree. target_probs / draft_probs (B, n, V) contiguous,
+// both fp32 or (probs_fp64) both fp64 (draft_probs may be nullptr); coins (B, n), bonus_u (B,)
+// fp64. workspace: B*V doubles (the fp64 residual, as on CPU). Draft tokens outside [0, V) are
+// never accepted and leave the residual unchanged; corrupt child links end the sibling walk.
 cudaError_t launch_verify_sampling(const int64_t* first_child, const int64_t* next_sibling,
-                                   const int64_t* draft_tokens, const float* target_probs,
-                                   const float* draft_probs, const float* coins,
-                                   const float* bonus_u, int64_t B, int64_t n, int64_t V,
+                                   const int64_t* draft_tokens, const void* target_probs,
+                                   const void* draft_probs, bool probs_fp64, const double* coins,
+                                   const double* bonus_u, int64_t B, int64_t n, int64_t V,
                                    int64_t max_depth, int64_t* accepted, int64_t* accept_len,
-                                   int64_t* bonus, float* workspace, cudaStream_t stream);
+                                   int64_t* bonus, double* workspace, cudaStream_t stream);
 
 // Dynamic trees. select_frontier: cum (B, F), child (B, F, K) fp32 -> the m best (parent, rank,
 // score). select_tree: cum (B, T) fp32, parents (B, T) int64 -> n kept nodes (indices, parents

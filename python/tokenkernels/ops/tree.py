@@ -120,7 +120,16 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
             read from the built tree (one host sync on CUDA); pass both to avoid it. On CPU too
             small values raise; on CUDA deeper nodes / extra leaves are dropped.
         check: validate parents and tree_lens (always done on CPU; one host sync on CUDA).
+            With ``check=False`` on CUDA bad values are not errors but have a defined result:
+            a node whose parent is not in ``[0, i)`` (a second -1, itself, a later node, a value
+            >= n, an int64 beyond int32 -- never wrapped) is the root of a detached subtree: its
+            own and its descendants' ancestor walks stop at it (mask rows, depths and paths), it
+            is nobody's child (``next_sibling`` -1, not in its parent's list); ``tree_lens`` are
+            clamped into ``[0, n]``. Nothing loops or is read out of bounds.
         impl: CUDA variant "auto" | "plain" | "tuned" (CPU ignores it).
+
+    With ``check=False`` and both ``max_depth`` and ``max_leaves`` given, a CUDA build never
+    syncs with the host (CUDA graphs).
     """
     op = "build"
     parents = _index_tensor(parents, "parents", op, _dims_1_or_2(parents))
@@ -161,7 +170,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
               mask, *, tree_lens: Optional[torch.Tensor] = None,
               block_table: Optional[torch.Tensor] = None, scale: Optional[float] = None,
               return_lse: bool = False, out: Optional[torch.Tensor] = None,
-              lse_out: Optional[torch.Tensor] = None, impl: str = "auto"):
+              lse_out: Optional[torch.Tensor] = None, check: bool = True, impl: str = "auto"):
     """Attention of the n tree tokens of each request over its KV prefix and its tree.
 
     Args:
@@ -178,6 +187,13 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
         return_lse: also return the (B, n, H_q) float32 log-sum-exp (natural log).
         out, lse_out: preallocated outputs (contiguous; CUDA-graph friendly). ``lse_out`` may be
             omitted, then a scratch one is allocated.
+        check: validate ``prefix_lens`` (>= 0, prefix + tree fits the cache), ``tree_lens``
+            (in [0, n]) and the used ``block_table`` entries (pages in [0, num_pages)): always
+            on CPU, one host sync on CUDA. With ``check=False`` on CUDA the call is sync-free and
+            bad values are clamped instead of raising (never an out-of-bounds read): tree_lens
+            into [0, n], prefix_lens into [0, capacity - tree_len] (capacity = N, or max_pages *
+            page_size), tree keys past the capacity are skipped, page indices are clamped into
+            [0, num_pages).
         impl: CUDA variant "auto" | "plain" | "tuned".
 
     Tree token i attends every prefix token and the tree tokens whose bit is set in its mask row
@@ -203,12 +219,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if out is None and lse_out is None:
         o, lse = _ops.tree_attention(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                     scale, _IMPLS[impl])
+                                     scale, bool(check), _IMPLS[impl])
     else:
         o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
         lse = q.new_empty(q.shape[:3], dtype=torch.float32) if lse_out is None else lse_out
         _ops.tree_attention_out(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                scale, _IMPLS[impl], o, lse)
+                                scale, bool(check), _IMPLS[impl], o, lse)
     return (o, lse) if return_lse else o
 
 
@@ -267,12 +283,24 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
     accepted (or at a leaf) the bonus token is drawn from p. The emitted tokens are distributed
     exactly as sampling from the target.
 
+    CPU and CUDA compute the residual and every decision in fp64 with the same formulas, so
+    with the same coins they return the same result (up to ties within the last bits of the
+    summation order). A residual that rounding would empty is not applied (p is kept). A node
+    whose target row has no usable mass (sum not > 0 or not finite; only with ``check=False``)
+    accepts no child, and its bonus is the row's last positive entry (token 0 if none) -- never
+    a division by zero.
+
     Args:
         tree, draft_tokens: as in :func:`verify_greedy`.
         target_probs: (B, n, V) the target's (temperature-adjusted) probabilities after each node.
         draft_probs: (B, n, V) the draft distribution each node's children were drawn from.
         generator: for the uniforms (B*n + B of them, drawn on the tree's device).
-        check: verify that the probability rows of real nodes sum to ~1 (one host sync on CUDA).
+        check: verify that the probability rows of real nodes sum to ~1, that the child links
+            are the tree's and that the draft tokens of the nodes verification can visit are in
+            ``[0, V)`` (the same errors on CPU and CUDA; host syncs on CUDA). With
+            ``check=False`` the CUDA call is sync-free; an out-of-range draft token is then never
+            accepted (and leaves the residual unchanged), a corrupt child link ends the walk.
+            The CPU validates links and tokens in any case.
         coins, bonus_u: the uniforms themselves ((B, n) and (B,)), overriding ``generator``
             (tests, replay).
 
@@ -313,7 +341,8 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
     if bonus_u is None:
         bonus_u = torch.rand((B,), generator=generator, device=dev)
     return _ops.tree_verify_sampling(tree.first_child, tree.next_sibling, draft_tokens,
-                                     target_probs, draft_probs, coins, bonus_u, tree.max_depth)
+                                     target_probs, draft_probs, coins, bonus_u, tree.max_depth,
+                                     bool(check))
 
 
 def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int):
@@ -416,12 +445,13 @@ def _paths_fake(parents, depth, first_child, tree_lens, max_leaves, max_depth):
 
 
 @torch.library.register_fake("tokenkernels::tree_attention")
-def _attention_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, impl):
+def _attention_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, check, impl):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenkernels::tree_attention_out")
-def _attention_out_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, impl, out, lse):
+def _attention_out_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, check, impl,
+                        out, lse):
     return None
 
 
@@ -438,7 +468,7 @@ def _verify_greedy_fake(first_child, next_sibling, draft_tokens, target_argmax, 
 
 @torch.library.register_fake("tokenkernels::tree_verify_sampling")
 def _verify_sampling_fake(first_child, next_sibling, draft_tokens, target_probs, draft_probs, coins,
-                          bonus_u, max_depth):
+                          bonus_u, max_depth, check):
     return _verify_fake_outputs(first_child, max_depth)
 
 

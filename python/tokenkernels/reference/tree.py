@@ -262,6 +262,11 @@ def verify_greedy(first_child, next_sibling, draft_tokens, target_argmax, max_de
     return accepted.to(dev), accept_len.to(dev), bonus.to(dev)
 
 
+def _usable(S: float) -> bool:
+    """A residual sum the acceptance tests may divide by (not zero, NaN or inf)."""
+    return S > 0.0 and math.isfinite(S)
+
+
 def sample_inverse_cdf(r: torch.Tensor, total: float, u: float) -> int:
     """First index whose running sum exceeds u * total (last positive entry if rounding says
     none)."""
@@ -284,7 +289,11 @@ def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft
       * draft_probs None (deterministic candidates, q = one-hot): accept iff coin < p(t); else
         p(t) <- 0, renormalised.
     Accepted: continue at c with p = target_probs[c]. No child accepted (or a leaf): the bonus
-    token is drawn from p by inverse CDF with bonus_u[b]."""
+    token is drawn from p by inverse CDF with bonus_u[b].
+
+    Inputs the kernels accept only with check=False behave as there: a residual without usable
+    mass (sum not > 0 or not finite) accepts no child and its bonus is the last positive entry
+    (0 if none); a draft token outside [0, V) is never accepted and leaves p unchanged."""
     B, n = first_child.shape
     accepted = torch.full((B, max_depth + 1), -1, dtype=torch.long)
     accept_len = torch.zeros(B, dtype=torch.long)
@@ -294,13 +303,16 @@ def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft
         accepted[b, 0] = 0
         r = target_probs[b, 0].double().cpu()
         S = float(r.sum())
+        V = r.numel()
         while True:
             c = int(first_child[b, u])
             got = -1
-            while c >= 0:
+            while c >= 0 and _usable(S):
                 t = int(draft_tokens[b, c])
                 coin = float(coins[b, c])
-                if draft_probs is not None:
+                if not 0 <= t < V:
+                    pass
+                elif draft_probs is not None:
                     q = draft_probs[b, u].double().cpu()
                     if coin * float(q[t]) < float(r[t]) / S:
                         got = c
@@ -326,7 +338,11 @@ def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft
             r = target_probs[b, u].double().cpu()
             S = float(r.sum())
         accept_len[b] = k
-        bonus[b] = sample_inverse_cdf(r, S, float(bonus_u[b]))
+        if _usable(S):
+            bonus[b] = sample_inverse_cdf(r, S, float(bonus_u[b]))
+        else:
+            pos = torch.nonzero(r > 0).flatten()
+            bonus[b] = int(pos[-1]) if len(pos) else 0
     dev = first_child.device
     return accepted.to(dev), accept_len.to(dev), bonus.to(dev)
 
