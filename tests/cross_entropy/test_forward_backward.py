@@ -348,3 +348,24 @@ def test_filter_zero_equals_exact(device, dtype):
     c = kernel(h, w, t, b, filter_eps=None)
     for key in ("out", "dh", "dw", "db"):
         assert torch.equal(a[key], c[key]), key
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
+@pytest.mark.parametrize("feps", [0.0, "auto", 1e-3])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_filter_never_drops_nan(device, dtype, feps, impl, softcap):
+    """A tile whose only nonzero dZ entries are NaN (token 0 has NaN hidden states, the others
+    are ignored) must not be skipped by the filter, whatever filter_eps (0 included): NaN fails
+    every |x| >= threshold test. The gradients must be NaN, not silently 0 or finite (the CPU's
+    vectorised exp and softcap once turned NaN logits into finite values)."""
+    h, w, t, b = make_inputs(8, 16, 300, dtype, bias=True, device=device)
+    h = h.clone()
+    h[0] = float("nan")
+    t = torch.full_like(t, -100)
+    t[0] = 5
+    k = kernel(h, w, t, b, reduction="sum", filter_eps=feps, impl=impl, softcap=softcap)
+    assert torch.isnan(k["out"])
+    assert torch.isnan(k["dh"][0]).all()
+    assert not torch.isnan(k["dh"][1:]).any() and not k["dh"][1:].abs().any()
+    assert torch.isnan(k["dw"]).any() and torch.isnan(k["db"]).all()
