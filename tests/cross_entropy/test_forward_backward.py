@@ -268,6 +268,47 @@ def test_lse_and_loss_without_grad(device):
     assert rel_err(lse, truth["lse"], zs) <= tol(torch.float32, "ce_loss")
 
 
+@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_argmax_without_finite_logits_is_zero(device, dtype, impl):
+    """A token without any logit > -inf (all -inf via the bias, or NaN hidden states) has
+    arg-max 0 on every device and path (the fused CUDA forward once wrote INT64_MAX)."""
+    N, D, V = 70, 16, 300  # D % 8 == 0: "tuned" is the fused kernel on CUDA for fp16/bf16
+    h, w, t, b = make_inputs(N, D, V, dtype, bias=True, device=device)
+    h = h.clone()
+    h[3] = float("nan")
+    am = tk.linear_cross_entropy(h, w, t, b, return_aux=True, impl=impl)[1]
+    assert am.dtype == torch.int64 and am[3].item() == 0
+    assert bool(((am >= 0) & (am < V)).all())
+    ninf = torch.full_like(b, float("-inf"))
+    am = tk.linear_cross_entropy(h, w, t, ninf, return_aux=True, impl=impl, check=False)[1]
+    assert torch.equal(am.cpu(), torch.zeros(N, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
+def test_fp16_tiny_gradients_not_flushed(device, impl):
+    """fp16: the dZ entries (~2^-27 here) lie below fp16's smallest subnormal, while the
+    gradient of hidden (~2^-13) does not. dZ must not be rounded to fp16 unscaled before the
+    gradient GEMMs (it flushed to zero on CUDA: N = 8192 tokens, V = 256000, mean reduction
+    gives dZ ~ 5e-10). Construction: every non-target weight row is the same vector u, so
+    dhidden = g * (E_p[w] - w_target) is dominated by u."""
+    N, D, V, g = 16, 32, 2 ** 14, 2.0 ** -13
+    gen = torch.Generator().manual_seed(11)
+    u = torch.randn(D, generator=gen).sign()
+    w = u.repeat(V, 1)
+    w[:N] = 0.05 * torch.randn(N, D, generator=gen)
+    h = 0.05 * torch.randn(N, D, generator=gen)
+    t = torch.arange(N)
+    h16, w16 = h.half(), w.half()
+    hk = h16.to(device).clone().requires_grad_()
+    (tk.linear_cross_entropy(hk, w16.to(device), t.to(device), reduction="sum", impl=impl,
+                             filter_eps=None) * g).backward()
+    hr = h16.double().requires_grad_()
+    (ref.linear_cross_entropy(hr, w16.double(), t, reduction="sum", dtype=F64) * g).backward()
+    assert hr.grad.abs().max() > 2.0 ** -14  # representable in fp16
+    assert norm_err(hk.grad, hr.grad) <= 2.0 ** -8
+
+
 def test_extreme_logits_finite(device):
     """Large logits (|z| ~ 1e4) must not overflow the online log-sum-exp."""
     h, w, t, b = make_inputs(16, 8, 100, torch.float32, wscale=3e4, device=device)
@@ -310,17 +351,20 @@ def _peaked_inputs(dtype, device, V=4096, cut=2048, drop=-9.0):
     return h.to(device), w.to(device), t.to(device), b.to(device)
 
 
+@pytest.mark.parametrize("impl", ["auto", "plain"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_filter_skips_negligible_tiles(device, monkeypatch, dtype):
+def test_filter_skips_negligible_tiles(device, monkeypatch, dtype, impl):
     """Filtering really skips tiles: with every |softmax - onehot| of vocabulary rows >= 2048
     below the threshold, those rows' weight / bias gradients are exactly 0 with filtering (no
     tile touched them) and nonzero without; the rest is unchanged, and dhidden loses at most
-    ``ce_filter`` (normwise) against the exact kernel (fp32 with filter_eps=1e-3: 1e-3)."""
+    ``ce_filter`` (normwise) against the exact kernel (fp32 with filter_eps=1e-3: 1e-3).
+    Every path filters: the CUDA plain path (fp32, impl="plain", deterministic mode) once
+    ignored filter_eps."""
     monkeypatch.setenv("TOKENKERNELS_CE_BLOCK_V", "512")  # tiles inside either half
     h, w, t, b = _peaked_inputs(dtype, device)
     feps = "auto" if dtype != torch.float32 else 1e-3  # fp32 "auto" never filters
-    filt = kernel(h, w, t, b, filter_eps=feps)
-    exact = kernel(h, w, t, b, filter_eps=None)
+    filt = kernel(h, w, t, b, filter_eps=feps, impl=impl)
+    exact = kernel(h, w, t, b, filter_eps=None, impl=impl)
     assert exact["dw"][2048:].abs().sum() > 0 and exact["db"][2048:].abs().sum() > 0
     assert not filt["dw"][2048:].abs().any() and not filt["db"][2048:].abs().any()
     assert torch.equal(filt["dw"][:2048], exact["dw"][:2048])
