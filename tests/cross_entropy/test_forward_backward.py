@@ -184,6 +184,31 @@ def test_shift_equals_manual_shift(device):
     assert torch.equal(a[:, -1].cpu(), torch.zeros(2))
 
 
+@pytest.mark.parametrize("s", [0, 1, 2, 3, 9])
+def test_integer_shift(device, s):
+    """shift=s (Cut Cross-Entropy's semantics): hidden[:, :-s] predicts targets[:, s:]; the last
+    s positions are ignored. Equal to shifting by hand, to CCE's slicing (mean over the same
+    tokens) and to the reference; shift=2 really differs from shift=1 (it once silently ran as
+    shift 1, ~10 nats off)."""
+    T = 9
+    h, w, t, b = make_inputs((2, T), 16, 23, torch.float32, bias=True, wscale=4.0, device=device)
+    a = tk.linear_cross_entropy(h, w, t, b, shift=s, reduction="none")
+    t2 = torch.cat([t[:, s:], torch.full_like(t[:, :s], -100)], dim=1)
+    assert torch.equal(a, tk.linear_cross_entropy(h, w, t2, b, reduction="none"))
+    assert torch.equal(a[:, T - s:].cpu(), torch.zeros(2, s))
+    truth = reference(h.cpu(), w.cpu(), t.cpu(), b.cpu(), dtype=F64, shift=s, reduction="none")
+    assert_close_fp32(kernel(h, w, t, b, shift=s, reduction="none", filter_eps=None), truth,
+                      zscale=logit_scale(h, w, b))
+    mean = tk.linear_cross_entropy(h, w, t, b, shift=s)
+    if 0 < s < T:  # CCE: e[:, :-s] with targets[:, s:]
+        cce = tk.linear_cross_entropy(h[:, :-s], w, t[:, s:], b)
+        torch.testing.assert_close(mean, cce, rtol=1e-6, atol=1e-6)
+    if s >= 2:
+        assert not torch.allclose(mean, tk.linear_cross_entropy(h, w, t, b, shift=1))
+    if s <= 1:  # bool True = 1, False = 0
+        assert torch.equal(a, tk.linear_cross_entropy(h, w, t, b, shift=bool(s), reduction="none"))
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_non_contiguous_inputs(device, dtype):
     """Transposed / strided views of hidden, weight, bias and targets give the same result as

@@ -15,6 +15,7 @@ exact gradients, including ``reduction="none"`` and a differentiable ``lse``.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Optional, Union
 
 import torch
@@ -38,6 +39,31 @@ class VocabParallel:
     group: Any
     start: int
     stop: int
+
+
+def _resolve_shift(shift, targets: torch.Tensor) -> int:
+    """``shift`` as an int s >= 0 (True = 1, False = 0), at most the sequence length."""
+    op = "tokenkernels.linear_cross_entropy"
+    if isinstance(shift, bool):
+        s = int(shift)
+    else:
+        try:
+            s = operator.index(shift)
+        except TypeError:
+            raise TypeError(f"{op}: shift must be a bool or an int, got "
+                            f"{type(shift).__name__}") from None
+    if s < 0:
+        raise ValueError(f"{op}: shift must be >= 0 (position i predicts target i + shift), "
+                         f"got {s}")
+    if s == 0:
+        return 0
+    if targets.dim() == 0:
+        raise ValueError(f"{op}: shift = {s} needs targets with a sequence dimension, got 0-d "
+                         f"targets")
+    T = targets.shape[-1]
+    if s > T and targets.numel() > 0:
+        raise ValueError(f"{op}: shift = {s} exceeds the sequence length {T} (targets.shape[-1])")
+    return s
 
 
 def _auto_filter_eps(dtype: torch.dtype) -> float:
@@ -245,7 +271,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    shift: bool = False,
+    shift: Union[bool, int] = False,
     return_lse: bool = False,
     return_aux: bool = False,
     filter_eps: Union[str, float, None] = "auto",
@@ -275,25 +301,35 @@ def linear_cross_entropy(
         softcap: final-logit soft capping (Gemma 2), or None.
         label_smoothing: ε in [0, 1].
         z_loss: weight of the lse² auxiliary loss (PaLM), >= 0.
-        shift: position i predicts target i + 1 along the last dimension (HF causal-LM labels);
-            the last position of each sequence is ignored.
+        shift: an int s >= 0 (True = 1, False = 0; Cut Cross-Entropy's semantics): position i
+            predicts target i + s along the last dimension, i.e. ``hidden[..., :-s, :]``
+            predicts ``targets[..., s:]`` (s = 1: HF causal-LM labels); the last s positions of
+            each sequence are ignored (loss 0, shapes unchanged). A negative s, or one above
+            ``targets.shape[-1]``, raises.
         return_lse: also return lse (fp32, ``targets.shape``), differentiable.
         return_aux: also return the arg-max prediction (int64) and the entropy of softmax(z)
-            (fp32), both ``targets.shape`` and not differentiable.
+            (fp32), both ``targets.shape`` and not differentiable. Ties go to the lowest index;
+            a token without any logit > -inf (all -inf or NaN) gets arg-max 0 on every device
+            and path.
         filter_eps: gradient filtering: skip backward blocks where every |softmax - onehot| is
-            below this (relative to the token's gradient weight). ``"auto"`` = eps(dtype)/32 for
-            bf16/fp16 and no filtering for fp32; None = exact.
+            below this (relative to the token's gradient weight); a NaN is never skipped. Blocks:
+            CPU tiles (256 x 2048 by default), CUDA 64 x 128 logit tiles (every path and dtype).
+            ``"auto"`` = eps(dtype)/32 for bf16/fp16 and no filtering for fp32; None = exact.
         accum_fp32: fp16/bf16 gradients are always accumulated in fp32 and rounded once. By
             default the CPU path does so with tile-sized buffers and a second pass over the
             logits for ``weight``'s gradient; ``accum_fp32=True`` keeps one (V, D) fp32 buffer
             instead (one pass: faster, V·D·4 bytes more). CUDA always uses fp32 accumulators.
         vocab_parallel: a :class:`VocabParallel` when ``weight``/``bias`` hold a vocabulary
             shard; see there.
-        check: validate target values (a host sync on CUDA).
-        impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs) or ``"tuned"`` (CUDA fp16/bf16:
-            fused WMMA kernels; the backward accumulates with atomics, so it is not bitwise
-            deterministic). ``"auto"`` picks ``"plain"`` (deterministic) when
-            ``torch.use_deterministic_algorithms(True)`` is on.
+        check: validate target values (a host sync on CUDA). With ``check=False`` the call and
+            its backward never sync the host (vocab_parallel included).
+        impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs) or ``"tuned"`` (CUDA fp16/bf16
+            with D % 8 == 0 and 16-byte aligned rows, else the plain path: fused WMMA kernels;
+            the backward accumulates with atomics, so it is not bitwise deterministic).
+            ``"auto"`` picks ``"plain"`` (deterministic) when
+            ``torch.use_deterministic_algorithms(True)`` is on; torch releases that still demand
+            ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS then raise an error naming it
+            (set it before the process starts).
 
     Returns:
         ``loss`` (fp32; fp64 for fp64 inputs, CPU only) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
@@ -308,8 +344,9 @@ def linear_cross_entropy(
     eps = float(label_smoothing)
     zl = float(z_loss)
     feps = _resolve_filter_eps(filter_eps, hidden.dtype)
-    if shift:
-        targets = shift_targets(targets, ignore_index)
+    s = _resolve_shift(shift, targets)
+    if s:
+        targets = shift_targets(targets, ignore_index, s)
     D = hidden.shape[-1]
     h2 = hidden.reshape(-1, D)
     t1 = targets.reshape(-1)
@@ -361,7 +398,7 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean",
                  softcap: Optional[float] = None, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, shift: bool = False, return_lse: bool = False,
+                 z_loss: float = 0.0, shift: Union[bool, int] = False, return_lse: bool = False,
                  return_aux: bool = False, filter_eps: Union[str, float, None] = "auto",
                  accum_fp32: bool = False, vocab_parallel: Optional[VocabParallel] = None,
                  check: bool = True, impl: str = "auto"):
