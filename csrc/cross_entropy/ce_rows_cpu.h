@@ -53,7 +53,13 @@ inline A row_sum_scalar(const A* z, int64_t n) {
   for (int64_t j = 0; j < n; ++j) s += z[j];
   return s;
 }
-// d_j = a * exp(z_j - lse) + c; with softcap: d_j *= 1 - (z_j / cap)^2. Returns max |d_j|.
+// max(a, b) that keeps a NaN of either argument (std::max / fmax drop it).
+template <typename A>
+inline A nan_max(A a, A b) {
+  return (b > a || b != b) ? b : a;
+}
+// d_j = a * exp(z_j - lse) + c; with softcap: d_j *= 1 - (z_j / cap)^2. Returns max |d_j|, NaN
+// when any d_j is NaN (gradient filtering must never drop a NaN).
 template <typename A>
 inline A dz_row_scalar(const A* z, int64_t n, A lse, A a, A c, A inv_cap, A* d) {
   A mx = 0;
@@ -64,7 +70,7 @@ inline A dz_row_scalar(const A* z, int64_t n, A lse, A a, A c, A inv_cap, A* d) 
       v *= 1 - u * u;
     }
     d[j] = v;
-    mx = std::max(mx, std::fabs(v));
+    mx = nan_max(mx, std::fabs(v));
   }
   return mx;
 }
@@ -77,9 +83,14 @@ inline void softcap_row_scalar(A* z, int64_t n, A cap) {
 #if defined(TK_CE_AVX2)
 #define TK_AVX2 __attribute__((target("avx2,fma")))
 
-using simd::exp256;
 using simd::hmax;
 using simd::hsum;
+
+// simd::exp256 clamps its argument, which turns a NaN into ~1e-38: pass NaN through instead, so
+// NaN logits give NaN statistics and gradients as in the scalar path (never silently finite).
+TK_AVX2 inline __m256 exp256(__m256 x) {
+  return _mm256_blendv_ps(simd::exp256(x), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
 
 TK_AVX2 inline float row_max_avx2(const float* z, int64_t n) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -121,7 +132,7 @@ TK_AVX2 inline float dz_row_avx2(const float* z, int64_t n, float lse, float a, 
   const __m256 vl = _mm256_set1_ps(lse), va = _mm256_set1_ps(a), vc = _mm256_set1_ps(c);
   const __m256 vi = _mm256_set1_ps(inv_cap), one = _mm256_set1_ps(1.f);
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 mx = _mm256_setzero_ps();
+  __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 zz = _mm256_loadu_ps(z + j);
@@ -132,9 +143,10 @@ TK_AVX2 inline float dz_row_avx2(const float* z, int64_t n, float lse, float a, 
     }
     _mm256_storeu_ps(d + j, v);
     mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // max_ps drops NaN lanes
   }
-  float r = hmax(mx);
-  if (j < n) r = std::max(r, dz_row_scalar(z + j, n - j, lse, a, c, inv_cap, d + j));
+  float r = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN() : hmax(mx);
+  if (j < n) r = nan_max(r, dz_row_scalar(z + j, n - j, lse, a, c, inv_cap, d + j));
   return r;
 }
 // tanh(x) = 1 - 2 / (exp(2x) + 1), clamped so exp stays finite; z <- cap * tanh(z / cap)
@@ -143,11 +155,14 @@ TK_AVX2 inline void softcap_row_avx2(float* z, int64_t n, float cap) {
   const __m256 one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(z + j), two_inv);
+    const __m256 zz = _mm256_loadu_ps(z + j);
+    __m256 x = _mm256_mul_ps(zz, two_inv);
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-40.f)), _mm256_set1_ps(40.f));
     const __m256 e = exp256(x);
     const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
-    _mm256_storeu_ps(z + j, _mm256_mul_ps(vcap, th));
+    // the clamp maps NaN to -40: keep NaN logits NaN
+    _mm256_storeu_ps(z + j, _mm256_blendv_ps(_mm256_mul_ps(vcap, th), zz,
+                                             _mm256_cmp_ps(zz, zz, _CMP_UNORD_Q)));
   }
   if (j < n) softcap_row_scalar(z + j, n - j, cap);
 }

@@ -226,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
     const acc_t feps = static_cast<acc_t>(filter_eps);
 
     // dZ (rows, cols) in acc_t for the tile hidden[r0 : r0+rows] x weight[v0 : v0+cols].
-    // Returns false when every |dZ| is below its row's threshold (the tile can be skipped).
+    // Returns false when every |dZ| is below its row's threshold (the tile can be skipped);
+    // a NaN entry always keeps the tile.
     // Hc / Wb: the chunk and block in the accumulation dtype (upcast for fp16/bf16).
     auto tile_dz = [&](const at::Tensor& Hc, int64_t r0, int64_t rows, const at::Tensor& Wb,
                        int64_t v0, int64_t cols, at::Tensor& dZ) {
@@ -258,9 +259,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
             acc_t v = cp * std::exp(row[j] - lp[r]) + c1 + ct;
             if (inv_cap != 0) v *= 1 - (row[j] * inv_cap) * (row[j] * inv_cap);
             d[j] = v;
-            mx = std::max(mx, std::fabs(v));
+            mx = ce_cpu::nan_max(mx, std::fabs(v));
           }
-          if (mx >= feps * std::max(std::fabs(cp), std::fabs(ct))) k = true;
+          if (!(mx < feps * std::max(std::fabs(cp), std::fabs(ct)))) k = true;  // NaN: keep
         }
         if (k) keep.store(true, std::memory_order_relaxed);
       });

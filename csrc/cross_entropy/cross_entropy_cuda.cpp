@@ -1,17 +1,21 @@
 // cross_entropy family: CUDA adapter (compiled by the host C++ compiler; kernels in
 // cross_entropy_kernels.cu). No host sync unless `check` is set.
 //
-// Forward: "tuned" (default for fp16/bf16 with D % 8 == 0) = the fused WMMA kernel, no logit
-// buffer; "plain" (fp32, or impl=1) = fp32 logit tiles from cuBLAS (ATen mm with fp32 output)
-// folded into the online log-sum-exp by fwd_tile_kernel.
-// Backward: logit tiles recomputed by cuBLAS, dZ by dz_tile_kernel, gradients by two more
-// cuBLAS GEMMs per tile (fp32 accumulators for dhidden and dweight, rounded once). Gradient filtering only in the tuned backward:
-// fp16/bf16 (default for them) = one fused WMMA kernel per 64 x 128 logit tile that recomputes,
-// filters and accumulates dhidden / dweight in fp32 with atomics (no logit buffer at all).
+// Forward: "tuned" (default for fp16/bf16 where fused_supported: D % 8 == 0, 16-byte aligned
+// rows) = the fused WMMA kernel, no logit buffer; "plain" (fp32, impl=1, or shapes the fused
+// kernels do not support) = fp32 logit tiles from cuBLAS (ATen mm with fp32 output) folded
+// into the online log-sum-exp by fwd_tile_kernel.
+// Backward: "plain" = logit tiles recomputed by cuBLAS, dZ by dz_tile_kernel, gradients by two
+// more cuBLAS GEMMs per tile (fp32 accumulators for dhidden and dweight, rounded once);
+// "tuned" (fp16/bf16, default for them) = one fused WMMA kernel per 64 x 128 logit tile that
+// recomputes and accumulates dhidden / dweight in fp32 with atomics (no logit buffer at all).
+// Both filter gradients on the same 64 x 128 sub-tiles (filter_eps > 0), and both scale fp16
+// dZ by a power of two (launch_grad_scale) before rounding it, unscaled exactly at the end.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <string>
 
 #include "cross_entropy/ce_args.h"
 #include "cuda_glue.h"
@@ -39,6 +43,28 @@ Targets make_targets(const at::Tensor& T, int64_t ignore_index, int64_t vocab_st
   tg.V = V;
   tg.vocab_total = vocab_total;
   return tg;
+}
+
+// torch releases that still demand CUBLAS_WORKSPACE_CONFIG for cuBLAS under
+// torch.use_deterministic_algorithms(True) (without warn_only) raise from inside the GEMM with a
+// message naming neither this op nor why it runs cuBLAS. Re-raise that error with both. (The
+// variable is read when the process' first cuBLAS call happens: setting it later from Python
+// has no effect, so it cannot be fixed here.) Newer torch releases do not raise at all.
+template <typename F>
+void with_cublas_determinism_hint(const char* op, F&& body) {
+  try {
+    body();
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    if (msg.find("CUBLAS_WORKSPACE_CONFIG") == std::string::npos) throw;
+    TORCH_CHECK(false, "tokenkernels.", op,
+                ": torch.use_deterministic_algorithms(True) runs this op's CUDA path as "
+                "impl='plain' (cuBLAS GEMMs), and this torch requires the environment variable "
+                "CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) for deterministic cuBLAS: set it "
+                "before the process starts (e.g. `CUBLAS_WORKSPACE_CONFIG=:4096:8 python "
+                "train.py`), or use torch.use_deterministic_algorithms(True, warn_only=True). "
+                "torch said: ", msg);
+  }
 }
 
 // fp32 logits tile Z = a @ b^T (fp16/bf16 inputs on tensor cores, fp32 output).
@@ -91,36 +117,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   st.maxz = aux ? maxz.data_ptr<float>() : nullptr;
   const float* bp = B.defined() ? B.data_ptr<float>() : nullptr;
 
-  bool done = false;
-  const bool lowp = H.scalar_type() != at::kFloat;
-  if (lowp && impl != 1) {  // tuned fused kernel
-    const int splits = fused_default_splits(N, V);
+  const auto dtype = to_dtype(H.scalar_type());
+  if (impl != 1 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D)) {  // tuned fused kernel
+    int splits = 1;
+    check_cuda(fused_default_splits(N, V, &splits), "linear_cross_entropy fused forward (SM count)");
     auto ws = at::empty({static_cast<int64_t>(fused_workspace_bytes(N, splits))},
                         hidden.options().dtype(at::kByte));
-    const cudaError_t e = launch_fwd_fused(H.data_ptr(), W.data_ptr(), to_dtype(H.scalar_type()),
-                                           N, D, bp, cap, tg, st, splits, ws.data_ptr(), stream);
-    if (e == cudaErrorInvalidValue && impl == 0) {
-      (void)cudaGetLastError();  // unsupported shape/alignment: plain path below
-    } else {
-      check_cuda(e, "linear_cross_entropy fused forward");
-      done = true;
-    }
-  }
-  if (!done) {
-    const int64_t bn = std::min(N, env_or("TOKENKERNELS_CE_CUDA_BLOCK_N", 4096));
-    const int64_t bv = std::min(V, env_or("TOKENKERNELS_CE_CUDA_BLOCK_V", 8192));
-    auto zbuf = at::empty({bn * bv}, f32);
-    for (int64_t r0 = 0; r0 < N; r0 += bn) {
-      const int64_t rows = std::min(bn, N - r0);
-      auto Hc = H.narrow(0, r0, rows);
-      for (int64_t v0 = 0; v0 < V; v0 += bv) {
-        const int64_t cols = std::min(bv, V - v0);
-        auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
-        logits_tile(Z, Hc, W.narrow(0, v0, cols));
-        check_cuda(launch_fwd_tile(Z.data_ptr<float>(), rows, cols, r0, v0, bp, cap, tg, st, stream),
-                   "linear_cross_entropy forward tile");
+    check_cuda(launch_fwd_fused(H.data_ptr(), W.data_ptr(), dtype, N, D, bp, cap, tg, st, splits,
+                                ws.data_ptr(), stream),
+               "linear_cross_entropy fused forward");
+  } else {
+    with_cublas_determinism_hint(op, [&] {
+      const int64_t bn = std::min(N, env_or("TOKENKERNELS_CE_CUDA_BLOCK_N", 4096));
+      const int64_t bv = std::min(V, env_or("TOKENKERNELS_CE_CUDA_BLOCK_V", 8192));
+      auto zbuf = at::empty({bn * bv}, f32);
+      for (int64_t r0 = 0; r0 < N; r0 += bn) {
+        const int64_t rows = std::min(bn, N - r0);
+        auto Hc = H.narrow(0, r0, rows);
+        for (int64_t v0 = 0; v0 < V; v0 += bv) {
+          const int64_t cols = std::min(bv, V - v0);
+          auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
+          logits_tile(Z, Hc, W.narrow(0, v0, cols));
+          check_cuda(launch_fwd_tile(Z.data_ptr<float>(), rows, cols, r0, v0, bp, cap, tg, st,
+                                     stream),
+                     "linear_cross_entropy forward tile");
+        }
       }
-    }
+    });
   }
   check_cuda(launch_finalize(N, st, tg, lse.data_ptr<float>(), aux ? ent.data_ptr<float>() : nullptr,
                              stream),
@@ -140,18 +163,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
   const int64_t N = a.N, D = a.D, V = a.V;
   c10::DeviceGuard guard(hidden.device());
 
+  const char* op = "linear_cross_entropy_backward";
   const auto dt = hidden.scalar_type();
   const bool lowp = dt != at::kFloat;
   const auto f32 = hidden.options().dtype(at::kFloat);
-  auto dh = need_dh ? at::zeros({N, D}, lowp ? f32 : hidden.options()) : at::empty({0}, hidden.options());
-  // fp16/bf16 accumulate dweight in fp32 and round once (the precision rule: never worse than
-  // torch's single-GEMM gradients); accum_fp32 is therefore implied on CUDA.
+  // fp16/bf16: dhidden, dweight and dbias accumulate in fp32 and are rounded once (the
+  // precision rule: never worse than torch's single-GEMM gradients); accum_fp32 is therefore
+  // implied on CUDA. fp32: dhidden / dweight accumulate straight in the outputs.
   (void)accum_fp32;
-  const bool dw32 = need_dw && lowp;
-  auto dw = need_dw ? at::zeros({V, D}, dw32 ? f32 : weight.options()) : at::empty({0}, weight.options());
+  auto dh = need_dh ? at::zeros({N, D}, lowp ? f32 : hidden.options()) : at::empty({0}, hidden.options());
+  auto dw = need_dw ? at::zeros({V, D}, lowp ? f32 : weight.options()) : at::empty({0}, weight.options());
   auto db32 = at::zeros({need_db ? V : 0}, f32);
+  at::Tensor gscale;  // fp16: (2,) fp32 [2^e, 2^-e], dZ scaled by 2^e (see launch_grad_scale)
   auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
-    return {need_dh && lowp ? dh.to(dt) : dh, dw32 ? dw.to(dt) : dw,
+    if (gscale.defined()) {  // unscale (exact) before the one rounding to fp16
+      const auto inv = gscale.narrow(0, 1, 1);
+      if (need_dh) dh.mul_(inv);
+      if (need_dw) dw.mul_(inv);
+      if (need_db) db32.mul_(inv);
+    }
+    return {need_dh && lowp ? dh.to(dt) : dh, need_dw && lowp ? dw.to(dt) : dw,
             need_db ? db32.to(bias->scalar_type()) : db32};
   };
   if (N == 0 || (!need_dh && !need_dw && !need_db)) return finish();
@@ -164,75 +195,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
   auto CP = coef_p.contiguous();
   auto CT = coef_t.contiguous();
   auto C1 = coef_1.has_value() ? coef_1->contiguous() : at::Tensor();
+  const float* c1p = C1.defined() ? C1.data_ptr<float>() : nullptr;
   const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
+  const float feps = static_cast<float>(filter_eps);
   const cudaStream_t stream = current_cuda_stream(hidden.device());
   // the range of the targets was checked (or NaN-marked) by the forward
   const Targets tg = make_targets(T, ignore_index, vocab_start, V,
                                   std::numeric_limits<int64_t>::max());
   const float* bp = B.defined() ? B.data_ptr<float>() : nullptr;
-
-  if (lowp && impl != 1) {
-    // tuned: fused WMMA recompute + gradient filtering + atomics into fp32 accumulators
-    auto dh32 = need_dh ? dh : at::empty({0}, f32);  // dh is already fp32 zeros for fp16/bf16
-    if (need_dw && !dw32) dw = at::empty({0}, weight.options());  // replaced by the fp32 sum below
-    auto dwacc = need_dw ? (dw32 ? dw : at::zeros({V, D}, f32)) : at::empty({0}, f32);
-    const cudaError_t e = launch_bwd_fused(
-        H.data_ptr(), W.data_ptr(), to_dtype(dt), N, D, bp, cap, tg, L.data_ptr<float>(),
-        CP.data_ptr<float>(), CT.data_ptr<float>(), C1.defined() ? C1.data_ptr<float>() : nullptr,
-        static_cast<float>(filter_eps), need_dh ? dh32.data_ptr<float>() : nullptr,
-        need_dw ? dwacc.data_ptr<float>() : nullptr, need_db ? db32.data_ptr<float>() : nullptr,
-        nullptr, stream);
-    if (!(e == cudaErrorInvalidValue && impl == 0)) {
-      check_cuda(e, "linear_cross_entropy fused backward");
-      if (need_dw && !dw32) dw = dwacc.to(dt);
-      return finish();
-    }
-    (void)cudaGetLastError();  // unsupported shape/alignment: plain path below
+  if (dt == at::kHalf) {
+    gscale = at::empty({2}, f32);
+    check_cuda(launch_grad_scale(N, CP.data_ptr<float>(), CT.data_ptr<float>(), c1p,
+                                 gscale.data_ptr<float>(), stream),
+               "linear_cross_entropy backward (fp16 gradient scale)");
   }
+  const float* gsp = gscale.defined() ? gscale.data_ptr<float>() : nullptr;
+  const auto dtype = to_dtype(dt);
 
-  const int64_t bn = std::min(N, env_or("TOKENKERNELS_CE_CUDA_BLOCK_N", 4096));
-  const int64_t bv = std::min(V, env_or("TOKENKERNELS_CE_CUDA_BLOCK_V", 4096));
-  auto zbuf = at::empty({bn * bv}, f32);
-  auto dzbuf = at::empty({bn * bv}, H.options());
-  auto tmp_dh = at::empty({(need_dh && lowp) ? bn * D : 0}, f32);
-  auto tmp_dw = at::empty({dw32 ? bv * D : 0}, f32);
-  for (int64_t r0 = 0; r0 < N; r0 += bn) {
-    const int64_t rows = std::min(bn, N - r0);
-    auto Hc = H.narrow(0, r0, rows);
-    for (int64_t v0 = 0; v0 < V; v0 += bv) {
-      const int64_t cols = std::min(bv, V - v0);
-      auto Wb = W.narrow(0, v0, cols);
-      auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
-      auto dZ = dzbuf.narrow(0, 0, rows * cols).view({rows, cols});
-      logits_tile(Z, Hc, Wb);
-      check_cuda(launch_dz_tile(Z.data_ptr<float>(), rows, cols, r0, v0, bp, cap, tg,
+  if (impl != 1 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D)) {
+    // tuned: fused WMMA recompute + gradient filtering + atomics into the fp32 accumulators
+    check_cuda(launch_bwd_fused(H.data_ptr(), W.data_ptr(), dtype, N, D, bp, cap, tg,
                                 L.data_ptr<float>(), CP.data_ptr<float>(), CT.data_ptr<float>(),
-                                C1.defined() ? C1.data_ptr<float>() : nullptr, dZ.data_ptr(),
-                                to_dtype(dt), stream),
-                 "linear_cross_entropy backward tile");
-      if (need_db) db32.narrow(0, v0, cols).add_(dZ.sum(0, /*keepdim=*/false, at::kFloat));
-      if (need_dh) {
-        auto dhc = dh.narrow(0, r0, rows);
-        if (lowp) {
-          auto tmp = tmp_dh.narrow(0, 0, rows * D).view({rows, D});
-          at::mm_out(tmp, dZ, Wb, at::kFloat);
-          dhc.add_(tmp);
-        } else {
-          dhc.addmm_(dZ, Wb);
+                                c1p, gsp, feps, need_dh ? dh.data_ptr<float>() : nullptr,
+                                need_dw ? dw.data_ptr<float>() : nullptr,
+                                need_db ? db32.data_ptr<float>() : nullptr, nullptr, stream),
+               "linear_cross_entropy fused backward");
+    return finish();
+  }
+
+  with_cublas_determinism_hint(op, [&] {
+    const int64_t bn = std::min(N, env_or("TOKENKERNELS_CE_CUDA_BLOCK_N", 4096));
+    const int64_t bv = std::min(V, env_or("TOKENKERNELS_CE_CUDA_BLOCK_V", 4096));
+    auto zbuf = at::empty({bn * bv}, f32);
+    auto dzbuf = at::empty({bn * bv}, H.options());
+    auto keep = at::empty({feps > 0.f ? dz_keep_flags(bn, bv) : 0}, hidden.options().dtype(at::kInt));
+    auto tmp_dh = at::empty({(need_dh && lowp) ? bn * D : 0}, f32);
+    auto tmp_dw = at::empty({(need_dw && lowp) ? bv * D : 0}, f32);
+    for (int64_t r0 = 0; r0 < N; r0 += bn) {
+      const int64_t rows = std::min(bn, N - r0);
+      auto Hc = H.narrow(0, r0, rows);
+      for (int64_t v0 = 0; v0 < V; v0 += bv) {
+        const int64_t cols = std::min(bv, V - v0);
+        auto Wb = W.narrow(0, v0, cols);
+        auto Z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
+        auto dZ = dzbuf.narrow(0, 0, rows * cols).view({rows, cols});
+        logits_tile(Z, Hc, Wb);
+        check_cuda(launch_dz_tile(Z.data_ptr<float>(), rows, cols, r0, v0, bp, cap, tg,
+                                  L.data_ptr<float>(), CP.data_ptr<float>(), CT.data_ptr<float>(),
+                                  c1p, gsp, feps,
+                                  keep.numel() ? reinterpret_cast<unsigned*>(keep.data_ptr<int>())
+                                               : nullptr,
+                                  dZ.data_ptr(), dtype, stream),
+                   "linear_cross_entropy backward tile");
+        if (need_db) db32.narrow(0, v0, cols).add_(dZ.sum(0, /*keepdim=*/false, at::kFloat));
+        if (need_dh) {
+          auto dhc = dh.narrow(0, r0, rows);
+          if (lowp) {
+            auto tmp = tmp_dh.narrow(0, 0, rows * D).view({rows, D});
+            at::mm_out(tmp, dZ, Wb, at::kFloat);
+            dhc.add_(tmp);
+          } else {
+            dhc.addmm_(dZ, Wb);
+          }
         }
-      }
-      if (need_dw) {
-        auto dwb = dw.narrow(0, v0, cols);
-        if (dw32) {
-          auto tmp = tmp_dw.narrow(0, 0, cols * D).view({cols, D});
-          at::mm_out(tmp, dZ.t(), Hc, at::kFloat);
-          dwb.add_(tmp);
-        } else {
-          dwb.addmm_(dZ.t(), Hc);
+        if (need_dw) {
+          auto dwb = dw.narrow(0, v0, cols);
+          if (lowp) {
+            auto tmp = tmp_dw.narrow(0, 0, cols * D).view({cols, D});
+            at::mm_out(tmp, dZ.t(), Hc, at::kFloat);
+            dwb.add_(tmp);
+          } else {
+            dwb.addmm_(dZ.t(), Hc);
+          }
         }
       }
     }
-  }
+  });
   return finish();
 }
 

@@ -142,6 +142,23 @@ def test_invalid_options(device):
     _raises(r"impl", LCE, h, w, t, impl=None)
 
 
+def test_invalid_shift(device):
+    """shift: an int in [0, T] or a bool; anything else raises naming shift (a float or a
+    shift beyond the sequence was once accepted, and shift=2 silently ran as shift 1)."""
+    h, w, t, b = _ok(device)
+    h3, t3 = h.view(2, 3, 4), t.view(2, 3)
+    _raises(r"shift", LCE, h3, w, t3, shift=-1)
+    _raises(r"shift", LCE, h3, w, t3, shift=4)
+    _raises(r"shift", LCE, h3, w, t3, shift=1.0)
+    _raises(r"shift", LCE, h3, w, t3, shift="1")
+    _raises(r"shift", LCE, h[0], w, t[0], shift=1)          # 0-d targets: no sequence
+    _raises(r"shift", tk.LinearCrossEntropy(shift=-2), h3, w, t3)
+    assert torch.isfinite(LCE(h3, w, t3, shift=3))           # = T: everything ignored, loss 0
+    assert LCE(h3, w, t3, shift=3).item() == 0.0
+    assert LCE(h3[:, :0], w, t3[:, :0], shift=2).item() == 0.0  # empty sequences: nothing to shift
+    assert torch.isfinite(LCE(h[0], w, t[0], shift=False))
+
+
 def test_module_invalid_options_raise_on_call(device):
     h, w, t, b = _ok(device)
     with pytest.raises((ValueError, TypeError), match="reduction"):

@@ -184,6 +184,31 @@ def test_shift_equals_manual_shift(device):
     assert torch.equal(a[:, -1].cpu(), torch.zeros(2))
 
 
+@pytest.mark.parametrize("s", [0, 1, 2, 3, 9])
+def test_integer_shift(device, s):
+    """shift=s (Cut Cross-Entropy's semantics): hidden[:, :-s] predicts targets[:, s:]; the last
+    s positions are ignored. Equal to shifting by hand, to CCE's slicing (mean over the same
+    tokens) and to the reference; shift=2 really differs from shift=1 (it once silently ran as
+    shift 1, ~10 nats off)."""
+    T = 9
+    h, w, t, b = make_inputs((2, T), 16, 23, torch.float32, bias=True, wscale=4.0, device=device)
+    a = tk.linear_cross_entropy(h, w, t, b, shift=s, reduction="none")
+    t2 = torch.cat([t[:, s:], torch.full_like(t[:, :s], -100)], dim=1)
+    assert torch.equal(a, tk.linear_cross_entropy(h, w, t2, b, reduction="none"))
+    assert torch.equal(a[:, T - s:].cpu(), torch.zeros(2, s))
+    truth = reference(h.cpu(), w.cpu(), t.cpu(), b.cpu(), dtype=F64, shift=s, reduction="none")
+    assert_close_fp32(kernel(h, w, t, b, shift=s, reduction="none", filter_eps=None), truth,
+                      zscale=logit_scale(h, w, b))
+    mean = tk.linear_cross_entropy(h, w, t, b, shift=s)
+    if 0 < s < T:  # CCE: e[:, :-s] with targets[:, s:]
+        cce = tk.linear_cross_entropy(h[:, :-s], w, t[:, s:], b)
+        torch.testing.assert_close(mean, cce, rtol=1e-6, atol=1e-6)
+    if s >= 2:
+        assert not torch.allclose(mean, tk.linear_cross_entropy(h, w, t, b, shift=1))
+    if s <= 1:  # bool True = 1, False = 0
+        assert torch.equal(a, tk.linear_cross_entropy(h, w, t, b, shift=bool(s), reduction="none"))
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_non_contiguous_inputs(device, dtype):
     """Transposed / strided views of hidden, weight, bias and targets give the same result as
@@ -268,6 +293,47 @@ def test_lse_and_loss_without_grad(device):
     assert rel_err(lse, truth["lse"], zs) <= tol(torch.float32, "ce_loss")
 
 
+@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_argmax_without_finite_logits_is_zero(device, dtype, impl):
+    """A token without any logit > -inf (all -inf via the bias, or NaN hidden states) has
+    arg-max 0 on every device and path (the fused CUDA forward once wrote INT64_MAX)."""
+    N, D, V = 70, 16, 300  # D % 8 == 0: "tuned" is the fused kernel on CUDA for fp16/bf16
+    h, w, t, b = make_inputs(N, D, V, dtype, bias=True, device=device)
+    h = h.clone()
+    h[3] = float("nan")
+    am = tk.linear_cross_entropy(h, w, t, b, return_aux=True, impl=impl)[1]
+    assert am.dtype == torch.int64 and am[3].item() == 0
+    assert bool(((am >= 0) & (am < V)).all())
+    ninf = torch.full_like(b, float("-inf"))
+    am = tk.linear_cross_entropy(h, w, t, ninf, return_aux=True, impl=impl, check=False)[1]
+    assert torch.equal(am.cpu(), torch.zeros(N, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
+def test_fp16_tiny_gradients_not_flushed(device, impl):
+    """fp16: the dZ entries (~2^-27 here) lie below fp16's smallest subnormal, while the
+    gradient of hidden (~2^-13) does not. dZ must not be rounded to fp16 unscaled before the
+    gradient GEMMs (it flushed to zero on CUDA: N = 8192 tokens, V = 256000, mean reduction
+    gives dZ ~ 5e-10). Construction: every non-target weight row is the same vector u, so
+    dhidden = g * (E_p[w] - w_target) is dominated by u."""
+    N, D, V, g = 16, 32, 2 ** 14, 2.0 ** -13
+    gen = torch.Generator().manual_seed(11)
+    u = torch.randn(D, generator=gen).sign()
+    w = u.repeat(V, 1)
+    w[:N] = 0.05 * torch.randn(N, D, generator=gen)
+    h = 0.05 * torch.randn(N, D, generator=gen)
+    t = torch.arange(N)
+    h16, w16 = h.half(), w.half()
+    hk = h16.to(device).clone().requires_grad_()
+    (tk.linear_cross_entropy(hk, w16.to(device), t.to(device), reduction="sum", impl=impl,
+                             filter_eps=None) * g).backward()
+    hr = h16.double().requires_grad_()
+    (ref.linear_cross_entropy(hr, w16.double(), t, reduction="sum", dtype=F64) * g).backward()
+    assert hr.grad.abs().max() > 2.0 ** -14  # representable in fp16
+    assert norm_err(hk.grad, hr.grad) <= 2.0 ** -8
+
+
 def test_extreme_logits_finite(device):
     """Large logits (|z| ~ 1e4) must not overflow the online log-sum-exp."""
     h, w, t, b = make_inputs(16, 8, 100, torch.float32, wscale=3e4, device=device)
@@ -310,17 +376,20 @@ def _peaked_inputs(dtype, device, V=4096, cut=2048, drop=-9.0):
     return h.to(device), w.to(device), t.to(device), b.to(device)
 
 
+@pytest.mark.parametrize("impl", ["auto", "plain"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_filter_skips_negligible_tiles(device, monkeypatch, dtype):
+def test_filter_skips_negligible_tiles(device, monkeypatch, dtype, impl):
     """Filtering really skips tiles: with every |softmax - onehot| of vocabulary rows >= 2048
     below the threshold, those rows' weight / bias gradients are exactly 0 with filtering (no
     tile touched them) and nonzero without; the rest is unchanged, and dhidden loses at most
-    ``ce_filter`` (normwise) against the exact kernel (fp32 with filter_eps=1e-3: 1e-3)."""
+    ``ce_filter`` (normwise) against the exact kernel (fp32 with filter_eps=1e-3: 1e-3).
+    Every path filters: the CUDA plain path (fp32, impl="plain", deterministic mode) once
+    ignored filter_eps."""
     monkeypatch.setenv("TOKENKERNELS_CE_BLOCK_V", "512")  # tiles inside either half
     h, w, t, b = _peaked_inputs(dtype, device)
     feps = "auto" if dtype != torch.float32 else 1e-3  # fp32 "auto" never filters
-    filt = kernel(h, w, t, b, filter_eps=feps)
-    exact = kernel(h, w, t, b, filter_eps=None)
+    filt = kernel(h, w, t, b, filter_eps=feps, impl=impl)
+    exact = kernel(h, w, t, b, filter_eps=None, impl=impl)
     assert exact["dw"][2048:].abs().sum() > 0 and exact["db"][2048:].abs().sum() > 0
     assert not filt["dw"][2048:].abs().any() and not filt["db"][2048:].abs().any()
     assert torch.equal(filt["dw"][:2048], exact["dw"][:2048])
@@ -348,3 +417,24 @@ def test_filter_zero_equals_exact(device, dtype):
     c = kernel(h, w, t, b, filter_eps=None)
     for key in ("out", "dh", "dw", "db"):
         assert torch.equal(a[key], c[key]), key
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
+@pytest.mark.parametrize("feps", [0.0, "auto", 1e-3])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_filter_never_drops_nan(device, dtype, feps, impl, softcap):
+    """A tile whose only nonzero dZ entries are NaN (token 0 has NaN hidden states, the others
+    are ignored) must not be skipped by the filter, whatever filter_eps (0 included): NaN fails
+    every |x| >= threshold test. The gradients must be NaN, not silently 0 or finite (the CPU's
+    vectorised exp and softcap once turned NaN logits into finite values)."""
+    h, w, t, b = make_inputs(8, 16, 300, dtype, bias=True, device=device)
+    h = h.clone()
+    h[0] = float("nan")
+    t = torch.full_like(t, -100)
+    t[0] = 5
+    k = kernel(h, w, t, b, reduction="sum", filter_eps=feps, impl=impl, softcap=softcap)
+    assert torch.isnan(k["out"])
+    assert torch.isnan(k["dh"][0]).all()
+    assert not torch.isnan(k["dh"][1:]).any() and not k["dh"][1:].abs().any()
+    assert torch.isnan(k["dw"]).any() and torch.isnan(k["db"]).all()

@@ -73,3 +73,27 @@ def test_deterministic_mode_equals_plain(device):
         torch.use_deterministic_algorithms(prev)
     for key in ("out", "dh", "dw", "db"):
         assert torch.equal(auto[key], plain[key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_deterministic_mode_without_cublas_workspace_config(monkeypatch, dtype):
+    """Deterministic mode runs the CUDA plain path (cuBLAS). Torch releases that demand
+    CUBLAS_WORKSPACE_CONFIG for that (and read it at call time) must give an error naming this
+    op and the fix, not torch's bare GEMM error; newer releases (and those that cached the
+    variable at the first GEMM, set by conftest.py) just compute, deterministically."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    h, w, t, b = make_inputs(60, 32, 300, dtype, bias=True, device="cuda")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [kernel(h, w, t, b, filter_eps=None) for _ in range(2)]
+    except RuntimeError as e:
+        msg = str(e)
+        assert "tokenkernels.linear_cross_entropy" in msg, msg
+        assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in msg and "warn_only" in msg, msg
+        return
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for key in ("out", "dh", "dw", "db"):
+        assert torch.equal(runs[0][key], runs[1][key]), key

@@ -9,6 +9,15 @@
 // cores straight from hidden/weight and folds each tile into per-thread online states in the
 // epilogue; the logits never reach global memory. Splits of the vocabulary run in parallel and
 // leave partial states that fwd_merge_kernel combines.
+//
+// Gradient filtering (both backward variants) works on the same 64 x 128 logit sub-tiles,
+// aligned to global multiples of kBM tokens and kBN vocabulary rows: a sub-tile whose every
+// |dZ| is below its row's threshold filter_eps * max(|cp|, |ct|) contributes nothing; a NaN
+// dZ entry always keeps its sub-tile. fp16 dZ is scaled by a power of two before it is
+// rounded to fp16 (grad_scale_kernel), so that small entries do not underflow; the fp32
+// accumulators are unscaled exactly at the end.
+//
+// Arg-max of a row without any logit > -inf (all -inf or NaN): 0, in every path (as on CPU).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -25,6 +34,9 @@ namespace ce {
 namespace device {
 
 constexpr float kInf = __builtin_huge_valf();
+constexpr int kBM = 64;            // tokens per block tile (fused kernels, filter sub-tiles)
+constexpr int kBN = 128;           // vocabulary rows per block tile (idem)
+constexpr int kGradScaleLog2 = 15; // fp16 dZ: max |dZ| * scale < 2^15 (fp16 max 65504)
 
 __device__ __forceinline__ float apply_cap(float z, float cap) {
   return cap > 0.f ? cap * tanhf(z / cap) : z;
@@ -155,16 +167,69 @@ __global__ void finalize_kernel(int64_t N, FwdState st, Targets tg, float* __res
 }
 
 // ------------------------------------------------------------------------------ plain backward
+// Keep flag of a dZ entry for gradient filtering: nonzero and not below the threshold; NaN
+// always keeps (|NaN| < thr is false).
+__device__ __forceinline__ bool filter_keeps(float x, float thr) {
+  return x != 0.f && !(fabsf(x) < thr);
+}
+
+// Power-of-two scale of fp16 dZ: out[0] = 2^e, out[1] = 2^-e with e chosen so that
+// max_r (|cp| + |ct| + |c1|) * 2^e < 2^kGradScaleLog2 (that sum bounds every |dZ| of row r:
+// softmax <= 1 and the softcap derivative <= 1). No finite positive bound: e = 0. One block.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+grad_scale_kernel(int64_t N, const float* __restrict__ cp, const float* __restrict__ ct,
+                  const float* __restrict__ c1, float* __restrict__ out) {
+  __shared__ float sh[THREADS / 32];
+  float m = 0.f;
+  for (int64_t r = threadIdx.x; r < N; r += THREADS)
+    m = fmaxf(m, fabsf(cp[r]) + fabsf(ct[r]) + (c1 ? fabsf(c1[r]) : 0.f));  // fmaxf drops NaN
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (threadIdx.x % 32 == 0) sh[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < THREADS / 32; ++k) m = fmaxf(m, sh[k]);
+    int e = 0;
+    if (m > 0.f && m <= 3.4028235e38f) {
+      int k = 0;
+      frexpf(m, &k);  // m = f * 2^k, f in [0.5, 1): m < 2^k
+      e = kGradScaleLog2 - k;
+      e = e < -126 ? -126 : (e > 126 ? 126 : e);
+    }
+    out[0] = ldexpf(1.f, e);
+    out[1] = ldexpf(1.f, -e);
+  }
+}
+
+// Filter sub-tiles covered by a plain tile: rows [r0, r0+rows) x shard rows [v0, v0+cols).
+__device__ __forceinline__ int64_t keep_index(int64_t r, int64_t r0, int64_t v, int64_t v0,
+                                              int64_t cols) {
+  const int64_t nsv = (v0 + cols - 1) / kBN - v0 / kBN + 1;
+  return (r / kBM - r0 / kBM) * nsv + (v / kBN - v0 / kBN);
+}
+
+// grid.x = rows of the tile. dZ of one fp32 logit tile, times *gscale when given, rounded to
+// T. Tokens without gradient (cp = ct = c1 = 0, e.g. ignored) give exact zeros whatever their
+// logits. keep (nullable, zeroed): set to 1 for every filter sub-tile that holds an entry
+// filter_keeps() accepts at threshold feps * max(|cp|, |ct|).
 template <typename T, int THREADS>
 __global__ void __launch_bounds__(THREADS)
 dz_tile_kernel(const float* __restrict__ Z, int64_t cols, int64_t r0, int64_t v0,
                const float* __restrict__ bias, float cap, Targets tg,
                const float* __restrict__ lse, const float* __restrict__ cp,
-               const float* __restrict__ ct, const float* __restrict__ c1, T* __restrict__ out) {
+               const float* __restrict__ ct, const float* __restrict__ c1,
+               const float* __restrict__ gscale, float feps, unsigned* __restrict__ keep,
+               T* __restrict__ out) {
   const int64_t i = blockIdx.x, r = r0 + i;
   const float* z = Z + i * cols;
   T* o = out + i * cols;
   const float l = lse[r], a = cp[r], b = ct[r], c = c1 ? c1[r] : 0.f;
+  if (a == 0.f && b == 0.f && c == 0.f) {
+    for (int64_t j = threadIdx.x; j < cols; j += THREADS) o[j] = from_f<T>(0.f);
+    return;
+  }
+  const float sc = gscale ? gscale[0] : 1.f;
+  const float thr = feps * fmaxf(fabsf(a), fabsf(b));
   const int64_t lt = local_target(tg, r);
   for (int64_t j = threadIdx.x; j < cols; j += THREADS) {
     const float v = apply_cap(z[j] + (bias ? bias[v0 + j] : 0.f), cap);
@@ -173,13 +238,23 @@ dz_tile_kernel(const float* __restrict__ Z, int64_t cols, int64_t r0, int64_t v0
       const float u = v / cap;
       d *= 1.f - u * u;
     }
-    o[j] = from_f<T>(d);
+    if (keep && filter_keeps(d, thr)) keep[keep_index(r, r0, v0 + j, v0, cols)] = 1u;
+    o[j] = from_f<T>(d * sc);
   }
 }
 
+// grid.x = rows of the tile: zero the dZ entries of the filter sub-tiles nothing kept.
+template <typename T, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+dz_filter_kernel(int64_t cols, int64_t r0, int64_t v0, const unsigned* __restrict__ keep,
+                 T* __restrict__ out) {
+  const int64_t i = blockIdx.x, r = r0 + i;
+  T* o = out + i * cols;
+  for (int64_t j = threadIdx.x; j < cols; j += THREADS)
+    if (!keep[keep_index(r, r0, v0 + j, v0, cols)]) o[j] = from_f<T>(0.f);
+}
+
 // ------------------------------------------------------------------------------ tuned forward
-constexpr int kBM = 64;            // tokens per block tile
-constexpr int kBN = 128;           // vocabulary rows per block tile
 constexpr int kBK = 32;            // features per K step
 constexpr int kLdAB = kBK + 8;     // smem row pitch of the A/B tiles (elements; multiple of 8)
 constexpr int kLdC = kBN + 4;      // smem row pitch of the fp32 C tile (multiple of 4)
@@ -359,7 +434,7 @@ __global__ void fwd_merge_kernel(int64_t N, int splits, const float* __restrict_
   if (st.sumz) st.sumz[r] = sz;
   if (st.amax) {
     st.maxz[r] = mx;
-    st.amax[r] = am;
+    st.amax[r] = mx > -kInf ? am : 0;  // no logit > -inf: 0, like the plain path and the CPU
   }
 }
 
@@ -370,7 +445,9 @@ __global__ void fwd_merge_kernel(int64_t N, int splits, const float* __restrict_
 // threshold (gradient filtering), else
 //   dH32[rows, :] += dZ (64 x 128) @ W[vtile, :]      and   dW32[vtile, :] += dZ^T @ H[rows, :]
 // in 64-feature chunks on WMMA, flushed to the fp32 global accumulators with atomicAdd; db32 gets
-// the column sums. Dynamic shared memory, kSmemBwd bytes:
+// the column sums. dZ is multiplied by *gscale (fp16; nullable) before it is rounded to T, so
+// the accumulators hold scaled sums (the caller unscales them). Dynamic shared memory,
+// kSmemBwd bytes:
 //   [0, kSmemC)            As/Bs during the K loop, then Cs (fp32), then dZ (T, pitch kLdZ)
 //   [kSmemC, +kSmemG)      G: staging of a W chunk (128 x 64) or an H chunk (64 x 64), pitch kLdG
 //   [.., +kSmemO)          O: fp32 output chunk (up to 128 x 64), pitch kLdO
@@ -387,7 +464,8 @@ __global__ void __launch_bounds__(kFusedThreads)
 bwd_fused_kernel(const T* __restrict__ H, const T* __restrict__ W, int64_t N, int64_t D,
                  const float* __restrict__ bias, float cap, Targets tg,
                  const float* __restrict__ lse, const float* __restrict__ cp,
-                 const float* __restrict__ ct, const float* __restrict__ c1, float feps,
+                 const float* __restrict__ ct, const float* __restrict__ c1,
+                 const float* __restrict__ gscale, float feps,
                  float* __restrict__ dH32, float* __restrict__ dW32, float* __restrict__ db32,
                  unsigned long long* __restrict__ skipped) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -431,17 +509,18 @@ bwd_fused_kernel(const T* __restrict__ H, const T* __restrict__ W, int64_t N, in
           const float t = z / cap;
           x *= 1.f - t * t;
         }
-        keep |= (x != 0.f && fabsf(x) >= thr);
+        keep |= filter_keeps(x, thr);
       }
       d[u] = x;
     }
   }
+  const float sc = gscale ? gscale[0] : 1.f;
   if (!__syncthreads_or(keep)) {  // also the barrier before dZs overwrites Cs
     if (skipped && tid == 0) atomicAdd(skipped, 1ull);
     return;
   }
 #pragma unroll
-  for (int u = 0; u < kBN / 4; ++u) dZs[er * kLdZ + q + 4 * u] = from_f<T>(d[u]);
+  for (int u = 0; u < kBN / 4; ++u) dZs[er * kLdZ + q + 4 * u] = from_f<T>(d[u] * sc);
   __syncthreads();
 
   if (db32 && tid < kBN && v0 + tid < V) {  // column sums of dZ (as rounded to T)

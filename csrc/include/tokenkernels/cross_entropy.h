@@ -34,7 +34,7 @@ struct FwdState {
   float* tz = nullptr;     // running sum exp*z (aux), init 0; nullptr when not needed
   float* zt = nullptr;     // target logit, init 0 (NaN written for bad targets by finalize)
   float* sumz = nullptr;   // sum of z (label smoothing), init 0; nullptr when not needed
-  int64_t* amax = nullptr; // arg-max (global id), init 0; nullptr when not needed
+  int64_t* amax = nullptr; // arg-max (global id), init 0 (stays 0 when no z > -inf)
   float* maxz = nullptr;   // max z for the arg-max, init -inf; nullptr when not needed
 };
 
@@ -50,21 +50,38 @@ cudaError_t launch_finalize(int64_t N, const FwdState& st, const Targets& tg, fl
                             float* ent, cudaStream_t stream);
 
 // Backward tile: dZ[i, j] = (cp * exp(z - lse) + c1 + ct * [v0+j is the target]) * softcap'(z)
-// for the fp32 logit tile Z; written as `out_dtype` (row-major, ld = cols). c1 may be nullptr.
+// for the fp32 logit tile Z, times gscale[0] when gscale != nullptr (see launch_grad_scale),
+// written as `out_dtype` (row-major, ld = cols). c1 may be nullptr. Tokens with
+// cp = ct = c1 = 0 get exact zeros. filter_eps > 0: gradient filtering as in the fused
+// backward: every 64 x 128 sub-tile (aligned to global multiples of 64 tokens and 128 shard
+// rows) whose |dZ| all lie below filter_eps * max(|cp|, |ct|) of their rows is zeroed (a NaN
+// always keeps its sub-tile); keep: scratch of dz_keep_flags(rows, cols) unsigned ints (may be
+// nullptr when filter_eps == 0).
+int64_t dz_keep_flags(int64_t rows, int64_t cols);
 cudaError_t launch_dz_tile(const float* Z, int64_t rows, int64_t cols, int64_t r0, int64_t v0,
                            const float* bias, float cap, const Targets& tg, const float* lse,
-                           const float* cp, const float* ct, const float* c1, void* dZ,
-                           DType out_dtype, cudaStream_t stream);
+                           const float* cp, const float* ct, const float* c1, const float* gscale,
+                           float filter_eps, unsigned* keep, void* dZ, DType out_dtype,
+                           cudaStream_t stream);
+
+// fp16 gradients: scale[0] = 2^e, scale[1] = 2^-e (device, 2 floats) with e such that every dZ
+// of the N tokens, times 2^e, stays below 2^15 (bound |cp| + |ct| + |c1| per token), so that
+// small dZ entries do not underflow fp16 before the gradient GEMMs; the fp32 results are
+// multiplied by scale[1] (exact: a power of two). e = 0 without a finite positive bound.
+cudaError_t launch_grad_scale(int64_t N, const float* cp, const float* ct, const float* c1,
+                              float* scale, cudaStream_t stream);
 
 // Tuned forward (fp16/bf16 only): tensor-core GEMM tiles (WMMA, 64 tokens x 128 vocabulary
 // rows, fp32 accumulation) with the online log-sum-exp fused into the epilogue; no logit
 // buffer in global memory. The vocabulary is split over `splits` blocks per token tile; each
 // writes a partial state, merged by launch_fwd_fused's second kernel into `st`.
-// Needs D % 8 == 0 and 16-byte aligned hidden/weight rows (checked: returns
-// cudaErrorInvalidValue otherwise, so the caller can fall back to the plain path).
-// workspace: fused_workspace_bytes(N, splits).
+// Needs fused_supported(): fp16/bf16, D % 8 == 0 and 16-byte aligned hidden/weight (else the
+// launchers return cudaErrorInvalidValue without launching; callers use the plain path).
+// workspace: fused_workspace_bytes(N, splits); splits: fused_default_splits (queries the
+// current device's SM count; returns that query's error, if any).
+bool fused_supported(const void* hidden, const void* weight, DType dtype, int64_t D);
 size_t fused_workspace_bytes(int64_t N, int splits);
-int fused_default_splits(int64_t N, int64_t V);
+cudaError_t fused_default_splits(int64_t N, int64_t V, int* splits);
 cudaError_t launch_fwd_fused(const void* hidden, const void* weight, DType dtype, int64_t N,
                              int64_t D, const float* bias, float cap, const Targets& tg,
                              const FwdState& st, int splits, void* workspace,
@@ -72,15 +89,17 @@ cudaError_t launch_fwd_fused(const void* hidden, const void* weight, DType dtype
 
 // Tuned backward (fp16/bf16; same shape/alignment rules as the fused forward, else
 // cudaErrorInvalidValue): one block per 64 x 128 logit tile recomputes it with WMMA, forms dZ
-// (as launch_dz_tile) in shared memory, skips the tile when every |dZ| < filter_eps *
-// max(|cp|, |ct|) of its row, else adds dZ @ W to dH32 (N, D) and dZ^T @ H to dW32 (V, D)
-// (fp32, zero-initialised by the caller, either may be nullptr) with atomics; db32 (V,) gets
-// the column sums. skipped (nullable): incremented once per filtered tile.
+// (as launch_dz_tile, times gscale[0] when gscale != nullptr) in shared memory, skips the tile
+// when every |dZ| < filter_eps * max(|cp|, |ct|) of its row (a NaN keeps it), else adds
+// dZ @ W to dH32 (N, D) and dZ^T @ H to dW32 (V, D) (fp32, zero-initialised by the caller,
+// either may be nullptr) with atomics; db32 (V,) gets the column sums. With gscale the three
+// accumulators hold scaled sums: the caller multiplies them by gscale[1].
+// skipped (nullable): incremented once per filtered tile.
 cudaError_t launch_bwd_fused(const void* hidden, const void* weight, DType dtype, int64_t N,
                              int64_t D, const float* bias, float cap, const Targets& tg,
                              const float* lse, const float* cp, const float* ct, const float* c1,
-                             float filter_eps, float* dH32, float* dW32, float* db32,
-                             unsigned long long* skipped, cudaStream_t stream);
+                             const float* gscale, float filter_eps, float* dH32, float* dW32,
+                             float* db32, unsigned long long* skipped, cudaStream_t stream);
 
 }  // namespace ce
 }  // namespace tokenkernels

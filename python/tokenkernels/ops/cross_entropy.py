@@ -15,6 +15,7 @@ exact gradients, including ``reduction="none"`` and a differentiable ``lse``.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Optional, Union
 
 import torch
@@ -23,6 +24,10 @@ from ..reference.cross_entropy import shift_targets
 
 _IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
 _REDUCTIONS = ("mean", "sum", "none")
+# vocab_total given to the kernels of a vocabulary shard: every target >= 0 may lie in some
+# shard, so the shard kernels mark none as out of range; the wrapper does that after the
+# all-reduce (a target no shard holds is out of range).
+_UNBOUNDED_VOCAB = 2 ** 63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,31 @@ class VocabParallel:
     group: Any
     start: int
     stop: int
+
+
+def _resolve_shift(shift, targets: torch.Tensor) -> int:
+    """``shift`` as an int s >= 0 (True = 1, False = 0), at most the sequence length."""
+    op = "tokenkernels.linear_cross_entropy"
+    if isinstance(shift, bool):
+        s = int(shift)
+    else:
+        try:
+            s = operator.index(shift)
+        except TypeError:
+            raise TypeError(f"{op}: shift must be a bool or an int, got "
+                            f"{type(shift).__name__}") from None
+    if s < 0:
+        raise ValueError(f"{op}: shift must be >= 0 (position i predicts target i + shift), "
+                         f"got {s}")
+    if s == 0:
+        return 0
+    if targets.dim() == 0:
+        raise ValueError(f"{op}: shift = {s} needs targets with a sequence dimension, got 0-d "
+                         f"targets")
+    T = targets.shape[-1]
+    if s > T and targets.numel() > 0:
+        raise ValueError(f"{op}: shift = {s} exceeds the sequence length {T} (targets.shape[-1])")
+    return s
 
 
 def _auto_filter_eps(dtype: torch.dtype) -> float:
@@ -144,14 +174,21 @@ torch.library.register_autograd("tokenkernels::lce_backward", _lce_double_backwa
 # ---------------------------------------------------------------------------------------------
 # vocabulary parallel: statistics all-reduced over the group
 class _VocabParallelStats(torch.autograd.Function):
+    """Statistics of a vocabulary shard, all-reduced over the group. Every collective runs on
+    tensors on hidden's device (NCCL groups take CUDA tensors only) and nothing is read back to
+    the host unless ``check`` is set, so the call is sync-free with ``check=False``. Returns
+    lse, z_target, sum_z, arg-max, entropy and the total vocabulary size (a 0-d tensor: the sum
+    of the shards' rows)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, start, vocab_total,
-                sum_z, aux, check, filter_eps, accum_fp32, impl, group):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, softcap, start, sum_z, aux,
+                check, filter_eps, accum_fp32, impl, group):
         import torch.distributed as dist
 
         op = torch.ops.tokenkernels.lce_forward
+        V = weight.shape[0]
         lse_l, zt, sz, am, mz, ent_l = op(hidden, weight, targets, bias, ignore_index, softcap,
-                                          start, vocab_total, sum_z, aux, check, filter_eps,
+                                          start, _UNBOUNDED_VOCAB, sum_z, aux, False, filter_eps,
                                           accum_fp32, impl)
         m = lse_l.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -159,9 +196,25 @@ class _VocabParallelStats(torch.autograd.Function):
         s = torch.exp(lse_l - m)
         dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
         lse = m + torch.log(s)
-        dist.all_reduce(zt, op=dist.ReduceOp.SUM, group=group)
-        if sum_z:
-            dist.all_reduce(sz, op=dist.ReduceOp.SUM, group=group)
+        # one SUM all-reduce for z_target, the number of shards holding each target, sum_z and
+        # the vocabulary size
+        N = zt.shape[0]
+        t = targets.to(torch.long)
+        held = ((t >= start) & (t < start + V)).to(zt.dtype)
+        parts = [zt, held] + ([sz] if sum_z else []) + [zt.new_full((1,), float(V))]
+        buf = torch.cat(parts)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        zt, held = buf[:N], buf[N:2 * N]
+        sz = buf[2 * N:3 * N].clone() if sum_z else sz
+        v_total = buf[-1].clone()
+        bad = (t != ignore_index) & (held == 0)  # no shard holds the target (or it is < 0)
+        if check and N and bool(bad.any()):  # the check's host sync
+            i = int(bad.nonzero()[0, 0])
+            raise RuntimeError(
+                f"tokenkernels.linear_cross_entropy: targets[{i}] = {int(t[i])} is outside "
+                f"[0, V={int(v_total)}) (no vocab_parallel shard holds it) and is not "
+                f"ignore_index ({ignore_index})")
+        zt = torch.where(bad, torch.full_like(zt, float("nan")), zt)
         argmax, ent = am, ent_l
         if aux:
             # arg-max: the shard with the largest max logit (ties: the lowest shard = index)
@@ -173,6 +226,9 @@ class _VocabParallelStats(torch.autograd.Function):
             mzs, ams = torch.stack(mzs), torch.stack(ams)
             best = mzs.argmax(0, keepdim=True)  # first maximum = lowest rank
             argmax = ams.gather(0, best).squeeze(0)
+            # no logit > -inf in any shard: 0, as without vocab_parallel
+            argmax = torch.where(mzs.gather(0, best).squeeze(0) > float("-inf"), argmax,
+                                 torch.zeros_like(argmax))
             # entropy = lse - E_p[z]; E_p[z] = sum_shards exp(lse_r - lse) * (lse_r - ent_r)
             ez = torch.exp(lse_l - lse) * (lse_l - ent_l)
             ez = torch.nan_to_num(ez)
@@ -180,11 +236,11 @@ class _VocabParallelStats(torch.autograd.Function):
             ent = lse - ez
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.opts = (ignore_index, softcap, start, filter_eps, accum_fp32, impl, group)
-        ctx.mark_non_differentiable(argmax, ent)
-        return lse, zt, sz, argmax, ent
+        ctx.mark_non_differentiable(argmax, ent, v_total)
+        return lse, zt, sz, argmax, ent, v_total
 
     @staticmethod
-    def backward(ctx, g_lse, g_zt, g_sumz, g_am, g_ent):
+    def backward(ctx, g_lse, g_zt, g_sumz, g_am, g_ent, g_vtotal):
         import torch.distributed as dist
 
         hidden, weight, bias, targets, lse = ctx.saved_tensors
@@ -201,7 +257,7 @@ class _VocabParallelStats(torch.autograd.Function):
         # hidden is replicated: its gradient is the sum of every shard's part
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
         return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
-                None, None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +301,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    shift: bool = False,
+    shift: Union[bool, int] = False,
     return_lse: bool = False,
     return_aux: bool = False,
     filter_eps: Union[str, float, None] = "auto",
@@ -275,25 +331,35 @@ def linear_cross_entropy(
         softcap: final-logit soft capping (Gemma 2), or None.
         label_smoothing: ε in [0, 1].
         z_loss: weight of the lse² auxiliary loss (PaLM), >= 0.
-        shift: position i predicts target i + 1 along the last dimension (HF causal-LM labels);
-            the last position of each sequence is ignored.
+        shift: an int s >= 0 (True = 1, False = 0; Cut Cross-Entropy's semantics): position i
+            predicts target i + s along the last dimension, i.e. ``hidden[..., :-s, :]``
+            predicts ``targets[..., s:]`` (s = 1: HF causal-LM labels); the last s positions of
+            each sequence are ignored (loss 0, shapes unchanged). A negative s, or one above
+            ``targets.shape[-1]``, raises.
         return_lse: also return lse (fp32, ``targets.shape``), differentiable.
         return_aux: also return the arg-max prediction (int64) and the entropy of softmax(z)
-            (fp32), both ``targets.shape`` and not differentiable.
+            (fp32), both ``targets.shape`` and not differentiable. Ties go to the lowest index;
+            a token without any logit > -inf (all -inf or NaN) gets arg-max 0 on every device
+            and path.
         filter_eps: gradient filtering: skip backward blocks where every |softmax - onehot| is
-            below this (relative to the token's gradient weight). ``"auto"`` = eps(dtype)/32 for
-            bf16/fp16 and no filtering for fp32; None = exact.
+            below this (relative to the token's gradient weight); a NaN is never skipped. Blocks:
+            CPU tiles (256 x 2048 by default), CUDA 64 x 128 logit tiles (every path and dtype).
+            ``"auto"`` = eps(dtype)/32 for bf16/fp16 and no filtering for fp32; None = exact.
         accum_fp32: fp16/bf16 gradients are always accumulated in fp32 and rounded once. By
             default the CPU path does so with tile-sized buffers and a second pass over the
             logits for ``weight``'s gradient; ``accum_fp32=True`` keeps one (V, D) fp32 buffer
             instead (one pass: faster, V·D·4 bytes more). CUDA always uses fp32 accumulators.
         vocab_parallel: a :class:`VocabParallel` when ``weight``/``bias`` hold a vocabulary
             shard; see there.
-        check: validate target values (a host sync on CUDA).
-        impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs) or ``"tuned"`` (CUDA fp16/bf16:
-            fused WMMA kernels; the backward accumulates with atomics, so it is not bitwise
-            deterministic). ``"auto"`` picks ``"plain"`` (deterministic) when
-            ``torch.use_deterministic_algorithms(True)`` is on.
+        check: validate target values (a host sync on CUDA). With ``check=False`` the call and
+            its backward never sync the host (vocab_parallel included).
+        impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs) or ``"tuned"`` (CUDA fp16/bf16
+            with D % 8 == 0 and 16-byte aligned rows, else the plain path: fused WMMA kernels;
+            the backward accumulates with atomics, so it is not bitwise deterministic).
+            ``"auto"`` picks ``"plain"`` (deterministic) when
+            ``torch.use_deterministic_algorithms(True)`` is on; torch releases that still demand
+            ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS then raise an error naming it
+            (set it before the process starts).
 
     Returns:
         ``loss`` (fp32; fp64 for fp64 inputs, CPU only) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
@@ -308,8 +374,9 @@ def linear_cross_entropy(
     eps = float(label_smoothing)
     zl = float(z_loss)
     feps = _resolve_filter_eps(filter_eps, hidden.dtype)
-    if shift:
-        targets = shift_targets(targets, ignore_index)
+    s = _resolve_shift(shift, targets)
+    if s:
+        targets = shift_targets(targets, ignore_index, s)
     D = hidden.shape[-1]
     h2 = hidden.reshape(-1, D)
     t1 = targets.reshape(-1)
@@ -323,16 +390,11 @@ def linear_cross_entropy(
         v_total = V
     else:
         vp = vocab_parallel
-        if vp.stop - vp.start != V:
+        if vp.stop - vp.start != V or vp.start < 0:
             raise ValueError(f"tokenkernels.linear_cross_entropy: vocab_parallel covers "
                              f"[{vp.start}, {vp.stop}) but weight has {V} rows")
-        import torch.distributed as dist
-
-        v_total = torch.tensor([vp.stop], dtype=torch.long)
-        dist.all_reduce(v_total, op=dist.ReduceOp.MAX, group=vp.group)
-        v_total = int(v_total)
-        lse, zt, sumz, argmax, ent = _VocabParallelStats.apply(
-            h2, weight, bias, t1, ignore_index, softcap, vp.start, v_total, want_sumz,
+        lse, zt, sumz, argmax, ent, v_total = _VocabParallelStats.apply(
+            h2, weight, bias, t1, ignore_index, softcap, vp.start, want_sumz,
             return_aux, check, feps, accum_fp32, _IMPLS[impl], vp.group)
 
     valid = t1 != ignore_index
@@ -361,7 +423,7 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean",
                  softcap: Optional[float] = None, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, shift: bool = False, return_lse: bool = False,
+                 z_loss: float = 0.0, shift: Union[bool, int] = False, return_lse: bool = False,
                  return_aux: bool = False, filter_eps: Union[str, float, None] = "auto",
                  accum_fp32: bool = False, vocab_parallel: Optional[VocabParallel] = None,
                  check: bool = True, impl: str = "auto"):

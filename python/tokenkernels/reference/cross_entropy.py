@@ -10,22 +10,26 @@ written out so the semantics can be read off directly:
     loss_i = 0 where t_i == ignore_index
 
 ``reduction="mean"`` divides by the number of tokens not ignored (0 when there are none).
-``shift=True`` makes position i predict target i + 1 along the last target dimension (the last
-position of each row is ignored). Autograd through this function gives the reference gradients.
+``shift=s`` (an int; True = 1) makes position i predict target i + s along the last target
+dimension, i.e. ``hidden[..., :-s, :]`` predicts ``targets[..., s:]`` (the last s positions of
+each row are ignored). Autograd through this function gives the reference gradients.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 
-def shift_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Targets for ``shift=True``: out[..., i] = targets[..., i + 1]; the last column ignored."""
-    if targets.dim() == 0 or targets.shape[-1] == 0:
+def shift_targets(targets: torch.Tensor, ignore_index: int, shift: int = 1) -> torch.Tensor:
+    """Targets for ``shift=s``: out[..., i] = targets[..., i + s]; the last s columns ignored.
+    ``0 <= s <= targets.shape[-1]`` (checked by the callers)."""
+    s = int(shift)
+    if s == 0 or targets.dim() == 0 or targets.shape[-1] == 0:
         return targets.clone()
-    pad = torch.full_like(targets[..., :1], ignore_index)
-    return torch.cat([targets[..., 1:], pad], dim=-1)
+    s = min(s, targets.shape[-1])
+    pad = torch.full_like(targets[..., :s], ignore_index)
+    return torch.cat([targets[..., s:], pad], dim=-1)
 
 
 def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -50,7 +54,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    shift: bool = False,
+    shift: Union[bool, int] = False,
     return_lse: bool = False,
     return_aux: bool = False,
     dtype: Optional[torch.dtype] = None,
@@ -64,7 +68,7 @@ def linear_cross_entropy(
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if shift:
-        targets = shift_targets(targets, ignore_index)
+        targets = shift_targets(targets, ignore_index, int(shift))
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     D = hidden.shape[-1]
     V = weight.shape[0]
