@@ -17,7 +17,7 @@ JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 # the environment's tools (cmake, ninja from the lock) come first
 export PATH := $(ENV_BIN):$(PATH)
 
-.PHONY: all deps env-check lock build test pytest cuda-check bench bench-cpp gpu-proof gpu-wheels clean distclean
+.PHONY: all deps env-check lock build test pytest cuda-check cuda-torch-check bench bench-cpp gpu-proof gpu-wheels clean distclean
 
 all: test
 
@@ -46,6 +46,13 @@ cuda-check: deps
 		-DTOKENKERNELS_BENCH=OFF -DTOKENKERNELS_CUDA_ARCHS="80;90a" >/dev/null && \
 	cmake --build $(BUILD)/cuda-check --target tokenkernels_cuda_check -j $(JOBS) && \
 	echo "cuda-check: every CUDA source compiled for sm_80 + sm_90a and linked"
+
+# Build the CUDA kernels for sm_90a against the GPU machine's torch (2.11.0+cu130, Python 3.12)
+# in a scratch venv under $(BUILD)/cuda-torch, import them and check they are registered for
+# CUDA. Needs nvcc and python3.12, not a GPU; downloads ~2.3 GB of wheels once
+# (tools/cuda_torch_check.sh; ARGS=--clean starts afresh).
+cuda-torch-check:
+	MAX_JOBS=$(JOBS) CUDA_TORCH_CHECK_DIR=$(BUILD)/cuda-torch bash tools/cuda_torch_check.sh $(ARGS)
 
 test: pytest cuda-check
 

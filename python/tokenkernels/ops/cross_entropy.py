@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..reference.cross_entropy import shift_targets
+from ..variants import impl_code as _impl_code
 
 _IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
 _REDUCTIONS = ("mean", "sum", "none")
@@ -359,7 +360,8 @@ def linear_cross_entropy(
             ``"auto"`` picks ``"plain"`` (deterministic) when
             ``torch.use_deterministic_algorithms(True)`` is on; torch releases that still demand
             ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS then raise an error naming it
-            (set it before the process starts).
+            (set it before the process starts). Until every CUDA variant has passed its tests on
+            a GPU, ``"auto"`` on CUDA runs ``"plain"`` (see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA).
 
     Returns:
         ``loss`` (fp32; fp64 for fp64 inputs, CPU only) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
@@ -386,7 +388,7 @@ def linear_cross_entropy(
     if vocab_parallel is None:
         lse, zt, sumz, argmax, _, ent = torch.ops.tokenkernels.lce_forward(
             h2, weight, t1, bias, ignore_index, softcap, 0, V, want_sumz, return_aux, check,
-            feps, accum_fp32, _IMPLS[impl])
+            feps, accum_fp32, _impl_code("cross_entropy", impl, _IMPLS, hidden.device))
         v_total = V
     else:
         vp = vocab_parallel
@@ -395,7 +397,8 @@ def linear_cross_entropy(
                              f"[{vp.start}, {vp.stop}) but weight has {V} rows")
         lse, zt, sumz, argmax, ent, v_total = _VocabParallelStats.apply(
             h2, weight, bias, t1, ignore_index, softcap, vp.start, want_sumz,
-            return_aux, check, feps, accum_fp32, _IMPLS[impl], vp.group)
+            return_aux, check, feps, accum_fp32, _impl_code("cross_entropy", impl, _IMPLS, hidden.device),
+            vp.group)
 
     valid = t1 != ignore_index
     loss = (lse - zt) if eps == 0.0 else (1.0 - eps) * (lse - zt) + eps * (lse - sumz / v_total)

@@ -10,6 +10,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .._common import IntOrTensor, as_batch, mask_2d, per_item, split_k, valid_mask
+from ..variants import impl_code as _impl_code
 
 _METRICS = {"cosine": 0, "l2": 1}
 _IMPLS = {"auto": 0, "plain": 1, "tuned": 2, "stream": 3}
@@ -78,7 +79,8 @@ def kcenter(
             On CUDA this costs one host sync; with ``check=False`` impossible picks are -1.
         impl: CUDA kernel variant: ``"auto"``; ``"plain"`` / ``"tuned"`` greedy over the full
             Gram (global- / shared-memory running minimum); ``"stream"`` the large-N path that
-            computes one distance row per pick from x and never holds N x N. CPU ignores it.
+            computes one distance row per pick from x and never holds N x N. CPU ignores it;
+            see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA.
 
     Returns:
         (B, k) or (k,) int64 indices (pick order unless ``sorted``), plus radii if asked.
@@ -98,7 +100,7 @@ def kcenter(
     start_index = _resolve_start(start, x3, squeeze, lengths, exclude, generator)
     idx, radii = torch.ops.tokenkernels.kcenter(
         x3, kmax, k_items, lengths, exclude, start_index, _METRICS[metric], sorted, check,
-        _IMPLS[impl])
+        _impl_code("kcenter", impl, _IMPLS, x3.device))
     if squeeze:
         idx, radii = idx[0], radii[0]
     return (idx, radii) if return_radii else idx

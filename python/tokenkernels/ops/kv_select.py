@@ -29,6 +29,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ..variants import impl_code as _impl_code
+
 _IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
 
 
@@ -58,10 +60,10 @@ def _nonneg(v: int, name: str, op: str) -> int:
     return v
 
 
-def _impl(impl: str, op: str) -> int:
+def _impl(impl: str, op: str, device) -> int:
     if impl not in _IMPLS:
         raise ValueError(f"tokenkernels.kv_select.{op}: impl must be one of {list(_IMPLS)}, got {impl!r}")
-    return _IMPLS[impl]
+    return _impl_code("kv_select", impl, _IMPLS, device)
 
 
 def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -92,7 +94,8 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
         scale: logit scale (TokenSelect uses 1.0, i.e. no 1/sqrt(D)).
         skip: (B,) bool; rows to leave unscored (set to -inf), e.g. Selection Cache hits.
         check: validate seq_lens / block_table values (one host sync on CUDA).
-        impl: CUDA kernel variant: "auto" (tuned when the cache allows 16-byte vector loads),
+        impl: CUDA kernel variant: "auto" (tuned when the cache allows 16-byte vector loads,
+            once proven; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA),
             "plain", "tuned"; the CPU ignores it.
 
     Returns:
@@ -103,7 +106,7 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
     seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
     block_table = _int32(block_table, "block_table", op, k_cache.device)
     return torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), skip, check,
-                                           _impl(impl, op))
+                                           _impl(impl, op, k_cache.device))
 
 
 def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 128,
@@ -156,7 +159,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return_lse: also return the (B, H_q) float32 log-sum-exp of the scaled logits
             (-inf for a request with nothing to attend, whose output is 0).
         out, lse: preallocated (B, H_q, D) / (B, H_q) float32 buffers.
-        impl: CUDA kernel variant ("auto", "plain", "tuned"); the CPU ignores it.
+        impl: CUDA kernel variant ("auto", "plain", "tuned"; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA); the CPU ignores it.
     """
     op = "sparse_decode"
     q, k_cache, v_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(v_cache, "v_cache", op)
@@ -166,12 +169,12 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     scale = _scale(q, scale)
     if out is None and lse is None:
         o, l = torch.ops.tokenkernels.kv_sparse_decode(q, k_cache, v_cache, indices, seq_lens, block_table,
-                                                       scale, check, _impl(impl, op))
+                                                       scale, check, _impl(impl, op, k_cache.device))
     else:
         o = out if out is not None else torch.empty_like(q)
         l = lse if lse is not None else q.new_empty(q.shape[:2], dtype=torch.float32)
         torch.ops.tokenkernels.kv_sparse_decode_out(q, k_cache, v_cache, indices, seq_lens, block_table,
-                                                    scale, check, _impl(impl, op), o, l)
+                                                    scale, check, _impl(impl, op, k_cache.device), o, l)
     return (o, l) if return_lse else o
 
 

@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ..reference import tree as _ref
+from ..variants import impl_code as _impl_code
 
 _IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
 _ops = torch.ops.tokenkernels
@@ -126,7 +127,7 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
             own and its descendants' ancestor walks stop at it (mask rows, depths and paths), it
             is nobody's child (``next_sibling`` -1, not in its parent's list); ``tree_lens`` are
             clamped into ``[0, n]``. Nothing loops or is read out of bounds.
-        impl: CUDA variant "auto" | "plain" | "tuned" (CPU ignores it).
+        impl: CUDA variant "auto" | "plain" | "tuned" (CPU ignores it; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA).
 
     With ``check=False`` and both ``max_depth`` and ``max_leaves`` given, a CUDA build never
     syncs with the host (CUDA graphs).
@@ -139,7 +140,8 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
         raise ValueError(_err(op, f"impl must be one of {list(_IMPLS)}, got {impl!r}"))
     B, n = parents.shape
     lens = _lens(tree_lens, B, parents.device, "tree_lens", op)
-    mask, depth, first_child, next_sibling = _ops.tree_build(parents, lens, check, _IMPLS[impl])
+    mask, depth, first_child, next_sibling = _ops.tree_build(parents, lens, check,
+                                                            _impl_code("tree", impl, _IMPLS, parents.device))
     if max_depth is None or max_leaves is None:
         valid = torch.arange(n, device=parents.device)[None, :] < (
             lens[:, None] if lens is not None else n)
@@ -194,7 +196,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
             into [0, n], prefix_lens into [0, capacity - tree_len] (capacity = N, or max_pages *
             page_size), tree keys past the capacity are skipped, page indices are clamped into
             [0, num_pages).
-        impl: CUDA variant "auto" | "plain" | "tuned".
+        impl: CUDA variant "auto" | "plain" | "tuned" (see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA).
 
     Tree token i attends every prefix token and the tree tokens whose bit is set in its mask row
     (itself and its ancestors). H_q must be a multiple of H_kv (GQA). Computed in fp32.
@@ -219,12 +221,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if out is None and lse_out is None:
         o, lse = _ops.tree_attention(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                     scale, bool(check), _IMPLS[impl])
+                                     scale, bool(check), _impl_code("tree", impl, _IMPLS, q.device))
     else:
         o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
         lse = q.new_empty(q.shape[:3], dtype=torch.float32) if lse_out is None else lse_out
         _ops.tree_attention_out(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                scale, bool(check), _IMPLS[impl], o, lse)
+                                scale, bool(check), _impl_code("tree", impl, _IMPLS, q.device), o, lse)
     return (o, lse) if return_lse else o
 
 

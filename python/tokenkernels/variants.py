@@ -1,0 +1,67 @@
+"""Which CUDA kernel variants have passed their tests on a GPU: the one table.
+
+Every family has several CUDA variants, selectable by name with ``impl=``. A variant is
+``"proven"`` once its whole CUDA test suite has passed on a GPU (``make gpu-proof`` writes
+``proven.json`` with the per-variant verdicts; a developer copies a verdict here, with the
+device, driver, torch and CUDA named in bench/RESULTS.md). Until *every* variant the kernels'
+own heuristic can pick is proven, ``impl="auto"`` on CUDA runs the family's :data:`SAFE`
+variant -- the one most likely to be right (the simplest kernel; for cross_entropy the cuBLAS
+tile path) -- instead of that heuristic. Unproven variants stay selectable by name.
+
+CPU kernels have one implementation each and are unaffected (``impl`` is ignored there).
+The op-level integer ``impl`` code 0 (``torch.ops.tokenkernels.*`` called directly) is the
+kernels' own heuristic; the Python API's ``"auto"`` is this proof-gated choice.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+import torch
+
+PROVEN = "proven"
+UNPROVEN = "unproven"
+
+# family -> variant -> status. No CUDA kernel of this library has run on a GPU yet.
+CUDA_VARIANTS: Dict[str, Dict[str, str]] = {
+    "kcenter": {"plain": UNPROVEN, "tuned": UNPROVEN, "stream": UNPROVEN},
+    "cross_entropy": {"plain": UNPROVEN, "tuned": UNPROVEN},
+    "kv_select": {"plain": UNPROVEN, "tuned": UNPROVEN},
+    "tree": {"plain": UNPROVEN, "tuned": UNPROVEN},
+}
+
+# what "auto" runs on CUDA while any variant of the family is unproven
+SAFE: Dict[str, str] = {
+    "kcenter": "plain",         # global-memory greedy (falls back to streaming for huge N)
+    "cross_entropy": "plain",   # cuBLAS logit tiles + fold/dZ kernels, cuBLAS gradient GEMMs
+    "kv_select": "plain",       # plain scoring, single-split decode
+    "tree": "plain",
+}
+
+
+def all_proven(family: str) -> bool:
+    return all(s == PROVEN for s in CUDA_VARIANTS[family].values())
+
+
+def resolve(family: str, impl: str, device) -> str:
+    """The variant name a call runs: ``impl`` itself, except ``"auto"`` on CUDA while some
+    variant of ``family`` is unproven, which becomes ``SAFE[family]``."""
+    if family not in CUDA_VARIANTS:
+        raise KeyError(f"tokenkernels.variants: unknown family {family!r}")
+    if impl == "auto" and torch.device(device).type == "cuda" and not all_proven(family):
+        return SAFE[family]
+    return impl
+
+
+def impl_code(family: str, impl: str, codes: Mapping[str, int], device) -> int:
+    """The op-level integer for ``impl`` (already validated against ``codes``) on ``device``."""
+    return codes[resolve(family, impl, device)]
+
+
+def table() -> str:
+    """The table as Markdown (README's "CUDA variants" section is this text)."""
+    rows = ["| family | variant | status on a GPU | `impl=\"auto\"` on CUDA runs |", "|---|---|---|---|"]
+    for fam, variants in CUDA_VARIANTS.items():
+        auto = "the kernels' heuristic" if all_proven(fam) else f"`{SAFE[fam]}`"
+        for i, (name, status) in enumerate(variants.items()):
+            rows.append(f"| {fam if i == 0 else ''} | `{name}` | {status} | {auto if i == 0 else ''} |")
+    return "\n".join(rows)
