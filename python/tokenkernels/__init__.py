@@ -9,14 +9,13 @@ from . import _C  # noqa: F401  (registers torch.ops.tokenkernels)
 from . import ops, reference
 from .ops.kcenter import coverage_select, kcenter, mmtok_similarity
 from .ops.cross_entropy import LinearCrossEntropy, VocabParallel, linear_cross_entropy
+from . import variants  # noqa: F401  (which CUDA variants have run on a GPU)
 from . import tree  # noqa: F401  (tokenkernels.tree.*: token trees for speculative decoding)
-from . import kv_select  # noqa: E402  (kv_select family: tokenkernels.kv_select.*)
-
 from . import kv_select  # noqa: E402  (kv_select family: tokenkernels.kv_select.*)
 
 __all__ = ["kcenter", "coverage_select", "mmtok_similarity",
            "linear_cross_entropy", "LinearCrossEntropy", "VocabParallel",
-           "tree", "kv_select", "ops", "reference", "cuda_available"]
+           "tree", "kv_select", "ops", "reference", "variants", "cuda_available"]
 __version__ = "0.1.0"
 
 
