@@ -38,6 +38,7 @@ LOCK = REQ / "lock.txt"
 DIRECT = REQ / "direct.txt"
 CUDA_REQ = REQ / "cuda.txt"
 STAMP_NAME = ".tokenkernels-env"
+TOOLS_ON_PATH = ("cmake", "ninja")   # system mode: the PyPI package or a binary on PATH
 
 
 def say(msg: str) -> None:
@@ -191,6 +192,23 @@ def cuda_extras(python: Path, have: dict[str, str]) -> list[str]:
     return missing
 
 
+def system_missing(have: dict[str, str]) -> list[str]:
+    """System mode: the lock's pins of the direct requirements the interpreter lacks (any torch
+    already there is kept; a cmake / ninja binary on PATH counts as present)."""
+    pins = lock_pins()
+    missing = []
+    for r in read_reqs(DIRECT):
+        name, spec = split_req(r)
+        v = have.get(norm(name))
+        if norm(name) == "torch" and v is not None:
+            continue                                        # keep the machine's torch
+        if v is None and norm(name) in TOOLS_ON_PATH and shutil.which(norm(name)):
+            continue                                        # a cmake / ninja binary will do
+        if v is None or not satisfies(v, spec):
+            missing.append(pins.get(norm(name), r))
+    return missing
+
+
 def ensure() -> Path:
     m = mode()
     if m == "system":
@@ -199,15 +217,7 @@ def ensure() -> Path:
         say(f"using {python} as it is (it holds a CUDA torch{f', CUDA {cuda}' if cuda else ''}; "
             f"TOKENKERNELS_ENV=venv for a locked venv instead)")
         have = installed_versions(python)
-        pins = lock_pins()
-        missing = []
-        for r in read_reqs(DIRECT):
-            name, spec = split_req(r)
-            v = have.get(norm(name))
-            if norm(name) == "torch" and v is not None:
-                continue                                    # keep the machine's torch
-            if v is None or not satisfies(v, spec):
-                missing.append(pins.get(norm(name), r))
+        missing = system_missing(have)
         if missing:
             pip(python, *missing)
         extra = cuda_extras(python, have)
@@ -251,6 +261,8 @@ def check() -> int:
         name, spec = split_req(r)
         v = have.get(norm(name))
         if mode() == "system" and norm(name) == "torch" and v is not None:
+            continue
+        if mode() == "system" and v is None and norm(name) in TOOLS_ON_PATH and shutil.which(norm(name)):
             continue
         if v is None or not satisfies(v, spec):
             bad.append(f"{r} (have {v or 'none'})")

@@ -87,3 +87,21 @@ def test_mode_rejects_an_unknown_setting(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as e:
         _mode(tmp_path, tmp_path / "empty", forced="conda")
     assert "TOKENKERNELS_ENV" in e.value.stderr
+
+
+def test_system_mode_keeps_a_cuda_torch_and_installs_only_what_is_missing(monkeypatch):
+    # the GPU machine: torch 2.11.0+cu130, transformers 5.17.0, pip packages for the rest
+    have = {env.norm(n): v for n, v in {
+        "torch": "2.11.0+cu130", "transformers": "5.17.0", "pytest": "9.0.3", "hypothesis": "6.1",
+        "numpy": "2.5.2", "matplotlib": "3.10", "ninja": "1.11", "cmake": "3.31",
+        "setuptools": "80.9", "wheel": "0.45"}.items()}
+    assert env.system_missing(have) == []
+    pins = env.lock_pins()
+    old_hf = dict(have, transformers="5.16.1")
+    assert env.system_missing(old_hf) == [pins["transformers"]]
+    no_tools = {k: v for k, v in have.items() if k not in ("cmake", "ninja", "hypothesis")}
+    monkeypatch.setattr(env.shutil, "which", lambda name: None)
+    assert sorted(env.system_missing(no_tools)) == sorted([pins["cmake"], pins["ninja"], pins["hypothesis"]])
+    monkeypatch.setattr(env.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert env.system_missing(no_tools) == [pins["hypothesis"]]
+    assert env.system_missing({k: v for k, v in have.items() if k != "torch"})[0] == pins["torch"]
