@@ -321,6 +321,28 @@ def test_int64_metadata_accepted(device):
     assert torch.equal(a, b)
 
 
+def test_select_scores_with_the_proof_gated_auto_variant(device, monkeypatch):
+    """select() has no impl= argument: its scoring must run what impl="auto" resolves to
+    (tokenkernels.variants: the safe variant on CUDA until all are proven), not the op-level
+    code 0 (the kernels' own heuristic, i.e. the unproven tuned kernel where eligible)."""
+    from tokenkernels.ops import kv_select as mod
+
+    seen = []
+    real = mod._impl_code
+
+    def spy(family, impl, codes, dev):
+        seen.append((family, impl, torch.device(dev).type))
+        return real(family, impl, codes, dev)
+
+    monkeypatch.setattr(mod, "_impl_code", spy)
+    c = make_case([40, 17], device=device)
+    dev = torch.device(device).type
+    kv.select(c.q, c.k, c.seq_lens, k=4, n_sink=2, n_local=2)
+    assert seen == [("kv_select", "auto", dev)]
+    kv.select(c.q, c.k, c.seq_lens, k=4, n_sink=2, n_local=2, cache=kv.SelectionCache())
+    assert seen == [("kv_select", "auto", dev)] * 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 def test_cuda_decode_step_has_no_host_sync():
     """Whole TokenSelect decode (and chunked-prefill) steps with check=False and out= buffers

@@ -304,8 +304,11 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
     k, n_sink, n_local = _nonneg(k, "k", op), _nonneg(n_sink, "n_sink", op), _nonneg(n_local, "n_local", op)
     seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
     block_table = _int32(block_table, "block_table", op, k_cache.device)
+    # scoring runs what impl="auto" resolves to (proof-gated, see tokenkernels.variants), not the
+    # op-level code 0 (the kernels' own heuristic, which would pick the unproven tuned kernel)
+    impl = _impl("auto", op, k_cache.device)
     if cache is None:
-        s = torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), None, check, 0)
+        s = torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), None, check, impl)
         return topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out)
     if not isinstance(cache, SelectionCache):
         raise TypeError(f"tokenkernels.kv_select.select: cache must be a SelectionCache, got {type(cache).__name__}")
@@ -315,7 +318,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
     B = qm.shape[0]
     cache._ensure(B, qm.shape[1] * qm.shape[2], k, q.device)
     hit = cache.decide(qm)
-    s = torch.ops.tokenkernels.kv_score(qm, k_cache, seq_lens, block_table, float(scale), hit, check, 0)
+    s = torch.ops.tokenkernels.kv_score(qm, k_cache, seq_lens, block_table, float(scale), hit, check, impl)
     idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=cache.prev_mid, reuse_mask=hit, out=out)
     cache.update(qm, idx, hit, n_sink, k)
     return idx
