@@ -196,3 +196,29 @@ def test_cuda_decode_steps_do_not_sync(masked):
     assert out.shape == (B, 1, H_q, D) and torch.isfinite(out).all()
     assert st.stats[0].sparse_steps == 3
     assert st.stats[0].last_attended.tolist() == [28, 28 - 4 if masked else 28]
+
+
+def test_cuda_limits_match_the_kernels():
+    import re
+    from pathlib import Path
+
+    from tokenkernels.integrations import _hf_tokenselect as ts
+
+    h = (Path(__file__).resolve().parents[2] / "csrc" / "include" / "tokenkernels" / "kv_select.h").read_text()
+    assert int(re.search(r"kCudaMaxHeadDim = (\d+)", h).group(1)) == ts.CUDA_MAX_HEAD_DIM
+    assert int(re.search(r"kCudaMaxGroup = (\d+)", h).group(1)) == ts.CUDA_MAX_GROUP
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_beyond_kernel_limits_falls_back_to_dense():
+    # 34 query heads over 2 KV heads: a GQA group of 17 > the CUDA kernels' 16
+    m = causal_lm("llama", num_attention_heads=34, num_key_value_heads=2, hidden_size=68,
+                  head_dim=16).cuda()
+    ids, am = _prompts(1, False)
+    ids, am = ids.cuda(), am.cuda()
+    ref, _ = _gen(m, ids, am)
+    enable_tokenselect_attention(m, k=4, n_sink=2, n_local=2, sparse_min_len=0)
+    out, _ = _gen(m, ids, am)
+    st = tokenselect_stats(m)
+    assert st["sparse_steps"] == 0 and st["dense_steps"] > 0
+    assert torch.equal(out, ref)

@@ -5,7 +5,8 @@ Per attention call:
 
 * prefill / chunks (q_len > 1), caches no longer than the budget (n_sink + k + n_local), training
   with dropout, and features the sparse kernels do not have (attention-logit softcapping,
-  attention sinks, paged caches) -> HF's SDPA (or eager where SDPA cannot, e.g. softcap);
+  attention sinks, paged caches; on CUDA head_dim > 256 or more than 16 query heads per KV
+  head) -> HF's SDPA (or eager where SDPA cannot, e.g. softcap);
 * a decode step (q_len == 1) over a longer cache -> ``kv_select`` scoring + top-k (through a
   per-layer :class:`~tokenkernels.kv_select.SelectionCache`) and ``sparse_decode`` over the
   selected tokens, reading HF's (B, H_kv, N, D) cache tensors in place through a
@@ -29,6 +30,10 @@ NAME = "tokenselect"
 # keywords with which HF's paged / continuous-batching path (packed varlen queries) calls an
 # attention function: ``cache`` (<= 5.23), ``read_index``/``write_index``, ``cu_seq_lens_q``
 _PAGED_KWARGS = ("cache", "read_index", "write_index", "cu_seq_lens_q")
+# limits of the CUDA sparse kernels (csrc/include/tokenkernels/kv_select.h): beyond them a CUDA
+# decode step falls back to dense attention instead of raising
+CUDA_MAX_HEAD_DIM = 256
+CUDA_MAX_GROUP = 16
 _ATTR = "_tokenkernels_tokenselect"
 
 
@@ -98,7 +103,9 @@ def tokenselect_attention_forward(module, query, key, value, attention_mask, dro
               and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
               and not any(kwargs.get(name) is not None for name in _PAGED_KWARGS)
               and value.shape[-1] == D
-              and not kwargs.get("output_attentions", False))
+              and not kwargs.get("output_attentions", False)
+              and (query.device.type != "cuda"
+                   or (D <= CUDA_MAX_HEAD_DIM and Hq <= CUDA_MAX_GROUP * key.shape[1])))
     if not sparse:
         if st is not None:
             st.stats.setdefault(layer, _LayerStats()).dense_steps += int(q_len == 1)
