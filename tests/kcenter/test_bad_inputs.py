@@ -250,3 +250,57 @@ def test_mmtok_bad_inputs(device):
         tk.mmtok_similarity(t, v[0, 0])
     with pytest.raises(ValueError, match=r"text_lengths must have shape \(2,\)"):
         tk.mmtok_similarity(t, v, text_lengths=_l([1], device))
+
+
+def test_arguments_on_another_device_than_x():
+    """A meta lengths/exclude with CPU x used to reach the shape-only fake kernel and return
+    uninitialised memory."""
+    x, sim = _x("cpu"), _sim("cpu")
+    m = lambda *s, **kw: torch.zeros(*s, device="meta", **kw)
+    with pytest.raises(ValueError, match="kcenter: lengths is on meta but x is on cpu"):
+        tk.kcenter(x, 2, lengths=m(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="kcenter: exclude is on meta"):
+        tk.kcenter(x, 2, exclude=m(2, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="kcenter: k is on meta"):
+        tk.kcenter(x, m(2, dtype=torch.long), k_max=2)
+    with pytest.raises(ValueError, match="kcenter: start is on meta"):
+        tk.kcenter(x, 2, start=m(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="coverage_select: lengths is on meta but sim is on cpu"):
+        tk.coverage_select(sim, 2, lengths=m(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="coverage_select: row_lengths is on meta"):
+        tk.coverage_select(sim, 2, row_lengths=m(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="coverage_select: exclude is on meta"):
+        tk.coverage_select(sim, 2, exclude=m(2, 10, dtype=torch.bool))
+    # direct op calls: the fake kernel refuses mixed devices too
+    with pytest.raises(ValueError, match="lengths is on meta"):
+        torch.ops.tokenkernels.kcenter(x, 2, None, m(2, dtype=torch.long), None, None, 0, False, True, 0)
+    with pytest.raises(ValueError, match="exclude is on meta"):
+        torch.ops.tokenkernels.coverage_select(sim, 2, None, None, None, m(2, 10, dtype=torch.bool), True)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_arguments_on_cpu_with_cuda_x():
+    x, sim = _x("cuda"), _sim("cuda")
+    with pytest.raises(ERR, match="lengths is on cpu"):
+        tk.kcenter(x, 2, lengths=torch.tensor([3, 3]))
+    with pytest.raises(ERR, match="exclude is on cpu"):
+        tk.coverage_select(sim, 2, exclude=torch.zeros(2, 10, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["tau_tv", "tau_vv"])
+@pytest.mark.parametrize("tau", [0.0, float("nan"), -0.02, float("inf")])
+def test_mmtok_bad_temperature(name, tau):
+    t, v = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=f"mmtok_similarity: {name} must be a finite temperature > 0"):
+        tk.mmtok_similarity(t, v, **{name: tau})
+    with pytest.raises(TypeError, match=f"mmtok_similarity: {name} must be a float"):
+        tk.mmtok_similarity(t, v, **{name: "0.02"})
+
+
+def test_mmtok_bad_alpha():
+    t, v = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        tk.mmtok_similarity(t, v, alpha=float("nan"))
+    with pytest.raises(TypeError, match="alpha must be a float"):
+        tk.mmtok_similarity(t, v, alpha="0.5")
+    assert torch.isfinite(tk.mmtok_similarity(t, v, alpha=1, tau_tv=1)).all()

@@ -13,6 +13,32 @@ from .._common import IntOrTensor, as_batch, mask_2d, per_item, split_k, valid_m
 from ..variants import impl_code as _impl_code
 
 _METRICS = {"cosine": 0, "l2": 1}
+
+
+def _on_device(t: Optional[torch.Tensor], name: str, ref_name: str, device: torch.device,
+               op: str) -> Optional[torch.Tensor]:
+    """Every tensor argument lives on the features' device: a mismatch (e.g. a meta `lengths`
+    with CPU features, which the dispatcher would route to the shape-only fake kernel) is an
+    error here, the same on every device, instead of a silent dispatch."""
+    if t is not None and t.device != device:
+        raise ValueError(f"tokenkernels.{op}: {name} is on {t.device} but {ref_name} is on {device}")
+    return t
+
+
+def _host_or_on_device(t, name: str, ref_name: str, device: torch.device, op: str):
+    """k / start tensors may also be host (CPU) tensors (the wrapper copies them over)."""
+    if isinstance(t, torch.Tensor) and t.device != device and t.device.type != "cpu":
+        raise ValueError(f"tokenkernels.{op}: {name} is on {t.device} but {ref_name} is on {device}")
+    return t
+
+
+def _tau(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"tokenkernels.mmtok_similarity: {name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not (v > 0.0 and v < float("inf")):
+        raise ValueError(f"tokenkernels.mmtok_similarity: {name} must be a finite temperature > 0, got {v}")
+    return v
 _IMPLS = {"auto": 0, "plain": 1, "tuned": 2, "stream": 3}
 
 
@@ -94,9 +120,12 @@ def kcenter(
         raise ValueError(f"tokenkernels.kcenter: metric must be 'cosine' or 'l2', got {metric!r}")
     if impl not in _IMPLS:
         raise ValueError(f"tokenkernels.kcenter: impl must be one of {list(_IMPLS)}, got {impl!r}")
-    kmax, k_items = split_k(k, B, x3.device, "kcenter", k_max)
-    lengths = per_item(lengths, B, "lengths", "kcenter")
-    exclude = mask_2d(exclude, B, N, squeeze, "exclude", "kcenter")
+    dev = x3.device
+    _host_or_on_device(k, "k", "x", dev, "kcenter")
+    _host_or_on_device(start, "start", "x", dev, "kcenter")
+    kmax, k_items = split_k(k, B, dev, "kcenter", k_max)
+    lengths = _on_device(per_item(lengths, B, "lengths", "kcenter"), "lengths", "x", dev, "kcenter")
+    exclude = _on_device(mask_2d(exclude, B, N, squeeze, "exclude", "kcenter"), "exclude", "x", dev, "kcenter")
     start_index = _resolve_start(start, x3, squeeze, lengths, exclude, generator)
     idx, radii = torch.ops.tokenkernels.kcenter(
         x3, kmax, k_items, lengths, exclude, start_index, _METRICS[metric], sorted, check,
@@ -134,10 +163,12 @@ def coverage_select(
     """
     s3, squeeze = as_batch(sim, "sim", "coverage_select")
     B, N = s3.shape[0], s3.shape[2]
-    kmax, k_items = split_k(k, B, s3.device, "coverage_select", k_max)
-    lengths = per_item(lengths, B, "lengths", "coverage_select")
-    row_lengths = per_item(row_lengths, B, "row_lengths", "coverage_select")
-    exclude = mask_2d(exclude, B, N, squeeze, "exclude", "coverage_select")
+    dev, op = s3.device, "coverage_select"
+    _host_or_on_device(k, "k", "sim", dev, op)
+    kmax, k_items = split_k(k, B, dev, op, k_max)
+    lengths = _on_device(per_item(lengths, B, "lengths", op), "lengths", "sim", dev, op)
+    row_lengths = _on_device(per_item(row_lengths, B, "row_lengths", op), "row_lengths", "sim", dev, op)
+    exclude = _on_device(mask_2d(exclude, B, N, squeeze, "exclude", op), "exclude", "sim", dev, op)
     idx, gains = torch.ops.tokenkernels.coverage_select(
         s3, kmax, k_items, lengths, row_lengths, exclude, check)
     if squeeze:
@@ -170,9 +201,13 @@ def mmtok_similarity(
     if t3.shape[0] != v3.shape[0] or t3.shape[2] != v3.shape[2]:
         raise ValueError(f"tokenkernels.mmtok_similarity: text {tuple(text.shape)} and vision "
                          f"{tuple(vision.shape)} must share batch and feature sizes")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"tokenkernels.mmtok_similarity: alpha must be a float, got {type(alpha).__name__}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"tokenkernels.mmtok_similarity: alpha must lie in [0, 1], got {alpha}")
-    tau_vv = tau_tv if tau_vv is None else tau_vv
+    # (tau = 0 or NaN made NaN scores; a negative tau inverted the softmax)
+    tau_tv = _tau(tau_tv, "tau_tv")
+    tau_vv = tau_tv if tau_vv is None else _tau(tau_vv, "tau_vv")
     B, T, V = t3.shape[0], t3.shape[1], v3.shape[1]
     t = torch.nn.functional.normalize(t3.float(), dim=-1)
     v = torch.nn.functional.normalize(v3.float(), dim=-1)
@@ -191,11 +226,16 @@ def mmtok_similarity(
 # ------------------------------------------------------------------ fake (meta) implementations
 @torch.library.register_fake("tokenkernels::kcenter")
 def _kcenter_fake(x, k, k_per_item, lengths, exclude, start_index, metric, sorted, check, impl):
+    # reached directly when one argument is a meta tensor and x is not: refuse, don't fake it
+    for t, name in ((k_per_item, "k"), (lengths, "lengths"), (exclude, "exclude"), (start_index, "start_index")):
+        _on_device(t, name, "x", x.device, "kcenter")
     B = x.shape[0]
     return x.new_empty((B, k), dtype=torch.long), x.new_empty((B, k), dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenkernels::coverage_select")
 def _coverage_fake(sim, k, k_per_item, lengths, row_lengths, exclude, check):
+    for t, name in ((k_per_item, "k"), (lengths, "lengths"), (row_lengths, "row_lengths"), (exclude, "exclude")):
+        _on_device(t, name, "sim", sim.device, "coverage_select")
     B = sim.shape[0]
     return sim.new_empty((B, k), dtype=torch.long), sim.new_empty((B, k), dtype=torch.float32)
