@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <optional>
 
 #include "check.h"
@@ -194,6 +195,10 @@ inline void check_topk_args(const at::Tensor& scores, int64_t k, const at::Tenso
   TORCH_CHECK(k >= 0, "tokenkernels.kv_select.topk: k must be >= 0, got ", k);
   TORCH_CHECK(n_sink >= 0, "tokenkernels.kv_select.topk: n_sink must be >= 0, got ", n_sink);
   TORCH_CHECK(n_local >= 0, "tokenkernels.kv_select.topk: n_local must be >= 0, got ", n_local);
+  // the output width n_sink + k + n_local (each already >= 0) must not overflow int64
+  TORCH_CHECK(k <= INT64_MAX - n_sink && n_local <= INT64_MAX - n_sink - k,
+              "tokenkernels.kv_select.topk: n_sink + k + n_local (", n_sink, " + ", k, " + ", n_local,
+              ") overflows int64");
   const int64_t B = scores.size(0);
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B,
               "tokenkernels.kv_select.topk: seq_lens must have shape (", B, ",), got ", seq_lens.sizes());

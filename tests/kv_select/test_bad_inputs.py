@@ -183,3 +183,61 @@ def test_unchecked_bad_values_do_not_read_out_of_bounds(device):
     else:
         out = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=bt, check=False)
         assert torch.isfinite(out).all()
+
+
+BIG = 2 ** 32 + 1   # a plain int64 -> int32 cast wraps it to 1, a valid token
+
+
+def test_int64_metadata_beyond_int32_is_not_wrapped(device):
+    """int64 metadata is narrowed saturating (no host sync): 2**32 + 1 is rejected as out of
+    range naming the argument, never wrapped to 1 and attended."""
+    c = _c(device)
+    L = lambda v: torch.tensor(v, dtype=torch.long, device=device)
+    with pytest.raises(RuntimeError, match=r"seq_lens\[0\] = 2147483647 is outside"):
+        kv.score(c.q, c.k, L([BIG, 20]))
+    idx = L([[BIG, 0], [1, 2]])
+    with pytest.raises(RuntimeError, match=r"indices\[0, 0\] = 2147483647 is outside"):
+        kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens)
+    with pytest.raises(RuntimeError, match=r"indices\[0, 0\] = -2147483648"):
+        kv.sparse_decode(c.q, c.k, c.v, L([[-BIG, 0], [1, 2]]), c.seq_lens)
+    qp = torch.randn(2, 2, c.q.shape[1], c.q.shape[2], device=device, dtype=c.q.dtype)
+    ix = L([[0, 1], [0, 1]])
+    for cs in (L([BIG, 3]), BIG):
+        with pytest.raises(RuntimeError, match=r"chunk_start\[0\] = 2147483647 is outside"):
+            kv.sparse_prefill(qp, c.k, c.v, ix, c.seq_lens, cs)
+    p = _c(device, page=16)
+    bt = p.block_table.long().clone()
+    bt[0, 0] = BIG
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = 2147483647 is outside"):
+        kv.score(p.q, p.k, p.seq_lens, block_table=bt)
+    # topk's reuse: entries outside the middle region are dropped by definition; BIG is
+    # dropped, not read as 1
+    s = kv.score(c.q, c.k, c.seq_lens)
+    reuse = L([[BIG, BIG + 1], [5, 6]])
+    out = kv.topk(s, 2, c.seq_lens, n_sink=1, n_local=1, reuse=reuse,
+                  reuse_mask=torch.tensor([True, True], device=device))
+    assert 1 not in out[0, 1:3].tolist()
+    assert out[1].tolist() == [0, 5, 6, 19]
+
+
+def test_int64_metadata_in_range_still_accepted(device):
+    c = _c(device)
+    a = kv.score(c.q, c.k, c.seq_lens)
+    b = kv.score(c.q, c.k, c.seq_lens.long())
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k,n_sink,n_local", [(2 ** 63 - 1, 1, 1), (2 ** 62, 2 ** 62, 0), (0, 2 ** 63 - 1, 1)])
+def test_topk_budget_overflow(device, k, n_sink, n_local):
+    c = _c(device)
+    s = kv.score(c.q, c.k, c.seq_lens)
+    with pytest.raises(ValueError, match="n_sink \\+ k \\+ n_local .* overflows int64"):
+        kv.topk(s, k, c.seq_lens, n_sink=n_sink, n_local=n_local)
+    with pytest.raises(ValueError, match="overflows int64"):
+        kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local)
+    # the direct op (shared C++ check, CPU and CUDA)
+    with pytest.raises(RuntimeError, match="n_sink \\+ k \\+ n_local .* overflows int64"):
+        torch.ops.tokenkernels.kv_topk(s, k, c.seq_lens, n_sink, n_local, None, None)
+    out = torch.empty(2, 3, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match="overflows int64"):
+        torch.ops.tokenkernels.kv_topk_out(s, k, c.seq_lens, n_sink, n_local, None, None, out)

@@ -40,8 +40,18 @@ def _tensor(t, name: str, op: str) -> torch.Tensor:
     return t
 
 
+_I32_MIN, _I32_MAX = -2 ** 31, 2 ** 31 - 1
+
+
 def _int32(t, name: str, op: str, device: torch.device) -> Optional[torch.Tensor]:
-    """Integer tensor -> int32 on `device` (no host sync)."""
+    """Integer tensor -> int32 on `device` (no host sync).
+
+    Wider integers are narrowed *saturating* (on the device, no host sync): a value outside
+    int32 becomes INT32_MIN / INT32_MAX, which is out of range for every argument, so it gets
+    exactly the treatment of the true value -- rejected by the value checks (always on the CPU,
+    with ``check=True`` on CUDA) naming the argument, or skipped/dropped where out-of-range
+    values are skipped (``check=False``, ``topk``'s ``reuse``). A plain cast would wrap 2**32 + 1
+    to 1, a valid token."""
     if t is None:
         return None
     t = _tensor(t, name, op)
@@ -49,7 +59,11 @@ def _int32(t, name: str, op: str, device: torch.device) -> Optional[torch.Tensor
         raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be an integer tensor, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"tokenkernels.kv_select.{op}: {name} is on {t.device} but k_cache is on {device}")
-    return t if t.dtype == torch.int32 else t.to(torch.int32)
+    if t.dtype == torch.int32:
+        return t
+    if t.dtype == torch.int64:
+        t = t.clamp(_I32_MIN, _I32_MAX)
+    return t.to(torch.int32)
 
 
 def _nonneg(v: int, name: str, op: str) -> int:
@@ -58,6 +72,13 @@ def _nonneg(v: int, name: str, op: str) -> int:
     if v < 0:
         raise ValueError(f"tokenkernels.kv_select.{op}: {name} must be >= 0, got {v}")
     return v
+
+
+def _budget(k: int, n_sink: int, n_local: int, op: str) -> None:
+    """The output width n_sink + k + n_local must fit int64 (as the C++ check_topk_args)."""
+    if n_sink + k + n_local > 2 ** 63 - 1:
+        raise ValueError(f"tokenkernels.kv_select.{op}: n_sink + k + n_local ({n_sink} + {k} + {n_local}) "
+                         f"overflows int64")
 
 
 def _impl(impl: str, op: str, device) -> int:
@@ -136,6 +157,7 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
     op = "topk"
     scores = _tensor(scores, "scores", op)
     k, n_sink, n_local = _nonneg(k, "k", op), _nonneg(n_sink, "n_sink", op), _nonneg(n_local, "n_local", op)
+    _budget(k, n_sink, n_local, op)
     seq_lens = _int32(seq_lens, "seq_lens", op, scores.device)
     reuse = _int32(reuse, "reuse", op, scores.device)
     if out is None:
@@ -200,7 +222,9 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     op = "sparse_prefill"
     q, k_cache, v_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(v_cache, "v_cache", op)
     if isinstance(chunk_start, int) and not isinstance(chunk_start, bool):
-        chunk_start = torch.full((q.shape[0],), chunk_start, dtype=torch.int32, device=k_cache.device)
+        # (int64, then the saturating narrowing: an int beyond int32 is rejected as out of range)
+        chunk_start = torch.full((q.shape[0],), max(min(chunk_start, _I32_MAX), _I32_MIN), dtype=torch.int32,
+                                 device=k_cache.device)
     chunk_start = _int32(chunk_start, "chunk_start", op, k_cache.device)
     indices = _int32(indices, "indices", op, k_cache.device)
     seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
@@ -302,6 +326,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
     op = "select"
     q, k_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op)
     k, n_sink, n_local = _nonneg(k, "k", op), _nonneg(n_sink, "n_sink", op), _nonneg(n_local, "n_local", op)
+    _budget(k, n_sink, n_local, op)
     seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
     block_table = _int32(block_table, "block_table", op, k_cache.device)
     # scoring runs what impl="auto" resolves to (proof-gated, see tokenkernels.variants), not the
