@@ -22,6 +22,11 @@ capacity, page numbers in range, indices < seq_len); on CUDA that costs one host
 ``check=False`` in CUDA-graph captured decode loops (the kernels then skip out-of-range tokens
 instead of reading out of bounds). With ``out=`` buffers and ``check=False`` nothing
 syncs the host or changes shape.
+
+Integer metadata (``seq_lens``, ``block_table``, ``indices``, ``chunk_start``, ``reuse``) may
+be int64; it is narrowed to int32 on the device, saturating: a value beyond int32 is out of
+range for every argument and is rejected by the value checks (or, unchecked, skipped) like any
+out-of-range value -- never wrapped (2**32 + 1 to 1). Pass int32 to avoid the conversion.
 """
 from __future__ import annotations
 
