@@ -105,12 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cpu(
 at::Tensor paths_cpu(const at::Tensor& parents_in, const at::Tensor& depth_in,
                      const at::Tensor& first_child_in, const std::optional<at::Tensor>& tree_lens,
                      int64_t max_leaves, int64_t max_depth) {
-  check_index_tensor(parents_in, "paths", "parents", 2);
+  check_paths_args(parents_in, depth_in, first_child_in, tree_lens, max_leaves, max_depth);
   const int64_t B = parents_in.size(0), n = parents_in.size(1);
-  TORCH_CHECK(depth_in.sizes() == parents_in.sizes() && first_child_in.sizes() == parents_in.sizes(),
-              "tokenkernels.tree.paths: depth and first_child must have parents' shape ", parents_in.sizes());
-  check_lens_shape(tree_lens, parents_in, B, "paths", "tree_lens");
-  TORCH_CHECK(max_leaves >= 0 && max_depth >= 0, "tokenkernels.tree.paths: max_leaves and max_depth must be >= 0");
   auto parents = long_contig(parents_in);
   auto depth = long_contig(depth_in);
   auto fcs = long_contig(first_child_in);
@@ -380,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(
   TORCH_CHECK(argmax_in.sizes() == first_child_in.sizes(), "tokenkernels.tree.verify_greedy: target_argmax ",
               argmax_in.sizes(), " must match the tree's (B, n) = ", first_child_in.sizes());
   check_device(first_child_in, argmax_in, "verify_greedy", "tree", "target_argmax");
-  TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_greedy: max_depth must be >= 0");
+  check_max_depth(max_depth, "verify_greedy");
   const int64_t B = first_child_in.size(0), n = first_child_in.size(1);
   auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in);
   auto draft = long_contig(draft_in), am = long_contig(argmax_in);
@@ -526,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cpu(
   TORCH_CHECK(bonus_u_in.dim() == 1 && bonus_u_in.size(0) == B && bonus_u_in.is_floating_point(),
               "tokenkernels.tree.verify_sampling: bonus_u must be floating point of shape (", B, ",), got ",
               bonus_u_in.sizes());
-  TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_sampling: max_depth must be >= 0");
+  check_max_depth(max_depth, "verify_sampling");
   auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in), draft = long_contig(draft_in);
   check_link_values(fcs, nss, op);
   check_draft_values(fcs, nss, draft, V, op);

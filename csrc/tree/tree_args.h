@@ -6,7 +6,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "check.h"
@@ -144,12 +146,17 @@ inline void check_attention_values(const AttnDims& d, const at::Tensor& prefix_c
     TORCH_CHECK(P[b] >= 0, "tokenkernels.tree.attention: prefix_lens[", b, "] = ", P[b], " < 0");
     TORCH_CHECK(len >= 0 && len <= d.n, "tokenkernels.tree.attention: tree_lens[", b, "] = ", len,
                 " must lie in [0, n = ", d.n, "]");
-    const int64_t need = P[b] + len;
+    // P[b] + len may overflow int64 (prefix_lens near 2^63): compare and count without the sum
     if (!d.paged) {
-      TORCH_CHECK(need <= d.N_max, "tokenkernels.tree.attention: request ", b, " needs ", need,
+      TORCH_CHECK(P[b] <= d.N_max - len, "tokenkernels.tree.attention: request ", b, " needs ",
+                  P[b] <= std::numeric_limits<int64_t>::max() - len
+                      ? std::to_string(P[b] + len)
+                      : std::to_string(P[b]) + " + " + std::to_string(len),
                   " cache positions (prefix_lens + tree tokens) but k_cache holds ", d.N_max);
     } else {
-      const int64_t pages = (need + d.page_size - 1) / d.page_size;
+      // ceil((P + len) / page_size) = P / page_size + ceil((P % page_size + len) / page_size)
+      const int64_t pages =
+          P[b] / d.page_size + (P[b] % d.page_size + len + d.page_size - 1) / d.page_size;
       TORCH_CHECK(pages <= d.max_pages, "tokenkernels.tree.attention: request ", b, " needs ", pages,
                   " pages but block_table has ", d.max_pages, " columns");
       const int64_t* row = table_cpu.data_ptr<int64_t>() + b * d.max_pages;
@@ -183,6 +190,33 @@ inline void check_verify_args(const at::Tensor& fc, const at::Tensor& ns, const 
               ": draft_tokens ", draft.sizes(), " must match the tree's (B, n) = ", fc.sizes());
   check_device(fc, ns, op, "first_child", "next_sibling");
   check_device(fc, draft, op, "tree", "draft_tokens");
+  TORCH_CHECK(fc.size(1) >= 1, "tokenkernels.tree.", op, ": the tree must have at least one node (the root), "
+              "got first_child of shape ", fc.sizes());
+}
+
+// max_depth of the (B, max_depth + 1) outputs (verify_*, paths): >= 0, and max_depth + 1 must not
+// overflow.
+inline void check_max_depth(int64_t max_depth, const char* op) {
+  TORCH_CHECK(max_depth >= 0 && max_depth < std::numeric_limits<int64_t>::max(), "tokenkernels.tree.", op,
+              ": max_depth = ", max_depth, " must lie in [0, 2^63 - 1)");
+}
+
+// paths: parents / depth / first_child (B, n) index tensors on one device, n >= 1.
+inline void check_paths_args(const at::Tensor& parents, const at::Tensor& depth, const at::Tensor& fc,
+                             const std::optional<at::Tensor>& tree_lens, int64_t max_leaves, int64_t max_depth) {
+  const char* op = "paths";
+  check_index_tensor(parents, op, "parents", 2);
+  check_index_tensor(depth, op, "depth", 2);
+  check_index_tensor(fc, op, "first_child", 2);
+  TORCH_CHECK(depth.sizes() == parents.sizes() && fc.sizes() == parents.sizes(),
+              "tokenkernels.tree.paths: depth and first_child must have parents' shape ", parents.sizes(),
+              ", got ", depth.sizes(), " and ", fc.sizes());
+  check_device(parents, depth, op, "parents", "depth");
+  check_device(parents, fc, op, "parents", "first_child");
+  TORCH_CHECK(parents.size(1) >= 1, "tokenkernels.tree.paths: parents must have at least one node (the root)");
+  check_lens_shape(tree_lens, parents, parents.size(0), op, "tree_lens");
+  TORCH_CHECK(max_leaves >= 0, "tokenkernels.tree.paths: max_leaves = ", max_leaves, " must be >= 0");
+  check_max_depth(max_depth, op);
 }
 
 // Values of the child links (CPU int64 tensors): first_child[b, u] and next_sibling[b, u] are -1

@@ -53,12 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cuda(const at::
 
 at::Tensor paths_cuda(const at::Tensor& parents_in, const at::Tensor& depth_in, const at::Tensor& fc_in,
                       const std::optional<at::Tensor>& tree_lens, int64_t max_leaves, int64_t max_depth) {
-  check_index_tensor(parents_in, "paths", "parents", 2);
+  check_paths_args(parents_in, depth_in, fc_in, tree_lens, max_leaves, max_depth);
   const int64_t B = parents_in.size(0), n = parents_in.size(1);
-  TORCH_CHECK(depth_in.sizes() == parents_in.sizes() && fc_in.sizes() == parents_in.sizes(),
-              "tokenkernels.tree.paths: depth and first_child must have parents' shape ", parents_in.sizes());
-  check_lens_shape(tree_lens, parents_in, B, "paths", "tree_lens");
-  TORCH_CHECK(max_leaves >= 0 && max_depth >= 0, "tokenkernels.tree.paths: max_leaves and max_depth must be >= 0");
   c10::DeviceGuard guard(parents_in.device());
   auto parents = long_contig(parents_in), depth = long_contig(depth_in), fc = long_contig(fc_in);
   auto lens = opt_long(tree_lens);
@@ -151,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tens
   TORCH_CHECK(argmax_in.sizes() == fc_in.sizes(), "tokenkernels.tree.verify_greedy: target_argmax ", argmax_in.sizes(),
               " must match the tree's (B, n) = ", fc_in.sizes());
   check_device(fc_in, argmax_in, "verify_greedy", "tree", "target_argmax");
-  TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_greedy: max_depth must be >= 0");
+  check_max_depth(max_depth, "verify_greedy");
   c10::DeviceGuard guard(fc_in.device());
   auto fc = long_contig(fc_in), ns = long_contig(ns_in), draft = long_contig(draft_in), am = long_contig(argmax_in);
   auto [acc, alen, bonus] = verify_outputs(fc, max_depth);
@@ -190,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
               bu_in.sizes());
   check_device(fc_in, coins_in, op, "tree", "coins");
   check_device(fc_in, bu_in, op, "tree", "bonus_u");
-  TORCH_CHECK(max_depth >= 0, "tokenkernels.tree.verify_sampling: max_depth must be >= 0");
+  check_max_depth(max_depth, "verify_sampling");
   c10::DeviceGuard guard(fc_in.device());
   auto fc = long_contig(fc_in), ns = long_contig(ns_in), draft = long_contig(draft_in);
   if (check) {   // one D2H copy of (first_child, next_sibling, draft_tokens)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -40,6 +41,29 @@ def _index_tensor(t, name: str, op: str, dims: int) -> torch.Tensor:
     return t
 
 
+def _int_arg(v, name: str, op: str) -> int:
+    """A Python / NumPy / 0-d tensor integer (not a bool, not a float) as an int."""
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+        raise TypeError(_err(op, f"{name} must be an integer, got {v!r}"))
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(_err(op, f"{name} must be an integer, got {type(v).__name__} {v!r}")) from None
+
+
+def _as_index(t, name: str, op: str, device) -> torch.Tensor:
+    """A tensor, or an integer / sequence of integers made into an int64 tensor on `device`."""
+    if isinstance(t, torch.Tensor):
+        return t
+    try:
+        t = torch.as_tensor(t, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(_err(op, f"{name} must be an integer tensor, got {type(t).__name__}")) from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(_err(op, f"{name} must be an integer tensor, got {t.dtype}"))
+    return t
+
+
 def _dims_1_or_2(t) -> int:
     """1 for a 1-D tensor (a single tree), else 2 (anything else then fails the 2-D check)."""
     return 1 if isinstance(t, torch.Tensor) and t.dim() == 1 else 2
@@ -48,8 +72,7 @@ def _dims_1_or_2(t) -> int:
 def _lens(t, B: int, device, name: str, op: str) -> Optional[torch.Tensor]:
     if t is None:
         return None
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)
+    t = _as_index(t, name, op, device)
     if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise TypeError(_err(op, f"{name} must be an integer tensor, got {t.dtype}"))
     if t.dim() == 0:
@@ -99,8 +122,7 @@ class Tree:
 
     def positions(self, prefix_lens) -> torch.Tensor:
         """(B, n) int64 position ids of the tree tokens: ``prefix_len + depth``."""
-        if not isinstance(prefix_lens, torch.Tensor):
-            prefix_lens = torch.as_tensor(prefix_lens, device=self.depth.device)
+        prefix_lens = _as_index(prefix_lens, "prefix_lens", "Tree.positions", self.depth.device)
         if prefix_lens.dim() == 0:
             prefix_lens = prefix_lens.reshape(1).expand(self.batch)
         if prefix_lens.shape != (self.batch,):
@@ -142,6 +164,13 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
     lens = _lens(tree_lens, B, parents.device, "tree_lens", op)
     mask, depth, first_child, next_sibling = _ops.tree_build(parents, lens, check,
                                                             _impl_code("tree", impl, _IMPLS, parents.device))
+    if max_depth is not None:
+        max_depth = _int_arg(max_depth, "max_depth", op)
+    if max_leaves is not None:
+        max_leaves = _int_arg(max_leaves, "max_leaves", op)
+    if B == 0:   # an empty batch: nothing to read the sizes from
+        max_depth = 0 if max_depth is None else max_depth
+        max_leaves = 0 if max_leaves is None else max_leaves
     if max_depth is None or max_leaves is None:
         valid = torch.arange(n, device=parents.device)[None, :] < (
             lens[:, None] if lens is not None else n)
@@ -164,8 +193,8 @@ def from_paths(choices: Sequence[Sequence[int]]) -> torch.Tensor:
     Every prefix of a choice must itself be a choice."""
     try:
         return _ref.from_paths(choices)
-    except ValueError as e:
-        raise ValueError(_err("from_paths", str(e))) from None
+    except (ValueError, TypeError) as e:
+        raise type(e)(_err("from_paths", str(e))) from None
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_lens,
@@ -214,10 +243,16 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
     if q.dim() != 4:
         raise ValueError(_err(op, f"q must be 4-D (B, n, H_q, D), got shape {tuple(q.shape)}"))
     B = q.shape[0]
-    if not isinstance(prefix_lens, torch.Tensor):
-        prefix_lens = torch.as_tensor(prefix_lens, device=q.device)
+    prefix_lens = _as_index(prefix_lens, "prefix_lens", op, q.device)
     if prefix_lens.dim() == 0:
         prefix_lens = prefix_lens.reshape(1).expand(B)
+    if scale is not None:
+        try:
+            if isinstance(scale, (bool, str, bytes)):
+                raise TypeError
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise TypeError(_err(op, f"scale must be a real number or None, got {scale!r}")) from None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if out is None and lse_out is None:
         o, lse = _ops.tree_attention(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
@@ -315,7 +350,7 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
     B, n = tree.batch, tree.n
     dev = tree.parents.device
     for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-        if t is None:
+        if t is None and name == "draft_probs":
             continue
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
             raise TypeError(_err(op, f"{name} must be a floating-point tensor"))
@@ -333,11 +368,17 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
             if t is None:
                 continue
             s = t.double().sum(-1)
-            bad = valid & (((s - 1).abs() > 1e-3) | (t < 0).any(-1) | ~torch.isfinite(s))
+            # rounding each entry of a normalised row to t.dtype moves the sum by <= eps/2
+            # (bf16: 2^-9): allow 1e-3 or the dtype's eps, whichever is larger
+            tol = max(1e-3, torch.finfo(t.dtype).eps)
+            bad = valid & (((s - 1).abs() > tol) | (t < 0).any(-1) | ~torch.isfinite(s))
             if bool(bad.any()):
                 b, i = torch.nonzero(bad)[0].tolist()
                 raise ValueError(_err(op, f"{name}[{b}, {i}] is not a probability distribution "
                                       f"(sum {float(s[b, i]):.6g}, entries must be >= 0 and sum to 1)"))
+    for name, t in (("coins", coins), ("bonus_u", bonus_u)):
+        if t is not None and (not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point):
+            raise TypeError(_err(op, f"{name} must be a floating-point tensor, got {type(t).__name__}"))
     if coins is None:
         coins = torch.rand((B, n), generator=generator, device=dev)
     if bonus_u is None:
@@ -361,7 +402,7 @@ def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int):
     """
     if not isinstance(cum_logp, torch.Tensor) or not isinstance(child_logp, torch.Tensor):
         raise TypeError(_err("select_frontier", "cum_logp and child_logp must be tensors"))
-    return _ops.tree_select_frontier(cum_logp, child_logp, int(m))
+    return _ops.tree_select_frontier(cum_logp, child_logp, _int_arg(m, "m", "select_frontier"))
 
 
 def select_tree(cum_logp: torch.Tensor, parents: torch.Tensor, n: int):
@@ -383,7 +424,7 @@ def select_tree(cum_logp: torch.Tensor, parents: torch.Tensor, n: int):
     """
     if not isinstance(cum_logp, torch.Tensor) or not isinstance(parents, torch.Tensor):
         raise TypeError(_err("select_tree", "cum_logp and parents must be tensors"))
-    return _ops.tree_select_tree(cum_logp, parents, int(n))
+    return _ops.tree_select_tree(cum_logp, parents, _int_arg(n, "n", "select_tree"))
 
 
 class DynamicTreeDrafter:
@@ -401,6 +442,8 @@ class DynamicTreeDrafter:
 
     def __init__(self, step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                  *, top_k: int = 10, depth: int = 6, total_tokens: int = 60):
+        top_k, depth, total_tokens = (_int_arg(v, name, "DynamicTreeDrafter") for v, name in
+                                      ((top_k, "top_k"), (depth, "depth"), (total_tokens, "total_tokens")))
         if top_k < 1 or depth < 1 or total_tokens < 1:
             raise ValueError(_err("DynamicTreeDrafter", "top_k, depth and total_tokens must be >= 1"))
         self.step, self.top_k, self.depth, self.total_tokens = step, top_k, depth, total_tokens

@@ -17,6 +17,7 @@ Everything here is written for clarity, not speed.
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -150,7 +151,19 @@ def positions(depth: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
 
 def canonical_choices(choices: Sequence[Sequence[int]]) -> List[Tuple[int, ...]]:
     """Medusa's canonical node order (after the root): by length, then lexicographically."""
-    return sorted((tuple(int(c) for c in ch) for ch in choices), key=lambda x: (len(x), x))
+    if isinstance(choices, (str, bytes)) or not hasattr(choices, "__iter__"):
+        raise TypeError(f"choices must be a sequence of tuples of child ranks, got {type(choices).__name__}")
+    out = []
+    for ch in choices:
+        if isinstance(ch, (str, bytes)) or not hasattr(ch, "__iter__"):
+            raise TypeError(f"choices: every choice must be a tuple of child ranks, got {ch!r}")
+        ranks = []
+        for c in ch:
+            if isinstance(c, bool) or not hasattr(c, "__index__"):
+                raise TypeError(f"choices: child ranks must be integers, got {c!r} in {ch!r}")
+            ranks.append(operator.index(c))
+        out.append(tuple(ranks))
+    return sorted(out, key=lambda x: (len(x), x))
 
 
 def from_paths(choices: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -158,6 +171,8 @@ def from_paths(choices: Sequence[Sequence[int]]) -> torch.Tensor:
     order = canonical_choices(choices)
     index = {(): 0}
     for k, ch in enumerate(order):
+        if len(ch) == 0:
+            raise ValueError("choices: the empty path is the root, do not list it")
         if ch in index:
             raise ValueError(f"choices: {list(ch)} appears twice")
         index[ch] = k + 1
