@@ -2,7 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 
 #include "check.h"
@@ -54,10 +56,40 @@ inline LceArgs check_lce_args(const at::Tensor& hidden, const at::Tensor& weight
   return {hidden.size(0), hidden.size(1), weight.size(0)};
 }
 
+// The shard [vocab_start, vocab_start + V) of a vocabulary of vocab_total ids. Checked without
+// forming vocab_start + V (which overflows int64 for a huge vocab_start).
 inline void check_vocab_range(int64_t vocab_start, int64_t vocab_total, int64_t V, const char* op) {
-  TORCH_CHECK(vocab_start >= 0 && vocab_total >= vocab_start + V, "tokenkernels.", op,
-              ": vocabulary shard [", vocab_start, ", ", vocab_start + V,
-              ") does not fit in vocab_total = ", vocab_total);
+  TORCH_CHECK(vocab_start >= 0 && V <= vocab_total && vocab_start <= vocab_total - V,
+              "tokenkernels.", op, ": vocabulary shard [vocab_start = ", vocab_start,
+              ", vocab_start + V) with V = ", V, " does not fit in [0, vocab_total = ",
+              vocab_total, ")");
+}
+
+// Backward: no vocab_total, but the shard's ids must still be representable (no overflow in
+// vocab_start + V or t - vocab_start).
+inline void check_vocab_start(int64_t vocab_start, int64_t V, const char* op) {
+  TORCH_CHECK(vocab_start >= 0 && vocab_start <= std::numeric_limits<int64_t>::max() - V,
+              "tokenkernels.", op, ": vocab_start must be >= 0 and vocab_start + V (V = ", V,
+              ") must fit in int64, got vocab_start = ", vocab_start);
+}
+
+// softcap: None, or > 0 (+inf = the limit, i.e. no capping). NaN / <= 0 raise.
+inline void check_softcap(std::optional<double> softcap, const char* op) {
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "tokenkernels.", op,
+              ": softcap must be > 0 (inf = no softcap) or None, got ", *softcap);
+}
+
+// The cap the kernels use: 0 = no capping (None or +inf: cap * tanh(z / cap) -> z).
+inline double softcap_value(std::optional<double> softcap) {
+  return (softcap.has_value() && std::isfinite(*softcap)) ? *softcap : 0.0;
+}
+
+// Shard-local index of a target t >= 0, or -1 when another shard holds it (no overflow:
+// t >= vocab_start >= 0 before the subtraction).
+inline int64_t shard_local(int64_t t, int64_t vocab_start, int64_t V) {
+  if (t < vocab_start) return -1;
+  const int64_t l = t - vocab_start;
+  return l < V ? l : -1;
 }
 
 // Per-token (N,) fp32 tensor on hidden's device.
@@ -80,8 +112,7 @@ inline LceArgs check_lce_forward_args(const at::Tensor& hidden, const at::Tensor
   const char* op = "linear_cross_entropy";
   const auto a = check_lce_args(hidden, weight, targets, bias, op);
   check_vocab_range(vocab_start, vocab_total, a.V, op);
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "tokenkernels.", op,
-              ": softcap must be > 0 or None, got ", *softcap);
+  check_softcap(softcap, op);
   return a;
 }
 
@@ -92,7 +123,8 @@ inline LceArgs check_lce_backward_args(const at::Tensor& hidden, const at::Tenso
                                        const at::Tensor& lse, const at::Tensor& coef_p,
                                        const at::Tensor& coef_t,
                                        const std::optional<at::Tensor>& coef_1, double filter_eps,
-                                       bool need_db) {
+                                       bool need_db, std::optional<double> softcap,
+                                       int64_t vocab_start) {
   const char* op = "linear_cross_entropy_backward";
   const auto a = check_lce_args(hidden, weight, targets, bias, op);
   check_row_vector(lse, a.N, hidden, "lse", op);
@@ -101,6 +133,8 @@ inline LceArgs check_lce_backward_args(const at::Tensor& hidden, const at::Tenso
   if (coef_1.has_value()) check_row_vector(*coef_1, a.N, hidden, "coef_1", op);
   TORCH_CHECK(!need_db || bias.has_value(), "tokenkernels.", op, ": need_dbias without a bias");
   TORCH_CHECK(filter_eps >= 0.0, "tokenkernels.", op, ": filter_eps must be >= 0, got ", filter_eps);
+  check_softcap(softcap, op);
+  check_vocab_start(vocab_start, a.V, op);
   return a;
 }
 

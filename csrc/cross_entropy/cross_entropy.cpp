@@ -56,8 +56,7 @@ inline int64_t local_target(int64_t t, int64_t ignore_index, int64_t vocab_start
     *bad = true;
     return -1;
   }
-  const int64_t l = t - vocab_start;
-  return (l >= 0 && l < V) ? l : -1;
+  return shard_local(t, vocab_start, V);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_cpu(
@@ -100,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     constexpr acc_t kNegInfA = -std::numeric_limits<acc_t>::infinity();
     std::vector<acc_t> m(N, kNegInfA), s(N, 0), tz(N, 0);
-    const acc_t cap = softcap.has_value() ? static_cast<acc_t>(*softcap) : acc_t(0);
+    const acc_t cap = static_cast<acc_t>(softcap_value(softcap));
     acc_t* lsep = lse.data_ptr<acc_t>();
     acc_t* ztp = zt.data_ptr<acc_t>();
     acc_t* sump = want_sumz ? sumz.data_ptr<acc_t>() : nullptr;
@@ -165,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
     std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
     bool need_dw, bool need_db, bool accum_fp32, int64_t /*impl*/) {
   const auto a = check_lce_backward_args(hidden, weight, targets, bias, lse, coef_p, coef_t,
-                                         coef_1, filter_eps, need_db);
+                                         coef_1, filter_eps, need_db, softcap, vocab_start);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
 
@@ -221,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
     const acc_t* cpp = CP.data_ptr<acc_t>();
     const acc_t* ctp = CT.data_ptr<acc_t>();
     const acc_t* c1p = C1.defined() ? C1.data_ptr<acc_t>() : nullptr;
-    const acc_t cap = softcap.has_value() ? static_cast<acc_t>(*softcap) : acc_t(0);
+    const acc_t cap = static_cast<acc_t>(softcap_value(softcap));
     const acc_t inv_cap = cap > 0 ? 1 / cap : acc_t(0);
     const acc_t feps = static_cast<acc_t>(filter_eps);
 

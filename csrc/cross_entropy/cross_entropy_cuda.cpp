@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto W = weight.contiguous();
   auto T = targets.to(at::kLong).contiguous();
   auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
+  const float cap = static_cast<float>(softcap_value(softcap));
   const cudaStream_t stream = current_cuda_stream(hidden.device());
 
   const Targets tg = make_targets(T, ignore_index, vocab_start, V, vocab_total);
@@ -118,7 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const float* bp = B.defined() ? B.data_ptr<float>() : nullptr;
 
   const auto dtype = to_dtype(H.scalar_type());
-  if (impl != 1 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D)) {  // tuned fused kernel
+  // D = 0 (all logits = bias): the plain path (cuBLAS/ATen handle K = 0); the fused kernels
+  // are never launched for it.
+  if (impl != 1 && D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D)) {  // tuned fused kernel
     int splits = 1;
     check_cuda(fused_default_splits(N, V, &splits), "linear_cross_entropy fused forward (SM count)");
     auto ws = at::empty({static_cast<int64_t>(fused_workspace_bytes(N, splits))},
@@ -158,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
     std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
     bool need_dw, bool need_db, bool accum_fp32, int64_t impl) {
   const auto a = check_lce_backward_args(hidden, weight, targets, bias, lse, coef_p, coef_t,
-                                         coef_1, filter_eps, need_db);
+                                         coef_1, filter_eps, need_db, softcap, vocab_start);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
   c10::DeviceGuard guard(hidden.device());
@@ -196,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
   auto CT = coef_t.contiguous();
   auto C1 = coef_1.has_value() ? coef_1->contiguous() : at::Tensor();
   const float* c1p = C1.defined() ? C1.data_ptr<float>() : nullptr;
-  const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
+  const float cap = static_cast<float>(softcap_value(softcap));
   const float feps = static_cast<float>(filter_eps);
   const cudaStream_t stream = current_cuda_stream(hidden.device());
   // the range of the targets was checked (or NaN-marked) by the forward
@@ -212,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
   const float* gsp = gscale.defined() ? gscale.data_ptr<float>() : nullptr;
   const auto dtype = to_dtype(dt);
 
-  if (impl != 1 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D)) {
+  if (impl != 1 && D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D)) {
     // tuned: fused WMMA recompute + gradient filtering + atomics into the fp32 accumulators
     check_cuda(launch_bwd_fused(H.data_ptr(), W.data_ptr(), dtype, N, D, bp, cap, tg,
                                 L.data_ptr<float>(), CP.data_ptr<float>(), CT.data_ptr<float>(),

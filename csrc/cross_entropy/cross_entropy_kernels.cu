@@ -106,7 +106,7 @@ cudaError_t fused_default_splits(int64_t N, int64_t V, int* splits) {
 }
 
 bool fused_supported(const void* hidden, const void* weight, DType dtype, int64_t D) {
-  return dtype != DType::kFloat32 && D % 8 == 0 && reinterpret_cast<uintptr_t>(hidden) % 16 == 0 &&
+  return dtype != DType::kFloat32 && D > 0 && D % 8 == 0 && reinterpret_cast<uintptr_t>(hidden) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(weight) % 16 == 0;
 }
 

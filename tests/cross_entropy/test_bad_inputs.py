@@ -210,3 +210,127 @@ def test_vocab_parallel_range_mismatch():
     h, w, t, b = _ok("cpu")
     vp = tk.VocabParallel(group=None, start=0, stop=5)  # weight has 9 rows
     _raises(r"vocab_parallel", LCE, h, w, t, vocab_parallel=vp)
+
+
+# --- issue #16 (part 0): overflow in the shard range, softcap / options, D = 0, non-tensors ---
+_I64 = 2 ** 63 - 1
+
+
+def test_ops_vocab_range_without_overflow(device):
+    """vocab_start + V must not overflow int64 into an accepted shard, and the backward (which
+    has no vocab_total) refuses a vocab_start whose t - vocab_start / vocab_start + V overflow."""
+    h, w, t, b = _ok(device)
+    fwd = torch.ops.tokenkernels.lce_forward
+    bwd = torch.ops.tokenkernels.lce_backward
+    for start, total in ((_I64 - 3, _I64), (_I64, _I64), (-(2 ** 63), 9), (-1, 9), (1, 9),
+                         (0, 8), (0, -(2 ** 63))):
+        for check in (True, False):
+            _raises(r"linear_cross_entropy.*vocab", fwd, h, w, t, None, -100, None, start, total,
+                    False, False, check, 0.0, False, 0)
+    fwd(h, w, t, None, -100, None, _I64 - 9, _I64, False, False, False, 0.0, False, 0)  # fits
+    lse = fwd(h, w, t, None, -100, None, 0, 9, False, False, True, 0.0, False, 0)[0]
+    c = torch.ones(6, device=device)
+    for start in (-(2 ** 63), -5, _I64, _I64 - 8):
+        _raises(r"backward.*vocab_start", bwd, h, w, t, None, lse, c, c, None, -100, None, start,
+                0.0, True, True, False, False, 0)
+    bwd(h, w, t, None, lse, c, c, None, -100, None, _I64 - 9, 0.0, True, True, False, False, 0)
+
+
+def test_ops_backward_checks_softcap(device):
+    h, w, t, b = _ok(device)
+    fwd = torch.ops.tokenkernels.lce_forward
+    bwd = torch.ops.tokenkernels.lce_backward
+    lse = fwd(h, w, t, None, -100, None, 0, 9, False, False, True, 0.0, False, 0)[0]
+    c = torch.ones(6, device=device)
+    for cap in (float("nan"), 0.0, -1.0, float("-inf")):
+        _raises(r"backward.*softcap", bwd, h, w, t, None, lse, c, c, None, -100, cap, 0, 0.0,
+                True, True, False, False, 0)
+        _raises(r"softcap", fwd, h, w, t, None, -100, cap, 0, 9, False, False, True, 0.0, False, 0)
+
+
+def test_softcap_inf_is_no_softcap(device):
+    """softcap = +inf is the limit softcap * tanh(z / softcap) -> z: the same as None (it was a
+    NaN loss), in the wrapper and in the ops themselves."""
+    h, w, t, b = _ok(device)
+    inf = float("inf")
+    torch.testing.assert_close(LCE(h, w, t, b, softcap=inf), LCE(h, w, t, b))
+    fwd = torch.ops.tokenkernels.lce_forward
+    bwd = torch.ops.tokenkernels.lce_backward
+    a = fwd(h, w, t, b, -100, inf, 0, 9, True, True, True, 0.0, False, 0)
+    e = fwd(h, w, t, b, -100, None, 0, 9, True, True, True, 0.0, False, 0)
+    for x, y in zip(a, e):
+        torch.testing.assert_close(x, y)
+    c = torch.ones(6, device=device)
+    ga = bwd(h, w, t, b, e[0], c, -c, None, -100, inf, 0, 0.0, True, True, True, False, 0)
+    ge = bwd(h, w, t, b, e[0], c, -c, None, -100, None, 0, 0.0, True, True, True, False, 0)
+    for x, y in zip(ga, ge):
+        torch.testing.assert_close(x, y)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    LCE(hh, ww, t, softcap=inf).backward()
+    assert torch.isfinite(hh.grad).all() and torch.isfinite(ww.grad).all()
+
+
+def test_options_nan_inf_and_types_name_the_argument(device):
+    h, w, t, b = _ok(device)
+    nan, inf = float("nan"), float("inf")
+    _raises(r"z_loss", LCE, h, w, t, z_loss=inf)
+    _raises(r"label_smoothing", LCE, h, w, t, label_smoothing=inf)
+    _raises(r"label_smoothing", LCE, h, w, t, label_smoothing=torch.tensor(nan))
+    _raises(r"softcap", LCE, h, w, t, softcap=-inf)
+    for name in ("softcap", "label_smoothing", "z_loss", "filter_eps"):
+        for bad in ("x", [1.0], True, 1j):
+            _raises(name, LCE, h, w, t, **{name: bad})
+    _raises(r"z_loss", LCE, h, w, t, z_loss=None)
+    _raises(r"label_smoothing", LCE, h, w, t, label_smoothing=None)
+    # still accepted: ints, numpy-like / 0-d tensor numbers
+    assert torch.isfinite(LCE(h, w, t, softcap=30, label_smoothing=torch.tensor(0.1), z_loss=0))
+
+
+def test_non_tensor_and_non_int_arguments_name_the_argument(device):
+    h, w, t, b = _ok(device)
+    _raises(r"targets", LCE, h, w, None)
+    _raises(r"hidden", LCE, None, w, t)
+    _raises(r"hidden", LCE, h.tolist(), w, t)
+    for bad in (1.5, None, "a", True, 2 ** 70):
+        _raises(r"ignore_index", LCE, h, w, t, ignore_index=bad)
+    assert torch.isfinite(LCE(h, w, t, ignore_index=torch.tensor(-100)))  # __index__ is fine
+    for name in ("return_lse", "return_aux", "accum_fp32", "check"):
+        for bad in ("no", None, 1):
+            _raises(name, LCE, h, w, t, **{name: bad})
+    _raises(r"reduction", LCE, h, w, t, reduction=["mean"])
+    _raises(r"impl", LCE, h, w, t, impl=["auto"])
+    _raises(r"vocab_parallel", LCE, h, w, t, vocab_parallel=(0, 9))
+    _raises(r"vocab_parallel", LCE, h, w, t,
+            vocab_parallel=tk.VocabParallel(group=None, start=0.0, stop=9.0))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_features(device, with_bias, dtype):
+    """D = 0 is valid: every logit is the bias (0 without): loss = lse(bias) - bias[t]
+    (log V without a bias), dhidden (N, 0), dweight (V, 0), dbias = the usual softmax - onehot."""
+    from tokenkernels.reference import cross_entropy as ref
+    h, w, t, b = _ok(device, dtype=dtype)
+    h0 = h[:, :0].clone().requires_grad_()
+    w0 = w[:, :0].clone().requires_grad_()
+    b0 = b.clone().requires_grad_() if with_bias else None
+    for reduction in ("mean", "sum", "none"):
+        kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+        got = LCE(h0, w0, t, b0, **kw)
+        exp = ref.linear_cross_entropy(h0, w0, t, b0, dtype=torch.float32, **kw)
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    if not with_bias:
+        torch.testing.assert_close(LCE(h0, w0, t), torch.tensor(math.log(9), device=device))
+    loss = LCE(h0, w0, t, b0, reduction="sum", label_smoothing=0.1)
+    loss.backward()
+    assert h0.grad.shape == (6, 0) and w0.grad.shape == (9, 0)
+    if with_bias:
+        bb = b.clone().requires_grad_()
+        ref.linear_cross_entropy(h0.detach(), w0.detach(), t, bb, reduction="sum",
+                                 label_smoothing=0.1, dtype=torch.float32).backward()
+        torch.testing.assert_close(b0.grad.float(), bb.grad.float(), atol=1e-2, rtol=1e-2)
+    # the ops directly, every impl code
+    for impl in (0, 1, 2):
+        out = torch.ops.tokenkernels.lce_forward(h0.detach(), w0.detach(), t, None, -100, None,
+                                                 0, 9, True, True, True, 0.0, False, impl)
+        torch.testing.assert_close(out[0], torch.full((6,), math.log(9), device=device))

@@ -45,9 +45,10 @@ __device__ __forceinline__ float apply_cap(float z, float cap) {
 // Shard-local index of token r's target, or -1 (ignored, another shard's, or out of range).
 __device__ __forceinline__ int64_t local_target(const Targets& tg, int64_t r) {
   const int64_t t = tg.t[r];
-  if (t == tg.ignore_index || t < 0 || t >= tg.vocab_total) return -1;
+  // t >= vocab_start >= 0 before the subtraction: no int64 overflow
+  if (t == tg.ignore_index || t < 0 || t >= tg.vocab_total || t < tg.vocab_start) return -1;
   const int64_t l = t - tg.vocab_start;
-  return (l >= 0 && l < tg.V) ? l : -1;
+  return l < tg.V ? l : -1;
 }
 
 using tokenkernels::dev::from_f;

@@ -88,7 +88,7 @@ def _resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype)
             raise ValueError(f"tokenkernels.linear_cross_entropy: filter_eps must be 'auto', None or a "
                              f"float >= 0, got {filter_eps!r}")
         return _auto_filter_eps(dtype)
-    filter_eps = float(filter_eps)
+    filter_eps = _real("filter_eps", filter_eps)
     if not filter_eps >= 0.0:
         raise ValueError(f"tokenkernels.linear_cross_entropy: filter_eps must be >= 0, got {filter_eps}")
     return filter_eps
@@ -262,7 +262,43 @@ class _VocabParallelStats(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+def _real(name, v):
+    """A Python / 0-d tensor real number as a float, else a TypeError naming ``name``."""
+    op = "tokenkernels.linear_cross_entropy"
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex():
+        return float(v)
+    if isinstance(v, (bool, str, bytes)) or v is None:
+        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}") from None
+
+
+def _flag(name, v):
+    op = "tokenkernels.linear_cross_entropy"
+    if isinstance(v, bool) or type(v).__name__ == "bool_":  # bool / numpy.bool_
+        return bool(v)
+    raise TypeError(f"{op}: {name} must be a bool, got {type(v).__name__}")
+
+
+def _check_ignore_index(ignore_index) -> int:
+    op = "tokenkernels.linear_cross_entropy"
+    if isinstance(ignore_index, bool):
+        raise TypeError(f"{op}: ignore_index must be an int, got bool")
+    try:
+        ii = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"{op}: ignore_index must be an int, got "
+                        f"{type(ignore_index).__name__}") from None
+    if not -2 ** 63 <= ii < 2 ** 63:
+        raise ValueError(f"{op}: ignore_index must fit in int64, got {ii}")
+    return ii
+
+
 def _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothing, z_loss):
+    """Checks the tensors and options; returns (softcap, label_smoothing, z_loss) as floats
+    (softcap None for None or +inf: the limit of softcap * tanh(z / softcap) is z)."""
     op = "tokenkernels.linear_cross_entropy"
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
@@ -281,14 +317,21 @@ def _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothi
             raise ValueError(f"{op}: {name} is on {t.device} but hidden is on {hidden.device}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: targets must be int64 or int32, got {targets.dtype}")
-    if reduction not in _REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if softcap is not None and not float(softcap) > 0.0:
-        raise ValueError(f"{op}: softcap must be > 0 or None, got {softcap}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if softcap is not None:
+        softcap = _real("softcap", softcap)
+        if not softcap > 0.0:
+            raise ValueError(f"{op}: softcap must be > 0 (inf = no softcap) or None, got {softcap}")
+        if softcap == float("inf"):
+            softcap = None
+    label_smoothing = _real("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if not float(z_loss) >= 0.0:
-        raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
+    z_loss = _real("z_loss", z_loss)
+    if not 0.0 <= z_loss < float("inf"):
+        raise ValueError(f"{op}: z_loss must be finite and >= 0, got {z_loss}")
+    return softcap, label_smoothing, z_loss
 
 
 def linear_cross_entropy(
@@ -329,9 +372,10 @@ def linear_cross_entropy(
         bias: optional (V,) bias.
         reduction: ``"mean"`` (over tokens not ignored), ``"sum"`` or ``"none"`` (per-token
             losses of shape ``targets.shape``, with exact per-token gradients).
-        softcap: final-logit soft capping (Gemma 2), or None.
+        softcap: final-logit soft capping (Gemma 2), or None. ``float("inf")`` is the limit
+            (no capping, same as None); NaN or <= 0 raises.
         label_smoothing: ε in [0, 1].
-        z_loss: weight of the lse² auxiliary loss (PaLM), >= 0.
+        z_loss: weight of the lse² auxiliary loss (PaLM), finite and >= 0.
         shift: an int s >= 0 (True = 1, False = 0; Cut Cross-Entropy's semantics): position i
             predicts target i + s along the last dimension, i.e. ``hidden[..., :-s, :]``
             predicts ``targets[..., s:]`` (s = 1: HF causal-LM labels); the last s positions of
@@ -367,21 +411,27 @@ def linear_cross_entropy(
         ``loss`` (fp32; fp64 for fp64 inputs, CPU only) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
         asked for by ``return_lse`` / ``return_aux``, in that order.
     """
-    _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothing, z_loss)
-    if impl not in _IMPLS:
+    softcap, eps, zl = _check_args(hidden, weight, targets, bias, reduction, softcap,
+                                   label_smoothing, z_loss)
+    ignore_index = _check_ignore_index(ignore_index)
+    return_lse = _flag("return_lse", return_lse)
+    return_aux = _flag("return_aux", return_aux)
+    accum_fp32 = _flag("accum_fp32", accum_fp32)
+    check = _flag("check", check)
+    if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallel):
+        raise TypeError(f"tokenkernels.linear_cross_entropy: vocab_parallel must be a "
+                        f"tokenkernels.VocabParallel or None, got {type(vocab_parallel).__name__}")
+    if not isinstance(impl, str) or impl not in _IMPLS:
         raise ValueError(f"tokenkernels.linear_cross_entropy: impl must be one of {list(_IMPLS)}, got {impl!r}")
     if impl == "auto" and torch.are_deterministic_algorithms_enabled():
         impl = "plain"
-    softcap = None if softcap is None else float(softcap)
-    eps = float(label_smoothing)
-    zl = float(z_loss)
     feps = _resolve_filter_eps(filter_eps, hidden.dtype)
     s = _resolve_shift(shift, targets)
     if s:
         targets = shift_targets(targets, ignore_index, s)
     D = hidden.shape[-1]
-    h2 = hidden.reshape(-1, D)
     t1 = targets.reshape(-1)
+    h2 = hidden.reshape(t1.shape[0], D)  # not (-1, D): D = 0 is valid (logits = bias)
     V = weight.shape[0]
     want_sumz = eps > 0.0
 
@@ -392,7 +442,13 @@ def linear_cross_entropy(
         v_total = V
     else:
         vp = vocab_parallel
-        if vp.stop - vp.start != V or vp.start < 0:
+        for name in ("start", "stop"):
+            x = getattr(vp, name)
+            if isinstance(x, bool) or not isinstance(x, int) and not hasattr(x, "__index__"):
+                raise TypeError(f"tokenkernels.linear_cross_entropy: vocab_parallel.{name} must "
+                                f"be an int, got {type(x).__name__}")
+        vp = VocabParallel(vp.group, operator.index(vp.start), operator.index(vp.stop))
+        if vp.stop - vp.start != V or vp.start < 0 or vp.stop >= 2 ** 63:
             raise ValueError(f"tokenkernels.linear_cross_entropy: vocab_parallel covers "
                              f"[{vp.start}, {vp.stop}) but weight has {V} rows")
         lse, zt, sumz, argmax, ent, v_total = _VocabParallelStats.apply(

@@ -72,8 +72,8 @@ def linear_cross_entropy(
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     D = hidden.shape[-1]
     V = weight.shape[0]
-    h = hidden.reshape(-1, D)
     t = targets.reshape(-1).long()
+    h = hidden.reshape(t.shape[0], D)  # not (-1, D): D = 0 is valid
     z = logits(h, weight, bias, softcap, dtype).to(out_dtype)  # (N, V)
     valid = t != ignore_index
     lse = torch.logsumexp(z, dim=-1)
