@@ -60,6 +60,26 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+
+def _load_env_tool():
+    """tools/env.py (the environment behind make, also standard library only): its package-name
+    and version helpers are shared, not copied."""
+    import importlib.util
+
+    name = "tokenkernels_env_tool"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "env.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_ENV = _load_env_tool()
+norm = _ENV.norm        # PEP 503 package-name normalisation
+_vt = _ENV._vt          # release-number tuple of a version string
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
 SAMPLES = TOOLS / "gpu_proof_samples"
@@ -143,10 +163,6 @@ def download_command(dest: str = ".whl", python: str = "python3") -> List[str]:
 
 
 # ============================================================================ small helpers
-def norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def fmt_s(s: Optional[float]) -> str:
     if s is None:
         return "-"
@@ -592,15 +608,6 @@ def wheel_ok(w: dict, py_tag: str = "cp312", glibc: Tuple[int, int] = (2, 28), m
             if p == f"{k}_{machine}" and v <= glibc:
                 return True, ""
     return False, f"platform {w['plat']} does not fit linux {machine} glibc {glibc[0]}.{glibc[1]}"
-
-
-def _vt(v: str) -> tuple:
-    out = []
-    for p in re.split(r"[.+]", v):
-        if not p.isdigit():
-            break
-        out.append(int(p))
-    return tuple(out)
 
 
 def plan_wheels(wheel_dir: Path, installed: Dict[str, str], py_tag: str, glibc: Tuple[int, int]) -> dict:
