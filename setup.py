@@ -70,7 +70,7 @@ class CMakeBuild(build_ext):
 
 setup(
     package_dir={"": "python"},
-    packages=["tokenkernels", "tokenkernels.ops", "tokenkernels.reference",
+    packages=["tokenkernels", "tokenkernels._ops", "tokenkernels.reference",
               "tokenkernels.integrations", "tokenkernels.bench"],
     package_data={"tokenkernels": ["_bin/tokenkernels-bench"]},
     ext_modules=[CMakeExtension("tokenkernels._C")],

@@ -3,10 +3,30 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <utility>
 
 namespace tokenkernels {
+
+// A schema option given as a string (impl, metric, ...) -> its enum value, in one place per
+// family (csrc/<family>/<family>_args.h). An unknown name is a ValueError naming the op, the
+// argument and the accepted names, e.g.
+//   parse_option<Impl>(impl, {{"auto", Impl::Auto}, {"plain", Impl::Plain}}, "tree.attention", "impl")
+template <typename E>
+E parse_option(std::string_view value, std::initializer_list<std::pair<const char*, E>> names,
+               const char* op, const char* arg) {
+  std::string accepted;
+  for (const auto& [name, e] : names) {
+    if (value == name) return e;
+    accepted += (accepted.empty() ? "'" : ", '") + std::string(name) + "'";
+  }
+  TORCH_CHECK_VALUE(false, "tokenkernels.", op, ": ", arg, " must be one of ", accepted, ", got '",
+                    std::string(value), "'");
+  return names.begin()->second;  // unreachable
+}
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||

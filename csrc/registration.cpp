@@ -1,6 +1,6 @@
 // Every tokenkernels schema lives here (one place to read the whole API surface).
 // Implementations register per dispatch key in csrc/<family>/<family>.cpp (CPU) and
-// csrc/<family>/<family>_cuda.cpp (CUDA). Python wrappers: python/tokenkernels/ops/.
+// csrc/<family>/<family>_cuda.cpp (CUDA). Python wrappers: python/tokenkernels/_ops/.
 #include <torch/library.h>
 
 TORCH_LIBRARY(tokenkernels, m) {

@@ -6,36 +6,40 @@ import pytest
 import torch
 
 from tokenkernels import variants as V
-from tokenkernels.ops import cross_entropy, kcenter, kv_select, tree
-
-OPS = {"kcenter": kcenter, "cross_entropy": cross_entropy, "kv_select": kv_select, "tree": tree}
+FAMILIES = sorted(V.CUDA_VARIANTS)
 
 
-@pytest.mark.parametrize("family", sorted(OPS))
-def test_table_lists_every_variant_of_the_op_module(family):
-    names = set(OPS[family]._IMPLS) - {"auto"}
-    assert set(V.CUDA_VARIANTS[family]) == names
-    assert V.SAFE[family] in names
+@pytest.mark.parametrize("family", FAMILIES)
+def test_table_lists_auto_every_variant_and_the_reference(family):
+    names = V.impls(family)
+    assert names[0] == "auto" and names[-1] == V.REFERENCE
+    assert set(names[1:-1]) == set(V.CUDA_VARIANTS[family])
+    assert V.SAFE[family] in V.CUDA_VARIANTS[family]
     assert all(s in (V.PROVEN, V.UNPROVEN) for s in V.CUDA_VARIANTS[family].values())
 
 
-@pytest.mark.parametrize("family", sorted(OPS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_auto_on_cuda_runs_the_safe_variant_until_all_are_proven(family, monkeypatch):
-    codes = OPS[family]._IMPLS
-    cuda = torch.device("cuda", 0)
-    for name in codes:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for name in V.impls(family):
         # CPU: unchanged; an explicit name: unchanged on every device
-        assert V.impl_code(family, name, codes, torch.device("cpu")) == codes[name]
+        assert V.choose(family, name, cpu, "op") == name
         if name != "auto":
-            assert V.impl_code(family, name, codes, cuda) == codes[name]
+            assert V.choose(family, name, cuda, "op") == name
     table = {k: dict(v) for k, v in V.CUDA_VARIANTS.items()}
     if not V.all_proven(family):
-        assert V.impl_code(family, "auto", codes, cuda) == codes[V.SAFE[family]]
+        assert V.choose(family, "auto", cuda, "op") == V.SAFE[family]
     table[family] = {k: V.PROVEN for k in table[family]}
     monkeypatch.setattr(V, "CUDA_VARIANTS", table)
-    assert V.impl_code(family, "auto", codes, cuda) == codes["auto"]      # the kernels' heuristic
+    assert V.choose(family, "auto", cuda, "op") == "auto"      # the kernels' heuristic
     table[family][next(iter(table[family]))] = V.UNPROVEN
-    assert V.impl_code(family, "auto", codes, cuda) == codes[V.SAFE[family]]
+    assert V.choose(family, "auto", cuda, "op") == V.SAFE[family]
+
+
+@pytest.mark.parametrize("bad", ["fast", "", "AUTO", 1, None])
+def test_unknown_impl_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match=r"tokenkernels\.tree\.attention: impl must be one of .*'reference'"):
+        V.choose("tree", bad, "cpu", "tree.attention")
 
 
 def test_every_proven_variant_has_a_recorded_gpu_run():

@@ -779,16 +779,16 @@ def arch_for(cap: str) -> str:
 
 # ============================================================================ the run
 def read_impls() -> Dict[str, List[str]]:
-    """Each family's impl values, from ``_IMPLS = {...}`` in python/tokenkernels/ops/<family>.py."""
+    """Each family's impl values: "auto" and the variants of ``CUDA_VARIANTS`` in python/tokenkernels/variants.py."""
     out = {}
+    try:
+        text = (ROOT / "python" / "tokenkernels" / "variants.py").read_text()
+    except OSError:
+        text = ""
     for fam in FAMILIES:
-        try:
-            text = (ROOT / "python" / "tokenkernels" / "ops" / f"{fam}.py").read_text()
-            m = re.search(r"^_IMPLS\s*=\s*\{([^}]*)\}", text, re.M)
-            names = re.findall(r"['\"](\w+)['\"]\s*:", m.group(1)) if m else []
-        except OSError:
-            names = []
-        out[fam] = names or list(DEFAULT_IMPLS[fam])
+        m = re.search(r"^\s*['\"]" + fam + r"['\"]\s*:\s*\{([^}]*)\}", text, re.M)
+        names = re.findall(r"['\"](\w+)['\"]\s*:", m.group(1)) if m else []
+        out[fam] = ["auto"] + names if names else list(DEFAULT_IMPLS[fam])
     return out
 
 

@@ -1,6 +1,10 @@
 """Which CUDA kernel variants have passed their tests on a GPU: the one table.
 
-Every family has several CUDA variants, selectable by name with ``impl=``. A variant is
+Every family has several CUDA variants, selectable by name with ``impl=``; every public op also
+takes ``impl="reference"`` (the pure-PyTorch :mod:`tokenkernels.reference`, same signature).
+:data:`CUDA_VARIANTS` is the one table of implementation names: ``impls(family)`` is
+``"auto"``, the family's variants and ``"reference"``, and :func:`choose` is the one place a
+wrapper validates ``impl`` and learns what runs. A variant is
 ``"proven"`` once its whole CUDA test suite has passed on a GPU (``make gpu-proof`` writes
 ``proven.json`` with the per-variant verdicts; a developer copies a verdict here, with the
 device, driver, torch and CUDA named in bench/RESULTS.md). Until *every* variant the kernels'
@@ -9,16 +13,17 @@ variant -- the one most likely to be right (the simplest kernel; for cross_entro
 tile path) -- instead of that heuristic. Unproven variants stay selectable by name.
 
 CPU kernels have one implementation each and are unaffected (``impl`` is ignored there).
-The op-level integer ``impl`` code 0 (``torch.ops.tokenkernels.*`` called directly) is the
+The op-level ``impl`` string ``"auto"`` (``torch.ops.tokenkernels.*`` called directly) is the
 kernels' own heuristic; the Python API's ``"auto"`` is this proof-gated choice.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Tuple
 
 import torch
 
 PROVEN = "proven"
+REFERENCE = "reference"   # every public op: the pure-PyTorch reference, same signature
 UNPROVEN = "unproven"
 
 # family -> variant -> status. No CUDA kernel of this library has run on a GPU yet.
@@ -50,6 +55,26 @@ def resolve(family: str, impl: str, device) -> str:
     if impl == "auto" and torch.device(device).type == "cuda" and not all_proven(family):
         return SAFE[family]
     return impl
+
+
+def impls(family: str) -> Tuple[str, ...]:
+    """Every ``impl=`` name the public ops of ``family`` accept."""
+    if family not in CUDA_VARIANTS:
+        raise KeyError(f"tokenkernels.variants: unknown family {family!r}")
+    return ("auto",) + tuple(CUDA_VARIANTS[family]) + (REFERENCE,)
+
+
+def choose(family: str, impl, device, op: str) -> str:
+    """What a call of the public op ``op`` (e.g. ``"tree.attention"``) with ``impl`` runs on
+    ``device``: ``"reference"``, or the op-level variant name passed to the schema's ``str impl``
+    (``"auto"`` on CUDA resolved by :func:`resolve`). An unknown name raises ``ValueError``
+    naming the op, the argument and the accepted names."""
+    names = impls(family)
+    if not isinstance(impl, str) or impl not in names:
+        raise ValueError(f"tokenkernels.{op}: impl must be one of {list(names)}, got {impl!r}")
+    if impl == REFERENCE:
+        return REFERENCE
+    return resolve(family, impl, device)
 
 
 def impl_code(family: str, impl: str, codes: Mapping[str, int], device) -> int:

@@ -9,7 +9,7 @@ import torch
 import tokenkernels as tk
 from tokenkernels.reference import cross_entropy as ref
 
-from ..tolerances import tol
+from tokenkernels.testing import tol
 
 LOWP = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

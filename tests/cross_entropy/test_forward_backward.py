@@ -12,7 +12,7 @@ import torch
 import tokenkernels as tk
 from tokenkernels.reference import cross_entropy as ref
 
-from ..tolerances import tol
+from tokenkernels.testing import tol
 from .common import (ALL_DTYPES, BIAS_FACTOR, LOWP, assert_close_fp32, assert_precision_rule,
                      kernel, logit_scale, make_inputs, norm_err, reference, rel_err)
 

@@ -15,7 +15,7 @@ import torch
 from tokenkernels.integrations.transformers import (patch_causal_lm_loss, unpatch_causal_lm_loss)
 from tokenkernels.integrations._hf_loss import is_loss_patched
 
-from ..tolerances import tol
+from tokenkernels.testing import tol
 from .hf_models import CAUSAL_LMS, causal_lm
 
 V = 512

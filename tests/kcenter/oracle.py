@@ -6,7 +6,7 @@ test checks *validity* instead: the kernel's own picks are replayed against an f
 available candidate. Exact equality is added on top where the fp64 greedy's margins show the
 data are tie-free (see :func:`kcenter_margin` / :func:`coverage_margin`).
 
-All tolerances come from ``tests/tolerances.py``; distances are compared in normalised key space
+All tolerances come from ``tokenkernels.testing``; distances are compared in normalised key space
 (cosine: d; l2: d² / max squared norm), gains normalised by (valid rows x max similarity).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from tokenkernels.reference import kcenter as ref
 
-from ..tolerances import tol
+from tokenkernels.testing import tol
 
 INF = float("inf")
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import tokenkernels as tk
 from tokenkernels.reference import kcenter as ref
 
-from ..tolerances import DTYPES, tol
+from tokenkernels.testing import DTYPES, tol
 from .oracle import assert_equal_where_tie_free, coverage_margin, replay_coverage, valid_mask
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import tokenkernels as tk
 from tokenkernels.reference import kcenter as ref
 
-from ..tolerances import DTYPES, tol
+from tokenkernels.testing import DTYPES, tol
 from .oracle import (assert_equal_where_tie_free, check_sorted_matches, kcenter_margin,
                      replay_kcenter, valid_mask)
 

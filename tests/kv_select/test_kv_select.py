@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tokenkernels import kv_select as kv
 from tokenkernels.reference import kv_select as ref
 
-from ..tolerances import DTYPES, kv_tol
+from tokenkernels.testing import DTYPES, tol
 from .cases import cpu, f64, make_case
 
 LAYOUTS = [None, 1, 16]                 # page size; None = contiguous
@@ -33,7 +33,7 @@ def test_score(device, page, G, D, dtype):
     got = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table, scale=scale)
     want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table), scale=scale)
     assert got.dtype == torch.float32 and got.shape == (4, kv.capacity(c.k, c.block_table))
-    _close(got, want, kv_tol(dtype, "score") * c.q.shape[1], "score")
+    _close(got, want, tol(dtype, "kv_score") * c.q.shape[1], "score")
 
 
 @pytest.mark.parametrize("impl", ["plain", "tuned"])
@@ -65,7 +65,7 @@ def test_score_unscaled_logits_relative_precision(device, dtype, page, impl):
     got = got[:, :N]
     m = torch.einsum("bhd,bnhd->bhn", q.double(), kd.repeat_interleave(G, 2).double()).amax(-1)
     assert m.min() > 25 and m.max() < 64
-    _close(got, want, kv_tol(dtype, "score") * H_kv * G, "score")
+    _close(got, want, tol(dtype, "kv_score") * H_kv * G, "score")
     big = want > 0.1
     rel = ((got.double() - want).abs()[big] / want[big]).max().item()
     assert rel <= 1e-6, f"relative error {rel:.3g} of the dominant tokens' scores"
@@ -77,10 +77,10 @@ def test_score_chunk_mean_query(device, page, strided):
     c = make_case([300, 41], G=4, D=64, page_size=page, strided=strided, device=device, C=5)
     got = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table)
     want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table))
-    _close(got, want, kv_tol(torch.float32, "score") * 8, "score(chunk)")
+    _close(got, want, tol(torch.float32, "kv_score") * 8, "score(chunk)")
     # the chunk's mean query gives the same scores as passing the mean itself
     got2 = kv.score(c.q.mean(1), c.k, c.seq_lens, block_table=c.block_table)
-    _close(got2, want, kv_tol(torch.float32, "score") * 8, "score(mean)")
+    _close(got2, want, tol(torch.float32, "kv_score") * 8, "score(mean)")
 
 
 @pytest.mark.parametrize("seq", [[5, 22, 23, 100, 0, 1000], [1], [7, 129]])
@@ -196,8 +196,8 @@ def test_sparse_decode(device, page, G, D, dtype):
     wo, wl = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
                                block_table=cpu(c.block_table), return_lse=True)
     assert out.dtype == dtype and out.shape == c.q.shape and lse.dtype == torch.float32
-    _close(out, wo, kv_tol(dtype, "out"), "out")
-    _close(lse, wl, kv_tol(dtype, "lse"), "lse")
+    _close(out, wo, tol(dtype, "kv_out"), "out")
+    _close(lse, wl, tol(dtype, "kv_lse"), "lse")
 
 
 @pytest.mark.parametrize("page", LAYOUTS + [64])
@@ -273,8 +273,8 @@ def test_sparse_prefill(device, page, G, dtype):
     wo, wl = ref.sparse_prefill(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens), cs.cpu(),
                                 block_table=cpu(c.block_table), return_lse=True)
     assert out.shape == c.q.shape and out.dtype == dtype and lse.shape == c.q.shape[:3]
-    _close(out, wo, kv_tol(dtype, "out"), "out")
-    _close(lse, wl, kv_tol(dtype, "lse"), "lse")
+    _close(out, wo, tol(dtype, "kv_out"), "out")
+    _close(lse, wl, tol(dtype, "kv_lse"), "lse")
     assert torch.all(out[1, 5:] == 0) and torch.all(torch.isneginf(lse[2, 1:]))
 
 
@@ -325,7 +325,7 @@ def test_select_scores_with_the_proof_gated_auto_variant(device, monkeypatch):
     """select() has no impl= argument: its scoring must run what impl="auto" resolves to
     (tokenkernels.variants: the safe variant on CUDA until all are proven), not the op-level
     code 0 (the kernels' own heuristic, i.e. the unproven tuned kernel where eligible)."""
-    from tokenkernels.ops import kv_select as mod
+    from tokenkernels._ops import kv_select as mod
 
     seen = []
     real = mod._impl_code
@@ -406,7 +406,7 @@ def test_decode_impls_agree(device, impl):
     got = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, impl=impl)
     want = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
                              block_table=cpu(c.block_table))
-    _close(got, want, kv_tol(torch.float32, "out"), "out")
+    _close(got, want, tol(torch.float32, "kv_out"), "out")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -439,7 +439,7 @@ def test_score_impls_agree(device, impl, dtype, D, strided):
     c = make_case([700, 64, 5], G=4, D=D, dtype=dtype, page_size=16, strided=strided, device=device)
     got = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table, impl=impl)
     want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table))
-    _close(got, want, kv_tol(dtype, "score") * c.q.shape[1], "score")
+    _close(got, want, tol(dtype, "kv_score") * c.q.shape[1], "score")
 
 
 @pytest.mark.parametrize("D", [3, 12, 20])
@@ -449,9 +449,9 @@ def test_odd_head_dim(device, D, page):
     c = make_case([100, 37], G=4, D=D, page_size=page, device=device, seed=D)
     s = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table)
     _close(s, ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table)),
-           kv_tol(torch.float32, "score") * 8, "score")
+           tol(torch.float32, "kv_score") * 8, "score")
     idx = kv.topk(s, 10, c.seq_lens, n_sink=2, n_local=4)
     out = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table)
     want = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
                              block_table=cpu(c.block_table))
-    _close(out, want, kv_tol(torch.float32, "out"), "out")
+    _close(out, want, tol(torch.float32, "kv_out"), "out")

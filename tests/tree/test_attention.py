@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
-from ..tolerances import DTYPES, tree_tol
-from .trees import MEDUSA_63, chain, random_parents
+from tokenkernels.testing import DTYPES, MEDUSA_63, chain, random_parents, tol
 
 
 def make_case(B, n, Hq, Hkv, D, prefix, dtype, seed, device, page_size=None, lens=None, parents=None):
@@ -51,10 +50,10 @@ def check(tree, q, k, v, P, table, lens=None, scale=None):
                                    block_table=None if table is None else table.cpu(), scale=scale)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
     err = (out.double().cpu() - want).abs().max().item()
-    assert err <= tree_tol(q.dtype, "attn"), err
+    assert err <= tol(q.dtype, "tree_attn"), err
     fin = torch.isfinite(want_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), fin)
-    assert (lse.cpu().double()[fin] - want_lse[fin]).abs().max().item() <= tree_tol(q.dtype, "lse") * max(
+    assert (lse.cpu().double()[fin] - want_lse[fin]).abs().max().item() <= tol(q.dtype, "tree_lse") * max(
         1.0, want_lse[fin].abs().max().item())
     return out, lse
 
@@ -141,4 +140,4 @@ def test_attention_impls(device, impl, dtype):
         out, lse = tk.tree.attention(q, k, v, P, tree, block_table=table, return_lse=True, impl=impl)
         want, want_lse = ref.attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), P.cpu(), tree.mask.cpu(),
                                        tree_lens=lens, block_table=None if table is None else table.cpu())
-        assert (out.double().cpu() - want).abs().max().item() <= tree_tol(dtype, "attn")
+        assert (out.double().cpu() - want).abs().max().item() <= tol(dtype, "tree_attn")

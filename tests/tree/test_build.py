@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
-from .trees import MEDUSA_63, chain, medusa_buffers, random_parents, star
+from tokenkernels.testing import MEDUSA_63, chain, random_parents, star
+from .trees import medusa_buffers
 
 
 def assert_matches_reference(parents, lens=None, device="cpu", dtype=torch.long):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
-from .trees import random_parents
+from tokenkernels.testing import random_parents
 
 
 def same(got, want):

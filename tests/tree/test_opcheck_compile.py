@@ -4,7 +4,7 @@ import torch
 
 import tokenkernels as tk
 
-from .trees import random_parents
+from tokenkernels.testing import random_parents
 
 OPS = torch.ops.tokenkernels
 

@@ -14,7 +14,8 @@ import torch
 import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
-from .trees import chain, random_parents, unchecked_build
+from tokenkernels.testing import chain, random_parents
+from .trees import unchecked_build
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 OPS = torch.ops.tokenkernels

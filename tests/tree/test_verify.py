@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
-from .trees import MEDUSA_63, chain, random_parents, star
+from tokenkernels.testing import MEDUSA_63, chain, random_parents, star
 
 
 def gen(seed):

@@ -17,17 +17,13 @@ import torch
 
 import tokenkernels as tk
 from tokenkernels.reference import tree as ref
+from tokenkernels.testing import MEDUSA_63, random_parents
 
 from . import Context, Row
 
 DESCRIPTION = "token trees: build, verify (greedy / sampling), tree attention vs dense-mask SDPA"
 
-MEDUSA_63 = [[0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0],
-             [0, 5], [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0],
-             [0, 9], [8], [9], [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5],
-             [0, 0, 0, 0], [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9],
-             [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0],
-             [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]]
+
 
 
 HQ, HKV, HD = 32, 8, 128      # Llama-3-8B attention heads
@@ -57,14 +53,6 @@ def cases(quick: bool, cuda: bool = False) -> List[str]:
             + [attention_label(p, dt) for p in _prefixes(quick) for dt in ATTN_DTYPES])
 
 
-def random_parents(B: int, n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(B, n, generator=g)
-    p = (u * torch.arange(n)).long()          # uniform in [0, i)
-    p[:, 0] = -1
-    return p
-
-
 def _rows(ctx: Context, case: str, fns, work=0.0, bytes_=False):
     started = time.perf_counter()
     rows = []
@@ -89,7 +77,7 @@ def run(ctx: Context) -> None:
 
     # ---- build
     for B, n in _builds(quick):
-        par = random_parents(B, n, seed=n + B).to(dev)
+        par = random_parents(B, n, seed=n + B, bushy=1.0).to(dev)
         t0 = tk.tree.build(par)
         md, ml = t0.max_depth, t0.paths.shape[1]
         rows = _rows(ctx, f"build B{B} n{n}", [

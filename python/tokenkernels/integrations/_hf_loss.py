@@ -73,7 +73,7 @@ def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     # on under the name the decoder takes.
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..ops.cross_entropy import linear_cross_entropy
+    from .._ops.cross_entropy import linear_cross_entropy
 
     st: _LossPatch = getattr(self, _ATTR)
     return_dict = kwargs.pop("return_dict", None)

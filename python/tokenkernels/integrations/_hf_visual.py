@@ -89,7 +89,7 @@ def _image_features(self, pixel_values, image_sizes, mm_encoder_outputs, kwargs)
 
 def _select(st: _VisualPruning, feats: List[torch.Tensor], text: List[torch.Tensor]) -> List[torch.Tensor]:
     """Per image, the sorted indices of the kept feature rows."""
-    from ..ops.kcenter import coverage_select, kcenter, mmtok_similarity
+    from .._ops.kcenter import coverage_select, kcenter, mmtok_similarity
 
     n_img = len(feats)
     Ns = [int(f.shape[0]) for f in feats]

@@ -84,7 +84,7 @@ def kcenter(
     """Reference of :func:`tokenkernels.kcenter` (same arguments; ``dtype`` sets the precision
     of the distance matrix). Random starts draw the same numbers as the op for the same
     generator state."""
-    from ..ops.kcenter import _resolve_start
+    from .._ops.kcenter import _resolve_start
 
     x3, squeeze = as_batch(x, "x", "kcenter")
     B, N = x3.shape[0], x3.shape[1]

@@ -1,4 +1,14 @@
-"""The one per-dtype tolerance table of the test suite.
+"""Shared test data of tokenkernels: the one tolerance table, token trees and generators.
+
+The test suite (tests/) and the benchmarks (tokenkernels.bench) import from here; nothing is
+copied between families. Also useful to users testing their own kernels against ours.
+
+* :func:`tol` ``(dtype, kind)``: the tolerance of one comparison; kinds are prefixed by family
+  (kcenter ``dist``/``gain``/``tie_*``, cross_entropy ``ce_*``, HF integrations ``hf_*``, tree
+  ``tree_*``, kv_select ``kv_*``); :data:`DTYPES` the dtypes every op is tested in.
+* :data:`MEDUSA_63`, :func:`chain`, :func:`star`, :func:`random_parents`: token trees.
+
+Tolerances: the one per-dtype table of the test suite.
 
 Every kernel computes in fp32 whatever the input dtype (fp16/bf16 inputs are upcast exactly), so
 the oracle is always fp64 arithmetic on the *same* low-precision values upcast
@@ -14,6 +24,8 @@ CUDA, cuBLAS/tensor-core accumulation order). They are relative to a per-item sc
   normalisation) above which the data count as tie-free, so picks must equal the reference
   exactly.
 """
+from __future__ import annotations
+
 import torch
 
 # Measured on CPU (random gaussians, N <= 577, D <= 4096, fp32 and bf16 inputs): normalised
@@ -54,28 +66,21 @@ _CE = {
 for _dt, _kinds in _CE.items():
     TOLERANCES[_dt].update(_kinds)
 
-DTYPES = list(TOLERANCES)
 
 
-def tol(dtype: torch.dtype, kind: str) -> float:
-    return TOLERANCES[dtype][kind]
-
-
-# ---- tree family -------------------------------------------------------------------------------
+# ---- tree family (kinds prefixed "tree_") -------------------------------------------------------------------------------
 # tree.attention computes in fp32 whatever the input dtype and rounds the output once, so the
 # error vs the fp64 truth (same low-precision inputs upcast) is the output rounding (half an ulp
 # of |out| <= max|v|) plus fp32 accumulation: "attn" is an absolute bound for |v| <= ~4
 # (gaussian values), "lse" the absolute bound on the fp32 log-sum-exp. Measured on CPU: fp32
 # <= 1e-6, fp16 <= 5e-4, bf16 <= 8e-3 (the rounding of the output itself).
-TREE_TOLERANCES = {
-    torch.float32: dict(attn=2e-5, lse=2e-5),
-    torch.float16: dict(attn=2e-3, lse=2e-5),
-    torch.bfloat16: dict(attn=1.6e-2, lse=2e-5),
+_TREE = {
+    torch.float32: dict(tree_attn=2e-5, tree_lse=2e-5),
+    torch.float16: dict(tree_attn=2e-3, tree_lse=2e-5),
+    torch.bfloat16: dict(tree_attn=1.6e-2, tree_lse=2e-5),
 }
-
-
-def tree_tol(dtype: torch.dtype, kind: str) -> float:
-    return TREE_TOLERANCES[dtype][kind]
+for _dt, _kinds in _TREE.items():
+    TOLERANCES[_dt].update(_kinds)
 
 # HF integrations (kinds prefixed "hf_"): a patched tiny HF model against the same model
 # unpatched (HF's own logits + F.cross_entropy), on CPU; errors relative:
@@ -98,7 +103,7 @@ _HF = {
 }
 for _dt, _kinds in _HF.items():
     TOLERANCES[_dt].update(_kinds)
-# ---- kv_select family ------------------------------------------------------------------------
+# ---- kv_select family (kinds prefixed "kv_") ------------------------------------------------------------------------
 # The kernels compute in fp32 from the (exactly upcast) fp16/bf16 inputs; the oracle is the
 # fp64 reference on the same upcast values. Absolute tolerances for:
 #   score: criticality sums (each head's probabilities sum to 1; scaled by H_q in the tests);
@@ -109,12 +114,55 @@ for _dt, _kinds in _HF.items():
 # out errors fp32 5.4e-7 (the fp32 torch reference: 6.9e-7), fp16 9.3e-4, bf16 6.7e-3 (both
 # exactly the same-dtype reference's, i.e. output rounding); lse errors < 5.1e-7. The margins
 # (>= 10x for score and lse, >= 4x for out) leave room for CUDA's __expf and summation order.
-KV_TOLERANCES = {
-    torch.float32: dict(score=5e-6, out=2e-5, lse=5e-5),
-    torch.float16: dict(score=5e-6, out=4e-3, lse=5e-5),
-    torch.bfloat16: dict(score=5e-6, out=3e-2, lse=5e-5),
+_KV = {
+    torch.float32: dict(kv_score=5e-6, kv_out=2e-5, kv_lse=5e-5),
+    torch.float16: dict(kv_score=5e-6, kv_out=4e-3, kv_lse=5e-5),
+    torch.bfloat16: dict(kv_score=5e-6, kv_out=3e-2, kv_lse=5e-5),
 }
+for _dt, _kinds in _KV.items():
+    TOLERANCES[_dt].update(_kinds)
 
 
-def kv_tol(dtype: torch.dtype, kind: str) -> float:
-    return KV_TOLERANCES[dtype][kind]
+DTYPES = list(TOLERANCES)
+
+
+def tol(dtype: torch.dtype, kind: str) -> float:
+    """The tolerance of ``kind`` for inputs of ``dtype`` (see the table above)."""
+    try:
+        return TOLERANCES[dtype][kind]
+    except KeyError:
+        raise KeyError(f"tokenkernels.testing.tol: no tolerance {kind!r} for {dtype}") from None
+
+
+# ---- token trees -------------------------------------------------------------------------------
+# Medusa's default 63-node tree (mc_sim_7b_63; the root is implicit).
+MEDUSA_63 = [[0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4],
+             [2, 0], [0, 5], [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8],
+             [0, 0, 2], [3, 0], [0, 9], [8], [9], [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0],
+             [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0], [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0],
+             [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2],
+             [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1], [9, 0],
+             [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]]
+
+
+def chain(n: int) -> torch.Tensor:
+    return torch.arange(-1, n - 1)
+
+
+def star(n: int) -> torch.Tensor:
+    p = torch.zeros(n, dtype=torch.long)
+    p[0] = -1
+    return p
+
+
+def random_parents(B: int, n: int, seed: int, bushy: float = 0.5) -> torch.Tensor:
+    """Random trees, parents before children: a mix of uniform attachment (bushy, shallow) and
+    attachment to one of the last few nodes (deep)."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.zeros(B, n, dtype=torch.long)
+    p[:, 0] = -1
+    for i in range(1, n):
+        uni = torch.randint(0, i, (B,), generator=g)
+        recent = (i - 1 - torch.randint(0, min(i, 3), (B,), generator=g)).clamp_min(0)
+        p[:, i] = torch.where(torch.rand(B, generator=g) < bushy, uni, recent)
+    return p

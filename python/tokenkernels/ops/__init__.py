@@ -1,6 +1,0 @@
-"""Typed, documented wrappers around ``torch.ops.tokenkernels`` (one module per family)."""
-from . import kcenter  # noqa: F401
-from . import cross_entropy  # noqa: F401
-from . import tree  # noqa: F401
-
-from . import kv_select  # noqa: F401
