@@ -7,6 +7,9 @@ copied between families. Also useful to users testing their own kernels against 
   (kcenter ``dist``/``gain``/``tie_*``, cross_entropy ``ce_*``, HF integrations ``hf_*``, tree
   ``tree_*``, kv_select ``kv_*``); :data:`DTYPES` the dtypes every op is tested in.
 * :data:`MEDUSA_63`, :func:`chain`, :func:`star`, :func:`random_parents`: token trees.
+* :class:`Sample`: one named op-level call (``torch.ops.tokenkernels.*`` overload and its
+  arguments); each family's ``tests/<family>/samples.py`` lists them (``op_samples(device)``) for
+  opcheck, the fuzz suite and the sanitizer runs.
 
 Tolerances: the one per-dtype table of the test suite.
 
@@ -25,6 +28,9 @@ CUDA, cuBLAS/tensor-core accumulation order). They are relative to a per-item sc
   exactly.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Tuple
 
 import torch
 
@@ -166,3 +172,16 @@ def random_parents(B: int, n: int, seed: int, bushy: float = 0.5) -> torch.Tenso
         recent = (i - 1 - torch.randint(0, min(i, 3), (B,), generator=g)).clamp_min(0)
         p[:, i] = torch.where(torch.rand(B, generator=g) < bushy, uni, recent)
     return p
+
+
+# ---- op-level samples ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    """One valid call of an op: ``op(*args)``. ``name`` is unique within its family and is the
+    pytest id (``"<schema>-<what>"``, e.g. ``"tree_build-int32-no-lens"``)."""
+    name: str
+    op: Any                      # a torch._ops.OpOverload, e.g. torch.ops.tokenkernels.tree_build.default
+    args: Tuple[Any, ...]
+
+    def __call__(self):
+        return self.op(*self.args)
