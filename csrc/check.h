@@ -61,3 +61,24 @@ inline void check_mask(const std::optional<at::Tensor>& t, int64_t B, int64_t N,
 }
 
 }  // namespace tokenkernels
+
+// ---- cross_entropy family: torch-level helpers any family's adapters may share -------------
+#include "tokenkernels/common.h"
+
+namespace tokenkernels {
+
+// An index tensor (targets, lengths, ...) as contiguous int64, what the kernels read.
+inline at::Tensor long_contig(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+
+// The kernels' element-type tag of a float32 / float16 / bfloat16 tensor (checked by the caller).
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "tokenkernels: no kernel element type for ", t);
+  }
+  return DType::kFloat32;  // unreachable
+}
+
+}  // namespace tokenkernels

@@ -24,23 +24,25 @@ TORCH_LIBRARY(tokenkernels, m) {
   // shard, the target logit (0 when ignored or owned by another shard; NaN when out of range and
   // check=False), sum of logits (if sum_z, else empty), arg-max (int64) and max logit and
   // entropy of softmax(z) (if aux, else empty). check: validate targets (host sync on CUDA).
-  // impl: 0 auto, 1 plain (tiles through ATen GEMMs), 2 tuned (CUDA fused kernel).
-  // filter_eps / accum_fp32 are not used by the forward: its autograd formula passes them on.
+  // impl: "auto" (the kernels' heuristic: tuned where it applies), "plain" (logit tiles through
+  // ATen GEMMs), "tuned" (CUDA fused WMMA kernels for fp16/bf16, else plain); the CPU has one
+  // engine for all three. filter_eps (>= 0) / accum_fp32 are not used by the forward: its
+  // autograd formula passes them on. Checks: csrc/cross_entropy/cross_entropy_args.h.
   m.def(
-      "lce_forward(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
+      "cross_entropy_forward(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
       "float? softcap, int vocab_start, int vocab_total, bool sum_z, bool aux, bool check, "
-      "float filter_eps, bool accum_fp32, int impl) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float filter_eps, bool accum_fp32, str impl) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of the logits recomputed tile by tile:
   //   dZ = coef_p * exp(z - lse) + coef_t * onehot(target) + coef_1   (times softcap')
   // dhidden = dZ @ weight, dweight = dZ^T @ hidden, dbias = sum_rows dZ; each empty unless
   // asked for. filter_eps > 0 skips tiles where every |dZ| < filter_eps * max(|coef_p|, |coef_t|)
-  // of its row (CPU; gradient filtering). accum_fp32: fp32 accumulation of dweight for
-  // fp16/bf16.
+  // of its row (gradient filtering). accum_fp32: fp32 accumulation of dweight for fp16/bf16.
+  // impl: as cross_entropy_forward's.
   m.def(
-      "lce_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, "
+      "cross_entropy_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, "
       "Tensor coef_p, Tensor coef_t, Tensor? coef_1, int ignore_index, float? softcap, "
       "int vocab_start, float filter_eps, bool need_dhidden, bool need_dweight, bool need_dbias, "
-      "bool accum_fp32, int impl) -> (Tensor, Tensor, Tensor)");
+      "bool accum_fp32, str impl) -> (Tensor, Tensor, Tensor)");
 
   // ---- tree family (speculative-decoding token trees) ------------------------------------
   // Conventions: csrc/include/tokenkernels/tree.h. impl: 0 auto, 1 plain, 2 tuned (CUDA only).

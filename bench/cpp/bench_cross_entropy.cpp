@@ -1,4 +1,4 @@
-// cross_entropy family: tokenkernels::lce_forward + lce_backward (the ops behind
+// cross_entropy family: tokenkernels::cross_entropy_forward + cross_entropy_backward (the ops behind
 // tokenkernels.linear_cross_entropy, mean reduction, gradients of hidden and weight) against an
 // ATen port of the materialised computation torch runs (logits GEMM, log-softmax, dZ =
 // softmax - onehot, two gradient GEMMs).
@@ -27,17 +27,17 @@ using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // Schemas (csrc/registration.cpp).
 using FwdSig = T6(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, int64_t,
-                  std::optional<double>, int64_t, int64_t, bool, bool, bool, double, bool, int64_t);
+                  std::optional<double>, int64_t, int64_t, bool, bool, bool, double, bool, c10::string_view);
 using BwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, int64_t,
-                  std::optional<double>, int64_t, double, bool, bool, bool, bool, int64_t);
+                  std::optional<double>, int64_t, double, bool, bool, bool, bool, c10::string_view);
 
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tokenkernels::lce_forward", "").typed<FwdSig>();
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tokenkernels::cross_entropy_forward", "").typed<FwdSig>();
   return op;
 }
 const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tokenkernels::lce_backward", "").typed<BwdSig>();
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tokenkernels::cross_entropy_backward", "").typed<BwdSig>();
   return op;
 }
 
@@ -48,7 +48,7 @@ at::Tensor fused_fwd_bwd(const at::Tensor& h, const at::Tensor& w, const at::Ten
                          double filter_eps) {
   const int64_t V = w.size(0);
   auto st = fwd_op().call(h, w, t, std::nullopt, kIgnore, std::nullopt, 0, V, false, false, false,
-                          filter_eps, false, 0);
+                          filter_eps, false, "auto");
   auto& lse = std::get<0>(st);
   auto& zt = std::get<1>(st);
   auto valid = t.ne(kIgnore);
@@ -56,14 +56,14 @@ at::Tensor fused_fwd_bwd(const at::Tensor& h, const at::Tensor& w, const at::Ten
   auto loss = at::where(valid, lse - zt, at::zeros_like(lse)).sum() / cnt;
   auto g = valid.to(at::kFloat) / cnt;
   auto gr = bwd_op().call(h, w, t, std::nullopt, lse, g, -g, std::nullopt, kIgnore, std::nullopt,
-                          0, filter_eps, true, true, false, false, 0);
+                          0, filter_eps, true, true, false, false, "auto");
   (void)gr;
   return loss;
 }
 
 at::Tensor fused_fwd(const at::Tensor& h, const at::Tensor& w, const at::Tensor& t) {
   auto st = fwd_op().call(h, w, t, std::nullopt, kIgnore, std::nullopt, 0, w.size(0), false,
-                          false, false, 0.0, false, 0);
+                          false, false, 0.0, false, "auto");
   return std::get<0>(st);
 }
 

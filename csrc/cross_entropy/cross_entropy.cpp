@@ -22,11 +22,12 @@
 #include <type_traits>
 #include <vector>
 
-#include "cross_entropy/ce_args.h"
-#include "cross_entropy/ce_rows_cpu.h"
+#include "cross_entropy/cross_entropy_args.h"
+#include "cross_entropy/cross_entropy_cpu.h"
 
 namespace tokenkernels {
-namespace ce {
+namespace cross_entropy {
+namespace cpu {
 namespace {
 
 
@@ -42,8 +43,8 @@ int64_t block_v_lowp_cpu(int64_t V, int64_t D) {
 // Load row i of a (rows, cols) tile of type T into fp32, add bias, apply the softcap.
 template <typename T, typename A>
 inline void load_row(const T* tile, int64_t cols, int64_t i, const A* bias, A cap, A* out) {
-  ce_cpu::to_float_row(tile + i * cols, cols, bias, out);
-  if (cap > 0) ce_cpu::softcap_row(out, cols, cap);
+  to_float_row(tile + i * cols, cols, bias, out);
+  if (cap > 0) softcap_row(out, cols, cap);
 }
 
 // Local vocabulary index of token r's target, or -1 when ignored / owned by another shard /
@@ -59,16 +60,16 @@ inline int64_t local_target(int64_t t, int64_t ignore_index, int64_t vocab_start
   return shard_local(t, vocab_start, V);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_cpu(
+// impl: the CPU has one engine for every Impl (parsed and validated all the same).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, int64_t ignore_index, std::optional<double> softcap,
     int64_t vocab_start, int64_t vocab_total, bool want_sumz, bool aux, bool check,
-    double /*filter_eps*/, bool /*accum_fp32*/, int64_t /*impl*/) {
-  const auto a = check_lce_forward_args(hidden, weight, targets, bias, softcap, vocab_start,
-                                        vocab_total);
+    double filter_eps, bool /*accum_fp32*/, c10::string_view impl) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
+  const auto a = check_forward(hidden, weight, targets, bias, ignore_index, softcap, vocab_start,
+                               vocab_total, check, filter_eps, impl);
   const int64_t N = a.N, V = a.V;
-  if (check) check_target_values(targets, ignore_index, vocab_total, "linear_cross_entropy");
 
   // statistics in fp32 (fp64 for fp64 inputs, which the CPU accepts for gradcheck)
   const auto f32 = hidden.options().dtype(hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
@@ -82,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   auto H = hidden.contiguous();
   auto W = weight.contiguous();
-  auto T = targets.to(at::kLong).contiguous();
+  auto T = long_contig(targets);
   auto B = bias.has_value() ? bias->to(f32.dtype()).contiguous() : at::Tensor();
   // fp16/bf16: the logit tiles are fp32 GEMMs of upcast operands (exact products, fp32 sums),
   // so no logit is rounded to the input dtype (torch's materialised path rounds every one).
@@ -93,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto wbuf = lowp ? at::empty({bv * a.D}, f32) : at::Tensor();
   const int64_t* tp = T.data_ptr<int64_t>();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, H.scalar_type(), "lce_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, H.scalar_type(), "cross_entropy_forward_cpu", [&] {
     using tile_t = std::conditional_t<std::is_same_v<scalar_t, double>, double,
                    std::conditional_t<std::is_same_v<scalar_t, float>, float, float>>;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -123,12 +124,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t r = r0 + i;
             load_row(zp, cols, i, bp, cap, row.data());
-            const acc_t bm = ce_cpu::row_max(row.data(), cols);
+            const acc_t bm = row_max(row.data(), cols);
             bool bad;
             const int64_t lt = local_target(tp[r], ignore_index, vocab_start, V, vocab_total, &bad);
             if (bad) ztp[r] = std::numeric_limits<acc_t>::quiet_NaN();
             else if (lt >= v0 && lt < v0 + cols) ztp[r] = row[lt - v0];
-            if (sump) sump[r] += ce_cpu::row_sum(row.data(), cols);
+            if (sump) sump[r] += row_sum(row.data(), cols);
             if (aux && bm > mzp[r]) {  // strict: the earliest block keeps ties
               int64_t j = 0;
               while (j < cols && !(row[j] == bm)) ++j;
@@ -138,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             const acc_t mn = std::max(m[r], bm);
             if (!(mn > kNegInfA)) continue;  // all -inf / NaN row: left to finalisation
             acc_t t_blk = 0;
-            const acc_t s_blk = ce_cpu::exp_sum(row.data(), cols, mn, aux ? &t_blk : nullptr);
+            const acc_t s_blk = exp_sum(row.data(), cols, mn, aux ? &t_blk : nullptr);
             const acc_t scale = m[r] > kNegInfA ? std::exp(m[r] - mn) : acc_t(0);
             s[r] = s[r] * scale + s_blk;
             if (aux) tz[r] = tz[r] * scale + t_blk;
@@ -157,14 +158,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {lse, zt, sumz, amax, maxz, ent};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& coef_p,
     const at::Tensor& coef_t, const std::optional<at::Tensor>& coef_1, int64_t ignore_index,
     std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
-    bool need_dw, bool need_db, bool accum_fp32, int64_t /*impl*/) {
-  const auto a = check_lce_backward_args(hidden, weight, targets, bias, lse, coef_p, coef_t,
-                                         coef_1, filter_eps, need_db, softcap, vocab_start);
+    bool need_dw, bool need_db, bool accum_fp32, c10::string_view impl) {
+  const auto a = check_backward(hidden, weight, targets, bias, lse, coef_p, coef_t, coef_1,
+                                softcap, vocab_start, filter_eps, need_db, impl);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
 
@@ -197,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
 
   auto H = hidden.contiguous();
   auto W = weight.contiguous();
-  auto T = targets.to(at::kLong).contiguous();
+  auto T = long_contig(targets);
   auto B = bias.has_value() ? bias->to(sdt).contiguous() : at::Tensor();
   auto L = lse.to(sdt).contiguous();
   auto CP = coef_p.to(sdt).contiguous();
@@ -214,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
   auto acc_h = (need_dh && lowp) ? at::empty({bn * D}, so) : at::Tensor();
   auto acc_w = (need_dw && lowp && !accum_fp32) ? at::empty({bv * D}, so) : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lce_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "cross_entropy_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t* lp = L.data_ptr<acc_t>();
     const acc_t* cpp = CP.data_ptr<acc_t>();
@@ -249,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
             continue;
           }
           load_row(zp, cols, i, bp, cap, row.data());
-          acc_t mx = ce_cpu::dz_row(row.data(), cols, lp[r], cp, c1, inv_cap, d);
+          acc_t mx = dz_row(row.data(), cols, lp[r], cp, c1, inv_cap, d);
           bool bad;
           const int64_t lt = local_target(tp[r], ignore_index, vocab_start, V,
                                           std::numeric_limits<int64_t>::max(), &bad);
@@ -258,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
             acc_t v = cp * std::exp(row[j] - lp[r]) + c1 + ct;
             if (inv_cap != 0) v *= 1 - (row[j] * inv_cap) * (row[j] * inv_cap);
             d[j] = v;
-            mx = ce_cpu::nan_max(mx, std::fabs(v));
+            mx = nan_max(mx, std::fabs(v));
           }
           if (!(mx < feps * std::max(std::fabs(cp), std::fabs(ct)))) k = true;  // NaN: keep
         }
@@ -339,10 +340,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cpu(
 }
 
 }  // namespace
-}  // namespace ce
+}  // namespace cpu
+}  // namespace cross_entropy
 }  // namespace tokenkernels
 
 TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
-  m.impl("lce_forward", &tokenkernels::ce::lce_forward_cpu);
-  m.impl("lce_backward", &tokenkernels::ce::lce_backward_cpu);
+  m.impl("cross_entropy_forward", &tokenkernels::cross_entropy::cpu::forward);
+  m.impl("cross_entropy_backward", &tokenkernels::cross_entropy::cpu::backward);
 }

@@ -1,8 +1,10 @@
 // cross_entropy family: CUDA adapter (compiled by the host C++ compiler; kernels in
 // cross_entropy_kernels.cu). No host sync unless `check` is set.
 //
-// Forward: "tuned" (default for fp16/bf16 where fused_supported: D % 8 == 0, 16-byte aligned
-// rows) = the fused WMMA kernel, no logit buffer; "plain" (fp32, impl=1, or shapes the fused
+// Every check is cross_entropy_args.h's (check_forward / check_backward, as on the CPU); which
+// path runs is use_fused(Impl, fused_supported) (tokenkernels/cross_entropy.h).
+// Forward: "tuned" (and "auto", for fp16/bf16 where fused_supported: D % 8 == 0, 16-byte aligned
+// rows) = the fused WMMA kernel, no logit buffer; "plain" (fp32, impl="plain", or shapes the fused
 // kernels do not support) = fp32 logit tiles from cuBLAS (ATen mm with fp32 output) folded
 // into the online log-sum-exp by fwd_tile_kernel.
 // Backward: "plain" = logit tiles recomputed by cuBLAS, dZ by dz_tile_kernel, gradients by two
@@ -17,21 +19,13 @@
 #include <limits>
 #include <string>
 
-#include "cross_entropy/ce_args.h"
+#include "cross_entropy/cross_entropy_args.h"
 #include "cuda_glue.h"
 #include "tokenkernels/cross_entropy.h"
 
 namespace tokenkernels {
-namespace ce {
+namespace cross_entropy {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    default: return DType::kBFloat16;
-  }
-}
 
 // Where each token's target lives, for the kernels. T: targets as contiguous int64.
 Targets make_targets(const at::Tensor& T, int64_t ignore_index, int64_t vocab_start, int64_t V,
@@ -73,18 +67,17 @@ void logits_tile(at::Tensor& Z, const at::Tensor& a, const at::Tensor& b) {
   else at::mm_out(Z, a, b.t(), at::kFloat);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, int64_t ignore_index, std::optional<double> softcap,
     int64_t vocab_start, int64_t vocab_total, bool want_sumz, bool aux, bool check,
-    double /*filter_eps*/, bool /*accum_fp32*/, int64_t impl) {
-  const char* op = "linear_cross_entropy";
-  const auto a = check_lce_forward_args(hidden, weight, targets, bias, softcap, vocab_start,
-                                        vocab_total);
+    double filter_eps, bool /*accum_fp32*/, c10::string_view impl) {
+  const char* op = kForwardOp;
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
+  const auto a = check_forward(hidden, weight, targets, bias, ignore_index, softcap, vocab_start,
+                               vocab_total, check, filter_eps, impl);
   const int64_t N = a.N, D = a.D, V = a.V;
   c10::DeviceGuard guard(hidden.device());
-  if (check) check_target_values(targets, ignore_index, vocab_total, op);
 
   const auto f32 = hidden.options().dtype(at::kFloat);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -101,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto tz = at::zeros({aux ? N : 0}, f32);
   auto H = hidden.contiguous();
   auto W = weight.contiguous();
-  auto T = targets.to(at::kLong).contiguous();
+  auto T = long_contig(targets);
   auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float cap = static_cast<float>(softcap_value(softcap));
   const cudaStream_t stream = current_cuda_stream(hidden.device());
@@ -120,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto dtype = to_dtype(H.scalar_type());
   // D = 0 (all logits = bias): the plain path (cuBLAS/ATen handle K = 0); the fused kernels
   // are never launched for it.
-  if (impl != 1 && D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D)) {  // tuned fused kernel
+  if (use_fused(a.impl, D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D))) {  // fused kernel
     int splits = 1;
     check_cuda(fused_default_splits(N, V, &splits), "linear_cross_entropy fused forward (SM count)");
     auto ws = at::empty({static_cast<int64_t>(fused_workspace_bytes(N, splits))},
@@ -153,19 +146,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {lse, zt, sumz, amax, maxz, ent};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& coef_p,
     const at::Tensor& coef_t, const std::optional<at::Tensor>& coef_1, int64_t ignore_index,
     std::optional<double> softcap, int64_t vocab_start, double filter_eps, bool need_dh,
-    bool need_dw, bool need_db, bool accum_fp32, int64_t impl) {
-  const auto a = check_lce_backward_args(hidden, weight, targets, bias, lse, coef_p, coef_t,
-                                         coef_1, filter_eps, need_db, softcap, vocab_start);
+    bool need_dw, bool need_db, bool accum_fp32, c10::string_view impl) {
+  const auto a = check_backward(hidden, weight, targets, bias, lse, coef_p, coef_t, coef_1,
+                                softcap, vocab_start, filter_eps, need_db, impl);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // internal ATen calls are not recorded
   const int64_t N = a.N, D = a.D, V = a.V;
   c10::DeviceGuard guard(hidden.device());
 
-  const char* op = "linear_cross_entropy_backward";
+  const char* op = kBackwardOp;
   const auto dt = hidden.scalar_type();
   const bool lowp = dt != at::kFloat;
   const auto f32 = hidden.options().dtype(at::kFloat);
@@ -191,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
 
   auto H = hidden.contiguous();
   auto W = weight.contiguous();
-  auto T = targets.to(at::kLong).contiguous();
+  auto T = long_contig(targets);
   auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   auto L = lse.contiguous();
   auto CP = coef_p.contiguous();
@@ -214,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
   const float* gsp = gscale.defined() ? gscale.data_ptr<float>() : nullptr;
   const auto dtype = to_dtype(dt);
 
-  if (impl != 1 && D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D)) {
-    // tuned: fused WMMA recompute + gradient filtering + atomics into the fp32 accumulators
+  if (use_fused(a.impl, D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D))) {
+    // tuned / auto: fused WMMA recompute + gradient filtering + atomics into the fp32 accumulators
     check_cuda(launch_bwd_fused(H.data_ptr(), W.data_ptr(), dtype, N, D, bp, cap, tg,
                                 L.data_ptr<float>(), CP.data_ptr<float>(), CT.data_ptr<float>(),
                                 c1p, gsp, feps, need_dh ? dh.data_ptr<float>() : nullptr,
@@ -277,10 +270,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward_cuda(
 }
 
 }  // namespace
-}  // namespace ce
+}  // namespace cross_entropy
 }  // namespace tokenkernels
 
 TORCH_LIBRARY_IMPL(tokenkernels, CUDA, m) {
-  m.impl("lce_forward", &tokenkernels::ce::lce_forward_cuda);
-  m.impl("lce_backward", &tokenkernels::ce::lce_backward_cuda);
+  m.impl("cross_entropy_forward", &tokenkernels::cross_entropy::forward_cuda);
+  m.impl("cross_entropy_backward", &tokenkernels::cross_entropy::backward_cuda);
 }

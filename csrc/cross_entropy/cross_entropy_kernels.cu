@@ -6,7 +6,7 @@
 #include "tokenkernels/cross_entropy.cuh"
 
 namespace tokenkernels {
-namespace ce {
+namespace cross_entropy {
 
 namespace {
 constexpr int kRowThreads = 256;   // plain tile kernels: one block per token row
@@ -175,5 +175,5 @@ cudaError_t launch_bwd_fused(const void* hidden, const void* weight, DType dtype
                          ct, c1, gscale, filter_eps, dH32, dW32, db32, skipped, stream);
 }
 
-}  // namespace ce
+}  // namespace cross_entropy
 }  // namespace tokenkernels

@@ -80,16 +80,20 @@ def kernel(hidden, weight, targets, bias=None, **kw):
 
 
 def reference(hidden, weight, targets, bias=None, *, dtype=None, **kw):
-    """The reference: ``dtype=torch.float64`` -> fp64 ground truth on the same inputs upcast;
-    None -> computed in the inputs' own dtype (what plain F.linear + F.cross_entropy does)."""
-    kw.pop("filter_eps", None)
-    kw.pop("accum_fp32", None)
+    """The reference on leaf copies of the inputs: ``dtype=torch.float64`` -> fp64 ground truth
+    on the same inputs upcast; None -> computed in the inputs' own dtype (what plain F.linear +
+    F.cross_entropy does). ``impl`` is dropped (the reference is an implementation)."""
+    assert dtype in (None, torch.float64), dtype
     kw.pop("impl", None)
-    kw.pop("check", None)
-    return run(lambda *a, **k: ref.linear_cross_entropy(*a, dtype=dtype, **k),
-               hidden, weight, targets, bias,
-               cast=torch.float64 if dtype == torch.float64 else None,
-               **kw)
+    return run(ref.linear_cross_entropy, hidden, weight, targets, bias, cast=dtype, **kw)
+
+
+def logits64(hidden, weight, bias=None, softcap=None) -> torch.Tensor:
+    """The fp64 logits softcap(hidden @ weight.T + bias), (N, V) for hidden (..., D)."""
+    h = hidden.detach().cpu().double().reshape(-1, hidden.shape[-1])
+    z = torch.nn.functional.linear(h, weight.detach().cpu().double(),
+                                   None if bias is None else bias.detach().cpu().double())
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
 def logit_scale(hidden, weight, bias=None) -> float:

@@ -185,25 +185,25 @@ def test_empty_tokens(device):
 def test_ops_reject_bad_internal_arguments(device):
     """The ops themselves (used directly or by other code) check their arguments too."""
     h, w, t, b = _ok(device)
-    fwd = torch.ops.tokenkernels.lce_forward
-    bwd = torch.ops.tokenkernels.lce_backward
+    fwd = torch.ops.tokenkernels.cross_entropy_forward
+    bwd = torch.ops.tokenkernels.cross_entropy_backward
     _raises(r"hidden", fwd, h.view(2, 3, 4), w, t, None, -100, None, 0, 9, False, False, True,
-            0.0, False, 0)
+            0.0, False, "auto")
     _raises(r"shard|vocab", fwd, h, w, t, None, -100, None, 5, 9, False, False, True, 0.0,
-            False, 0)
-    _raises(r"softcap", fwd, h, w, t, None, -100, -1.0, 0, 9, False, False, True, 0.0, False, 0)
-    lse = fwd(h, w, t, None, -100, None, 0, 9, False, False, True, 0.0, False, 0)[0]
+            False, "auto")
+    _raises(r"softcap", fwd, h, w, t, None, -100, -1.0, 0, 9, False, False, True, 0.0, False, "auto")
+    lse = fwd(h, w, t, None, -100, None, 0, 9, False, False, True, 0.0, False, "auto")[0]
     c = torch.ones(6, device=device)
     _raises(r"lse", bwd, h, w, t, None, lse[:3], c, c, None, -100, None, 0, 0.0, True, True,
-            False, False, 0)
+            False, False, "auto")
     _raises(r"coef_p", bwd, h, w, t, None, lse, c.long(), c, None, -100, None, 0, 0.0, True,
-            True, False, False, 0)
+            True, False, False, "auto")
     _raises(r"coef_t", bwd, h, w, t, None, lse, c, c[:2], None, -100, None, 0, 0.0, True, True,
-            False, False, 0)
+            False, False, "auto")
     _raises(r"bias", bwd, h, w, t, None, lse, c, c, None, -100, None, 0, 0.0, True, True, True,
-            False, 0)
+            False, "auto")
     _raises(r"filter_eps", bwd, h, w, t, None, lse, c, c, None, -100, None, 0, -1.0, True, True,
-            False, False, 0)
+            False, False, "auto")
 
 
 def test_vocab_parallel_range_mismatch():
@@ -220,32 +220,32 @@ def test_ops_vocab_range_without_overflow(device):
     """vocab_start + V must not overflow int64 into an accepted shard, and the backward (which
     has no vocab_total) refuses a vocab_start whose t - vocab_start / vocab_start + V overflow."""
     h, w, t, b = _ok(device)
-    fwd = torch.ops.tokenkernels.lce_forward
-    bwd = torch.ops.tokenkernels.lce_backward
+    fwd = torch.ops.tokenkernels.cross_entropy_forward
+    bwd = torch.ops.tokenkernels.cross_entropy_backward
     for start, total in ((_I64 - 3, _I64), (_I64, _I64), (-(2 ** 63), 9), (-1, 9), (1, 9),
                          (0, 8), (0, -(2 ** 63))):
         for check in (True, False):
             _raises(r"linear_cross_entropy.*vocab", fwd, h, w, t, None, -100, None, start, total,
-                    False, False, check, 0.0, False, 0)
-    fwd(h, w, t, None, -100, None, _I64 - 9, _I64, False, False, False, 0.0, False, 0)  # fits
-    lse = fwd(h, w, t, None, -100, None, 0, 9, False, False, True, 0.0, False, 0)[0]
+                    False, False, check, 0.0, False, "auto")
+    fwd(h, w, t, None, -100, None, _I64 - 9, _I64, False, False, False, 0.0, False, "auto")  # fits
+    lse = fwd(h, w, t, None, -100, None, 0, 9, False, False, True, 0.0, False, "auto")[0]
     c = torch.ones(6, device=device)
     for start in (-(2 ** 63), -5, _I64, _I64 - 8):
         _raises(r"backward.*vocab_start", bwd, h, w, t, None, lse, c, c, None, -100, None, start,
-                0.0, True, True, False, False, 0)
-    bwd(h, w, t, None, lse, c, c, None, -100, None, _I64 - 9, 0.0, True, True, False, False, 0)
+                0.0, True, True, False, False, "auto")
+    bwd(h, w, t, None, lse, c, c, None, -100, None, _I64 - 9, 0.0, True, True, False, False, "auto")
 
 
 def test_ops_backward_checks_softcap(device):
     h, w, t, b = _ok(device)
-    fwd = torch.ops.tokenkernels.lce_forward
-    bwd = torch.ops.tokenkernels.lce_backward
-    lse = fwd(h, w, t, None, -100, None, 0, 9, False, False, True, 0.0, False, 0)[0]
+    fwd = torch.ops.tokenkernels.cross_entropy_forward
+    bwd = torch.ops.tokenkernels.cross_entropy_backward
+    lse = fwd(h, w, t, None, -100, None, 0, 9, False, False, True, 0.0, False, "auto")[0]
     c = torch.ones(6, device=device)
     for cap in (float("nan"), 0.0, -1.0, float("-inf")):
         _raises(r"backward.*softcap", bwd, h, w, t, None, lse, c, c, None, -100, cap, 0, 0.0,
-                True, True, False, False, 0)
-        _raises(r"softcap", fwd, h, w, t, None, -100, cap, 0, 9, False, False, True, 0.0, False, 0)
+                True, True, False, False, "auto")
+        _raises(r"softcap", fwd, h, w, t, None, -100, cap, 0, 9, False, False, True, 0.0, False, "auto")
 
 
 def test_softcap_inf_is_no_softcap(device):
@@ -254,15 +254,15 @@ def test_softcap_inf_is_no_softcap(device):
     h, w, t, b = _ok(device)
     inf = float("inf")
     torch.testing.assert_close(LCE(h, w, t, b, softcap=inf), LCE(h, w, t, b))
-    fwd = torch.ops.tokenkernels.lce_forward
-    bwd = torch.ops.tokenkernels.lce_backward
-    a = fwd(h, w, t, b, -100, inf, 0, 9, True, True, True, 0.0, False, 0)
-    e = fwd(h, w, t, b, -100, None, 0, 9, True, True, True, 0.0, False, 0)
+    fwd = torch.ops.tokenkernels.cross_entropy_forward
+    bwd = torch.ops.tokenkernels.cross_entropy_backward
+    a = fwd(h, w, t, b, -100, inf, 0, 9, True, True, True, 0.0, False, "auto")
+    e = fwd(h, w, t, b, -100, None, 0, 9, True, True, True, 0.0, False, "auto")
     for x, y in zip(a, e):
         torch.testing.assert_close(x, y)
     c = torch.ones(6, device=device)
-    ga = bwd(h, w, t, b, e[0], c, -c, None, -100, inf, 0, 0.0, True, True, True, False, 0)
-    ge = bwd(h, w, t, b, e[0], c, -c, None, -100, None, 0, 0.0, True, True, True, False, 0)
+    ga = bwd(h, w, t, b, e[0], c, -c, None, -100, inf, 0, 0.0, True, True, True, False, "auto")
+    ge = bwd(h, w, t, b, e[0], c, -c, None, -100, None, 0, 0.0, True, True, True, False, "auto")
     for x, y in zip(ga, ge):
         torch.testing.assert_close(x, y)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -317,7 +317,8 @@ def test_zero_features(device, with_bias, dtype):
     for reduction in ("mean", "sum", "none"):
         kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
         got = LCE(h0, w0, t, b0, **kw)
-        exp = ref.linear_cross_entropy(h0, w0, t, b0, dtype=torch.float32, **kw)
+        f32 = [None if x is None else x.float() for x in (h0, w0, b0)]
+        exp = ref.linear_cross_entropy(f32[0], f32[1], t, f32[2], **kw)
         torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
     if not with_bias:
         torch.testing.assert_close(LCE(h0, w0, t), torch.tensor(math.log(9), device=device))
@@ -326,11 +327,49 @@ def test_zero_features(device, with_bias, dtype):
     assert h0.grad.shape == (6, 0) and w0.grad.shape == (9, 0)
     if with_bias:
         bb = b.clone().requires_grad_()
-        ref.linear_cross_entropy(h0.detach(), w0.detach(), t, bb, reduction="sum",
-                                 label_smoothing=0.1, dtype=torch.float32).backward()
+        ref.linear_cross_entropy(h0.detach().float(), w0.detach().float(), t, bb.float(),
+                                 reduction="sum", label_smoothing=0.1).backward()
         torch.testing.assert_close(b0.grad.float(), bb.grad.float(), atol=1e-2, rtol=1e-2)
-    # the ops directly, every impl code
-    for impl in (0, 1, 2):
-        out = torch.ops.tokenkernels.lce_forward(h0.detach(), w0.detach(), t, None, -100, None,
+    # the ops directly, every impl
+    for impl in ("auto", "plain", "tuned"):
+        out = torch.ops.tokenkernels.cross_entropy_forward(h0.detach(), w0.detach(), t, None, -100, None,
                                                  0, 9, True, True, True, 0.0, False, impl)
         torch.testing.assert_close(out[0], torch.full((6,), math.log(9), device=device))
+
+
+def test_ops_parse_impl_names(device):
+    """The schemas' ``str impl``: "auto", "plain" or "tuned" (every one accepted on every device);
+    any other name is a ValueError naming the op, impl and the accepted names."""
+    h, w, t, b = _ok(device)
+    fwd = torch.ops.tokenkernels.cross_entropy_forward
+    bwd = torch.ops.tokenkernels.cross_entropy_backward
+    c = torch.ones(6, device=device)
+    for impl in ("auto", "plain", "tuned"):
+        lse = fwd(h, w, t, b, -100, None, 0, 9, False, False, True, 0.0, False, impl)[0]
+        bwd(h, w, t, b, lse, c, -c, None, -100, None, 0, 0.0, True, True, True, False, impl)
+    accepted = r"impl must be one of 'auto', 'plain', 'tuned', got '(fast|Auto|reference|)'"
+    for bad in ("fast", "Auto", "reference", ""):  # "reference" is the Python API's, not an op's
+        with pytest.raises(ValueError, match=r"tokenkernels\.linear_cross_entropy: " + accepted):
+            fwd(h, w, t, b, -100, None, 0, 9, False, False, True, 0.0, False, bad)
+        with pytest.raises(ValueError,
+                           match=r"tokenkernels\.linear_cross_entropy_backward: " + accepted):
+            bwd(h, w, t, b, lse, c, -c, None, -100, None, 0, 0.0, True, True, True, False, bad)
+
+
+def test_ops_error_types(device):
+    """The ops' checks raise ValueError for shapes / devices / values and TypeError for dtypes
+    (cross_entropy_args.h), whatever the device; the wrapper passes them through."""
+    h, w, t, b = _ok(device)
+    fwd = torch.ops.tokenkernels.cross_entropy_forward
+    rest = (-100, None, 0, 9, False, False, True, 0.0, False, "auto")
+    with pytest.raises(ValueError, match=r"tokenkernels\.linear_cross_entropy: weight has D = 3"):
+        fwd(h, w[:, :3], t, None, *rest)
+    with pytest.raises(TypeError, match=r"tokenkernels\.linear_cross_entropy: targets must be "
+                                        r"int64 or int32, got Float"):
+        LCE(h, w, t.float())
+    with pytest.raises(ValueError, match=r"tokenkernels\.linear_cross_entropy: softcap must be > 0"):
+        LCE(h, w, t, softcap=-1.0)
+    with pytest.raises(ValueError, match=r"tokenkernels\.linear_cross_entropy: filter_eps must be >= 0"):
+        fwd(h, w, t, None, -100, None, 0, 9, False, False, True, -1.0, False, "auto")
+    with pytest.raises(ValueError, match=r"tokenkernels\.linear_cross_entropy: bias must have shape"):
+        LCE(h, w, t, b[:5])

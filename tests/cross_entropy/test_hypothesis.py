@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .common import assert_close_fp32, kernel, logit_scale, make_inputs, reference
+from .common import assert_close_fp32, kernel, logit_scale, logits64, make_inputs, reference
 
 
 @st.composite
@@ -51,10 +51,7 @@ def test_random_cases_fp32(case):
     if opts["return_aux"]:
         # continuous data rarely tie, but wscale=0.5 with D=1 can: require the kernel's pick to
         # be a maximum of the fp64 logits up to fp32 rounding instead of the same index
-        from tokenkernels.reference.cross_entropy import logits
-
-        z = logits(h.reshape(-1, D).double(), w.double(), None if b is None else b.double(),
-                   opts["softcap"]).reshape(*t.shape, V)
+        z = logits64(h, w, b, opts["softcap"]).reshape(*t.shape, V)
         picked = z.gather(-1, k["argmax"].unsqueeze(-1)).squeeze(-1)
         gap = (z.max(-1).values - picked)
         assert bool((gap <= 1e-5 * max(logit_scale(h, w, b), 1.0)).all()), gap.max()

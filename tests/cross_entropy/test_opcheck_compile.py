@@ -1,74 +1,35 @@
-"""torch.library.opcheck of lce_forward / lce_backward, and torch.compile(fullgraph=True) of
-linear_cross_entropy (forward + backward) against eager."""
+"""torch.library.opcheck of cross_entropy_forward / cross_entropy_backward (the named samples of
+tests/cross_entropy/samples.py), and torch.compile(fullgraph=True) of linear_cross_entropy
+(forward + backward) against eager."""
 import pytest
 import torch
 
 import tokenkernels as tk
 
-FWD = torch.ops.tokenkernels.lce_forward.default
-BWD = torch.ops.tokenkernels.lce_backward.default
-
-
-def _fwd_samples(device):
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(9, 8, generator=g).to(device).requires_grad_()
-    w = (torch.randn(13, 8, generator=g) / 3).to(device).requires_grad_()
-    b = torch.randn(13, generator=g).to(device).requires_grad_()
-    t = torch.randint(0, 13, (9,), generator=g)
-    t[2] = -100
-    t = t.to(device)
-    hb = torch.randn(5, 16, generator=g).to(torch.bfloat16).to(device)
-    wb = torch.randn(7, 16, generator=g).to(torch.bfloat16).to(device)
-    tb = torch.randint(0, 7, (5,), generator=g).to(torch.int32).to(device)
-    hh = torch.randn(4, 6, generator=g).to(torch.float16).to(device).requires_grad_()
-    wh = torch.randn(11, 6, generator=g).to(torch.float16).to(device).requires_grad_()
-    bh = torch.randn(11, generator=g).to(torch.float16).to(device)
-    th = torch.randint(0, 11, (4,), generator=g).to(device)
-    # (hidden, weight, targets, bias, ignore_index, softcap, vocab_start, vocab_total, sum_z,
-    #  aux, check, filter_eps, accum_fp32, impl)
-    return [
-        (h, w, t, None, -100, None, 0, 13, False, False, True, 0.0, False, 0),
-        (h, w, t, b, -100, 3.0, 0, 13, True, True, True, 0.0, False, 0),
-        (h, w, torch.where(t < 0, 5, t), b, 5, None, 0, 13, True, False, False, 0.0, False, 1),
-        (h, w, t.clamp(min=0) + 4, b, -100, None, 4, 20, True, True, True, 0.0, False, 0),  # shard
-        (hb, wb, tb, None, -100, 30.0, 0, 7, False, True, True, 2.0 ** -12, False, 0),
-        (hh, wh, th, bh, -100, None, 0, 11, True, False, True, 0.0, True, 2),
-    ]
-
-
-def _bwd_samples(device):
-    out = []
-    g = torch.Generator().manual_seed(1)
-    for s in _fwd_samples(device):
-        h, w, t, b, ii, cap, v0, vt, sz, aux, chk, feps, acc, impl = s
-        lse = FWD(*s)[0].detach()
-        N = h.shape[0]
-        cp = torch.randn(N, generator=g).to(device)
-        ct = -torch.rand(N, generator=g).to(device)
-        c1 = torch.randn(N, generator=g).to(device) if sz else None
-        h, w = h.detach(), w.detach()
-        b = None if b is None else b.detach()
-        for need in ((True, True, b is not None), (True, False, False), (False, True, False)):
-            out.append((h, w, t, b, lse, cp, ct, c1, ii, cap, v0, feps, *need, acc, impl))
-    return out
-
+from .samples import BWD, FWD, op_samples
 
 # test_autograd_registration needs a grad-requiring input; the others apply to every sample
 UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
          "test_aot_dispatch_dynamic")
+# cross_entropy_backward has no autograd formula of its own (no double backward)
+BWD_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+NAMES = [s.name for s in op_samples("cpu")]
 
 
-@pytest.mark.parametrize("i", range(len(_fwd_samples("cpu"))))
-def test_opcheck_lce_forward(device, i):
-    torch.library.opcheck(FWD, _fwd_samples(device)[i], test_utils=UTILS)
+def test_samples_cover_every_op_with_unique_names():
+    samples = op_samples("cpu")
+    assert len(set(NAMES)) == len(NAMES)
+    assert {s.op for s in samples} == {FWD, BWD}
+    ops = {s.name for s in torch._C._jit_get_all_schemas()
+           if s.name.startswith("tokenkernels::cross_entropy")}
+    assert ops == {"tokenkernels::cross_entropy_forward", "tokenkernels::cross_entropy_backward"}
 
 
-@pytest.mark.parametrize("i", range(len(_bwd_samples("cpu"))))
-def test_opcheck_lce_backward(device, i):
-    # lce_backward has no autograd formula of its own (no double backward)
-    torch.library.opcheck(BWD, _bwd_samples(device)[i],
-                          test_utils=("test_schema", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck(device, name):
+    sample = {s.name: s for s in op_samples(device)}[name]
+    torch.library.opcheck(sample.op, sample.args,
+                          test_utils=UTILS if sample.op is FWD else BWD_UTILS)
 
 
 def _forward(h, w, t, b):

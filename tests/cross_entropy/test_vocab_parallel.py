@@ -1,6 +1,7 @@
 """Vocabulary parallelism: 2 processes (gloo, CPU), each holding a slice of the vocabulary, give
 the single-process loss, lse, arg-max and entropy; hidden.grad equals the full gradient and
-weight.grad / bias.grad equal the slices of the single-process gradients."""
+weight.grad / bias.grad equal the slices of the single-process gradients. For the kernels and
+for impl="reference" (which all-gathers the shards)."""
 import socket
 
 import pytest
@@ -45,14 +46,15 @@ def _inputs(V, dtype, bias=False, ignore=False, tie=False, all_ignored=False):
     return h, w, t, b
 
 
-def _run(h, w, t, b, opts, vp=None, start=0, stop=None):
+def _run(h, w, t, b, opts, vp=None, start=0, stop=None, impl="auto"):
     import tokenkernels as tk
 
     stop = w.shape[0] if stop is None else stop
     hh = h.clone().requires_grad_()
     ww = w[start:stop].clone().requires_grad_()
     bb = None if b is None else b[start:stop].clone().requires_grad_()
-    res = tk.linear_cross_entropy(hh, ww, t, bb, vocab_parallel=vp, filter_eps=None, **opts)
+    res = tk.linear_cross_entropy(hh, ww, t, bb, vocab_parallel=vp, filter_eps=None, impl=impl,
+                                  **opts)
     res = res if isinstance(res, tuple) else (res,)
     g = torch.Generator().manual_seed(7)
     obj = (res[0] * (torch.rand(res[0].shape, generator=g) + 0.5)).sum()
@@ -81,28 +83,36 @@ def _worker(rank, world, port, configs):
         for name, V, split, dtype, opts, inp in configs:
             dtype = getattr(torch, dtype)
             h, w, t, b = _inputs(V, dtype, **inp)
-            full, fdh, fdw, fdb = _run(h, w, t, b, opts)
             start, stop = (0, split) if rank == 0 else (split, V)
             vp = tk.VocabParallel(group=None, start=start, stop=stop)
-            part, pdh, pdw, pdb = _run(h, w, t, b, opts, vp, start, stop)
-            where = f"[{name}, rank {rank}]"
-            assert len(part) == len(full), where
-            names = ["loss"] + (["lse"] if opts.get("return_lse") else []) + (
-                ["argmax", "entropy"] if opts.get("return_aux") else [])
-            for n, p, f in zip(names, part, full):
-                assert p.shape == f.shape and p.dtype == f.dtype, (where, n)
-                if n == "argmax":
-                    assert torch.equal(p, f), (where, n, p, f)
-                else:
-                    _close(p, f, dtype if n != "loss" else torch.float32, f"{where} {n}")
-            _close(pdh, fdh, dtype, f"{where} hidden.grad")
-            _close(pdw, fdw[start:stop], dtype, f"{where} weight.grad")
-            if b is not None:
-                _close(pdb, fdb[start:stop], dtype, f"{where} bias.grad")
-            if inp.get("all_ignored"):
-                assert part[0].item() == 0.0 and not pdh.abs().any(), where
+            for impl in ("auto", "reference"):
+                _check_shard(name, rank, dtype, opts, inp, b, start, stop,
+                             _run(h, w, t, b, opts, vp, start, stop, impl=impl),
+                             _run(h, w, t, b, opts, impl=impl), impl)
     finally:
         dist.destroy_process_group()
+
+
+def _check_shard(name, rank, dtype, opts, inp, b, start, stop, got, want, impl):
+    """A shard's results against the single-process results of the same impl."""
+    part, pdh, pdw, pdb = got
+    full, fdh, fdw, fdb = want
+    where = f"[{name}, rank {rank}, {impl}]"
+    assert len(part) == len(full), where
+    names = ["loss"] + (["lse"] if opts.get("return_lse") else []) + (
+        ["argmax", "entropy"] if opts.get("return_aux") else [])
+    for n, p, f in zip(names, part, full):
+        assert p.shape == f.shape and p.dtype == f.dtype, (where, n)
+        if n == "argmax":
+            assert torch.equal(p, f), (where, n, p, f)
+        else:
+            _close(p, f, dtype if n != "loss" else torch.float32, f"{where} {n}")
+    _close(pdh, fdh, dtype, f"{where} hidden.grad")
+    _close(pdw, fdw[start:stop], dtype, f"{where} weight.grad")
+    if b is not None:
+        _close(pdb, fdb[start:stop], dtype, f"{where} bias.grad")
+    if inp.get("all_ignored"):
+        assert part[0].item() == 0.0 and not pdh.abs().any(), where
 
 
 def _free_port():

@@ -30,7 +30,7 @@
 #include "tokenkernels/cross_entropy.h"
 
 namespace tokenkernels {
-namespace ce {
+namespace cross_entropy {
 namespace device {
 
 constexpr float kInf = __builtin_huge_valf();
@@ -610,5 +610,5 @@ bwd_fused_kernel(const T* __restrict__ H, const T* __restrict__ W, int64_t N, in
 }
 
 }  // namespace device
-}  // namespace ce
+}  // namespace cross_entropy
 }  // namespace tokenkernels

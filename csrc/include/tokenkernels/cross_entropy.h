@@ -11,11 +11,35 @@
 
 #include "tokenkernels/common.h"
 
+namespace tokenkernels {
+namespace cross_entropy {
+
+// The `str impl` option of cross_entropy_forward / cross_entropy_backward, parsed once by
+// parse_impl (csrc/cross_entropy/cross_entropy_args.h). The CPU has one engine for all three.
+//   "auto"  the kernels' own heuristic: the fused kernels where fused_supported, else plain;
+//   "plain" fp32 logit tiles from ATen/cuBLAS GEMMs, folded by the tile kernels (deterministic);
+//   "tuned" the fused WMMA kernels (no logit buffer); fp32 or shapes fused_supported rejects
+//           run the plain path.
+enum class Impl : int32_t { Auto, Plain, Tuned };
+
+// Whether a CUDA call with `impl` runs the fused kernels, given fused_supported's answer.
+inline bool use_fused(Impl impl, bool supported) {
+  switch (impl) {
+    case Impl::Plain: return false;
+    case Impl::Tuned: return supported;
+    case Impl::Auto: return supported;  // today's heuristic: tuned wherever it applies
+  }
+  return false;
+}
+
+}  // namespace cross_entropy
+}  // namespace tokenkernels
+
 #if defined(TOKENKERNELS_WITH_CUDA) || defined(__CUDACC__)
 #include <cuda_runtime_api.h>
 
 namespace tokenkernels {
-namespace ce {
+namespace cross_entropy {
 
 // Where a token's target lives. Targets are global ids (int64); a token is ignored when its
 // target equals ignore_index, "bad" when outside [0, vocab_total) otherwise.
@@ -101,6 +125,6 @@ cudaError_t launch_bwd_fused(const void* hidden, const void* weight, DType dtype
                              const float* gscale, float filter_eps, float* dH32, float* dW32,
                              float* db32, unsigned long long* skipped, cudaStream_t stream);
 
-}  // namespace ce
+}  // namespace cross_entropy
 }  // namespace tokenkernels
 #endif

@@ -7,10 +7,17 @@ z-loss, shift, ignore_index) block by block: the forward keeps a per-token onlin
 the backward recomputes logit blocks and feeds them straight into the gradient GEMMs. Extra
 memory is a few logit tiles, never proportional to N x V.
 
-The kernel op (``torch.ops.tokenkernels.lce_forward``) returns per-token statistics
+The kernel op (``torch.ops.tokenkernels.cross_entropy_forward``) returns per-token statistics
 (lse, target logit, sum of logits, arg-max, entropy) and carries its own autograd formula
-(``lce_backward``); the loss is composed from those statistics here, so every option gets
-exact gradients, including ``reduction="none"`` and a differentiable ``lse``.
+(``cross_entropy_backward``); the loss is composed from those statistics here, so every option
+gets exact gradients, including ``reduction="none"`` and a differentiable ``lse``.
+
+The wrapper converts Python values (numbers, bools, ``shift``, ``filter_eps="auto"``), checks
+the options the schema does not take (reduction, label_smoothing, z_loss, shift,
+vocab_parallel) and the flattening of ``hidden`` (..., D) / ``targets`` (...) to (N, D) / (N,),
+and picks the implementation (:func:`tokenkernels.variants.choose`); every other check (shapes,
+dtypes, devices, softcap, filter_eps >= 0, target values) is the ops' own, in
+csrc/cross_entropy/cross_entropy_args.h, the same on every device.
 """
 from __future__ import annotations
 
@@ -20,10 +27,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..reference.cross_entropy import shift_targets
-from ..variants import impl_code as _impl_code
+from ..reference import cross_entropy as _reference
+from ..variants import REFERENCE, choose
 
-_IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
 _REDUCTIONS = ("mean", "sum", "none")
 # vocab_total given to the kernels of a vocabulary shard: every target >= 0 may lie in some
 # shard, so the shard kernels mark none as out of range; the wrapper does that after the
@@ -81,6 +87,7 @@ def _auto_filter_eps(dtype: torch.dtype) -> float:
 
 
 def _resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype) -> float:
+    """filter_eps as the float the ops take (they check it is >= 0)."""
     if filter_eps is None:
         return 0.0
     if isinstance(filter_eps, str):
@@ -88,17 +95,25 @@ def _resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype)
             raise ValueError(f"tokenkernels.linear_cross_entropy: filter_eps must be 'auto', None or a "
                              f"float >= 0, got {filter_eps!r}")
         return _auto_filter_eps(dtype)
-    filter_eps = _real("filter_eps", filter_eps)
-    if not filter_eps >= 0.0:
-        raise ValueError(f"tokenkernels.linear_cross_entropy: filter_eps must be >= 0, got {filter_eps}")
-    return filter_eps
+    return _real("filter_eps", filter_eps)
 
 
 # ---------------------------------------------------------------------------------------------
-# fake (meta) kernels: shapes only, for torch.compile / FakeTensor tracing
-@torch.library.register_fake("tokenkernels::lce_forward")
-def _lce_forward_fake(hidden, weight, targets, bias, ignore_index, softcap, vocab_start,
-                      vocab_total, sum_z, aux, check, filter_eps, accum_fp32, impl):
+# fake (meta) kernels: shapes only, for torch.compile / FakeTensor tracing. They also run for
+# tensors on the meta device mixed with real ones (the dispatcher picks Meta over CPU), where the
+# C++ checks never run: so they refuse mixed devices with the C++ message (check_tensors in
+# csrc/cross_entropy/cross_entropy_args.h); every other check is the kernels'.
+def _fake_same_device(op, hidden, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"tokenkernels.{op}: {name} is on {t.device} but hidden is on "
+                             f"{hidden.device}")
+
+
+@torch.library.register_fake("tokenkernels::cross_entropy_forward")
+def _forward_fake(hidden, weight, targets, bias, ignore_index, softcap, vocab_start,
+                  vocab_total, sum_z, aux, check, filter_eps, accum_fp32, impl):
+    _fake_same_device("linear_cross_entropy", hidden, weight=weight, targets=targets, bias=bias)
     N = hidden.shape[0]
     sd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     na = N if aux else 0
@@ -109,10 +124,12 @@ def _lce_forward_fake(hidden, weight, targets, bias, ignore_index, softcap, voca
             hidden.new_empty((na,), dtype=sd))
 
 
-@torch.library.register_fake("tokenkernels::lce_backward")
-def _lce_backward_fake(hidden, weight, targets, bias, lse, coef_p, coef_t, coef_1, ignore_index,
-                       softcap, vocab_start, filter_eps, need_dhidden, need_dweight, need_dbias,
-                       accum_fp32, impl):
+@torch.library.register_fake("tokenkernels::cross_entropy_backward")
+def _backward_fake(hidden, weight, targets, bias, lse, coef_p, coef_t, coef_1, ignore_index,
+                   softcap, vocab_start, filter_eps, need_dhidden, need_dweight, need_dbias,
+                   accum_fp32, impl):
+    _fake_same_device("linear_cross_entropy_backward", hidden, weight=weight, targets=targets,
+                      bias=bias, lse=lse, coef_p=coef_p, coef_t=coef_t, coef_1=coef_1)
     dh = hidden.new_empty(tuple(hidden.shape) if need_dhidden else (0,))
     dw = weight.new_empty(tuple(weight.shape) if need_dweight else (0,))
     if need_dbias:
@@ -124,17 +141,17 @@ def _lce_backward_fake(hidden, weight, targets, bias, lse, coef_p, coef_t, coef_
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd of lce_forward: the loss is a function of (lse, z_target, sum_z) per token, so
+# autograd of cross_entropy_forward: the loss is a function of (lse, z_target, sum_z) per token,
 #   dL/dz_v = g_lse * softmax_v + g_zt * [v == target] + g_sumz
-# which lce_backward turns into dhidden / dweight / dbias by recomputing the logits.
-def _lce_setup_context(ctx, inputs, output):
+# which cross_entropy_backward turns into dhidden / dweight / dbias by recomputing the logits.
+def _setup_context(ctx, inputs, output):
     (hidden, weight, targets, bias, ignore_index, softcap, vocab_start, vocab_total, sum_z, aux,
      check, filter_eps, accum_fp32, impl) = inputs
     ctx.save_for_backward(hidden, weight, targets, bias, output[0])
     ctx.opts = (ignore_index, softcap, vocab_start, filter_eps, accum_fp32, impl)
 
 
-def _lce_backward(ctx, g_lse, g_zt, g_sumz, g_amax, g_maxz, g_ent):
+def _backward(ctx, g_lse, g_zt, g_sumz, g_amax, g_maxz, g_ent):
     hidden, weight, targets, bias, lse = ctx.saved_tensors
     ignore_index, softcap, vocab_start, filter_eps, accum_fp32, impl = ctx.opts
     need = ctx.needs_input_grad
@@ -146,30 +163,30 @@ def _lce_backward(ctx, g_lse, g_zt, g_sumz, g_amax, g_maxz, g_ent):
     coef_p = (g_lse if g_lse is not None else zeros).to(sd).contiguous()
     coef_t = (g_zt if g_zt is not None else zeros).to(sd).contiguous()
     coef_1 = g_sumz.to(sd).contiguous() if (g_sumz is not None and g_sumz.numel() > 0) else None
-    dh, dw, db = torch.ops.tokenkernels.lce_backward(
+    dh, dw, db = torch.ops.tokenkernels.cross_entropy_backward(
         hidden, weight, targets, bias, lse, coef_p, coef_t, coef_1, ignore_index, softcap,
         vocab_start, filter_eps, need_dh, need_dw, need_db, accum_fp32, impl)
     return (dh if need_dh else None, dw if need_dw else None, None,
             db if need_db else None, None, None, None, None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("tokenkernels::lce_forward", _lce_backward,
-                                setup_context=_lce_setup_context)
+torch.library.register_autograd("tokenkernels::cross_entropy_forward", _backward,
+                                setup_context=_setup_context)
 
 
-def _lce_backward_setup(ctx, inputs, output):
+def _backward_setup(ctx, inputs, output):
     pass
 
 
-def _lce_double_backward(ctx, *grads):
+def _double_backward(ctx, *grads):
     raise NotImplementedError(
         "tokenkernels.linear_cross_entropy: second derivatives (double backward) are not "
         "supported; the first derivative under create_graph=True is exact")
 
 
-# Without this, a double backward would silently drop the path through lce_backward.
-torch.library.register_autograd("tokenkernels::lce_backward", _lce_double_backward,
-                                setup_context=_lce_backward_setup)
+# Without this, a double backward would silently drop the path through cross_entropy_backward.
+torch.library.register_autograd("tokenkernels::cross_entropy_backward", _double_backward,
+                                setup_context=_backward_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +203,7 @@ class _VocabParallelStats(torch.autograd.Function):
                 check, filter_eps, accum_fp32, impl, group):
         import torch.distributed as dist
 
-        op = torch.ops.tokenkernels.lce_forward
+        op = torch.ops.tokenkernels.cross_entropy_forward
         V = weight.shape[0]
         lse_l, zt, sz, am, mz, ent_l = op(hidden, weight, targets, bias, ignore_index, softcap,
                                           start, _UNBOUNDED_VOCAB, sum_z, aux, False, filter_eps,
@@ -251,7 +268,7 @@ class _VocabParallelStats(torch.autograd.Function):
         need_db = bias is not None and ctx.needs_input_grad[2]
         sd = lse.dtype
         coef_1 = g_sumz.to(sd).contiguous() if g_sumz is not None and g_sumz.numel() else None
-        dh, dw, db = torch.ops.tokenkernels.lce_backward(
+        dh, dw, db = torch.ops.tokenkernels.cross_entropy_backward(
             hidden, weight, targets, bias, lse, g_lse.to(sd).contiguous(),
             g_zt.to(sd).contiguous(), coef_1, ignore_index, softcap, start, filter_eps,
             True, need_dw, need_db, accum_fp32, impl)
@@ -297,8 +314,10 @@ def _check_ignore_index(ignore_index) -> int:
 
 
 def _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothing, z_loss):
-    """Checks the tensors and options; returns (softcap, label_smoothing, z_loss) as floats
-    (softcap None for None or +inf: the limit of softcap * tanh(z / softcap) is z)."""
+    """Converts and checks what the ops cannot see: that the inputs are tensors, the flattening
+    of hidden (..., D) and targets (...) to (N, D) / (N,), and the options the schema does not
+    take. Returns (softcap, label_smoothing, z_loss) as floats (softcap: None or a float the ops
+    check)."""
     op = "tokenkernels.linear_cross_entropy"
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
@@ -307,24 +326,13 @@ def _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothi
         raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if hidden.dim() < 1:
         raise ValueError(f"{op}: hidden must be (..., D), got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"{op}: weight must be (V, D), got shape {tuple(weight.shape)}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{op}: targets must have shape {tuple(hidden.shape[:-1])} (hidden's "
                          f"leading dims), got {tuple(targets.shape)}")
-    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but hidden is on {hidden.device}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{op}: targets must be int64 or int32, got {targets.dtype}")
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if softcap is not None:
         softcap = _real("softcap", softcap)
-        if not softcap > 0.0:
-            raise ValueError(f"{op}: softcap must be > 0 (inf = no softcap) or None, got {softcap}")
-        if softcap == float("inf"):
-            softcap = None
     label_smoothing = _real("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must lie in [0, 1], got {label_smoothing}")
@@ -406,6 +414,8 @@ def linear_cross_entropy(
             ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS then raise an error naming it
             (set it before the process starts). Until every CUDA variant has passed its tests on
             a GPU, ``"auto"`` on CUDA runs ``"plain"`` (see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA).
+            ``"reference"``: :func:`tokenkernels.reference.cross_entropy.linear_cross_entropy`
+            (pure PyTorch, materialises the logits; same arguments and outputs, every device).
 
     Returns:
         ``loss`` (fp32; fp64 for fp64 inputs, CPU only) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
@@ -421,27 +431,14 @@ def linear_cross_entropy(
     if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallel):
         raise TypeError(f"tokenkernels.linear_cross_entropy: vocab_parallel must be a "
                         f"tokenkernels.VocabParallel or None, got {type(vocab_parallel).__name__}")
-    if not isinstance(impl, str) or impl not in _IMPLS:
-        raise ValueError(f"tokenkernels.linear_cross_entropy: impl must be one of {list(_IMPLS)}, got {impl!r}")
     if impl == "auto" and torch.are_deterministic_algorithms_enabled():
         impl = "plain"
+    run = choose("cross_entropy", impl, hidden.device, "linear_cross_entropy")
     feps = _resolve_filter_eps(filter_eps, hidden.dtype)
     s = _resolve_shift(shift, targets)
-    if s:
-        targets = shift_targets(targets, ignore_index, s)
-    D = hidden.shape[-1]
-    t1 = targets.reshape(-1)
-    h2 = hidden.reshape(t1.shape[0], D)  # not (-1, D): D = 0 is valid (logits = bias)
     V = weight.shape[0]
-    want_sumz = eps > 0.0
-
-    if vocab_parallel is None:
-        lse, zt, sumz, argmax, _, ent = torch.ops.tokenkernels.lce_forward(
-            h2, weight, t1, bias, ignore_index, softcap, 0, V, want_sumz, return_aux, check,
-            feps, accum_fp32, _impl_code("cross_entropy", impl, _IMPLS, hidden.device))
-        v_total = V
-    else:
-        vp = vocab_parallel
+    vp = vocab_parallel
+    if vp is not None:
         for name in ("start", "stop"):
             x = getattr(vp, name)
             if isinstance(x, bool) or not isinstance(x, int) and not hasattr(x, "__index__"):
@@ -451,10 +448,28 @@ def linear_cross_entropy(
         if vp.stop - vp.start != V or vp.start < 0 or vp.stop >= 2 ** 63:
             raise ValueError(f"tokenkernels.linear_cross_entropy: vocab_parallel covers "
                              f"[{vp.start}, {vp.stop}) but weight has {V} rows")
+    if run == REFERENCE:
+        return _reference.linear_cross_entropy(
+            hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction,
+            softcap=softcap, label_smoothing=eps, z_loss=zl, shift=s, return_lse=return_lse,
+            return_aux=return_aux, filter_eps=feps, accum_fp32=accum_fp32, vocab_parallel=vp,
+            check=check)
+    if s:
+        targets = _reference._shift_targets(targets, ignore_index, s)
+    D = hidden.shape[-1]
+    t1 = targets.reshape(-1)
+    h2 = hidden.reshape(t1.shape[0], D)  # not (-1, D): D = 0 is valid (logits = bias)
+    want_sumz = eps > 0.0
+
+    if vp is None:
+        lse, zt, sumz, argmax, _, ent = torch.ops.tokenkernels.cross_entropy_forward(
+            h2, weight, t1, bias, ignore_index, softcap, 0, V, want_sumz, return_aux, check,
+            feps, accum_fp32, run)
+        v_total = V
+    else:
         lse, zt, sumz, argmax, ent, v_total = _VocabParallelStats.apply(
             h2, weight, bias, t1, ignore_index, softcap, vp.start, want_sumz,
-            return_aux, check, feps, accum_fp32, _impl_code("cross_entropy", impl, _IMPLS, hidden.device),
-            vp.group)
+            return_aux, check, feps, accum_fp32, run, vp.group)
 
     valid = t1 != ignore_index
     loss = (lse - zt) if eps == 0.0 else (1.0 - eps) * (lse - zt) + eps * (lse - sumz / v_total)

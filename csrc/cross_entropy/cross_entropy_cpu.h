@@ -17,7 +17,8 @@
 #endif
 
 namespace tokenkernels {
-namespace ce_cpu {
+namespace cross_entropy {
+namespace cpu {
 
 inline bool cpu_has_avx2() {
 #if defined(TK_CE_AVX2)
@@ -287,5 +288,6 @@ inline void from_float_row(const float* src, int64_t n, T* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
-}  // namespace ce_cpu
+}  // namespace cpu
+}  // namespace cross_entropy
 }  // namespace tokenkernels
