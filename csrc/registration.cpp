@@ -37,7 +37,7 @@ TORCH_LIBRARY(tokenkernels, m) {
   // dhidden = dZ @ weight, dweight = dZ^T @ hidden, dbias = sum_rows dZ; each empty unless
   // asked for. filter_eps > 0 skips tiles where every |dZ| < filter_eps * max(|coef_p|, |coef_t|)
   // of its row (gradient filtering). accum_fp32: fp32 accumulation of dweight for fp16/bf16.
-  // impl: as cross_entropy_forward's.
+  // lse, coef_p, coef_t, coef_1: (N,) fp32 (fp64 for fp64 inputs). impl: as cross_entropy_forward's.
   m.def(
       "cross_entropy_backward(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, "
       "Tensor coef_p, Tensor coef_t, Tensor? coef_1, int ignore_index, float? softcap, "

@@ -12,8 +12,8 @@ import torch
 import tokenkernels as tk
 from tokenkernels.reference import cross_entropy as ref
 
-from tokenkernels.testing import tol
-from .common import (ALL_DTYPES, BIAS_FACTOR, LOWP, assert_close_fp32, assert_precision_rule,
+from tokenkernels.testing import DTYPES, tol
+from .common import (BIAS_FACTOR, LOWP, assert_close_fp32, assert_precision_rule,
                      kernel, logit_scale, logits64, make_inputs, norm_err, reference, rel_err)
 
 F64 = torch.float64
@@ -144,7 +144,7 @@ def test_multi_tile_gradients_low_precision_rule(device, small_tiles, dtype, acc
              dict(reduction="sum"), dict(accum_fp32=accum_fp32))
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_tokens_ignored(device, dtype, reduction):
     """Every target ignored: the loss is 0 (mean over zero tokens: 0, not NaN) and every
@@ -165,7 +165,7 @@ def test_all_tokens_ignored(device, dtype, reduction):
     assert rel_err(lse, truth["lse"]) <= 1e-2
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shift_last_position_only(device, dtype):
     """shift=True with T = 1: every position is the last, so everything is ignored."""
     h, w, t, b = make_inputs((3, 1), 8, 5, dtype, device=device)
@@ -207,7 +207,7 @@ def test_integer_shift(device, s):
         assert torch.equal(a, tk.linear_cross_entropy(h, w, t, b, shift=bool(s), reduction="none"))
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_inputs(device, dtype):
     """Transposed / strided views of hidden, weight, bias and targets give the same result as
     their contiguous copies, and gradients of the views' shapes."""
@@ -292,7 +292,7 @@ def test_lse_and_loss_without_grad(device):
 
 
 @pytest.mark.parametrize("impl", ["auto", "plain", "tuned", "reference"])
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_argmax_without_finite_logits_is_zero(device, dtype, impl):
     """A token without any logit > -inf (all -inf via the bias, or NaN hidden states) has
     arg-max 0 on every device and path (the fused CUDA forward once wrote INT64_MAX)."""
@@ -345,7 +345,7 @@ def test_extreme_logits_finite(device):
 
 # ---------------------------------------------------------------------------------------------
 # gradient filtering
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_filter_auto_within_rule(device, dtype):
     """filter_eps="auto" on random data (one tile in each direction): within the precision rule
     + ``ce_filter`` (fp32: no filtering, bitwise equal to exact)."""
@@ -375,7 +375,7 @@ def _peaked_inputs(dtype, device, V=4096, cut=2048, drop=-9.0):
 
 
 @pytest.mark.parametrize("impl", ["auto", "plain"])
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_filter_skips_negligible_tiles(device, monkeypatch, dtype, impl):
     """Filtering really skips tiles: with every |softmax - onehot| of vocabulary rows >= 2048
     below the threshold, those rows' weight / bias gradients are exactly 0 with filtering (no
@@ -420,7 +420,7 @@ def test_filter_zero_equals_exact(device, dtype):
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
 @pytest.mark.parametrize("feps", [0.0, "auto", 1e-3])
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_filter_never_drops_nan(device, dtype, feps, impl, softcap):
     """A tile whose only nonzero dZ entries are NaN (token 0 has NaN hidden states, the others
     are ignored) must not be skipped by the filter, whatever filter_eps (0 included): NaN fails

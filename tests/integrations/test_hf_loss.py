@@ -81,12 +81,12 @@ def _truth(model, hidden, labels, *, ignore_index=-100, shift_labels=None, num_i
     return loss.item(), W.grad
 
 
-def _compare(model, dtype, kind, *, ids, am, labels, **kw):
+def _compare(model, dtype, kind, *, ids, am, labels, patch_kw=None, **kw):
     """Unpatched then patched: loss and every gradient within the per-dtype tolerance; in
     fp16/bf16 also the precision rule against the fp64 loss / LM-head gradient computed from
     the same final hidden states (the kernel no worse than HF's own rounding, + ce_rule)."""
     ref, g_ref, hidden = _step(model, ids, am, labels, **kw)
-    patch_causal_lm_loss(model)
+    patch_causal_lm_loss(model, **(patch_kw or {}))
     try:
         out, g, hidden2 = _step(model, ids, am, labels, **kw)
     finally:
@@ -120,6 +120,17 @@ def test_loss_and_grads_match_hf(models, name, dtype, padding):
     kind = "_softcap" if name == "gemma2" else ""
     _compare(model, dtype, kind, ids=ids, am=am, labels=labels)
     assert not is_loss_patched(model)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_impl_reference_matches_hf(models, name):
+    """patch_causal_lm_loss(impl="reference") runs tokenkernels.reference's linear_cross_entropy
+    (the same arguments as the kernel's, Gemma 2's softcap included): HF's loss and gradients."""
+    model = copy.deepcopy(models[name])
+    ids, am, labels = _batch(True)
+    kind = "_softcap" if name == "gemma2" else ""
+    _compare(model, torch.float32, kind, ids=ids, am=am, labels=labels,
+             patch_kw=dict(impl="reference"))
 
 
 def test_fp16_llama(models):
