@@ -123,13 +123,14 @@ class Runner:
             print(f"[{self._fam}] {msg.get('description', '')}", file=self.err, flush=True)
         elif kind == "row":
             row = Row.from_json(msg)
-            other = self._meter.other_cores()
             if self.wait_idle > 0:   # the worst measurement kept (the waits in between do not count)
                 other = max([x.timing.other for x in row.results.values() if not math.isnan(x.timing.other)],
                             default=None)
-            for x in row.results.values():
-                if math.isnan(x.timing.other) and other is not None:
-                    x.timing.other = other
+            else:                    # no figure per measurement: the case's, for each of them
+                other = self._meter.other_cores()
+                for x in row.results.values():
+                    if math.isnan(x.timing.other) and other is not None:
+                        x.timing.other = other
             self._case_no += 1
             now = time.perf_counter()
             cuda = self.device.startswith("cuda")
