@@ -124,13 +124,13 @@ def _kcenter_case(ctx: Context, B: int, N: int, k: int, start: str, peers) -> Ti
         return xs @ xs.T if B == 1 else torch.bmm(x, x.transpose(1, 2))
 
     picks_ref = reference().reshape(B, k)
-    rows = Row("kcenter", case, baselines=("divprune_style", "gemm x@x.T"))
+    case_row = Row("kcenter", case, baselines=("divprune_style", "gemm x@x.T"))
 
     def row(impl, fn, slow, w, picks=None):
         out = fn() if picks is not None else None
         t = ctx.time(fn, slow=slow)
         m = {} if out is None else {"picks=ref": prefix_match(out.reshape(B, -1), picks_ref)}
-        return rows.add(impl, t, work=w, metrics=m)
+        return case_row.add(impl, t, work=w, metrics=m)
 
     row("tokenkernels", op, False, work, picks=True)
     row("reference", reference, True, work)
@@ -143,8 +143,8 @@ def _kcenter_case(ctx: Context, B: int, N: int, k: int, start: str, peers) -> Ti
         xn = torch.nn.functional.normalize(x, dim=-1)
         for name, fn in peers.items():
             row(name, lambda fn=fn: fn(xn, k), False, work, picks=True)
-    ctx.add(rows, t_start)
-    return rows.results["tokenkernels"].timing
+    ctx.add(case_row, t_start)
+    return case_row.results["tokenkernels"].timing
 
 
 def _coverage_case(ctx: Context) -> None:
