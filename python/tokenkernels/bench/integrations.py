@@ -281,7 +281,7 @@ def run(ctx: Context) -> None:
             fn(ctx)
         except Exception as e:  # noqa: BLE001  (one part failing must not hide the others)
             ctx.note(f"integrations: {fn.__name__} failed: {type(e).__name__}: {e}")
-    ctx.note("vs X = X's time / time with the integration. TokenSelect 'miss' = select + sparse "
+    ctx.note("TokenSelect 'miss' = select + sparse "
              "decode every step (Selection Cache disabled), 'hit' = cached picks (sparse decode "
              "only); budget 128 + 2048 + 512. Model step includes HF's DynamicCache torch.cat "
              "(an O(N) copy of K and V per layer, paid by both).")
