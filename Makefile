@@ -60,8 +60,10 @@ test: pytest cuda-check
 bench: build
 	$(ENV_PY) -m tokenkernels.bench $(if $(FULL),--full,)
 
+# the C++ cases (full run, ~1-1.5 min on 2 CPU cores; QUICK=1 for the quick one), printed by the
+# Python harness (python -m tokenkernels.bench.cpp)
 bench-cpp: build
-	$(ENV_PY) -m tokenkernels._bench_bin
+	$(ENV_PY) -m tokenkernels.bench.cpp $(if $(QUICK),--quick,)
 
 # GPU proof (tools/gpu_proof.py, standard library only; see bench/README.md "GPU proof"). On a GPU
 # machine without internet, in one run of at most BUDGET s (default 540): install the wheels carried

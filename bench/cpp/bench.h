@@ -1,4 +1,12 @@
-// tokenkernels-bench: shared harness for the C++ microbenchmarks.
+// tokenkernels-bench: the C++ cases of the benchmarks and the timer they need.
+//
+// The binary keeps only what needs C++: calling the ops through the dispatcher and the ATen
+// ports of the baselines without Python in the timed loop, and timing them (steady clock on the
+// CPU, CUDA events on the current stream with a cold L2 on CUDA). It prints its rows as JSON
+// lines on stdout, in the structure of the Python harness (python/tokenkernels/bench/harness.py:
+// a case, its baselines, implementation name -> timing, work and metrics); the table, the
+// progress lines, the load meter, --wait-idle and the CSV are the Python harness's
+// (python -m tokenkernels.bench.cpp, which `tokenkernels-bench` and `make bench-cpp` run).
 //
 // A family lives in bench/cpp/bench_<family>.cpp and exposes one registration function,
 // `void register_<family>_benches()`, which calls tkbench::register_family(). To add a family:
@@ -11,9 +19,11 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace tkbench {
@@ -24,67 +34,68 @@ struct Options {
   std::string family = "all";
   at::Device device = at::kCPU;
   bool quick = false;
-  int repeats = 0;   // 0: the default for the device (and fewer for slow baselines)
-  double wait_idle = 0;   // CPU: wait up to this many s for an idle machine before each measurement
+  int repeats = 0;        // 0: the default for the device (and fewer for slow baselines)
+  bool control = false;   // --control: before and after each CPU measurement ask the runner on
+                          // stdin (its --wait-idle: wait for a quiet machine, measure again)
+  std::vector<int64_t> medusa63;   // --medusa63: parents of tokenkernels.testing.MEDUSA_63
 };
 
-// One timed measurement: the median over `n` repeats (after warmup), in milliseconds.
+// One timed measurement: the median (and min) over `n` repeats after warmup, in milliseconds.
 struct Timing {
   double ms = kNaN;
   int n = 0;
-  double other = kNaN;   // cores other processes kept busy meanwhile (CPU only)
+  double other = kNaN;   // cores other processes kept busy meanwhile (the runner's figure)
+  double min_ms = kNaN;
 };
 
-// What a family reports per case: the op's time and its baselines. Missing entries stay NaN
-// and print as "-".
-struct Row {
-  std::string name;        // case label, e.g. "kcenter isolated B1 N576 D4096 k56"
-  Timing op;               // the tokenkernels op
-  double work = 0.0;       // flops (rate in GFLOP/s) or bytes (rate in GB/s), see `bytes`
+// One implementation's measurement in a row.
+struct Result {
+  std::string impl;
+  Timing timing;
+  double work = 0.0;     // flops (rate in GFLOP/s) or bytes (rate in GB/s), see `bytes`; 0: no rate
   bool bytes = false;
-  Timing ref;              // ATen port of the reference greedy
-  Timing divprune;         // DivPrune-style loop
-  Timing gemm;             // one fp32 x @ x^T (the floor of the isolated start)
-  std::string match;       // op picks vs the ATen reference, e.g. "56/56"
+  std::vector<std::pair<std::string, std::string>> metrics;   // key -> JSON value
+  Result& metric(const std::string& key, const std::string& text);
+  Result& metric(const std::string& key, double value);
 };
 
-// CPU seconds the whole machine spent busy (/proc/stat: all but idle and iowait) and this
-// process's own CPU seconds; over an interval their difference is what other processes used.
-struct LoadSample {
-  double wall = 0, busy = -1, self = 0;
+// One case: implementation name -> Result, and the implementations the ratios are taken
+// against (computed by the Python printer, never here).
+struct Row {
+  std::string name;                     // case label, e.g. "kcenter isolated B1 N576 D4096 k56"
+  std::vector<std::string> baselines;
+  std::vector<Result> results;
+  Row() = default;
+  explicit Row(std::string n, std::vector<std::string> b = {}) : name(std::move(n)), baselines(std::move(b)) {}
+  Result& add(std::string impl, Timing t, double work = 0.0, bool bytes = false);
 };
-LoadSample load_sample();
-// Average number of cores other processes kept busy between two samples (NaN if unknown).
-double other_cores(const LoadSample& a, const LoadSample& b);
 
 class Context {
  public:
-  explicit Context(Options o) : opt(std::move(o)), case_start(load_sample()) {}
+  Context(Options o, std::string fam) : opt(std::move(o)), family(std::move(fam)) {}
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
   Options opt;
+  std::string family;
 
-  // Median time of fn(). `slow` marks a baseline that is timed with fewer repeats. With
-  // --wait-idle (CPU), waits for other processes to go quiet first and measures again (up to
-  // twice) when they kept more than a quarter of a core busy meanwhile.
+  // Median time of fn(). `slow` marks a baseline that is timed with fewer repeats.
   Timing time(const std::function<void()>& fn, bool slow = false);
   // Wait for the device (no-op on CPU).
   void sync() const;
-  // Print a progress line to stderr and keep the row for the table.
-  void add(Row r);
-  // Free-form line printed under the table (e.g. batch scaling).
-  void note(std::string s) { notes.push_back(std::move(s)); }
+  // Print the row (one JSON line on stdout).
+  void add(const Row& r);
+  // Free-form line printed under the family's table (e.g. batch scaling).
+  void note(const std::string& s);
 
   at::TensorOptions f32() const { return at::TensorOptions().dtype(at::kFloat).device(opt.device); }
   bool cuda() const { return opt.device.is_cuda(); }
 
-  std::vector<Row> rows;
-  std::vector<std::string> notes;
-  // Column labels of the table (a family may rename the baselines it fills in).
-  std::string ref_label = "ATen-ref", alt_label = "DivPrune", floor_label = "GEMM",
-              match_label = "picks=ref";
-  LoadSample case_start;   // for the per-case background-load figure in the progress lines
-
  private:
   Timing measure(const std::function<void()>& fn, bool slow);
+  void flush_l2();
+  void* flush_ = nullptr;   // CUDA: a buffer twice the L2 size, written before every repeat
+  size_t flush_bytes_ = 0;
 };
 
 using FamilyFn = void (*)(Context&);

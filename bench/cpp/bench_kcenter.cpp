@@ -1,5 +1,7 @@
 // kcenter family: tokenkernels::kcenter and tokenkernels::coverage_select against C++ ATen ports
 // of python/tokenkernels/reference/kcenter.py (the reference greedy and `divprune_style`).
+// Rows: tokenkernels, aten_reference, aten_divprune_style, aten_gemm (one fp32 x @ x^T, the floor
+// of the isolated start); baselines aten_divprune_style and aten_gemm; metric picks=ref.
 //
 // Inputs are synthetic "token-like" features: a shared mean direction plus one of N/18 cluster
 // centres plus noise (fixed seed), fp32. The same recipe is used by the Python bench.
@@ -190,19 +192,19 @@ Timing run_kcenter_case(Context& ctx, const KcenterCase& c) {
     return at::stack(out);
   };
 
-  Row r;
-  r.name = label(c.isolated ? "kcenter isolated" : "kcenter first", c.B, c.N, c.D, c.k);
-  r.work = c.isolated ? 2.0 * c.B * c.N * c.N * c.D : 2.0 * c.B * c.k * c.N * c.D;
-  r.match = prefix_match(call_op(), call_ref());
-  r.op = ctx.time([&] { call_op(); });
-  r.ref = ctx.time([&] { call_ref(); }, /*slow=*/true);
-  r.divprune = ctx.time([&] { call_divprune(); }, /*slow=*/true);
-  r.gemm = ctx.time([&] {
+  Row r(label(c.isolated ? "kcenter isolated" : "kcenter first", c.B, c.N, c.D, c.k),
+        {"aten_divprune_style", "aten_gemm"});
+  const double work = c.isolated ? 2.0 * c.B * c.N * c.N * c.D : 2.0 * c.B * c.k * c.N * c.D;
+  const std::string match = prefix_match(call_op(), call_ref());
+  const Timing t = ctx.time([&] { call_op(); });
+  r.add("tokenkernels", t, work).metric("picks=ref", match);
+  r.add("aten_reference", ctx.time([&] { call_ref(); }, /*slow=*/true), work);
+  r.add("aten_divprune_style", ctx.time([&] { call_divprune(); }, /*slow=*/true), work);
+  r.add("aten_gemm", ctx.time([&] {
     if (c.B == 1) at::mm(x[0], x[0].t());
     else at::bmm(x, x.transpose(1, 2));
-  });
-  const Timing t = r.op;
-  ctx.add(std::move(r));
+  }), 2.0 * c.B * c.N * c.N * c.D);
+  ctx.add(r);
   return t;
 }
 
@@ -225,17 +227,15 @@ void run_kcenter(Context& ctx) {
     auto call_op = [&] {
       return std::get<0>(op.call(sim, k, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true));
     };
-    Row r;
     char name[96];
     std::snprintf(name, sizeof name, "coverage_select B1 M%lld N%lld k%lld", (long long)M,
                   (long long)N, (long long)k);
-    r.name = name;
-    r.work = double(M) * N * 4.0;   // bytes of sim, read once
-    r.bytes = true;
-    r.match = prefix_match(call_op(), ref_coverage(sim[0], k).unsqueeze(0));
-    r.op = ctx.time([&] { call_op(); });
-    r.ref = ctx.time([&] { ref_coverage(sim[0], k); }, /*slow=*/true);
-    ctx.add(std::move(r));
+    Row r(name, {"aten_reference"});
+    const double work = double(M) * N * 4.0;   // bytes of sim, read once
+    const std::string match = prefix_match(call_op(), ref_coverage(sim[0], k).unsqueeze(0));
+    r.add("tokenkernels", ctx.time([&] { call_op(); }), work, /*bytes=*/true).metric("picks=ref", match);
+    r.add("aten_reference", ctx.time([&] { ref_coverage(sim[0], k); }, /*slow=*/true), work, true);
+    ctx.add(r);
   }
 
   // Batch scaling: batch 8 against 8 x batch 1, and (CPU) against itself on one thread.

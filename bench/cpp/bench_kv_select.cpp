@@ -3,14 +3,14 @@
 //
 // Shape (issue #4): Llama-3-8B heads (H_q 32, H_kv 8, D 128), one request with N tokens in a
 // contiguous cache (B, N, H_kv, D), budget 128 sink + 2048 top-k + 512 local; fp32 and bf16.
-// N = 32768 (8192 with --quick). The "ATen-ref" column is:
-//   select+decode, cache-hit decode : at::scaled_dot_product_attention over the whole cache
-//                                     (the dense decode step the sparse one replaces);
-//   score                           : the reference's einsum + softmax + sum over heads;
-//   topk                            : at::topk over the middle region + sort + sink/local cat.
-// The "picks=ref" column says whether the op agrees with the reference (indices equal; decode
-// outputs: the max abs difference to dense attention when the budget covers every token is
-// checked by the tests, here the sparse output differs by design).
+// N = 32768 (8192 with --quick). The baseline of each row:
+//   select+decode, cache-hit decode : sdpa_grouped, at::scaled_dot_product_attention over the
+//                                     whole cache (the dense decode step the sparse one replaces;
+//                                     sdpa_enable_gqa beside it in the select+decode row);
+//   score                           : aten_reference, the reference's einsum + softmax + sum;
+//   topk                            : aten_topk_sort, at::topk over the middle region + sort + cat.
+// Metrics say whether the op agrees with the reference (topk: indices equal; score: max abs
+// error; decode outputs differ from dense attention by design, the tests check them).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -103,70 +103,53 @@ void run_kv_select(Context& ctx) {
     auto idx = select();
     char name[160];
 
+    const double dense_bytes = kv_bytes;   // the whole cache's K and V, read once
     {   // select + sparse decode vs dense attention
-      Row r;
       std::snprintf(name, sizeof name, "select+decode %s N%lld H32/8 D128 k2688", dn, (long long)N);
-      r.name = name;
-      r.work = kv_bytes / 2 + 2.0 * W * kHkv * kD * elt;   // K once + the selected K/V
-      r.bytes = true;
-      r.op = ctx.time([&] {
+      Row r(name, {"sdpa_grouped"});
+      const double work = kv_bytes / 2 + 2.0 * W * kHkv * kD * elt;   // K once + the selected K/V
+      r.add("tokenkernels", ctx.time([&] {
         auto i = select();
         decode_op().call(q, k, v, i, sl, std::nullopt, scale, false, 0);
-      });
-      r.ref = ctx.time([&] { dense_decode(q, kh, vh); }, true);
-      ctx.add(std::move(r));
+      }), work, /*bytes=*/true);
+      r.add("sdpa_grouped", ctx.time([&] { dense_decode(q, kh, vh); }, true), dense_bytes, true);
+      r.add("sdpa_enable_gqa", ctx.time([&] { dense_decode_gqa(q, kh, vh); }, true), dense_bytes, true);
+      ctx.add(r);
     }
     {   // Selection Cache hit: sparse decode only
-      Row r;
       std::snprintf(name, sizeof name, "cache-hit decode %s N%lld k2688", dn, (long long)N);
-      r.name = name;
-      r.work = 2.0 * W * kHkv * kD * elt;
-      r.bytes = true;
-      r.op = ctx.time([&] { decode_op().call(q, k, v, idx, sl, std::nullopt, scale, false, 0); });
-      r.ref = ctx.time([&] { dense_decode(q, kh, vh); }, true);
-      ctx.add(std::move(r));
+      Row r(name, {"sdpa_grouped"});
+      r.add("tokenkernels", ctx.time([&] { decode_op().call(q, k, v, idx, sl, std::nullopt, scale, false, 0); }),
+            2.0 * W * kHkv * kD * elt, true);
+      r.add("sdpa_grouped", ctx.time([&] { dense_decode(q, kh, vh); }, true), dense_bytes, true);
+      ctx.add(r);
     }
     {   // scoring alone
-      Row r;
       std::snprintf(name, sizeof name, "score %s N%lld", dn, (long long)N);
-      r.name = name;
-      r.work = kv_bytes / 2;
-      r.bytes = true;
+      Row r(name, {"aten_reference"});
       auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
       const double err = (s - ref_score(q, k)).abs().max().item<double>();
-      char m[64];
-      std::snprintf(m, sizeof m, "err %.1e", err);
-      r.match = m;
-      r.op = ctx.time([&] { score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0); });
-      r.ref = ctx.time([&] { ref_score(q, k); }, true);
-      ctx.add(std::move(r));
-    }
-    {
-      const tkbench::Timing g = ctx.time([&] { dense_decode_gqa(q, kh, vh); }, true);
-      char buf[200];
-      std::snprintf(buf, sizeof buf, "dense %s: SDPA with enable_gqa on (1, H_q, 1, D) queries %.2f ms "
-                    "(the ATen-ref column uses grouped queries (1, H_kv, G, D), the faster form)",
-                    dn, g.ms);
-      ctx.note(buf);
+      r.add("tokenkernels", ctx.time([&] { score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0); }),
+            kv_bytes / 2, true).metric("maxerr vs ref", err);
+      r.add("aten_reference", ctx.time([&] { ref_score(q, k); }, true), kv_bytes / 2, true);
+      ctx.add(r);
     }
     if (dt == at::kFloat) {   // top-k alone (scores are fp32 whatever the cache dtype)
-      Row r;
       std::snprintf(name, sizeof name, "topk k2048 of N%lld (+128+512)", (long long)N);
-      r.name = name;
-      r.work = N * 4.0;
-      r.bytes = true;
+      Row r(name, {"aten_topk_sort"});
       auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
       auto mine = topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt);
-      r.match = at::equal(mine, ref_topk(s, N)) ? "equal" : "DIFFER";
-      r.op = ctx.time([&] { topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt); });
-      r.ref = ctx.time([&] { ref_topk(s, N); });
-      ctx.add(std::move(r));
+      const char* match = at::equal(mine, ref_topk(s, N)) ? "equal" : "DIFFER";
+      r.add("tokenkernels", ctx.time([&] { topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt); }),
+            N * 4.0, true).metric("picks=ref", match);
+      r.add("aten_topk_sort", ctx.time([&] { ref_topk(s, N); }), N * 4.0, true);
+      ctx.add(r);
     }
   }
-  ctx.note("kv_select: ATen-ref = dense at::scaled_dot_product_attention over the whole cache (grouped "
-           "queries, HF-layout contiguous K/V) for the decode rows, the reference einsum/softmax path for score, at::topk + sort for topk; "
-           "'vs ref' > 1 means the op is faster. Targets (issue #4, CPU): select+decode >= 2x, "
-           "cache-hit decode >= 10x.");
+  ctx.note("kv_select: sdpa_grouped = dense at::scaled_dot_product_attention over the whole cache (grouped "
+           "queries (1, H_kv, G, D), HF-layout contiguous K/V, the faster dense form); sdpa_enable_gqa = "
+           "(1, H_q, 1, D) queries with enable_gqa. Targets (issue #4, CPU): select+decode >= 2x, "
+           "cache-hit decode >= 10x vs sdpa_grouped.");
 }
 
 }  // namespace

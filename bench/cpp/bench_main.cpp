@@ -1,9 +1,23 @@
-// tokenkernels-bench [--family F] [--device cpu|cuda] [--quick] [--repeats N] [--wait-idle S]
-//                    [--list]
+// tokenkernels-bench [--family F] [--device cpu|cuda] [--quick] [--repeats N] [--list]
+//                    [--medusa63 P0,P1,...] [--control]
 //
-// Microbenchmarks of the tokenkernels ops, called through the dispatcher, against ATen baselines
-// written in C++. Timing: warmup, then the median of the repeats; std::chrono::steady_clock on
-// CPU, cudaEvent pairs on the current stream on CUDA (compiled only with TOKENKERNELS_WITH_CUDA).
+// The C++ cases of the benchmarks (see bench.h): the ops through the dispatcher against ATen
+// baselines, timed without Python in the loop. Output: JSON lines on stdout, one object each --
+//   {"type": "start", "device": .., "torch": .., "threads": .., "mode": "quick"|"full"}
+//   {"type": "family", "name": .., "description": ..}
+//   {"type": "row", "family": .., "case": .., "baselines": [..],
+//    "results": {impl: {"median_ms", "min_ms", "n", "other", "work", "bytes", "metrics"}}}
+//   {"type": "note", "family": .., "text": ..}
+//   {"type": "end_family", "name": ..}
+// which python -m tokenkernels.bench.cpp (the `tokenkernels-bench` console script, `make
+// bench-cpp`) turns into the harness's progress lines, tables and CSV. With --control the binary
+// also prints {"type": "ready"} before and {"type": "measured", "ms": ..} after each CPU
+// measurement and reads the runner's answer from stdin ("go"; then "keep <other cores>" or
+// "again"): how the runner's --wait-idle waits for a quiet machine and measures again.
+//
+// Timing: warmup, then the median of the repeats; std::chrono::steady_clock on CPU; on CUDA
+// (compiled only with TOKENKERNELS_WITH_CUDA) a cudaEvent pair per repeat on the current stream,
+// after a write of a buffer twice the L2 size queued before the start event (cold L2).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/version.h>
@@ -13,13 +27,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
+#include <iostream>
 #include <string>
-#include <thread>
 #include <vector>
-
-#include <sys/resource.h>
-#include <unistd.h>
 
 #include "bench.h"
 
@@ -60,114 +70,64 @@ void cuda_check(cudaError_t e, const char* what) {
     std::exit(1);
   }
 }
+
+cudaStream_t current_stream(const at::Device& d) {
+  void* sp = nullptr;
+  if (aoti_torch_get_current_cuda_stream(d.index() < 0 ? 0 : d.index(), &sp) != 0) {
+    std::fprintf(stderr, "tokenkernels-bench: could not get the current CUDA stream\n");
+    std::exit(1);
+  }
+  return static_cast<cudaStream_t>(sp);
+}
 #endif
 
-std::string fmt_ms(double ms) {
-  if (std::isnan(ms)) return "-";
-  char b[32];
-  if (ms < 1.0) std::snprintf(b, sizeof b, "%.3f", ms);
-  else if (ms < 100.0) std::snprintf(b, sizeof b, "%.2f", ms);
-  else std::snprintf(b, sizeof b, "%.1f", ms);
+// ------------------------------------------------------------------ JSON output
+std::string json_str(const std::string& s) {
+  std::string o = "\"";
+  for (const unsigned char c : s) {
+    if (c == '"' || c == '\\') { o += '\\'; o += char(c); }
+    else if (c == '\n') o += "\\n";
+    else if (c == '\t') o += "\\t";
+    else if (c < 0x20) { char b[8]; std::snprintf(b, sizeof b, "\\u%04x", c); o += b; }
+    else o += char(c);
+  }
+  return o + "\"";
+}
+
+std::string json_num(double x) {
+  if (!std::isfinite(x)) return "null";
+  char b[40];
+  std::snprintf(b, sizeof b, "%.9g", x);
   return b;
 }
 
-std::string fmt_x(double x) {
-  if (std::isnan(x)) return "-";
-  char b[32];
-  std::snprintf(b, sizeof b, x < 10 ? "%.2fx" : "%.1fx", x);
-  return b;
-}
-
-std::string fmt_rate(const Row& r) {
-  if (std::isnan(r.op.ms) || r.work <= 0) return "-";
-  char b[48];
-  std::snprintf(b, sizeof b, "%.1f %s", r.work / (r.op.ms * 1e-3) / 1e9, r.bytes ? "GB/s" : "GFLOP/s");
-  return b;
-}
-
-std::string cpu_name() {
-  std::ifstream f("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      auto p = line.find(':');
-      if (p != std::string::npos) return line.substr(p + 2);
-    }
-  }
-  return "unknown CPU";
-}
-
-}  // namespace
-
-LoadSample load_sample() {
-  LoadSample s;
-  s.wall = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-  std::ifstream f("/proc/stat");
-  std::string cpu;
-  long long v[8] = {0};
-  if (f >> cpu && cpu == "cpu") {
-    for (auto& x : v) f >> x;
-    const double hz = (double)sysconf(_SC_CLK_TCK);
-    if (f && hz > 0) s.busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / hz;
-  }
-  rusage ru{};
-  getrusage(RUSAGE_SELF, &ru);
-  s.self = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6;
-  return s;
-}
-
-double other_cores(const LoadSample& a, const LoadSample& b) {
-  if (a.busy < 0 || b.busy < 0 || b.wall <= a.wall) return kNaN;
-  return std::max(0.0, ((b.busy - a.busy) - (b.self - a.self)) / (b.wall - a.wall));
-}
-
-namespace {
-
-void print_table(const Context& ctx) {
-  const std::vector<std::string> head = {"case", "op ms", "op rate", ctx.ref_label + " ms",
-                                         "vs " + ctx.ref_label, ctx.alt_label + " ms",
-                                         "vs " + ctx.alt_label, ctx.floor_label + " ms",
-                                         "op/" + ctx.floor_label, ctx.match_label, "n"};
-  std::vector<std::vector<std::string>> cells;
-  for (const auto& r : ctx.rows) {
-    cells.push_back({r.name, fmt_ms(r.op.ms), fmt_rate(r), fmt_ms(r.ref.ms), fmt_x(r.ref.ms / r.op.ms),
-                     fmt_ms(r.divprune.ms), fmt_x(r.divprune.ms / r.op.ms), fmt_ms(r.gemm.ms),
-                     fmt_x(r.op.ms / r.gemm.ms), r.match.empty() ? "-" : r.match,
-                     std::to_string(r.op.n)});
-  }
-  std::vector<size_t> w(head.size());
-  for (size_t c = 0; c < head.size(); ++c) {
-    w[c] = head[c].size();
-    for (const auto& row : cells) w[c] = std::max(w[c], row[c].size());
-  }
-  auto line = [&](const std::vector<std::string>& v) {
-    std::string s = "|";
-    for (size_t c = 0; c < v.size(); ++c) {
-      const size_t pad = w[c] - v[c].size();
-      s += " " + (c == 0 ? v[c] + std::string(pad, ' ') : std::string(pad, ' ') + v[c]) + " |";
-    }
-    std::printf("%s\n", s.c_str());
-  };
-  line(head);
-  std::string sep = "|";
-  for (size_t c = 0; c < head.size(); ++c)
-    sep += (c == 0 ? std::string(w[c] + 1, '-') + " |" : " " + std::string(w[c], '-') + ":|");
-  std::printf("%s\n", sep.c_str());
-  for (const auto& row : cells) line(row);
-  for (const auto& n : ctx.notes) std::printf("\n%s\n", n.c_str());
+void emit(const std::string& line) {
+  std::fputs(line.c_str(), stdout);
+  std::fputc('\n', stdout);
   std::fflush(stdout);
+}
+
+// --control: one line from the runner ("" at end of input).
+std::string ask(const std::string& msg) {
+  emit(msg);
+  std::string reply;
+  if (!std::getline(std::cin, reply)) return "";
+  return reply;
 }
 
 void usage(const char* argv0) {
   std::printf(
-      "usage: %s [--family F] [--device cpu|cuda] [--quick] [--repeats N] [--wait-idle S] [--list]\n"
-      "  --family F    run one family (default: all); --list shows them\n"
-      "  --device D    cpu (default) or cuda\n"
-      "  --quick       fewer repeats (a smoke run)\n"
-      "  --repeats N   repeats of each op (baselines: about N/3, at least 1); default:\n"
-      "                CPU 10 (3 with --quick), CUDA 50 (10), capped by a per-measurement time budget\n"
-      "  --wait-idle S CPU on a shared machine: before each measurement wait up to S s until other\n"
-      "                processes are quiet, and measure again (twice at most) if they were not\n",
+      "usage: %s [--family F] [--device cpu|cuda] [--quick] [--repeats N] [--list]\n"
+      "          [--medusa63 P0,P1,...] [--control]\n"
+      "  --family F      run one family (default: all); --list shows them\n"
+      "  --device D      cpu (default) or cuda\n"
+      "  --quick         fewer repeats and smaller shapes\n"
+      "  --repeats N     repeats of each op (baselines: about N/3, at least 1); default:\n"
+      "                  CPU 10 (3 with --quick), CUDA 50 (10), capped by a per-measurement time budget\n"
+      "  --medusa63 P    the parents of tokenkernels.testing.MEDUSA_63 (the tree family needs them)\n"
+      "  --control       ask the runner on stdin around each CPU measurement (its --wait-idle)\n"
+      "Prints JSON lines; python -m tokenkernels.bench.cpp (tokenkernels-bench) runs this binary\n"
+      "with the tree and prints tables, progress lines and a CSV.\n",
       argv0);
 }
 
@@ -177,45 +137,91 @@ void register_family(const char* name, const char* description, FamilyFn fn) {
   families().push_back({name, description, fn});
 }
 
+Result& Result::metric(const std::string& key, const std::string& text) {
+  metrics.emplace_back(key, json_str(text));
+  return *this;
+}
+
+Result& Result::metric(const std::string& key, double value) {
+  metrics.emplace_back(key, json_num(value));
+  return *this;
+}
+
+Result& Row::add(std::string impl, Timing t, double work, bool bytes) {
+  Result r;
+  r.impl = std::move(impl);
+  r.timing = t;
+  r.work = work;
+  r.bytes = bytes;
+  results.push_back(std::move(r));
+  return results.back();
+}
+
+Context::~Context() {
+#ifdef TOKENKERNELS_WITH_CUDA
+  if (flush_) cudaFree(flush_);
+#endif
+}
+
 void Context::sync() const {
 #ifdef TOKENKERNELS_WITH_CUDA
   if (cuda()) cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 #endif
 }
 
-namespace {
-// Wait (at most max_s) until other processes have used < 0.1 cores for one second.
-void wait_for_idle(double max_s) {
-  const auto t_end = std::chrono::steady_clock::now() + std::chrono::duration<double>(max_s);
-  int quiet = 0;
-  LoadSample a = load_sample();
-  while (std::chrono::steady_clock::now() < t_end) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(250));
-    const LoadSample b = load_sample();
-    const double other = other_cores(a, b);
-    if (std::isnan(other)) return;
-    quiet = other < 0.1 ? quiet + 1 : 0;
-    if (quiet >= 4) return;
-    a = b;
+void Context::flush_l2() {
+#ifdef TOKENKERNELS_WITH_CUDA
+  const int dev = opt.device.index() < 0 ? 0 : opt.device.index();
+  if (!flush_) {
+    int l2 = 0;
+    cuda_check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev), "cudaDeviceGetAttribute");
+    flush_bytes_ = 2 * size_t(l2 > 0 ? l2 : 64 << 20);
+    cuda_check(cudaMalloc(&flush_, flush_bytes_), "cudaMalloc");
   }
+  cuda_check(cudaMemsetAsync(flush_, 0, flush_bytes_, current_stream(opt.device)), "cudaMemsetAsync");
+#endif
 }
-}  // namespace
+
+void Context::note(const std::string& s) {
+  emit("{\"type\": \"note\", \"family\": " + json_str(family) + ", \"text\": " + json_str(s) + "}");
+}
+
+void Context::add(const Row& r) {
+  std::string o = "{\"type\": \"row\", \"family\": " + json_str(family) + ", \"case\": " + json_str(r.name) +
+                  ", \"baselines\": [";
+  for (size_t i = 0; i < r.baselines.size(); ++i) o += (i ? ", " : "") + json_str(r.baselines[i]);
+  o += "], \"results\": {";
+  for (size_t i = 0; i < r.results.size(); ++i) {
+    const Result& x = r.results[i];
+    o += (i ? ", " : "") + json_str(x.impl) + ": {\"median_ms\": " + json_num(x.timing.ms) +
+         ", \"min_ms\": " + json_num(x.timing.min_ms) + ", \"n\": " + std::to_string(x.timing.n) +
+         ", \"other\": " + json_num(x.timing.other) + ", \"work\": " + json_num(x.work) +
+         ", \"bytes\": " + (x.bytes ? "true" : "false") + ", \"metrics\": {";
+    for (size_t j = 0; j < x.metrics.size(); ++j)
+      o += (j ? ", " : "") + json_str(x.metrics[j].first) + ": " + x.metrics[j].second;
+    o += "}}";
+  }
+  emit(o + "}}");
+}
 
 Timing Context::time(const std::function<void()>& fn, bool slow) {
-  if (cuda()) return measure(fn, slow);
+  if (cuda() || !opt.control) return measure(fn, slow);
+  // The runner's --wait-idle: it answers "go" once the machine is quiet, then "keep <other>" or
+  // "again" (other processes were busy meanwhile; at most twice).
   Timing t;
-  const int attempts = opt.wait_idle > 0 ? 3 : 1;
-  for (int i = 0; i < attempts; ++i) {
-    if (opt.wait_idle > 0) wait_for_idle(opt.wait_idle);
-    const LoadSample a = load_sample();
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    ask("{\"type\": \"ready\"}");
     t = measure(fn, slow);
-    t.other = other_cores(a, load_sample());
-    if (!(t.other > 0.25)) break;
+    const std::string reply = ask("{\"type\": \"measured\", \"ms\": " + json_num(t.ms) + "}");
+    if (reply.rfind("again", 0) == 0) continue;
+    if (reply.rfind("keep ", 0) == 0) t.other = std::strtod(reply.c_str() + 5, nullptr);
+    break;
   }
   return t;
 }
 
 Timing Context::measure(const std::function<void()>& fn, bool slow) {
+  // The same numbers as harness.schedule() in python/tokenkernels/bench/harness.py.
   const bool forced = opt.repeats > 0;
   int repeats, warmup;
   double budget_s;   // stop early once the measured time exceeds this (unless --repeats)
@@ -227,7 +233,7 @@ Timing Context::measure(const std::function<void()>& fn, bool slow) {
   } else {
     repeats = opt.quick ? 3 : 10;
     warmup = 1;
-    if (slow) repeats = opt.quick ? 1 : 3;
+    if (slow) { repeats = opt.quick ? 1 : 3; warmup = opt.quick ? 0 : 1; }
     budget_s = opt.quick ? 0.5 : 3.0;
   }
   if (forced) repeats = slow ? std::max(1, (opt.repeats + 2) / 3) : opt.repeats;
@@ -239,16 +245,12 @@ Timing Context::measure(const std::function<void()>& fn, bool slow) {
   double total = 0.0;
 #ifdef TOKENKERNELS_WITH_CUDA
   if (cuda()) {
-    void* sp = nullptr;
-    if (aoti_torch_get_current_cuda_stream(opt.device.index() < 0 ? 0 : opt.device.index(), &sp) != 0) {
-      std::fprintf(stderr, "tokenkernels-bench: could not get the current CUDA stream\n");
-      std::exit(1);
-    }
-    auto stream = static_cast<cudaStream_t>(sp);
+    const cudaStream_t stream = current_stream(opt.device);
     cudaEvent_t a, b;
     cuda_check(cudaEventCreate(&a), "cudaEventCreate");
     cuda_check(cudaEventCreate(&b), "cudaEventCreate");
     for (int i = 0; i < repeats; ++i) {
+      flush_l2();   // queued before the start event: not timed
       cuda_check(cudaEventRecord(a, stream), "cudaEventRecord");
       fn();
       cuda_check(cudaEventRecord(b, stream), "cudaEventRecord");
@@ -261,7 +263,8 @@ Timing Context::measure(const std::function<void()>& fn, bool slow) {
     }
     cudaEventDestroy(a);
     cudaEventDestroy(b);
-    return {median(ms), (int)ms.size(), kNaN};
+    Timing r{median(ms), (int)ms.size(), kNaN, *std::min_element(ms.begin(), ms.end())};
+    return r;
   }
 #endif
   for (int i = 0; i < repeats; ++i) {
@@ -273,20 +276,8 @@ Timing Context::measure(const std::function<void()>& fn, bool slow) {
     total += t * 1e-3;
     if (!forced && (int)ms.size() >= min_repeats && total > budget_s) break;
   }
-  return {median(ms), (int)ms.size(), kNaN};
-}
-
-void Context::add(Row r) {
-  const LoadSample now = load_sample();
-  double other = opt.wait_idle > 0 ? 0.0 : other_cores(case_start, now);
-  if (opt.wait_idle > 0)   // the worst measurement kept (the waits in between do not count)
-    for (const Timing* t : {&r.op, &r.ref, &r.divprune, &r.gemm})
-      if (!std::isnan(t->other)) other = std::max(other, t->other);
-  std::fprintf(stderr, "  %-38s op %8s ms  ref %8s ms  DivPrune %8s ms  (%.1f s, other load %.2f cores)\n",
-               r.name.c_str(), fmt_ms(r.op.ms).c_str(), fmt_ms(r.ref.ms).c_str(),
-               fmt_ms(r.divprune.ms).c_str(), now.wall - case_start.wall, other);
-  case_start = load_sample();
-  rows.push_back(std::move(r));
+  Timing r{median(ms), (int)ms.size(), kNaN, *std::min_element(ms.begin(), ms.end())};
+  return r;
 }
 
 }  // namespace tkbench
@@ -316,6 +307,7 @@ int main(int argc, char** argv) {
     if (a == "--family") opt.family = value();
     else if (a == "--device") device = value();
     else if (a == "--quick") opt.quick = true;
+    else if (a == "--control") opt.control = true;
     else if (a == "--repeats") {
       const std::string v = value();
       char* end = nullptr;
@@ -325,13 +317,19 @@ int main(int argc, char** argv) {
         return 2;
       }
       opt.repeats = (int)n;
-    } else if (a == "--wait-idle") {
+    } else if (a == "--medusa63") {
       const std::string v = value();
-      char* end = nullptr;
-      opt.wait_idle = std::strtod(v.c_str(), &end);
-      if (v.empty() || *end || opt.wait_idle < 0) {
-        std::fprintf(stderr, "tokenkernels-bench: --wait-idle wants seconds >= 0, got '%s'\n", v.c_str());
-        return 2;
+      const char* p = v.c_str();
+      while (*p) {
+        char* end = nullptr;
+        const long long x = std::strtoll(p, &end, 10);
+        if (end == p || (*end && *end != ',')) {
+          std::fprintf(stderr, "tokenkernels-bench: --medusa63 wants comma-separated integers, got '%s'\n",
+                       v.c_str());
+          return 2;
+        }
+        opt.medusa63.push_back(x);
+        p = *end ? end + 1 : end;
       }
     } else if (a == "--list") list = true;
     else if (a == "-h" || a == "--help") { usage(argv[0]); return 0; }
@@ -342,7 +340,7 @@ int main(int argc, char** argv) {
     }
   }
   if (list) {
-    for (const auto& f : families()) std::printf("%-12s %s\n", f.name.c_str(), f.description.c_str());
+    for (const auto& f : families()) std::printf("%-14s %s\n", f.name.c_str(), f.description.c_str());
     return 0;
   }
   if (device == "cpu") {
@@ -373,39 +371,32 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, ")\n");
     return 2;
   }
+  for (const Family* f : run)
+    if (f->name == "tree" && opt.medusa63.empty()) {
+      std::fprintf(stderr, "tokenkernels-bench: the tree family needs --medusa63 P0,P1,... (the parents "
+                           "of tokenkernels.testing.MEDUSA_63; python -m tokenkernels.bench.cpp passes "
+                           "them)\n");
+      return 2;
+    }
 
-  std::string dev_desc;
-  if (opt.device.is_cpu()) {
-    dev_desc = "cpu (" + cpu_name() + ", " + std::to_string(at::get_num_threads()) + " threads)";
-  } else {
+  std::string dev_name = opt.device.str();
 #ifdef TOKENKERNELS_WITH_CUDA
+  if (opt.device.is_cuda()) {
     cudaDeviceProp prop;
     cuda_check(cudaGetDeviceProperties(&prop, opt.device.index() < 0 ? 0 : opt.device.index()),
                "cudaGetDeviceProperties");
-    dev_desc = opt.device.str() + " (" + prop.name + ")";
+    dev_name += std::string(" (") + prop.name + ")";
+  }
 #endif
-  }
-  const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
-  std::printf("tokenkernels-bench: device %s, torch %s, %s%s%s\n", dev_desc.c_str(), TORCH_VERSION,
-              opt.quick ? "quick" : "full", opt.device.is_cpu() ? ", OMP_WAIT_POLICY=" : "",
-              opt.device.is_cpu() ? (wait_policy ? wait_policy : "unset") : "");
-  std::printf("times: median ms after warmup; rate: flops (GFLOP/s) or bytes (GB/s) of the op per "
-              "its median; vs X: X's time / op's time; op/GEMM: op time / one fp32 x@x^T; "
-              "picks=ref: leading picks equal to the ATen reference\n\n");
-  std::fflush(stdout);
-
-  const LoadSample load0 = load_sample();
+  emit("{\"type\": \"start\", \"device\": " + json_str(dev_name) + ", \"torch\": " + json_str(TORCH_VERSION) +
+       ", \"threads\": " + std::to_string(at::get_num_threads()) + ", \"mode\": " +
+       json_str(opt.quick ? "quick" : "full") + "}");
   for (const Family* f : run) {
-    Context ctx(opt);
-    std::fprintf(stderr, "[%s] %s\n", f->name.c_str(), f->description.c_str());
+    Context ctx(opt, f->name);
+    emit("{\"type\": \"family\", \"name\": " + json_str(f->name) + ", \"description\": " +
+         json_str(f->description) + "}");
     f->fn(ctx);
-    std::printf("## %s\n\n", f->name.c_str());
-    print_table(ctx);
-    std::printf("\n");
+    emit("{\"type\": \"end_family\", \"name\": " + json_str(f->name) + "}");
   }
-  const double other = other_cores(load0, load_sample());
-  if (opt.device.is_cpu() && !std::isnan(other))
-    std::printf("background load: other processes kept %.2f of %ld cores busy on average during this "
-                "run\n", other, sysconf(_SC_NPROCESSORS_ONLN));
   return 0;
 }

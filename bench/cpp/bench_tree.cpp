@@ -5,8 +5,10 @@
 //             (B, 1, n, prefix + n) bool mask, GQA) and, as the floor, an unmasked SDPA of the
 //             same n queries over the same keys (a plain n-query decode);
 //   verify_greedy: op only (the reference is a Python loop; see python -m tokenkernels.bench).
-// Trees: Medusa's default 63-node tree (64 nodes with the root) for attention and verify, random
-// trees (uniform attachment, fixed seed) for build. Heads: Llama-3-8B (32 q, 8 kv, D 128).
+// Trees: Medusa's default 63-node tree (64 nodes with the root) for attention and verify -- its
+// parents come from tokenkernels.testing.MEDUSA_63 through --medusa63 (the runner passes them),
+// not from a copy here -- and random trees (uniform attachment, fixed seed) for build. Heads:
+// Llama-3-8B (32 q, 8 kv, D 128).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -29,7 +31,7 @@ using BuildSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(cons
                                                                             int64_t);
 using AttnSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const at::Tensor&, const at::Tensor&, const OptT&, const OptT&,
-                                                   double, int64_t);
+                                                   double, bool, int64_t);
 using GreedySig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, const at::Tensor&, int64_t);
 
@@ -39,13 +41,10 @@ const c10::TypedOperatorHandle<Sig>& op(const char* name) {
   return h;
 }
 
-const std::vector<int64_t> kMedusa64 = {
-    -1, 0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  1,  1,  1,  1,  1,  1,  1,  1,  1,  1,  2,
-    2,  2,  2,  2,  2,  2,  3,  3,  3,  4,  4,  5,  6,  7,  8,  9,  10, 11, 11, 11, 11, 11,
-    11, 11, 11, 11, 11, 12, 12, 12, 13, 13, 14, 15, 16, 17, 18, 21, 21, 28, 39, 39};
-
-at::Tensor medusa_parents(int64_t B) {
-  return at::tensor(kMedusa64, at::kLong).unsqueeze(0).expand({B, 64}).contiguous();
+// (B, n) parents of the Medusa tree given by --medusa63 (n = 64 with the root).
+at::Tensor medusa_parents(const Context& ctx, int64_t B) {
+  const auto& p = ctx.opt.medusa63;
+  return at::tensor(p, at::kLong).unsqueeze(0).expand({B, (int64_t)p.size()}).contiguous();
 }
 
 at::Tensor random_parents(int64_t B, int64_t n, uint64_t seed) {
@@ -79,36 +78,36 @@ std::tuple<at::Tensor, at::Tensor> ref_build(const at::Tensor& parents) {
 }
 
 void run_tree(Context& ctx) {
+  TORCH_CHECK(ctx.opt.medusa63.size() == 64, "tokenkernels-bench: --medusa63 wants the 64 parents of "
+              "tokenkernels.testing.MEDUSA_63 (the root first), got ", ctx.opt.medusa63.size());
   const auto dev = ctx.opt.device;
   char name[160];
   // ---- build
   for (auto [B, n] : std::vector<std::pair<int64_t, int64_t>>{{1, 64}, {1, 256}, {1, 1024}, {16, 256}}) {
     if (ctx.opt.quick && n > 256) continue;
     auto par = random_parents(B, n, 7 + n).to(dev);
-    Row r;
     std::snprintf(name, sizeof name, "tree build B%lld n%lld", (long long)B, (long long)n);
-    r.name = name;
+    Row r(name, {"aten_reference"});
     auto call = [&] { return op<BuildSig>("tokenkernels::tree_build").call(par, std::nullopt, true, 0); };
     auto [m, d, fc, ns] = call();
     auto [rm, rd] = ref_build(par.cpu());
-    r.match = (m.cpu().equal(rm) && d.cpu().equal(rd)) ? "mask+depth" : "MISMATCH";
-    r.op = ctx.time([&] { call(); });
-    r.ref = ctx.time([&] { ref_build(par.cpu()); }, /*slow=*/true);
-    ctx.add(std::move(r));
+    const char* match = (m.cpu().equal(rm) && d.cpu().equal(rd)) ? "mask+depth" : "MISMATCH";
+    r.add("tokenkernels", ctx.time([&] { call(); })).metric("check", match);
+    r.add("aten_reference", ctx.time([&] { ref_build(par.cpu()); }, /*slow=*/true));
+    ctx.add(r);
   }
   // ---- verify_greedy
   for (int64_t B : {1, 16}) {
-    auto par = medusa_parents(B).to(dev);
+    auto par = medusa_parents(ctx, B).to(dev);
     auto [m, d, fc, ns] = op<BuildSig>("tokenkernels::tree_build").call(par, std::nullopt, true, 0);
     at::manual_seed(B);
     auto draft = at::randint(4, {B, 64}, at::kLong).to(dev);
     auto am = at::randint(4, {B, 64}, at::kLong).to(dev);
     const int64_t max_depth = d.max().item<int64_t>();
-    Row r;
     std::snprintf(name, sizeof name, "tree verify_greedy medusa63 B%lld", (long long)B);
-    r.name = name;
-    r.op = ctx.time([&] { op<GreedySig>("tokenkernels::tree_verify_greedy").call(fc, ns, draft, am, max_depth); });
-    ctx.add(std::move(r));
+    Row r(name);
+    r.add("tokenkernels", ctx.time([&] { op<GreedySig>("tokenkernels::tree_verify_greedy").call(fc, ns, draft, am, max_depth); }));
+    ctx.add(r);
   }
   // ---- attention
   const int64_t Hq = 32, Hkv = 8, D = 128, n = 64;
@@ -116,7 +115,7 @@ void run_tree(Context& ctx) {
   for (int64_t prefix : prefixes)
     for (auto dtype : {at::kFloat, at::kBFloat16}) {
       const int64_t B = 1, N = prefix + n;
-      auto par = medusa_parents(B).to(dev);
+      auto par = medusa_parents(ctx, B).to(dev);
       auto [mask, d, fc, ns] = op<BuildSig>("tokenkernels::tree_build").call(par, std::nullopt, true, 0);
       at::manual_seed(prefix);
       auto o = at::TensorOptions().dtype(dtype).device(dev);
@@ -135,7 +134,7 @@ void run_tree(Context& ctx) {
       auto allowed = at::cat({at::ones({B, n, prefix}, at::kBool), dense_tree}, 2).unsqueeze(1).to(dev);
       auto qt = q.transpose(1, 2), kt = k.transpose(1, 2), vt = v.transpose(1, 2);
       auto call = [&] {
-        return op<AttnSig>("tokenkernels::tree_attention").call(q, k, v, P, mask, std::nullopt, std::nullopt, scale, 0);
+        return op<AttnSig>("tokenkernels::tree_attention").call(q, k, v, P, mask, std::nullopt, std::nullopt, scale, true, 0);
       };
       auto sdpa_dense = [&] {
         return at::scaled_dot_product_attention(qt, kt, vt, allowed, 0.0, false, scale, /*enable_gqa=*/true);
@@ -143,25 +142,17 @@ void run_tree(Context& ctx) {
       auto out = std::get<0>(call());
       auto want = sdpa_dense().transpose(1, 2);
       const double err = (out.to(at::kFloat) - want.to(at::kFloat)).abs().max().item<double>();
-      Row r;
       std::snprintf(name, sizeof name, "tree attention medusa63 prefix%lld Hq32 Hkv8 D128 %s", (long long)prefix,
                     dtype == at::kFloat ? "fp32" : "bf16");
-      r.name = name;
-      r.work = 2.0 * N * Hkv * D * q.element_size();   // K and V bytes, read once
-      r.bytes = true;
-      char m[48];
-      std::snprintf(m, sizeof m, "maxerr %.1e", err);
-      r.match = m;
-      r.op = ctx.time([&] { call(); });
-      r.ref = ctx.time([&] { sdpa_dense(); });
-      r.gemm = ctx.time([&] { at::scaled_dot_product_attention(qt, kt, vt, std::nullopt, 0.0, false, scale, true); });
-      char note[256];
-      std::snprintf(note, sizeof note,
-                    "%s: dense-mask SDPA / tree.attention = %.2fx; tree.attention / unmasked %lld-query SDPA "
-                    "over the same keys (the floor) = %.2fx",
-                    r.name.c_str(), r.ref.ms / r.op.ms, (long long)n, r.op.ms / r.gemm.ms);
-      ctx.note(note);
-      ctx.add(std::move(r));
+      Row r(name, {"sdpa_dense_mask", "sdpa_no_mask_decode"});
+      const double work = 2.0 * N * Hkv * D * q.element_size();   // K and V bytes, read once
+      r.add("tokenkernels", ctx.time([&] { call(); }), work, /*bytes=*/true).metric("maxerr vs dense", err);
+      r.add("sdpa_dense_mask", ctx.time([&] { sdpa_dense(); }), work, true);
+      // the floor: an unmasked SDPA of the same n queries over the same keys (a plain n-query decode)
+      r.add("sdpa_no_mask_decode",
+            ctx.time([&] { at::scaled_dot_product_attention(qt, kt, vt, std::nullopt, 0.0, false, scale, true); }),
+            work, true);
+      ctx.add(r);
     }
 }
 
@@ -171,6 +162,6 @@ void register_tree_benches() {
   tkbench::register_family(
       "tree",
       "token trees: build vs ATen reference walk, verify_greedy, tree attention vs dense-mask SDPA "
-      "(ref column) and unmasked n-query SDPA (GEMM column)",
+      "and unmasked n-query SDPA (the floor)",
       &run_tree);
 }

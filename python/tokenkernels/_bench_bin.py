@@ -1,5 +1,6 @@
-"""Console entry point that runs the C++ microbenchmark binary shipped inside the package."""
-import os
+"""Console entry point ``tokenkernels-bench``: the C++ microbenchmark binary shipped inside the
+package, run through the Python harness (:mod:`tokenkernels.bench.cpp`: tables, progress lines,
+CSV, --wait-idle)."""
 import sys
 from pathlib import Path
 
@@ -9,10 +10,9 @@ def binary_path() -> Path:
 
 
 def main() -> None:
-    exe = binary_path()
-    if not exe.exists():
-        sys.exit(f"tokenkernels-bench: {exe} is missing; rebuild with pip install -e . --no-build-isolation")
-    os.execv(str(exe), [str(exe), *sys.argv[1:]])
+    from tokenkernels.bench.cpp import main as run
+
+    sys.exit(run(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def test_kcenter_runs_its_listed_cases(monkeypatch):
     labels, ctx = _run_untimed("kcenter")
     assert len(labels) == 5
     assert ctx.case_labels == labels
-    assert [r.case for r in ctx.rows if r.impl == "tokenkernels"] == labels
+    assert [r.case for r in ctx.rows if "tokenkernels" in r.results] == labels
+    assert all(r.baselines and set(r.baselines) <= set(r.results) for r in ctx.rows)
 
 
 def test_cross_entropy_runs_its_listed_cases(monkeypatch):
@@ -107,12 +108,13 @@ def test_cross_entropy_runs_its_listed_cases(monkeypatch):
 def test_integrations_failed_part_is_counted_as_skipped(monkeypatch):
     from tokenkernels.bench import integrations
 
-    def broken(ctx, lines):
+    def broken(ctx):
         raise RuntimeError("no model here")
 
-    def one(ctx, lines):
-        ctx.add([bench.Row("integrations", integrations.loss_labels(ctx.quick, ctx.cuda)[0], "hf",
-                           Timing(1.0, 1))], 0.0)
+    def one(ctx):
+        row = bench.Row("integrations", integrations.loss_labels(ctx.quick, ctx.cuda)[0])
+        row.add("hf", Timing(1.0, 1))
+        ctx.add(row, 0.0)
 
     parts = ((one, integrations.loss_labels), (broken, integrations.tokenselect_labels),
              (broken, integrations.visual_labels))
@@ -227,10 +229,13 @@ def test_output_overrides_and_no_files(tmp_path):
 def test_progress_line_names_sub_case_rows(capsys):
     ctx = Context(torch.device("cpu"), True, None)
     ctx.total_cases = 1
-    ctx.add([bench.Row("x", "lce A", "tokenkernels", Timing(1.0, 1)),
-             bench.Row("x", "lce A fwd", "tokenkernels", Timing(0.5, 1))], 0.0)
+    a, b = bench.Row("x", "lce A"), bench.Row("x", "lce A fwd")
+    a.add("tokenkernels", Timing(1.0, 1))
+    a.add("torch", Timing(2.0, 1))
+    b.add("tokenkernels", Timing(0.5, 1))
+    ctx.add([a, b], 0.0)
     line = capsys.readouterr().err
-    assert line.startswith("[1/1] lce A: tokenkernels 1.00 ms, tokenkernels (fwd) 0.500 ms  (")
+    assert line.startswith("[1/1] lce A: tokenkernels 1.00 ms, torch 2.00 ms, tokenkernels (fwd) 0.500 ms  (")
     assert ctx.case_labels == ["lce A"]
 
 

@@ -7,6 +7,10 @@ fwd+bwd; on CPU measured in a fresh subprocess per case by sampling the resident
 0.5 ms during the call (a lower bound of the true peak; big buffers live long enough to be
 seen), on CUDA from ``torch.cuda.max_memory_allocated``. Both include the gradients (N·D + V·D elements), which
 every implementation must return; "extra" subtracts them.
+
+Rows: per case one row of fwd+bwd times (rate on 6·N·D·V flops, metrics ``peak extra MB`` and
+``extra - grads MB``) and a ``<case> fwd`` row of forward times (2·N·D·V flops), both against
+``torch``.
 """
 from __future__ import annotations
 
@@ -16,11 +20,11 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List
 
 import torch
 
-from . import Context, Row, fmt_ms, fmt_x
+from . import Context, Row
 
 DESCRIPTION = "fused linear cross-entropy fwd+bwd vs torch materialised logits (and peers on CUDA)"
 
@@ -146,17 +150,16 @@ def run(ctx: Context) -> None:
     specs = _specs(ctx.quick, ctx.cuda)
     fns = impls(dev)
     ctx.total_cases = len(specs)
-    lines = ["| case | impl | fwd+bwd ms | TFLOP/s (6NDV) | vs torch | fwd ms | peak extra MB | "
-             "extra - grads MB | logits MB |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    logits = []
     for (N, D, V, dt) in specs:
         h, w, t = make_inputs(N, D, V, dt, dev)
         case = case_label(N, D, V, dt)
         flops = 6.0 * N * D * V
         logits_mb = N * V * h.element_size() / 2**20
         grads_mb = (N * D + V * D) * h.element_size() / 2**20
-        res: Dict[str, Tuple[float, float, float]] = {}
         started = time.perf_counter()
-        rows: List[Row] = []
+        both = Row("cross_entropy", case, baselines=("torch",))
+        fwd = Row("cross_entropy", case + " fwd", baselines=("torch",))
         for name, fn in fns.items():
             try:
                 tb = ctx.time(_fwd_bwd(fn, h, w, t), slow=(name != "tokenkernels"))
@@ -174,17 +177,12 @@ def run(ctx: Context) -> None:
                 peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
             else:
                 peak = cpu_peak_extra(N, D, V, dt, name) / 2**20
-            res[name] = (tb.ms, tf.ms, peak)
-            rows.append(Row("cross_entropy", case, name, tb, work=flops))
-            rows.append(Row("cross_entropy", case + " fwd", name, tf, work=flops / 3))
-        ctx.add(rows, started)
-        t_ref = res.get("torch", (math.nan,))[0]
-        for name, (tb, tf, peak) in res.items():
-            tflops = flops / (tb * 1e-3) / 1e12 if tb else math.nan
-            lines.append(f"| {case} | {name} | {fmt_ms(tb)} | {tflops:.3f} | {fmt_x(t_ref / tb)} | "
-                         f"{fmt_ms(tf)} | {peak:.1f} | {peak - grads_mb:.1f} | {logits_mb:.0f} |")
+            both.add(name, tb, work=flops,
+                     metrics={"peak extra MB": round(peak, 1), "extra - grads MB": round(peak - grads_mb, 1)})
+            fwd.add(name, tf, work=flops / 3)
+        ctx.add([both, fwd], started)
+        logits.append(f"{case} {logits_mb:.0f} MB")
         del h, w, t
-    ctx.note("\n".join(lines))
-    ctx.note("vs torch = torch's fwd+bwd time / this one's (> 1: faster than torch). peak extra = "
-             "peak allocation above the inputs during fwd+bwd (includes the returned gradients); "
-             "extra - grads removes the N*D + V*D gradient elements every implementation returns.")
+    ctx.note("peak extra MB = peak allocation above the inputs during fwd+bwd (includes the returned "
+             "gradients); extra - grads MB removes the N*D + V*D gradient elements every implementation "
+             "returns. The materialised logits alone (N*V in the input dtype): " + ", ".join(logits) + ".")

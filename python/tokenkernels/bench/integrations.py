@@ -10,7 +10,9 @@
 * visual pruning: LLaVA prefill (vision tower + projector + LM over the prompt), unpruned vs
   ``apply_visual_token_pruning`` (kcenter / coverage, keep=0.098).
 
-Ratios are "HF time (or memory) / this one" (> 1: the integration saves).
+Rows: each case against HF's own path (``hf``, ``sdpa``, ``unpruned``; the attention call also
+against ``sdpa grouped``, the fastest dense form on CPU), so ``vs X`` = HF time / this one
+(> 1: the integration saves); metric ``peak MiB`` for the loss patch.
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import List
 
 import torch
 
-from . import Context, Row, fmt_ms, fmt_x
+from . import Context, Row
 
 DESCRIPTION = "HF transformers integrations: loss patch, TokenSelect decode, visual pruning (end to end)"
 
@@ -115,7 +117,7 @@ def _cpu_step_peak(V, B, L, patched) -> float:
         return math.nan
 
 
-def bench_loss(ctx: Context, lines: List[str]) -> None:
+def bench_loss(ctx: Context) -> None:
     from ..integrations.transformers import patch_causal_lm_loss, unpatch_causal_lm_loss
 
     V, B, L = _loss_shape(ctx.quick)
@@ -128,8 +130,7 @@ def bench_loss(ctx: Context, lines: List[str]) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
 
     started = time.perf_counter()
-    res: Dict[str, tuple] = {}
-    rows = []
+    row = Row("integrations", case, baselines=("hf",))
     for name, patched in (("hf", False), ("tokenkernels", True)):
         if patched:
             patch_causal_lm_loss(model)
@@ -143,16 +144,16 @@ def bench_loss(ctx: Context, lines: List[str]) -> None:
         else:
             peak = _cpu_step_peak(V, B, L, patched)
         unpatch_causal_lm_loss(model)
-        res[name] = (t.ms, peak)
-        rows.append(Row("integrations", case, name, t))
-    ctx.add(rows, started)
-    (th, mh), (tt, mt) = res["hf"], res["tokenkernels"]
-    lines.append(f"| {case} | loss patch | {fmt_ms(th)} | {fmt_ms(tt)} | {fmt_x(th / tt)} | "
-                 f"{mh / 2**20:.0f} MiB -> {mt / 2**20:.0f} MiB ({fmt_x(mh / mt)}) |")
+        row.add(name, t, metrics={"peak MiB": round(peak / 2**20)} if not math.isnan(peak) else {})
+    ctx.add(row, started)
+    mem = {k: r.metrics.get("peak MiB") for k, r in row.results.items()}
+    if mem.get("hf") and mem.get("tokenkernels"):
+        ctx.note(f"{case}: peak memory of the step {mem['hf']} MiB (HF) -> {mem['tokenkernels']} MiB "
+                 f"({mem['hf'] / mem['tokenkernels']:.2f}x less)")
 
 
 # ------------------------------------------------------------------------------ TokenSelect
-def bench_tokenselect(ctx: Context, lines: List[str]) -> None:
+def bench_tokenselect(ctx: Context) -> None:
     T = _quiet_transformers()
     from transformers import DynamicCache
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -188,24 +189,18 @@ def bench_tokenselect(ctx: Context, lines: List[str]) -> None:
 
     budget = (128, 2048, 512)
     started = time.perf_counter()
-    rows, res = [], {}
-    t = ctx.time(step)
-    res["sdpa"] = t.ms
-    rows.append(Row("integrations", case, "sdpa", t))
+    row = Row("integrations", case, baselines=("sdpa",))
+    row.add("sdpa", ctx.time(step))
     for name, thr in (("tokenselect miss", 2.0), ("tokenselect hit", -1.0)):
         enable_tokenselect_attention(model, k=budget[1], n_sink=budget[0], n_local=budget[2],
                                      cache_threshold=thr)
         step()
         t = ctx.time(step)
         st = tokenselect_stats(model)
-        res[name] = t.ms
-        rows.append(Row("integrations", case, name, t,
-                        note=f"hit rate {st['hit_rate']:.2f}, attended {st['last_attended'][0][0]}"))
+        row.add(name, t, metrics={"hit rate": round(st["hit_rate"], 2),
+                                  "attended": int(st["last_attended"][0][0])})
         disable_tokenselect_attention(model)
-    ctx.add(rows, started)
-    for name in ("tokenselect miss", "tokenselect hit"):
-        lines.append(f"| {case} | {name} (model step) | {fmt_ms(res['sdpa'])} | {fmt_ms(res[name])} | "
-                     f"{fmt_x(res['sdpa'] / res[name])} | - |")
+    ctx.add(row, started)
 
     # one layer's attention call alone (the cache tensors as HF passes them)
     attn = model.model.layers[0].self_attn
@@ -218,27 +213,21 @@ def bench_tokenselect(ctx: Context, lines: List[str]) -> None:
     qg = q.reshape(1, Hkv, Hq // Hkv, D)
     t_grp = ctx.time(lambda: torch.nn.functional.scaled_dot_product_attention(qg, key, value,
                                                                              scale=D ** -0.5))
-    rows = [Row("integrations", case1, "sdpa", t_sdpa), Row("integrations", case1, "sdpa grouped", t_grp)]
-    out = {}
+    row = Row("integrations", case1, baselines=("sdpa", "sdpa grouped"))
+    row.add("sdpa", t_sdpa)
+    row.add("sdpa grouped", t_grp)
     for name, thr in (("tokenselect miss", 2.0), ("tokenselect hit", -1.0)):
         enable_tokenselect_attention(model, k=budget[1], n_sink=budget[0], n_local=budget[2],
                                      cache_threshold=thr)
         fn = lambda: tokenselect_attention_forward(attn, q, key, value, None, scaling=D ** -0.5)  # noqa: E731
         fn()
-        t = ctx.time(fn)
-        out[name] = t.ms
-        rows.append(Row("integrations", case1, name, t))
+        row.add(name, ctx.time(fn))
         disable_tokenselect_attention(model)
-    ctx.add(rows, started)
-    for name, ms in out.items():
-        lines.append(f"| {case1} | {name} | {fmt_ms(t_sdpa.ms)} | {fmt_ms(ms)} | {fmt_x(t_sdpa.ms / ms)} | - |")
-    for name, ms in out.items():
-        lines.append(f"| {case1} | {name} vs grouped-query SDPA | {fmt_ms(t_grp.ms)} | {fmt_ms(ms)} | "
-                     f"{fmt_x(t_grp.ms / ms)} | - |")
+    ctx.add(row, started)
 
 
 # ------------------------------------------------------------------------------ visual pruning
-def bench_visual(ctx: Context, lines: List[str]) -> None:
+def bench_visual(ctx: Context) -> None:
     T = _quiet_transformers()
     from ..integrations.transformers import apply_visual_token_pruning, remove_visual_token_pruning
 
@@ -266,18 +255,13 @@ def bench_visual(ctx: Context, lines: List[str]) -> None:
     case, = visual_labels(ctx.quick, ctx.cuda)
     assert f"+ {ids.shape[1] - 576 * n_img} txt" in case, case
     started = time.perf_counter()
-    t0 = ctx.time(prefill)
-    rows, res = [Row("integrations", case, "unpruned", t0)], {}
+    row = Row("integrations", case, baselines=("unpruned",))
+    row.add("unpruned", ctx.time(prefill))
     for method in ("kcenter", "coverage"):
         apply_visual_token_pruning(model, keep=0.098, method=method)
-        t = ctx.time(prefill)
-        res[method] = t.ms
-        rows.append(Row("integrations", case, f"{method} keep=0.098", t))
+        row.add(f"{method} keep=0.098", ctx.time(prefill))
         remove_visual_token_pruning(model)
-    ctx.add(rows, started)
-    for method, ms in res.items():
-        lines.append(f"| {case} | {method} keep=0.098 | {fmt_ms(t0.ms)} | {fmt_ms(ms)} | "
-                     f"{fmt_x(t0.ms / ms)} | - |")
+    ctx.add(row, started)
 
 
 # (part, its case labels); a part that fails is noted and the others still run
@@ -292,15 +276,12 @@ def cases(quick: bool, cuda: bool = False) -> List[str]:
 
 def run(ctx: Context) -> None:
     ctx.total_cases = len(cases(ctx.quick, ctx.cuda))
-    lines = ["| case | integration | HF ms | with tokenkernels ms | speed-up | peak memory HF -> ours |",
-             "|---|---|--:|--:|--:|--:|"]
     for fn, _ in PARTS:
         try:
-            fn(ctx, lines)
+            fn(ctx)
         except Exception as e:  # noqa: BLE001  (one part failing must not hide the others)
             ctx.note(f"integrations: {fn.__name__} failed: {type(e).__name__}: {e}")
-    ctx.note("\n".join(lines))
-    ctx.note("speed-up = HF time / time with the integration. TokenSelect 'miss' = select + sparse "
+    ctx.note("TokenSelect 'miss' = select + sparse "
              "decode every step (Selection Cache disabled), 'hit' = cached picks (sparse decode "
              "only); budget 128 + 2048 + 512. Model step includes HF's DynamicCache torch.cat "
              "(an O(N) copy of K and V per layer, paid by both).")

@@ -4,6 +4,11 @@ importable, farthest-point-sampling peers (torch_cluster, pytorch3d).
 
 Inputs are synthetic token-like features (a shared mean direction + one of N/18 cluster centres +
 noise), fp32, built with the same recipe and seeds as the C++ bench (bench/cpp/bench_kcenter.cpp).
+
+Rows: baselines ``divprune_style`` and ``gemm x@x.T`` (one fp32 GEMM of the same input: the floor
+of the isolated start); the coverage case against ``reference``. Rate: GFLOP/s (``2·N²·D`` for the
+isolated start, ``2·k·N·D`` otherwise, per item) or GB/s (coverage: bytes of ``sim``). Metric
+``picks=ref``: how many leading picks equal the reference's (worst item).
 """
 from __future__ import annotations
 
@@ -119,16 +124,13 @@ def _kcenter_case(ctx: Context, B: int, N: int, k: int, start: str, peers) -> Ti
         return xs @ xs.T if B == 1 else torch.bmm(x, x.transpose(1, 2))
 
     picks_ref = reference().reshape(B, k)
-    rows: List[Row] = []
+    case_row = Row("kcenter", case, baselines=("divprune_style", "gemm x@x.T"))
 
     def row(impl, fn, slow, w, picks=None):
         out = fn() if picks is not None else None
         t = ctx.time(fn, slow=slow)
-        r = Row("kcenter", case, impl, t, work=w)
-        if out is not None:
-            r.picks = prefix_match(out.reshape(B, -1), picks_ref)
-        rows.append(r)
-        return r
+        m = {} if out is None else {"picks=ref": prefix_match(out.reshape(B, -1), picks_ref)}
+        return case_row.add(impl, t, work=w, metrics=m)
 
     row("tokenkernels", op, False, work, picks=True)
     row("reference", reference, True, work)
@@ -141,13 +143,8 @@ def _kcenter_case(ctx: Context, B: int, N: int, k: int, start: str, peers) -> Ti
         xn = torch.nn.functional.normalize(x, dim=-1)
         for name, fn in peers.items():
             row(name, lambda fn=fn: fn(xn, k), False, work, picks=True)
-    dp = next(r for r in rows if r.impl == "divprune_style").timing.ms
-    gm = next(r for r in rows if r.impl.startswith("gemm")).timing.ms
-    for r in rows:
-        r.speedup_vs_divprune = dp / r.timing.ms
-        r.ratio_vs_gemm = r.timing.ms / gm
-    ctx.add(rows, t_start)
-    return rows[0].timing
+    ctx.add(case_row, t_start)
+    return case_row.results["tokenkernels"].timing
 
 
 def _coverage_case(ctx: Context) -> None:
@@ -161,12 +158,11 @@ def _coverage_case(ctx: Context) -> None:
     work = float(M * N * 4)   # bytes of sim, read once
     picks_ref = ref.coverage_select(sim, k)
     out = tokenkernels.coverage_select(sim, k)
-    r_op = Row("kcenter", case, "tokenkernels",
-               ctx.time(lambda: tokenkernels.coverage_select(sim, k, check=False)), work=work, bytes=True,
-               picks=prefix_match(out, picks_ref))
-    r_ref = Row("kcenter", case, "reference", ctx.time(lambda: ref.coverage_select(sim, k), slow=True),
-                work=work, bytes=True)
-    ctx.add([r_op, r_ref], t_start)
+    row = Row("kcenter", case, baselines=("reference",))
+    row.add("tokenkernels", ctx.time(lambda: tokenkernels.coverage_select(sim, k, check=False)), work=work,
+            bytes=True, metrics={"picks=ref": prefix_match(out, picks_ref)})
+    row.add("reference", ctx.time(lambda: ref.coverage_select(sim, k), slow=True), work=work, bytes=True)
+    ctx.add(row, t_start)
     gap = prefix_match(out, picks_ref)
     if gap != f"{k}/{k}":
         cover = lambda idx: float(sim[:, idx].max(1).values.double().sum())   # noqa: E731

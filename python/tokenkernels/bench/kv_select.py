@@ -5,6 +5,10 @@ with torch SDPA over the whole cache, and against the same selection done with p
 Shape (issue #4): Llama-3-8B heads (H_q 32, H_kv 8, D 128), one request with N = 32768 tokens
 (8192 with --quick) in a contiguous (B, N, H_kv, D) cache, budget 128 sink + 2048 top-k + 512
 local; fp32 and bf16. Same seeds and shapes as bench/cpp/bench_kv_select.cpp.
+
+Rows: one per case, every implementation against ``torch SDPA full cache (grouped q)``; rates in
+GB/s of cache bytes read; metric ``picks=torch``: whether the selection equals the plain-torch
+one. The parts (score, topk) against their torch paths are in the notes.
 """
 from __future__ import annotations
 
@@ -73,7 +77,7 @@ def torch_sparse_decode(q, k, v, idx):
     return dense_decode(q, ks, vs)
 
 
-def _case(ctx: Context, dtype: torch.dtype, N: int) -> List[Row]:
+def _case(ctx: Context, dtype: torch.dtype, N: int) -> Row:
     t0 = time.perf_counter()
     torch.manual_seed(7)
     k = torch.randn(1, N, H_KV, D, dtype=dtype, device=ctx.device)
@@ -94,36 +98,32 @@ def _case(ctx: Context, dtype: torch.dtype, N: int) -> List[Row]:
         i = kv.select(q, k, sl, k=TOP_K, n_sink=N_SINK, n_local=N_LOCAL, check=False)
         return kv.sparse_decode(q, k, v, i, sl, check=False)
 
-    rows = [
-        Row("kv_select", case, "tokenkernels select+sparse_decode", ctx.time(ours), work=k_bytes + sel_bytes,
-            bytes=True, picks=agree),
-        Row("kv_select", case, "tokenkernels sparse_decode (cache hit)",
-            ctx.time(lambda: kv.sparse_decode(q, k, v, idx, sl, check=False)), work=sel_bytes, bytes=True),
-        Row("kv_select", case, "torch SDPA full cache (grouped q)",
-            ctx.time(lambda: dense_decode_grouped(q, kh, vh), slow=True), work=2 * k_bytes, bytes=True),
-        Row("kv_select", case, "torch SDPA full cache (enable_gqa)",
-            ctx.time(lambda: dense_decode(q, k, v), slow=True), work=2 * k_bytes, bytes=True),
-        Row("kv_select", case, "torch select (topk) + gathered SDPA",
+    row = Row("kv_select", case, baselines=("torch SDPA full cache (grouped q)",))
+    row.add("tokenkernels select+sparse_decode", ctx.time(ours), work=k_bytes + sel_bytes,
+            bytes=True, metrics={"picks=torch": agree})
+    row.add("tokenkernels sparse_decode (cache hit)",
+            ctx.time(lambda: kv.sparse_decode(q, k, v, idx, sl, check=False)), work=sel_bytes, bytes=True)
+    row.add("torch SDPA full cache (grouped q)",
+            ctx.time(lambda: dense_decode_grouped(q, kh, vh), slow=True), work=2 * k_bytes, bytes=True)
+    row.add("torch SDPA full cache (enable_gqa)",
+            ctx.time(lambda: dense_decode(q, k, v), slow=True), work=2 * k_bytes, bytes=True)
+    row.add("torch select (topk) + gathered SDPA",
             ctx.time(lambda: torch_sparse_decode(q, k, v, torch_select(q, k, N)), slow=True),
-            work=k_bytes + sel_bytes, bytes=True),
-        Row("kv_select", case, "tokenkernels score", ctx.time(lambda: kv.score(q, k, sl, check=False)),
-            work=k_bytes, bytes=True),
-        Row("kv_select", case, "torch score (einsum+softmax)",
+            work=k_bytes + sel_bytes, bytes=True)
+    row.add("tokenkernels score", ctx.time(lambda: kv.score(q, k, sl, check=False)),
+            work=k_bytes, bytes=True)
+    row.add("torch score (einsum+softmax)",
             ctx.time(lambda: torch.softmax(torch.einsum(
                 "bhd,bnhd->bhn", q.float(), k.float().repeat_interleave(H_Q // H_KV, dim=2)), -1).sum(1),
-                slow=True), work=k_bytes, bytes=True),
-    ]
+                slow=True), work=k_bytes, bytes=True)
     s = kv.score(q, k, sl)
-    rows += [
-        Row("kv_select", case, "tokenkernels topk", ctx.time(lambda: kv.topk(s, TOP_K, sl, n_sink=N_SINK,
-                                                                             n_local=N_LOCAL)),
-            work=4.0 * N, bytes=True),
-        Row("kv_select", case, "torch.topk + sort",
+    row.add("tokenkernels topk", ctx.time(lambda: kv.topk(s, TOP_K, sl, n_sink=N_SINK, n_local=N_LOCAL)),
+            work=4.0 * N, bytes=True)
+    row.add("torch.topk + sort",
             ctx.time(lambda: torch.topk(s[:, N_SINK:N - N_LOCAL], TOP_K).indices.sort(1)),
-            work=4.0 * N, bytes=True),
-    ]
-    ctx.add(rows, t0)
-    t = {r.impl: r.timing.ms for r in rows}
+            work=4.0 * N, bytes=True)
+    ctx.add(row, t0)
+    t = {impl: r.timing.ms for impl, r in row.results.items()}
     full = t["torch SDPA full cache (grouped q)"]
     ctx.note(f"{case}: select+sparse_decode {full / t['tokenkernels select+sparse_decode']:.2f}x and "
              f"cache hit {full / t['tokenkernels sparse_decode (cache hit)']:.2f}x vs torch SDPA over the "
@@ -133,7 +133,7 @@ def _case(ctx: Context, dtype: torch.dtype, N: int) -> List[Row]:
              f"score {t['torch score (einsum+softmax)'] / t['tokenkernels score']:.2f}x, "
              f"topk {t['torch.topk + sort'] / t['tokenkernels topk']:.2f}x vs torch "
              f"(targets: >= 2x select+decode, >= 10x cache hit)")
-    return rows
+    return row
 
 
 def run(ctx: Context) -> None:

@@ -6,10 +6,12 @@ and an unmasked SDPA of the same n queries over the same keys (the floor: a plai
 Trees: Medusa's 63-node default tree (64 nodes with the root) for verify/attention; random trees
 (uniform attachment, fixed seed) for build. Shapes: Llama-3-8B attention heads (32 query heads,
 8 KV heads, head dim 128).
+
+Rows: build and verify against ``reference``; attention against ``sdpa_dense_mask`` and
+``sdpa_no_mask_decode`` (the floor), rates in GB/s of K and V read once (tokenkernels' rows only).
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import List
 
@@ -22,9 +24,6 @@ from tokenkernels.testing import MEDUSA_63, random_parents
 from . import Context, Row
 
 DESCRIPTION = "token trees: build, verify (greedy / sampling), tree attention vs dense-mask SDPA"
-
-
-
 
 HQ, HKV, HD = 32, 8, 128      # Llama-3-8B attention heads
 VERIFY_B = (1, 16)
@@ -53,21 +52,14 @@ def cases(quick: bool, cuda: bool = False) -> List[str]:
             + [attention_label(p, dt) for p in _prefixes(quick) for dt in ATTN_DTYPES])
 
 
-def _rows(ctx: Context, case: str, fns, work=0.0, bytes_=False):
+def _rows(ctx: Context, case: str, fns, work=0.0, bytes_=False, baselines=("reference",)):
     started = time.perf_counter()
-    rows = []
+    row = Row("tree", case, baselines=baselines)
     for impl, fn, slow in fns:
         t = ctx.time(fn, slow=slow)
-        rows.append(Row("tree", case, impl, t, work=work if impl == "tokenkernels" else 0.0, bytes=bytes_))
-    ctx.add(rows, started)
-    return rows
-
-
-def _ratio_note(rows, what: str) -> str:
-    base = {r.impl: r.timing.ms for r in rows}
-    op = base.get("tokenkernels", math.nan)
-    parts = [f"{k} {v / op:.2f}x" for k, v in base.items() if k != "tokenkernels"]
-    return f"{what}: tokenkernels {op:.3f} ms; others' time / ours: " + ", ".join(parts)
+        row.add(impl, t, work=work if impl == "tokenkernels" else 0.0, bytes=bytes_)
+    ctx.add(row, started)
+    return row
 
 
 def run(ctx: Context) -> None:
@@ -80,13 +72,12 @@ def run(ctx: Context) -> None:
         par = random_parents(B, n, seed=n + B, bushy=1.0).to(dev)
         t0 = tk.tree.build(par)
         md, ml = t0.max_depth, t0.paths.shape[1]
-        rows = _rows(ctx, f"build B{B} n{n}", [
+        _rows(ctx, f"build B{B} n{n}", [
             ("tokenkernels", lambda: tk.tree.build(par), False),
             # sizes of paths given: no read-back of depth/leaf counts (CUDA: no host sync)
             ("tokenkernels_sizes_given", lambda: tk.tree.build(par, max_depth=md, max_leaves=ml, check=False), False),
             ("reference", lambda: ref.build(par.cpu()), True),
         ])
-        ctx.note(_ratio_note(rows, f"build B{B} n{n}"))
 
     # ---- verify
     medusa = tk.tree.from_paths(MEDUSA_63)
@@ -96,12 +87,11 @@ def run(ctx: Context) -> None:
         g = torch.Generator().manual_seed(B)
         draft = torch.randint(0, 4, (B, 64), generator=g).to(dev)
         am = torch.randint(0, 4, (B, 64), generator=g).to(dev)
-        rows = _rows(ctx, f"verify_greedy medusa63 B{B}", [
+        _rows(ctx, f"verify_greedy medusa63 B{B}", [
             ("tokenkernels", lambda: tk.tree.verify_greedy(tree, draft, am), False),
             ("reference", lambda: ref.verify_greedy(tree.first_child, tree.next_sibling, draft, am, tree.max_depth),
              True),
         ])
-        ctx.note(_ratio_note(rows, f"verify_greedy B{B}"))
     V = SAMPLING_V
     B = SAMPLING_B
     par = medusa[None].expand(B, 64).contiguous().to(dev)
@@ -111,13 +101,12 @@ def run(ctx: Context) -> None:
     dp = torch.softmax(torch.randn(B, 64, V, generator=g) * 3, -1).to(dev)
     draft = torch.multinomial(dp[:, 0].cpu(), 64, replacement=True, generator=g).to(dev)
     coins, bu = torch.rand(B, 64, generator=g).to(dev), torch.rand(B, generator=g).to(dev)
-    rows = _rows(ctx, f"verify_sampling medusa63 B{B} V{V}", [
+    _rows(ctx, f"verify_sampling medusa63 B{B} V{V}", [
         ("tokenkernels", lambda: tk.tree.verify_sampling(tree, draft, tp, draft_probs=dp, coins=coins,
                                                           bonus_u=bu, check=False), False),
         ("reference", lambda: ref.verify_sampling(tree.first_child, tree.next_sibling, draft, tp, dp, coins, bu,
                                                   tree.max_depth), True),
     ])
-    ctx.note(_ratio_note(rows, f"verify_sampling B{B} V{V}"))
 
     # ---- attention: 64-node tree over a long prefix, Llama-3-8B heads
     Hq, Hkv, D = HQ, HKV, HD
@@ -138,11 +127,10 @@ def run(ctx: Context) -> None:
             out = torch.empty_like(q)
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             kv_bytes = 2 * N * Hkv * D * q.element_size()
-            rows = _rows(ctx, attention_label(prefix, dtype), [
+            _rows(ctx, attention_label(prefix, dtype), [
                 ("tokenkernels", lambda: tk.tree.attention(q, k, v, P, tree, out=out, check=False), False),
                 ("tokenkernels_paged16", lambda: tk.tree.attention(q, kp, vp, P, tree, block_table=table, check=False), False),
                 ("sdpa_dense_mask", lambda: ref.attention_sdpa(q, k, v, P, tree.mask), False),
                 ("sdpa_no_mask_decode", lambda: torch.nn.functional.scaled_dot_product_attention(
                     qt, kt, vt, enable_gqa=True), False),
-            ], work=kv_bytes, bytes_=True)
-            ctx.note(_ratio_note(rows, f"attention prefix {prefix} {dtype}"))
+            ], work=kv_bytes, bytes_=True, baselines=("sdpa_dense_mask", "sdpa_no_mask_decode"))
