@@ -28,13 +28,13 @@ using tkbench::Row;
 using OptT = std::optional<at::Tensor>;
 
 using ScoreSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                            double, const OptT&, bool, int64_t);
+                            double, const OptT&, const OptT&, bool, c10::string_view);
 using TopkSig = at::Tensor(const at::Tensor&, int64_t, const at::Tensor&, int64_t, int64_t,
-                           const OptT&, const OptT&);
+                           const OptT&, const OptT&, bool);
 using DecodeSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, const OptT&, double, bool,
-                                                     int64_t);
+                                                     c10::string_view);
 
 template <typename Sig>
 const c10::TypedOperatorHandle<Sig>& op(const char* name) {
@@ -42,10 +42,10 @@ const c10::TypedOperatorHandle<Sig>& op(const char* name) {
   static auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
   return h;
 }
-const c10::TypedOperatorHandle<ScoreSig>& score_op() { return op<ScoreSig>("tokenkernels::kv_score"); }
-const c10::TypedOperatorHandle<TopkSig>& topk_op() { return op<TopkSig>("tokenkernels::kv_topk"); }
+const c10::TypedOperatorHandle<ScoreSig>& score_op() { return op<ScoreSig>("tokenkernels::kv_select_score"); }
+const c10::TypedOperatorHandle<TopkSig>& topk_op() { return op<TopkSig>("tokenkernels::kv_select_topk"); }
 const c10::TypedOperatorHandle<DecodeSig>& decode_op() {
-  return op<DecodeSig>("tokenkernels::kv_sparse_decode");
+  return op<DecodeSig>("tokenkernels::kv_select_sparse_decode");
 }
 
 constexpr int64_t kHq = 32, kHkv = 8, kD = 128, kSink = 128, kTop = 2048, kLocal = 512;
@@ -97,8 +97,8 @@ void run_kv_select(Context& ctx) {
     const int64_t W = kSink + kTop + kLocal;
 
     auto select = [&] {
-      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
-      return topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt);
+      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto");
+      return topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false);
     };
     auto idx = select();
     char name[160];
@@ -111,7 +111,7 @@ void run_kv_select(Context& ctx) {
       r.bytes = true;
       r.op = ctx.time([&] {
         auto i = select();
-        decode_op().call(q, k, v, i, sl, std::nullopt, scale, false, 0);
+        decode_op().call(q, k, v, i, sl, std::nullopt, scale, false, "auto");
       });
       r.ref = ctx.time([&] { dense_decode(q, kh, vh); }, true);
       ctx.add(std::move(r));
@@ -122,7 +122,7 @@ void run_kv_select(Context& ctx) {
       r.name = name;
       r.work = 2.0 * W * kHkv * kD * elt;
       r.bytes = true;
-      r.op = ctx.time([&] { decode_op().call(q, k, v, idx, sl, std::nullopt, scale, false, 0); });
+      r.op = ctx.time([&] { decode_op().call(q, k, v, idx, sl, std::nullopt, scale, false, "auto"); });
       r.ref = ctx.time([&] { dense_decode(q, kh, vh); }, true);
       ctx.add(std::move(r));
     }
@@ -132,12 +132,12 @@ void run_kv_select(Context& ctx) {
       r.name = name;
       r.work = kv_bytes / 2;
       r.bytes = true;
-      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
+      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto");
       const double err = (s - ref_score(q, k)).abs().max().item<double>();
       char m[64];
       std::snprintf(m, sizeof m, "err %.1e", err);
       r.match = m;
-      r.op = ctx.time([&] { score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0); });
+      r.op = ctx.time([&] { score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto"); });
       r.ref = ctx.time([&] { ref_score(q, k); }, true);
       ctx.add(std::move(r));
     }
@@ -155,10 +155,10 @@ void run_kv_select(Context& ctx) {
       r.name = name;
       r.work = N * 4.0;
       r.bytes = true;
-      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
-      auto mine = topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt);
+      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto");
+      auto mine = topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false);
       r.match = at::equal(mine, ref_topk(s, N)) ? "equal" : "DIFFER";
-      r.op = ctx.time([&] { topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt); });
+      r.op = ctx.time([&] { topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false); });
       r.ref = ctx.time([&] { ref_topk(s, N); });
       ctx.add(std::move(r));
     }

@@ -99,7 +99,7 @@ def test_negative_budget(device):
     with pytest.raises(ValueError, match="k must be >= 0"):
         kv.select(c.q, c.k, c.seq_lens, k=-3)
     with pytest.raises(RuntimeError, match="k must be >= 0"):   # the raw op checks too
-        torch.ops.tokenkernels.kv_topk(s, -1, c.seq_lens, 0, 0, None, None)
+        torch.ops.tokenkernels.kv_select_topk(s, -1, c.seq_lens, 0, 0, None, None, True)
 
 
 def test_dtype_device_mismatch(device):
@@ -119,8 +119,10 @@ def test_dtype_device_mismatch(device):
         kv.score(c.q, c.k[0], c.seq_lens)
     with pytest.raises(RuntimeError, match="contiguous k_cache must have 2 rows"):
         kv.score(c.q, c.k[:1], c.seq_lens)
-    with pytest.raises(RuntimeError, match="indices must be int32"):
-        torch.ops.tokenkernels.kv_sparse_decode(c.q, c.k, c.v, idx.long(), c.seq_lens, None, 1.0, True, 0)
+    # the op itself accepts any integer dtype (narrowed to int32 in C++) and rejects the rest
+    with pytest.raises(TypeError, match="kv_select.sparse_decode: indices must be an integer tensor, got Float"):
+        torch.ops.tokenkernels.kv_select_sparse_decode(c.q, c.k, c.v, idx.float(), c.seq_lens, None, 1.0, True,
+                                                       "auto")
     with pytest.raises(TypeError, match="indices must be an integer tensor"):
         kv.sparse_decode(c.q, c.k, c.v, idx.float(), c.seq_lens)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
@@ -237,7 +239,7 @@ def test_topk_budget_overflow(device, k, n_sink, n_local):
         kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local)
     # the direct op (shared C++ check, CPU and CUDA)
     with pytest.raises(RuntimeError, match="n_sink \\+ k \\+ n_local .* overflows int64"):
-        torch.ops.tokenkernels.kv_topk(s, k, c.seq_lens, n_sink, n_local, None, None)
+        torch.ops.tokenkernels.kv_select_topk(s, k, c.seq_lens, n_sink, n_local, None, None, True)
     out = torch.empty(2, 3, dtype=torch.int32, device=device)
     with pytest.raises(RuntimeError, match="overflows int64"):
-        torch.ops.tokenkernels.kv_topk_out(s, k, c.seq_lens, n_sink, n_local, None, None, out)
+        torch.ops.tokenkernels.kv_select_topk_out(s, k, c.seq_lens, n_sink, n_local, None, None, True, out)
