@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tokenkernels import kv_select as kv
+from tokenkernels import variants
 from tokenkernels.reference import kv_select as ref
 
 from .cases import make_case
@@ -55,10 +56,12 @@ def test_threshold_is_strict(device):
     assert int(sc.hit_count) == 2
 
 
+@pytest.mark.parametrize("impl", variants.impls("kv_select"))
 @pytest.mark.parametrize("page", [None, 16])
-def test_multi_step_decode_matches_reference(device, page):
+def test_multi_step_decode_matches_reference(device, page, impl):
     """Growing sequences, a slowly drifting query: the device cache equals the reference cache
-    step by step (hits, picks, rebuilt local windows)."""
+    step by step (hits, picks, rebuilt local windows), whatever impl select runs (also
+    "reference": the reference select on the device cache's state)."""
     steps, N = 6, 400
     c = make_case([300, 350, 50], G=4, D=64, page_size=page, n_max=N, device=device)
     sc, rc = kv.SelectionCache(0.97), ref.SelectionCache(0.97)
@@ -67,7 +70,7 @@ def test_multi_step_decode_matches_reference(device, page):
     kw = dict(k=24, n_sink=4, n_local=16)
     for t in range(steps):
         sl = c.seq_lens + t
-        got = kv.select(q, c.k, sl, block_table=c.block_table, cache=sc, **kw)
+        got = kv.select(q, c.k, sl, block_table=c.block_table, cache=sc, impl=impl, **kw)
         want = ref.select(q.cpu(), c.k.cpu(), sl.cpu(), block_table=None if page is None else c.block_table.cpu(),
                           cache=rc, **kw)
         assert torch.equal(got.cpu(), want), f"step {t}"
