@@ -45,13 +45,6 @@ void dispatch_kv(at::ScalarType t, F&& f) {
   }
 }
 
-// Mean query (B, H_q, D) fp32 contiguous, times `scale`.
-at::Tensor scaled_mean_query(const at::Tensor& q, double scale) {
-  at::Tensor qm = q.dim() == 4 ? q.to(at::kFloat).mean(1) : q.to(at::kFloat);
-  if (scale != 1.0) qm = qm * scale;
-  return qm.contiguous();
-}
-
 // ---------------------------------------------------------------------------------- score
 template <typename T>
 void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, const float* qm,
@@ -140,7 +133,7 @@ at::Tensor score_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   auto out = at::empty({B, a.meta.layout.N_max}, q.options().dtype(at::kFloat));
   if (B == 0 || a.meta.layout.N_max == 0) return out;
   if (q.dim() == 4 && q.size(1) == 0) return out.fill_(-kInf);
-  auto qm = scaled_mean_query(q, scale);
+  auto qm = scaled_query(q, scale, true);
   dispatch_kv(k_cache.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     score_kernel<scalar_t>(a.meta.layout, k_cache.data_ptr<scalar_t>(), strides_of(k_cache),
@@ -344,7 +337,7 @@ void decode_kernel(const KVLayout& L, const T* kb, const CacheStrides& ks, const
 void decode_run(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k_cache,
                 const at::Tensor& v_cache, double scale, at::Tensor& out, at::Tensor& lse) {
   if (q.size(0) == 0 || a.H_q == 0) return;
-  auto qs = (q.to(at::kFloat) * scale).contiguous();
+  auto qs = scaled_query(q, scale, false);
   const at::Tensor& ix = a.indices;
   dispatch_kv(k_cache.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);

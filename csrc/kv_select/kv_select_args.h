@@ -50,6 +50,15 @@ inline DType dtype_of(at::ScalarType t) {
   }
 }
 
+// The kernels' query: q in fp32 times `scale`, contiguous; a (B, C, H_q, D) chunk -> its mean
+// query (B, H_q, D) when `chunk_mean` (score), else kept 4-D (prefill).
+inline at::Tensor scaled_query(const at::Tensor& q, double scale, bool chunk_mean) {
+  at::Tensor qf = q.to(at::kFloat);
+  if (chunk_mean && qf.dim() == 4) qf = qf.mean(1);
+  if (scale != 1.0) qf = qf * scale;
+  return qf.contiguous();
+}
+
 // Checked int32 views of the per-request metadata, kept alive next to the KVLayout that points
 // into them.
 struct Meta {

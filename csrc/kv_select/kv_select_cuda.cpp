@@ -21,13 +21,6 @@ int sm_count(const at::Device& dev) {
   return n;
 }
 
-at::Tensor scaled_query(const at::Tensor& q, double scale, bool mean_over_chunk) {
-  at::Tensor qf = q.to(at::kFloat);
-  if (mean_over_chunk) qf = qf.mean(1);
-  if (scale != 1.0) qf = qf * scale;
-  return qf.contiguous();
-}
-
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
 }
