@@ -229,7 +229,9 @@ def test_int64_metadata_in_range_still_accepted(device):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("k,n_sink,n_local", [(2 ** 63 - 1, 1, 1), (2 ** 62, 2 ** 62, 0), (0, 2 ** 63 - 1, 1)])
+@pytest.mark.parametrize("k,n_sink,n_local", [pytest.param(2 ** 63 - 1, 1, 1, id="k-max"),
+                                              pytest.param(2 ** 62, 2 ** 62, 0, id="k-plus-sink"),
+                                              pytest.param(0, 2 ** 63 - 1, 1, id="sink-max")])
 def test_topk_budget_overflow(device, k, n_sink, n_local):
     c = _c(device)
     s = kv.score(c.q, c.k, c.seq_lens)

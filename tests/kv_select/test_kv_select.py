@@ -88,8 +88,12 @@ def test_score_chunk_mean_query(device, page, strided):
     _close(got2, want, tol(torch.float32, "kv_score") * 8, "score(mean)")
 
 
-@pytest.mark.parametrize("seq", [[5, 22, 23, 100, 0, 1000], [1], [7, 129]])
-@pytest.mark.parametrize("budget", [(4, 10, 8), (0, 3, 0), (2, 0, 5), (128, 20, 512)])
+@pytest.mark.parametrize("seq", [pytest.param([5, 22, 23, 100, 0, 1000], id="varlen6"), pytest.param([1], id="1"),
+                                 pytest.param([7, 129], id="7-129")])
+@pytest.mark.parametrize("budget", [pytest.param((4, 10, 8), id="sink4-k10-local8"),
+                                    pytest.param((0, 3, 0), id="k3-only"),
+                                    pytest.param((2, 0, 5), id="k0"),
+                                    pytest.param((128, 20, 512), id="sink128-k20-local512")])
 def test_topk_vs_reference(device, seq, budget):
     n_sink, k, n_local = budget
     c = make_case(seq, G=2, D=64, device=device, seed=len(seq))
@@ -387,7 +391,7 @@ def test_cuda_decode_step_has_no_host_sync():
     def step():
         s = kv.score(c.q, c.k, c.seq_lens, skip=sc.last_hit, **kw)
         kv.topk(s, k, c.seq_lens, n_sink=n_sink, n_local=n_local, reuse=sc.prev_mid,
-                reuse_mask=sc.last_hit, out=idx2)
+                reuse_mask=sc.last_hit, out=idx2, check=False)
         kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, out=idx2, **kw)
         kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, cache=sc, out=idx, **kw)
         kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, out=out, lse=lse, **kw)
@@ -451,9 +455,11 @@ def test_precision_no_worse_than_same_dtype_reference(device, dtype, page):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype,D,strided", [(torch.bfloat16, 128, False), (torch.float32, 64, False),
-                                             (torch.float16, 256, False), (torch.float32, 256, False),
-                                             (torch.bfloat16, 128, True)])
+@pytest.mark.parametrize("dtype,D,strided", [pytest.param(torch.bfloat16, 128, False, id="bf16-D128"),
+                                             pytest.param(torch.float32, 64, False, id="fp32-D64"),
+                                             pytest.param(torch.float16, 256, False, id="fp16-D256"),
+                                             pytest.param(torch.float32, 256, False, id="fp32-D256"),
+                                             pytest.param(torch.bfloat16, 128, True, id="bf16-D128-strided")])
 def test_score_impls_agree(device, impl, dtype, D, strided):
     """The CUDA plain and tuned (16-byte vector loads; falls back to plain where the layout does
     not allow it: fp32 D=256, strided) scoring variants, "auto" and the reference; the CPU

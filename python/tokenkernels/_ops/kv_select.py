@@ -364,6 +364,8 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
         raise TypeError(f"tokenkernels.kv_select.select: cache must be a SelectionCache, got {type(cache).__name__}")
     # scoring runs what impl resolves to ("auto": proof-gated, see tokenkernels.variants), not
     # the op-level "auto" (the kernels' own heuristic, which would pick the unproven tuned kernel)
+    # (topk runs unchecked below: score has validated seq_lens against the same capacity when
+    # check is set, so a second host sync would buy nothing)
     run = _choose(impl, k_cache.device, op)
     if run == _variants.REFERENCE:
         return _ref.select(q, k_cache, seq_lens, k=k, n_sink=n_sink, n_local=n_local, block_table=block_table,
@@ -372,7 +374,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
     if cache is None:
         s = torch.ops.tokenkernels.kv_select_score(q, k_cache, seq_lens, block_table, float(scale), None, valid,
                                                    check, run)
-        idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out, check=check)
+        idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out, check=False)
     else:
         if q.dim() not in (3, 4):
             raise ValueError(f"tokenkernels.kv_select.select: q must be (B, H_q, D) or (B, C, H_q, D), "
@@ -383,7 +385,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
         s = torch.ops.tokenkernels.kv_select_score(qm, k_cache, seq_lens, block_table, float(scale), hit, valid,
                                                    check, run)
         idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=cache.prev_mid, reuse_mask=hit,
-                   out=out, check=check)
+                   out=out, check=False)
         cache._update(qm, idx, hit, n_sink, k)
     if not masked:
         return idx
