@@ -85,7 +85,7 @@ TORCH_LIBRARY(tokenkernels, m) {
   // KV layouts: contiguous k/v_cache (B, N_max, H_kv, D), block_table None; or paged
   // (num_pages, page_size, H_kv, D) with block_table (B, max_pages). Any strides on the cache
   // dims are accepted. Integer metadata (seq_lens (B,), block_table, indices, chunk_start,
-  // reuse) may be any integer dtype: narrowed to int32 saturating (no host sync), so values past
+  // reuse) may be int8/16/32/64 or uint8: narrowed to int32 saturating (no host sync), so values past
   // int32 are out of range. check: validate value-dependent arguments (seq_lens within
   // capacity, pages in range, indices < seq_len, chunk_start <= seq_len); one host sync on
   // CUDA, always done on CPU. impl: "auto" (the kernels' own choice), "plain", "tuned" (CUDA

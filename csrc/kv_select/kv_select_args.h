@@ -8,8 +8,8 @@
 // runs them, CUDA only when `check` is set (one host sync). Unchecked bad values never cause an
 // out-of-bounds access: the kernels skip tokens whose page or index is out of range.
 //
-// Integer metadata (seq_lens, block_table, indices, chunk_start, reuse) may be any integer
-// dtype; it is narrowed to int32 here (narrow_int32, check.h: saturating, no host sync), so a
+// Integer metadata (seq_lens, block_table, indices, chunk_start, reuse) may be int8/16/32/64 or
+// uint8; it is narrowed to int32 here (narrow_int32, check.h: saturating, no host sync), so a
 // value beyond int32 is rejected by the value checks -- or skipped unchecked -- like any other
 // out-of-range value, never wrapped.
 #pragma once

@@ -108,3 +108,20 @@ def test_prefill_chunk_uses_mean_query(device):
     sc = kv.SelectionCache(0.9)
     a = kv.select(c.q, c.k, c.seq_lens, k=10, n_sink=2, n_local=4, cache=sc)
     assert torch.equal(a, kv.select(c.q.mean(1), c.k, c.seq_lens, k=10, n_sink=2, n_local=4))
+
+
+@pytest.mark.parametrize("impl", variants.impls("kv_select"))
+def test_resize_starts_afresh_with_every_impl(device, impl):
+    """A call with another k (same batch and query size) starts afresh -- no hit on stale
+    picks -- whichever implementation runs the cache step; the reference cache agrees."""
+    c = make_case([100, 100], G=2, D=64, device=device)
+    for cache in (kv.SelectionCache(-2.0), ref.SelectionCache(-2.0)):
+        run = (lambda **kw: kv.select(c.q, c.k, c.seq_lens, cache=cache, impl=impl, **kw)) \
+            if isinstance(cache, kv.SelectionCache) else \
+            (lambda **kw: ref.select(c.q.cpu(), c.k.cpu(), c.seq_lens.cpu(), cache=cache, **kw))
+        run(k=8, n_sink=2, n_local=4)
+        run(k=8, n_sink=2, n_local=4)
+        assert cache.last_hit.tolist() == [True, True]
+        run(k=9, n_sink=2, n_local=4)
+        assert cache.last_hit.tolist() == [False, False] and cache.prev_mid.shape == (2, 9)
+        assert cache.lookups.tolist() == [1, 1]

@@ -24,7 +24,7 @@ instead of reading out of bounds). With ``out=`` buffers and ``check=False`` not
 syncs the host or changes shape.
 
 Integer metadata (``seq_lens``, ``block_table``, ``indices``, ``chunk_start``, ``reuse``) may
-be int64 (or any integer dtype); the ops narrow it to int32 on the device, saturating: a value
+be int64 (or int8, int16, uint8); the ops narrow it to int32 on the device, saturating: a value
 beyond int32 is out of range for every argument and is rejected by the value checks (or,
 unchecked, skipped) like any out-of-range value -- never wrapped (2**32 + 1 to 1). Pass int32 to
 avoid the conversion.

@@ -293,13 +293,15 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
                    seq_lens, n_sink=n_sink, n_local=n_local)
     else:
         a = (q.float().mean(1) if q.dim() == 4 else q.float()).reshape(B, -1)   # the decision's query
-        hit = _hits(cache, a)
         fresh = cache.prev_mid is None or cache.prev_q is None or cache.prev_q.shape != a.shape \
-            or cache.prev_mid.shape != (B, k)
-        if fresh:   # (re)size the state: no previous picks, counters from zero
+            or cache.prev_q.device != q.device or cache.prev_mid.shape != (B, k)
+        if fresh:   # (re)size the state: no previous query or picks, counters from zero
+            cache.prev_q = torch.zeros(a.shape, dtype=torch.float32, device=q.device)
             cache.prev_mid = torch.full((B, k), -1, dtype=torch.int32, device=q.device)
+            cache.has_prev = torch.zeros(B, dtype=torch.bool, device=q.device)
             cache.hits = torch.zeros(B, dtype=torch.long, device=q.device)
             cache.lookups = torch.zeros(B, dtype=torch.long, device=q.device)
+        hit = _hits(cache, a)
         s = score(qm, k_cache, seq_lens, block_table=block_table, scale=scale, skip=hit, valid=valid)
         idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=cache.prev_mid, reuse_mask=hit)
         mid = idx[:, n_sink:n_sink + k]
