@@ -82,3 +82,37 @@ inline DType to_dtype(at::ScalarType t) {
 }
 
 }  // namespace tokenkernels
+
+// ---- additions of the kv_select family (shared torch-level helpers) -------------------------
+namespace tokenkernels {
+
+// t must be fp32, fp16 or bf16; the message names the op and the argument.
+inline void check_float_input(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
+                  t.scalar_type() == at::kBFloat16,
+              "tokenkernels.", op, ": ", name, " must be float32, float16 or bfloat16, got ",
+              t.scalar_type());
+}
+
+// t must live on ref's device (ValueError).
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                         const char* name, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "tokenkernels.", op, ": ", name, " is on ",
+                    t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+// Integer metadata (int8/16/32/64, uint8) -> int32 contiguous on its own device, without a host
+// sync. int64 is narrowed *saturating*: a value outside int32 becomes INT32_MIN / INT32_MAX,
+// which the op's value checks then reject like any out-of-range value (a plain cast would wrap
+// 2**32 + 1 to 1). Anything else is a TypeError.
+inline at::Tensor narrow_int32(const at::Tensor& t, const char* op, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kInt || st == at::kLong || st == at::kShort || st == at::kChar ||
+                       st == at::kByte,
+                   "tokenkernels.", op, ": ", name, " must be an integer tensor, got ", st);
+  if (st == at::kInt) return t.contiguous();
+  at::Tensor w = st == at::kLong ? t.clamp(-2147483648LL, 2147483647LL) : t;
+  return w.to(at::kInt).contiguous();
+}
+
+}  // namespace tokenkernels

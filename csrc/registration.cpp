@@ -85,42 +85,47 @@ TORCH_LIBRARY(tokenkernels, m) {
   // ---- end tree family ---------------------------------------------------------------------
   // ---- kv_select family (TokenSelect: token-level KV selection and sparse attention) -------
   // KV layouts: contiguous k/v_cache (B, N_max, H_kv, D), block_table None; or paged
-  // (num_pages, page_size, H_kv, D) with block_table (B, max_pages) int32. seq_lens (B,) int32.
-  // Any strides on the cache dims are accepted. check: validate value-dependent arguments
-  // (seq_lens within capacity, pages in range, indices < seq_len); one host sync on CUDA, always
-  // done on CPU. impl: 0 auto, 1 plain, 2 tuned (CUDA; CPU ignores it).
-  // Criticality scores (B, N_max) fp32: sum over q-heads of softmax over valid tokens of
-  // scale * q_h . k_n (q (B, H_q, D) or (B, C, H_q, D) -> chunk mean); -inf past seq_len and for
-  // rows with skip[b] (Selection Cache hits).
+  // (num_pages, page_size, H_kv, D) with block_table (B, max_pages). Any strides on the cache
+  // dims are accepted. Integer metadata (seq_lens (B,), block_table, indices, chunk_start,
+  // reuse) may be int8/16/32/64 or uint8: narrowed to int32 saturating (no host sync), so values past
+  // int32 are out of range. check: validate value-dependent arguments (seq_lens within
+  // capacity, pages in range, indices < seq_len, chunk_start <= seq_len); one host sync on
+  // CUDA, always done on CPU. impl: "auto" (the kernels' own choice), "plain", "tuned" (CUDA
+  // variants, csrc/include/tokenkernels/kv_select.h; the CPU validates and ignores it).
+  // Criticality scores (B, N_max) fp32: sum over q-heads of softmax over the valid tokens of
+  // scale * q_h . k_n (q (B, H_q, D) or (B, C, H_q, D) -> chunk mean); -inf past seq_len, for
+  // tokens with valid[b, n] false (valid (B, N_max) bool: masked tokens are not in the softmax)
+  // and for rows with skip[b] (Selection Cache hits).
   m.def(
-      "kv_score(Tensor q, Tensor k_cache, Tensor seq_lens, Tensor? block_table, float scale, "
-      "Tensor? skip, bool check, int impl) -> Tensor");
+      "kv_select_score(Tensor q, Tensor k_cache, Tensor seq_lens, Tensor? block_table, float scale, "
+      "Tensor? skip, Tensor? valid, bool check, str impl) -> Tensor");
   // Selected token indices (B, n_sink + k + n_local) int32 ascending, padded -1. Rows with
-  // reuse_mask[b] take their middle tokens from reuse (B, k) int32 ascending.
+  // reuse_mask[b] take their middle tokens from reuse (B, k) ascending. check: seq_lens within
+  // [0, scores.size(1)] (always on CPU; one host sync on CUDA, else clamped).
   m.def(
-      "kv_topk(Tensor scores, int k, Tensor seq_lens, int n_sink, int n_local, Tensor? reuse, "
-      "Tensor? reuse_mask) -> Tensor");
+      "kv_select_topk(Tensor scores, int k, Tensor seq_lens, int n_sink, int n_local, Tensor? reuse, "
+      "Tensor? reuse_mask, bool check) -> Tensor");
   m.def(
-      "kv_topk_out(Tensor scores, int k, Tensor seq_lens, int n_sink, int n_local, Tensor? reuse, "
-      "Tensor? reuse_mask, Tensor(a!) out) -> ()");
-  // Attention of q (B, H_q, D) over the tokens listed in indices (B, K) int32 (-1 skipped):
+      "kv_select_topk_out(Tensor scores, int k, Tensor seq_lens, int n_sink, int n_local, Tensor? reuse, "
+      "Tensor? reuse_mask, bool check, Tensor(a!) out) -> ()");
+  // Attention of q (B, H_q, D) over the tokens listed in indices (B, K) (-1 skipped):
   // out (B, H_q, D) in q's dtype, lse (B, H_q) fp32 (natural log; -inf when nothing attended).
   m.def(
-      "kv_sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, Tensor seq_lens, "
-      "Tensor? block_table, float scale, bool check, int impl) -> (Tensor, Tensor)");
+      "kv_select_sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, Tensor seq_lens, "
+      "Tensor? block_table, float scale, bool check, str impl) -> (Tensor, Tensor)");
   m.def(
-      "kv_sparse_decode_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
-      "Tensor seq_lens, Tensor? block_table, float scale, bool check, int impl, Tensor(a!) out, "
+      "kv_select_sparse_decode_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
+      "Tensor seq_lens, Tensor? block_table, float scale, bool check, str impl, Tensor(a!) out, "
       "Tensor(b!) lse) -> ()");
   // Chunked prefill: q (B, C, H_q, D) at positions chunk_start[b] + c (their K/V already in the
   // cache); attends the indices in [0, chunk_start[b]) plus the chunk causally. out like q,
-  // lse (B, C, H_q) fp32.
+  // lse (B, C, H_q) fp32. (One CUDA kernel: no impl.)
   m.def(
-      "kv_sparse_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
+      "kv_select_sparse_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
       "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check) "
       "-> (Tensor, Tensor)");
   m.def(
-      "kv_sparse_prefill_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
+      "kv_select_sparse_prefill_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
       "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check, "
       "Tensor(a!) out, Tensor(b!) lse) -> ()");
   // ---- end kv_select family ----------------------------------------------------------------

@@ -116,8 +116,8 @@ SMOKE: Dict[str, List[str]] = {
     "kv_select": [
         "tests/kv_select/test_kv_select.py::test_decode_impls_agree[cuda-plain]",
         "tests/kv_select/test_kv_select.py::test_decode_impls_agree[cuda-tuned]",
-        "tests/kv_select/test_kv_select.py::test_score_impls_agree[cuda-dtype0-128-False-plain]",
-        "tests/kv_select/test_kv_select.py::test_score_impls_agree[cuda-dtype0-128-False-tuned]",
+        "tests/kv_select/test_kv_select.py::test_score_impls_agree[cuda-bf16-D128-plain]",
+        "tests/kv_select/test_kv_select.py::test_score_impls_agree[cuda-bf16-D128-tuned]",
         "tests/kv_select/test_cache.py::test_threshold_decides_hits[cuda]",
     ],
     "tree": [

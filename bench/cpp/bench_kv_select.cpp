@@ -28,13 +28,13 @@ using tkbench::Row;
 using OptT = std::optional<at::Tensor>;
 
 using ScoreSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                            double, const OptT&, bool, int64_t);
+                            double, const OptT&, const OptT&, bool, c10::string_view);
 using TopkSig = at::Tensor(const at::Tensor&, int64_t, const at::Tensor&, int64_t, int64_t,
-                           const OptT&, const OptT&);
+                           const OptT&, const OptT&, bool);
 using DecodeSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, const OptT&, double, bool,
-                                                     int64_t);
+                                                     c10::string_view);
 
 template <typename Sig>
 const c10::TypedOperatorHandle<Sig>& op(const char* name) {
@@ -42,10 +42,10 @@ const c10::TypedOperatorHandle<Sig>& op(const char* name) {
   static auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
   return h;
 }
-const c10::TypedOperatorHandle<ScoreSig>& score_op() { return op<ScoreSig>("tokenkernels::kv_score"); }
-const c10::TypedOperatorHandle<TopkSig>& topk_op() { return op<TopkSig>("tokenkernels::kv_topk"); }
+const c10::TypedOperatorHandle<ScoreSig>& score_op() { return op<ScoreSig>("tokenkernels::kv_select_score"); }
+const c10::TypedOperatorHandle<TopkSig>& topk_op() { return op<TopkSig>("tokenkernels::kv_select_topk"); }
 const c10::TypedOperatorHandle<DecodeSig>& decode_op() {
-  return op<DecodeSig>("tokenkernels::kv_sparse_decode");
+  return op<DecodeSig>("tokenkernels::kv_select_sparse_decode");
 }
 
 constexpr int64_t kHq = 32, kHkv = 8, kD = 128, kSink = 128, kTop = 2048, kLocal = 512;
@@ -97,8 +97,8 @@ void run_kv_select(Context& ctx) {
     const int64_t W = kSink + kTop + kLocal;
 
     auto select = [&] {
-      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
-      return topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt);
+      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto");
+      return topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false);
     };
     auto idx = select();
     char name[160];
@@ -110,7 +110,7 @@ void run_kv_select(Context& ctx) {
       const double work = kv_bytes / 2 + 2.0 * W * kHkv * kD * elt;   // K once + the selected K/V
       r.add("tokenkernels", ctx.time([&] {
         auto i = select();
-        decode_op().call(q, k, v, i, sl, std::nullopt, scale, false, 0);
+        decode_op().call(q, k, v, i, sl, std::nullopt, scale, false, "auto");
       }), work, /*bytes=*/true);
       r.add("sdpa_grouped", ctx.time([&] { dense_decode(q, kh, vh); }, true), dense_bytes, true);
       r.add("sdpa_enable_gqa", ctx.time([&] { dense_decode_gqa(q, kh, vh); }, true), dense_bytes, true);
@@ -119,7 +119,7 @@ void run_kv_select(Context& ctx) {
     {   // Selection Cache hit: sparse decode only
       std::snprintf(name, sizeof name, "cache-hit decode %s N%lld k2688", dn, (long long)N);
       Row r(name, {"sdpa_grouped"});
-      r.add("tokenkernels", ctx.time([&] { decode_op().call(q, k, v, idx, sl, std::nullopt, scale, false, 0); }),
+      r.add("tokenkernels", ctx.time([&] { decode_op().call(q, k, v, idx, sl, std::nullopt, scale, false, "auto"); }),
             2.0 * W * kHkv * kD * elt, true);
       r.add("sdpa_grouped", ctx.time([&] { dense_decode(q, kh, vh); }, true), dense_bytes, true);
       ctx.add(r);
@@ -127,9 +127,9 @@ void run_kv_select(Context& ctx) {
     {   // scoring alone
       std::snprintf(name, sizeof name, "score %s N%lld", dn, (long long)N);
       Row r(name, {"aten_reference"});
-      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
+      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto");
       const double err = (s - ref_score(q, k)).abs().max().item<double>();
-      r.add("tokenkernels", ctx.time([&] { score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0); }),
+      r.add("tokenkernels", ctx.time([&] { score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto"); }),
             kv_bytes / 2, true).metric("maxerr vs ref", err);
       r.add("aten_reference", ctx.time([&] { ref_score(q, k); }, true), kv_bytes / 2, true);
       ctx.add(r);
@@ -137,10 +137,10 @@ void run_kv_select(Context& ctx) {
     if (dt == at::kFloat) {   // top-k alone (scores are fp32 whatever the cache dtype)
       std::snprintf(name, sizeof name, "topk k2048 of N%lld (+128+512)", (long long)N);
       Row r(name, {"aten_topk_sort"});
-      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, false, 0);
-      auto mine = topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt);
+      auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto");
+      auto mine = topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false);
       const char* match = at::equal(mine, ref_topk(s, N)) ? "equal" : "DIFFER";
-      r.add("tokenkernels", ctx.time([&] { topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt); }),
+      r.add("tokenkernels", ctx.time([&] { topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false); }),
             N * 4.0, true).metric("picks=ref", match);
       r.add("aten_topk_sort", ctx.time([&] { ref_topk(s, N); }), N * 4.0, true);
       ctx.add(r);

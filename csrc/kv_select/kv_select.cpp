@@ -45,17 +45,10 @@ void dispatch_kv(at::ScalarType t, F&& f) {
   }
 }
 
-// Mean query (B, H_q, D) fp32 contiguous, times `scale`.
-at::Tensor scaled_mean_query(const at::Tensor& q, double scale) {
-  at::Tensor qm = q.dim() == 4 ? q.to(at::kFloat).mean(1) : q.to(at::kFloat);
-  if (scale != 1.0) qm = qm * scale;
-  return qm.contiguous();
-}
-
 // ---------------------------------------------------------------------------------- score
 template <typename T>
 void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, const float* qm,
-                  int64_t H_q, const bool* skip, float* out) {
+                  int64_t H_q, const bool* skip, const bool* valid, float* out) {
   const int64_t B = L.B, N = L.N_max, H_kv = L.H_kv, D = L.D, G = H_q / H_kv;
   const int64_t nch = std::max<int64_t>(1, (N + kChunk - 1) / kChunk);
   // Token-major scratch: e[b][n][h] = exp(l - chunk max of head h); all heads of a token are
@@ -76,8 +69,8 @@ void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, con
       std::fill(mx.begin(), mx.end(), -kInf);
       for (int64_t n = n0; n < n1; ++n) {
         float* row = E + (n - n0) * H_q;
-        const int64_t off = token_offset(L, ks, b, n);
-        if (off < 0) {   // page out of range (unchecked input): the token gets no weight
+        const int64_t off = (valid && !valid[b * N + n]) ? -1 : token_offset(L, ks, b, n);
+        if (off < 0) {   // masked out, or page out of range (unchecked input): no weight
           for (int64_t h = 0; h < H_q; ++h) row[h] = -kInf;
           continue;
         }
@@ -121,7 +114,10 @@ void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, con
       float* o = out + b * N;
       for (int64_t h = 0; h < H_q; ++h) f[h] = cmax[(b * H_q + h) * nch + c];
       const float* E = logits.data() + b * N * H_q;
-      for (int64_t n = n0; n < n1; ++n) cpu::dots(f.data(), 1, E + n * H_q, H_q, o + n);
+      for (int64_t n = n0; n < n1; ++n) {
+        if (valid && !valid[b * N + n]) o[n] = -kInf;   // masked out: never a candidate
+        else cpu::dots(f.data(), 1, E + n * H_q, H_q, o + n);
+      }
       for (int64_t n = std::max(n0, n1); n < n1e; ++n) o[n] = -kInf;
     }
   });
@@ -129,31 +125,21 @@ void score_kernel(const KVLayout& L, const T* kbase, const CacheStrides& ks, con
 
 at::Tensor score_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& seq_lens,
                      const std::optional<at::Tensor>& block_table, double scale,
-                     const std::optional<at::Tensor>& skip, bool /*check: always on CPU*/,
-                     int64_t /*impl: CUDA only*/) {
-  constexpr const char* op = "kv_select.score";
-  TORCH_CHECK(q.dim() == 3 || q.dim() == 4, "tokenkernels.", op,
-              ": q must be (B, H_q, D) or (B, C, H_q, D), got shape ", q.sizes());
+                     const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& valid,
+                     bool /*check: always on the CPU*/, c10::string_view impl) {
+  parse_impl(impl, kScoreOp);   // validated; the CPU has one implementation
+  ScoreArgs a = check_score(q, k_cache, seq_lens, block_table, skip, valid, true);
   const int64_t B = q.size(0);
-  const int64_t H_q = check_query(q, k_cache, q.dim(), op);
-  Meta meta = make_meta(k_cache, seq_lens, block_table, B, op);
-  check_values(meta, nullptr, nullptr, op);
-  at::Tensor sk;
-  if (skip.has_value()) {
-    TORCH_CHECK(skip->dim() == 1 && skip->size(0) == B && skip->scalar_type() == at::kBool,
-                "tokenkernels.", op, ": skip must be a (", B, ",) bool tensor, got ",
-                skip->sizes(), " ", skip->scalar_type());
-    sk = skip->contiguous();
-  }
-  auto out = at::empty({B, meta.layout.N_max}, q.options().dtype(at::kFloat));
-  if (B == 0 || meta.layout.N_max == 0) return out;
+  auto out = at::empty({B, a.meta.layout.N_max}, q.options().dtype(at::kFloat));
+  if (B == 0 || a.meta.layout.N_max == 0) return out;
   if (q.dim() == 4 && q.size(1) == 0) return out.fill_(-kInf);
-  auto qm = scaled_mean_query(q, scale);
+  auto qm = scaled_query(q, scale, true);
   dispatch_kv(k_cache.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    score_kernel<scalar_t>(meta.layout, k_cache.data_ptr<scalar_t>(), strides_of(k_cache),
-                           qm.data_ptr<float>(), H_q, sk.defined() ? sk.data_ptr<bool>() : nullptr,
-                           out.data_ptr<float>());
+    score_kernel<scalar_t>(a.meta.layout, k_cache.data_ptr<scalar_t>(), strides_of(k_cache),
+                           qm.data_ptr<float>(), a.H_q,
+                           a.skip.defined() ? a.skip.data_ptr<bool>() : nullptr,
+                           a.valid.defined() ? a.valid.data_ptr<bool>() : nullptr, out.data_ptr<float>());
   });
   return out;
 }
@@ -165,19 +151,15 @@ inline uint32_t ordered(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-void topk_impl(const at::Tensor& scores_in, int64_t k, const at::Tensor& seq_lens_in,
-               int64_t n_sink, int64_t n_local, const std::optional<at::Tensor>& reuse,
-               const std::optional<at::Tensor>& reuse_mask, at::Tensor& out) {
-  const int64_t B = scores_in.size(0), N = scores_in.size(1), W = n_sink + k + n_local;
+// (seq_lens were validated by check_topk: within [0, N].)
+void topk_impl(const at::Tensor& scores_in, int64_t k, const TopkArgs& a, int64_t n_sink,
+               int64_t n_local, at::Tensor& out) {
+  const int64_t B = scores_in.size(0), N = scores_in.size(1), W = a.width;
   if (B == 0 || W == 0) return;
   auto scores = scores_in.contiguous();
-  auto sl = seq_lens_in.contiguous();
-  const int32_t* s = sl.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(s[b] >= 0 && s[b] <= N, "tokenkernels.kv_select.topk: seq_lens[", b, "] = ", s[b],
-                " is outside [0, ", N, "] (scores.size(1))");
-  at::Tensor ru, rm;
-  if (reuse.has_value()) { ru = reuse->contiguous(); rm = reuse_mask->contiguous(); }
+  const int32_t* s = a.seq_lens.data_ptr<int32_t>();
+  const at::Tensor& ru = a.reuse;
+  const at::Tensor& rm = a.reuse_mask;
   const float* sc = scores.data_ptr<float>();
   int32_t* o = out.data_ptr<int32_t>();
   // One request per task; a single request runs inline (no parallel region for one task).
@@ -221,20 +203,19 @@ void topk_impl(const at::Tensor& scores_in, int64_t k, const at::Tensor& seq_len
 
 at::Tensor topk_cpu(const at::Tensor& scores, int64_t k, const at::Tensor& seq_lens, int64_t n_sink,
                     int64_t n_local, const std::optional<at::Tensor>& reuse,
-                    const std::optional<at::Tensor>& reuse_mask) {
-  check_topk_args(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask);
-  auto out = at::empty({scores.size(0), n_sink + k + n_local}, scores.options().dtype(at::kInt));
-  topk_impl(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, out);
+                    const std::optional<at::Tensor>& reuse_mask, bool /*check: always on the CPU*/) {
+  TopkArgs a = check_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, true);
+  auto out = at::empty({scores.size(0), a.width}, scores.options().dtype(at::kInt));
+  topk_impl(scores, k, a, n_sink, n_local, out);
   return out;
 }
 
 void topk_out_cpu(const at::Tensor& scores, int64_t k, const at::Tensor& seq_lens, int64_t n_sink,
                   int64_t n_local, const std::optional<at::Tensor>& reuse,
-                  const std::optional<at::Tensor>& reuse_mask, at::Tensor out) {
-  check_topk_args(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask);
-  check_out(out, {scores.size(0), n_sink + k + n_local}, at::kInt, scores, "out",
-            "kv_select.topk");
-  topk_impl(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, out);
+                  const std::optional<at::Tensor>& reuse_mask, bool /*check*/, at::Tensor out) {
+  TopkArgs a = check_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, true);
+  check_topk_out(scores, a, out);
+  topk_impl(scores, k, a, n_sink, n_local, out);
 }
 
 // ---------------------------------------------------------------------------------- decode
@@ -353,34 +334,11 @@ void decode_kernel(const KVLayout& L, const T* kb, const CacheStrides& ks, const
   });
 }
 
-struct DecodeArgs {
-  Meta meta;
-  int64_t H_q = 0, K = 0;
-};
-
-DecodeArgs check_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& indices, const at::Tensor& seq_lens,
-                        const std::optional<at::Tensor>& block_table, bool check_vals) {
-  constexpr const char* op = "kv_select.sparse_decode";
-  TORCH_CHECK(q.dim() == 3, "tokenkernels.", op, ": q must be (B, H_q, D), got shape ", q.sizes());
-  DecodeArgs a;
-  a.H_q = check_query(q, k_cache, 3, op);
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "tokenkernels.", op, ": q dtype ",
-              q.scalar_type(), " differs from k_cache dtype ", k_cache.scalar_type());
-  check_v_cache(k_cache, v_cache, op);
-  a.meta = make_meta(k_cache, seq_lens, block_table, q.size(0), op);
-  check_indices(indices, q.size(0), k_cache, op);
-  a.K = indices.size(1);
-  if (check_vals) check_values(a.meta, &indices, nullptr, op);
-  return a;
-}
-
-void decode_run(const DecodeArgs& a, const at::Tensor& q, const at::Tensor& k_cache,
-                const at::Tensor& v_cache, const at::Tensor& indices, double scale,
-                at::Tensor& out, at::Tensor& lse) {
+void decode_run(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k_cache,
+                const at::Tensor& v_cache, double scale, at::Tensor& out, at::Tensor& lse) {
   if (q.size(0) == 0 || a.H_q == 0) return;
-  auto qs = (q.to(at::kFloat) * scale).contiguous();
-  auto ix = indices.contiguous();
+  auto qs = scaled_query(q, scale, false);
+  const at::Tensor& ix = a.indices;
   dispatch_kv(k_cache.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     decode_kernel<scalar_t>(a.meta.layout, k_cache.data_ptr<scalar_t>(), strides_of(k_cache),
@@ -394,22 +352,24 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_cpu(const at::Tensor& q, const 
                                                      const at::Tensor& v_cache, const at::Tensor& indices,
                                                      const at::Tensor& seq_lens,
                                                      const std::optional<at::Tensor>& block_table,
-                                                     double scale, bool /*check*/, int64_t /*impl*/) {
-  auto a = check_decode(q, k_cache, v_cache, indices, seq_lens, block_table, true);
+                                                     double scale, bool /*check: always on the CPU*/,
+                                                     c10::string_view impl) {
+  parse_impl(impl, kDecodeOp);   // validated; the CPU has one implementation
+  auto a = check_attn(q, k_cache, v_cache, indices, seq_lens, nullptr, block_table, true);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), a.H_q}, q.options().dtype(at::kFloat));
-  decode_run(a, q, k_cache, v_cache, indices, scale, out, lse);
+  decode_run(a, q, k_cache, v_cache, scale, out, lse);
   return {out, lse};
 }
 
 void sparse_decode_out_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& indices, const at::Tensor& seq_lens,
                            const std::optional<at::Tensor>& block_table, double scale, bool /*check*/,
-                           int64_t /*impl*/, at::Tensor out, at::Tensor lse) {
-  auto a = check_decode(q, k_cache, v_cache, indices, seq_lens, block_table, true);
-  check_out(out, q.sizes(), q.scalar_type(), k_cache, "out", "kv_select.sparse_decode");
-  check_out(lse, {q.size(0), a.H_q}, at::kFloat, k_cache, "lse", "kv_select.sparse_decode");
-  decode_run(a, q, k_cache, v_cache, indices, scale, out, lse);
+                           c10::string_view impl, at::Tensor out, at::Tensor lse) {
+  parse_impl(impl, kDecodeOp);
+  auto a = check_attn(q, k_cache, v_cache, indices, seq_lens, nullptr, block_table, true);
+  check_attn_out(q, k_cache, a, out, lse);
+  decode_run(a, q, k_cache, v_cache, scale, out, lse);
 }
 
 // ---------------------------------------------------------------------------------- prefill
@@ -431,46 +391,15 @@ void gather_rows(const KVLayout& L, const T* base, const CacheStrides& s, int64_
   });
 }
 
-struct PrefillArgs {
-  Meta meta;
-  int64_t C = 0, H_q = 0, K = 0;
-};
-
-PrefillArgs check_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& indices, const at::Tensor& seq_lens,
-                          const at::Tensor& chunk_start, const std::optional<at::Tensor>& block_table,
-                          bool check_vals) {
-  constexpr const char* op = "kv_select.sparse_prefill";
-  TORCH_CHECK(q.dim() == 4, "tokenkernels.", op, ": q must be (B, C, H_q, D), got shape ", q.sizes());
-  PrefillArgs a;
-  a.C = q.size(1);
-  a.H_q = check_query(q, k_cache, 4, op);
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "tokenkernels.", op, ": q dtype ",
-              q.scalar_type(), " differs from k_cache dtype ", k_cache.scalar_type());
-  check_v_cache(k_cache, v_cache, op);
-  a.meta = make_meta(k_cache, seq_lens, block_table, q.size(0), op);
-  check_indices(indices, q.size(0), k_cache, op);
-  a.K = indices.size(1);
-  TORCH_CHECK(chunk_start.dim() == 1 && chunk_start.size(0) == q.size(0) &&
-                  chunk_start.scalar_type() == at::kInt,
-              "tokenkernels.", op, ": chunk_start must be a (", q.size(0), ",) int32 tensor, got ",
-              chunk_start.sizes(), " ", chunk_start.scalar_type());
-  TORCH_CHECK(chunk_start.device() == k_cache.device(), "tokenkernels.", op, ": chunk_start is on ",
-              chunk_start.device(), " but k_cache is on ", k_cache.device());
-  if (check_vals) check_values(a.meta, &indices, &chunk_start, op);
-  return a;
-}
-
-void prefill_run(const PrefillArgs& a, const at::Tensor& q, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache, const at::Tensor& indices, const at::Tensor& chunk_start,
-                 double scale, at::Tensor& out, at::Tensor& lse) {
+void prefill_run(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, double scale, at::Tensor& out, at::Tensor& lse) {
   const KVLayout& L = a.meta.layout;
   const int64_t B = q.size(0), C = a.C, H_q = a.H_q, H_kv = L.H_kv, D = L.D, G = H_q / H_kv;
   out.zero_();
   lse.fill_(-kInf);
   if (B == 0 || C == 0 || H_q == 0) return;
-  auto ix = indices.contiguous();
-  auto cs = chunk_start.contiguous();
+  const at::Tensor& ix = a.indices;
+  const at::Tensor& cs = a.chunk_start;
   const auto f32 = q.options().dtype(at::kFloat);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t s0 = cs.data_ptr<int32_t>()[b], Lb = seq_len(L, b);
@@ -517,11 +446,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_prefill_cpu(const at::Tensor& q, const
                                                       const at::Tensor& v_cache, const at::Tensor& indices,
                                                       const at::Tensor& seq_lens, const at::Tensor& chunk_start,
                                                       const std::optional<at::Tensor>& block_table,
-                                                      double scale, bool /*check*/) {
-  auto a = check_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, true);
+                                                      double scale, bool /*check: always on the CPU*/) {
+  auto a = check_attn(q, k_cache, v_cache, indices, seq_lens, &chunk_start, block_table, true);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), a.C, a.H_q}, q.options().dtype(at::kFloat));
-  prefill_run(a, q, k_cache, v_cache, indices, chunk_start, scale, out, lse);
+  prefill_run(a, q, k_cache, v_cache, scale, out, lse);
   return {out, lse};
 }
 
@@ -529,10 +458,9 @@ void sparse_prefill_out_cpu(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& indices, const at::Tensor& seq_lens,
                             const at::Tensor& chunk_start, const std::optional<at::Tensor>& block_table,
                             double scale, bool /*check*/, at::Tensor out, at::Tensor lse) {
-  auto a = check_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, true);
-  check_out(out, q.sizes(), q.scalar_type(), k_cache, "out", "kv_select.sparse_prefill");
-  check_out(lse, {q.size(0), a.C, a.H_q}, at::kFloat, k_cache, "lse", "kv_select.sparse_prefill");
-  prefill_run(a, q, k_cache, v_cache, indices, chunk_start, scale, out, lse);
+  auto a = check_attn(q, k_cache, v_cache, indices, seq_lens, &chunk_start, block_table, true);
+  check_attn_out(q, k_cache, a, out, lse);
+  prefill_run(a, q, k_cache, v_cache, scale, out, lse);
 }
 
 }  // namespace
@@ -540,11 +468,11 @@ void sparse_prefill_out_cpu(const at::Tensor& q, const at::Tensor& k_cache, cons
 }  // namespace tokenkernels
 
 TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
-  m.impl("kv_score", &tokenkernels::kv_select::score_cpu);
-  m.impl("kv_topk", &tokenkernels::kv_select::topk_cpu);
-  m.impl("kv_topk_out", &tokenkernels::kv_select::topk_out_cpu);
-  m.impl("kv_sparse_decode", &tokenkernels::kv_select::sparse_decode_cpu);
-  m.impl("kv_sparse_decode_out", &tokenkernels::kv_select::sparse_decode_out_cpu);
-  m.impl("kv_sparse_prefill", &tokenkernels::kv_select::sparse_prefill_cpu);
-  m.impl("kv_sparse_prefill_out", &tokenkernels::kv_select::sparse_prefill_out_cpu);
+  m.impl("kv_select_score", &tokenkernels::kv_select::score_cpu);
+  m.impl("kv_select_topk", &tokenkernels::kv_select::topk_cpu);
+  m.impl("kv_select_topk_out", &tokenkernels::kv_select::topk_out_cpu);
+  m.impl("kv_select_sparse_decode", &tokenkernels::kv_select::sparse_decode_cpu);
+  m.impl("kv_select_sparse_decode_out", &tokenkernels::kv_select::sparse_decode_out_cpu);
+  m.impl("kv_select_sparse_prefill", &tokenkernels::kv_select::sparse_prefill_cpu);
+  m.impl("kv_select_sparse_prefill_out", &tokenkernels::kv_select::sparse_prefill_out_cpu);
 }

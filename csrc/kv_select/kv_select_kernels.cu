@@ -48,8 +48,8 @@ size_t score_workspace_bytes(int64_t B, int64_t H_q, int64_t N_max) {
 }
 
 cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DType dtype,
-                         const float* q, int64_t H_q, const bool* skip, float* out,
-                         void* workspace, int variant, cudaStream_t stream) {
+                         const float* q, int64_t H_q, const bool* skip, const bool* valid,
+                         float* out, void* workspace, Impl impl, cudaStream_t stream) {
   if (L.B == 0 || L.N_max == 0) return cudaSuccess;
   if (!limits_ok(L, H_q) || L.B > 65535) return cudaErrorInvalidValue;   // B is grid.y
   const int64_t nblk = cdiv(L.N_max, device::kScoreTok);
@@ -65,14 +65,20 @@ cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DTyp
   cudaError_t e = with_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     auto kernel = device::score_logits_kernel<T>;
-    if (variant != 1 && score_tuned_ok(L, k, ks, sizeof(T))) kernel = device::score_logits_tuned_kernel<T>;
+    bool tuned = false;
+    switch (impl) {
+      case Impl::Plain: tuned = false; break;
+      case Impl::Auto:
+      case Impl::Tuned: tuned = score_tuned_ok(L, k, ks, sizeof(T)); break;   // else Plain
+    }
+    if (tuned) kernel = device::score_logits_tuned_kernel<T>;
     if (smem > 48 * 1024) {   // opt in to large dynamic shared memory (many heads x wide heads)
       cudaError_t a = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem));
       if (a != cudaSuccess) return a;
     }
     kernel<<<grid1, device::kScoreThreads, smem, stream>>>(L, static_cast<const T*>(k), ks, q,
-                                                          static_cast<int>(H_q), skip, logits, pstat);
+                                                          static_cast<int>(H_q), skip, valid, logits, pstat);
     return cudaGetLastError();
   });
   if (e != cudaSuccess) return e;
@@ -81,7 +87,8 @@ cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DTyp
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const dim3 grid3(static_cast<unsigned>(cdiv(L.N_max, 256)), static_cast<unsigned>(L.B));
-  device::score_out_kernel<<<grid3, 256, 0, stream>>>(L, static_cast<int>(H_q), skip, logits, stat, out);
+  device::score_out_kernel<<<grid3, 256, 0, stream>>>(L, static_cast<int>(H_q), skip, valid, logits, stat,
+                                                      out);
   return cudaGetLastError();
 }
 
@@ -97,7 +104,12 @@ cudaError_t launch_topk(const float* scores, int64_t B, int64_t N_max, int64_t l
 }
 
 // ---------------------------------------------------------------------------------- attention
-int64_t decode_num_splits(int64_t B, int64_t H_kv, int64_t K, int sm_count) {
+int64_t decode_num_splits(Impl impl, int64_t B, int64_t H_kv, int64_t K, int sm_count) {
+  switch (impl) {
+    case Impl::Plain: return 1;
+    case Impl::Auto:
+    case Impl::Tuned: break;
+  }
   const int64_t blocks = std::max<int64_t>(1, B * H_kv);
   int64_t s = cdiv(2 * std::max(sm_count, 1), blocks);                 // ~2 waves
   s = std::min<int64_t>(s, std::max<int64_t>(1, cdiv(K, device::kAttnTile)));   // >= one tile each

@@ -99,7 +99,7 @@ def test_negative_budget(device):
     with pytest.raises(ValueError, match="k must be >= 0"):
         kv.select(c.q, c.k, c.seq_lens, k=-3)
     with pytest.raises(RuntimeError, match="k must be >= 0"):   # the raw op checks too
-        torch.ops.tokenkernels.kv_topk(s, -1, c.seq_lens, 0, 0, None, None)
+        torch.ops.tokenkernels.kv_select_topk(s, -1, c.seq_lens, 0, 0, None, None, True)
 
 
 def test_dtype_device_mismatch(device):
@@ -119,8 +119,10 @@ def test_dtype_device_mismatch(device):
         kv.score(c.q, c.k[0], c.seq_lens)
     with pytest.raises(RuntimeError, match="contiguous k_cache must have 2 rows"):
         kv.score(c.q, c.k[:1], c.seq_lens)
-    with pytest.raises(RuntimeError, match="indices must be int32"):
-        torch.ops.tokenkernels.kv_sparse_decode(c.q, c.k, c.v, idx.long(), c.seq_lens, None, 1.0, True, 0)
+    # the op itself accepts any integer dtype (narrowed to int32 in C++) and rejects the rest
+    with pytest.raises(TypeError, match="kv_select.sparse_decode: indices must be an integer tensor, got Float"):
+        torch.ops.tokenkernels.kv_select_sparse_decode(c.q, c.k, c.v, idx.float(), c.seq_lens, None, 1.0, True,
+                                                       "auto")
     with pytest.raises(TypeError, match="indices must be an integer tensor"):
         kv.sparse_decode(c.q, c.k, c.v, idx.float(), c.seq_lens)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
@@ -227,7 +229,9 @@ def test_int64_metadata_in_range_still_accepted(device):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("k,n_sink,n_local", [(2 ** 63 - 1, 1, 1), (2 ** 62, 2 ** 62, 0), (0, 2 ** 63 - 1, 1)])
+@pytest.mark.parametrize("k,n_sink,n_local", [pytest.param(2 ** 63 - 1, 1, 1, id="k-max"),
+                                              pytest.param(2 ** 62, 2 ** 62, 0, id="k-plus-sink"),
+                                              pytest.param(0, 2 ** 63 - 1, 1, id="sink-max")])
 def test_topk_budget_overflow(device, k, n_sink, n_local):
     c = _c(device)
     s = kv.score(c.q, c.k, c.seq_lens)
@@ -237,7 +241,52 @@ def test_topk_budget_overflow(device, k, n_sink, n_local):
         kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local)
     # the direct op (shared C++ check, CPU and CUDA)
     with pytest.raises(RuntimeError, match="n_sink \\+ k \\+ n_local .* overflows int64"):
-        torch.ops.tokenkernels.kv_topk(s, k, c.seq_lens, n_sink, n_local, None, None)
+        torch.ops.tokenkernels.kv_select_topk(s, k, c.seq_lens, n_sink, n_local, None, None, True)
     out = torch.empty(2, 3, dtype=torch.int32, device=device)
     with pytest.raises(RuntimeError, match="overflows int64"):
-        torch.ops.tokenkernels.kv_topk_out(s, k, c.seq_lens, n_sink, n_local, None, None, out)
+        torch.ops.tokenkernels.kv_select_topk_out(s, k, c.seq_lens, n_sink, n_local, None, None, True, out)
+
+
+def test_unknown_impl(device):
+    """impl names are checked by the wrappers (variants.choose) and by the ops themselves
+    (parse_option in kv_select_args.h), naming the op and the accepted names."""
+    c = _c(device)
+    idx = torch.zeros(2, 3, dtype=torch.int32, device=device)
+    for call in (lambda: kv.score(c.q, c.k, c.seq_lens, impl="fast"),
+                 lambda: kv.select(c.q, c.k, c.seq_lens, k=4, impl="fast"),
+                 lambda: kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, impl=2)):
+        with pytest.raises(ValueError, match=r"tokenkernels\.kv_select\.\w+: impl must be one of .*'reference'"):
+            call()
+    with pytest.raises(ValueError, match=r"kv_select\.score: impl must be one of 'auto', 'plain', 'tuned', got 'fast'"):
+        torch.ops.tokenkernels.kv_select_score(c.q, c.k, c.seq_lens, None, 1.0, None, None, True, "fast")
+    with pytest.raises(ValueError, match=r"kv_select\.sparse_decode: impl must be one of 'auto', 'plain', 'tuned'"):
+        torch.ops.tokenkernels.kv_select_sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, None, 1.0, True, "reference")
+
+
+def test_valid_mask_args(device):
+    c = _c(device)
+    N = kv.capacity(c.k)
+    ok = torch.ones(2, N, dtype=torch.bool, device=device)
+    for bad in (ok[:, :-1], ok[:1], ok.int()):
+        with pytest.raises(RuntimeError, match=rf"kv_select\.score: valid must be a \(2, {N}\) bool tensor"):
+            kv.score(c.q, c.k, c.seq_lens, valid=bad)
+        with pytest.raises(RuntimeError, match=r"valid must be a \(2, \d+\) bool tensor"):
+            kv.select(c.q, c.k, c.seq_lens, k=4, n_sink=1, n_local=1, valid=bad, cache=kv.SelectionCache())
+
+
+def test_topk_checks_seq_lens(device):
+    """topk's check=True (default) rejects lengths past scores.size(1) on every device (one host
+    sync on CUDA); with check=False CUDA clamps them (the CPU validates anyway)."""
+    c = _c(device)
+    s = kv.score(c.q, c.k, c.seq_lens)
+    bad = torch.tensor([41, 3], dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match=r"kv_select\.topk: seq_lens\[0\] = 41 is outside \[0, 40\]"):
+        kv.topk(s, 4, bad, n_sink=1, n_local=1)
+    with pytest.raises(RuntimeError, match=r"seq_lens\[0\] = 2147483647 is outside \[0, 40\]"):
+        kv.topk(s, 4, torch.tensor([BIG, 3], device=device), n_sink=1, n_local=1)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"seq_lens\[0\] = 41"):
+            kv.topk(s, 4, bad, n_sink=1, n_local=1, check=False)
+    else:
+        got = kv.topk(s, 4, bad, n_sink=1, n_local=1, check=False)
+        assert torch.equal(got[0], kv.topk(s, 4, torch.tensor([40, 3], device=device), n_sink=1, n_local=1)[0])

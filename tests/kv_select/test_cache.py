@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tokenkernels import kv_select as kv
+from tokenkernels import variants
 from tokenkernels.reference import kv_select as ref
 
 from .cases import make_case
@@ -55,10 +56,12 @@ def test_threshold_is_strict(device):
     assert int(sc.hit_count) == 2
 
 
+@pytest.mark.parametrize("impl", variants.impls("kv_select"))
 @pytest.mark.parametrize("page", [None, 16])
-def test_multi_step_decode_matches_reference(device, page):
+def test_multi_step_decode_matches_reference(device, page, impl):
     """Growing sequences, a slowly drifting query: the device cache equals the reference cache
-    step by step (hits, picks, rebuilt local windows)."""
+    step by step (hits, picks, rebuilt local windows), whatever impl select runs (also
+    "reference": the reference select on the device cache's state)."""
     steps, N = 6, 400
     c = make_case([300, 350, 50], G=4, D=64, page_size=page, n_max=N, device=device)
     sc, rc = kv.SelectionCache(0.97), ref.SelectionCache(0.97)
@@ -67,7 +70,7 @@ def test_multi_step_decode_matches_reference(device, page):
     kw = dict(k=24, n_sink=4, n_local=16)
     for t in range(steps):
         sl = c.seq_lens + t
-        got = kv.select(q, c.k, sl, block_table=c.block_table, cache=sc, **kw)
+        got = kv.select(q, c.k, sl, block_table=c.block_table, cache=sc, impl=impl, **kw)
         want = ref.select(q.cpu(), c.k.cpu(), sl.cpu(), block_table=None if page is None else c.block_table.cpu(),
                           cache=rc, **kw)
         assert torch.equal(got.cpu(), want), f"step {t}"
@@ -105,3 +108,20 @@ def test_prefill_chunk_uses_mean_query(device):
     sc = kv.SelectionCache(0.9)
     a = kv.select(c.q, c.k, c.seq_lens, k=10, n_sink=2, n_local=4, cache=sc)
     assert torch.equal(a, kv.select(c.q.mean(1), c.k, c.seq_lens, k=10, n_sink=2, n_local=4))
+
+
+@pytest.mark.parametrize("impl", variants.impls("kv_select"))
+def test_resize_starts_afresh_with_every_impl(device, impl):
+    """A call with another k (same batch and query size) starts afresh -- no hit on stale
+    picks -- whichever implementation runs the cache step; the reference cache agrees."""
+    c = make_case([100, 100], G=2, D=64, device=device)
+    for cache in (kv.SelectionCache(-2.0), ref.SelectionCache(-2.0)):
+        run = (lambda **kw: kv.select(c.q, c.k, c.seq_lens, cache=cache, impl=impl, **kw)) \
+            if isinstance(cache, kv.SelectionCache) else \
+            (lambda **kw: ref.select(c.q.cpu(), c.k.cpu(), c.seq_lens.cpu(), cache=cache, **kw))
+        run(k=8, n_sink=2, n_local=4)
+        run(k=8, n_sink=2, n_local=4)
+        assert cache.last_hit.tolist() == [True, True]
+        run(k=9, n_sink=2, n_local=4)
+        assert cache.last_hit.tolist() == [False, False] and cache.prev_mid.shape == (2, 9)
+        assert cache.lookups.tolist() == [1, 1]

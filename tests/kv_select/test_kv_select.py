@@ -1,6 +1,8 @@
 """kv_select kernels vs the PyTorch reference (fp64 truth on the same upcast inputs):
 both layouts (contiguous, paged with page size 1 and 16), GQA ratios 1/4/8, head_dim 64/128/256,
-fp32/fp16/bf16, varlen batches with odd lengths, strided (HF-transposed) caches."""
+fp32/fp16/bf16, varlen batches with odd lengths, strided (HF-transposed) caches. Tests marked by
+an ``impl`` parameter run every implementation (variants.impls: the CUDA variants and
+"reference") against the fp64 reference or an independent oracle (SDPA, torch.topk)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +10,11 @@ import torch.nn.functional as F
 from tokenkernels import kv_select as kv
 from tokenkernels.reference import kv_select as ref
 
+from tokenkernels import variants
 from tokenkernels.testing import DTYPES, tol
 from .cases import cpu, f64, make_case
+
+IMPLS = list(variants.impls("kv_select"))   # auto, plain, tuned, reference
 
 LAYOUTS = [None, 1, 16]                 # page size; None = contiguous
 SEQ = [129, 1, 7, 100]                  # varlen batch, odd sizes
@@ -36,7 +41,7 @@ def test_score(device, page, G, D, dtype):
     _close(got, want, tol(dtype, "kv_score") * c.q.shape[1], "score")
 
 
-@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("page", [None, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_score_unscaled_logits_relative_precision(device, dtype, page, impl):
@@ -83,8 +88,12 @@ def test_score_chunk_mean_query(device, page, strided):
     _close(got2, want, tol(torch.float32, "kv_score") * 8, "score(mean)")
 
 
-@pytest.mark.parametrize("seq", [[5, 22, 23, 100, 0, 1000], [1], [7, 129]])
-@pytest.mark.parametrize("budget", [(4, 10, 8), (0, 3, 0), (2, 0, 5), (128, 20, 512)])
+@pytest.mark.parametrize("seq", [pytest.param([5, 22, 23, 100, 0, 1000], id="varlen6"), pytest.param([1], id="1"),
+                                 pytest.param([7, 129], id="7-129")])
+@pytest.mark.parametrize("budget", [pytest.param((4, 10, 8), id="sink4-k10-local8"),
+                                    pytest.param((0, 3, 0), id="k3-only"),
+                                    pytest.param((2, 0, 5), id="k0"),
+                                    pytest.param((128, 20, 512), id="sink128-k20-local512")])
 def test_topk_vs_reference(device, seq, budget):
     n_sink, k, n_local = budget
     c = make_case(seq, G=2, D=64, device=device, seed=len(seq))
@@ -103,17 +112,18 @@ def test_topk_vs_reference(device, seq, budget):
             assert torch.equal(row[n - n_local:n], torch.arange(L - n_local, L, dtype=torch.int32))
 
 
-def test_topk_ties_lowest_index(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_ties_lowest_index(device, impl):
     # integer-valued scores with many ties: the lowest index wins among equal scores
     g = torch.Generator().manual_seed(3)
     s = torch.randint(0, 4, (3, 1000), generator=g).float()
     sl = torch.tensor([1000, 777, 129], dtype=torch.int32)
-    got = kv.topk(s.to(device), 37, sl.to(device), n_sink=3, n_local=11)
+    got = kv.topk(s.to(device), 37, sl.to(device), n_sink=3, n_local=11, impl=impl)
     assert torch.equal(got.cpu(), ref.topk(s, 37, sl, n_sink=3, n_local=11))
     # and against torch.topk's set where there are no ties
     s = torch.randn(2, 513, generator=g)
     sl = torch.tensor([513, 400], dtype=torch.int32)
-    got = kv.topk(s.to(device), 50, sl.to(device), n_sink=0, n_local=0).cpu()
+    got = kv.topk(s.to(device), 50, sl.to(device), n_sink=0, n_local=0, impl=impl).cpu()
     for b in range(2):
         want = torch.topk(s[b, :int(sl[b])], 50).indices.sort().values.int()
         assert torch.equal(got[b], want)
@@ -200,14 +210,15 @@ def test_sparse_decode(device, page, G, D, dtype):
     _close(lse, wl, tol(dtype, "kv_lse"), "lse")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("page", LAYOUTS + [64])
 @pytest.mark.parametrize("G", [1, 4, 8])
-def test_sparse_decode_full_budget_equals_sdpa(device, page, G):
+def test_sparse_decode_full_budget_equals_sdpa(device, page, G, impl):
     """Exactness anchor: with the budget >= seq_len, select + sparse_decode is full attention."""
     seq = [129, 1, 64, 1000]
     c = make_case(seq, G=G, D=64, page_size=page, device=device, seed=G)
-    idx = kv.select(c.q, c.k, c.seq_lens, k=1000, n_sink=4, n_local=8, block_table=c.block_table)
-    out = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table)
+    idx = kv.select(c.q, c.k, c.seq_lens, k=1000, n_sink=4, n_local=8, block_table=c.block_table, impl=impl)
+    out = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, impl=impl)
     K = ref.dense_cache(c.k, c.block_table)
     V = ref.dense_cache(c.v, c.block_table)
     for b, L in enumerate(seq):
@@ -278,12 +289,13 @@ def test_sparse_prefill(device, page, G, dtype):
     assert torch.all(out[1, 5:] == 0) and torch.all(torch.isneginf(lse[2, 1:]))
 
 
-def test_sparse_prefill_full_budget_is_causal_attention(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_prefill_full_budget_is_causal_attention(device, impl):
     """With every past token selected, the chunk's output is ordinary causal attention."""
     C, s0 = 16, 50
     c = make_case([s0 + C], G=4, D=64, device=device, C=C)
     idx = torch.arange(s0, dtype=torch.int32, device=device)[None]
-    out = kv.sparse_prefill(c.q, c.k, c.v, idx, c.seq_lens, s0)
+    out = kv.sparse_prefill(c.q, c.k, c.v, idx, c.seq_lens, s0, impl=impl)
     K = c.k[0].transpose(0, 1).repeat_interleave(4, 0)    # (H_q, N, D)
     V = c.v[0].transpose(0, 1).repeat_interleave(4, 0)
     Q = c.q[0].transpose(0, 1)                             # (H_q, C, D)
@@ -322,25 +334,38 @@ def test_int64_metadata_accepted(device):
 
 
 def test_select_scores_with_the_proof_gated_auto_variant(device, monkeypatch):
-    """select() has no impl= argument: its scoring must run what impl="auto" resolves to
-    (tokenkernels.variants: the safe variant on CUDA until all are proven), not the op-level
-    code 0 (the kernels' own heuristic, i.e. the unproven tuned kernel where eligible)."""
+    """select(impl="auto") scores with what variants.choose resolves "auto" to (the safe variant
+    on CUDA until all are proven), not the op-level "auto" (the kernels' own heuristic, i.e.
+    the unproven tuned kernel where eligible)."""
+    from tokenkernels import variants
+
+    seen, passed = [], []
+    real_choose, real_ns = variants.choose, torch.ops.tokenkernels
+
+    def spy(family, impl, dev, op):
+        r = real_choose(family, impl, dev, op)
+        seen.append((family, impl, torch.device(dev).type, op, r))
+        return r
+
+    class Ops:   # records the impl string the scoring op receives
+        def __getattr__(self, name):
+            return getattr(real_ns, name)
+
+        def kv_select_score(self, *args):
+            passed.append(args[-1])
+            return real_ns.kv_select_score(*args)
+
     from tokenkernels._ops import kv_select as mod
-
-    seen = []
-    real = mod._impl_code
-
-    def spy(family, impl, codes, dev):
-        seen.append((family, impl, torch.device(dev).type))
-        return real(family, impl, codes, dev)
-
-    monkeypatch.setattr(mod, "_impl_code", spy)
+    monkeypatch.setattr(variants, "choose", spy)
+    monkeypatch.setattr(mod.torch.ops, "tokenkernels", Ops(), raising=False)
     c = make_case([40, 17], device=device)
     dev = torch.device(device).type
-    kv.select(c.q, c.k, c.seq_lens, k=4, n_sink=2, n_local=2)
-    assert seen == [("kv_select", "auto", dev)]
-    kv.select(c.q, c.k, c.seq_lens, k=4, n_sink=2, n_local=2, cache=kv.SelectionCache())
-    assert seen == [("kv_select", "auto", dev)] * 2
+    want = variants.resolve("kv_select", "auto", device)
+    for cache in (None, kv.SelectionCache()):
+        seen.clear()
+        kv.select(c.q, c.k, c.seq_lens, k=4, n_sink=2, n_local=2, cache=cache)
+        assert seen[0] == ("kv_select", "auto", dev, "kv_select.select", want)
+    assert passed == [want, want]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
@@ -366,7 +391,7 @@ def test_cuda_decode_step_has_no_host_sync():
     def step():
         s = kv.score(c.q, c.k, c.seq_lens, skip=sc.last_hit, **kw)
         kv.topk(s, k, c.seq_lens, n_sink=n_sink, n_local=n_local, reuse=sc.prev_mid,
-                reuse_mask=sc.last_hit, out=idx2)
+                reuse_mask=sc.last_hit, out=idx2, check=False)
         kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, out=idx2, **kw)
         kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, cache=sc, out=idx, **kw)
         kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, out=out, lse=lse, **kw)
@@ -397,10 +422,10 @@ def test_cuda_decode_step_has_no_host_sync():
     assert int(sc.lookup_count) == 2 * 2 * 3
 
 
-@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_decode_impls_agree(device, impl):
-    """The CUDA plain (one block per request and KV head) and tuned (split-KV) variants; the
-    CPU ignores impl."""
+    """The CUDA plain (one block per request and KV head) and tuned (split-KV) variants, "auto"
+    and the reference; the CPU kernel ignores the variant name."""
     c = make_case([1000, 3, 513], G=8, D=128, page_size=16, device=device)
     idx = kv.select(c.q, c.k, c.seq_lens, k=300, n_sink=4, n_local=64, block_table=c.block_table)
     got = kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, block_table=c.block_table, impl=impl)
@@ -429,13 +454,16 @@ def test_precision_no_worse_than_same_dtype_reference(device, dtype, page):
     assert e_got <= e_ref + tiny, f"kernel {e_got:.3g} vs same-dtype reference {e_ref:.3g}"
 
 
-@pytest.mark.parametrize("impl", ["plain", "tuned"])
-@pytest.mark.parametrize("dtype,D,strided", [(torch.bfloat16, 128, False), (torch.float32, 64, False),
-                                             (torch.float16, 256, False), (torch.float32, 256, False),
-                                             (torch.bfloat16, 128, True)])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,D,strided", [pytest.param(torch.bfloat16, 128, False, id="bf16-D128"),
+                                             pytest.param(torch.float32, 64, False, id="fp32-D64"),
+                                             pytest.param(torch.float16, 256, False, id="fp16-D256"),
+                                             pytest.param(torch.float32, 256, False, id="fp32-D256"),
+                                             pytest.param(torch.bfloat16, 128, True, id="bf16-D128-strided")])
 def test_score_impls_agree(device, impl, dtype, D, strided):
     """The CUDA plain and tuned (16-byte vector loads; falls back to plain where the layout does
-    not allow it: fp32 D=256, strided) scoring variants; the CPU ignores impl."""
+    not allow it: fp32 D=256, strided) scoring variants, "auto" and the reference; the CPU
+    kernel ignores the variant name."""
     c = make_case([700, 64, 5], G=4, D=D, dtype=dtype, page_size=16, strided=strided, device=device)
     got = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table, impl=impl)
     want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table))
@@ -455,3 +483,156 @@ def test_odd_head_dim(device, D, page):
     want = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
                              block_table=cpu(c.block_table))
     _close(out, want, tol(torch.float32, "kv_out"), "out")
+
+
+def _noncontig(c):
+    """The case's q, seq_lens (int64) and block_table as non-contiguous views of the same values
+    (the cache itself is the HF-transposed view, make_case(strided=True))."""
+    D = c.q.shape[-1]
+    q = torch.cat([c.q, torch.full_like(c.q, float("nan"))], -1)[..., :D]
+    sl = torch.stack([c.seq_lens.long(), c.seq_lens.long()], 1)[:, 0]
+    bt = None if c.block_table is None else torch.stack([c.block_table, c.block_table], -1)[..., 0]
+    assert not q.is_contiguous() and (sl.numel() == 1 or not sl.is_contiguous())
+    assert bt is None or not bt.is_contiguous() or bt.shape[1] == 1
+    return q, sl, bt
+
+
+SIZES = [pytest.param([1], id="1"), pytest.param([7], id="7"), pytest.param([129, 1, 7], id="129-1-7"),
+         pytest.param([1000, 129], id="1000-129")]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("page", [pytest.param(None, id="contiguous"), pytest.param(16, id="paged16")])
+@pytest.mark.parametrize("seq", SIZES)
+def test_decode_ops_odd_sizes_noncontiguous_out(device, impl, page, seq):
+    """score, topk, select and sparse_decode of every impl vs the fp64 reference: odd lengths
+    1 / 7 / 129 / 1000, non-contiguous q / seq_lens (int64) / block_table / cache, out= buffers."""
+    c = make_case(seq, G=4, D=64, page_size=page, strided=True, device=device, seed=sum(seq))
+    q, sl, bt = _noncontig(c)
+    B, H_q = q.shape[:2]
+    s = kv.score(q, c.k, sl, block_table=bt, impl=impl)
+    want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table))
+    _close(s, want, tol(torch.float32, "kv_score") * H_q, "score")
+    budget = dict(n_sink=3, n_local=5)
+    W = 3 + 11 + 5
+    idx = torch.full((B, W), 77, dtype=torch.int32, device=device)
+    r = kv.topk(s, 11, sl, out=idx, impl=impl, **budget)
+    assert r is idx and torch.equal(idx.cpu(), ref.topk(s.cpu(), 11, c.seq_lens.cpu(), **budget))
+    sel = torch.full_like(idx, 5)
+    r = kv.select(q, c.k, sl, k=11, block_table=bt, out=sel, impl=impl, **budget)
+    assert r is sel and torch.equal(sel, idx)
+    out, lse = torch.full_like(c.q, 3.0), torch.full((B, H_q), 3.0, device=device)
+    r = kv.sparse_decode(q, c.k, c.v, idx, sl, block_table=bt, out=out, lse=lse, return_lse=True, impl=impl)
+    assert r[0] is out and r[1] is lse
+    wo, wl = ref.sparse_decode(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens),
+                               block_table=cpu(c.block_table), return_lse=True)
+    _close(out, wo, tol(torch.float32, "kv_out"), "out")
+    _close(lse, wl, tol(torch.float32, "kv_lse"), "lse")
+    o2 = kv.sparse_decode(q, c.k, c.v, idx, sl, block_table=bt, impl=impl)
+    assert torch.equal(o2, out)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("page", [pytest.param(None, id="contiguous"), pytest.param(16, id="paged16")])
+@pytest.mark.parametrize("chunk", [pytest.param([1], id="1"), pytest.param([7, 1], id="7-1"),
+                                   pytest.param([9, 5, 0], id="9-5-0")])
+def test_prefill_odd_sizes_noncontiguous_out(device, impl, page, chunk):
+    """sparse_prefill of every impl vs the fp64 reference: odd chunk lengths (a padded chunk, an
+    empty one), a 1000-token past, non-contiguous inputs, int and tensor chunk_start, out=."""
+    C = max(chunk)
+    starts = [1000, 129, 7][:len(chunk)]
+    seq = [s0 + n for s0, n in zip(starts, chunk)]
+    c = make_case(seq, G=2, D=64, page_size=page, strided=True, device=device, seed=C, C=C)
+    q, sl, bt = _noncontig(c)
+    cs = torch.tensor(starts, device=device)   # int64
+    idx = kv.select(q, c.k, cs, k=37, n_sink=2, n_local=6, block_table=bt, impl=impl)
+    out, lse = torch.full_like(c.q, 3.0), torch.full(c.q.shape[:3], 3.0, device=device)
+    r = kv.sparse_prefill(q, c.k, c.v, idx, sl, cs, block_table=bt, out=out, lse=lse, return_lse=True, impl=impl)
+    assert r[0] is out and r[1] is lse
+    wo, wl = ref.sparse_prefill(f64(c.q), f64(c.k), f64(c.v), idx.cpu(), cpu(c.seq_lens), cs.cpu(),
+                                block_table=cpu(c.block_table), return_lse=True)
+    _close(out, wo, tol(torch.float32, "kv_out"), "out")
+    _close(lse, wl, tol(torch.float32, "kv_lse"), "lse")
+    if len(set(starts)) == 1:
+        assert torch.equal(kv.sparse_prefill(q, c.k, c.v, idx, sl, starts[0], block_table=bt, impl=impl), out)
+
+
+def _valid_mask(seq, n_max, device, seed):
+    """Left padding on request 1, a masked run and every 5th token masked on request 0."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.rand(len(seq), n_max, generator=g) > 0.2
+    v[0, 40:60] = False
+    if len(seq) > 1:
+        v[1, :9] = False
+    return v.to(device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("page", [pytest.param(None, id="contiguous"), pytest.param(16, id="paged16")])
+def test_valid_vs_reference(device, impl, page):
+    """score(valid=) / select(valid=) vs the fp64 reference, and the definition itself: masked
+    tokens score -inf and take no part in the softmax (the valid tokens' scores of every head
+    sum to 1, so a row sums to H_q), select never returns one, the rest stays ascending."""
+    seq = [300, 129, 7]
+    c = make_case(seq, G=4, D=64, page_size=page, device=device, seed=3)
+    N = kv.capacity(c.k, c.block_table)
+    valid = _valid_mask(seq, N, device, seed=4)
+    H_q = c.q.shape[1]
+    s = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table, valid=valid, impl=impl)
+    want = ref.score(f64(c.q), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table), valid=valid.cpu())
+    _close(s, want, tol(torch.float32, "kv_score") * H_q, "score(valid)")
+    inside = torch.arange(N, device=device)[None, :] < c.seq_lens[:, None].long()
+    assert torch.all(torch.isneginf(s[~valid | ~inside]))
+    sums = torch.where(torch.isfinite(s), s, torch.zeros_like(s)).double().sum(1).cpu()
+    assert torch.allclose(sums, torch.full((3,), float(H_q), dtype=torch.float64), atol=1e-4)
+    kw = dict(k=40, n_sink=4, n_local=16, block_table=c.block_table)
+    idx = kv.select(c.q, c.k, c.seq_lens, valid=valid, impl=impl, **kw)
+    widx = ref.select(f64(c.q), f64(c.k), cpu(c.seq_lens), valid=valid.cpu(), k=40, n_sink=4, n_local=16,
+                      block_table=cpu(c.block_table))
+    assert torch.equal(idx.cpu(), widx)
+    for b in range(3):
+        row = idx[b].cpu()
+        n = int((row >= 0).sum())
+        assert torch.all(row[n:] == -1) and torch.all(row[:n].diff() > 0)
+        assert bool(valid[b].cpu()[row[:n].long()].all())
+    # request 1 (129 tokens, 9 padded): the sinks fell on padding, the local window keeps its
+    # unmasked tokens, the middle is the 40 best unmasked tokens of [4, 113)
+    v1 = valid[1].cpu()
+    assert idx[1, 0].item() >= 9
+    assert int((idx[1] >= 0).sum()) == 40 + int(v1[113:129].sum()) and int(v1[4:113].sum()) > 40
+    # out= and an all-valid mask equal the unmasked call
+    buf = torch.empty_like(idx)
+    assert kv.select(c.q, c.k, c.seq_lens, valid=valid, out=buf, impl=impl, **kw) is buf
+    assert torch.equal(buf, idx)
+    ones = torch.ones_like(valid)
+    assert torch.equal(kv.select(c.q, c.k, c.seq_lens, valid=ones, impl=impl, **kw),
+                       kv.select(c.q, c.k, c.seq_lens, impl=impl, **kw))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_valid_with_selection_cache_vs_reference(device, impl):
+    """Several decode steps through a SelectionCache with a mask: equal to the reference select
+    and reference cache step by step (hits reuse topk's own picks, masked again)."""
+    c = make_case([300, 200], G=4, D=64, n_max=310, device=device, seed=8)
+    valid = _valid_mask([300, 200], 310, device, seed=9)
+    sc, rc = kv.SelectionCache(0.6), ref.SelectionCache(0.6)
+    g = torch.Generator().manual_seed(2)
+    q = c.q
+    kw = dict(k=24, n_sink=4, n_local=16)
+    for t in range(4):
+        sl = c.seq_lens + t
+        got = kv.select(q, c.k, sl, cache=sc, valid=valid, impl=impl, **kw)
+        want = ref.select(q.cpu(), c.k.cpu(), sl.cpu(), cache=rc, valid=valid.cpu(), **kw)
+        assert torch.equal(got.cpu(), want), f"step {t}"
+        q = q + (torch.randn(q.shape, generator=g) * (0.05 if t % 2 else 0.8)).to(device)
+    assert torch.equal(sc.hits.cpu(), rc.hits) and int(sc.hit_count) > 0
+
+
+def test_reference_has_the_public_signatures():
+    """impl="reference" runs tokenkernels.reference.kv_select: the same parameters and defaults."""
+    import inspect
+
+    for name in ("score", "topk", "sparse_decode", "sparse_prefill", "select"):
+        pub, rf = inspect.signature(getattr(kv, name)), inspect.signature(getattr(ref, name))
+        assert [(p.name, p.kind, p.default) for p in pub.parameters.values()] == \
+               [(p.name, p.kind, p.default) for p in rf.parameters.values()], name

@@ -1,4 +1,5 @@
-"""torch.library.opcheck of every kv_select op, and torch.compile(fullgraph=True) of a decode step."""
+"""torch.library.opcheck of every kv_select op (the named samples of samples.py), and
+torch.compile(fullgraph=True) of a decode step (also with a Selection Cache and valid=)."""
 import pytest
 import torch
 
@@ -6,43 +7,25 @@ from tokenkernels import kv_select as kv
 
 from .cases import make_case
 
-OPS = torch.ops.tokenkernels
+from .samples import op_samples
+
+# the samples' names, collected without building them (CPU tensors; the device is a parameter)
+NAMES = [s.name for s in op_samples("cpu")]
 
 
-def _samples(device):
-    c = make_case([40, 9, 0], G=4, D=64, page_size=16, device=device)
-    h = make_case([33, 20], G=2, D=64, dtype=torch.bfloat16, device=device, strided=True)
-    s = kv.score(c.q, c.k, c.seq_lens, block_table=c.block_table)
-    idx = kv.topk(s, 6, c.seq_lens, n_sink=2, n_local=3)
-    hs = kv.score(h.q, h.k, h.seq_lens)
-    hidx = kv.topk(hs, 4, h.seq_lens, n_sink=1, n_local=2)
-    return c, h, s, idx, hs, hidx
+def test_samples_cover_every_op():
+    names = {s.op.name() for s in op_samples("cpu")}
+    schema = {f"tokenkernels::{n}" for n in ("kv_select_score", "kv_select_topk", "kv_select_topk_out",
+                                              "kv_select_sparse_decode", "kv_select_sparse_decode_out",
+                                              "kv_select_sparse_prefill", "kv_select_sparse_prefill_out")}
+    assert names == schema
+    assert len(set(NAMES)) == len(NAMES)
 
 
-def test_opcheck(device):
-    c, h, s, idx, hs, hidx = _samples(device)
-    skip = torch.tensor([False, True, False], device=device)
-    torch.library.opcheck(OPS.kv_score.default, (c.q, c.k, c.seq_lens, c.block_table, 1.0, None, True, 0))
-    torch.library.opcheck(OPS.kv_score.default, (c.q, c.k, c.seq_lens, c.block_table, 0.5, skip, True, 1))
-    torch.library.opcheck(OPS.kv_score.default, (h.q, h.k, h.seq_lens, None, 1.0, None, True, 2))
-    torch.library.opcheck(OPS.kv_topk.default, (s, 6, c.seq_lens, 2, 3, None, None))
-    reuse = idx[:, 2:8].contiguous()
-    torch.library.opcheck(OPS.kv_topk.default, (s, 6, c.seq_lens, 2, 3, reuse, skip))
-    torch.library.opcheck(OPS.kv_topk_out.default,
-                          (s, 6, c.seq_lens, 2, 3, None, None, torch.empty_like(idx)))
-    dargs = (c.q, c.k, c.v, idx, c.seq_lens, c.block_table, 0.125, True, 0)
-    # (request 2 attends nothing: lse -inf, which opcheck compares exactly)
-    torch.library.opcheck(OPS.kv_sparse_decode.default, dargs)
-    torch.library.opcheck(OPS.kv_sparse_decode.default, (h.q, h.k, h.v, hidx, h.seq_lens, None, 0.125, True, 1))
-    torch.library.opcheck(OPS.kv_sparse_decode_out.default,
-                          dargs + (torch.empty_like(c.q), torch.empty(3, 8, device=device)))
-    p = make_case([30, 12], G=2, D=64, device=device, C=4)
-    cs = torch.tensor([26, 10], dtype=torch.int32, device=device)
-    pidx = torch.arange(6, dtype=torch.int32, device=device).expand(2, 6).contiguous()
-    pargs = (p.q, p.k, p.v, pidx, p.seq_lens, cs, None, 0.125, True)
-    torch.library.opcheck(OPS.kv_sparse_prefill.default, pargs)
-    torch.library.opcheck(OPS.kv_sparse_prefill_out.default,
-                          pargs + (torch.empty_like(p.q), torch.empty(2, 4, 4, device=device)))
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck(device, name):
+    sample = {s.name: s for s in op_samples(device)}[name]
+    torch.library.opcheck(sample.op, sample.args)
 
 
 def test_compile_fullgraph_decode_step(device):
@@ -75,3 +58,23 @@ def test_compile_fullgraph_prefill(device):
     torch._dynamo.reset()
     g = torch.compile(f, fullgraph=True, backend="aot_eager")(p.q, p.k, p.v, p.seq_lens)
     assert torch.equal(e[0], g[0]) and torch.equal(e[1], g[1])
+
+
+def test_compile_fullgraph_select_cache_valid(device):
+    """select with a SelectionCache and valid= (masked-token removal) traces as one graph."""
+    c = make_case([200, 77], G=4, D=64, device=device)
+    valid = torch.ones(2, 200, dtype=torch.bool, device=device)
+    valid[1, :9] = False
+    valid[0, 50:60] = False
+
+    def step(q, k, sl, sc):
+        return kv.select(q, k, sl, k=16, n_sink=4, n_local=8, cache=sc, valid=valid, check=False)
+
+    e1, e2 = kv.SelectionCache(0.5), kv.SelectionCache(0.5)
+    eager = [step(c.q, c.k, c.seq_lens, e1) for _ in range(2)]
+    torch._dynamo.reset()
+    f = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = [f(c.q, c.k, c.seq_lens, e2) for _ in range(2)]
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert torch.equal(e1.hits, e2.hits) and int(e2.hit_count) == 2

@@ -94,10 +94,17 @@ __device__ __forceinline__ void score_block_tail(const float* lg, int H_q, int b
   }
 }
 
+// Token n of request b takes part in the scores: no mask (valid == nullptr), or valid[b][n]
+// ((B, N) bool, row stride N). Excluded tokens get the logit -inf (no softmax weight).
+__device__ __forceinline__ bool token_valid(const bool* __restrict__ valid, int64_t N, int b, int64_t n) {
+  return valid == nullptr || valid[static_cast<int64_t>(b) * N + n];
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kScoreThreads) score_logits_kernel(
     KVLayout L, const T* __restrict__ k, CacheStrides ks, const float* __restrict__ q, int H_q,
-    const bool* __restrict__ skip, float* __restrict__ logits, float2* __restrict__ pstat) {
+    const bool* __restrict__ skip, const bool* __restrict__ valid, float* __restrict__ logits,
+    float2* __restrict__ pstat) {
   extern __shared__ float smem[];
   float* qs = smem;                       // (H_q, D)
   float* lg = smem + H_q * L.D;           // (kScoreTok, H_q)
@@ -117,7 +124,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_logits_kernel(
   for (int t = 0; t < per_warp; ++t) {
     const int tl = warp * per_warp + t;   // token slot within the block
     const int64_t n = n0 + tl;
-    const int64_t off = n < len ? token_offset(L, ks, b, n) : -1;
+    const int64_t off = n < len && token_valid(valid, N, b, n) ? token_offset(L, ks, b, n) : -1;
     for (int g = 0; g < L.H_kv; ++g) {
       float r[kRegsPerLane];
       if (off >= 0) load_row(k + off + g * ks.head, ks.dim, D, r);
@@ -153,7 +160,8 @@ struct Vec16 {
 template <typename T>
 __global__ void __launch_bounds__(kScoreThreads) score_logits_tuned_kernel(
     KVLayout L, const T* __restrict__ k, CacheStrides ks, const float* __restrict__ q, int H_q,
-    const bool* __restrict__ skip, float* __restrict__ logits, float2* __restrict__ pstat) {
+    const bool* __restrict__ skip, const bool* __restrict__ valid, float* __restrict__ logits,
+    float2* __restrict__ pstat) {
   constexpr int VEC = Vec16<T>::N;
   extern __shared__ float smem[];
   float* qs = smem;                       // (H_q, D)
@@ -185,7 +193,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_logits_tuned_kernel(
       off[u] = -1;
       if (row[u] < total) {
         const int64_t n = n0 + row[u] / H_kv;
-        if (n < len) {
+        if (n < len && token_valid(valid, N, b, n)) {
           const int64_t o = token_offset(L, ks, b, n);
           if (o >= 0) off[u] = o + static_cast<int64_t>(row[u] % H_kv) * ks.head + sub * VEC;
         }
@@ -246,9 +254,10 @@ __global__ void __launch_bounds__(256) score_stats_kernel(const float2* __restri
     stat[row] = (m == -INFINITY || s == 0.0f) ? make_float2(INFINITY, 1.0f) : make_float2(m, s);
 }
 
-// Pass 3: thread per token: score = sum_h exp(logit - m_h) / s_h; -inf past seq_len / skipped
-// rows. grid (ceil(N_max / 256), B).
+// Pass 3: thread per token: score = sum_h exp(logit - m_h) / s_h; -inf past seq_len, for
+// tokens with valid[b][n] false and in skipped rows. grid (ceil(N_max / 256), B).
 __global__ void __launch_bounds__(256) score_out_kernel(KVLayout L, int H_q, const bool* __restrict__ skip,
+                                                        const bool* __restrict__ valid,
                                                         const float* __restrict__ logits,
                                                         const float2* __restrict__ stat, float* __restrict__ out) {
   const int b = blockIdx.y;
@@ -256,7 +265,7 @@ __global__ void __launch_bounds__(256) score_out_kernel(KVLayout L, int H_q, con
   if (n >= N) return;
   const int64_t len = (skip && skip[b]) ? 0 : seq_len(L, b);
   float acc = -INFINITY;
-  if (n < len) {
+  if (n < len && token_valid(valid, N, b, n)) {
     acc = 0.0f;
     for (int h = 0; h < H_q; ++h) {
       const int64_t row = static_cast<int64_t>(b) * H_q + h;

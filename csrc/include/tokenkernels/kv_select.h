@@ -15,6 +15,15 @@
 namespace tokenkernels {
 namespace kv_select {
 
+// The `str impl` option of the family's ops (parsed once in csrc/kv_select/kv_select_args.h):
+// which CUDA variant runs; the CPU has one implementation of each op and ignores it.
+//   Auto  "auto":  the kernels' own choice (score: Tuned where eligible; decode: split-KV);
+//   Plain "plain": score one warp per token row with scalar loads; decode one block per
+//                  (request, KV head), no split;
+//   Tuned "tuned": score with 16-byte vector loads (Plain where the layout does not allow them);
+//                  decode split-KV with the split count of decode_num_splits.
+enum class Impl { Auto, Plain, Tuned };
+
 // Element strides of a (pages, slots, H_kv, D) cache.
 struct CacheStrides {
   int64_t page = 0, slot = 0, head = 0, dim = 1;
@@ -54,6 +63,11 @@ TK_HD int64_t selected_count(int64_t n, int64_t k, int64_t n_sink, int64_t n_loc
   return n <= W ? n : W;
 }
 
+// Limits of the CUDA kernels (kv_select_args.h checks them for CUDA tensors): head_dim <= 256,
+// H_q / H_kv <= 16.
+constexpr int64_t kCudaMaxHeadDim = 256;
+constexpr int64_t kCudaMaxGroup = 16;
+
 }  // namespace kv_select
 }  // namespace tokenkernels
 
@@ -67,16 +81,19 @@ namespace kv_select {
 // score: q (B, H_q, D) fp32 contiguous, pre-scaled (the mean query for a prefill chunk); k cache
 // in `dtype`. Three passes: logits + per-block softmax partials, per-head softmax (max, sum),
 // sum over heads of exp(logit - max) / sum.
-// variant: 0 auto (tuned when eligible), 1 plain (one warp per token row, scalar loads), 2 tuned
-// (16-byte vector loads, two rows in flight per lane group; needs unit stride on D, D / (16 /
-// sizeof(dtype)) a power of two <= 32, 16-byte aligned rows -- otherwise plain is used).
-// out (B, N_max) fp32: sum over q-heads of softmax_n(scale * q_h . k_n), -inf past seq_len.
-// skip (B,) bool or nullptr: rows to leave untouched (Selection Cache hits).
+// impl: Plain (one warp per token row, scalar loads); Tuned (16-byte vector loads, two rows in
+// flight per lane group; needs unit stride on D, D / (16 / sizeof(dtype)) a power of two <= 32,
+// 16-byte aligned rows -- otherwise Plain runs); Auto = Tuned.
+// out (B, N_max) fp32: sum over q-heads of softmax_n(scale * q_h . k_n) over the valid tokens,
+// -inf for the others (past seq_len, or valid[b][n] false).
+// skip (B,) bool or nullptr: rows to leave unscored, all -inf (Selection Cache hits).
+// valid (B, N_max) bool (row stride N_max) or nullptr: tokens that take part (false: never
+// counted in the softmax, score -inf).
 // workspace: score_workspace_bytes(...) bytes (per-head logits and partial softmax stats).
 size_t score_workspace_bytes(int64_t B, int64_t H_q, int64_t N_max);
 cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DType dtype,
-                         const float* q, int64_t H_q, const bool* skip, float* out,
-                         void* workspace, int variant, cudaStream_t stream);
+                         const float* q, int64_t H_q, const bool* skip, const bool* valid,
+                         float* out, void* workspace, Impl impl, cudaStream_t stream);
 
 // topk: scores (B, N_max) fp32 (row stride ld). out (B, n_sink + k + n_local) int32, ascending,
 // -1 padded. reuse (B, k) int32 ascending middle picks and reuse_mask (B,) bool, or nullptr.
@@ -87,17 +104,13 @@ cudaError_t launch_topk(const float* scores, int64_t B, int64_t N_max, int64_t l
                         const int32_t* reuse, const bool* reuse_mask, int32_t* out,
                         cudaStream_t stream);
 
-// Limits of the CUDA kernels (the adapter checks them): head_dim <= 256, H_q / H_kv <= 16.
-constexpr int64_t kCudaMaxHeadDim = 256;
-constexpr int64_t kCudaMaxGroup = 16;
-
 // sparse decode: q (B, H_q, D) fp32 contiguous, pre-scaled; indices (B, K) int32 (-1 skipped),
 // out (B, H_q, D) in dtype, lse (B, H_q) fp32 or nullptr. Split-KV: each (request, KV head,
 // split) block handles K / splits indices for all H_q / H_kv heads of the group, then a merge
 // kernel combines the partial (max, sum, acc) by log-sum-exp. workspace: decode_workspace_bytes.
-// splits = 1 is the plain variant (one block per request and KV head); decode_num_splits picks
-// the tuned split count (enough blocks for ~2 waves on `sm_count` SMs).
-int64_t decode_num_splits(int64_t B, int64_t H_kv, int64_t K, int sm_count);
+// decode_num_splits: the split count of `impl` -- 1 for Plain (one block per request and KV
+// head); for Tuned and Auto enough blocks for ~2 waves on `sm_count` SMs.
+int64_t decode_num_splits(Impl impl, int64_t B, int64_t H_kv, int64_t K, int sm_count);
 size_t decode_workspace_bytes(int64_t B, int64_t H_q, int64_t D, int64_t splits);
 cudaError_t launch_sparse_decode(const KVLayout& L, const void* k, CacheStrides ks, const void* v,
                                  CacheStrides vs, DType dtype, const float* q, int64_t H_q,

@@ -24,9 +24,17 @@ instead of reading out of bounds). With ``out=`` buffers and ``check=False`` not
 syncs the host or changes shape.
 
 Integer metadata (``seq_lens``, ``block_table``, ``indices``, ``chunk_start``, ``reuse``) may
-be int64; it is narrowed to int32 on the device, saturating: a value beyond int32 is out of
-range for every argument and is rejected by the value checks (or, unchecked, skipped) like any
-out-of-range value -- never wrapped (2**32 + 1 to 1). Pass int32 to avoid the conversion.
+be int64 (or int8, int16, uint8); the ops narrow it to int32 on the device, saturating: a value
+beyond int32 is out of range for every argument and is rejected by the value checks (or,
+unchecked, skipped) like any out-of-range value -- never wrapped (2**32 + 1 to 1). Pass int32 to
+avoid the conversion.
+
+Every op takes ``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"tuned"`` (see
+:mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA; the CPU has one implementation
+and ignores the name) or ``"reference"`` (:mod:`tokenkernels.reference.kv_select`, the same
+signature). Shape, dtype, device and value checks live in the C++ contract layer
+(csrc/kv_select/kv_select_args.h); these wrappers convert Python values, fill defaults and
+pick the implementation.
 """
 from __future__ import annotations
 
@@ -34,9 +42,11 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..variants import impl_code as _impl_code
+from .. import variants as _variants
+from ..reference import kv_select as _ref
 
-_IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
+_FAMILY = "kv_select"
+_I32_MIN, _I32_MAX = -2 ** 31, 2 ** 31 - 1
 
 
 def _tensor(t, name: str, op: str) -> torch.Tensor:
@@ -45,33 +55,9 @@ def _tensor(t, name: str, op: str) -> torch.Tensor:
     return t
 
 
-_I32_MIN, _I32_MAX = -2 ** 31, 2 ** 31 - 1
-
-
-def _int32(t, name: str, op: str, device: torch.device) -> Optional[torch.Tensor]:
-    """Integer tensor -> int32 on `device` (no host sync).
-
-    Wider integers are narrowed *saturating* (on the device, no host sync): a value outside
-    int32 becomes INT32_MIN / INT32_MAX, which is out of range for every argument, so it gets
-    exactly the treatment of the true value -- rejected by the value checks (always on the CPU,
-    with ``check=True`` on CUDA) naming the argument, or skipped/dropped where out-of-range
-    values are skipped (``check=False``, ``topk``'s ``reuse``). A plain cast would wrap 2**32 + 1
-    to 1, a valid token."""
-    if t is None:
-        return None
-    t = _tensor(t, name, op)
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be an integer tensor, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"tokenkernels.kv_select.{op}: {name} is on {t.device} but k_cache is on {device}")
-    if t.dtype == torch.int32:
-        return t
-    if t.dtype == torch.int64:
-        t = t.clamp(_I32_MIN, _I32_MAX)
-    return t.to(torch.int32)
-
-
 def _nonneg(v: int, name: str, op: str) -> int:
+    """A Python int argument (the schema's ``int``). The ops check the sign too (a
+    RuntimeError); the wrappers raise ValueError before anything runs."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be an int, got {type(v).__name__}")
     if v < 0:
@@ -80,16 +66,15 @@ def _nonneg(v: int, name: str, op: str) -> int:
 
 
 def _budget(k: int, n_sink: int, n_local: int, op: str) -> None:
-    """The output width n_sink + k + n_local must fit int64 (as the C++ check_topk_args)."""
+    """The output width n_sink + k + n_local must fit int64 (a Python int may not; the op's own
+    check raises a RuntimeError)."""
     if n_sink + k + n_local > 2 ** 63 - 1:
         raise ValueError(f"tokenkernels.kv_select.{op}: n_sink + k + n_local ({n_sink} + {k} + {n_local}) "
                          f"overflows int64")
 
 
-def _impl(impl: str, op: str, device) -> int:
-    if impl not in _IMPLS:
-        raise ValueError(f"tokenkernels.kv_select.{op}: impl must be one of {list(_IMPLS)}, got {impl!r}")
-    return _impl_code("kv_select", impl, _IMPLS, device)
+def _choose(impl, device, op: str) -> str:
+    return _variants.choose(_FAMILY, impl, device, f"kv_select.{op}")
 
 
 def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -107,8 +92,8 @@ def capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor] = None) 
 
 def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
           block_table: Optional[torch.Tensor] = None, scale: float = 1.0,
-          skip: Optional[torch.Tensor] = None, check: bool = True,
-          impl: str = "auto") -> torch.Tensor:
+          skip: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
+          check: bool = True, impl: str = "auto") -> torch.Tensor:
     """TokenSelect criticality of every cached token.
 
     For each q-head h with KV head g = h // (H_q / H_kv): ``s_h = softmax_n(scale * q_h . k_n)``
@@ -119,26 +104,31 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
         k_cache, seq_lens, block_table: see the module docstring.
         scale: logit scale (TokenSelect uses 1.0, i.e. no 1/sqrt(D)).
         skip: (B,) bool; rows to leave unscored (set to -inf), e.g. Selection Cache hits.
+        valid: (B, N_max) bool or None; False marks a token that takes no part (e.g. padding):
+            it is left out of every head's softmax (the other tokens' probabilities are
+            normalised without it) and scored -inf.
         check: validate seq_lens / block_table values (one host sync on CUDA).
-        impl: CUDA kernel variant: "auto" (tuned when the cache allows 16-byte vector loads,
-            once proven; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA),
-            "plain", "tuned"; the CPU ignores it.
+        impl: "auto" (on CUDA the tuned kernel when the cache allows 16-byte vector loads, once
+            proven; see :mod:`tokenkernels.variants`), "plain", "tuned" (CUDA variants; the CPU
+            ignores the name) or "reference".
 
     Returns:
-        (B, N_max) float32, -inf past each seq_len.
+        (B, N_max) float32, -inf past each seq_len and where ``valid`` is False.
     """
     op = "score"
     q, k_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op)
-    seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
-    block_table = _int32(block_table, "block_table", op, k_cache.device)
-    return torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), skip, check,
-                                           _impl(impl, op, k_cache.device))
+    run = _choose(impl, k_cache.device, op)
+    if run == _variants.REFERENCE:
+        return _ref.score(q, k_cache, seq_lens, block_table=block_table, scale=scale, skip=skip,
+                          valid=valid, check=check)
+    return torch.ops.tokenkernels.kv_select_score(q, k_cache, seq_lens, block_table, float(scale), skip, valid,
+                                                  check, run)
 
 
 def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 128,
          n_local: int = 512, reuse: Optional[torch.Tensor] = None,
-         reuse_mask: Optional[torch.Tensor] = None,
-         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+         reuse_mask: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+         check: bool = True, impl: str = "auto") -> torch.Tensor:
     """Token indices to attend: sink + top-k + local window.
 
     Always the first ``n_sink`` and last ``n_local`` valid tokens, plus the ``k`` highest scores
@@ -147,13 +137,16 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
 
     Args:
         scores: (B, N_max) float32 (from :func:`score`).
-        reuse, reuse_mask: (B, k) int32 ascending middle picks and (B,) bool: rows with
+        reuse, reuse_mask: (B, k) ascending middle picks and (B,) bool: rows with
             ``reuse_mask`` take their middle tokens from ``reuse`` instead of from ``scores``
             (the Selection Cache hit path): in order, the entries inside the current middle
             region that exceed the last entry kept -- duplicates and entries outside the region
             are dropped, and a list that is not ascending keeps an ascending subsequence
             (``[5, 9, -1, 7]`` keeps 5, 9), so the output stays ascending.
         out: (B, n_sink + k + n_local) int32 buffer to write into (CUDA-graph friendly).
+        check: validate that seq_lens lie in [0, scores.size(1)] (always on the CPU; one host
+            sync on CUDA, where unchecked lengths are clamped).
+        impl: as for :func:`score` (one topk kernel per device: only "reference" differs).
 
     Returns:
         (B, n_sink + k + n_local) int32, ascending, padded with -1. When seq_len exceeds the
@@ -163,11 +156,12 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
     scores = _tensor(scores, "scores", op)
     k, n_sink, n_local = _nonneg(k, "k", op), _nonneg(n_sink, "n_sink", op), _nonneg(n_local, "n_local", op)
     _budget(k, n_sink, n_local, op)
-    seq_lens = _int32(seq_lens, "seq_lens", op, scores.device)
-    reuse = _int32(reuse, "reuse", op, scores.device)
+    if _choose(impl, scores.device, op) == _variants.REFERENCE:
+        return _ref.topk(scores, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=reuse,
+                         reuse_mask=reuse_mask, out=out, check=check)
     if out is None:
-        return torch.ops.tokenkernels.kv_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask)
-    torch.ops.tokenkernels.kv_topk_out(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, out)
+        return torch.ops.tokenkernels.kv_select_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check)
+    torch.ops.tokenkernels.kv_select_topk_out(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check, out)
     return out
 
 
@@ -181,28 +175,39 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
     Args:
         q: (B, H_q, D), same dtype as the caches.
-        indices: (B, K) int32 token positions (-1 entries are skipped), e.g. from :func:`select`.
+        indices: (B, K) token positions (-1 entries are skipped), e.g. from :func:`select`.
         scale: logit scale, default 1/sqrt(D).
         return_lse: also return the (B, H_q) float32 log-sum-exp of the scaled logits
             (-inf for a request with nothing to attend, whose output is 0).
         out, lse: preallocated (B, H_q, D) / (B, H_q) float32 buffers.
-        impl: CUDA kernel variant ("auto", "plain", "tuned"; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA); the CPU ignores it.
+        impl: "auto", "plain" (CUDA: one block per request and KV head), "tuned" (CUDA:
+            split-KV; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA; the CPU
+            ignores the name) or "reference".
     """
     op = "sparse_decode"
     q, k_cache, v_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(v_cache, "v_cache", op)
-    indices = _int32(indices, "indices", op, k_cache.device)
-    seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
-    block_table = _int32(block_table, "block_table", op, k_cache.device)
     scale = _scale(q, scale)
+    run = _choose(impl, k_cache.device, op)
+    if run == _variants.REFERENCE:
+        return _ref.sparse_decode(q, k_cache, v_cache, indices, seq_lens, block_table=block_table, scale=scale,
+                                  return_lse=return_lse, out=out, lse=lse, check=check)
     if out is None and lse is None:
-        o, l = torch.ops.tokenkernels.kv_sparse_decode(q, k_cache, v_cache, indices, seq_lens, block_table,
-                                                       scale, check, _impl(impl, op, k_cache.device))
+        o, l = torch.ops.tokenkernels.kv_select_sparse_decode(q, k_cache, v_cache, indices, seq_lens, block_table,
+                                                              scale, check, run)
     else:
         o = out if out is not None else torch.empty_like(q)
         l = lse if lse is not None else q.new_empty(q.shape[:2], dtype=torch.float32)
-        torch.ops.tokenkernels.kv_sparse_decode_out(q, k_cache, v_cache, indices, seq_lens, block_table,
-                                                    scale, check, _impl(impl, op, k_cache.device), o, l)
+        torch.ops.tokenkernels.kv_select_sparse_decode_out(q, k_cache, v_cache, indices, seq_lens, block_table,
+                                                           scale, check, run, o, l)
     return (o, l) if return_lse else o
+
+
+def _chunk_start(chunk_start, B: int, device: torch.device):
+    """An int chunk start -> a (B,) int32 tensor (an int beyond int32 saturates, so the op's
+    value check rejects it as out of range)."""
+    if isinstance(chunk_start, int) and not isinstance(chunk_start, bool):
+        return torch.full((B,), max(min(chunk_start, _I32_MAX), _I32_MIN), dtype=torch.int32, device=device)
+    return chunk_start
 
 
 def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -210,8 +215,8 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    chunk_start: Union[int, torch.Tensor], *,
                    block_table: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                    return_lse: bool = False, out: Optional[torch.Tensor] = None,
-                   lse: Optional[torch.Tensor] = None,
-                   check: bool = True) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                   lse: Optional[torch.Tensor] = None, check: bool = True,
+                   impl: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Chunked sparse prefill (TokenSelect): a chunk attends the selected past plus itself.
 
     ``q`` (B, C, H_q, D) holds the queries of positions ``chunk_start[b] + c``; the chunk's own
@@ -221,28 +226,26 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     and -1 are ignored; like :func:`sparse_decode`, every listed entry counts, so pass
     indices without duplicates, as :func:`topk` writes them) plus chunk positions ``chunk_start[b] .. + c``
     (causal) -- one softmax over both, i.e. the two partial attentions merged by log-sum-exp.
+    ``impl``: "auto" / "plain" / "tuned" run the one prefill kernel of the device; "reference"
+    the PyTorch reference.
 
     Returns (B, C, H_q, D) in q's dtype (and lse (B, C, H_q) float32 with ``return_lse``).
     """
     op = "sparse_prefill"
     q, k_cache, v_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(v_cache, "v_cache", op)
-    if isinstance(chunk_start, int) and not isinstance(chunk_start, bool):
-        # (int64, then the saturating narrowing: an int beyond int32 is rejected as out of range)
-        chunk_start = torch.full((q.shape[0],), max(min(chunk_start, _I32_MAX), _I32_MIN), dtype=torch.int32,
-                                 device=k_cache.device)
-    chunk_start = _int32(chunk_start, "chunk_start", op, k_cache.device)
-    indices = _int32(indices, "indices", op, k_cache.device)
-    seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
-    block_table = _int32(block_table, "block_table", op, k_cache.device)
+    chunk_start = _chunk_start(chunk_start, q.shape[0] if q.dim() > 0 else 0, k_cache.device)
     scale = _scale(q, scale)
+    if _choose(impl, k_cache.device, op) == _variants.REFERENCE:
+        return _ref.sparse_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table=block_table,
+                                   scale=scale, return_lse=return_lse, out=out, lse=lse, check=check)
     if out is None and lse is None:
-        o, l = torch.ops.tokenkernels.kv_sparse_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start,
-                                                        block_table, scale, check)
+        o, l = torch.ops.tokenkernels.kv_select_sparse_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start,
+                                                               block_table, scale, check)
     else:
         o = out if out is not None else torch.empty_like(q)
         l = lse if lse is not None else q.new_empty(q.shape[:3], dtype=torch.float32)
-        torch.ops.tokenkernels.kv_sparse_prefill_out(q, k_cache, v_cache, indices, seq_lens, chunk_start,
-                                                     block_table, scale, check, o, l)
+        torch.ops.tokenkernels.kv_select_sparse_prefill_out(q, k_cache, v_cache, indices, seq_lens, chunk_start,
+                                                            block_table, scale, check, o, l)
     return (o, l) if return_lse else o
 
 
@@ -251,16 +254,21 @@ class SelectionCache:
 
     Per request it keeps the previous step's mean query (all heads, flattened, fp32) and the k
     middle picks of the last scored step. A step is a **hit** for request b when a previous
-    query exists and ``cos(q_now, q_prev) > threshold``: the previous middle picks are reused
-    (sink and local windows are rebuilt for the current length) and scoring is skipped for that
-    request (the scoring kernels exit early for it). The stored query is replaced every step
-    (consecutive queries are compared); the stored picks only on a miss.
+    query exists and ``cos(q_now, q_prev) > threshold`` (in fp32): the previous middle picks are
+    reused (sink and local windows are rebuilt for the current length) and scoring is skipped
+    for that request (the scoring kernels exit early for it). The stored query is replaced every
+    step (consecutive queries are compared); the stored picks only on a miss.
 
-    One cache per layer. Its state is sized on first use (batch B, H_q * D, k); a call with other
-    sizes starts afresh. ``reset(mask)`` forgets some requests (e.g. a finished slot).
+    One cache per layer, passed to :func:`select` (any ``impl``, ``"reference"`` included: the
+    state below is all there is). Its state is sized on first use (batch B, H_q * D, k); a call
+    with other sizes starts afresh. ``reset(mask)`` forgets some requests (e.g. a finished slot).
 
-    Attributes:
-        hits, lookups: (B,) int64 device tensors: per-request hit and lookup counts.
+    Attributes (device tensors, None until the first :func:`select`; read-only):
+        hits, lookups: (B,) int64 per-request hit and lookup counts.
+        last_hit: (B,) bool, the last step's decisions.
+        prev_mid: (B, k) int32, the stored middle picks (what a hit reuses).
+        prev_q: (B, H_q * D) fp32, the previous step's mean query.
+        has_prev: (B,) bool, whether a request has a previous query.
     """
 
     def __init__(self, threshold: float = 0.9):
@@ -269,7 +277,7 @@ class SelectionCache:
         self.threshold = float(threshold)
         self.prev_q: Optional[torch.Tensor] = None     # (B, H_q * D) fp32
         self.prev_mid: Optional[torch.Tensor] = None   # (B, k) int32
-        self.valid: Optional[torch.Tensor] = None      # (B,) bool
+        self.has_prev: Optional[torch.Tensor] = None   # (B,) bool
         self.hits: Optional[torch.Tensor] = None       # (B,) int64
         self.lookups: Optional[torch.Tensor] = None    # (B,) int64
         self.last_hit: Optional[torch.Tensor] = None   # (B,) bool, the last step's decision
@@ -280,31 +288,31 @@ class SelectionCache:
         if not ok:
             self.prev_q = torch.zeros(B, HD, dtype=torch.float32, device=device)
             self.prev_mid = torch.full((B, k), -1, dtype=torch.int32, device=device)
-            self.valid = torch.zeros(B, dtype=torch.bool, device=device)
+            self.has_prev = torch.zeros(B, dtype=torch.bool, device=device)
             self.hits = torch.zeros(B, dtype=torch.long, device=device)
             self.lookups = torch.zeros(B, dtype=torch.long, device=device)
 
     def reset(self, mask: Optional[torch.Tensor] = None) -> None:
         """Forget every request, or those where ``mask`` (B,) bool is True (no host sync)."""
-        if self.valid is None:
+        if self.has_prev is None:
             return
         if mask is None:
-            self.valid.zero_()
+            self.has_prev.zero_()
         else:
-            self.valid &= ~mask.to(self.valid.device)
+            self.has_prev &= ~mask.to(self.has_prev.device)
 
-    def decide(self, qm: torch.Tensor) -> torch.Tensor:
+    def _decide(self, qm: torch.Tensor) -> torch.Tensor:
         """(B,) bool hit decision for mean queries ``qm`` (B, H_q, D) fp32 (state must exist)."""
         a = qm.reshape(qm.shape[0], -1).float()
         p = self.prev_q
         cos = ((a * p).sum(1) / (a.norm(dim=1) * p.norm(dim=1)).clamp_min(1e-12)).clamp(-1.0, 1.0)
-        return self.valid & (cos > self.threshold)
+        return self.has_prev & (cos > self.threshold)
 
-    def update(self, qm: torch.Tensor, idx: torch.Tensor, hit: torch.Tensor, n_sink: int, k: int) -> None:
+    def _update(self, qm: torch.Tensor, idx: torch.Tensor, hit: torch.Tensor, n_sink: int, k: int) -> None:
         mid = idx[:, n_sink:n_sink + k]
         torch.where(hit[:, None], self.prev_mid, mid, out=self.prev_mid)
         self.prev_q.copy_(qm.reshape(qm.shape[0], -1))
-        self.valid.fill_(True)
+        self.has_prev.fill_(True)
         self.hits += hit
         self.lookups += 1
         self.last_hit = hit
@@ -319,11 +327,31 @@ class SelectionCache:
         return self.lookups.sum() if self.lookups is not None else torch.zeros((), dtype=torch.long)
 
 
+def _drop_masked(idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Remove the entries of idx (B, W) int32 (ascending, -1 padded) where valid (B, N) is
+    False, keeping the rest ascending and -1 padded (on the device, no host sync)."""
+    keep = (idx >= 0) & valid.gather(1, idx.clamp(min=0).long())
+    key = torch.where(keep, idx, torch.full_like(idx, _I32_MAX)).sort(dim=1).values
+    return torch.where(key == _I32_MAX, torch.full_like(key, -1), key)
+
+
 def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k: int,
            n_sink: int = 128, n_local: int = 512, block_table: Optional[torch.Tensor] = None,
            scale: float = 1.0, cache: Optional[SelectionCache] = None,
-           out: Optional[torch.Tensor] = None, check: bool = True) -> torch.Tensor:
+           valid: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+           check: bool = True, impl: str = "auto") -> torch.Tensor:
     """:func:`score` + :func:`topk` in one call, optionally through a :class:`SelectionCache`.
+
+    ``valid`` (B, N_max) bool or None: False marks a token that is never selected (padding, or
+    outside a sliding window). Masked tokens are left out of the criticality softmax (see
+    :func:`score`) and removed from the result: the sink and local windows stay positional (the
+    first ``n_sink`` / last ``n_local`` positions below seq_len, minus their masked tokens) and
+    the middle is the ``k`` best *unmasked* tokens in between (fewer when fewer are unmasked).
+    The Selection Cache stores and reuses the middle picks as :func:`topk` made them, so a hit
+    drops masked tokens again under the current mask.
+
+    ``impl``: as for :func:`score` ("reference": every step in the PyTorch reference, the cache
+    included).
 
     Returns (B, n_sink + k + n_local) int32 indices, ascending, -1 padded (see :func:`topk`),
     ready for :func:`sparse_decode` / :func:`sparse_prefill`.
@@ -332,61 +360,72 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
     q, k_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op)
     k, n_sink, n_local = _nonneg(k, "k", op), _nonneg(n_sink, "n_sink", op), _nonneg(n_local, "n_local", op)
     _budget(k, n_sink, n_local, op)
-    seq_lens = _int32(seq_lens, "seq_lens", op, k_cache.device)
-    block_table = _int32(block_table, "block_table", op, k_cache.device)
-    # scoring runs what impl="auto" resolves to (proof-gated, see tokenkernels.variants), not the
-    # op-level code 0 (the kernels' own heuristic, which would pick the unproven tuned kernel)
-    impl = _impl("auto", op, k_cache.device)
-    if cache is None:
-        s = torch.ops.tokenkernels.kv_score(q, k_cache, seq_lens, block_table, float(scale), None, check, impl)
-        return topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out)
-    if not isinstance(cache, SelectionCache):
+    if cache is not None and not isinstance(cache, SelectionCache):
         raise TypeError(f"tokenkernels.kv_select.select: cache must be a SelectionCache, got {type(cache).__name__}")
-    if q.dim() not in (3, 4):
-        raise ValueError(f"tokenkernels.kv_select.select: q must be (B, H_q, D) or (B, C, H_q, D), got {tuple(q.shape)}")
-    qm = q.float().mean(1) if q.dim() == 4 else q.float()
-    B = qm.shape[0]
-    cache._ensure(B, qm.shape[1] * qm.shape[2], k, q.device)
-    hit = cache.decide(qm)
-    s = torch.ops.tokenkernels.kv_score(qm, k_cache, seq_lens, block_table, float(scale), hit, check, impl)
-    idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=cache.prev_mid, reuse_mask=hit, out=out)
-    cache.update(qm, idx, hit, n_sink, k)
-    return idx
+    # scoring runs what impl resolves to ("auto": proof-gated, see tokenkernels.variants), not
+    # the op-level "auto" (the kernels' own heuristic, which would pick the unproven tuned kernel)
+    # (topk runs unchecked below: score has validated seq_lens against the same capacity when
+    # check is set, so a second host sync would buy nothing)
+    run = _choose(impl, k_cache.device, op)
+    if run == _variants.REFERENCE:
+        return _ref.select(q, k_cache, seq_lens, k=k, n_sink=n_sink, n_local=n_local, block_table=block_table,
+                           scale=scale, cache=cache, valid=valid, out=out, check=check)
+    masked = valid is not None
+    if cache is None:
+        s = torch.ops.tokenkernels.kv_select_score(q, k_cache, seq_lens, block_table, float(scale), None, valid,
+                                                   check, run)
+        idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out, check=False)
+    else:
+        if q.dim() not in (3, 4):
+            raise ValueError(f"tokenkernels.kv_select.select: q must be (B, H_q, D) or (B, C, H_q, D), "
+                             f"got {tuple(q.shape)}")
+        qm = q.float().mean(1) if q.dim() == 4 else q.float()
+        cache._ensure(qm.shape[0], qm.shape[1] * qm.shape[2], k, q.device)
+        hit = cache._decide(qm)
+        s = torch.ops.tokenkernels.kv_select_score(qm, k_cache, seq_lens, block_table, float(scale), hit, valid,
+                                                   check, run)
+        idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=cache.prev_mid, reuse_mask=hit,
+                   out=out, check=False)
+        cache._update(qm, idx, hit, n_sink, k)
+    if not masked:
+        return idx
+    kept = _drop_masked(idx, valid)   # (after the cache stored topk's own middle picks)
+    return kept if out is None else out.copy_(kept)
 
 
 # ------------------------------------------------------------------ fake (meta) implementations
-@torch.library.register_fake("tokenkernels::kv_score")
-def _score_fake(q, k_cache, seq_lens, block_table, scale, skip, check, impl):
+@torch.library.register_fake("tokenkernels::kv_select_score")
+def _score_fake(q, k_cache, seq_lens, block_table, scale, skip, valid, check, impl):
     n = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     return q.new_empty((q.shape[0], n), dtype=torch.float32)
 
 
-@torch.library.register_fake("tokenkernels::kv_topk")
-def _topk_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask):
+@torch.library.register_fake("tokenkernels::kv_select_topk")
+def _topk_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check):
     return scores.new_empty((scores.shape[0], n_sink + k + n_local), dtype=torch.int32)
 
 
-@torch.library.register_fake("tokenkernels::kv_topk_out")
-def _topk_out_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, out):
+@torch.library.register_fake("tokenkernels::kv_select_topk_out")
+def _topk_out_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check, out):
     return None
 
 
-@torch.library.register_fake("tokenkernels::kv_sparse_decode")
+@torch.library.register_fake("tokenkernels::kv_select_sparse_decode")
 def _decode_fake(q, k_cache, v_cache, indices, seq_lens, block_table, scale, check, impl):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-@torch.library.register_fake("tokenkernels::kv_sparse_decode_out")
+@torch.library.register_fake("tokenkernels::kv_select_sparse_decode_out")
 def _decode_out_fake(q, k_cache, v_cache, indices, seq_lens, block_table, scale, check, impl, out, lse):
     return None
 
 
-@torch.library.register_fake("tokenkernels::kv_sparse_prefill")
+@torch.library.register_fake("tokenkernels::kv_select_sparse_prefill")
 def _prefill_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.register_fake("tokenkernels::kv_sparse_prefill_out")
+@torch.library.register_fake("tokenkernels::kv_select_sparse_prefill_out")
 def _prefill_out_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check, out, lse):
     return None
 

@@ -12,9 +12,10 @@ Per attention call:
   selected tokens, reading HF's (B, H_kv, N, D) cache tensors in place through a
   ``transpose(1, 2)`` view (no copy).
 
-Padding (a 4-D mask on a decode step): masked positions are scored -inf and removed from the
-selected set, so a left-padded row attends only its own tokens (its sink slots may fall on padding
-and then stay unused). Sliding-window layers keep their window the same way.
+Padding (a 4-D mask on a decode step): masked positions are passed to ``kv_select.select`` as
+``valid=False``: they take no part in the criticality softmax and are never selected, so a
+left-padded row attends only its own tokens (its sink slots may fall on padding and then stay
+unused). Sliding-window layers keep their window the same way.
 """
 from __future__ import annotations
 
@@ -123,22 +124,11 @@ def tokenselect_attention_forward(module, query, key, value, attention_mask, dro
     # check=False: seq_lens is the cache length itself and the indices come from topk, so the
     # value checks could not fail -- on CUDA they would cost a host sync per layer and step
     # (and rule out CUDA graphs). The CPU validates anyway.
-    if attention_mask is None:
-        idx = kv_select.select(q, kc, seq_lens, k=st.k, n_sink=st.n_sink, n_local=st.n_local,
-                               scale=st.score_scale, cache=cache, check=False)
-    else:
-        # padding / windows: masked tokens can neither be scored nor attended
-        valid = _valid_from_mask(attention_mask, B, N)
-        qm = q.float()
-        cache._ensure(B, Hq * D, st.k, q.device)
-        hit = cache.decide(qm)
-        s = kv_select.score(q, kc, seq_lens, scale=st.score_scale, skip=hit, check=False)
-        s = s.masked_fill(~valid, float("-inf"))
-        idx = kv_select.topk(s, st.k, seq_lens, n_sink=st.n_sink, n_local=st.n_local,
-                             reuse=cache.prev_mid, reuse_mask=hit)
-        cache.update(qm, idx, hit, st.n_sink, st.k)
-        ok = (idx >= 0) & valid.gather(1, idx.clamp(min=0).long())
-        idx = torch.where(ok, idx, torch.full_like(idx, -1))
+    # Padding / windows (a mask): masked tokens are neither in the criticality softmax nor
+    # selected (select's valid=).
+    valid = None if attention_mask is None else _valid_from_mask(attention_mask, B, N)
+    idx = kv_select.select(q, kc, seq_lens, k=st.k, n_sink=st.n_sink, n_local=st.n_local,
+                           scale=st.score_scale, cache=cache, valid=valid, check=False)
     out = kv_select.sparse_decode(q, kc, vc, idx, seq_lens, scale=scaling, check=False)   # (B, H_q, D)
     ls = st.stats.setdefault(layer, _LayerStats())
     ls.sparse_steps += 1
