@@ -61,3 +61,24 @@ inline void check_mask(const std::optional<at::Tensor>& t, int64_t B, int64_t N,
 }
 
 }  // namespace tokenkernels
+
+// ---- kcenter family: shared torch-level helpers ----------------------------------------------
+#include "tokenkernels/common.h"
+
+namespace tokenkernels {
+
+// The kernels' element-type tag of a float32 / float16 / bfloat16 tensor (checked before).
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    default: return DType::kBFloat16;
+  }
+}
+
+// t made contiguous, or an undefined tensor for none (kernels take nullptr for it).
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+}  // namespace tokenkernels
