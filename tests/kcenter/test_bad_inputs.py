@@ -59,7 +59,7 @@ def test_k_negative_or_wrong_type(device):
         tk.kcenter(x, _l([1, 5], device), k_max=3)
 
 
-@pytest.mark.parametrize("shape", [(10,), (1, 2, 10, 4), ()])
+@pytest.mark.parametrize("shape", [(10,), (1, 2, 10, 4), ()], ids=["1d", "4d", "0d"])
 def test_x_wrong_rank(device, shape):
     with pytest.raises(ValueError, match=r"x must be 2-D \(N, D\) or 3-D \(B, N, D\)"):
         tk.kcenter(torch.randn(shape, device=device), 1)
@@ -70,7 +70,7 @@ def test_x_not_a_tensor():
         tk.kcenter([[1.0, 2.0]], 1)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float64], ids=str)
 def test_x_wrong_dtype(device, dtype):
     x = torch.ones(2, 5, 3, dtype=dtype, device=device)
     with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
@@ -314,7 +314,8 @@ def test_arguments_on_cpu_with_cuda_x():
 
 
 @pytest.mark.parametrize("name", ["tau_tv", "tau_vv"])
-@pytest.mark.parametrize("tau", [0.0, float("nan"), -0.02, float("inf")])
+@pytest.mark.parametrize("tau", [0.0, float("nan"), -0.02, float("inf")],
+                         ids=["zero", "nan", "negative", "inf"])
 def test_mmtok_bad_temperature(name, tau):
     t, v = torch.randn(3, 4), torch.randn(5, 4)
     with pytest.raises(ValueError, match=f"mmtok_similarity: {name} must be a finite temperature > 0"):

@@ -174,8 +174,12 @@ def test_kcenter_equals_reference_tie_free(device, dtype, metric, start):
 
 
 # ------------------------------------------------------------------------------ DivPrune parity
-@pytest.mark.parametrize("N,D,k,seed", [(576, 64, 56, 2), (129, 32, 16, 1), (300, 128, 30, 0),
-                                        (64, 16, 20, 1)])
+@pytest.mark.parametrize("N,D,k,seed", [
+    pytest.param(576, 64, 56, 2, id="llava-N576-k56"),
+    pytest.param(129, 32, 16, 1, id="N129-k16"),
+    pytest.param(300, 128, 30, 0, id="N300-k30"),
+    pytest.param(64, 16, 20, 1, id="N64-k20"),
+])
 def test_divprune_parity(device, N, D, k, seed):
     """kcenter(x, k) (isolated start, cosine, pick order) is DivPrune's selection."""
     g = torch.Generator().manual_seed(seed)

@@ -18,7 +18,7 @@ def _errs(got, ref_same_dtype, truth):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("start", ["isolated", "first"])
 def test_kcenter_radii_error_no_worse_than_reference(device, metric, dtype, start):
     g = torch.Generator().manual_seed(7)
@@ -34,7 +34,7 @@ def test_kcenter_radii_error_no_worse_than_reference(device, metric, dtype, star
     assert e_k <= e_r + TINY, (e_k, e_r)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_coverage_gain_error_no_worse_than_reference(device, dtype):
     g = torch.Generator().manual_seed(3)
     sim = torch.rand(2, 300, 150, generator=g).to(dtype)
