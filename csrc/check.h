@@ -62,7 +62,7 @@ inline void check_mask(const std::optional<at::Tensor>& t, int64_t B, int64_t N,
 
 }  // namespace tokenkernels
 
-// ---- cross_entropy family: torch-level helpers any family's adapters may share -------------
+// ---- shared torch-level helpers (added by the families) -------------------------------------
 #include "tokenkernels/common.h"
 
 namespace tokenkernels {
@@ -113,6 +113,11 @@ inline at::Tensor narrow_int32(const at::Tensor& t, const char* op, const char* 
   if (st == at::kInt) return t.contiguous();
   at::Tensor w = st == at::kLong ? t.clamp(-2147483648LL, 2147483647LL) : t;
   return w.to(at::kInt).contiguous();
+}
+
+// t made contiguous, or an undefined tensor for none (kernels take nullptr for it).
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
 }
 
 }  // namespace tokenkernels

@@ -5,17 +5,24 @@
 
 TORCH_LIBRARY(tokenkernels, m) {
   // ---- kcenter family ---------------------------------------------------------------------
-  // Greedy k-center (farthest-point) selection. x (B, N, D); picks (B, k) int64 padded -1 and
-  // the max-min distance at each pick (B, k) fp32 padded NaN. start_index None = "isolated".
-  // metric: 0 cosine, 1 l2. impl: 0 auto, 1 plain, 2 tuned (CUDA; CPU ignores it).
-  // check: validate value-dependent arguments (one host sync on CUDA).
+  // Greedy k-center (farthest-point) selection (tokenkernels.kcenter). x (B, N, D); picks
+  // (B, k) int64 padded -1 and the max-min distance at each pick (B, k) fp32 padded NaN.
+  // k_per_item (B,) int64 <= k; lengths (B,) valid prefix; exclude (B, N) bool never picked;
+  // start_index (B,) forced first picks, None = "isolated" (the token whose nearest neighbour
+  // is farthest). metric: "cosine" (1 - cos) or "l2". impl (CUDA; the CPU kernel ignores it):
+  // "auto" the kernels' heuristic, "plain" (Gram path, global-memory running minimum),
+  // "tuned" (Gram path, register running minimum, N <= 8192), "stream" (large-N path: one
+  // distance row per pick from x, never N x N). check: validate value-dependent arguments
+  // (one host sync on CUDA).
   m.def(
-      "kcenter(Tensor x, int k, Tensor? k_per_item, Tensor? lengths, Tensor? exclude, "
-      "Tensor? start_index, int metric, bool sorted, bool check, int impl) -> (Tensor, Tensor)");
-  // Greedy maximum coverage (MMTok). sim (B, M, N) >= 0; picks (B, k) padded -1, marginal
-  // gains (B, k) fp32 padded NaN.
+      "kcenter_select(Tensor x, int k, Tensor? k_per_item, Tensor? lengths, Tensor? exclude, "
+      "Tensor? start_index, str metric, bool sorted, bool check, str impl) -> (Tensor, Tensor)");
+  // Greedy maximum coverage (MMTok; tokenkernels.coverage_select). sim (B, M, N) >= 0 rows x
+  // candidates; picks (B, k) padded -1, marginal gains (B, k) fp32 padded NaN. row_lengths
+  // (B,) valid rows; k_per_item / lengths / exclude on candidates as above. One kernel per
+  // device (no impl).
   m.def(
-      "coverage_select(Tensor sim, int k, Tensor? k_per_item, Tensor? lengths, "
+      "kcenter_coverage_select(Tensor sim, int k, Tensor? k_per_item, Tensor? lengths, "
       "Tensor? row_lengths, Tensor? exclude, bool check) -> (Tensor, Tensor)");
   // ---- cross_entropy family ---------------------------------------------------------------
   // Fused linear cross-entropy statistics, never materialising the (N, V) logits.

@@ -33,10 +33,6 @@ def device(request) -> str:
     return request.param
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: larger shapes (N=2880 or D=4096)")
-
-
 @pytest.fixture(autouse=True)
 def _fixed_seed():
     """Every test starts from the same global RNG state (tests also seed their own generators)."""

@@ -246,9 +246,9 @@ no_cuda = sorted(op for op in cuda_ops if not has(f"tokenkernels::{op}", "CUDA")
 check(bool(cuda_ops) and not no_cuda,
       f"{len(cuda_ops) - len(no_cuda)} of the {len(cuda_ops)} ops with a CUDA implementation in csrc/ "
       f"have a CUDA kernel{f' (not: {no_cuda})' if no_cuda else ''}")
-op = torch.ops.tokenkernels.kcenter.default
+op = torch.ops.tokenkernels.kcenter_select.default
 check(op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CUDA),
-      "torch.ops.tokenkernels.kcenter.default.has_kernel_for_dispatch_key(DispatchKey.CUDA)")
+      "torch.ops.tokenkernels.kcenter_select.default.has_kernel_for_dispatch_key(DispatchKey.CUDA)")
 
 with tempfile.TemporaryDirectory() as tmp:
     fat = os.path.join(tmp, "fatbin")

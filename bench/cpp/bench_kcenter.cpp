@@ -1,7 +1,8 @@
-// kcenter family: tokenkernels::kcenter and tokenkernels::coverage_select against C++ ATen ports
-// of python/tokenkernels/reference/kcenter.py (the reference greedy and `divprune_style`).
-// Rows: tokenkernels, aten_reference, aten_divprune_style, aten_gemm (one fp32 x @ x^T, the floor
-// of the isolated start); baselines aten_divprune_style and aten_gemm; metric picks=ref.
+// kcenter family: tokenkernels::kcenter_select and tokenkernels::kcenter_coverage_select against
+// C++ ATen ports of python/tokenkernels/reference/kcenter.py (the reference greedy and
+// `divprune_style`). Rows: tokenkernels, aten_reference, aten_divprune_style, aten_gemm (one fp32
+// x @ x^T, the floor of the isolated start); baselines aten_divprune_style and aten_gemm; metric
+// picks=ref.
 //
 // Inputs are synthetic "token-like" features: a shared mean direction plus one of N/18 cluster
 // centres plus noise (fixed seed), fp32. The same recipe is used by the Python bench.
@@ -29,26 +30,28 @@ using OptT = std::optional<at::Tensor>;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Schemas (csrc/registration.cpp):
-//   kcenter(Tensor x, int k, Tensor? k_per_item, Tensor? lengths, Tensor? exclude,
-//           Tensor? start_index, int metric, bool sorted, bool check, int impl) -> (Tensor, Tensor)
-//   coverage_select(Tensor sim, int k, Tensor? k_per_item, Tensor? lengths, Tensor? row_lengths,
-//                   Tensor? exclude, bool check) -> (Tensor, Tensor)
+//   kcenter_select(Tensor x, int k, Tensor? k_per_item, Tensor? lengths, Tensor? exclude,
+//                  Tensor? start_index, str metric, bool sorted, bool check, str impl)
+//       -> (Tensor, Tensor)
+//   kcenter_coverage_select(Tensor sim, int k, Tensor? k_per_item, Tensor? lengths,
+//                           Tensor? row_lengths, Tensor? exclude, bool check) -> (Tensor, Tensor)
 using KcenterSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, const OptT&,
-                                                      const OptT&, const OptT&, const OptT&, int64_t,
-                                                      bool, bool, int64_t);
+                                                      const OptT&, const OptT&, const OptT&,
+                                                      c10::string_view, bool, bool,
+                                                      c10::string_view);
 using CoverageSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, const OptT&,
                                                        const OptT&, const OptT&, const OptT&, bool);
 
 const c10::TypedOperatorHandle<KcenterSig>& kcenter_op() {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tokenkernels::kcenter", "")
+                       .findSchemaOrThrow("tokenkernels::kcenter_select", "")
                        .typed<KcenterSig>();
   return op;
 }
 
 const c10::TypedOperatorHandle<CoverageSig>& coverage_op() {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tokenkernels::coverage_select", "")
+                       .findSchemaOrThrow("tokenkernels::kcenter_coverage_select", "")
                        .typed<CoverageSig>();
   return op;
 }
@@ -65,7 +68,7 @@ at::Tensor make_tokens(int64_t B, int64_t N, int64_t D, uint64_t seed) {
 }
 
 // ---------------------------------------------------------------------- ATen baselines
-// reference.kcenter.pairwise_distance, cosine, fp32.
+// reference.kcenter._pairwise_distance, cosine, fp32.
 at::Tensor ref_distance(const at::Tensor& x) {
   auto xf = x.to(at::kFloat);
   auto g = at::mm(xf, xf.t());
@@ -73,7 +76,7 @@ at::Tensor ref_distance(const at::Tensor& x) {
   return 1.0 - g * inv.unsqueeze(1) * inv.unsqueeze(0);
 }
 
-// reference.kcenter.greedy_kcenter on one item (all tokens valid): the O(k*N) loop, one ATen
+// reference.kcenter._greedy_kcenter on one item (all tokens valid): the O(k*N) loop, one ATen
 // min/arg-max per step. Returns (k,) int64 picks on the CPU.
 at::Tensor ref_greedy(const at::Tensor& x, int64_t k, bool isolated) {
   auto d = ref_distance(x);
@@ -117,7 +120,7 @@ at::Tensor divprune_style(const at::Tensor& x, int64_t k) {
   return picks;
 }
 
-// reference.kcenter.coverage_select on one item: the plain greedy, every gain recomputed.
+// reference.kcenter._coverage (coverage_select's reference) on one item: the plain greedy, every gain recomputed.
 at::Tensor ref_coverage(const at::Tensor& S, int64_t k) {
   const int64_t M = S.size(0), N = S.size(1);
   auto cur = at::zeros({M}, S.options());
@@ -135,7 +138,7 @@ at::Tensor ref_coverage(const at::Tensor& S, int64_t k) {
   return idx;
 }
 
-// MMTok's coverage matrix (ops.kcenter.mmtok_similarity, alpha 0.5, tau 0.02): rows = text then
+// MMTok's coverage matrix (tokenkernels.mmtok_similarity, alpha 0.5, tau 0.02): rows = text then
 // vision tokens, columns = vision candidates.
 at::Tensor mmtok_sim(const at::Tensor& text, const at::Tensor& vision) {
   auto t = text / at::linalg_vector_norm(text, 2, {-1}, true).clamp_min(1e-12);
@@ -179,7 +182,7 @@ Timing run_kcenter_case(Context& ctx, const KcenterCase& c) {
   const auto& op = kcenter_op();
   auto call_op = [&] {
     return std::get<0>(op.call(x, c.k, std::nullopt, std::nullopt, std::nullopt, start,
-                               /*metric cosine*/ 0, /*sorted*/ false, /*check*/ true, /*impl auto*/ 0));
+                               /*metric*/ "cosine", /*sorted*/ false, /*check*/ true, /*impl*/ "auto"));
   };
   auto call_ref = [&] {
     std::vector<at::Tensor> out;
@@ -251,7 +254,8 @@ void run_kcenter(Context& ctx) {
       if (!isolated) start = at::zeros({c.B}, at::kLong);
       at::set_num_threads(1);
       const Timing one = ctx.time([&] {
-        kcenter_op().call(x, c.k, std::nullopt, std::nullopt, std::nullopt, start, 0, false, true, 0);
+        kcenter_op().call(x, c.k, std::nullopt, std::nullopt, std::nullopt, start, "cosine", false,
+                          true, "auto");
       });
       at::set_num_threads(threads);
       char e[160];

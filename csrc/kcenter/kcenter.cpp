@@ -21,14 +21,16 @@
 #include <cstdlib>
 #include <limits>
 #include <numeric>
+#include <string_view>
 #include <vector>
 
-#include "kcenter/dots_cpu.h"
+#include "kcenter/kcenter_cpu.h"
 #include "kcenter/kcenter_args.h"
 #include "tokenkernels/kcenter.h"
 
 namespace tokenkernels {
 namespace kcenter {
+namespace cpu {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -38,7 +40,7 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // (Squared norms as a plain sum of squares, like the reference, so identical tokens are at
 // distance 0 rather than sqrt(rounding of norm^2).)
 at::Tensor token_aux(const at::Tensor& X, Metric m) {
-  if (m == Metric::kL2) return X.square().sum(1);
+  if (m == Metric::L2) return X.square().sum(1);
   return at::linalg_vector_norm(X, 2, {1}).clamp_min(kNormEps).reciprocal();
 }
 
@@ -79,7 +81,7 @@ void nn_keys_full(const float* G, const float* aux, int64_t M, Metric m, float* 
       const float* gi = G + i * M;
       const float ai = aux[i];
       float best = kInf;
-      if (m == Metric::kCosine) {
+      if (m == Metric::Cosine) {
         // key = 1 - g*ai*aj : minimise  <=>  maximise g*aj
         float mx = -kInf;
         for (int64_t j = 0; j < i; ++j) mx = std::max(mx, gi[j] * aux[j]);
@@ -102,7 +104,7 @@ void nn_keys_full(const float* G, const float* aux, int64_t M, Metric m, float* 
 int64_t update_and_argmax(float* mind, const float* grow, const float* aux, float ap, int64_t M,
                           Metric m) {
   float mx = -kInf;
-  if (m == Metric::kCosine) {
+  if (m == Metric::Cosine) {
     for (int64_t j = 0; j < M; ++j) {
       const float key = 1.0f - grow[j] * ap * aux[j];
       const float v = std::min(mind[j], key);
@@ -171,7 +173,7 @@ struct RowSource {
     std::vector<const float*> arows(m);
     for (int t = 0; t < m; ++t) arows[t] = x + cand[t] * D;
     std::vector<float> rows(static_cast<size_t>(m) * M);
-    cpu::small_batch_dots(arows.data(), m, x, M, D, rows.data(), M);
+    small_batch_dots(arows.data(), m, x, M, D, rows.data(), M);
     for (int t = 0; t < m; ++t) row_ptr[cand[t]] = rows.data() + t * M;
     chunks.push_back(std::move(rows));   // moving a vector keeps its buffer (and our pointers)
     return row_ptr[p];
@@ -244,25 +246,28 @@ void kcenter_item(const at::Tensor& X, const std::vector<int64_t>& orig, int64_t
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> kcenter_cpu(const at::Tensor& x_in, int64_t k,
-                                               const std::optional<at::Tensor>& k_per_item,
-                                               const std::optional<at::Tensor>& lengths,
-                                               const std::optional<at::Tensor>& exclude,
-                                               const std::optional<at::Tensor>& start_index,
-                                               int64_t metric, bool sorted, bool check,
-                                               int64_t /*impl*/) {
-  auto a = check_kcenter_args(x_in, k, k_per_item, lengths, exclude, start_index, metric);
-  if (check) check_kcenter_values(a, k_per_item, lengths, exclude, start_index);
+// The CPU kernel has one implementation: `impl` is parsed (an unknown name is the same error
+// as on CUDA) and otherwise ignored.
+std::tuple<at::Tensor, at::Tensor> select(const at::Tensor& x_in, int64_t k,
+                                          const std::optional<at::Tensor>& k_per_item,
+                                          const std::optional<at::Tensor>& lengths,
+                                          const std::optional<at::Tensor>& exclude,
+                                          const std::optional<at::Tensor>& start_index,
+                                          std::string_view metric, bool sorted, bool check,
+                                          std::string_view impl) {
+  const auto a = check_select_args(x_in, k, k_per_item, lengths, exclude, start_index, metric,
+                                   impl);
+  if (check) check_select_values(x_in, a, k_per_item, lengths, exclude, start_index);
   const int64_t B = a.B, N = a.N;
   auto idx = at::empty({B, k}, x_in.options().dtype(at::kLong));
   auto rad = at::empty({B, k}, x_in.options().dtype(at::kFloat));
   if (B == 0 || k == 0) return {idx, rad};
 
-  auto lens = lengths.has_value() ? lengths->contiguous() : at::Tensor();
-  auto excl = exclude.has_value() ? exclude->contiguous() : at::Tensor();
-  auto kk = k_per_item.has_value() ? k_per_item->contiguous() : at::Tensor();
-  auto st = start_index.has_value() ? start_index->contiguous() : at::Tensor();
-  const Metric m = static_cast<Metric>(metric);
+  auto lens = contiguous_or_undefined(lengths);
+  auto excl = contiguous_or_undefined(exclude);
+  auto kk = contiguous_or_undefined(k_per_item);
+  auto st = contiguous_or_undefined(start_index);
+  const Metric m = a.metric;
   int64_t* pidx = idx.data_ptr<int64_t>();
   float* prad = rad.data_ptr<float>();
 
@@ -349,22 +354,22 @@ void coverage_item(const float* simT /*(N, M) candidates x rows*/, int64_t M, in
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> coverage_cpu(const at::Tensor& sim, int64_t k,
-                                                const std::optional<at::Tensor>& k_per_item,
-                                                const std::optional<at::Tensor>& lengths,
-                                                const std::optional<at::Tensor>& row_lengths,
-                                                const std::optional<at::Tensor>& exclude,
-                                                bool check) {
+std::tuple<at::Tensor, at::Tensor> coverage_select(const at::Tensor& sim, int64_t k,
+                                                   const std::optional<at::Tensor>& k_per_item,
+                                                   const std::optional<at::Tensor>& lengths,
+                                                   const std::optional<at::Tensor>& row_lengths,
+                                                   const std::optional<at::Tensor>& exclude,
+                                                   bool check) {
   auto a = check_coverage_args(sim, k, k_per_item, lengths, row_lengths, exclude);
   if (check) check_coverage_values(sim, a, k_per_item, lengths, row_lengths, exclude);
   const int64_t B = a.B, M = a.M, N = a.N;
   auto idx = at::empty({B, k}, sim.options().dtype(at::kLong));
   auto gains = at::empty({B, k}, sim.options().dtype(at::kFloat));
   if (B == 0 || k == 0) return {idx, gains};
-  auto lens = lengths.has_value() ? lengths->contiguous() : at::Tensor();
-  auto rlens = row_lengths.has_value() ? row_lengths->contiguous() : at::Tensor();
-  auto excl = exclude.has_value() ? exclude->contiguous() : at::Tensor();
-  auto kk = k_per_item.has_value() ? k_per_item->contiguous() : at::Tensor();
+  auto lens = contiguous_or_undefined(lengths);
+  auto rlens = contiguous_or_undefined(row_lengths);
+  auto excl = contiguous_or_undefined(exclude);
+  auto kk = contiguous_or_undefined(k_per_item);
   int64_t* pidx = idx.data_ptr<int64_t>();
   float* pg = gains.data_ptr<float>();
   auto run = [&](int64_t b) {
@@ -391,10 +396,11 @@ std::tuple<at::Tensor, at::Tensor> coverage_cpu(const at::Tensor& sim, int64_t k
 }
 
 }  // namespace
+}  // namespace cpu
 }  // namespace kcenter
 }  // namespace tokenkernels
 
 TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
-  m.impl("kcenter", &tokenkernels::kcenter::kcenter_cpu);
-  m.impl("coverage_select", &tokenkernels::kcenter::coverage_cpu);
+  m.impl("kcenter_select", &tokenkernels::kcenter::cpu::select);
+  m.impl("kcenter_coverage_select", &tokenkernels::kcenter::cpu::coverage_select);
 }

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string_view>
+
 #include "cuda_glue.h"
 #include "kcenter/kcenter_args.h"
 #include "tokenkernels/kcenter.h"
@@ -17,14 +19,6 @@ namespace {
 constexpr int64_t kMaxGramBytes = int64_t(4) << 30;
 // Rows per Gram slab when the isolated start needs nearest neighbours in streaming mode.
 constexpr int64_t kSlabBytes = int64_t(512) << 20;
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    default: return DType::kBFloat16;
-  }
-}
 
 // x (.., n, D) @ y(.., m, D)^T in fp32 (fp32 accumulate; fp16/bf16 inputs stay on tensor cores).
 // fp32 inputs get an IEEE fp32 GEMM whatever the global matmul precision says
@@ -53,16 +47,17 @@ void sort_picks(at::Tensor& idx, at::Tensor& rad, int64_t N) {
   rad = rad.gather(1, perm);
 }
 
-std::tuple<at::Tensor, at::Tensor> kcenter_cuda(const at::Tensor& x_in, int64_t k,
-                                                const std::optional<at::Tensor>& k_per_item,
-                                                const std::optional<at::Tensor>& lengths,
-                                                const std::optional<at::Tensor>& exclude,
-                                                const std::optional<at::Tensor>& start_index,
-                                                int64_t metric, bool sorted, bool check,
-                                                int64_t impl) {
-  auto a = check_kcenter_args(x_in, k, k_per_item, lengths, exclude, start_index, metric);
+std::tuple<at::Tensor, at::Tensor> select_cuda(const at::Tensor& x_in, int64_t k,
+                                               const std::optional<at::Tensor>& k_per_item,
+                                               const std::optional<at::Tensor>& lengths,
+                                               const std::optional<at::Tensor>& exclude,
+                                               const std::optional<at::Tensor>& start_index,
+                                               std::string_view metric, bool sorted, bool check,
+                                               std::string_view impl) {
+  const auto a = check_select_args(x_in, k, k_per_item, lengths, exclude, start_index, metric,
+                                   impl);
   c10::DeviceGuard guard(x_in.device());
-  if (check) check_kcenter_values(a, k_per_item, lengths, exclude, start_index);
+  if (check) check_select_values(x_in, a, k_per_item, lengths, exclude, start_index);
   const int64_t B = a.B, N = a.N, D = a.D;
   auto idx = at::empty({B, k}, x_in.options().dtype(at::kLong));
   auto rad = at::empty({B, k}, x_in.options().dtype(at::kFloat));
@@ -72,27 +67,28 @@ std::tuple<at::Tensor, at::Tensor> kcenter_cuda(const at::Tensor& x_in, int64_t 
   auto x = x_in.contiguous();
   // (B, N) fp32: inverse norms (cosine) or squared norms as a sum of squares (l2), as the
   // CPU kernel and the reference compute them.
-  auto aux = (metric == 0
+  auto aux = (a.metric == Metric::Cosine
                   ? at::linalg_vector_norm(x, 2, {2}, false, at::kFloat).clamp_min(kNormEps).reciprocal()
                   : x.to(at::kFloat).square().sum(2))
                  .contiguous();
-  auto lens = lengths.has_value() ? lengths->contiguous() : at::Tensor();
-  auto excl = exclude.has_value() ? exclude->contiguous() : at::Tensor();
-  auto kk = k_per_item.has_value() ? k_per_item->contiguous() : at::Tensor();
-  auto st = start_index.has_value() ? start_index->contiguous() : at::Tensor();
+  auto lens = contiguous_or_undefined(lengths);
+  auto excl = contiguous_or_undefined(exclude);
+  auto kk = contiguous_or_undefined(k_per_item);
+  auto st = contiguous_or_undefined(start_index);
 
   Problem p;
   p.B = B;
   p.N = N;
-  p.metric = static_cast<Metric>(metric);
+  p.metric = a.metric;
   p.lengths = opt_ptr<int64_t>(lens);
   p.exclude = opt_ptr<bool>(excl);
   p.aux = aux.data_ptr<float>();
   const bool isolated = !st.defined();
   const auto f32 = x.options().dtype(at::kFloat);
 
-  // impl 3 forces the streaming path (tests and benchmarks of it at small N).
-  if (impl != 3 && B * N * N * int64_t(sizeof(float)) <= kMaxGramBytes) {
+  // Stream forces the streaming path (tests and benchmarks of it at small N); the other
+  // variants take it only when the batch's fp32 Gram would not fit in kMaxGramBytes.
+  if (a.impl != Impl::Stream && B * N * N * int64_t(sizeof(float)) <= kMaxGramBytes) {
     // Full Gram path: one batched GEMM, then the fused greedy (one block per item).
     auto G = gram_fp32(x, x).contiguous();   // (B, N, N)
     at::Tensor nn;
@@ -104,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> kcenter_cuda(const at::Tensor& x_in, int64_t 
     auto scratch = at::empty({B, N}, f32);
     check_cuda(launch_greedy_gram(p, G.data_ptr<float>(), opt_ptr<float>(nn), opt_ptr<int64_t>(st), k,
                                   opt_ptr<int64_t>(kk), idx.data_ptr<int64_t>(), rad.data_ptr<float>(),
-                                  scratch.data_ptr<float>(), static_cast<int>(impl == 1 ? 1 : 0), stream),
+                                  scratch.data_ptr<float>(), a.impl, stream),
                "kcenter greedy_gram");
   } else {
     // Streaming path (video-sized N): never holds N x N. Nearest neighbours (isolated start
@@ -141,12 +137,12 @@ std::tuple<at::Tensor, at::Tensor> kcenter_cuda(const at::Tensor& x_in, int64_t 
   return {idx, rad};
 }
 
-std::tuple<at::Tensor, at::Tensor> coverage_cuda(const at::Tensor& sim_in, int64_t k,
-                                                 const std::optional<at::Tensor>& k_per_item,
-                                                 const std::optional<at::Tensor>& lengths,
-                                                 const std::optional<at::Tensor>& row_lengths,
-                                                 const std::optional<at::Tensor>& exclude,
-                                                 bool check) {
+std::tuple<at::Tensor, at::Tensor> coverage_select_cuda(const at::Tensor& sim_in, int64_t k,
+                                                        const std::optional<at::Tensor>& k_per_item,
+                                                        const std::optional<at::Tensor>& lengths,
+                                                        const std::optional<at::Tensor>& row_lengths,
+                                                        const std::optional<at::Tensor>& exclude,
+                                                        bool check) {
   auto a = check_coverage_args(sim_in, k, k_per_item, lengths, row_lengths, exclude);
   c10::DeviceGuard guard(sim_in.device());
   if (check) check_coverage_values(sim_in, a, k_per_item, lengths, row_lengths, exclude);
@@ -156,15 +152,15 @@ std::tuple<at::Tensor, at::Tensor> coverage_cuda(const at::Tensor& sim_in, int64
   if (B == 0 || k == 0) return {idx, gains};
   const cudaStream_t stream = current_cuda_stream(sim_in.device());
   auto sim = sim_in.to(at::kFloat).contiguous();
-  auto lens = lengths.has_value() ? lengths->contiguous() : at::Tensor();
-  auto rlens = row_lengths.has_value() ? row_lengths->contiguous() : at::Tensor();
-  auto excl = exclude.has_value() ? exclude->contiguous() : at::Tensor();
-  auto kk = k_per_item.has_value() ? k_per_item->contiguous() : at::Tensor();
+  auto lens = contiguous_or_undefined(lengths);
+  auto rlens = contiguous_or_undefined(row_lengths);
+  auto excl = contiguous_or_undefined(exclude);
+  auto kk = contiguous_or_undefined(k_per_item);
   auto scratch = at::empty({B, M + N}, sim.options());
   check_cuda(launch_coverage(sim.data_ptr<float>(), B, M, N, opt_ptr<int64_t>(rlens), opt_ptr<int64_t>(lens),
                              opt_ptr<bool>(excl), k, opt_ptr<int64_t>(kk), idx.data_ptr<int64_t>(),
                              gains.data_ptr<float>(), scratch.data_ptr<float>(), stream),
-             "coverage_select");
+             "kcenter coverage_select");
   return {idx, gains};
 }
 
@@ -173,6 +169,6 @@ std::tuple<at::Tensor, at::Tensor> coverage_cuda(const at::Tensor& sim_in, int64
 }  // namespace tokenkernels
 
 TORCH_LIBRARY_IMPL(tokenkernels, CUDA, m) {
-  m.impl("kcenter", &tokenkernels::kcenter::kcenter_cuda);
-  m.impl("coverage_select", &tokenkernels::kcenter::coverage_cuda);
+  m.impl("kcenter_select", &tokenkernels::kcenter::select_cuda);
+  m.impl("kcenter_coverage_select", &tokenkernels::kcenter::coverage_select_cuda);
 }

@@ -38,11 +38,14 @@ cudaError_t launch_nn_keys(const Problem& p, const float* gram, int64_t row0, in
 
 cudaError_t launch_greedy_gram(const Problem& p, const float* gram, const float* nn_key,
                                const int64_t* start, int64_t k, const int64_t* k_per_item,
-                               int64_t* idx, float* radii, float* scratch, int variant,
+                               int64_t* idx, float* radii, float* scratch, Impl impl,
                                cudaStream_t stream) {
+  if (impl == Impl::Stream) return cudaErrorInvalidValue;   // not a Gram variant
   if (p.B == 0 || k == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(p.B);
-  const bool tuned = variant != 1 && p.N <= 8 * kGreedyThreads;   // 16 tokens/thread spills
+  // Plain: global-memory running minimum. Tuned and Auto: registers while N <= 8192 tokens
+  // (16 tokens per thread spills), Plain beyond.
+  const bool tuned = (impl == Impl::Tuned || impl == Impl::Auto) && p.N <= 8 * kGreedyThreads;
   if (!tuned) {
     device::greedy_gram_plain_kernel<<<grid, kGreedyThreads, 0, stream>>>(
         p, gram, nn_key, start, k, k_per_item, idx, radii, scratch);

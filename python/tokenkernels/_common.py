@@ -1,4 +1,7 @@
-"""Small argument helpers shared by the op wrappers and the references."""
+"""Small argument helpers of the kcenter family's wrappers and references: type conversions
+(ints, lists, 2-D inputs, start rules -> what the schema takes). Shapes are checked by the ops
+themselves (csrc/kcenter/kcenter_args.h); the pure-PyTorch references check them with
+:func:`require_shape`, with the same messages."""
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -39,11 +42,9 @@ def split_k(k: IntOrTensor, B: int, device: torch.device, op: str,
             return split_k(int(k), B, device, op, k_max)
         # with k_max given, a 0-d tensor stays on its device (no host sync): one k for every item
         k = k.reshape(1).expand(B)
-    if k.shape != (B,):
-        raise ValueError(f"tokenkernels.{op}: k must be an int or have shape ({B},), got {tuple(k.shape)}")
-    k = k.to(device=device, dtype=torch.long)
+    k = k.to(device=device, dtype=torch.long)   # (its shape: checked by the op)
     if k_max is None:
-        k_max = int(k.max()) if B > 0 else 0
+        k_max = int(k.max()) if k.numel() > 0 else 0
         if k_max < 0:
             raise ValueError(f"tokenkernels.{op}: k must be >= 0, got {k.tolist()}")
     return int(k_max), k
@@ -58,8 +59,6 @@ def per_item(t: Optional[torch.Tensor], B: int, name: str, op: str) -> Optional[
         raise TypeError(f"tokenkernels.{op}: {name} must be an integer tensor, got {t.dtype}")
     if t.dim() == 0:
         t = t.reshape(1)
-    if t.shape != (B,):
-        raise ValueError(f"tokenkernels.{op}: {name} must have shape ({B},), got {tuple(t.shape)}")
     return t.to(torch.long)
 
 
@@ -70,8 +69,15 @@ def mask_2d(t: Optional[torch.Tensor], B: int, N: int, squeeze: bool, name: str,
         raise TypeError(f"tokenkernels.{op}: {name} must be a bool tensor")
     if squeeze and t.dim() == 1:
         t = t.unsqueeze(0)
-    if t.shape != (B, N):
-        raise ValueError(f"tokenkernels.{op}: {name} must have shape ({B}, {N}), got {tuple(t.shape)}")
+    return t
+
+
+def require_shape(t: Optional[torch.Tensor], shape: Tuple[int, ...], name: str, op: str,
+                  what: str = "have shape") -> Optional[torch.Tensor]:
+    """The ops' shape check (csrc/kcenter/kcenter_args.h), for the pure-PyTorch references."""
+    if t is not None and tuple(t.shape) != tuple(shape):
+        want = "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ValueError(f"tokenkernels.{op}: {name} must {what} {want}, got {list(t.shape)}")
     return t
 
 
@@ -84,3 +90,35 @@ def valid_mask(B: int, N: int, lengths: Optional[torch.Tensor], exclude: Optiona
     if exclude is not None:
         valid &= ~exclude.to(device)
     return valid
+
+
+def resolve_start(start, x3: torch.Tensor, lengths: Optional[torch.Tensor],
+                  exclude: Optional[torch.Tensor], generator: Optional[torch.Generator]):
+    """kcenter's start rule -> None (isolated) or a (B,) int64 tensor of forced first picks on
+    x3's device (the op and its reference draw the same random starts from one generator)."""
+    B, N = x3.shape[0], x3.shape[1]
+    if isinstance(start, str):
+        if start == "isolated":
+            return None
+        if start in ("first", "random") and (
+                (lengths is not None and tuple(lengths.shape) != (B,))
+                or (exclude is not None and tuple(exclude.shape) != (B, N))):
+            # no valid-token mask to draw from: the op rejects these shapes, naming them
+            return torch.zeros(B, dtype=torch.long, device=x3.device)
+        if start == "first":
+            # index 0 of the valid tokens: with `exclude`, the first token not excluded
+            if exclude is None or N == 0:   # (argmax over no tokens is an error; any start is)
+                return torch.zeros(B, dtype=torch.long, device=x3.device)
+            return valid_mask(B, N, lengths, exclude, x3.device).to(torch.int8).argmax(1)
+        if start == "random":
+            # uniform over valid tokens: arg-max of i.i.d. uniforms, invalid tokens masked out.
+            u = torch.rand((B, N), generator=generator, device=x3.device)
+            u = u.masked_fill(~valid_mask(B, N, lengths, exclude, x3.device), -1.0)
+            return u.argmax(1) if N > 0 else torch.zeros(B, dtype=torch.long, device=x3.device)
+        raise ValueError(f"tokenkernels.kcenter: start must be 'isolated', 'first', 'random' or an "
+                         f"index tensor, got {start!r}")
+    if isinstance(start, int) and not isinstance(start, bool):
+        start = torch.full((B,), start, dtype=torch.long, device=x3.device)
+    if not isinstance(start, torch.Tensor):
+        raise TypeError(f"tokenkernels.kcenter: start must be a str or an index tensor, got {type(start).__name__}")
+    return per_item(start.to(x3.device), B, "start", "kcenter")

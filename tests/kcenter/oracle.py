@@ -118,7 +118,7 @@ def replay_kcenter(x: torch.Tensor, idx: torch.Tensor, radii: torch.Tensor, *, k
         vids = torch.nonzero(valid[b]).flatten()
         xv = x3[b, vids].double()                       # the same low-precision values, upcast
         scale = _kc_scale(xv, metric)
-        K = _key(ref.pairwise_distance(xv, metric, torch.float64), metric) / scale
+        K = _key(ref._pairwise_distance(xv, metric, torch.float64), metric) / scale
         pos = {int(j): t for t, j in enumerate(vids)}   # original index -> compact index
         c = [pos[j] for j in p]
         r = radii[b, :n].double()
@@ -180,7 +180,7 @@ def kcenter_margin(x: torch.Tensor, *, k, metric: str, start, lengths=None,
             out.append(INF)
             continue
         xv = x3[b, vids].double()
-        K = _key(ref.pairwise_distance(xv, metric, torch.float64), metric) / _kc_scale(xv, metric)
+        K = _key(ref._pairwise_distance(xv, metric, torch.float64), metric) / _kc_scale(xv, metric)
         M = len(vids)
         margin = INF
 

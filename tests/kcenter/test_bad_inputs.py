@@ -59,7 +59,7 @@ def test_k_negative_or_wrong_type(device):
         tk.kcenter(x, _l([1, 5], device), k_max=3)
 
 
-@pytest.mark.parametrize("shape", [(10,), (1, 2, 10, 4), ()])
+@pytest.mark.parametrize("shape", [(10,), (1, 2, 10, 4), ()], ids=["1d", "4d", "0d"])
 def test_x_wrong_rank(device, shape):
     with pytest.raises(ValueError, match=r"x must be 2-D \(N, D\) or 3-D \(B, N, D\)"):
         tk.kcenter(torch.randn(shape, device=device), 1)
@@ -70,7 +70,7 @@ def test_x_not_a_tensor():
         tk.kcenter([[1.0, 2.0]], 1)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float64], ids=str)
 def test_x_wrong_dtype(device, dtype):
     x = torch.ones(2, 5, 3, dtype=dtype, device=device)
     with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
@@ -142,7 +142,7 @@ def test_start_index_invalid(device):
 
 def test_bad_strings(device):
     x = _x(device)
-    with pytest.raises(ValueError, match="metric must be 'cosine' or 'l2', got 'dot'"):
+    with pytest.raises(ValueError, match="kcenter: metric must be one of 'cosine', 'l2', got 'dot'"):
         tk.kcenter(x, 2, metric="dot")
     with pytest.raises(ValueError, match="start must be 'isolated', 'first', 'random' or an index tensor, got 'last'"):
         tk.kcenter(x, 2, start="last")
@@ -150,17 +150,43 @@ def test_bad_strings(device):
         tk.kcenter(x, 2, impl="fast")
 
 
+SELECT = torch.ops.tokenkernels.kcenter_select
+COVERAGE = torch.ops.tokenkernels.kcenter_coverage_select
+
+
 def test_raw_op_bad_metric(device):
     x = _x(device)
-    with pytest.raises(RuntimeError, match="metric must be 0 \\(cosine\\) or 1 \\(l2\\), got 2"):
-        torch.ops.tokenkernels.kcenter(x, 1, None, None, None, None, 2, False, True, 0)
+    with pytest.raises(ValueError, match="kcenter: metric must be one of 'cosine', 'l2', got 'cos'"):
+        SELECT(x, 1, None, None, None, None, "cos", False, True, "auto")
     with pytest.raises(RuntimeError, match="lengths must be int64"):
-        torch.ops.tokenkernels.kcenter(x, 1, None, _l([3, 3], device).int(), None, None, 0, False, True, 0)
+        SELECT(x, 1, None, _l([3, 3], device).int(), None, None, "cosine", False, True, "auto")
     with pytest.raises(RuntimeError, match="exclude must be bool"):
-        torch.ops.tokenkernels.kcenter(x, 1, None, None, torch.zeros(2, 10, device=device), None, 0, False,
-                                       True, 0)
+        SELECT(x, 1, None, None, torch.zeros(2, 10, device=device), None, "cosine", False, True, "auto")
     with pytest.raises(RuntimeError, match="k must be >= 0"):
-        torch.ops.tokenkernels.kcenter(x, -1, None, None, None, None, 0, False, True, 0)
+        SELECT(x, -1, None, None, None, None, "cosine", False, True, "auto")
+
+
+@pytest.mark.parametrize("impl", ["", "AUTO", "reference", "1"])
+def test_raw_op_bad_impl(device, impl):
+    """The schema's impl is the op-level variant name; "reference" is the Python API's only."""
+    with pytest.raises(ValueError, match="kcenter: impl must be one of 'auto', 'plain', 'tuned', "
+                                         f"'stream', got '{impl}'"):
+        SELECT(_x(device), 1, None, None, None, None, "cosine", False, True, impl)
+
+
+def test_raw_op_shapes_are_value_errors(device):
+    """Called directly, each op checks its own shapes with the wrapper's messages."""
+    x, sim = _x(device), _sim(device)
+    with pytest.raises(ValueError, match=r"kcenter: x must be \(B, N, D\), got shape \[10, 4\]"):
+        SELECT(x[0], 1, None, None, None, None, "cosine", False, True, "auto")
+    with pytest.raises(ValueError, match=r"kcenter: k must be an int or have shape \(2,\), got \[3\]"):
+        SELECT(x, 1, _l([1, 1, 1], device), None, None, None, "cosine", False, True, "auto")
+    with pytest.raises(ValueError, match=r"kcenter: start must have shape \(2,\), got \[1\]"):
+        SELECT(x, 1, None, None, None, _l([0], device), "cosine", False, True, "auto")
+    with pytest.raises(ValueError, match=r"coverage_select: sim must be \(B, M, N\)"):
+        COVERAGE(sim[0], 1, None, None, None, None, True)
+    with pytest.raises(ValueError, match=r"coverage_select: row_lengths must have shape \(2,\)"):
+        COVERAGE(sim, 1, None, None, _l([6], device), None, True)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
@@ -179,7 +205,7 @@ def test_mismatched_devices():
         tk.coverage_select(sim, 2, exclude=torch.zeros(2, 10, dtype=torch.bool))
     # the raw op checks the per-item k tensor's device too
     with pytest.raises(RuntimeError, match="k is on cpu but x is on cuda"):
-        torch.ops.tokenkernels.kcenter(x, 2, torch.tensor([2, 2]), None, None, None, 0, False, True, 0)
+        SELECT(x, 2, torch.tensor([2, 2]), None, None, None, "cosine", False, True, "auto")
 
 
 # ------------------------------------------------------------------------------ coverage_select
@@ -273,9 +299,9 @@ def test_arguments_on_another_device_than_x():
         tk.coverage_select(sim, 2, exclude=m(2, 10, dtype=torch.bool))
     # direct op calls: the fake kernel refuses mixed devices too
     with pytest.raises(ValueError, match="lengths is on meta"):
-        torch.ops.tokenkernels.kcenter(x, 2, None, m(2, dtype=torch.long), None, None, 0, False, True, 0)
+        SELECT(x, 2, None, m(2, dtype=torch.long), None, None, "cosine", False, True, "auto")
     with pytest.raises(ValueError, match="exclude is on meta"):
-        torch.ops.tokenkernels.coverage_select(sim, 2, None, None, None, m(2, 10, dtype=torch.bool), True)
+        COVERAGE(sim, 2, None, None, None, m(2, 10, dtype=torch.bool), True)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -288,7 +314,8 @@ def test_arguments_on_cpu_with_cuda_x():
 
 
 @pytest.mark.parametrize("name", ["tau_tv", "tau_vv"])
-@pytest.mark.parametrize("tau", [0.0, float("nan"), -0.02, float("inf")])
+@pytest.mark.parametrize("tau", [0.0, float("nan"), -0.02, float("inf")],
+                         ids=["zero", "nan", "negative", "inf"])
 def test_mmtok_bad_temperature(name, tau):
     t, v = torch.randn(3, 4), torch.randn(5, 4)
     with pytest.raises(ValueError, match=f"mmtok_similarity: {name} must be a finite temperature > 0"):
@@ -304,3 +331,51 @@ def test_mmtok_bad_alpha():
     with pytest.raises(TypeError, match="alpha must be a float"):
         tk.mmtok_similarity(t, v, alpha="0.5")
     assert torch.isfinite(tk.mmtok_similarity(t, v, alpha=1, tau_tv=1)).all()
+
+
+# ------------------------------------------------------------------------------ impl="reference"
+def _bad_calls(device):
+    x, sim = _x(device), _sim(device)
+    neg = sim.clone()
+    neg[0, 0, 0] = -1.0
+    ex = torch.zeros(2, 10, dtype=torch.bool, device=device)
+    ex[0, 4] = True
+    return [
+        pytest.param(tk.kcenter, (x, 11), {}, id="kcenter-k-exceeds-valid"),
+        pytest.param(tk.kcenter, (x, _l([3, -1], device)), {}, id="kcenter-k-item-negative"),
+        pytest.param(tk.kcenter, (x, _l([1, 5], device)), dict(k_max=3), id="kcenter-k-item-beyond-k-max"),
+        pytest.param(tk.kcenter, (x, _l([1, 2, 3], device)), {}, id="kcenter-k-shape"),
+        pytest.param(tk.kcenter, (x, 1), dict(lengths=_l([11, 10], device)), id="kcenter-lengths-value"),
+        pytest.param(tk.kcenter, (x, 1), dict(lengths=_l([10, 10, 10], device)), id="kcenter-lengths-shape"),
+        pytest.param(tk.kcenter, (x, 1), dict(exclude=torch.zeros(2, 9, dtype=torch.bool, device=device)),
+                     id="kcenter-exclude-shape"),
+        pytest.param(tk.kcenter, (x, 2), dict(start=4, exclude=ex), id="kcenter-start-excluded"),
+        pytest.param(tk.kcenter, (x, 2), dict(start=_l([0, 1, 2], device)), id="kcenter-start-shape"),
+        pytest.param(tk.kcenter, (x, 2), dict(metric="dot"), id="kcenter-metric"),
+        pytest.param(tk.kcenter, (x.double(), 1), {}, id="kcenter-x-dtype"),
+        pytest.param(tk.kcenter, (torch.randn(2, 5, 0, device=device), 1), {}, id="kcenter-x-no-features"),
+        pytest.param(tk.coverage_select, (sim, 11), {}, id="coverage-k-exceeds-valid"),
+        pytest.param(tk.coverage_select, (sim, _l([-1, 2], device)), {}, id="coverage-k-item-range"),
+        pytest.param(tk.coverage_select, (neg, 2), {}, id="coverage-sim-negative"),
+        pytest.param(tk.coverage_select, (sim, 2), dict(row_lengths=_l([7, 6], device)),
+                     id="coverage-row-lengths-value"),
+        pytest.param(tk.coverage_select, (sim, 2), dict(row_lengths=_l([6], device)),
+                     id="coverage-row-lengths-shape"),
+        pytest.param(tk.coverage_select, (sim, 1), dict(exclude=torch.zeros(2, 6, dtype=torch.bool, device=device)),
+                     id="coverage-exclude-shape"),
+        pytest.param(tk.coverage_select, ((sim * 10).long(), 1), {}, id="coverage-sim-dtype"),
+    ]
+
+
+@pytest.mark.parametrize("op,args,kw", _bad_calls("cpu"))
+def test_reference_rejects_bad_inputs_like_the_kernel(device, op, args, kw):
+    """impl="reference" is an implementation of the op: the same bad input raises the same
+    exception type with the same message (up to how the offending value is printed)."""
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    kw = {n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in kw.items()}
+    errors = []
+    for impl in ("auto", "reference"):
+        with pytest.raises(ERR) as e:
+            op(*args, **kw, impl=impl)
+        errors.append((type(e.value), str(e.value).split(", got")[0].split(" (")[0]))
+    assert errors[0] == errors[1]

@@ -43,18 +43,20 @@ def make_layout(layout, B, M, N, g, device):
     return lengths, row_lengths, exclude, k
 
 
-SHAPES = [(1, 1), (7, 7), (40, 129), (33, 2), (600, 577)]
+SHAPES = [(1, 1), (7, 7), (40, 129), (33, 2), (600, 577), (129, 1000)]
+ORACLE_IMPLS = ["auto", "reference"]       # kernel and reference against the fp64 oracle
 
 
+@pytest.mark.parametrize("impl", ORACLE_IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("M,N", SHAPES, ids=[f"M{m}-N{n}" for m, n in SHAPES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_coverage_vs_reference_grid(device, dtype, M, N, layout):
+def test_coverage_vs_reference_grid(device, dtype, M, N, layout, impl):
     B = 3
     sim, g = make_sim(B, M, N, dtype, seed=M * 1000 + N, device=device, sparsity=0.3)
     lengths, row_lengths, exclude, k = make_layout(layout, B, M, N, g, device)
     kw = dict(lengths=lengths, row_lengths=row_lengths, exclude=exclude, return_gains=True)
-    idx, gains = tk.coverage_select(sim, k, **kw)
+    idx, gains = tk.coverage_select(sim, k, **kw, impl=impl)
     assert idx.device == sim.device and gains.device == sim.device
     r_idx, r_gains = ref.coverage_select(sim, k, **kw)
     assert idx.shape == r_idx.shape
@@ -132,7 +134,8 @@ def test_coverage_row_lengths_zero(device):
     replay_coverage(sim, idx, gains, k=3, row_lengths=rl)
 
 
-def test_coverage_2d_and_non_contiguous(device):
+@pytest.mark.parametrize("impl", ORACLE_IMPLS)
+def test_coverage_2d_and_non_contiguous(device, impl):
     g = torch.Generator().manual_seed(12)
     base = torch.rand(3, 50, 30, generator=g).to(device)
     s_t = base.transpose(1, 2)                                  # (3, 30, 50)
@@ -143,21 +146,22 @@ def test_coverage_2d_and_non_contiguous(device):
     for s in (s_t, s_s):
         assert not s.is_contiguous()
         a, ag = tk.coverage_select(s, 8, lengths=lengths, row_lengths=row_lengths, exclude=exclude,
-                                   return_gains=True)
+                                   return_gains=True, impl=impl)
         b, bg = tk.coverage_select(s.contiguous(), 8, lengths=lengths.contiguous(),
                                    row_lengths=row_lengths, exclude=exclude.contiguous(),
-                                   return_gains=True)
+                                   return_gains=True, impl=impl)
         assert torch.equal(a, b)
         torch.testing.assert_close(ag, bg)
         replay_coverage(s, a, ag, k=8, lengths=lengths, row_lengths=row_lengths, exclude=exclude)
     # 2-D input -> 1-D output, same as the batched call
-    i2, g2 = tk.coverage_select(s_t[0], 8, return_gains=True)
-    i3, g3 = tk.coverage_select(s_t[:1], 8, return_gains=True)
+    i2, g2 = tk.coverage_select(s_t[0], 8, return_gains=True, impl=impl)
+    i3, g3 = tk.coverage_select(s_t[:1], 8, return_gains=True, impl=impl)
     assert i2.shape == (8,) and g2.shape == (8,) and i3.shape == (1, 8)
     assert torch.equal(i2, i3[0]) and torch.equal(g2, g3[0])
     ex1 = torch.zeros(50, dtype=torch.bool, device=device)
     ex1[:3] = True
-    i2 = tk.coverage_select(s_t[0], 5, exclude=ex1, lengths=torch.tensor(45, device=device))
+    i2 = tk.coverage_select(s_t[0], 5, exclude=ex1, lengths=torch.tensor(45, device=device),
+                            impl=impl)
     assert i2.shape == (5,) and not ({0, 1, 2} & set(i2.cpu().tolist()))
     assert (i2 < 45).all()
 

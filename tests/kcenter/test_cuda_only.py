@@ -71,7 +71,7 @@ def test_fp32_gram_ignores_global_tf32(impl, metric, mode):
     k = 40
     # CPU references first, under the default precision
     r_idx, r_rad = ref.kcenter(x, k, metric=metric, return_radii=True)
-    t_idx, t_rad = ref.kcenter(x, k, metric=metric, return_radii=True, dtype=torch.float64)
+    t_idx, t_rad = ref._select(x, k, metric=metric, dtype=torch.float64)
     assert torch.equal(r_idx, t_idx), "data must be tie-free for this test"
     before = torch.get_float32_matmul_precision()
     try:
@@ -99,7 +99,7 @@ def test_fp32_gram_ignores_tf32_env_override():
         assert torch.backends.cuda.matmul.allow_tf32, "the override did not take effect"
         g = torch.Generator().manual_seed(7)
         x = torch.randn(2, 257, 512, generator=g)
-        t_idx, t_rad = ref.kcenter(x, 30, metric="l2", return_radii=True, dtype=torch.float64)
+        t_idx, t_rad = ref._select(x, 30, metric="l2", dtype=torch.float64)
         r_idx, r_rad = ref.kcenter(x, 30, metric="l2", return_radii=True)
         idx, rad = tk.kcenter(x.cuda(), 30, metric="l2", return_radii=True)
         fin = torch.isfinite(t_rad)

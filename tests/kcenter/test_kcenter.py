@@ -19,7 +19,8 @@ from .oracle import (assert_equal_where_tie_free, check_sorted_matches, kcenter_
                      replay_kcenter, valid_mask)
 
 METRICS = ["cosine", "l2"]
-IMPLS = ["auto", "plain", "tuned", "stream"]
+IMPLS = ["auto", "plain", "tuned", "stream"]            # the op's (CUDA variants; CPU: one kernel)
+ORACLE_IMPLS = ["auto", "reference"]                    # kernel and reference against the oracle
 
 
 def gen(device, seed: int) -> torch.Generator:
@@ -77,12 +78,13 @@ def resolve_start(start: str, valid: torch.Tensor, g: torch.Generator, device):
     return torch.tensor(s, device=device), s
 
 
+@pytest.mark.parametrize("impl", ORACLE_IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("sorted_", [False, True], ids=["order", "sorted"])
 @pytest.mark.parametrize("start", ["isolated", "first", "random", "index"])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kcenter_vs_reference_grid(device, dtype, metric, start, sorted_, layout):
+def test_kcenter_vs_reference_grid(device, dtype, metric, start, sorted_, layout, impl):
     B, N, D = 3, 129, 48
     x, g = make_x(B, N, D, dtype, seed=1234, device=device)
     lengths, exclude, k = make_layout(layout, B, N, g, device)
@@ -90,7 +92,7 @@ def test_kcenter_vs_reference_grid(device, dtype, metric, start, sorted_, layout
     start_arg, replay_start = resolve_start(start, valid, g, device)
     kw = dict(lengths=lengths, exclude=exclude, metric=metric, start=start_arg, return_radii=True)
 
-    idx, rad = tk.kcenter(x, k, **kw, generator=gen(device, 7))
+    idx, rad = tk.kcenter(x, k, **kw, generator=gen(device, 7), impl=impl)
     assert idx.device == x.device and rad.device == x.device
     r_idx, r_rad = ref.kcenter(x, k, **kw, generator=gen(device, 7))
     assert idx.shape == r_idx.shape == (B, 20 if layout == "dense" else int(torch.as_tensor(k).max()))
@@ -105,7 +107,7 @@ def test_kcenter_vs_reference_grid(device, dtype, metric, start, sorted_, layout
     assert_equal_where_tie_free(idx, r_idx, margins, tol(dtype, "tie_dist"))
 
     if sorted_:
-        s_idx, s_rad = tk.kcenter(x, k, **kw, sorted=True, generator=gen(device, 7))
+        s_idx, s_rad = tk.kcenter(x, k, **kw, sorted=True, generator=gen(device, 7), impl=impl)
         check_sorted_matches(s_idx, s_rad, idx, rad)
         rs_idx = ref.kcenter(x, k, **kw, sorted=True, generator=gen(device, 7))[0]
         assert_equal_where_tie_free(s_idx, rs_idx, margins, tol(dtype, "tie_dist"))
@@ -114,30 +116,33 @@ def test_kcenter_vs_reference_grid(device, dtype, metric, start, sorted_, layout
 # ------------------------------------------------------------------------------ sizes N x D
 def _size_cases():
     cases = []
-    for N in (1, 7, 129, 577, 2880):
+    for N in (1, 7, 129, 577, 1000, 2880):
         for D in (1, 3, 1024, 4096):
             for metric in METRICS:
                 for start in ("isolated", "first"):
                     big = N == 2880 and D == 4096
                     if big and (metric, start) not in (("cosine", "isolated"), ("l2", "first")):
                         continue   # the largest shape only twice (fp64 oracle costs seconds)
-                    marks = [pytest.mark.slow] if N == 2880 else []
-                    cases.append(pytest.param(N, D, metric, start, marks=marks,
-                                              id=f"N{N}-D{D}-{metric}-{start}"))
+                    if N == 1000 and (D not in (3, 1024) or (D == 1024 and metric != "l2")):
+                        continue   # N = 1000 (not a multiple of 8 or of a tile): a few cases
+                    # the Python reference is a loop: it runs the sizes up to 1000
+                    for impl in ORACLE_IMPLS if N <= 1000 else ["auto"]:
+                        cases.append(pytest.param(N, D, metric, start, impl,
+                                                  id=f"N{N}-D{D}-{metric}-{start}-{impl}"))
     return cases
 
 
-@pytest.mark.parametrize("N,D,metric,start", _size_cases())
-def test_kcenter_sizes(device, N, D, metric, start):
+@pytest.mark.parametrize("N,D,metric,start,impl", _size_cases())
+def test_kcenter_sizes(device, N, D, metric, start, impl):
     B = 1 if N == 2880 else 2
-    k = {1: 1, 7: 7, 129: 40, 577: 48, 2880: 24}[N]
+    k = {1: 1, 7: 7, 129: 40, 577: 48, 1000: 50, 2880: 24}[N]
     dtype = torch.bfloat16 if (N, D) in ((577, 1024), (2880, 4096)) else torch.float32
     x, g = make_x(B, N, D, dtype, seed=N * 10007 + D, device=device, offset=0.25)
-    idx, rad = tk.kcenter(x, k, metric=metric, start=start, return_radii=True)
+    idx, rad = tk.kcenter(x, k, metric=metric, start=start, return_radii=True, impl=impl)
     assert idx.shape == (B, k)
     replay_start = "isolated" if start == "isolated" else [0] * B
     replay_kcenter(x, idx, rad, k=k, metric=metric, start=replay_start)
-    if N <= 577:   # the Python reference is a loop; keep it to the smaller sizes
+    if N <= 577 and impl != "reference":   # (the Python reference is a loop)
         r_idx = ref.kcenter(x, k, metric=metric, start=start)
         margins = kcenter_margin(x, k=k, metric=metric, start=replay_start)
         assert_equal_where_tie_free(idx, r_idx, margins, tol(dtype, "tie_dist"))
@@ -169,8 +174,12 @@ def test_kcenter_equals_reference_tie_free(device, dtype, metric, start):
 
 
 # ------------------------------------------------------------------------------ DivPrune parity
-@pytest.mark.parametrize("N,D,k,seed", [(576, 64, 56, 2), (129, 32, 16, 1), (300, 128, 30, 0),
-                                        (64, 16, 20, 1)])
+@pytest.mark.parametrize("N,D,k,seed", [
+    pytest.param(576, 64, 56, 2, id="llava-N576-k56"),
+    pytest.param(129, 32, 16, 1, id="N129-k16"),
+    pytest.param(300, 128, 30, 0, id="N300-k30"),
+    pytest.param(64, 16, 20, 1, id="N64-k20"),
+])
 def test_divprune_parity(device, N, D, k, seed):
     """kcenter(x, k) (isolated start, cosine, pick order) is DivPrune's selection."""
     g = torch.Generator().manual_seed(seed)
@@ -394,10 +403,11 @@ def test_2d_input_returns_1d(device, start):
     assert not ({0, 5} & set(a.cpu().tolist()))
 
 
+@pytest.mark.parametrize("impl", ORACLE_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("start", ["isolated", "first"])
-def test_non_contiguous_inputs(device, dtype, metric, start):
+def test_non_contiguous_inputs(device, dtype, metric, start, impl):
     B, N, D = 3, 65, 20
     g = torch.Generator().manual_seed(31)
     base_t = torch.randn(B, D, N, generator=g).to(dtype).to(device)
@@ -409,7 +419,8 @@ def test_non_contiguous_inputs(device, dtype, metric, start):
     ex_nc = (torch.rand(N, B, generator=g) < 0.2).to(device).t()
     for x in (x_t, x_s, x_b):
         assert not x.is_contiguous()
-        kw = dict(metric=metric, start=start, return_radii=True, lengths=lengths_nc, exclude=ex_nc)
+        kw = dict(metric=metric, start=start, return_radii=True, lengths=lengths_nc, exclude=ex_nc,
+                  impl=impl)
         a_idx, a_rad = tk.kcenter(x, 9, **kw)
         c_kw = dict(kw, lengths=lengths_nc.contiguous(), exclude=ex_nc.contiguous())
         b_idx, b_rad = tk.kcenter(x.contiguous(), 9, **c_kw)
@@ -420,11 +431,12 @@ def test_non_contiguous_inputs(device, dtype, metric, start):
                        exclude=ex_nc)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("start", ["isolated", "first"])
 def test_impl_variants(device, impl, metric, start):
-    """Every impl gives a valid selection (CPU ignores impl: identical to auto)."""
+    """Every impl gives a valid selection (the CPU kernel has one implementation: every variant
+    name is identical to auto there)."""
     B, N, D, k = 3, 300, 40, 30
     x, g = make_x(B, N, D, torch.float32, seed=77, device=device)
     lengths = torch.tensor([300, 211, 17], device=device)
@@ -434,7 +446,7 @@ def test_impl_variants(device, impl, metric, start):
     idx, rad = tk.kcenter(x, kk, impl=impl, **kw)
     rs = "isolated" if start == "isolated" else first_valid(valid_mask(B, N, lengths, exclude))
     replay_kcenter(x, idx, rad, k=kk, metric=metric, start=rs, lengths=lengths, exclude=exclude)
-    if device == "cpu":
+    if device == "cpu" and impl != "reference":
         a_idx, a_rad = tk.kcenter(x, kk, impl="auto", **kw)
         assert torch.equal(idx, a_idx) and torch.equal(rad.nan_to_num(), a_rad.nan_to_num())
 
@@ -601,3 +613,34 @@ def test_cpu_speculative_batch_override(batch):
     r = subprocess.run([sys.executable, "-c", _SPEC_SCRIPT], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("name", ["kcenter", "coverage_select", "mmtok_similarity"])
+def test_reference_has_the_public_signature(name):
+    """tokenkernels.reference.kcenter.<op> is an implementation of tokenkernels.<op>: same
+    parameters, defaults and annotations (mmtok_similarity, pure PyTorch, is one function)."""
+    import inspect
+
+    assert inspect.signature(getattr(ref, name)) == inspect.signature(getattr(tk, name))
+    if name == "mmtok_similarity":
+        assert ref.mmtok_similarity is tk.mmtok_similarity
+
+
+@pytest.mark.parametrize("impl", ["auto", "plain", "tuned", "stream", "reference"])
+def test_every_impl_name_runs_on_cpu(impl):
+    """CPU: every name runs (the variant names all run the one CPU kernel), "reference" the
+    reference; both ops take impl=."""
+    from .oracle import coverage_margin, replay_coverage
+
+    x, _ = make_x(2, 30, 8, torch.float32, seed=9)
+    idx, rad = tk.kcenter(x, 5, impl=impl, return_radii=True)
+    replay_kcenter(x, idx, rad, k=5, metric="cosine", start="isolated")
+    margins = kcenter_margin(x, k=5, metric="cosine", start="isolated")
+    assert assert_equal_where_tie_free(idx, ref.kcenter(x, 5), margins,
+                                       tol(torch.float32, "tie_dist")) >= 1
+    sim = torch.rand(2, 6, 30, generator=torch.Generator().manual_seed(1))
+    c_idx, c_gains = tk.coverage_select(sim, 4, impl=impl, return_gains=True)
+    replay_coverage(sim, c_idx, c_gains, k=4)
+    margins = coverage_margin(sim, k=4)
+    assert assert_equal_where_tie_free(c_idx, ref.coverage_select(sim, 4), margins,
+                                       tol(torch.float32, "tie_gain")) >= 1

@@ -4,77 +4,45 @@ import torch
 
 import tokenkernels as tk
 
-KC = torch.ops.tokenkernels.kcenter.default
-COV = torch.ops.tokenkernels.coverage_select.default
+from .samples import op_samples
 
-
-def _kcenter_samples(device):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 20, 8, generator=g).to(device)
-    xh = torch.randn(2, 9, 5, generator=g).to(torch.float16).to(device)
-    xb = torch.randn(1, 33, 16, generator=g).to(torch.bfloat16).to(device)
-    L = lambda v: torch.tensor(v, device=device)  # noqa: E731
-    ex = torch.zeros(3, 20, dtype=torch.bool)
-    ex[0, [3, 7]] = True
-    ex[1, 5] = True
-    ex[2, 1] = True
-    ex = ex.to(device)
-    # (x, k, k_per_item, lengths, exclude, start_index, metric, sorted, check, impl)
-    return [
-        (x, 5, None, None, None, None, 0, False, True, 0),                       # isolated, cosine
-        (x, 5, None, None, None, L([0, 0, 0]), 1, False, True, 0),              # forced start, l2
-        (x, 6, L([6, 2, 0]), L([20, 11, 4]), ex, L([0, 0, 0]), 0, True, True, 0),  # everything set
-        (x, 4, L([4, 4, 1]), L([20, 11, 4]), ex, None, 1, True, False, 1),
-        (x, 3, L([3, 3, 3]), L([20, 11, 4]), ex, L([1, 2, 3]), 1, False, True, 0),   # set, unpadded
-        (xh, 3, None, L([9, 5]), None, L([8, 2]), 0, False, True, 2),
-        (xb, 7, None, None, None, None, 1, True, True, 3),
-    ]
-
-
-def _coverage_samples(device):
-    g = torch.Generator().manual_seed(1)
-    s = torch.rand(3, 12, 20, generator=g).to(device)
-    sh = torch.rand(2, 7, 5, generator=g).to(torch.float16).to(device)
-    L = lambda v: torch.tensor(v, device=device)  # noqa: E731
-    ex = (torch.rand(3, 20, generator=g) < 0.2).to(device)
-    # (sim, k, k_per_item, lengths, row_lengths, exclude, check)
-    return [
-        (s, 5, None, None, None, None, True),
-        (s, 5, L([5, 3, 0]), L([20, 13, 2]), L([12, 0, 5]), ex, True),
-        (s, 6, L([6, 6, 6]), None, L([12, 12, 1]), None, False),
-        (s, 2, L([2, 2, 2]), L([20, 13, 2]), L([12, 0, 5]), ex, True),
-        (sh, 2, None, L([5, 4]), None, None, True),
-    ]
-
+SAMPLE_NAMES = [s.name for s in op_samples("cpu")]
 
 ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
              "test_aot_dispatch_dynamic")
 
 
-def _opcheck(op, args):
+def _sample(device, name):
+    return next(s for s in op_samples(device) if s.name == name)
+
+
+def _opcheck(sample):
     """opcheck's test_aot_dispatch_dynamic compares outputs with assert_close(equal_nan=False),
     so it cannot accept the NaN padding of radii/gains: samples whose output is padded run the
     other checks here, and test_torch_compile_aot_eager_dynamic covers AOT dispatch for them."""
-    padded = bool(torch.isnan(op(*args)[1]).any())
+    padded = bool(torch.isnan(sample()[1]).any())
     utils = ALL_UTILS[:3] if padded else ALL_UTILS
-    torch.library.opcheck(op, args, test_utils=utils)
+    torch.library.opcheck(sample.op, sample.args, test_utils=utils)
     return padded
 
 
+def test_samples_are_named_and_cover_every_op():
+    samples = op_samples("cpu")
+    assert len(set(SAMPLE_NAMES)) == len(SAMPLE_NAMES)
+    schema_ops = {n.split("::")[1] for n in tk.op_names()
+                  if n.split("::")[1].startswith("kcenter_")}
+    assert {s.op.name().split("::")[1] for s in samples} == schema_ops
+    assert all(s.name.startswith(s.op.name().split("::")[1] + "-") for s in samples)
+
+
 def test_opcheck_samples_cover_both_cases():
-    pads = [bool(torch.isnan(KC(*a)[1]).any()) for a in _kcenter_samples("cpu")]
-    pads += [bool(torch.isnan(COV(*a)[1]).any()) for a in _coverage_samples("cpu")]
+    pads = [bool(torch.isnan(s()[1]).any()) for s in op_samples("cpu")]
     assert any(pads) and not all(pads)
 
 
-@pytest.mark.parametrize("i", range(len(_kcenter_samples("cpu"))))
-def test_opcheck_kcenter(device, i):
-    _opcheck(KC, _kcenter_samples(device)[i])
-
-
-@pytest.mark.parametrize("i", range(len(_coverage_samples("cpu"))))
-def test_opcheck_coverage(device, i):
-    _opcheck(COV, _coverage_samples(device)[i])
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_opcheck(device, name):
+    _opcheck(_sample(device, name))
 
 
 def _select(x, sim, lengths, exclude, kk):

@@ -9,7 +9,7 @@ from .oracle import check_sorted_matches, replay_coverage, replay_kcenter
 
 def _kc(metric="cosine", start="isolated"):
     x = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(0))
-    idx, rad = ref.kcenter(x, 6, metric=metric, start=start, return_radii=True, dtype=torch.float64)
+    idx, rad = ref._select(x, 6, metric=metric, start=start, dtype=torch.float64)
     return x, idx, rad
 
 
@@ -59,7 +59,7 @@ def test_replay_kcenter_rejects(metric):
 
 def test_replay_coverage_rejects():
     sim = torch.rand(2, 20, 12, generator=torch.Generator().manual_seed(0))
-    idx, gains = ref.coverage_select(sim, 5, return_gains=True, dtype=torch.float64)
+    idx, gains = ref._coverage(sim, 5, dtype=torch.float64)
     replay_coverage(sim, idx, gains, k=5)
     b = idx.clone()
     b[0, [0, 1]] = b[0, [1, 0]]

@@ -16,19 +16,29 @@
 namespace tokenkernels {
 namespace kcenter {
 
-enum class Metric : int32_t { kCosine = 0, kL2 = 1 };
+// The schema's `str metric` ("cosine", "l2") and `str impl` ("auto", "plain", "tuned",
+// "stream"), parsed once in csrc/kcenter/kcenter_args.h.
+enum class Metric : int32_t { Cosine, L2 };
+// CUDA variant of kcenter_select (the CPU kernel has one implementation and ignores it):
+//   Auto   the kernels' heuristic: the Gram path as Tuned (N <= 8192, else Plain);
+//   Plain  Gram path, running minimum in global memory (any N);
+//   Tuned  Gram path, running minimum in registers (N <= 8192; larger N runs Plain);
+//   Stream the large-N path: one distance row per pick straight from x, never N x N.
+// Auto, Plain and Tuned also take the Stream path when the batch's fp32 Gram would exceed
+// 4 GiB (csrc/kcenter/kcenter_cuda.cpp).
+enum class Impl : int32_t { Auto, Plain, Tuned, Stream };
 constexpr float kNormEps = 1e-8f;   // same eps as torch.nn.functional.normalize
 
 // key(i,j) from the Gram value and the per-token auxiliaries.
 // cosine: a_i = 1 / max(|x_i|, eps)  (inverse norm);  l2: a_i = |x_i|^2.
 TK_HD float key_from_gram(Metric m, float g, float a_i, float a_j) {
-  if (m == Metric::kCosine) return 1.0f - g * a_i * a_j;
+  if (m == Metric::Cosine) return 1.0f - g * a_i * a_j;
   float s = a_i + a_j - 2.0f * g;
   return s > 0.0f ? s : 0.0f;
 }
 // Distance reported to the user (radii) from a key.
 TK_HD float dist_from_key(Metric m, float key) {
-  return m == Metric::kCosine ? key : sqrtf(key);
+  return m == Metric::Cosine ? key : sqrtf(key);
 }
 
 }  // namespace kcenter
@@ -46,7 +56,7 @@ namespace kcenter {
 //   (nullptr: none; nonzero = never picked, not a neighbour).
 struct Problem {
   int64_t B = 0, N = 0;
-  Metric metric = Metric::kCosine;
+  Metric metric = Metric::Cosine;
   const int64_t* lengths = nullptr;   // (B,) or nullptr
   const bool* exclude = nullptr;      // (B, N) or nullptr
   const float* aux = nullptr;         // (B, N): inverse norms (cosine) or squared norms (l2)
@@ -61,11 +71,12 @@ cudaError_t launch_nn_keys(const Problem& p, const float* gram, int64_t row0, in
 // Greedy over a full Gram (B, N, N) fp32. start[b] >= 0 forces the first pick; start == nullptr
 // takes the arg-max of nn_key (the "isolated" rule). k_per_item nullptr: every item takes k.
 // Outputs: idx (B, k) int64 padded -1, radii (B, k) fp32 padded NaN. scratch: B*N floats.
-// variant 1 = plain (running minimum in global memory, any N); otherwise tuned (running
-// minimum in registers, N <= 8192; larger N falls back to plain).
+// impl: Plain (running minimum in global memory, any N); Tuned and Auto (running minimum in
+// registers for N <= 8192, larger N falls back to Plain). Stream is not a Gram variant
+// (launch_greedy_streaming): cudaErrorInvalidValue, nothing launched.
 cudaError_t launch_greedy_gram(const Problem& p, const float* gram, const float* nn_key,
                                const int64_t* start, int64_t k, const int64_t* k_per_item,
-                               int64_t* idx, float* radii, float* scratch, int variant,
+                               int64_t* idx, float* radii, float* scratch, Impl impl,
                                cudaStream_t stream);
 
 // Streaming greedy for large N: one launch per pick, each computing one distance row per item

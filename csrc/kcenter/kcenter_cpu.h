@@ -1,5 +1,5 @@
-// Small-batch dot products on the CPU: out[r][j] = <A_r, X_j> for a few rows A_r (m <= ~16)
-// against all N rows of X, reading X once. BLAS is tuned for large GEMMs; with m this small
+// kcenter family, CPU-kernel internals: small-batch dot products out[r][j] = <A_r, X_j> for a
+// few rows A_r (m <= ~16) against all N rows of X, reading X once. BLAS is tuned for large GEMMs; with m this small
 // (the speculative row batches of the kcenter greedy) it loses much of its speed. Here an AVX2
 // micro-kernel keeps a 4 x 3 block of accumulators (4 A rows x 3 X rows, 8 lanes each) in
 // registers and streams D. Exact fp32 products, fp32 accumulation (8 partial sums per pair).
@@ -17,6 +17,7 @@
 #endif
 
 namespace tokenkernels {
+namespace kcenter {
 namespace cpu {
 
 namespace detail {
@@ -134,4 +135,5 @@ inline void small_batch_dots(const float* const* arows, int m, const float* X, i
 }
 
 }  // namespace cpu
+}  // namespace kcenter
 }  // namespace tokenkernels
