@@ -61,3 +61,39 @@ inline void check_mask(const std::optional<at::Tensor>& t, int64_t B, int64_t N,
 }
 
 }  // namespace tokenkernels
+
+// ---- added by the tree family: torch-level helpers any family's adapter may use -------------
+#include "tokenkernels/common.h"
+
+namespace tokenkernels {
+
+// An integer (int32 / int64, already checked) index tensor as a contiguous int64 tensor on its
+// device (a no-op for a contiguous int64 tensor).
+inline at::Tensor long_contig(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+
+// The same for an optional tensor; an undefined tensor when absent.
+inline at::Tensor opt_long_contig(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? long_contig(*t) : at::Tensor();
+}
+
+// A host (CPU) view of t for value checks: t itself on CPU (no copy), else a device-to-host copy
+// (one host sync); undefined stays undefined.
+inline at::Tensor host_copy(const at::Tensor& t) {
+  return !t.defined() || t.is_cpu() ? t : t.cpu();
+}
+
+// The kernels' element-type tag (tokenkernels/common.h) of a float32 / float16 / bfloat16
+// tensor; any other dtype is an error (callers check their inputs first).
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "tokenkernels: no kernel element type for ", t,
+                   " (float32, float16 or bfloat16)");
+  return DType::kFloat32;   // unreachable
+}
+
+}  // namespace tokenkernels
