@@ -14,7 +14,9 @@ in one batch give ``tree_lens`` (B,), nodes past it are padding. n may be 1024 o
 Every shape / dtype / device / value check is in C++ (``csrc/tree/tree_args.h``), the same on
 CPU and CUDA; these wrappers convert types, fill defaults, pick the implementation
 (``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"tuned"``, or ``"reference"``, the
-pure-PyTorch :mod:`tokenkernels.reference.tree` with the same signature) and document.
+pure-PyTorch :mod:`tokenkernels.reference.tree` with the same signature) and document. (The
+only checks left here are what the conversions need: Python objects that are not tensors, and
+q's rank, which attention's defaults read.)
 """
 from __future__ import annotations
 
