@@ -1,8 +1,6 @@
 """tree.attention vs the fp64 reference (dense mask over prefix + tree) and the SDPA baseline."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -68,7 +66,7 @@ def check(tree, q, k, v, P, table, scale=None, impl="auto"):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged1"])
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("heads", [pytest.param((4, 4), id="mha"), pytest.param((8, 2), id="gqa4")])
 def test_attention_grid(device, dtype, layout, heads, impl):
     Hq, Hkv = heads
     page = {"contiguous": None, "paged16": 16, "paged1": 1}[layout]

@@ -8,13 +8,13 @@ from tokenkernels.testing import random_parents
 
 
 @pytest.mark.parametrize("parents,match", [
-    ([[0, 0, 1]], r"parents\[0, 0\] = 0: the root's parent must be -1"),
-    ([[-1, 1, 0]], r"parents\[0, 1\] = 1 must lie in \[0, 1\)"),          # self loop
-    ([[-1, 0, 3, 1]], r"parents\[0, 2\] = 3 must lie in \[0, 2\)"),       # forward parent (cycle)
-    ([[-1, 0, -1]], r"parents\[0, 2\] = -1"),                             # a second root
-    ([[-1, 0, -5]], r"parents\[0, 2\] = -5"),                             # < -1
-    ([[-1, 0, 0], [-1, 7, 0]], r"parents\[1, 1\] = 7"),                   # out of range
-    ([[-1, 0, 2**32]], r"parents\[0, 2\] = 4294967296 must lie"),         # int64, not wrapped to 0
+    pytest.param([[0, 0, 1]], r"parents\[0, 0\] = 0: the root's parent must be -1", id="root-not-minus-1"),
+    pytest.param([[-1, 1, 0]], r"parents\[0, 1\] = 1 must lie in \[0, 1\)", id="self-loop"),
+    pytest.param([[-1, 0, 3, 1]], r"parents\[0, 2\] = 3 must lie in \[0, 2\)", id="forward-parent"),   # a cycle
+    pytest.param([[-1, 0, -1]], r"parents\[0, 2\] = -1", id="second-root"),
+    pytest.param([[-1, 0, -5]], r"parents\[0, 2\] = -5", id="below-minus-1"),
+    pytest.param([[-1, 0, 0], [-1, 7, 0]], r"parents\[1, 1\] = 7", id="out-of-range"),
+    pytest.param([[-1, 0, 2**32]], r"parents\[0, 2\] = 4294967296 must lie", id="int64-not-wrapped"),
 ])
 def test_bad_parents(device, parents, match):
     with pytest.raises((RuntimeError, ValueError), match=match):

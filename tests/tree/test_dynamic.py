@@ -46,7 +46,9 @@ def test_select_frontier(device, dtype, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("F,K,m", [(1, 1, 1), (7, 3, 7), (43, 3, 129), (100, 10, 1000)])
+@pytest.mark.parametrize("F,K,m", [pytest.param(1, 1, 1, id="F1-K1-m1"), pytest.param(7, 3, 7, id="F7-K3-m7"),
+                                   pytest.param(43, 3, 129, id="F43-K3-m129"),
+                                   pytest.param(100, 10, 1000, id="F100-K10-m1000")])
 def test_select_frontier_sizes_noncontiguous(device, F, K, m, impl):
     """Odd sizes and strided inputs against a brute-force oracle (tie-free fp32 scores)."""
     g = torch.Generator().manual_seed(F)
@@ -70,7 +72,8 @@ def test_select_frontier_ties(device, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("T,n", [(1, 1), (7, 3), (129, 60), (1000, 64)])
+@pytest.mark.parametrize("T,n", [pytest.param(1, 1, id="T1-n1"), pytest.param(7, 3, id="T7-n3"),
+                                 pytest.param(129, 60, id="T129-n60"), pytest.param(1000, 64, id="T1000-n64")])
 def test_select_tree(device, T, n, impl):
     g = torch.Generator().manual_seed(T)
     parents = random_parents(2, T, seed=T)

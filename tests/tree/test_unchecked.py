@@ -23,15 +23,15 @@ BIG = 2**32
 
 # parents the CPU rejects; on CUDA with check=False each bad entry detaches its node
 BAD_PARENTS = [
-    [[-1, 1, 0]],                       # self loop (the walk used to loop forever)
-    [[-1, 2, 1]],                       # 1 -> 2 -> 1 cycle through a forward parent
-    [[-1, 0, 3, 1]],                    # forward parent
-    [[-1, 0, -1, 2]],                   # a second root with a child
-    [[-1, 0, -5, 2]],                   # < -1
-    [[-1, 7, 0], [-1, 0, 99]],          # >= n (used to read past the tree)
-    [[5, 0, 1]],                        # the root's own parent is ignored
-    [[-1, BIG, BIG + 1]],               # int64 beyond int32 (used to wrap to 0 and 1)
-    [[-1, 0, 1 - BIG]],                 # (wrapped to 1)
+    pytest.param([[-1, 1, 0]], id="self-loop"),                      # the walk used to loop forever
+    pytest.param([[-1, 2, 1]], id="cycle"),                          # 1 -> 2 -> 1 through a forward parent
+    pytest.param([[-1, 0, 3, 1]], id="forward-parent"),
+    pytest.param([[-1, 0, -1, 2]], id="second-root-with-child"),
+    pytest.param([[-1, 0, -5, 2]], id="below-minus-1"),
+    pytest.param([[-1, 7, 0], [-1, 0, 99]], id="beyond-n"),          # used to read past the tree
+    pytest.param([[5, 0, 1]], id="root-parent-ignored"),
+    pytest.param([[-1, BIG, BIG + 1]], id="int64-beyond-int32"),     # used to wrap to 0 and 1
+    pytest.param([[-1, 0, 1 - BIG]], id="int64-wrapping-to-1"),
 ]
 
 
@@ -103,11 +103,11 @@ def test_cuda_unchecked_build_garbage(n, impl):
 
 @pytest.mark.parametrize("parents,depth,fc,want", [
     # the walk of a direct tree_paths call follows only parents in [0, j)
-    ([[-1, 1, 0]], [[0, 0, 1]], [[2, -1, -1]], [[[1, -1], [0, 2]]]),
-    ([[-1, 2, 1]], [[0, 0, 1]], [[-1, 2, -1]], [[[0, -1], [1, 2]]]),
-    ([[-1, 0, 9]], [[0, 1, 0]], [[1, -1, -1]], [[[0, 1], [2, -1]]]),
+    pytest.param([[-1, 1, 0]], [[0, 0, 1]], [[2, -1, -1]], [[[1, -1], [0, 2]]], id="self-loop"),
+    pytest.param([[-1, 2, 1]], [[0, 0, 1]], [[-1, 2, -1]], [[[0, -1], [1, 2]]], id="forward-parent"),
+    pytest.param([[-1, 0, 9]], [[0, 1, 0]], [[1, -1, -1]], [[[0, 1], [2, -1]]], id="beyond-n"),
     # inconsistent depths are not written
-    ([[-1, 0, 0]], [[5, -3, 1]], [[1, -1, -1]], [[[-1, -1], [-1, 2]]]),
+    pytest.param([[-1, 0, 0]], [[5, -3, 1]], [[1, -1, -1]], [[[-1, -1], [-1, 2]]], id="bad-depths"),
 ])
 def test_paths_walk_guarded(device, parents, depth, fc, want):
     d = lambda x: torch.tensor(x, device=device)  # noqa: E731
@@ -229,9 +229,9 @@ def _corrupt(t, **links):
 
 
 @pytest.mark.parametrize("kind,argmax,greedy", [
-    ("self_loop", [9, 9, 9, 9], ([0, -1, -1, -1], 0, 9)),   # used to loop forever on node 1
-    ("backward", [1, 2, 1, 9], ([0, 1, 2, -1], 2, 1)),     # used to re-accept node 1
-    ("past_n", [1, 2, 3, 9], ([0, 1, 2, 3], 3, 9)),
+    pytest.param("self_loop", [9, 9, 9, 9], ([0, -1, -1, -1], 0, 9), id="self-loop"),   # looped forever on node 1
+    pytest.param("backward", [1, 2, 1, 9], ([0, 1, 2, -1], 2, 1), id="backward"),      # re-accepted node 1
+    pytest.param("past_n", [1, 2, 3, 9], ([0, 1, 2, 3], 3, 9), id="past-n"),
 ])
 def test_corrupt_links(device, kind, argmax, greedy):
     """Hand-made links that are not the tree's: with check=True (the default) both verifications

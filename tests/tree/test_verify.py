@@ -140,8 +140,9 @@ def probs(shape, g, temp=1.0):
 
 
 @pytest.mark.parametrize("impl", ["auto", "reference"])
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                    (torch.float16, torch.float32)])
+@pytest.mark.parametrize("dtypes", [pytest.param((torch.float32, torch.float32), id="fp32"),
+                                    pytest.param((torch.bfloat16, torch.bfloat16), id="bf16"),
+                                    pytest.param((torch.float16, torch.float32), id="fp16-target-fp32-draft")])
 @pytest.mark.parametrize("mode", ["one_hot", "draft_probs"])
 @pytest.mark.parametrize("shape", ["medusa", "random"])
 def test_verify_sampling_vs_reference(device, mode, shape, dtypes, impl):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
