@@ -18,8 +18,9 @@ namespace tokenkernels {
 namespace tree {
 
 // The `impl` option of tree_build / tree_attention(_out) (schema `str impl`, parsed once in
-// csrc/tree/tree_args.h): "auto" (the kernels' own choice: tuned), "plain", "tuned". The CPU
-// kernels have one implementation and ignore it; the CUDA launchers take it.
+// csrc/tree/tree_args.h, which rejects any other name on every device): "auto" (the kernels'
+// own choice: tuned), "plain", "tuned". The CPU kernels have one implementation and do not use
+// it; the CUDA launchers take it.
 enum class Impl : int32_t { Auto = 0, Plain = 1, Tuned = 2 };
 
 // What the launchers run for an impl: Auto is the kernels' own heuristic (the tuned kernels).
