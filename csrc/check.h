@@ -62,29 +62,44 @@ inline void check_mask(const std::optional<at::Tensor>& t, int64_t B, int64_t N,
 
 }  // namespace tokenkernels
 
-// ---- shared torch-level helpers (added by the families) -------------------------------------
+// ---- shared torch-level helpers (used by several families' adapters) ---------------------------
 #include "tokenkernels/common.h"
 
 namespace tokenkernels {
 
-// An index tensor (targets, lengths, ...) as contiguous int64, what the kernels read.
+// An integer (int32 / int64, already checked) index tensor as a contiguous int64 tensor on its
+// device (a no-op for a contiguous int64 tensor).
 inline at::Tensor long_contig(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
 
-// The kernels' element-type tag of a float32 / float16 / bfloat16 tensor (checked by the caller).
+// The same for an optional tensor; an undefined tensor when absent.
+inline at::Tensor opt_long_contig(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? long_contig(*t) : at::Tensor();
+}
+
+// t made contiguous, or an undefined tensor for none (kernels take nullptr for it).
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// A host (CPU) view of t for value checks: t itself on CPU (no copy), else a device-to-host copy
+// (one host sync); undefined stays undefined.
+inline at::Tensor host_copy(const at::Tensor& t) {
+  return !t.defined() || t.is_cpu() ? t : t.cpu();
+}
+
+// The kernels' element-type tag (tokenkernels/common.h) of a float32 / float16 / bfloat16
+// tensor; any other dtype is an error (callers check their inputs first).
 inline DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "tokenkernels: no kernel element type for ", t);
+    default: break;
   }
-  return DType::kFloat32;  // unreachable
+  TORCH_CHECK_TYPE(false, "tokenkernels: no kernel element type for ", t,
+                   " (float32, float16 or bfloat16)");
+  return DType::kFloat32;   // unreachable
 }
-
-}  // namespace tokenkernels
-
-// ---- additions of the kv_select family (shared torch-level helpers) -------------------------
-namespace tokenkernels {
 
 // t must be fp32, fp16 or bf16; the message names the op and the argument.
 inline void check_float_input(const at::Tensor& t, const char* op, const char* name) {
@@ -113,11 +128,6 @@ inline at::Tensor narrow_int32(const at::Tensor& t, const char* op, const char* 
   if (st == at::kInt) return t.contiguous();
   at::Tensor w = st == at::kLong ? t.clamp(-2147483648LL, 2147483647LL) : t;
   return w.to(at::kInt).contiguous();
-}
-
-// t made contiguous, or an undefined tensor for none (kernels take nullptr for it).
-inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
 }
 
 }  // namespace tokenkernels

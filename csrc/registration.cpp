@@ -52,11 +52,14 @@ TORCH_LIBRARY(tokenkernels, m) {
       "bool accum_fp32, str impl) -> (Tensor, Tensor, Tensor)");
 
   // ---- tree family (speculative-decoding token trees) ------------------------------------
-  // Conventions: csrc/include/tokenkernels/tree.h. impl: 0 auto, 1 plain, 2 tuned (CUDA only).
+  // Conventions: csrc/include/tokenkernels/tree.h; every check and option parse of these ops:
+  // csrc/tree/tree_args.h (the same errors on CPU and CUDA). impl (build, attention): "auto"
+  // (the kernels' own choice), "plain" or "tuned" (CUDA variants; the CPU has one kernel and
+  // ignores it, but an unknown name is an error everywhere).
   // build: parents (B, n) int32/int64 -> mask (B, n, ceil(n/32)) int32 bit-packed, depth,
   // first_child, next_sibling (B, n) int64. check: validate parents/tree_lens values (always on
   // CPU; one host sync on CUDA).
-  m.def("tree_build(Tensor parents, Tensor? tree_lens, bool check, int impl) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("tree_build(Tensor parents, Tensor? tree_lens, bool check, str impl) -> (Tensor, Tensor, Tensor, Tensor)");
   // Root-to-leaf paths (B, max_leaves, max_depth + 1) int64, leaves in node order, padded -1.
   m.def(
       "tree_paths(Tensor parents, Tensor depth, Tensor first_child, Tensor? tree_lens, int max_leaves, "
@@ -67,20 +70,22 @@ TORCH_LIBRARY(tokenkernels, m) {
   // tree_lens and block_table values (always on CPU; one host sync on CUDA, else clamped).
   m.def(
       "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor mask, "
-      "Tensor? tree_lens, Tensor? block_table, float scale, bool check, int impl) -> (Tensor, Tensor)");
+      "Tensor? tree_lens, Tensor? block_table, float scale, bool check, str impl) -> (Tensor, Tensor)");
   m.def(
       "tree_attention_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor mask, "
-      "Tensor? tree_lens, Tensor? block_table, float scale, bool check, int impl, Tensor(a!) out, "
+      "Tensor? tree_lens, Tensor? block_table, float scale, bool check, str impl, Tensor(a!) out, "
       "Tensor(b!) lse) -> ()");
   // Verification: accepted (B, max_depth + 1) node indices (root first, padded -1), accept_len
-  // (B,) accepted draft nodes (root excluded), bonus (B,) token.
+  // (B,) accepted draft nodes (root excluded), bonus (B,) token. check: validate the child links
+  // (always on CPU; one host sync on CUDA, else a corrupt link ends the walk).
   m.def(
       "tree_verify_greedy(Tensor first_child, Tensor next_sibling, Tensor draft_tokens, "
-      "Tensor target_argmax, int max_depth) -> (Tensor, Tensor, Tensor)");
+      "Tensor target_argmax, int max_depth, bool check=True) -> (Tensor, Tensor, Tensor)");
   // Lossless multi-candidate speculative sampling; coins (B, n) and bonus_u (B,) are the
   // uniforms (drawn by the Python wrapper from the user's generator). check: validate the child
   // links and the draft tokens of linked nodes (always on CPU; one host sync on CUDA, else
-  // out-of-range tokens are never accepted).
+  // out-of-range tokens are never accepted) and that the probability rows verification reads
+  // (the root's and the linked nodes') are distributions (on both devices only with check).
   m.def(
       "tree_verify_sampling(Tensor first_child, Tensor next_sibling, Tensor draft_tokens, "
       "Tensor target_probs, Tensor? draft_probs, Tensor coins, Tensor bonus_u, int max_depth, "

@@ -28,12 +28,12 @@ using OptT = std::optional<at::Tensor>;
 
 // Schemas (csrc/registration.cpp), tree block.
 using BuildSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptT&, bool,
-                                                                            int64_t);
+                                                                            c10::string_view);
 using AttnSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const at::Tensor&, const at::Tensor&, const OptT&, const OptT&,
-                                                   double, bool, int64_t);
+                                                   double, bool, c10::string_view);
 using GreedySig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&, int64_t);
+                                                                 const at::Tensor&, const at::Tensor&, int64_t, bool);
 
 template <typename Sig>
 const c10::TypedOperatorHandle<Sig>& op(const char* name) {
@@ -88,7 +88,7 @@ void run_tree(Context& ctx) {
     auto par = random_parents(B, n, 7 + n).to(dev);
     std::snprintf(name, sizeof name, "tree build B%lld n%lld", (long long)B, (long long)n);
     Row r(name, {"aten_reference"});
-    auto call = [&] { return op<BuildSig>("tokenkernels::tree_build").call(par, std::nullopt, true, 0); };
+    auto call = [&] { return op<BuildSig>("tokenkernels::tree_build").call(par, std::nullopt, true, "auto"); };
     auto [m, d, fc, ns] = call();
     auto [rm, rd] = ref_build(par.cpu());
     const char* match = (m.cpu().equal(rm) && d.cpu().equal(rd)) ? "mask+depth" : "MISMATCH";
@@ -99,14 +99,14 @@ void run_tree(Context& ctx) {
   // ---- verify_greedy
   for (int64_t B : {1, 16}) {
     auto par = medusa_parents(ctx, B).to(dev);
-    auto [m, d, fc, ns] = op<BuildSig>("tokenkernels::tree_build").call(par, std::nullopt, true, 0);
+    auto [m, d, fc, ns] = op<BuildSig>("tokenkernels::tree_build").call(par, std::nullopt, true, "auto");
     at::manual_seed(B);
     auto draft = at::randint(4, {B, 64}, at::kLong).to(dev);
     auto am = at::randint(4, {B, 64}, at::kLong).to(dev);
     const int64_t max_depth = d.max().item<int64_t>();
     std::snprintf(name, sizeof name, "tree verify_greedy medusa63 B%lld", (long long)B);
     Row r(name);
-    r.add("tokenkernels", ctx.time([&] { op<GreedySig>("tokenkernels::tree_verify_greedy").call(fc, ns, draft, am, max_depth); }));
+    r.add("tokenkernels", ctx.time([&] { op<GreedySig>("tokenkernels::tree_verify_greedy").call(fc, ns, draft, am, max_depth, true); }));
     ctx.add(r);
   }
   // ---- attention
@@ -116,7 +116,7 @@ void run_tree(Context& ctx) {
     for (auto dtype : {at::kFloat, at::kBFloat16}) {
       const int64_t B = 1, N = prefix + n;
       auto par = medusa_parents(ctx, B).to(dev);
-      auto [mask, d, fc, ns] = op<BuildSig>("tokenkernels::tree_build").call(par, std::nullopt, true, 0);
+      auto [mask, d, fc, ns] = op<BuildSig>("tokenkernels::tree_build").call(par, std::nullopt, true, "auto");
       at::manual_seed(prefix);
       auto o = at::TensorOptions().dtype(dtype).device(dev);
       auto q = at::randn({B, n, Hq, D}).to(o), k = at::randn({B, N, Hkv, D}).to(o), v = at::randn({B, N, Hkv, D}).to(o);
@@ -134,7 +134,7 @@ void run_tree(Context& ctx) {
       auto allowed = at::cat({at::ones({B, n, prefix}, at::kBool), dense_tree}, 2).unsqueeze(1).to(dev);
       auto qt = q.transpose(1, 2), kt = k.transpose(1, 2), vt = v.transpose(1, 2);
       auto call = [&] {
-        return op<AttnSig>("tokenkernels::tree_attention").call(q, k, v, P, mask, std::nullopt, std::nullopt, scale, true, 0);
+        return op<AttnSig>("tokenkernels::tree_attention").call(q, k, v, P, mask, std::nullopt, std::nullopt, scale, false, "auto");
       };
       auto sdpa_dense = [&] {
         return at::scaled_dot_product_attention(qt, kt, vt, allowed, 0.0, false, scale, /*enable_gqa=*/true);

@@ -14,9 +14,11 @@
 // verify: one tree per task, in parallel over the batch (the walk itself is inherently serial).
 // select_frontier / select_tree: partial sorts per batch item, in parallel over the batch.
 //
-// Value checks (parents / tree_lens, prefix_lens / block_table, child links / draft tokens) are
-// cheap linear passes here, so the CPU always runs them (`check` only matters on CUDA, where it
-// costs a host sync); the walks are nevertheless guarded exactly as on CUDA (tree.h).
+// Every argument check and option parse is in tree_args.h (shared with the CUDA adapter). Value
+// checks (parents / tree_lens, prefix_lens / block_table, child links / draft tokens) are cheap
+// linear passes here, so the CPU always runs them (`check` only adds verify_sampling's
+// probability rows; on CUDA it costs a host sync); the walks are nevertheless guarded exactly
+// as on CUDA (tree.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,28 +34,20 @@
 
 namespace tokenkernels {
 namespace tree {
+namespace cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-at::Tensor long_contig(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
-at::Tensor opt_long(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? long_contig(*t) : at::Tensor();
-}
-
 // ------------------------------------------------------------------------------------- build
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cpu(
-    const at::Tensor& parents_in, const std::optional<at::Tensor>& tree_lens, bool check, int64_t impl) {
-  (void)check;   // CPU always validates: it is a linear pass over data already in cache
-  (void)impl;
-  check_index_tensor(parents_in, "build", "parents", 2);
-  const int64_t B = parents_in.size(0), n = parents_in.size(1);
-  TORCH_CHECK(n >= 1, "tokenkernels.tree.build: parents must have at least one node (the root)");
-  check_lens_shape(tree_lens, parents_in, B, "build", "tree_lens");
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build(
+    const at::Tensor& parents_in, const std::optional<at::Tensor>& tree_lens, bool check, c10::string_view impl) {
+  const auto a = check_build_args(parents_in, tree_lens, impl);   // impl: one CPU kernel
+  const int64_t B = a.B, n = a.n;
   auto parents = long_contig(parents_in);
-  auto lens = opt_long(tree_lens);
-  check_parent_values(parents, lens, "build");
+  auto lens = opt_long_contig(tree_lens);
+  validate_build_values(parents, lens, check);   // always on CPU
 
   const int64_t W = mask_words(n);
   auto opts = parents.options();
@@ -102,15 +96,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cpu(
   return {mask, depth, first_child, next_sibling};
 }
 
-at::Tensor paths_cpu(const at::Tensor& parents_in, const at::Tensor& depth_in,
-                     const at::Tensor& first_child_in, const std::optional<at::Tensor>& tree_lens,
-                     int64_t max_leaves, int64_t max_depth) {
+at::Tensor paths(const at::Tensor& parents_in, const at::Tensor& depth_in,
+                 const at::Tensor& first_child_in, const std::optional<at::Tensor>& tree_lens,
+                 int64_t max_leaves, int64_t max_depth) {
   check_paths_args(parents_in, depth_in, first_child_in, tree_lens, max_leaves, max_depth);
   const int64_t B = parents_in.size(0), n = parents_in.size(1);
   auto parents = long_contig(parents_in);
   auto depth = long_contig(depth_in);
   auto fcs = long_contig(first_child_in);
-  auto lens = opt_long(tree_lens);
+  auto lens = opt_long_contig(tree_lens);
+  check_paths_values(depth, fcs, lens, max_leaves, max_depth);
   auto paths = at::full({B, max_leaves, max_depth + 1}, -1, parents.options());
   auto rank = at::full({B, n}, -1, parents.options());
   const int64_t* par = parents.data_ptr<int64_t>();
@@ -124,15 +119,8 @@ at::Tensor paths_cpu(const at::Tensor& parents_in, const at::Tensor& depth_in,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t L = std::min(len ? len[b] : n, n);
       int64_t c = 0;
-      for (int64_t i = 0; i < L; ++i) {
-        if (fc[b * n + i] < 0) {
-          TORCH_CHECK(dep[b * n + i] <= max_depth, "tokenkernels.tree.paths: node ", i, " of tree ", b,
-                      " has depth ", dep[b * n + i], " > max_depth = ", max_depth);
-          rk[b * n + i] = c++;
-        }
-      }
-      TORCH_CHECK(c <= max_leaves, "tokenkernels.tree.paths: tree ", b, " has ", c,
-                  " leaves > max_leaves = ", max_leaves);
+      for (int64_t i = 0; i < L; ++i)
+        if (fc[b * n + i] < 0) rk[b * n + i] = c++;   // c <= max_leaves (check_paths_values)
     }
   });
   // Every leaf writes its own root-to-leaf path (chunks of 4096 nodes, as in build).
@@ -329,19 +317,15 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   });
 }
 
-void attention_out_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                       const at::Tensor& prefix_lens, const at::Tensor& mask_in,
-                       const std::optional<at::Tensor>& tree_lens,
-                       const std::optional<at::Tensor>& block_table, double scale, bool check,
-                       int64_t impl, const at::Tensor& out, const at::Tensor& lse) {
-  (void)check;   // always validated on CPU (no sync to save)
-  (void)impl;
-  auto d = check_attention_args(q_in, k_in, v_in, prefix_lens, mask_in, tree_lens, block_table);
-  check_out_args(q_in, d, out, lse);
+// After check_attention_args / check_attention_out_args (impl: one CPU kernel).
+void run_attention(const AttnDims& d, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                   const at::Tensor& prefix_lens, const at::Tensor& mask_in,
+                   const std::optional<at::Tensor>& tree_lens, const std::optional<at::Tensor>& block_table,
+                   double scale, bool check, const at::Tensor& out, const at::Tensor& lse) {
   auto P = long_contig(prefix_lens);
-  auto Lens = opt_long(tree_lens);
-  auto table = opt_long(block_table);
-  check_attention_values(d, P, Lens, table);
+  auto Lens = opt_long_contig(tree_lens);
+  auto table = opt_long_contig(block_table);
+  validate_attention_values(d, P, Lens, table, check);   // always on CPU
   auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), mask = mask_in.contiguous();
   at::Tensor o = out, l = lse;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu", [&] {
@@ -353,34 +337,37 @@ void attention_out_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& v, const at::Tensor& prefix_lens,
-                                                 const at::Tensor& mask,
-                                                 const std::optional<at::Tensor>& tree_lens,
-                                                 const std::optional<at::Tensor>& block_table,
-                                                 double scale, bool check, int64_t impl) {
-  TORCH_CHECK(q.dim() == 4, "tokenkernels.tree.attention: q must be 4-D (B, n, H_q, D), got shape ", q.sizes());
+void attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_lens,
+                   const at::Tensor& mask, const std::optional<at::Tensor>& tree_lens,
+                   const std::optional<at::Tensor>& block_table, double scale, bool check, c10::string_view impl,
+                   const at::Tensor& out, const at::Tensor& lse) {
+  const auto d = check_attention_args(q, k, v, prefix_lens, mask, tree_lens, block_table, impl);
+  check_attention_out_args(q, d, out, lse);
+  run_attention(d, q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, out, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& prefix_lens, const at::Tensor& mask,
+                                             const std::optional<at::Tensor>& tree_lens,
+                                             const std::optional<at::Tensor>& block_table, double scale, bool check,
+                                             c10::string_view impl) {
+  const auto d = check_attention_args(q, k, v, prefix_lens, mask, tree_lens, block_table, impl);
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  attention_out_cpu(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, impl, out, lse);
+  auto lse = at::empty({d.B, d.n, d.Hq}, q.options().dtype(at::kFloat));
+  run_attention(d, q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, out, lse);
   return {out, lse};
 }
 
 // ------------------------------------------------------------------------------------- verify
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy(
     const at::Tensor& first_child_in, const at::Tensor& next_sibling_in, const at::Tensor& draft_in,
-    const at::Tensor& argmax_in, int64_t max_depth) {
-  check_verify_args(first_child_in, next_sibling_in, draft_in, "verify_greedy");
-  check_index_tensor(argmax_in, "verify_greedy", "target_argmax", 2);
-  TORCH_CHECK(argmax_in.sizes() == first_child_in.sizes(), "tokenkernels.tree.verify_greedy: target_argmax ",
-              argmax_in.sizes(), " must match the tree's (B, n) = ", first_child_in.sizes());
-  check_device(first_child_in, argmax_in, "verify_greedy", "tree", "target_argmax");
-  check_max_depth(max_depth, "verify_greedy");
+    const at::Tensor& argmax_in, int64_t max_depth, bool check) {
+  check_verify_greedy_args(first_child_in, next_sibling_in, draft_in, argmax_in, max_depth);
   const int64_t B = first_child_in.size(0), n = first_child_in.size(1);
   auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in);
   auto draft = long_contig(draft_in), am = long_contig(argmax_in);
-  check_link_values(fcs, nss, "verify_greedy");
+  validate_greedy_values(fcs, nss, check);   // always on CPU
   auto opts = fcs.options();
   auto accepted = at::full({B, max_depth + 1}, -1, opts);
   auto accept_len = at::empty({B}, opts);
@@ -494,38 +481,16 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling(
     const at::Tensor& first_child_in, const at::Tensor& next_sibling_in, const at::Tensor& draft_in,
     const at::Tensor& target_probs_in, const std::optional<at::Tensor>& draft_probs_in,
     const at::Tensor& coins_in, const at::Tensor& bonus_u_in, int64_t max_depth, bool check) {
-  (void)check;   // always validated on CPU (no sync to save)
-  const char* op = "verify_sampling";
-  check_verify_args(first_child_in, next_sibling_in, draft_in, op);
-  const int64_t B = first_child_in.size(0), n = first_child_in.size(1);
-  TORCH_CHECK(target_probs_in.dim() == 3 && target_probs_in.size(0) == B && target_probs_in.size(1) == n,
-              "tokenkernels.tree.verify_sampling: target_probs must have shape (", B, ", ", n, ", V), got ",
-              target_probs_in.sizes());
-  TORCH_CHECK(target_probs_in.is_floating_point(), "tokenkernels.tree.verify_sampling: target_probs must be "
-              "floating point, got ", target_probs_in.scalar_type());
-  check_device(first_child_in, target_probs_in, op, "tree", "target_probs");
-  const int64_t V = target_probs_in.size(2);
-  TORCH_CHECK(V >= 1, "tokenkernels.tree.verify_sampling: the vocabulary must not be empty");
-  if (draft_probs_in.has_value()) {
-    TORCH_CHECK(draft_probs_in->sizes() == target_probs_in.sizes() && draft_probs_in->is_floating_point(),
-                "tokenkernels.tree.verify_sampling: draft_probs must be floating point with target_probs' shape ",
-                target_probs_in.sizes(), ", got ", draft_probs_in->scalar_type(), " ", draft_probs_in->sizes());
-    check_device(first_child_in, *draft_probs_in, op, "tree", "draft_probs");
-  }
-  TORCH_CHECK(coins_in.dim() == 2 && coins_in.size(0) == B && coins_in.size(1) == n && coins_in.is_floating_point(),
-              "tokenkernels.tree.verify_sampling: coins must be floating point of shape (", B, ", ", n, "), got ",
-              coins_in.sizes());
-  TORCH_CHECK(bonus_u_in.dim() == 1 && bonus_u_in.size(0) == B && bonus_u_in.is_floating_point(),
-              "tokenkernels.tree.verify_sampling: bonus_u must be floating point of shape (", B, ",), got ",
-              bonus_u_in.sizes());
-  check_max_depth(max_depth, "verify_sampling");
+  const auto dims = check_verify_sampling_args(first_child_in, next_sibling_in, draft_in, target_probs_in,
+                                               draft_probs_in, coins_in, bonus_u_in, max_depth);
+  const int64_t B = dims.B, n = dims.n, V = dims.V;
   auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in), draft = long_contig(draft_in);
-  check_link_values(fcs, nss, op);
-  check_draft_values(fcs, nss, draft, V, op);
+  // links and tokens always on CPU, probability rows with check
+  validate_sampling_values(fcs, nss, draft, target_probs_in, draft_probs_in, V, check);
   // Probabilities are read in their own dtype (only the visited rows are touched; converting the
   // whole (B, n, V) tensor would cost more than the verification); arithmetic is in double.
   auto tp = target_probs_in.contiguous();
@@ -551,17 +516,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cpu(
 
 // ------------------------------------------------------------------------------ dynamic trees
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_frontier_cpu(const at::Tensor& cum_in,
-                                                                   const at::Tensor& child_in, int64_t m) {
-  TORCH_CHECK(cum_in.dim() == 2 && cum_in.is_floating_point(), "tokenkernels.tree.select_frontier: cum_logp "
-              "must be a floating (B, F) tensor, got ", cum_in.scalar_type(), " ", cum_in.sizes());
-  TORCH_CHECK(child_in.dim() == 3 && child_in.is_floating_point() && child_in.size(0) == cum_in.size(0) &&
-                  child_in.size(1) == cum_in.size(1),
-              "tokenkernels.tree.select_frontier: child_logp must be a floating (B, F, K) tensor with B, F of cum_logp ",
-              cum_in.sizes(), ", got ", child_in.sizes());
-  check_device(cum_in, child_in, "select_frontier", "cum_logp", "child_logp");
-  const int64_t B = cum_in.size(0), F = cum_in.size(1), K = child_in.size(2);
-  TORCH_CHECK(m >= 0 && m <= F * K, "tokenkernels.tree.select_frontier: m = ", m, " must lie in [0, F*K = ", F * K, "]");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_frontier(const at::Tensor& cum_in, const at::Tensor& child_in,
+                                                               int64_t m) {
+  const auto dims = check_select_frontier_args(cum_in, child_in, m);
+  const int64_t B = dims.B, F = dims.F, K = dims.K;
   auto cum = cum_in.to(at::kFloat).contiguous(), child = child_in.to(at::kFloat).contiguous();
   auto lopt = cum.options().dtype(at::kLong);
   auto parent = at::empty({B, m}, lopt), rank = at::empty({B, m}, lopt), score = at::empty({B, m}, cum.options());
@@ -587,19 +545,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_frontier_cpu(const at::Ten
   return {parent, rank, score};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_tree_cpu(const at::Tensor& cum_in,
-                                                               const at::Tensor& parents_in, int64_t n) {
-  TORCH_CHECK(cum_in.dim() == 2 && cum_in.is_floating_point(), "tokenkernels.tree.select_tree: cum_logp must be "
-              "a floating (B, T) tensor, got ", cum_in.scalar_type(), " ", cum_in.sizes());
-  check_index_tensor(parents_in, "select_tree", "parents", 2);
-  TORCH_CHECK(parents_in.sizes() == cum_in.sizes(), "tokenkernels.tree.select_tree: parents ", parents_in.sizes(),
-              " must match cum_logp ", cum_in.sizes());
-  check_device(cum_in, parents_in, "select_tree", "cum_logp", "parents");
-  const int64_t B = cum_in.size(0), T = cum_in.size(1);
-  TORCH_CHECK(n >= 1 && n <= T, "tokenkernels.tree.select_tree: n = ", n, " must lie in [1, T = ", T, "]");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_tree(const at::Tensor& cum_in, const at::Tensor& parents_in,
+                                                           int64_t n) {
+  const auto dims = check_select_tree_args(cum_in, parents_in, n);
+  const int64_t B = dims.B, T = dims.T;
   auto cum = cum_in.to(at::kFloat).contiguous();
   auto parents = long_contig(parents_in);
-  check_parent_values(parents, at::Tensor(), "select_tree");
+  validate_select_tree_values(parents);
   auto lopt = parents.options();
   auto idx = at::empty({B, n}, lopt), newp = at::empty({B, n}, lopt), score = at::empty({B, n}, cum.options());
   const float* cp = cum.data_ptr<float>();
@@ -634,16 +586,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_tree_cpu(const at::Tensor&
 }
 
 }  // namespace
+}  // namespace cpu
 }  // namespace tree
 }  // namespace tokenkernels
 
 TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
-  m.impl("tree_build", &tokenkernels::tree::build_cpu);
-  m.impl("tree_paths", &tokenkernels::tree::paths_cpu);
-  m.impl("tree_attention", &tokenkernels::tree::attention_cpu);
-  m.impl("tree_attention_out", &tokenkernels::tree::attention_out_cpu);
-  m.impl("tree_verify_greedy", &tokenkernels::tree::verify_greedy_cpu);
-  m.impl("tree_verify_sampling", &tokenkernels::tree::verify_sampling_cpu);
-  m.impl("tree_select_frontier", &tokenkernels::tree::select_frontier_cpu);
-  m.impl("tree_select_tree", &tokenkernels::tree::select_tree_cpu);
+  m.impl("tree_build", &tokenkernels::tree::cpu::build);
+  m.impl("tree_paths", &tokenkernels::tree::cpu::paths);
+  m.impl("tree_attention", &tokenkernels::tree::cpu::attention);
+  m.impl("tree_attention_out", &tokenkernels::tree::cpu::attention_out);
+  m.impl("tree_verify_greedy", &tokenkernels::tree::cpu::verify_greedy);
+  m.impl("tree_verify_sampling", &tokenkernels::tree::cpu::verify_sampling);
+  m.impl("tree_select_frontier", &tokenkernels::tree::cpu::select_frontier);
+  m.impl("tree_select_tree", &tokenkernels::tree::cpu::select_tree);
 }

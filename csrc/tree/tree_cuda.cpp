@@ -1,9 +1,11 @@
 // tree family: CUDA adapter (compiled by the host C++ compiler; kernels in tree_kernels.cu).
-// No host syncs, except the value validations of check=true (build: parents and tree_lens;
-// attention: prefix_lens, tree_lens, block_table; verify_sampling: child links and draft tokens --
-// the same checks and messages as the CPU path, on host copies) and select_tree (parents are
-// always validated there, like the CPU path). With check=false bad values give the documented,
-// in-bounds results of the kernels (tree.h) instead of an error.
+// Every argument check and option parse is in tree_args.h, shared with the CPU kernels, so the
+// errors are the CPU's. No host syncs, except the value validations of check=true (one
+// device-to-host copy each -- build: parents and tree_lens; attention: prefix_lens, tree_lens,
+// block_table; verify_greedy: child links; verify_sampling: child links, draft tokens and the
+// probability rows' sums) and select_tree (parents are always validated there, like the CPU
+// path). With check=false bad values give the documented, in-bounds results of the kernels
+// (tree.h) instead of an error.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -17,36 +19,22 @@ namespace tokenkernels {
 namespace tree {
 namespace {
 
-at::Tensor long_contig(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
-at::Tensor opt_long(const std::optional<at::Tensor>& t) { return t.has_value() ? long_contig(*t) : at::Tensor(); }
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    default: return DType::kBFloat16;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_cuda(const at::Tensor& parents_in,
                                                                        const std::optional<at::Tensor>& tree_lens,
-                                                                       bool check, int64_t impl) {
-  check_index_tensor(parents_in, "build", "parents", 2);
-  const int64_t B = parents_in.size(0), n = parents_in.size(1);
-  TORCH_CHECK(n >= 1, "tokenkernels.tree.build: parents must have at least one node (the root)");
-  TORCH_CHECK(n <= kMaxCudaNodes, "tokenkernels.tree.build: n = ", n, " > ", kMaxCudaNodes,
-              " nodes is not supported on CUDA");
-  check_lens_shape(tree_lens, parents_in, B, "build", "tree_lens");
+                                                                       bool check, c10::string_view impl) {
+  const auto a = check_build_args(parents_in, tree_lens, impl);
+  const int64_t B = a.B, n = a.n;
+  check_cuda_nodes(n, "build", "n");
   c10::DeviceGuard guard(parents_in.device());
   auto parents = long_contig(parents_in);
-  auto lens = opt_long(tree_lens);
-  if (check) check_parent_values(parents.cpu(), lens.defined() ? lens.cpu() : at::Tensor(), "build");
+  auto lens = opt_long_contig(tree_lens);
+  validate_build_values(parents, lens, check);
   auto opts = parents.options();
   auto mask = at::empty({B, n, mask_words(n)}, opts.dtype(at::kInt));
   auto depth = at::empty({B, n}, opts), fc = at::empty({B, n}, opts), ns = at::empty({B, n}, opts);
   check_cuda(launch_build(parents.data_ptr<int64_t>(), opt_ptr<int64_t>(lens), B, n, mask.data_ptr<int32_t>(),
                           depth.data_ptr<int64_t>(), fc.data_ptr<int64_t>(), ns.data_ptr<int64_t>(),
-                          static_cast<int>(impl), current_cuda_stream(parents_in.device())),
+                          a.impl, current_cuda_stream(parents_in.device())),
              "tree build");
   return {mask, depth, fc, ns};
 }
@@ -57,7 +45,7 @@ at::Tensor paths_cuda(const at::Tensor& parents_in, const at::Tensor& depth_in, 
   const int64_t B = parents_in.size(0), n = parents_in.size(1);
   c10::DeviceGuard guard(parents_in.device());
   auto parents = long_contig(parents_in), depth = long_contig(depth_in), fc = long_contig(fc_in);
-  auto lens = opt_long(tree_lens);
+  auto lens = opt_long_contig(tree_lens);
   auto paths = at::empty({B, max_leaves, max_depth + 1}, parents.options());
   check_cuda(launch_paths(parents.data_ptr<int64_t>(), depth.data_ptr<int64_t>(), fc.data_ptr<int64_t>(),
                           opt_ptr<int64_t>(lens), B, n, max_leaves, max_depth, paths.data_ptr<int64_t>(),
@@ -66,33 +54,18 @@ at::Tensor paths_cuda(const at::Tensor& parents_in, const at::Tensor& depth_in, 
   return paths;
 }
 
-void attention_out_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                        const at::Tensor& prefix_lens, const at::Tensor& mask_in,
-                        const std::optional<at::Tensor>& tree_lens, const std::optional<at::Tensor>& block_table,
-                        double scale, bool check, int64_t impl, const at::Tensor& out, const at::Tensor& lse) {
-  auto d = check_attention_args(q_in, k_in, v_in, prefix_lens, mask_in, tree_lens, block_table);
-  check_out_args(q_in, d, out, lse);
-  TORCH_CHECK(d.D % 32 == 0 && d.D <= 256, "tokenkernels.tree.attention: head dim D = ", d.D,
-              " is not supported on CUDA (needs a multiple of 32, at most 256)");
+// After check_attention_args / check_attention_out_args.
+void run_attention(const AttnDims& d, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                   const at::Tensor& prefix_lens, const at::Tensor& mask_in,
+                   const std::optional<at::Tensor>& tree_lens, const std::optional<at::Tensor>& block_table,
+                   double scale, bool check, const at::Tensor& out, const at::Tensor& lse) {
+  check_cuda_head_dim(d);
   c10::DeviceGuard guard(q_in.device());
   auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), mask = mask_in.contiguous();
   auto P = long_contig(prefix_lens);
-  auto lens = opt_long(tree_lens);
-  auto table = opt_long(block_table);
-  if (check) {   // one D2H copy of (prefix_lens, tree_lens, block_table)
-    std::vector<at::Tensor> parts{P};
-    if (lens.defined()) parts.push_back(lens);
-    if (table.defined()) parts.push_back(table.reshape({-1}));
-    auto host = at::cat(parts).cpu();
-    int64_t off = d.B;
-    at::Tensor P_h = host.narrow(0, 0, d.B), lens_h, table_h;
-    if (lens.defined()) {
-      lens_h = host.narrow(0, off, d.B);
-      off += d.B;
-    }
-    if (table.defined()) table_h = host.narrow(0, off, d.B * d.max_pages).view({d.B, d.max_pages});
-    check_attention_values(d, P_h, lens_h, table_h);
-  }
+  auto lens = opt_long_contig(tree_lens);
+  auto table = opt_long_contig(block_table);
+  validate_attention_values(d, P, lens, table, check);   // with check: one host sync
   AttnProblem p;
   p.B = d.B;
   p.n = d.n;
@@ -117,19 +90,27 @@ void attention_out_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   auto ws = at::empty({static_cast<int64_t>(attention_workspace_bytes(p))}, q.options().dtype(at::kByte));
-  check_cuda(launch_attention(p, static_cast<int>(impl), ws.data_ptr(), current_cuda_stream(q_in.device())),
-             "tree attention");
+  check_cuda(launch_attention(p, d.impl, ws.data_ptr(), current_cuda_stream(q_in.device())), "tree attention");
+}
+
+void attention_out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_lens,
+                        const at::Tensor& mask, const std::optional<at::Tensor>& tree_lens,
+                        const std::optional<at::Tensor>& block_table, double scale, bool check, c10::string_view impl,
+                        const at::Tensor& out, const at::Tensor& lse) {
+  const auto d = check_attention_args(q, k, v, prefix_lens, mask, tree_lens, block_table, impl);
+  check_attention_out_args(q, d, out, lse);
+  run_attention(d, q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, out, lse);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const at::Tensor& prefix_lens, const at::Tensor& mask,
                                                   const std::optional<at::Tensor>& tree_lens,
                                                   const std::optional<at::Tensor>& block_table, double scale,
-                                                  bool check, int64_t impl) {
-  TORCH_CHECK(q.dim() == 4, "tokenkernels.tree.attention: q must be 4-D (B, n, H_q, D), got shape ", q.sizes());
+                                                  bool check, c10::string_view impl) {
+  const auto d = check_attention_args(q, k, v, prefix_lens, mask, tree_lens, block_table, impl);
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  attention_out_cuda(q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, impl, out, lse);
+  auto lse = at::empty({d.B, d.n, d.Hq}, q.options().dtype(at::kFloat));
+  run_attention(d, q, k, v, prefix_lens, mask, tree_lens, block_table, scale, check, out, lse);
   return {out, lse};
 }
 
@@ -141,15 +122,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_outputs(const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& fc_in, const at::Tensor& ns_in,
                                                                    const at::Tensor& draft_in,
-                                                                   const at::Tensor& argmax_in, int64_t max_depth) {
-  check_verify_args(fc_in, ns_in, draft_in, "verify_greedy");
-  check_index_tensor(argmax_in, "verify_greedy", "target_argmax", 2);
-  TORCH_CHECK(argmax_in.sizes() == fc_in.sizes(), "tokenkernels.tree.verify_greedy: target_argmax ", argmax_in.sizes(),
-              " must match the tree's (B, n) = ", fc_in.sizes());
-  check_device(fc_in, argmax_in, "verify_greedy", "tree", "target_argmax");
-  check_max_depth(max_depth, "verify_greedy");
+                                                                   const at::Tensor& argmax_in, int64_t max_depth,
+                                                                   bool check) {
+  check_verify_greedy_args(fc_in, ns_in, draft_in, argmax_in, max_depth);
   c10::DeviceGuard guard(fc_in.device());
   auto fc = long_contig(fc_in), ns = long_contig(ns_in), draft = long_contig(draft_in), am = long_contig(argmax_in);
+  validate_greedy_values(fc, ns, check);   // with check: one host sync; else corrupt links end the walk
   auto [acc, alen, bonus] = verify_outputs(fc, max_depth);
   check_cuda(launch_verify_greedy(fc.data_ptr<int64_t>(), ns.data_ptr<int64_t>(), draft.data_ptr<int64_t>(),
                                   am.data_ptr<int64_t>(), fc.size(0), fc.size(1), max_depth, acc.data_ptr<int64_t>(),
@@ -163,37 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
     const at::Tensor& fc_in, const at::Tensor& ns_in, const at::Tensor& draft_in, const at::Tensor& tp_in,
     const std::optional<at::Tensor>& dp_in, const at::Tensor& coins_in, const at::Tensor& bu_in, int64_t max_depth,
     bool check) {
-  const char* op = "verify_sampling";
-  check_verify_args(fc_in, ns_in, draft_in, op);
-  const int64_t B = fc_in.size(0), n = fc_in.size(1);
-  TORCH_CHECK(tp_in.dim() == 3 && tp_in.size(0) == B && tp_in.size(1) == n && tp_in.is_floating_point(),
-              "tokenkernels.tree.verify_sampling: target_probs must be floating point of shape (", B, ", ", n,
-              ", V), got ", tp_in.sizes());
-  check_device(fc_in, tp_in, op, "tree", "target_probs");
-  const int64_t V = tp_in.size(2);
-  TORCH_CHECK(V >= 1, "tokenkernels.tree.verify_sampling: the vocabulary must not be empty");
-  if (dp_in.has_value()) {
-    TORCH_CHECK(dp_in->sizes() == tp_in.sizes() && dp_in->is_floating_point(),
-                "tokenkernels.tree.verify_sampling: draft_probs must be floating point with target_probs' shape ",
-                tp_in.sizes(), ", got ", dp_in->sizes());
-    check_device(fc_in, *dp_in, op, "tree", "draft_probs");
-  }
-  TORCH_CHECK(coins_in.dim() == 2 && coins_in.size(0) == B && coins_in.size(1) == n && coins_in.is_floating_point(),
-              "tokenkernels.tree.verify_sampling: coins must be floating point of shape (", B, ", ", n, "), got ",
-              coins_in.sizes());
-  TORCH_CHECK(bu_in.dim() == 1 && bu_in.size(0) == B && bu_in.is_floating_point(),
-              "tokenkernels.tree.verify_sampling: bonus_u must be floating point of shape (", B, ",), got ",
-              bu_in.sizes());
-  check_device(fc_in, coins_in, op, "tree", "coins");
-  check_device(fc_in, bu_in, op, "tree", "bonus_u");
-  check_max_depth(max_depth, "verify_sampling");
+  const auto dims = check_verify_sampling_args(fc_in, ns_in, draft_in, tp_in, dp_in, coins_in, bu_in, max_depth);
+  const int64_t B = dims.B, n = dims.n, V = dims.V;
   c10::DeviceGuard guard(fc_in.device());
   auto fc = long_contig(fc_in), ns = long_contig(ns_in), draft = long_contig(draft_in);
-  if (check) {   // one D2H copy of (first_child, next_sibling, draft_tokens)
-    auto host = at::stack({fc, ns, draft}).cpu();
-    check_link_values(host[0], host[1], op);
-    check_draft_values(host[0], host[1], host[2], V, op);
-  }
+  validate_sampling_values(fc, ns, draft, tp_in, dp_in, V, check);   // with check: one host sync
   // Probabilities in fp32 (exact for fp32/fp16/bf16), or fp64 if either is fp64; the residual,
   // coins and every decision in fp64, as on CPU.
   const bool f64 = tp_in.scalar_type() == at::kDouble || (dp_in.has_value() && dp_in->scalar_type() == at::kDouble);
@@ -214,17 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_frontier_cuda(const at::Tensor& cum_in,
                                                                      const at::Tensor& child_in, int64_t m) {
-  TORCH_CHECK(cum_in.dim() == 2 && cum_in.is_floating_point(), "tokenkernels.tree.select_frontier: cum_logp must be "
-              "a floating (B, F) tensor, got ", cum_in.scalar_type(), " ", cum_in.sizes());
-  TORCH_CHECK(child_in.dim() == 3 && child_in.is_floating_point() && child_in.size(0) == cum_in.size(0) &&
-                  child_in.size(1) == cum_in.size(1),
-              "tokenkernels.tree.select_frontier: child_logp must be a floating (B, F, K) tensor with B, F of "
-              "cum_logp ", cum_in.sizes(), ", got ", child_in.sizes());
-  check_device(cum_in, child_in, "select_frontier", "cum_logp", "child_logp");
-  const int64_t B = cum_in.size(0), F = cum_in.size(1), K = child_in.size(2);
-  TORCH_CHECK(m >= 0 && m <= F * K, "tokenkernels.tree.select_frontier: m = ", m, " must lie in [0, F*K = ", F * K, "]");
-  TORCH_CHECK(F * K <= kMaxCudaNodes, "tokenkernels.tree.select_frontier: F*K = ", F * K, " > ", kMaxCudaNodes,
-              " is not supported on CUDA");
+  const auto dims = check_select_frontier_args(cum_in, child_in, m);
+  const int64_t B = dims.B, F = dims.F, K = dims.K;
+  check_cuda_nodes(F * K, "select_frontier", "F*K");
   c10::DeviceGuard guard(cum_in.device());
   auto cum = cum_in.to(at::kFloat).contiguous(), child = child_in.to(at::kFloat).contiguous();
   auto lopt = cum.options().dtype(at::kLong);
@@ -238,20 +182,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_frontier_cuda(const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_tree_cuda(const at::Tensor& cum_in, const at::Tensor& par_in,
                                                                  int64_t n) {
-  TORCH_CHECK(cum_in.dim() == 2 && cum_in.is_floating_point(), "tokenkernels.tree.select_tree: cum_logp must be a "
-              "floating (B, T) tensor, got ", cum_in.scalar_type(), " ", cum_in.sizes());
-  check_index_tensor(par_in, "select_tree", "parents", 2);
-  TORCH_CHECK(par_in.sizes() == cum_in.sizes(), "tokenkernels.tree.select_tree: parents ", par_in.sizes(),
-              " must match cum_logp ", cum_in.sizes());
-  check_device(cum_in, par_in, "select_tree", "cum_logp", "parents");
-  const int64_t B = cum_in.size(0), T = cum_in.size(1);
-  TORCH_CHECK(n >= 1 && n <= T, "tokenkernels.tree.select_tree: n = ", n, " must lie in [1, T = ", T, "]");
-  TORCH_CHECK(T <= kMaxCudaNodes, "tokenkernels.tree.select_tree: T = ", T, " > ", kMaxCudaNodes,
-              " is not supported on CUDA");
+  const auto dims = check_select_tree_args(cum_in, par_in, n);
+  const int64_t B = dims.B, T = dims.T;
+  check_cuda_nodes(T, "select_tree", "T");
   c10::DeviceGuard guard(cum_in.device());
   auto cum = cum_in.to(at::kFloat).contiguous();
   auto parents = long_contig(par_in);
-  check_parent_values(parents.cpu(), at::Tensor(), "select_tree");   // walks below rely on valid parents
+  validate_select_tree_values(parents);   // the walks below rely on valid parents (one host sync)
   auto lopt = parents.options();
   auto idx = at::empty({B, n}, lopt), newp = at::empty({B, n}, lopt), score = at::empty({B, n}, cum.options());
   check_cuda(launch_select_tree(cum.data_ptr<float>(), parents.data_ptr<int64_t>(), B, T, n, idx.data_ptr<int64_t>(),

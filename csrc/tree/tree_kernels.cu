@@ -38,13 +38,13 @@ int num_sms() {
 }  // namespace
 
 cudaError_t launch_build(const int64_t* parents, const int64_t* lens, int64_t B, int64_t n, int32_t* mask,
-                         int64_t* depth, int64_t* first_child, int64_t* next_sibling, int variant,
+                         int64_t* depth, int64_t* first_child, int64_t* next_sibling, Impl impl,
                          cudaStream_t stream) {
   if (B == 0 || n == 0) return cudaSuccess;
   if (n > kMaxCudaNodes || B > kMaxGridX) return cudaErrorInvalidValue;
   int npow2 = 2;
   while (npow2 < n) npow2 <<= 1;
-  const bool sorted = variant != 1;
+  const bool sorted = resolve_impl(impl) == Impl::Tuned;
   const size_t smem = sizeof(int) * (2 * n + (sorted ? npow2 : 0));
   const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, ceil_div(n, 32) * 32)));
   auto* m = reinterpret_cast<uint32_t*>(mask);
@@ -89,7 +89,7 @@ size_t attention_workspace_bytes(const AttnProblem& p) {
 
 namespace {
 template <typename T, int DL>
-cudaError_t attention_typed(const AttnProblem& p, int variant, void* workspace, cudaStream_t stream) {
+cudaError_t attention_typed(const AttnProblem& p, Impl impl, void* workspace, cudaStream_t stream) {
   const int64_t S = attention_splits(p);
   const int64_t rows = S * p.B * p.n * p.Hq;
   char* base = static_cast<char*>(workspace);
@@ -100,7 +100,7 @@ cudaError_t attention_typed(const AttnProblem& p, int variant, void* workspace, 
   const int64_t row_blocks = ceil_div(p.n * p.Hq, kWarpsPerRowBlock);   // plain prefix, merge
   if (S > 0) {
     cudaError_t e;
-    if (variant == 1) {
+    if (resolve_impl(impl) == Impl::Plain) {
       e = launch_x_chunks(p.B * row_blocks, [&](int64_t b0, unsigned nx) {
         device::prefix_plain_kernel<T, DL><<<dim3(nx, static_cast<unsigned>(S)), 32 * kWarpsPerRowBlock, 0,
                                               stream>>>(p, chunk, b0, part_o, part_lse);
@@ -120,27 +120,27 @@ cudaError_t attention_typed(const AttnProblem& p, int variant, void* workspace, 
 }
 
 template <typename T>
-cudaError_t attention_dl(const AttnProblem& p, int variant, void* ws, cudaStream_t stream) {
+cudaError_t attention_dl(const AttnProblem& p, Impl impl, void* ws, cudaStream_t stream) {
   switch (p.D) {
-    case 32: return attention_typed<T, 1>(p, variant, ws, stream);
-    case 64: return attention_typed<T, 2>(p, variant, ws, stream);
-    case 96: return attention_typed<T, 3>(p, variant, ws, stream);
-    case 128: return attention_typed<T, 4>(p, variant, ws, stream);
-    case 160: return attention_typed<T, 5>(p, variant, ws, stream);
-    case 192: return attention_typed<T, 6>(p, variant, ws, stream);
-    case 224: return attention_typed<T, 7>(p, variant, ws, stream);
-    case 256: return attention_typed<T, 8>(p, variant, ws, stream);
+    case 32: return attention_typed<T, 1>(p, impl, ws, stream);
+    case 64: return attention_typed<T, 2>(p, impl, ws, stream);
+    case 96: return attention_typed<T, 3>(p, impl, ws, stream);
+    case 128: return attention_typed<T, 4>(p, impl, ws, stream);
+    case 160: return attention_typed<T, 5>(p, impl, ws, stream);
+    case 192: return attention_typed<T, 6>(p, impl, ws, stream);
+    case 224: return attention_typed<T, 7>(p, impl, ws, stream);
+    case 256: return attention_typed<T, 8>(p, impl, ws, stream);
     default: return cudaErrorInvalidValue;   // the adapter checks D % 32 == 0 && D <= 256
   }
 }
 }  // namespace
 
-cudaError_t launch_attention(const AttnProblem& p, int variant, void* workspace, cudaStream_t stream) {
+cudaError_t launch_attention(const AttnProblem& p, Impl impl, void* workspace, cudaStream_t stream) {
   if (p.B == 0 || p.n == 0 || p.Hq == 0) return cudaSuccess;
   switch (p.dtype) {
-    case DType::kFloat32: return attention_dl<float>(p, variant, workspace, stream);
-    case DType::kFloat16: return attention_dl<__half>(p, variant, workspace, stream);
-    case DType::kBFloat16: return attention_dl<__nv_bfloat16>(p, variant, workspace, stream);
+    case DType::kFloat32: return attention_dl<float>(p, impl, workspace, stream);
+    case DType::kFloat16: return attention_dl<__half>(p, impl, workspace, stream);
+    case DType::kBFloat16: return attention_dl<__nv_bfloat16>(p, impl, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

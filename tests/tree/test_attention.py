@@ -1,8 +1,6 @@
 """tree.attention vs the fp64 reference (dense mask over prefix + tree) and the SDPA baseline."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +10,9 @@ import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
 from tokenkernels.testing import DTYPES, MEDUSA_63, chain, random_parents, tol
+from tokenkernels.variants import impls
+
+IMPLS = impls("tree")   # "auto", the CUDA variants, "reference"
 
 
 def make_case(B, n, Hq, Hkv, D, prefix, dtype, seed, device, page_size=None, lens=None, parents=None):
@@ -43,11 +44,15 @@ def make_case(B, n, Hq, Hkv, D, prefix, dtype, seed, device, page_size=None, len
     return tree, cast(q), cast(k), cast(v), P.to(device), None if table is None else table.to(device)
 
 
-def check(tree, q, k, v, P, table, lens=None, scale=None):
-    out, lse = tk.tree.attention(q, k, v, P, tree, block_table=table, scale=scale, return_lse=True)
-    want, want_lse = ref.attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), P.cpu(),
-                                   tree.mask.cpu(), tree_lens=None if tree.tree_lens is None else tree.tree_lens.cpu(),
-                                   block_table=None if table is None else table.cpu(), scale=scale)
+def fp64_truth(tree, q, k, v, P, table, scale=None):
+    """The oracle: the reference in fp64 on the same (upcast) inputs, on CPU."""
+    return ref.attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), P.cpu(), tree.to("cpu"),
+                         block_table=None if table is None else table.cpu(), scale=scale, return_lse=True)
+
+
+def check(tree, q, k, v, P, table, scale=None, impl="auto"):
+    out, lse = tk.tree.attention(q, k, v, P, tree, block_table=table, scale=scale, return_lse=True, impl=impl)
+    want, want_lse = fp64_truth(tree, q, k, v, P, table, scale)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
     err = (out.double().cpu() - want).abs().max().item()
     assert err <= tol(q.dtype, "tree_attn"), err
@@ -58,23 +63,25 @@ def check(tree, q, k, v, P, table, lens=None, scale=None):
     return out, lse
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged1"])
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
-def test_attention_grid(device, dtype, layout, heads):
+@pytest.mark.parametrize("heads", [pytest.param((4, 4), id="mha"), pytest.param((8, 2), id="gqa4")])
+def test_attention_grid(device, dtype, layout, heads, impl):
     Hq, Hkv = heads
     page = {"contiguous": None, "paged16": 16, "paged1": 1}[layout]
     B, n = 3, 37
     lens = torch.tensor([37, 1, 20])
     tree, q, k, v, P, table = make_case(B, n, Hq, Hkv, 32, [300, 0, 77], dtype, 1, device, page, lens)
-    out, lse = check(tree, q, k, v, P, table)
+    out, lse = check(tree, q, k, v, P, table, impl=impl)
     assert (out[1, 1:] == 0).all() and torch.isinf(lse[1, 1:]).all()
 
 
-@pytest.mark.parametrize("n", [1, 7, 129])
-def test_attention_sizes(device, n):
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", [1, 7, 129, 1000])
+def test_attention_sizes(device, n, impl):
     tree, q, k, v, P, table = make_case(2, n, 4, 1, 64, [1000, 3], torch.float32, n, device)
-    check(tree, q, k, v, P, table, scale=0.3)
+    check(tree, q, k, v, P, table, scale=0.3, impl=impl)
 
 
 def test_attention_medusa_tree_vs_sdpa(device):
@@ -86,10 +93,11 @@ def test_attention_medusa_tree_vs_sdpa(device):
     torch.testing.assert_close(out.cpu(), base, atol=2e-5, rtol=1e-4)
 
 
-def test_attention_chain_equals_causal(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_chain_equals_causal(device, impl):
     """A chain tree is ordinary causal attention over prefix + n tokens."""
     tree, q, k, v, P, _ = make_case(1, 16, 2, 2, 32, [40], torch.float32, 4, device, parents=chain(16)[None])
-    out = tk.tree.attention(q, k, v, P, tree)
+    out = tk.tree.attention(q, k, v, P, tree, impl=impl)
     N = 56
     causal = torch.ones(16, N, dtype=torch.bool).tril(40)
     want = torch.nn.functional.scaled_dot_product_attention(
@@ -97,26 +105,43 @@ def test_attention_chain_equals_causal(device):
     torch.testing.assert_close(out.cpu(), want.transpose(1, 2), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_out(device, dtype):
+def test_attention_out(device, dtype, impl):
     tree, q, k, v, P, table = make_case(2, 9, 4, 2, 32, [50, 10], dtype, 5, device, 8)
-    want, want_lse = tk.tree.attention(q, k, v, P, tree, block_table=table, return_lse=True)
+    want, want_lse = tk.tree.attention(q, k, v, P, tree, block_table=table, return_lse=True, impl=impl)
     out = torch.full_like(q, 7.0)
     lse = torch.full(q.shape[:3], 7.0, device=device)
-    got = tk.tree.attention(q, k, v, P, tree, block_table=table, out=out, lse_out=lse)
+    got = tk.tree.attention(q, k, v, P, tree, block_table=table, out=out, lse_out=lse, impl=impl)
     assert got is out
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     out2 = torch.empty_like(q)
-    tk.tree.attention(q, k, v, P, tree, block_table=table, out=out2)
-    assert torch.equal(out2, want)
+    got2, lse2 = tk.tree.attention(q, k, v, P, tree, block_table=table, out=out2, return_lse=True, impl=impl)
+    assert got2 is out2 and torch.equal(out2, want) and torch.equal(lse2, want_lse)
+    # and the fp64 truth
+    truth, _ = fp64_truth(tree, q, k, v, P, table)
+    assert (out.double().cpu() - truth).abs().max().item() <= tol(dtype, "tree_attn")
 
 
-def test_attention_noncontiguous_q(device):
-    tree, q, k, v, P, _ = make_case(2, 11, 4, 2, 32, [20, 30], torch.float32, 6, device)
-    qn = q.transpose(1, 2).contiguous().transpose(1, 2)     # same values, other strides
-    assert not qn.is_contiguous()
-    torch.testing.assert_close(tk.tree.attention(qn, k, v, P, tree), tk.tree.attention(q, k, v, P, tree),
-                               atol=0, rtol=0)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_noncontiguous(device, impl):
+    """Strided q, k/v caches (contiguous and paged), prefix_lens, tree_lens and block_table give
+    the fp64 truth of the same values."""
+    lens = torch.tensor([11, 4])
+    tree, q, k, v, P, _ = make_case(2, 11, 4, 2, 32, [20, 30], torch.float32, 6, device, lens=lens)
+    strided = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  same values, other strides
+    every_other = lambda t: torch.stack([t, torch.zeros_like(t)], -1)[..., 0]  # noqa: E731
+    qn, kn, vn = strided(q), strided(k), strided(v)
+    Pn, Ln = every_other(P), every_other(tree.tree_lens)
+    assert not (qn.is_contiguous() or kn.is_contiguous() or Pn.is_contiguous() or Ln.is_contiguous())
+    out = tk.tree.attention(qn, kn, vn, Pn, tree.mask, tree_lens=Ln, impl=impl)
+    truth, _ = fp64_truth(tree, q, k, v, P, None)
+    assert (out.double().cpu() - truth).abs().max().item() <= tol(torch.float32, "tree_attn")
+    assert torch.equal(out, tk.tree.attention(q, k, v, P, tree, impl=impl))
+    tree, q, k, v, P, table = make_case(2, 11, 4, 2, 32, [20, 30], torch.float32, 7, device, page_size=4)
+    out = tk.tree.attention(q, strided(k), strided(v), P, tree, block_table=every_other(table), impl=impl)
+    truth, _ = fp64_truth(tree, q, k, v, P, table)
+    assert (out.double().cpu() - truth).abs().max().item() <= tol(torch.float32, "tree_attn")
 
 
 @settings(max_examples=12)
@@ -129,15 +154,14 @@ def test_attention_hypothesis(n, G, prefix, page, seed):
     check(tree, q, k, v, P, table)
 
 
-@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("impl", ["plain", "tuned", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_impls(device, impl, dtype):
-    """Both CUDA prefix passes (per-row plain, shared-memory tiled), long prefix (several splits),
-    head dims 64 and 128; CPU ignores impl."""
+    """Both CUDA prefix passes (per-row plain, shared-memory tiled; the CPU has one kernel) and the
+    reference, long prefix (several splits), head dims 64 and 128."""
     for D, page in ((64, None), (128, 16)):
         lens = torch.tensor([30, 64])
         tree, q, k, v, P, table = make_case(2, 64, 8, 2, D, [2000, 700], dtype, D, device, page, lens)
         out, lse = tk.tree.attention(q, k, v, P, tree, block_table=table, return_lse=True, impl=impl)
-        want, want_lse = ref.attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), P.cpu(), tree.mask.cpu(),
-                                       tree_lens=lens, block_table=None if table is None else table.cpu())
+        want, want_lse = fp64_truth(tree, q, k, v, P, table)
         assert (out.double().cpu() - want).abs().max().item() <= tol(dtype, "tree_attn")

@@ -8,13 +8,13 @@ from tokenkernels.testing import random_parents
 
 
 @pytest.mark.parametrize("parents,match", [
-    ([[0, 0, 1]], r"parents\[0, 0\] = 0: the root's parent must be -1"),
-    ([[-1, 1, 0]], r"parents\[0, 1\] = 1 must lie in \[0, 1\)"),          # self loop
-    ([[-1, 0, 3, 1]], r"parents\[0, 2\] = 3 must lie in \[0, 2\)"),       # forward parent (cycle)
-    ([[-1, 0, -1]], r"parents\[0, 2\] = -1"),                             # a second root
-    ([[-1, 0, -5]], r"parents\[0, 2\] = -5"),                             # < -1
-    ([[-1, 0, 0], [-1, 7, 0]], r"parents\[1, 1\] = 7"),                   # out of range
-    ([[-1, 0, 2**32]], r"parents\[0, 2\] = 4294967296 must lie"),         # int64, not wrapped to 0
+    pytest.param([[0, 0, 1]], r"parents\[0, 0\] = 0: the root's parent must be -1", id="root-not-minus-1"),
+    pytest.param([[-1, 1, 0]], r"parents\[0, 1\] = 1 must lie in \[0, 1\)", id="self-loop"),
+    pytest.param([[-1, 0, 3, 1]], r"parents\[0, 2\] = 3 must lie in \[0, 2\)", id="forward-parent"),   # a cycle
+    pytest.param([[-1, 0, -1]], r"parents\[0, 2\] = -1", id="second-root"),
+    pytest.param([[-1, 0, -5]], r"parents\[0, 2\] = -5", id="below-minus-1"),
+    pytest.param([[-1, 0, 0], [-1, 7, 0]], r"parents\[1, 1\] = 7", id="out-of-range"),
+    pytest.param([[-1, 0, 2**32]], r"parents\[0, 2\] = 4294967296 must lie", id="int64-not-wrapped"),
 ])
 def test_bad_parents(device, parents, match):
     with pytest.raises((RuntimeError, ValueError), match=match):
@@ -65,7 +65,7 @@ def test_bad_attention(device):
     with pytest.raises(ValueError, match=r"q must be 4-D \(B, n, H_q, D\)"):
         A(q[0], k, v, P, t.mask)
     with pytest.raises(RuntimeError, match=r"q must be 4-D \(B, n, H_q, D\)"):   # the op itself
-        torch.ops.tokenkernels.tree_attention(q[0], k, v, P, t.mask, None, None, 1.0, True, 0)
+        torch.ops.tokenkernels.tree_attention(q[0], k, v, P, t.mask, None, None, 1.0, True, "auto")
     with pytest.raises(RuntimeError, match="mask must have shape"):
         A(q, k, v, P, t.mask[:, :5])
     with pytest.raises(RuntimeError, match="mask must be int32"):
@@ -180,3 +180,59 @@ def test_mixed_devices():
     t2, draft, probs = _verify_inputs("cuda")
     with pytest.raises(ValueError, match="draft_tokens is on cpu"):
         tk.tree.verify_greedy(t2, draft.cpu(), draft)
+
+
+def test_bad_impl(device):
+    """impl names are validated by the wrappers (variants.choose) and by the ops themselves."""
+    t, q, k, v, P = _attn_inputs(device)
+    pat = r"tokenkernels\.tree\.{}: impl must be one of .*'reference'.*got 'fast'"
+    cum = torch.randn(2, 4, device=device)
+    calls = {
+        "build": lambda: tk.tree.build(t.parents, impl="fast"),
+        "attention": lambda: tk.tree.attention(q, k, v, P, t, impl="fast"),
+        "verify_greedy": lambda: tk.tree.verify_greedy(t, t.parents, t.parents, impl="fast"),
+        "verify_sampling": lambda: tk.tree.verify_sampling(t, t.parents, torch.ones(2, 6, 1, device=device),
+                                                           impl="fast"),
+        "select_frontier": lambda: tk.tree.select_frontier(cum, cum[..., None], 1, impl="fast"),
+        "select_tree": lambda: tk.tree.select_tree(cum, random_parents(2, 4, seed=0).to(device), 1, impl="fast"),
+        "DynamicTreeDrafter": lambda: tk.tree.DynamicTreeDrafter(lambda *a: None, impl="fast"),
+    }
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=pat.format(op)):
+            call()
+    ops = torch.ops.tokenkernels
+    with pytest.raises(ValueError, match=r"tokenkernels\.tree\.build: impl must be one of 'auto', 'plain', "
+                                         r"'tuned', got 'reference'"):
+        ops.tree_build(t.parents, None, True, "reference")   # the reference is a Python-level choice
+    with pytest.raises(ValueError, match=r"tokenkernels\.tree\.attention: impl must be one of"):
+        ops.tree_attention(q, k, v, P, t.mask, None, None, 1.0, True, "1")
+    with pytest.raises(ValueError, match=r"tokenkernels\.tree\.attention: impl must be one of"):
+        ops.tree_attention_out(q, k, v, P, t.mask, None, None, 1.0, True, "", torch.empty_like(q),
+                               torch.empty(2, 6, 4, device=device))
+
+
+def test_raw_ops_validate_like_wrappers(device):
+    """Called directly, every op raises the wrappers' errors (the checks live in C++ only)."""
+    t, draft, probs = _verify_inputs(device)
+    ops = torch.ops.tokenkernels
+    fc, ns, md = t.first_child, t.next_sibling, t.max_depth
+    coins, bu = torch.rand(2, 9, device=device), torch.rand(2, device=device)
+    with pytest.raises(ValueError, match=r"verify_greedy: draft_tokens must have shape \(2, 9\)"):
+        ops.tree_verify_greedy(fc, ns, draft[:, :8], draft, md)
+    with pytest.raises(TypeError, match="verify_greedy: target_argmax must be int32 or int64"):
+        ops.tree_verify_greedy(fc, ns, draft, draft.float(), md, False)
+    with pytest.raises(ValueError, match=r"verify_sampling: target_probs\[0, 3\] is not a probability"):
+        bad = probs.clone()
+        bad[0, 3] *= 1.5
+        ops.tree_verify_sampling(fc, ns, draft, bad, None, coins, bu, md, True)
+    ops.tree_verify_sampling(fc, ns, draft, bad, None, coins, bu, md, False)   # rows unchecked
+    with pytest.raises(ValueError, match="verify_sampling: coins must have shape"):
+        ops.tree_verify_sampling(fc, ns, draft, probs, None, coins[:, :3], bu, md, True)
+    with pytest.raises(TypeError, match="verify_sampling: bonus_u must be a floating-point tensor"):
+        ops.tree_verify_sampling(fc, ns, draft, probs, None, coins, bu.long(), md, True)
+    with pytest.raises(TypeError, match="build: parents must be int32 or int64"):
+        ops.tree_build(t.parents.float(), None, True, "auto")
+    with pytest.raises(ValueError, match=r"build: tree_lens must have shape \(2,\)"):
+        ops.tree_build(t.parents, torch.tensor([9], device=device), True, "auto")
+    with pytest.raises(TypeError, match="paths: depth must be int32 or int64"):
+        ops.tree_paths(t.parents, t.depth.float(), fc, None, 4, md)

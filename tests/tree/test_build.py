@@ -10,17 +10,24 @@ import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
 from tokenkernels.testing import MEDUSA_63, chain, random_parents, star
-from .trees import medusa_buffers
+from tokenkernels.variants import impls
+from .trees import FIELDS, medusa_buffers
+
+IMPLS = impls("tree")   # "auto", the CUDA variants, "reference"
 
 
-def assert_matches_reference(parents, lens=None, device="cpu", dtype=torch.long):
-    t = tk.tree.build(parents.to(dtype).to(device), None if lens is None else lens.to(device))
-    m, d, fc, ns, paths = ref.build(parents, lens)
-    for name, got, want in (("mask", t.mask, m), ("depth", t.depth, d), ("first_child", t.first_child, fc),
-                            ("next_sibling", t.next_sibling, ns), ("paths", t.paths, paths)):
-        assert got.dtype == want.dtype, name
-        assert torch.equal(got.cpu(), want), name
-    assert t.max_depth == int(d.max())
+def assert_matches_reference(parents, lens=None, device="cpu", dtype=torch.long, impl="auto"):
+    t = tk.tree.build(parents.to(dtype).to(device), None if lens is None else lens.to(device), impl=impl)
+    want = ref.build(parents, lens)
+    assert isinstance(t, tk.tree.Tree) and isinstance(want, tk.tree.Tree)
+    for name in FIELDS + ("parents",):
+        got, w = getattr(t, name), getattr(want, name)
+        assert got.dtype == w.dtype, name
+        assert torch.equal(got.cpu(), w), name
+    assert (t.tree_lens is None) == (lens is None)
+    if lens is not None:
+        assert t.tree_lens.dtype == torch.long and torch.equal(t.tree_lens.cpu(), lens)
+    assert t.max_depth == want.max_depth == int(want.depth.max())
     return t
 
 
@@ -36,16 +43,17 @@ def brute_ancestors(p: torch.Tensor, L: int) -> torch.Tensor:
     return A
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n", [1, 7, 129, 1000, 1024])
 @pytest.mark.parametrize("shape", ["chain", "star", "random"])
-def test_build_shapes(device, n, shape):
+def test_build_shapes(device, n, shape, impl):
     if shape == "chain":
         p = chain(n)[None]
     elif shape == "star":
         p = star(n)[None]
     else:
         p = random_parents(2, n, seed=n)
-    t = assert_matches_reference(p, device=device)
+    t = assert_matches_reference(p, device=device, impl=impl)
     dense = t.dense_mask().cpu()
     assert torch.equal(dense[0], brute_ancestors(p[0], n))
     if shape == "chain":
@@ -55,14 +63,39 @@ def test_build_shapes(device, n, shape):
         assert t.paths.shape == (1, max(n - 1, 1), 2 if n > 1 else 1)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_build_ragged(device, dtype):
+def test_build_ragged(device, dtype, impl):
     p = random_parents(4, 75, seed=3)
     lens = torch.tensor([75, 1, 33, 64])
     p[1, 1:] = 12345          # padding entries are ignored
-    t = assert_matches_reference(p, lens, device, dtype)
+    t = assert_matches_reference(p, lens, device, dtype, impl)
     assert t.mask[1, 1:].abs().sum() == 0 and t.mask[1, 0, 0] == 1
     assert int(t.depth[2, 33:].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_build_noncontiguous(device, impl):
+    """Strided parents / tree_lens (a transposed batch, every other tree) give the same tree."""
+    p = random_parents(6, 130, seed=8)
+    lens = torch.tensor([130, 7, 1, 129, 64, 100])
+    want = ref.build(p[::2], lens[::2])
+    pt = p.t().contiguous().to(device).t()[::2]        # column-major, then a row stride of 2
+    assert not pt.is_contiguous()
+    t = tk.tree.build(pt, lens.to(device)[::2], impl=impl)
+    for name in FIELDS:
+        assert torch.equal(getattr(t, name).cpu(), getattr(want, name)), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_build_single_tree_and_list_lens(device, impl):
+    """A 1-D parents tensor is one tree; tree_lens may be integers."""
+    p = random_parents(1, 9, seed=4)[0].to(device)
+    t = tk.tree.build(p, 5, impl=impl)
+    want = ref.build(p.cpu()[None], torch.tensor([5]))
+    assert t.batch == 1 and t.tree_lens.tolist() == [5]
+    for name in FIELDS:
+        assert torch.equal(getattr(t, name).cpu(), getattr(want, name)), name
 
 
 def test_mask_bits_beyond_32(device):
@@ -109,24 +142,29 @@ def test_from_paths_order_and_errors():
 def test_build_hypothesis(n, B, bushy, seed, data):
     p = random_parents(B, n, seed, bushy)
     lens = torch.tensor([data.draw(st.integers(1, n)) for _ in range(B)])
-    assert_matches_reference(p, lens)
+    t = assert_matches_reference(p, lens)
+    dense = t.dense_mask()
+    for b in range(B):   # the independent oracle too
+        assert torch.equal(dense[b], brute_ancestors(p[b], int(lens[b])))
 
 
-def test_max_sizes_without_sync(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_max_sizes_without_sync(device, impl):
     p = random_parents(2, 50, seed=9).to(device)
-    t = tk.tree.build(p)
-    t2 = tk.tree.build(p, max_depth=t.max_depth + 2, max_leaves=t.paths.shape[1] + 1)
+    t = tk.tree.build(p, impl=impl)
+    t2 = tk.tree.build(p, max_depth=t.max_depth + 2, max_leaves=t.paths.shape[1] + 1, impl=impl)
     assert t2.paths.shape == (2, t.paths.shape[1] + 1, t.max_depth + 3)
     assert torch.equal(t2.paths[:, : t.paths.shape[1], : t.max_depth + 1], t.paths)
     assert (t2.paths[:, t.paths.shape[1]:] == -1).all()
 
 
-@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("impl", ["plain", "tuned", "reference"])
 def test_build_impls(device, impl):
-    """Both CUDA variants (plain sibling scan, bitonic-sorted child lists); CPU ignores impl."""
+    """Both CUDA variants (plain sibling scan, bitonic-sorted child lists; the CPU has one kernel)
+    and the reference, against brute force on large ragged trees."""
     p = torch.cat([random_parents(2, 1024, seed=11, bushy=0.9), random_parents(1, 1024, seed=12, bushy=0.05)])
     lens = torch.tensor([1024, 517, 1000])
-    t = tk.tree.build(p.to(device), lens.to(device), impl=impl)
-    m, d, fc, ns, paths = ref.build(p, lens)
-    for got, want in ((t.mask, m), (t.depth, d), (t.first_child, fc), (t.next_sibling, ns), (t.paths, paths)):
-        assert torch.equal(got.cpu(), want)
+    t = assert_matches_reference(p, lens, device, impl=impl)
+    dense = t.dense_mask().cpu()
+    for b in range(3):
+        assert torch.equal(dense[b], brute_ancestors(p[b], int(lens[b])))

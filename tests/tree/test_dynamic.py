@@ -10,6 +10,9 @@ import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
 from tokenkernels.testing import random_parents
+from tokenkernels.variants import impls
+
+IMPLS = impls("tree")   # "auto", the CUDA variants (one selection kernel per device), "reference"
 
 
 def same(got, want):
@@ -18,25 +21,60 @@ def same(got, want):
         assert torch.equal(a.cpu(), b), (a, b)
 
 
+def brute_frontier(cum, child, m):
+    """Independent oracle: every (f, k) scored in fp32, sorted by (-score, flat index)."""
+    B, F, K = child.shape
+    out = []
+    for b in range(B):
+        cand = sorted(((-float(torch.tensor(float(cum[b, f]), dtype=torch.float32) + float(child[b, f, k])), f * K + k)
+                       for f in range(F) for k in range(K)))[:m]
+        out.append(cand)
+    par = torch.tensor([[i // K for _, i in c] for c in out], dtype=torch.long).view(B, m)
+    rank = torch.tensor([[i % K for _, i in c] for c in out], dtype=torch.long).view(B, m)
+    return par, rank
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_select_frontier(device, dtype):
+def test_select_frontier(device, dtype, impl):
     g = torch.Generator().manual_seed(0)
     cum = (-torch.rand(3, 10, generator=g) * 5).to(dtype)
     child = torch.log_softmax(torch.randn(3, 10, 10, generator=g), -1).topk(10, -1).values.to(dtype)
-    got = tk.tree.select_frontier(cum.to(device), child.to(device), 10)
+    got = tk.tree.select_frontier(cum.to(device), child.to(device), 10, impl=impl)
     same(got, ref.select_frontier(cum, child, 10))
     assert (got[2][:, 1:] <= got[2][:, :-1]).all()
 
 
-def test_select_frontier_ties(device):
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("F,K,m", [pytest.param(1, 1, 1, id="F1-K1-m1"), pytest.param(7, 3, 7, id="F7-K3-m7"),
+                                   pytest.param(43, 3, 129, id="F43-K3-m129"),
+                                   pytest.param(100, 10, 1000, id="F100-K10-m1000")])
+def test_select_frontier_sizes_noncontiguous(device, F, K, m, impl):
+    """Odd sizes and strided inputs against a brute-force oracle (tie-free fp32 scores)."""
+    g = torch.Generator().manual_seed(F)
+    cum = -torch.rand(2, F, generator=g) * 5
+    child = -torch.rand(2, F, K, generator=g) * 5
+    cum_s = cum.t().contiguous().t().to(device)
+    child_s = child.transpose(0, 2).contiguous().transpose(0, 2).to(device)
+    assert not (cum_s.is_contiguous() or child_s.is_contiguous()) or F == 1
+    par, rank, score = tk.tree.select_frontier(cum_s, child_s, m, impl=impl)
+    want_par, want_rank = brute_frontier(cum, child, m)
+    assert torch.equal(par.cpu(), want_par) and torch.equal(rank.cpu(), want_rank)
+    assert torch.equal(score.cpu(), (cum[:, :, None] + child).reshape(2, -1).gather(1, want_par * K + want_rank))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_select_frontier_ties(device, impl):
     cum = torch.zeros(1, 3)
     child = torch.tensor([[[-1.0, -2.0], [-1.0, -1.0], [-2.0, -1.0]]])
-    par, rank, score = tk.tree.select_frontier(cum.to(device), child.to(device), 5)
+    par, rank, score = tk.tree.select_frontier(cum.to(device), child.to(device), 5, impl=impl)
     assert par.tolist() == [[0, 1, 1, 2, 0]] and rank.tolist() == [[0, 0, 1, 1, 1]]
 
 
-@pytest.mark.parametrize("T,n", [(1, 1), (7, 3), (129, 60), (1000, 64)])
-def test_select_tree(device, T, n):
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T,n", [pytest.param(1, 1, id="T1-n1"), pytest.param(7, 3, id="T7-n3"),
+                                 pytest.param(129, 60, id="T129-n60"), pytest.param(1000, 64, id="T1000-n64")])
+def test_select_tree(device, T, n, impl):
     g = torch.Generator().manual_seed(T)
     parents = random_parents(2, T, seed=T)
     logp = -torch.rand(2, T, generator=g) * 3
@@ -44,7 +82,9 @@ def test_select_tree(device, T, n):
     cum = torch.zeros(2, T)
     for i in range(1, T):        # cumulative log-probs: non-increasing from parent to child
         cum[:, i] = cum.gather(1, parents[:, i : i + 1]).squeeze(1) + logp[:, i]
-    got = tk.tree.select_tree(cum.to(device), parents.to(device), n)
+    # strided inputs: the same values transposed in memory
+    got = tk.tree.select_tree(cum.t().contiguous().t().to(device), parents.t().contiguous().t().to(device), n,
+                              impl=impl)
     same(got, ref.select_tree(cum, parents, n))
     idx, new_par, _ = got
     # ancestor-closed: every kept node's new parent is its original parent
@@ -65,9 +105,13 @@ def test_select_tree_hypothesis_any_scores(T, seed, data):
     got = tk.tree.select_tree(cum, parents, n)
     same(got, ref.select_tree(cum, parents, n))
     tk.tree.build(got[1])
+    # independent check: the root and the n - 1 best others (ties: lower index), in node order
+    keep = sorted([0] + sorted(range(1, T), key=lambda i: (-float(cum[0, i]), i))[: n - 1])
+    assert got[0][0].tolist() == keep
 
 
-def test_dynamic_drafter_bigram():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dynamic_drafter_bigram(impl):
     """Drafting with a fixed bigram model: the result is a valid tree of total_tokens nodes whose
     scores are the cumulative log-probs of its tokens, and it keeps the best-scoring nodes a
     brute-force expansion finds (EAGLE-2 rule: per depth top_k children of the top_k frontier)."""
@@ -79,7 +123,7 @@ def test_dynamic_drafter_bigram():
     def step(tokens, parents, frontier):
         return logp[torch.gather(tokens, 1, frontier)]
 
-    drafter = tk.tree.DynamicTreeDrafter(step, top_k=4, depth=4, total_tokens=12)
+    drafter = tk.tree.DynamicTreeDrafter(step, top_k=4, depth=4, total_tokens=12, impl=impl)
     root = torch.tensor([3, 7])
     tokens, parents, score = drafter.draft(root)
     assert tokens.shape == (2, 12) and parents.shape == (2, 12)

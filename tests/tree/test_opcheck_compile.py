@@ -4,60 +4,26 @@ import torch
 
 import tokenkernels as tk
 
-from tokenkernels.testing import random_parents
+from .samples import names, op_samples
 
-OPS = torch.ops.tokenkernels
-
-
-def _samples(device):
-    g = torch.Generator().manual_seed(0)
-    par = random_parents(2, 40, seed=1)
-    lens = torch.tensor([40, 17])
-    tree = tk.tree.build(par, lens)
-    d = lambda t: t.to(device)  # noqa: E731
-    q = torch.randn(2, 40, 4, 32, generator=g)   # D = 32: the smallest head dim CUDA takes
-    k = torch.randn(2, 80, 2, 32, generator=g)
-    v = torch.randn(2, 80, 2, 32, generator=g)
-    kp = torch.randn(30, 8, 2, 32, generator=g)
-    vp = torch.randn(30, 8, 2, 32, generator=g)
-    table = torch.randperm(30, generator=g)[:20].view(2, 10)
-    P = torch.tensor([30, 5])
-    V = 6
-    draft = torch.randint(0, V, (2, 40), generator=g)
-    am = torch.randint(0, V, (2, 40), generator=g)
-    tp = torch.softmax(torch.randn(2, 40, V, generator=g), -1)
-    dp = torch.softmax(torch.randn(2, 40, V, generator=g), -1)
-    coins, bu = torch.rand(2, 40, generator=g), torch.rand(2, generator=g)
-    fc, ns = tree.first_child, tree.next_sibling
-    cum = torch.randn(2, 5, generator=g)
-    child = torch.randn(2, 5, 3, generator=g)
-    return [
-        (OPS.tree_build.default, (d(par), d(lens), True, 0)),
-        (OPS.tree_build.default, (d(par.int()), None, True, 0)),
-        (OPS.tree_paths.default, (d(par), d(tree.depth), d(fc), d(lens), tree.paths.shape[1], tree.max_depth)),
-        (OPS.tree_attention.default, (d(q), d(k), d(v), d(P), d(tree.mask), d(lens), None, 0.25, True, 0)),
-        (OPS.tree_attention.default, (d(q.half()), d(kp.half()), d(vp.half()), d(P), d(tree.mask), None, d(table),
-                                      0.25, False, 0)),
-        (OPS.tree_attention_out.default, (d(q), d(kp), d(vp), d(P), d(tree.mask), d(lens), d(table), 0.25, True, 0,
-                                          d(torch.empty_like(q)), d(torch.empty(2, 40, 4)))),
-        (OPS.tree_verify_greedy.default, (d(fc), d(ns), d(draft), d(am), tree.max_depth)),
-        (OPS.tree_verify_sampling.default, (d(fc), d(ns), d(draft), d(tp), d(dp), d(coins), d(bu), tree.max_depth,
-                                            True)),
-        (OPS.tree_verify_sampling.default, (d(fc), d(ns), d(draft), d(tp), None, d(coins), d(bu), tree.max_depth,
-                                            False)),
-        (OPS.tree_select_frontier.default, (d(cum), d(child), 7)),
-        (OPS.tree_select_tree.default, (d(cum), d(random_parents(2, 5, seed=2)), 3)),
-    ]
+SAMPLE_NAMES = names()
 
 
 UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-@pytest.mark.parametrize("i", range(11))
-def test_opcheck(device, i):
-    op, args = _samples(device)[i]
+def test_samples_cover_every_op():
+    """Every tree schema op has a sample, and the names are unique."""
+    ops = {str(s.op).split(".")[-2] for s in op_samples("cpu")}
+    schemas = {name.split("::")[1] for name in tk.op_names() if name.startswith("tokenkernels::tree_")}
+    assert ops == schemas and len(set(SAMPLE_NAMES)) == len(SAMPLE_NAMES)
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_opcheck(device, name):
+    sample = {s.name: s for s in op_samples(device)}[name]
     # the padded attention rows carry lse = -inf, which assert_close accepts (inf == inf)
-    torch.library.opcheck(op, args, test_utils=UTILS)
+    torch.library.opcheck(sample.op, sample.args, test_utils=UTILS)
 
 
 def _pipeline(parents, q, k, v, P, draft, am):

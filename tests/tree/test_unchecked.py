@@ -15,7 +15,7 @@ import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
 from tokenkernels.testing import chain, random_parents
-from .trees import unchecked_build
+from .trees import buffers, unchecked_build
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 OPS = torch.ops.tokenkernels
@@ -23,15 +23,15 @@ BIG = 2**32
 
 # parents the CPU rejects; on CUDA with check=False each bad entry detaches its node
 BAD_PARENTS = [
-    [[-1, 1, 0]],                       # self loop (the walk used to loop forever)
-    [[-1, 2, 1]],                       # 1 -> 2 -> 1 cycle through a forward parent
-    [[-1, 0, 3, 1]],                    # forward parent
-    [[-1, 0, -1, 2]],                   # a second root with a child
-    [[-1, 0, -5, 2]],                   # < -1
-    [[-1, 7, 0], [-1, 0, 99]],          # >= n (used to read past the tree)
-    [[5, 0, 1]],                        # the root's own parent is ignored
-    [[-1, BIG, BIG + 1]],               # int64 beyond int32 (used to wrap to 0 and 1)
-    [[-1, 0, 1 - BIG]],                 # (wrapped to 1)
+    pytest.param([[-1, 1, 0]], id="self-loop"),                      # the walk used to loop forever
+    pytest.param([[-1, 2, 1]], id="cycle"),                          # 1 -> 2 -> 1 through a forward parent
+    pytest.param([[-1, 0, 3, 1]], id="forward-parent"),
+    pytest.param([[-1, 0, -1, 2]], id="second-root-with-child"),
+    pytest.param([[-1, 0, -5, 2]], id="below-minus-1"),
+    pytest.param([[-1, 7, 0], [-1, 0, 99]], id="beyond-n"),          # used to read past the tree
+    pytest.param([[5, 0, 1]], id="root-parent-ignored"),
+    pytest.param([[-1, BIG, BIG + 1]], id="int64-beyond-int32"),     # used to wrap to 0 and 1
+    pytest.param([[-1, 0, 1 - BIG]], id="int64-wrapping-to-1"),
 ]
 
 
@@ -41,7 +41,7 @@ def test_unchecked_build_model_matches_reference():
     for seed, (B, n) in enumerate([(3, 1), (2, 40), (4, 130)]):
         p = random_parents(B, n, seed)
         lens = torch.randint(1, n + 1, (B,), generator=torch.Generator().manual_seed(seed))
-        for got, want in zip(unchecked_build(p, lens), ref.build(p, lens)):
+        for got, want in zip(unchecked_build(p, lens), buffers(ref.build(p, lens))):
             assert torch.equal(got, want)
 
 
@@ -103,11 +103,11 @@ def test_cuda_unchecked_build_garbage(n, impl):
 
 @pytest.mark.parametrize("parents,depth,fc,want", [
     # the walk of a direct tree_paths call follows only parents in [0, j)
-    ([[-1, 1, 0]], [[0, 0, 1]], [[2, -1, -1]], [[[1, -1], [0, 2]]]),
-    ([[-1, 2, 1]], [[0, 0, 1]], [[-1, 2, -1]], [[[0, -1], [1, 2]]]),
-    ([[-1, 0, 9]], [[0, 1, 0]], [[1, -1, -1]], [[[0, 1], [2, -1]]]),
+    pytest.param([[-1, 1, 0]], [[0, 0, 1]], [[2, -1, -1]], [[[1, -1], [0, 2]]], id="self-loop"),
+    pytest.param([[-1, 2, 1]], [[0, 0, 1]], [[-1, 2, -1]], [[[0, -1], [1, 2]]], id="forward-parent"),
+    pytest.param([[-1, 0, 9]], [[0, 1, 0]], [[1, -1, -1]], [[[0, 1], [2, -1]]], id="beyond-n"),
     # inconsistent depths are not written
-    ([[-1, 0, 0]], [[5, -3, 1]], [[1, -1, -1]], [[[-1, -1], [-1, 2]]]),
+    pytest.param([[-1, 0, 0]], [[5, -3, 1]], [[1, -1, -1]], [[[-1, -1], [-1, 2]]], id="bad-depths"),
 ])
 def test_paths_walk_guarded(device, parents, depth, fc, want):
     d = lambda x: torch.tensor(x, device=device)  # noqa: E731
@@ -219,7 +219,7 @@ def test_cuda_unchecked_draft_tokens_skipped(mode):
     c = lambda x: None if x is None else x.cuda()  # noqa: E731
     got = tk.tree.verify_sampling(t, draft.cuda(), probs.cuda(), draft_probs=c(q), coins=coins.cuda(),
                                   bonus_u=bu.cuda(), check=False)
-    want = ref.verify_sampling(t.first_child.cpu(), t.next_sibling.cpu(), draft, probs, q, coins, bu, t.max_depth)
+    want = ref.verify_sampling(t.to("cpu"), draft, probs, draft_probs=q, coins=coins, bonus_u=bu, check=False)
     for a, b in zip(got, want):
         assert torch.equal(a.cpu(), b)
 
@@ -229,14 +229,15 @@ def _corrupt(t, **links):
 
 
 @pytest.mark.parametrize("kind,argmax,greedy", [
-    ("self_loop", [9, 9, 9, 9], ([0, -1, -1, -1], 0, 9)),   # used to loop forever on node 1
-    ("backward", [1, 2, 1, 9], ([0, 1, 2, -1], 2, 1)),     # used to re-accept node 1
-    ("past_n", [1, 2, 3, 9], ([0, 1, 2, 3], 3, 9)),
+    pytest.param("self_loop", [9, 9, 9, 9], ([0, -1, -1, -1], 0, 9), id="self-loop"),   # looped forever on node 1
+    pytest.param("backward", [1, 2, 1, 9], ([0, 1, 2, -1], 2, 1), id="backward"),      # re-accepted node 1
+    pytest.param("past_n", [1, 2, 3, 9], ([0, 1, 2, 3], 3, 9), id="past-n"),
 ])
 def test_corrupt_links(device, kind, argmax, greedy):
-    """Hand-made links that are not the tree's: the CPU (and CUDA verify_sampling with check=True)
-    raise; CUDA greedy and check=False sampling end the walk at the corrupt link instead of
-    looping or reading past the tree."""
+    """Hand-made links that are not the tree's: with check=True (the default) both verifications
+    raise the same error on CPU and CUDA (the CPU in any case); CUDA with check=False ends the
+    walk at the corrupt link instead of looping or reading past the tree -- the reference's
+    guarded walk."""
     t = tk.tree.build(chain(4)[None].to(device))   # first_child [1, 2, 3, -1], next_sibling -1
     ns = t.next_sibling.cpu().clone()
     fc = t.first_child.cpu().clone()
@@ -257,11 +258,16 @@ def test_corrupt_links(device, kind, argmax, greedy):
     bu = torch.zeros(1, device=device)
     with pytest.raises(RuntimeError, match=match):
         tk.tree.verify_sampling(bad, draft, probs, coins=coins, bonus_u=bu)
+    with pytest.raises(RuntimeError, match="verify_greedy: " + match):
+        tk.tree.verify_greedy(bad, draft, am)
+    # the reference's guarded walk is the documented check=False result
+    acc, alen, bonus = tk.tree.verify_greedy(bad, draft, am, check=False, impl="reference")
+    assert (acc[0].tolist(), int(alen), int(bonus)) == greedy
     if device == "cpu":
         with pytest.raises(RuntimeError, match="verify_greedy: " + match):
-            tk.tree.verify_greedy(bad, draft, am)
+            tk.tree.verify_greedy(bad, draft, am, check=False)   # the CPU validates in any case
         return
-    acc, alen, bonus = tk.tree.verify_greedy(bad, draft, am)
+    acc, alen, bonus = tk.tree.verify_greedy(bad, draft, am, check=False)
     assert (acc[0].tolist(), int(alen), int(bonus)) == greedy
     acc, alen, bonus = tk.tree.verify_sampling(bad, draft, probs, coins=coins, bonus_u=bu, check=False)
     torch.cuda.synchronize()
@@ -292,8 +298,7 @@ def test_verify_sampling_zero_residual(device, mode):
     assert alen.tolist() == [0, 0, 1]
     assert acc.tolist() == [[0, -1, -1], [0, -1, -1], [0, 1, -1]]
     assert bonus.tolist() == [0, 2, 0]
-    want = ref.verify_sampling(t3.first_child.cpu(), t3.next_sibling.cpu(), draft, target, q, coins, bu,
-                               t3.max_depth)
+    want = ref.verify_sampling(t3.to("cpu"), draft, target, draft_probs=q, coins=coins, bonus_u=bu, check=False)
     for a, b in zip((acc, alen, bonus), want):
         assert torch.equal(a.cpu(), b)
 
@@ -313,7 +318,7 @@ def test_verify_sampling_tiny_residual(device):
     acc, alen, bonus = tk.tree.verify_sampling(t, c(draft), c(target), draft_probs=c(q), coins=c(coins),
                                                bonus_u=c(bu), check=False)
     assert acc.tolist() == [[0, 2]] and alen.tolist() == [1] and bonus.tolist() == [2]
-    want = ref.verify_sampling(t.first_child.cpu(), t.next_sibling.cpu(), draft, target, q, coins, bu, t.max_depth)
+    want = ref.verify_sampling(t.to("cpu"), draft, target, draft_probs=q, coins=coins, bonus_u=bu, check=False)
     for a, b in zip((acc, alen, bonus), want):
         assert torch.equal(a.cpu(), b)
 
@@ -366,7 +371,7 @@ def test_cuda_check_false_has_no_host_sync():
             t = tk.tree.build(par, lens, max_depth=md, max_leaves=ml, check=False, impl=impl)
             tk.tree.attention(q, k, v, P, t, out=out, lse_out=lse, check=False, impl=impl)
             tk.tree.attention(q, kp, vp, P, t, block_table=table, out=out, check=False, impl=impl)
-            tk.tree.verify_greedy(t, draft, am)
+            tk.tree.verify_greedy(t, draft, am, check=False)
             tk.tree.verify_sampling(t, draft, probs, draft_probs=probs, coins=coins, bonus_u=bu, check=False)
             tk.tree.verify_sampling(t, draft, probs, generator=None, check=False)
     finally:

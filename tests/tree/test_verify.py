@@ -12,6 +12,9 @@ import tokenkernels as tk
 from tokenkernels.reference import tree as ref
 
 from tokenkernels.testing import MEDUSA_63, chain, random_parents, star
+from tokenkernels.variants import impls
+
+IMPLS = impls("tree")   # "auto", the CUDA variants (one verify kernel per device), "reference"
 
 
 def gen(seed):
@@ -33,17 +36,39 @@ def greedy_case(parents, lens, V, seed, device, hit=0.6):
     return tree, draft.to(device), argmax.to(device)
 
 
-def check_greedy(tree, draft, argmax):
-    got = tk.tree.verify_greedy(tree, draft, argmax)
-    want = ref.verify_greedy(tree.first_child.cpu(), tree.next_sibling.cpu(), draft.cpu(), argmax.cpu(),
-                             tree.max_depth)
+def brute_greedy(tree, draft, argmax):
+    """An independent oracle: children from the parents, the first matching child in node order."""
+    parents = tree.parents.cpu()
+    B, n = parents.shape
+    lens = [n] * B if tree.tree_lens is None else tree.tree_lens.tolist()
+    acc = torch.full((B, tree.max_depth + 1), -1, dtype=torch.long)
+    alen, bonus = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        path = [0]
+        while True:
+            u = path[-1]
+            kids = [c for c in range(1, lens[b]) if int(parents[b, c]) == u
+                    and int(draft[b, c]) == int(argmax[b, u])]
+            if not kids:
+                break
+            path.append(kids[0])
+        acc[b, :len(path)] = torch.tensor(path)
+        alen[b], bonus[b] = len(path) - 1, int(argmax[b, path[-1]])
+    return acc, alen, bonus
+
+
+def check_greedy(tree, draft, argmax, impl="auto", check=True):
+    got = tk.tree.verify_greedy(tree, draft, argmax, impl=impl, check=check)
+    want = brute_greedy(tree, draft.cpu(), argmax.cpu())
     for a, b in zip(got, want):
-        assert torch.equal(a.cpu(), b)
+        assert a.dtype == torch.long and torch.equal(a.cpu(), b)
     return got
 
 
-@pytest.mark.parametrize("shape", ["chain", "star", "medusa", "random1024"])
-def test_verify_greedy(device, shape):
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("shape", ["chain", "star", "medusa", "random1", "random7", "random129", "random1024"])
+def test_verify_greedy(device, shape, check, impl):
     if shape == "chain":
         p = chain(50)[None]
     elif shape == "star":
@@ -51,31 +76,51 @@ def test_verify_greedy(device, shape):
     elif shape == "medusa":
         p = tk.tree.from_paths(MEDUSA_63)[None].expand(3, 64)
     else:
-        p = random_parents(2, 1024, seed=1, bushy=0.2)
+        p = random_parents(2, int(shape[6:]), seed=1, bushy=0.2)
     tree, draft, argmax = greedy_case(p, None, 5, 2, device)
-    acc, alen, bonus = check_greedy(tree, draft, argmax)
+    acc, alen, bonus = check_greedy(tree, draft, argmax, impl, check)
     assert acc.shape == (p.shape[0], tree.max_depth + 1)
 
 
-def test_verify_greedy_full_chain_accept(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_verify_greedy_noncontiguous_int32(device, impl):
+    """Strided int32 tokens (and a 1-D single tree) give the same walk."""
+    p = random_parents(3, 40, seed=5)
+    lens = torch.tensor([40, 13, 1])
+    tree, draft, argmax = greedy_case(p, lens, 4, 6, device)
+    dn = torch.stack([draft.int(), -torch.ones_like(draft.int())], -1)[..., 0]
+    an = argmax.int().t().contiguous().t()
+    assert not dn.is_contiguous() and not an.is_contiguous()
+    want = check_greedy(tree, draft, argmax, impl)
+    for a, b in zip(tk.tree.verify_greedy(tree, dn, an, impl=impl), want):
+        assert torch.equal(a, b)
+    one = tk.tree.build(p[0].to(device))
+    got = tk.tree.verify_greedy(one, draft[0], argmax[0], impl=impl)
+    for a, b in zip(got, brute_greedy(one, draft[:1].cpu(), argmax[:1].cpu())):
+        assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_verify_greedy_full_chain_accept(device, impl):
     p = chain(6)[None]
     tree = tk.tree.build(p.to(device))
     draft = torch.tensor([[9, 1, 2, 3, 4, 5]], device=device)
     argmax = torch.tensor([[1, 2, 3, 4, 5, 6]], device=device)
-    acc, alen, bonus = tk.tree.verify_greedy(tree, draft, argmax)
+    acc, alen, bonus = tk.tree.verify_greedy(tree, draft, argmax, impl=impl)
     assert acc.tolist() == [[0, 1, 2, 3, 4, 5]] and alen.tolist() == [5] and bonus.tolist() == [6]
     argmax[0, 2] = 0   # reject at node 2's child
-    acc, alen, bonus = tk.tree.verify_greedy(tree, draft, argmax)
+    acc, alen, bonus = tk.tree.verify_greedy(tree, draft, argmax, impl=impl)
     assert acc.tolist() == [[0, 1, 2, -1, -1, -1]] and alen.tolist() == [2] and bonus.tolist() == [0]
 
 
-def test_verify_greedy_first_matching_sibling(device):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_verify_greedy_first_matching_sibling(device, impl):
     """Duplicate tokens among siblings: the first child (node order) wins."""
     p = torch.tensor([[-1, 0, 0, 0, 2, 3]])
     tree = tk.tree.build(p.to(device))
     draft = torch.tensor([[0, 4, 7, 7, 1, 2]], device=device)
     argmax = torch.tensor([[7, 0, 0, 2, 0, 0]], device=device)
-    acc, alen, bonus = tk.tree.verify_greedy(tree, draft, argmax)
+    acc, alen, bonus = tk.tree.verify_greedy(tree, draft, argmax, impl=impl)
     assert acc.tolist() == [[0, 2, -1]] and alen.tolist() == [1] and bonus.tolist() == [0]
 
 
@@ -84,7 +129,9 @@ def test_verify_greedy_first_matching_sibling(device):
 def test_verify_greedy_hypothesis(n, B, V, seed, data):
     p = random_parents(B, n, seed, data.draw(st.floats(0, 1)))
     lens = torch.tensor([data.draw(st.integers(1, n)) for _ in range(B)])
-    check_greedy(*greedy_case(p, lens, V, seed, "cpu"))
+    case = greedy_case(p, lens, V, seed, "cpu")
+    for a, b in zip(check_greedy(*case), tk.tree.verify_greedy(*case, impl="reference")):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------- sampling vs reference
@@ -92,11 +139,15 @@ def probs(shape, g, temp=1.0):
     return torch.softmax(torch.randn(*shape, generator=g) / temp, -1)
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                    (torch.float16, torch.float32)])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("dtypes", [pytest.param((torch.float32, torch.float32), id="fp32"),
+                                    pytest.param((torch.bfloat16, torch.bfloat16), id="bf16"),
+                                    pytest.param((torch.float16, torch.float32), id="fp16-target-fp32-draft")])
 @pytest.mark.parametrize("mode", ["one_hot", "draft_probs"])
 @pytest.mark.parametrize("shape", ["medusa", "random"])
-def test_verify_sampling_vs_reference(device, mode, shape, dtypes):
+def test_verify_sampling_vs_reference(device, mode, shape, dtypes, impl):
+    """The kernels (and, as an implementation, the reference on the tree's device) against the
+    reference on CPU; the losslessness tests below are the independent oracle."""
     g = gen(7)
     if shape == "medusa":
         p = tk.tree.from_paths(MEDUSA_63)[None].expand(4, 64)
@@ -113,9 +164,8 @@ def test_verify_sampling_vs_reference(device, mode, shape, dtypes):
     coins, bu = torch.rand(B, n, generator=g), torch.rand(B, generator=g)
     dev = lambda t: None if t is None else t.to(device)  # noqa: E731
     got = tk.tree.verify_sampling(tree, dev(draft), dev(target), draft_probs=dev(q), coins=dev(coins), bonus_u=dev(bu),
-                                  check=False)   # low-precision rows sum to 1 only within their rounding
-    want = ref.verify_sampling(tree.first_child.cpu(), tree.next_sibling.cpu(), draft, target, q, coins, bu,
-                               tree.max_depth)
+                                  check=False, impl=impl)   # low-precision rows sum to 1 only within their rounding
+    want = ref.verify_sampling(tree.to("cpu"), draft, target, draft_probs=q, coins=coins, bonus_u=bu, check=False)
     # exact: the kernels (CPU and CUDA) and the reference all decide in fp64 with the same
     # formulas; only the summation order of the residual's sum differs (a tie within its last
     # bits has probability ~1e-16 per decision)
@@ -127,6 +177,8 @@ def test_verify_sampling_vs_reference(device, mode, shape, dtypes):
 
 
 def test_verify_sampling_generator_reproducible(device):
+    """The same generator state, the same result -- also between the kernel and the reference,
+    which draw the uniforms the same way."""
     p = random_parents(3, 30, seed=4)
     tree = tk.tree.build(p.to(device))
     g = gen(1)
@@ -134,8 +186,37 @@ def test_verify_sampling_generator_reproducible(device):
     draft = torch.randint(0, 5, (3, 30), generator=g).to(device)
     a = tk.tree.verify_sampling(tree, draft, target, generator=torch.Generator(device).manual_seed(5))
     b = tk.tree.verify_sampling(tree, draft, target, generator=torch.Generator(device).manual_seed(5))
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    c = tk.tree.verify_sampling(tree, draft, target, generator=torch.Generator(device).manual_seed(5),
+                                impl="reference")
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", [1, 7, 129, 1000])
+def test_verify_sampling_sizes_noncontiguous(device, n, impl):
+    """Odd tree sizes, strided inputs (int32 tokens, transposed probabilities) and a 1-D single
+    tree, against the reference on CPU."""
+    B, V = 2, 7
+    g = gen(n)
+    p = random_parents(B, n, seed=n, bushy=0.3)
+    tree = tk.tree.build(p.to(device))
+    target = probs((B, n, V), g, 0.5)
+    q = probs((B, n, V), g, 0.5)
+    draft = torch.randint(0, V, (B, n), generator=g)
+    coins, bu = torch.rand(B, n, generator=g), torch.rand(B, generator=g)
+    want = ref.verify_sampling(tree.to("cpu"), draft, target, draft_probs=q, coins=coins, bonus_u=bu)
+    strided = lambda t: t.transpose(0, -1).contiguous().transpose(0, -1).to(device)  # noqa: E731
+    got = tk.tree.verify_sampling(tree, strided(draft.int()), strided(target), draft_probs=strided(q),
+                                  coins=strided(coins), bonus_u=bu.to(device), impl=impl)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+    one = tk.tree.build(p[0].to(device))
+    got = tk.tree.verify_sampling(one, draft[0].to(device), target[:1].to(device), coins=coins[:1].to(device),
+                                  bonus_u=bu[:1].to(device), impl=impl)
+    want = ref.verify_sampling(one.to("cpu"), draft[:1], target[:1], coins=coins[:1], bonus_u=bu[:1])
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
 
 
 # ------------------------------------------------------------------------------ losslessness

@@ -6,6 +6,14 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+# The tensors of a built tree besides its inputs (parents, tree_lens): what build computes.
+FIELDS = ("mask", "depth", "first_child", "next_sibling", "paths")
+
+
+def buffers(tree) -> Tuple[torch.Tensor, ...]:
+    """A :class:`tokenkernels.tree.Tree`'s :data:`FIELDS`, in that order (as :func:`unchecked_build`)."""
+    return tuple(getattr(tree, name) for name in FIELDS)
+
 
 def medusa_buffers(choices: Sequence[Sequence[int]]):
     """Independent re-implementation of Medusa's generate_medusa_buffers bookkeeping:
@@ -30,7 +38,7 @@ def unchecked_build(parents: torch.Tensor, lens=None):
     """The documented result of ``build(..., check=False)`` on CUDA for *any* parents (brute force):
     node i (< tree_lens[b], clamped into [0, n]) follows parents[b, i] only if it lies in [0, i);
     otherwise it is the root of a detached subtree (its ancestor walk stops at it, it is nobody's
-    child). Returns (mask, depth, first_child, next_sibling, paths) as ``reference.tree.build``."""
+    child). Returns the tree's :data:`FIELDS` (mask, depth, first_child, next_sibling, paths)."""
     from tokenkernels.reference import tree as ref
 
     B, n = parents.shape

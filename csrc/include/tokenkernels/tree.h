@@ -17,7 +17,20 @@
 namespace tokenkernels {
 namespace tree {
 
+// The `impl` option of tree_build / tree_attention(_out) (schema `str impl`, parsed once in
+// csrc/tree/tree_args.h, which rejects any other name on every device): "auto" (the kernels'
+// own choice: tuned), "plain", "tuned". The CPU kernels have one implementation and do not use
+// it; the CUDA launchers take it.
+enum class Impl : int32_t { Auto = 0, Plain = 1, Tuned = 2 };
+
+// What the launchers run for an impl: Auto is the kernels' own heuristic (the tuned kernels).
+TK_HD Impl resolve_impl(Impl impl) { return impl == Impl::Plain ? Impl::Plain : Impl::Tuned; }
+
 TK_HD int64_t mask_words(int64_t n) { return (n + 31) / 32; }
+
+// Largest n the CUDA build / select kernels handle (one block per tree, node data in shared
+// memory); the CUDA adapter checks it (csrc/tree/tree_args.h).
+constexpr int64_t kMaxCudaNodes = 4096;
 
 // The parent node i follows in every ancestor walk: parents[i] when it is a valid parent
 // (0 <= p < i), else -1. With validated parents this is the identity; with unvalidated ones
@@ -73,17 +86,13 @@ TK_HD bool rank_before(float sa, int64_t ia, float sb, int64_t ib) {
 namespace tokenkernels {
 namespace tree {
 
-// Largest n the CUDA build / select kernels handle (one block per tree, node data in shared
-// memory).
-constexpr int64_t kMaxCudaNodes = 4096;
-
 // build: parents (B, n) int64 (validated by the caller), lens (B,) int64 or nullptr (= n).
 // Writes mask (B, n, W) int32, depth, first_child, next_sibling (B, n) int64. One block per tree.
-// variant 1 = plain (each node scans for its next sibling, O(n) per thread); otherwise tuned
-// (children grouped by a block-wide bitonic sort of (parent, index) keys).
+// Impl::Plain: each node scans for its next sibling, O(n) per thread; Impl::Tuned (and Auto):
+// children grouped by a block-wide bitonic sort of (parent, index) keys.
 cudaError_t launch_build(const int64_t* parents, const int64_t* lens, int64_t B, int64_t n,
                          int32_t* mask, int64_t* depth, int64_t* first_child,
-                         int64_t* next_sibling, int variant, cudaStream_t stream);
+                         int64_t* next_sibling, Impl impl, cudaStream_t stream);
 
 // paths (B, L_max, D_max + 1) int64, fully written (-1 padding). One block per tree.
 cudaError_t launch_paths(const int64_t* parents, const int64_t* depth, const int64_t* first_child,
@@ -119,13 +128,14 @@ struct AttnProblem {
 // Number of prefix splits the launcher will use, and the fp32 workspace it needs for them.
 int64_t attention_splits(const AttnProblem& p);
 size_t attention_workspace_bytes(const AttnProblem& p);
-// variant 1 = plain (one warp per query row and head, K/V read from global memory);
-// otherwise tuned (K/V tiles staged in shared memory once per block and reused by every query
-// row of the KV head). Both: prefix in splits with no mask, then the tree part with the mask
-// merged with the splits by log-sum-exp. Requires D % 32 == 0 and D <= 256.
-cudaError_t launch_attention(const AttnProblem& p, int variant, void* workspace, cudaStream_t stream);
+// Impl::Plain: one warp per query row and head, K/V read from global memory; Impl::Tuned (and
+// Auto): K/V tiles staged in shared memory once per block and reused by every query row of the
+// KV head. Both: prefix in splits with no mask, then the tree part with the mask merged with
+// the splits by log-sum-exp. Requires D % 32 == 0 and D <= 256.
+cudaError_t launch_attention(const AttnProblem& p, Impl impl, void* workspace, cudaStream_t stream);
 
 // Greedy verification, one thread per tree. accepted (B, max_depth+1), accept_len, bonus (B,).
+// Corrupt child links (only possible with check=false) end the sibling walk (link_ok).
 cudaError_t launch_verify_greedy(const int64_t* first_child, const int64_t* next_sibling,
                                  const int64_t* draft_tokens, const int64_t* target_argmax,
                                  int64_t B, int64_t n, int64_t max_depth, int64_t* accepted,

@@ -10,35 +10,49 @@ in one batch give ``tree_lens`` (B,), nodes past it are padding. n may be 1024 o
   ancestors in the tree (packed mask), merged by log-sum-exp; contiguous or paged caches, GQA;
 * :func:`verify_greedy`, :func:`verify_sampling` (lossless multi-candidate speculative sampling);
 * dynamic trees: :func:`select_frontier`, :func:`select_tree` and :class:`DynamicTreeDrafter`.
+
+Every shape / dtype / device / value check is in C++ (``csrc/tree/tree_args.h``), the same on
+CPU and CUDA; these wrappers convert types, fill defaults, pick the implementation
+(``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"tuned"``, or ``"reference"``, the
+pure-PyTorch :mod:`tokenkernels.reference.tree` with the same signature) and document. (The
+only checks left here are what the conversions need: Python objects that are not tensors, and
+q's rank, which attention's defaults read.)
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import operator
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from .. import variants as _variants
 from ..reference import tree as _ref
-from ..variants import impl_code as _impl_code
 
-_IMPLS = {"auto": 0, "plain": 1, "tuned": 2}
 _ops = torch.ops.tokenkernels
+_REFERENCE = _variants.REFERENCE
+
+
+def _choose(impl, device, op: str) -> str:
+    """"reference" or the op-level impl string of the schema (validates ``impl``)."""
+    return _variants.choose("tree", impl, device, f"tree.{op}")
 
 
 def _err(op: str, msg: str) -> str:
     return f"tokenkernels.tree.{op}: {msg}"
 
 
-def _index_tensor(t, name: str, op: str, dims: int) -> torch.Tensor:
+def _tensor(t, name: str, op: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(_err(op, f"{name} must be a torch.Tensor, got {type(t).__name__}"))
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(_err(op, f"{name} must be int32 or int64, got {t.dtype}"))
-    if t.dim() != dims:
-        raise ValueError(_err(op, f"{name} must be {dims}-D, got shape {tuple(t.shape)}"))
     return t
+
+
+def _per_node(t, name: str, op: str) -> torch.Tensor:
+    """Per-node values: a (B, n) tensor, or (n,) for a single tree (made (1, n))."""
+    t = _tensor(t, name, op)
+    return t.unsqueeze(0) if t.dim() == 1 else t
 
 
 def _int_arg(v, name: str, op: str) -> int:
@@ -64,24 +78,12 @@ def _as_index(t, name: str, op: str, device) -> torch.Tensor:
     return t
 
 
-def _dims_1_or_2(t) -> int:
-    """1 for a 1-D tensor (a single tree), else 2 (anything else then fails the 2-D check)."""
-    return 1 if isinstance(t, torch.Tensor) and t.dim() == 1 else 2
-
-
-def _lens(t, B: int, device, name: str, op: str) -> Optional[torch.Tensor]:
+def _lens(t, device, name: str, op: str) -> Optional[torch.Tensor]:
+    """tree_lens: None, a tensor, or integers (made an int64 tensor on `device`); 0-d -> (1,)."""
     if t is None:
         return None
     t = _as_index(t, name, op, device)
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise TypeError(_err(op, f"{name} must be an integer tensor, got {t.dtype}"))
-    if t.dim() == 0:
-        t = t.reshape(1)
-    if t.shape != (B,):
-        raise ValueError(_err(op, f"{name} must have shape ({B},), got {tuple(t.shape)}"))
-    if t.device != torch.device(device):
-        raise ValueError(_err(op, f"{name} is on {t.device} but parents is on {device}"))
-    return t.to(torch.long)
+    return t.reshape(1) if t.dim() == 0 else t
 
 
 @dataclasses.dataclass
@@ -120,6 +122,12 @@ class Tree:
         """(B, n, n) bool: ``[b, i, j]`` iff j is i or an ancestor of i."""
         return _ref.unpack_bits(self.mask, self.n)
 
+    def to(self, device) -> "Tree":
+        """The same tree with every tensor on ``device``."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def positions(self, prefix_lens) -> torch.Tensor:
         """(B, n) int64 position ids of the tree tokens: ``prefix_len + depth``."""
         prefix_lens = _as_index(prefix_lens, "prefix_lens", "Tree.positions", self.depth.device)
@@ -149,25 +157,27 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
             own and its descendants' ancestor walks stop at it (mask rows, depths and paths), it
             is nobody's child (``next_sibling`` -1, not in its parent's list); ``tree_lens`` are
             clamped into ``[0, n]``. Nothing loops or is read out of bounds.
-        impl: CUDA variant "auto" | "plain" | "tuned" (CPU ignores it; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA).
+        impl: "auto" | "plain" | "tuned" (CUDA variants; the CPU has one kernel) | "reference"
+            (:func:`tokenkernels.reference.tree.build`); see :mod:`tokenkernels.variants` for
+            what ``"auto"`` runs on CUDA.
 
     With ``check=False`` and both ``max_depth`` and ``max_leaves`` given, a CUDA build never
     syncs with the host (CUDA graphs).
     """
     op = "build"
-    parents = _index_tensor(parents, "parents", op, _dims_1_or_2(parents))
-    if parents.dim() == 1:
-        parents = parents.unsqueeze(0)
-    if impl not in _IMPLS:
-        raise ValueError(_err(op, f"impl must be one of {list(_IMPLS)}, got {impl!r}"))
-    B, n = parents.shape
-    lens = _lens(tree_lens, B, parents.device, "tree_lens", op)
-    mask, depth, first_child, next_sibling = _ops.tree_build(parents, lens, check,
-                                                            _impl_code("tree", impl, _IMPLS, parents.device))
+    parents = _per_node(parents, "parents", op)
+    lens = _lens(tree_lens, parents.device, "tree_lens", op)
     if max_depth is not None:
         max_depth = _int_arg(max_depth, "max_depth", op)
     if max_leaves is not None:
         max_leaves = _int_arg(max_leaves, "max_leaves", op)
+    which = _choose(impl, parents.device, op)
+    if which == _REFERENCE:
+        return _ref.build(parents, lens, max_depth=max_depth, max_leaves=max_leaves, check=check)
+    mask, depth, first_child, next_sibling = _ops.tree_build(parents, lens, bool(check), which)
+    B, n = parents.shape
+    if lens is not None:
+        lens = lens.long()
     if B == 0:   # an empty batch: nothing to read the sizes from
         max_depth = 0 if max_depth is None else max_depth
         max_leaves = 0 if max_leaves is None else max_leaves
@@ -225,7 +235,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
             into [0, n], prefix_lens into [0, capacity - tree_len] (capacity = N, or max_pages *
             page_size), tree keys past the capacity are skipped, page indices are clamped into
             [0, num_pages).
-        impl: CUDA variant "auto" | "plain" | "tuned" (see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA).
+        impl: "auto" | "plain" | "tuned" (CUDA variants; the CPU has one kernel) | "reference"
+            (:func:`tokenkernels.reference.tree.attention`); see :mod:`tokenkernels.variants`
+            for what ``"auto"`` runs on CUDA.
 
     Tree token i attends every prefix token and the tree tokens whose bit is set in its mask row
     (itself and its ancestors). H_q must be a multiple of H_kv (GQA). Computed in fp32.
@@ -236,12 +248,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
             tree_lens = mask.tree_lens
         mask = mask.mask
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("mask", mask)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(_err(op, f"{name} must be a torch.Tensor, got {type(t).__name__}"))
-    if impl not in _IMPLS:
-        raise ValueError(_err(op, f"impl must be one of {list(_IMPLS)}, got {impl!r}"))
-    if q.dim() != 4:
+        _tensor(t, name, op)
+    if q.dim() != 4:   # the defaults below read q's batch and head dim
         raise ValueError(_err(op, f"q must be 4-D (B, n, H_q, D), got shape {tuple(q.shape)}"))
+    which = _choose(impl, q.device, op)
     B = q.shape[0]
     prefix_lens = _as_index(prefix_lens, "prefix_lens", op, q.device)
     if prefix_lens.dim() == 0:
@@ -254,29 +264,28 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
         except (TypeError, ValueError):
             raise TypeError(_err(op, f"scale must be a real number or None, got {scale!r}")) from None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if which == _REFERENCE:
+        return _ref.attention(q, k_cache, v_cache, prefix_lens, mask, tree_lens=tree_lens, block_table=block_table,
+                              scale=scale, return_lse=return_lse, out=out, lse_out=lse_out, check=check)
     if out is None and lse_out is None:
         o, lse = _ops.tree_attention(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                     scale, bool(check), _impl_code("tree", impl, _IMPLS, q.device))
+                                     scale, bool(check), which)
     else:
         o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
         lse = q.new_empty(q.shape[:3], dtype=torch.float32) if lse_out is None else lse_out
         _ops.tree_attention_out(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                scale, bool(check), _impl_code("tree", impl, _IMPLS, q.device), o, lse)
+                                scale, bool(check), which, o, lse)
     return (o, lse) if return_lse else o
 
 
-def _tokens(t, tree: Tree, name: str, op: str) -> torch.Tensor:
-    t = _index_tensor(t, name, op, _dims_1_or_2(t))
-    if t.dim() == 1:
-        t = t.unsqueeze(0)
-    if t.shape != (tree.batch, tree.n):
-        raise ValueError(_err(op, f"{name} must have shape ({tree.batch}, {tree.n}), got {tuple(t.shape)}"))
-    if t.device != tree.parents.device:
-        raise ValueError(_err(op, f"{name} is on {t.device} but the tree is on {tree.parents.device}"))
-    return t
+def _tree(tree, op: str) -> Tree:
+    if not isinstance(tree, Tree):
+        raise TypeError(_err(op, f"tree must be a tokenkernels.tree.Tree, got {type(tree).__name__}"))
+    return tree
 
 
-def verify_greedy(tree: Tree, draft_tokens: torch.Tensor, target_argmax: torch.Tensor):
+def verify_greedy(tree: Tree, draft_tokens: torch.Tensor, target_argmax: torch.Tensor, *,
+                  check: bool = True, impl: str = "auto"):
     """Greedy tree verification.
 
     From the root, repeatedly move to the first child (in node order) whose draft token equals
@@ -286,6 +295,11 @@ def verify_greedy(tree: Tree, draft_tokens: torch.Tensor, target_argmax: torch.T
         tree: from :func:`build`.
         draft_tokens: (B, n) token of every node (node 0, the root, is ignored).
         target_argmax: (B, n) the target model's arg-max token after each node.
+        check: verify that the child links are the tree's (the same error on CPU and CUDA; one
+            host sync on CUDA). With ``check=False`` the CUDA call is sync-free and a corrupt
+            child link ends the walk. The CPU validates the links in any case.
+        impl: "auto" (one kernel per device) | "plain" | "tuned" (the same kernel: CUDA
+            variants are per family) | "reference" (:func:`tokenkernels.reference.tree.verify_greedy`).
 
     Returns:
         accepted (B, max_depth + 1) int64 node indices, the root first, padded -1;
@@ -294,18 +308,20 @@ def verify_greedy(tree: Tree, draft_tokens: torch.Tensor, target_argmax: torch.T
         arg-max at the last accepted node.
     """
     op = "verify_greedy"
-    if not isinstance(tree, Tree):
-        raise TypeError(_err(op, f"tree must be a tokenkernels.tree.Tree, got {type(tree).__name__}"))
-    draft_tokens = _tokens(draft_tokens, tree, "draft_tokens", op)
-    target_argmax = _tokens(target_argmax, tree, "target_argmax", op)
+    tree = _tree(tree, op)
+    draft_tokens = _per_node(draft_tokens, "draft_tokens", op)
+    target_argmax = _per_node(target_argmax, "target_argmax", op)
+    if _choose(impl, tree.parents.device, op) == _REFERENCE:
+        return _ref.verify_greedy(tree, draft_tokens, target_argmax, check=check)
     return _ops.tree_verify_greedy(tree.first_child, tree.next_sibling, draft_tokens,
-                                   target_argmax, tree.max_depth)
+                                   target_argmax, tree.max_depth, bool(check))
 
 
 def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.Tensor, *,
                     draft_probs: Optional[torch.Tensor] = None,
                     generator: Optional[torch.Generator] = None, check: bool = True,
-                    coins: Optional[torch.Tensor] = None, bonus_u: Optional[torch.Tensor] = None):
+                    coins: Optional[torch.Tensor] = None, bonus_u: Optional[torch.Tensor] = None,
+                    impl: str = "auto"):
     """Lossless multi-candidate speculative sampling over a token tree (SpecInfer's rule).
 
     At node u with residual distribution p (initially ``target_probs[u]``) the children are tried
@@ -332,7 +348,9 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
         target_probs: (B, n, V) the target's (temperature-adjusted) probabilities after each node.
         draft_probs: (B, n, V) the draft distribution each node's children were drawn from.
         generator: for the uniforms (B*n + B of them, drawn on the tree's device).
-        check: verify that the probability rows of real nodes sum to ~1, that the child links
+        check: verify that the probability rows verification reads (the root's and every linked
+            node's: the real nodes of a built tree) are distributions (entries >= 0, sum 1
+            within max(1e-3, the dtype's eps)), that the child links
             are the tree's and that the draft tokens of the nodes verification can visit are in
             ``[0, V)`` (the same errors on CPU and CUDA; host syncs on CUDA). With
             ``check=False`` the CUDA call is sync-free; an out-of-range draft token is then never
@@ -340,45 +358,24 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
             The CPU validates links and tokens in any case.
         coins, bonus_u: the uniforms themselves ((B, n) and (B,)), overriding ``generator``
             (tests, replay).
+        impl: "auto" (one kernel per device) | "plain" | "tuned" (the same kernel: CUDA
+            variants are per family) | "reference" (:func:`tokenkernels.reference.tree.verify_sampling`,
+            which draws the uniforms the same way).
 
     Returns: as :func:`verify_greedy`.
     """
     op = "verify_sampling"
-    if not isinstance(tree, Tree):
-        raise TypeError(_err(op, f"tree must be a tokenkernels.tree.Tree, got {type(tree).__name__}"))
-    draft_tokens = _tokens(draft_tokens, tree, "draft_tokens", op)
+    tree = _tree(tree, op)
+    draft_tokens = _per_node(draft_tokens, "draft_tokens", op)
+    for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs),
+                    ("coins", coins), ("bonus_u", bonus_u)):
+        if (t is not None or name == "target_probs") and not isinstance(t, torch.Tensor):
+            raise TypeError(_err(op, f"{name} must be a floating-point tensor, got {type(t).__name__}"))
     B, n = tree.batch, tree.n
     dev = tree.parents.device
-    for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-        if t is None and name == "draft_probs":
-            continue
-        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
-            raise TypeError(_err(op, f"{name} must be a floating-point tensor"))
-        if t.dim() != 3 or t.shape[:2] != (B, n):
-            raise ValueError(_err(op, f"{name} must have shape ({B}, {n}, V), got {tuple(t.shape)}"))
-        if t.device != dev:
-            raise ValueError(_err(op, f"{name} is on {t.device} but the tree is on {dev}"))
-    if draft_probs is not None and draft_probs.shape != target_probs.shape:
-        raise ValueError(_err(op, f"draft_probs {tuple(draft_probs.shape)} must match target_probs "
-                              f"{tuple(target_probs.shape)}"))
-    if check:
-        valid = torch.arange(n, device=dev)[None, :] < (
-            tree.tree_lens[:, None] if tree.tree_lens is not None else n)
-        for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-            if t is None:
-                continue
-            s = t.double().sum(-1)
-            # rounding each entry of a normalised row to t.dtype moves the sum by <= eps/2
-            # (bf16: 2^-9): allow 1e-3 or the dtype's eps, whichever is larger
-            tol = max(1e-3, torch.finfo(t.dtype).eps)
-            bad = valid & (((s - 1).abs() > tol) | (t < 0).any(-1) | ~torch.isfinite(s))
-            if bool(bad.any()):
-                b, i = torch.nonzero(bad)[0].tolist()
-                raise ValueError(_err(op, f"{name}[{b}, {i}] is not a probability distribution "
-                                      f"(sum {float(s[b, i]):.6g}, entries must be >= 0 and sum to 1)"))
-    for name, t in (("coins", coins), ("bonus_u", bonus_u)):
-        if t is not None and (not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point):
-            raise TypeError(_err(op, f"{name} must be a floating-point tensor, got {type(t).__name__}"))
+    if _choose(impl, dev, op) == _REFERENCE:
+        return _ref.verify_sampling(tree, draft_tokens, target_probs, draft_probs=draft_probs, generator=generator,
+                                    check=check, coins=coins, bonus_u=bonus_u)
     if coins is None:
         coins = torch.rand((B, n), generator=generator, device=dev)
     if bonus_u is None:
@@ -388,7 +385,7 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
                                      bool(check))
 
 
-def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int):
+def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int, *, impl: str = "auto"):
     """One EAGLE-2 / DySpec expansion step: among every (frontier node f, child rank k) pair, the
     m with the largest ``cum_logp[b, f] + child_logp[b, f, k]`` (fp32; ties to the lower flat
     index ``f*K + k``), best first.
@@ -397,15 +394,21 @@ def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int):
         cum_logp: (B, F) cumulative draft log-probabilities of the frontier nodes.
         child_logp: (B, F, K) log-probabilities of each frontier node's top-K children.
         m: how many to keep (<= F*K).
+        impl: "auto" | "plain" | "tuned" (one kernel per device) | "reference"
+            (:func:`tokenkernels.reference.tree.select_frontier`).
 
     Returns: parent (B, m) int64 frontier index, rank (B, m) int64 child rank, score (B, m) fp32.
     """
+    op = "select_frontier"
     if not isinstance(cum_logp, torch.Tensor) or not isinstance(child_logp, torch.Tensor):
-        raise TypeError(_err("select_frontier", "cum_logp and child_logp must be tensors"))
-    return _ops.tree_select_frontier(cum_logp, child_logp, _int_arg(m, "m", "select_frontier"))
+        raise TypeError(_err(op, "cum_logp and child_logp must be tensors"))
+    m = _int_arg(m, "m", op)
+    if _choose(impl, cum_logp.device, op) == _REFERENCE:
+        return _ref.select_frontier(cum_logp, child_logp, m)
+    return _ops.tree_select_frontier(cum_logp, child_logp, m)
 
 
-def select_tree(cum_logp: torch.Tensor, parents: torch.Tensor, n: int):
+def select_tree(cum_logp: torch.Tensor, parents: torch.Tensor, n: int, *, impl: str = "auto"):
     """Keep the n best nodes of a drafted tree (EAGLE-2's final re-ranking).
 
     The root (node 0) is always kept; the others by ``cum_logp`` (ties to the lower index). Kept
@@ -418,13 +421,19 @@ def select_tree(cum_logp: torch.Tensor, parents: torch.Tensor, n: int):
         cum_logp: (B, T) scores of the T drafted nodes.
         parents: (B, T) int32/int64 parents of the drafted tree (parents before children).
         n: nodes to keep (1 <= n <= T).
+        impl: "auto" | "plain" | "tuned" (one kernel per device) | "reference"
+            (:func:`tokenkernels.reference.tree.select_tree`).
 
     Returns: indices (B, n) int64 into the T nodes (ascending), parents (B, n) int64 re-indexed,
     score (B, n) fp32.
     """
+    op = "select_tree"
     if not isinstance(cum_logp, torch.Tensor) or not isinstance(parents, torch.Tensor):
-        raise TypeError(_err("select_tree", "cum_logp and parents must be tensors"))
-    return _ops.tree_select_tree(cum_logp, parents, _int_arg(n, "n", "select_tree"))
+        raise TypeError(_err(op, "cum_logp and parents must be tensors"))
+    n = _int_arg(n, "n", op)
+    if _choose(impl, cum_logp.device, op) == _REFERENCE:
+        return _ref.select_tree(cum_logp, parents, n)
+    return _ops.tree_select_tree(cum_logp, parents, n)
 
 
 class DynamicTreeDrafter:
@@ -437,16 +446,18 @@ class DynamicTreeDrafter:
 
     Each of ``depth`` rounds takes every frontier node's ``top_k`` children, keeps the ``top_k``
     best by cumulative log-probability (:func:`select_frontier`) as the next frontier, and
-    finally keeps the ``total_tokens`` best nodes overall (:func:`select_tree`).
+    finally keeps the ``total_tokens`` best nodes overall (:func:`select_tree`). ``impl`` is
+    passed to both (``"reference"``: the pure-PyTorch selections).
     """
 
     def __init__(self, step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 *, top_k: int = 10, depth: int = 6, total_tokens: int = 60):
+                 *, top_k: int = 10, depth: int = 6, total_tokens: int = 60, impl: str = "auto"):
         top_k, depth, total_tokens = (_int_arg(v, name, "DynamicTreeDrafter") for v, name in
                                       ((top_k, "top_k"), (depth, "depth"), (total_tokens, "total_tokens")))
         if top_k < 1 or depth < 1 or total_tokens < 1:
             raise ValueError(_err("DynamicTreeDrafter", "top_k, depth and total_tokens must be >= 1"))
-        self.step, self.top_k, self.depth, self.total_tokens = step, top_k, depth, total_tokens
+        _variants.choose("tree", impl, "cpu", "tree.DynamicTreeDrafter")   # validate the name now
+        self.step, self.top_k, self.depth, self.total_tokens, self.impl = step, top_k, depth, total_tokens, impl
 
     @torch.no_grad()
     def draft(self, root_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -462,7 +473,7 @@ class DynamicTreeDrafter:
             k = min(self.top_k, logp.shape[-1])
             child_logp, child_tok = logp.topk(k, dim=-1)                        # (B, F, k)
             m = min(self.top_k, frontier.shape[1] * k)
-            par_f, rank, score = select_frontier(torch.gather(cum, 1, frontier), child_logp, m)
+            par_f, rank, score = select_frontier(torch.gather(cum, 1, frontier), child_logp, m, impl=self.impl)
             new_tok = torch.gather(child_tok.reshape(B, -1), 1, par_f * k + rank)
             T = tokens.shape[1]
             tokens = torch.cat([tokens, new_tok], 1)
@@ -470,7 +481,7 @@ class DynamicTreeDrafter:
             cum = torch.cat([cum, score], 1)
             frontier = torch.arange(T, T + m, device=dev).expand(B, m)
         n = min(self.total_tokens, tokens.shape[1])
-        idx, new_par, score = select_tree(cum, parents, n)
+        idx, new_par, score = select_tree(cum, parents, n, impl=self.impl)
         return torch.gather(tokens, 1, idx), new_par, score
 
 
@@ -507,7 +518,7 @@ def _verify_fake_outputs(first_child, max_depth):
 
 
 @torch.library.register_fake("tokenkernels::tree_verify_greedy")
-def _verify_greedy_fake(first_child, next_sibling, draft_tokens, target_argmax, max_depth):
+def _verify_greedy_fake(first_child, next_sibling, draft_tokens, target_argmax, max_depth, check=True):
     return _verify_fake_outputs(first_child, max_depth)
 
 

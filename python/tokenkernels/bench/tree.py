@@ -76,7 +76,7 @@ def run(ctx: Context) -> None:
             ("tokenkernels", lambda: tk.tree.build(par), False),
             # sizes of paths given: no read-back of depth/leaf counts (CUDA: no host sync)
             ("tokenkernels_sizes_given", lambda: tk.tree.build(par, max_depth=md, max_leaves=ml, check=False), False),
-            ("reference", lambda: ref.build(par.cpu()), True),
+            ("reference", lambda: ref.build(par.cpu()), True),   # = tk.tree.build(..., impl="reference") on CPU
         ])
 
     # ---- verify
@@ -89,8 +89,7 @@ def run(ctx: Context) -> None:
         am = torch.randint(0, 4, (B, 64), generator=g).to(dev)
         _rows(ctx, f"verify_greedy medusa63 B{B}", [
             ("tokenkernels", lambda: tk.tree.verify_greedy(tree, draft, am), False),
-            ("reference", lambda: ref.verify_greedy(tree.first_child, tree.next_sibling, draft, am, tree.max_depth),
-             True),
+            ("reference", lambda: ref.verify_greedy(tree, draft, am), True),
         ])
     V = SAMPLING_V
     B = SAMPLING_B
@@ -104,8 +103,8 @@ def run(ctx: Context) -> None:
     _rows(ctx, f"verify_sampling medusa63 B{B} V{V}", [
         ("tokenkernels", lambda: tk.tree.verify_sampling(tree, draft, tp, draft_probs=dp, coins=coins,
                                                           bonus_u=bu, check=False), False),
-        ("reference", lambda: ref.verify_sampling(tree.first_child, tree.next_sibling, draft, tp, dp, coins, bu,
-                                                  tree.max_depth), True),
+        ("reference", lambda: ref.verify_sampling(tree, draft, tp, draft_probs=dp, coins=coins, bonus_u=bu,
+                                                  check=False), True),
     ])
 
     # ---- attention: 64-node tree over a long prefix, Llama-3-8B heads

@@ -12,7 +12,12 @@ Conventions (shared with the kernels and documented in ``tokenkernels.tree``):
 * ``paths`` (B, L_max, depth_max + 1) int64: one root-to-leaf path per leaf, leaves in increasing
   node order, padded with -1 (Medusa's "retrieve indices").
 
-Everything here is written for clarity, not speed.
+Every public op of :mod:`tokenkernels.tree` has its reference here with the same signature and
+return type (:func:`build` returns the same :class:`tokenkernels.tree.Tree`); the public ops run
+it with ``impl="reference"``. Bad values raise ``ValueError`` naming the argument (the
+reference validates whatever ``check`` says, like the CPU kernels); walks over child links are
+guarded exactly as in the kernels (``tokenkernels/tree.h``), so a direct call with corrupt
+links ends the walk instead of looping. Everything here is written for clarity, not speed.
 """
 from __future__ import annotations
 
@@ -24,29 +29,65 @@ import torch
 
 # ------------------------------------------------------------------------------------- helpers
 
+def _tree_class():
+    """The public :class:`tokenkernels.tree.Tree` (imported late: its module imports this one)."""
+    from .._ops.tree import Tree
+    return Tree
 
-def lens_or_full(parents: torch.Tensor, tree_lens: Optional[torch.Tensor]) -> torch.Tensor:
+
+def _err(op: str, msg: str) -> str:
+    return f"tokenkernels.tree.{op}: {msg}"
+
+
+def _lens_or_full(parents: torch.Tensor, tree_lens: Optional[torch.Tensor]) -> torch.Tensor:
     B, n = parents.shape
     if tree_lens is None:
         return torch.full((B,), n, dtype=torch.long, device=parents.device)
     return tree_lens.to(device=parents.device, dtype=torch.long)
 
 
-def validate_parents(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None) -> None:
+def _validate_parents(parents: torch.Tensor, tree_lens: Optional[torch.Tensor], op: str) -> None:
     """Raise ValueError naming the first offending entry."""
     B, n = parents.shape
-    lens = lens_or_full(parents, tree_lens)
+    lens = _lens_or_full(parents, tree_lens)
     for b in range(B):
         L = int(lens[b])
         if not 1 <= L <= n:
-            raise ValueError(f"tree_lens[{b}] = {L} must lie in [1, n = {n}]")
+            raise ValueError(_err(op, f"tree_lens[{b}] = {L} must lie in [1, n = {n}]"))
         p = parents[b, :L].tolist()
         if p[0] != -1:
-            raise ValueError(f"parents[{b}, 0] = {p[0]}: the root's parent must be -1")
+            raise ValueError(_err(op, f"parents[{b}, 0] = {p[0]}: the root's parent must be -1"))
         for i in range(1, L):
             if not 0 <= p[i] < i:
-                raise ValueError(f"parents[{b}, {i}] = {p[i]} must lie in [0, {i}) "
-                                 "(parents before children; -1 only for the root)")
+                raise ValueError(_err(op, f"parents[{b}, {i}] = {p[i]} must lie in [0, {i}) "
+                                          "(parents before children, no cycles; -1 only for the root)"))
+
+
+def _link_ok(nxt: int, cur: int, n: int) -> bool:
+    """A child link the walks follow (tree.h link_ok): forward, inside the tree."""
+    return cur < nxt < n
+
+
+def _validate_links(fc: torch.Tensor, ns: torch.Tensor, op: str) -> None:
+    B, n = fc.shape
+    for name, t in (("first_child", fc), ("next_sibling", ns)):
+        for b in range(B):
+            for u, x in enumerate(t[b].tolist()):
+                if x != -1 and not _link_ok(x, u, n):
+                    raise ValueError(_err(op, f"{name}[{b}, {u}] = {x} is not -1 or a node in ({u}, n = {n}) "
+                                              "(corrupt child link; use tree.build)"))
+
+
+def _visited(fc: List[int], ns: List[int]) -> List[bool]:
+    """The nodes verification can visit: the root and every (valid) link target."""
+    n = len(fc)
+    seen = [False] * n
+    seen[0] = True
+    for u in range(n):
+        for x in (fc[u], ns[u]):
+            if _link_ok(x, u, n):
+                seen[x] = True
+    return seen
 
 
 def pack_bits(dense: torch.Tensor) -> torch.Tensor:
@@ -71,15 +112,28 @@ def unpack_bits(mask: torch.Tensor, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------- build
 
 
-def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None):
-    """Returns (mask, depth, first_child, next_sibling, paths) as described in the module doc."""
-    validate_parents(parents, tree_lens)
+def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
+          max_depth: Optional[int] = None, max_leaves: Optional[int] = None, check: bool = True):
+    """Reference of :func:`tokenkernels.tree.build` (the same arguments but ``impl``): a
+    :class:`tokenkernels.tree.Tree`. Parents and tree_lens are always validated (as on CPU; the
+    argument ``check`` is accepted for the signature); too small ``max_depth`` / ``max_leaves``
+    raise."""
+    del check
+    if parents.dim() == 1:
+        parents = parents.unsqueeze(0)
+    if tree_lens is not None:
+        tree_lens = torch.as_tensor(tree_lens, device=parents.device)
+        if tree_lens.dim() == 0:
+            tree_lens = tree_lens.reshape(1)
+        tree_lens = tree_lens.long()
+    _validate_parents(parents, tree_lens, "build")
     B, n = parents.shape
     dev = parents.device
-    lens = lens_or_full(parents, tree_lens)
+    lens = _lens_or_full(parents, tree_lens)
     valid = torch.arange(n, device=dev)[None, :] < lens[:, None]           # (B, n)
     par = torch.where(valid, parents.long(), torch.full_like(parents.long(), -1))
-    par[:, 0] = -1
+    if n:
+        par[:, 0] = -1
 
     # dense ancestor-or-self matrix by walking every node up one level per step
     dense = torch.zeros(B, n, n, dtype=torch.bool, device=dev)
@@ -110,46 +164,39 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None):
             starts = torch.ones(len(order), dtype=torch.bool, device=dev)
             starts[1:] = ~same
             first_child[b, p_sorted[starts]] = order[starts]
-    paths = build_paths(first_child, depth, lens, parents=par)
-    return mask, depth, first_child, next_sibling, paths
-
-
-def build_paths(first_child: torch.Tensor, depth: torch.Tensor, lens: torch.Tensor,
-                parents: Optional[torch.Tensor] = None, max_leaves: Optional[int] = None,
-                max_depth: Optional[int] = None) -> torch.Tensor:
-    """Root-to-leaf paths (B, L_max, depth_max+1), leaves in node order, padded -1."""
-    B, n = first_child.shape
-    dev = first_child.device
-    valid = torch.arange(n, device=dev)[None, :] < lens[:, None]
     leaf = (first_child < 0) & valid
+    if max_depth is None:
+        max_depth = int(depth.max()) if B else 0
     if max_leaves is None:
         max_leaves = int(leaf.sum(1).max()) if B else 0
-    if max_depth is None:
-        max_depth = int(torch.where(valid, depth, torch.zeros_like(depth)).max()) if B else 0
-    paths = torch.full((B, max_leaves, max_depth + 1), -1, dtype=torch.long, device=dev)
-    if parents is None:
-        raise ValueError("build_paths needs the parents")
+    max_depth, max_leaves = operator.index(max_depth), operator.index(max_leaves)
+    paths = _paths(par, depth, leaf, max_leaves, max_depth)
+    return _tree_class()(parents.long(), mask, depth, paths, first_child, next_sibling, tree_lens, max_depth)
+
+
+def _paths(parents: torch.Tensor, depth: torch.Tensor, leaf: torch.Tensor, max_leaves: int,
+           max_depth: int) -> torch.Tensor:
+    """Root-to-leaf paths (B, max_leaves, max_depth + 1), leaves in node order, padded -1."""
+    B, n = parents.shape
+    paths = torch.full((B, max_leaves, max_depth + 1), -1, dtype=torch.long, device=parents.device)
     for b in range(B):
-        for r, leaf_i in enumerate(torch.nonzero(leaf[b]).flatten().tolist()):
-            j = leaf_i
+        leaves = torch.nonzero(leaf[b]).flatten().tolist()
+        if len(leaves) > max_leaves:
+            raise ValueError(_err("build", f"tree {b} has {len(leaves)} leaves > max_leaves = {max_leaves}"))
+        for r, j in enumerate(leaves):
+            if int(depth[b, j]) > max_depth:
+                raise ValueError(_err("build", f"node {j} of tree {b} has depth {int(depth[b, j])} "
+                                               f"> max_depth = {max_depth}"))
             while j >= 0:
                 paths[b, r, int(depth[b, j])] = j
                 j = int(parents[b, j])
     return paths
 
 
-def dense_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
-    return unpack_bits(mask, n)
-
-
-def positions(depth: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
-    return prefix_lens.to(depth.device).long()[:, None] + depth
-
-
 # ----------------------------------------------------------------------------------- from_paths
 
 
-def canonical_choices(choices: Sequence[Sequence[int]]) -> List[Tuple[int, ...]]:
+def _canonical_choices(choices: Sequence[Sequence[int]]) -> List[Tuple[int, ...]]:
     """Medusa's canonical node order (after the root): by length, then lexicographically."""
     if isinstance(choices, (str, bytes)) or not hasattr(choices, "__iter__"):
         raise TypeError(f"choices must be a sequence of tuples of child ranks, got {type(choices).__name__}")
@@ -167,8 +214,9 @@ def canonical_choices(choices: Sequence[Sequence[int]]) -> List[Tuple[int, ...]]
 
 
 def from_paths(choices: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Medusa/EAGLE choices (tuples of child ranks) -> parents (n,) int64, n = len(choices) + 1."""
-    order = canonical_choices(choices)
+    """Reference of :func:`tokenkernels.tree.from_paths` (the public op calls this one): Medusa /
+    EAGLE choices (tuples of child ranks) -> parents (n,) int64, n = len(choices) + 1."""
+    order = _canonical_choices(choices)
     index = {(): 0}
     for k, ch in enumerate(order):
         if len(ch) == 0:
@@ -189,7 +237,7 @@ def from_paths(choices: Sequence[Sequence[int]]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ attention
 
 
-def gather_kv(cache: torch.Tensor, b: int, count: int, block_table: Optional[torch.Tensor]) -> torch.Tensor:
+def _gather_kv(cache: torch.Tensor, b: int, count: int, block_table: Optional[torch.Tensor]) -> torch.Tensor:
     """The first `count` positions of request b as (count, H_kv, D)."""
     if block_table is None:
         return cache[b, :count]
@@ -199,33 +247,58 @@ def gather_kv(cache: torch.Tensor, b: int, count: int, block_table: Optional[tor
     return cache[pages, pos % page_size]
 
 
-def attention(q, k_cache, v_cache, prefix_lens, mask, *, tree_lens=None, block_table=None,
-              scale=None):
-    """(out (B, n, H_q, D) in q.dtype, lse (B, n, H_q) natural-log, float32 or float64).
+def attention(q, k_cache, v_cache, prefix_lens, mask, *, tree_lens=None, block_table=None, scale=None,
+              return_lse=False, out=None, lse_out=None, check=True):
+    """Reference of :func:`tokenkernels.tree.attention` (the same arguments but ``impl``; ``mask``
+    a Tree or its packed mask): out (B, n, H_q, D) in q's dtype, with ``return_lse`` also the
+    natural-log lse (B, n, H_q) -- float32, or float64 for float64 inputs (the fp64 oracle of the
+    tests; the kernels take float32/float16/bfloat16). ``out`` / ``lse_out`` receive the results.
 
     Computed in float32 (float64 if q is float64) with a dense bool mask over prefix + tree.
-    Query rows at or past tree_lens are zero with lse = -inf."""
+    Query rows at or past tree_lens are zero with lse = -inf. Lengths and pages are always
+    validated (``check`` is accepted for the signature)."""
+    del check
+    if isinstance(mask, _tree_class()):
+        if tree_lens is None:
+            tree_lens = mask.tree_lens
+        mask = mask.mask
     B, n, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    prefix_lens = torch.as_tensor(prefix_lens, device=q.device)
+    if prefix_lens.dim() == 0:
+        prefix_lens = prefix_lens.reshape(1).expand(B)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     lens = torch.full((B,), n, dtype=torch.long) if tree_lens is None else tree_lens.long().cpu()
-    out = torch.zeros(B, n, Hq, D, dtype=cdt, device=q.device)
+    cap = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    o = torch.zeros(B, n, Hq, D, dtype=cdt, device=q.device)
     lse = torch.full((B, n, Hq), -math.inf, dtype=cdt, device=q.device)
     tree = unpack_bits(mask, n)
     for b in range(B):
         P, L = int(prefix_lens[b]), int(lens[b])
-        k = gather_kv(k_cache, b, P + L, block_table).to(cdt).repeat_interleave(G, dim=1)  # (P+L, Hq, D)
-        v = gather_kv(v_cache, b, P + L, block_table).to(cdt).repeat_interleave(G, dim=1)
+        if P < 0 or not 0 <= L <= n or P + L > cap:
+            raise ValueError(_err("attention", f"request {b}: prefix_lens = {P} and tree_lens = {L} do not fit "
+                                               f"the cache ({cap} positions, n = {n})"))
+        if block_table is not None:
+            used = block_table[b, : (P + L + k_cache.shape[1] - 1) // k_cache.shape[1]].long()
+            if bool(((used < 0) | (used >= k_cache.shape[0])).any()):
+                raise ValueError(_err("attention", f"block_table[{b}] holds a page outside [0, {k_cache.shape[0]})"))
+        k = _gather_kv(k_cache, b, P + L, block_table).to(cdt).repeat_interleave(G, dim=1)  # (P+L, Hq, D)
+        v = _gather_kv(v_cache, b, P + L, block_table).to(cdt).repeat_interleave(G, dim=1)
         allowed = torch.cat([torch.ones(L, P, dtype=torch.bool, device=q.device), tree[b, :L, :L]], 1)
         s = torch.einsum("ihd,jhd->hij", q[b, :L].to(cdt), k) * scale           # (Hq, L, P+L)
         s = s.masked_fill(~allowed, -math.inf)
         row_lse = torch.logsumexp(s, -1)                                         # (Hq, L)
         p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)
-        out[b, :L] = torch.einsum("hij,jhd->ihd", p, v)
+        o[b, :L] = torch.einsum("hij,jhd->ihd", p, v)
         lse[b, :L] = row_lse.transpose(0, 1)
-    return out.to(q.dtype), lse
+    o = o.to(q.dtype)
+    if out is not None:
+        o = out.copy_(o)
+    if lse_out is not None:
+        lse = lse_out.copy_(lse)
+    return (o, lse) if return_lse else o
 
 
 def attention_sdpa(q, k_cache, v_cache, prefix_lens, mask, *, scale=None):
@@ -250,30 +323,44 @@ def attention_sdpa(q, k_cache, v_cache, prefix_lens, mask, *, scale=None):
 # ------------------------------------------------------------------------------------- verify
 
 
-def verify_greedy(first_child, next_sibling, draft_tokens, target_argmax, max_depth):
-    """Walk from the root: move to the first child whose draft token equals the target's arg-max
+def _per_node(t: torch.Tensor) -> torch.Tensor:
+    """(n,) per-node values of a single tree -> (1, n), as the public ops accept them."""
+    return t.unsqueeze(0) if t.dim() == 1 else t
+
+
+def verify_greedy(tree, draft_tokens, target_argmax, *, check=True):
+    """Reference of :func:`tokenkernels.tree.verify_greedy` (the same arguments but ``impl``).
+
+    Walk from the root: move to the first child whose draft token equals the target's arg-max
     at the current node. accepted (B, max_depth+1) starts with the root (0); accept_len counts
-    the accepted draft nodes (root excluded); bonus = target arg-max at the last accepted node."""
-    B, n = first_child.shape
+    the accepted draft nodes (root excluded); bonus = target arg-max at the last accepted node.
+    ``check``: raise on child links that are not the tree's; without it a corrupt link ends the
+    walk (as in the kernels)."""
+    draft_tokens, target_argmax = _per_node(draft_tokens).cpu(), _per_node(target_argmax).cpu()
+    fc, ns = tree.first_child.cpu(), tree.next_sibling.cpu()
+    if check:
+        _validate_links(fc, ns, "verify_greedy")
+    B, n = fc.shape
+    max_depth = tree.max_depth
     accepted = torch.full((B, max_depth + 1), -1, dtype=torch.long)
     accept_len = torch.zeros(B, dtype=torch.long)
     bonus = torch.zeros(B, dtype=torch.long)
     for b in range(B):
         u, k = 0, 0
         accepted[b, 0] = 0
-        while True:
+        while k < max_depth:
             want = int(target_argmax[b, u])
-            c = int(first_child[b, u])
-            while c >= 0 and int(draft_tokens[b, c]) != want:
-                c = int(next_sibling[b, c])
-            if c < 0 or k >= max_depth:
+            prev, c = u, int(fc[b, u])
+            while _link_ok(c, prev, n) and int(draft_tokens[b, c]) != want:
+                prev, c = c, int(ns[b, c])
+            if not _link_ok(c, prev, n):
                 break
             k += 1
             accepted[b, k] = c
             u = c
         accept_len[b] = k
         bonus[b] = int(target_argmax[b, u])
-    dev = first_child.device
+    dev = tree.first_child.device
     return accepted.to(dev), accept_len.to(dev), bonus.to(dev)
 
 
@@ -282,7 +369,7 @@ def _usable(S: float) -> bool:
     return S > 0.0 and math.isfinite(S)
 
 
-def sample_inverse_cdf(r: torch.Tensor, total: float, u: float) -> int:
+def _sample_inverse_cdf(r: torch.Tensor, total: float, u: float) -> int:
     """First index whose running sum exceeds u * total (last positive entry if rounding says
     none)."""
     c = torch.cumsum(r, 0)
@@ -293,9 +380,36 @@ def sample_inverse_cdf(r: torch.Tensor, total: float, u: float) -> int:
     return int(pos[-1]) if len(pos) else 0
 
 
-def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft_probs, coins,
-                    bonus_u, max_depth):
-    """Lossless multi-candidate speculative sampling over the tree (SpecInfer's rule), float64.
+def _validate_sampling(fc, ns, draft_tokens, target_probs, draft_probs) -> None:
+    B, n = fc.shape
+    V = target_probs.shape[-1]
+    _validate_links(fc, ns, "verify_sampling")
+    for b in range(B):
+        seen = _visited(fc[b].tolist(), ns[b].tolist())
+        for c in range(1, n):
+            t = int(draft_tokens[b, c])
+            if seen[c] and not 0 <= t < V:
+                raise ValueError(_err("verify_sampling", f"draft_tokens[{b}, {c}] = {t} is not in [0, V = {V})"))
+    for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
+        if t is None:
+            continue
+        s, mn = t.double().sum(-1), t.double().amin(-1)
+        tol = max(1e-3, torch.finfo(t.dtype).eps)
+        for b in range(B):
+            seen = _visited(fc[b].tolist(), ns[b].tolist())
+            for i in range(n):
+                sb = float(s[b, i])
+                if seen[i] and not (math.isfinite(sb) and abs(sb - 1) <= tol and not float(mn[b, i]) < 0):
+                    raise ValueError(_err("verify_sampling", f"{name}[{b}, {i}] is not a probability distribution "
+                                                             f"(sum {sb:.6g}, entries must be >= 0 and sum to 1)"))
+
+
+def verify_sampling(tree, draft_tokens, target_probs, *, draft_probs=None, generator=None, check=True,
+                    coins=None, bonus_u=None):
+    """Reference of :func:`tokenkernels.tree.verify_sampling` (the same arguments but ``impl``):
+    lossless multi-candidate speculative sampling over the tree (SpecInfer's rule), in float64.
+    The uniforms are drawn as the public op draws them (coins (B, n), then bonus_u (B,), from
+    ``generator`` on the tree's device), so the same generator state gives the same result.
 
     At node u with residual p (initially target_probs[u]) the children c are tried in order
     with the uniform coins[b, c]:
@@ -306,10 +420,22 @@ def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft
     Accepted: continue at c with p = target_probs[c]. No child accepted (or a leaf): the bonus
     token is drawn from p by inverse CDF with bonus_u[b].
 
-    Inputs the kernels accept only with check=False behave as there: a residual without usable
-    mass (sum not > 0 or not finite) accepts no child and its bonus is the last positive entry
-    (0 if none); a draft token outside [0, V) is never accepted and leaves p unchanged."""
-    B, n = first_child.shape
+    ``check``: raise on corrupt child links, out-of-range draft tokens of visited nodes and
+    probability rows that are not distributions. Inputs the kernels accept only with
+    check=False behave as there: a residual without usable mass (sum not > 0 or not finite)
+    accepts no child and its bonus is the last positive entry (0 if none); a draft token
+    outside [0, V) is never accepted and leaves p unchanged; a corrupt link ends the walk."""
+    B, n = tree.batch, tree.n
+    dev = tree.parents.device
+    if coins is None:
+        coins = torch.rand((B, n), generator=generator, device=dev)
+    if bonus_u is None:
+        bonus_u = torch.rand((B,), generator=generator, device=dev)
+    draft_tokens = _per_node(draft_tokens).cpu()
+    fc, ns = tree.first_child.cpu(), tree.next_sibling.cpu()
+    if check:
+        _validate_sampling(fc, ns, draft_tokens, target_probs, draft_probs)
+    max_depth = tree.max_depth
     accepted = torch.full((B, max_depth + 1), -1, dtype=torch.long)
     accept_len = torch.zeros(B, dtype=torch.long)
     bonus = torch.zeros(B, dtype=torch.long)
@@ -320,9 +446,9 @@ def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft
         S = float(r.sum())
         V = r.numel()
         while True:
-            c = int(first_child[b, u])
+            prev, c = u, int(fc[b, u])
             got = -1
-            while c >= 0 and _usable(S):
+            while _link_ok(c, prev, n) and _usable(S):
                 t = int(draft_tokens[b, c])
                 coin = float(coins[b, c])
                 if not 0 <= t < V:
@@ -344,7 +470,7 @@ def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft
                         S = S - float(r[t])
                         r = r.clone()
                         r[t] = 0.0
-                c = int(next_sibling[b, c])
+                prev, c = c, int(ns[b, c])
             if got < 0 or k >= max_depth:
                 break
             k += 1
@@ -354,11 +480,10 @@ def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft
             S = float(r.sum())
         accept_len[b] = k
         if _usable(S):
-            bonus[b] = sample_inverse_cdf(r, S, float(bonus_u[b]))
+            bonus[b] = _sample_inverse_cdf(r, S, float(bonus_u[b]))
         else:
             pos = torch.nonzero(r > 0).flatten()
             bonus[b] = int(pos[-1]) if len(pos) else 0
-    dev = first_child.device
     return accepted.to(dev), accept_len.to(dev), bonus.to(dev)
 
 
@@ -366,21 +491,27 @@ def verify_sampling(first_child, next_sibling, draft_tokens, target_probs, draft
 
 
 def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int):
-    """EAGLE-2 expansion step: scores cum_logp[b, f] + child_logp[b, f, k] (float32); the m best
+    """Reference of :func:`tokenkernels.tree.select_frontier` (the same arguments but ``impl``).
+    EAGLE-2 expansion step: scores cum_logp[b, f] + child_logp[b, f, k] (float32); the m best
     (ties: lowest flat index f*K + k). Returns (parent f (B, m) int64, child rank k (B, m) int64,
     score (B, m) float32), best first."""
     B, F, K = child_logp.shape
+    if not 0 <= m <= F * K:
+        raise ValueError(_err("select_frontier", f"m = {m} must lie in [0, F*K = {F * K}]"))
     score = (cum_logp.float()[:, :, None] + child_logp.float()).reshape(B, F * K)
     order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :m]
     return order // K, order % K, torch.gather(score, 1, order)
 
 
 def select_tree(cum_logp: torch.Tensor, parents: torch.Tensor, n: int):
-    """Keep the n best nodes of a drafted tree (the root always; ties: lowest index), in their
+    """Reference of :func:`tokenkernels.tree.select_tree` (the same arguments but ``impl``).
+    Keep the n best nodes of a drafted tree (the root always; ties: lowest index), in their
     original (parents-first) order. Returns (indices (B, n) int64 into the T nodes, new parents
     (B, n) int64 re-indexed: the nearest kept ancestor, root -1, score (B, n) float32)."""
     B, T = cum_logp.shape
-    validate_parents(parents)
+    if not 1 <= n <= T:
+        raise ValueError(_err("select_tree", f"n = {n} must lie in [1, T = {T}]"))
+    _validate_parents(parents, None, "select_tree")
     score = cum_logp.float().clone()
     key = score.clone()
     key[:, 0] = math.inf
