@@ -18,7 +18,7 @@ kernels' own heuristic; the Python API's ``"auto"`` is this proof-gated choice.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -75,11 +75,6 @@ def choose(family: str, impl, device, op: str) -> str:
     if impl == REFERENCE:
         return REFERENCE
     return resolve(family, impl, device)
-
-
-def impl_code(family: str, impl: str, codes: Mapping[str, int], device) -> int:
-    """The op-level integer for ``impl`` (already validated against ``codes``) on ``device``."""
-    return codes[resolve(family, impl, device)]
 
 
 def table() -> str:

@@ -5,7 +5,7 @@
 #include <cuda_fp16.h>
 
 namespace tokenkernels {
-namespace dev {
+namespace device {
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -18,5 +18,5 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
   return __float2bfloat16_rn(v);
 }
 
-}  // namespace dev
+}  // namespace device
 }  // namespace tokenkernels

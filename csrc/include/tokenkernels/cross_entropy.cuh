@@ -51,7 +51,7 @@ __device__ __forceinline__ int64_t local_target(const Targets& tg, int64_t r) {
   return l < tg.V ? l : -1;
 }
 
-using tokenkernels::dev::from_f;
+using tokenkernels::device::from_f;
 
 // (value, index) arg-max with ties to the lower index.
 __device__ __forceinline__ void better(float& v, int64_t& i, float v2, int64_t i2) {

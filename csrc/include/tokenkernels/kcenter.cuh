@@ -20,6 +20,7 @@
 namespace tokenkernels {
 namespace kcenter {
 namespace device {
+using namespace ::tokenkernels::device;   // shared device helpers: convert.cuh, reduce.cuh
 
 __device__ __forceinline__ int64_t item_length(const Problem& p, int64_t b) {
   if (!p.lengths) return p.N;
@@ -222,7 +223,7 @@ struct StreamState {
   int64_t nblk;
 };
 
-using tokenkernels::dev::to_f;
+using tokenkernels::device::to_f;
 
 // One block per item: outputs padding, mind initialisation and the first pick.
 __global__ void __launch_bounds__(1024) stream_init_kernel(Problem p, const float* __restrict__ nn_key,

@@ -22,13 +22,14 @@
 namespace tokenkernels {
 namespace kv_select {
 namespace device {
+using namespace ::tokenkernels::device;   // shared device helpers: convert.cuh, reduce.cuh
 
 constexpr int kMaxD = 256;                 // head_dim limit of the CUDA kernels
 constexpr int kRegsPerLane = kMaxD / 32;   // key elements a lane holds
 constexpr int kMaxG = 16;                  // q-heads per KV head limit (GQA group)
 
-using tokenkernels::dev::from_f;
-using tokenkernels::dev::to_f;
+using tokenkernels::device::from_f;
+using tokenkernels::device::to_f;
 
 __device__ __forceinline__ float warp_max_f(float v) {
 #pragma unroll

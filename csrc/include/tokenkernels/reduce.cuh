@@ -5,6 +5,7 @@
 #include <cstdint>
 
 namespace tokenkernels {
+namespace device {
 
 __device__ __forceinline__ uint32_t float_to_ordered(float v) {
   uint32_t u = __float_as_uint(v);
@@ -75,4 +76,5 @@ __device__ __forceinline__ float warp_sum_f(float v) {
   return v;
 }
 
+}  // namespace device
 }  // namespace tokenkernels

@@ -25,9 +25,10 @@
 namespace tokenkernels {
 namespace tree {
 namespace device {
+using namespace ::tokenkernels::device;   // shared device helpers: convert.cuh, reduce.cuh
 
-using tokenkernels::dev::from_f;
-using tokenkernels::dev::to_f;
+using tokenkernels::device::from_f;
+using tokenkernels::device::to_f;
 
 // Prefix length of request b clamped to what the cache can hold in front of its L tree tokens
 // (prefix_lens are not validated on CUDA, which would need a host sync; this keeps reads in
