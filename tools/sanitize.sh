@@ -7,12 +7,12 @@
 # child or a subprocess -- is written under $SAN/reports, which must stay empty.
 #
 #   make sanitize                     (PY=the environment's python, BUILD=build, JOBS)
-#   bash tools/sanitize.sh [pytest args]   default: tests -q -x
+#   bash tools/sanitize.sh [pytest args]   default: tests -q -x (less one peak-memory test)
 #
 # The venv's own tokenkernels._C is never replaced: the sanitized module sits in a copy of the
 # Python package under $SAN/pkg, put first on PYTHONPATH (the check below proves it is the one
-# imported). libasan must be the first library of the process, so Python runs with it in
-# LD_PRELOAD; detect_leaks=0 since CPython (and torch's caches) keep memory until exit by design.
+# imported). libasan must be the first library of the process, so Python runs with it (and the
+# C++ runtime) in LD_PRELOAD; detect_leaks=0 since CPython (and torch's caches) keep memory until exit by design.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -46,7 +46,10 @@ rm -rf "$REPORTS"
 mkdir -p "$REPORTS"
 LIBASAN=$("$CXX" -print-file-name=libasan.so)
 [ -f "$LIBASAN" ] || { echo "sanitize: $CXX has no libasan.so"; exit 1; }
-export LD_PRELOAD=$LIBASAN
+# libstdc++ too: python itself links no C++ runtime, so without it ASan's __cxa_throw interceptor
+# finds no real __cxa_throw at start-up and the first C++ exception of any extension aborts
+LIBSTDCXX=$("$CXX" -print-file-name=libstdc++.so.6)
+export LD_PRELOAD="$LIBASAN $LIBSTDCXX"
 # allocator_may_return_null + max_allocation_size_mb: a size an op wrongly accepts fails to allocate
 # (torch raises) instead of taking the machine's memory
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:log_path=$REPORTS/asan:detect_odr_violation=0:allocator_may_return_null=1:max_allocation_size_mb=6144"
@@ -63,7 +66,10 @@ print(f"sanitize: tokenkernels._C = {f}")
 EOF
 
 args=("$@")
-[ ${#args[@]} -gt 0 ] || args=(tests -q -x)
+# (peak-memory figures are no property of the code under ASan, whose redzones and quarantine
+# inflate every allocation: that test alone stays with the normal build)
+[ ${#args[@]} -gt 0 ] || args=(tests -q -x
+  --deselect tests/cross_entropy/test_memory.py::test_extra_memory_far_below_logits)
 say "pytest ${args[*]} (ASan + UBSan)"
 rc=0
 "$PY" -m pytest -p no:cacheprovider "${args[@]}" || rc=$?
