@@ -142,7 +142,9 @@ def bad_value(draw, value, name: str):
     if value is None:
         v = draw(st.sampled_from([torch.zeros(2, dtype=torch.long), torch.zeros(0), torch.ones(1, 1, 1),
                                   torch.zeros(2, dtype=torch.long, device="meta"), "x", 7]))
-        return v, "None -> something"
+        desc = (f"a {tuple(v.shape)} {v.dtype} tensor on {v.device}" if isinstance(v, torch.Tensor)
+                else repr(v))
+        return v, f"None -> {desc}"
     return None, f"{type(value).__name__} -> None"
 
 

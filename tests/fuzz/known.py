@@ -24,11 +24,14 @@ class Known:
     message: str                   # regex searched in the message (or in the fuzz's own assertion)
     reproduce: Callable[[], object]
     args: Optional[Tuple[str, ...]] = None   # only when one of these arguments was mutated
+    how: Optional[str] = None      # only when the mutation's description matches this regex
 
-    def matches(self, op: str, arg: Optional[str], message: str) -> bool:
+    def matches(self, op: str, arg: Optional[str], message: str, how: Optional[str] = None) -> bool:
         if not any(o in op for o in self.ops):
             return False
         if self.args is not None and arg not in self.args:
+            return False
+        if self.how is not None and (how is None or re.search(self.how, how) is None):
             return False
         return re.search(self.message, message) is not None
 
@@ -59,9 +62,11 @@ KNOWN = [
           lambda: _tk().coverage_select(torch.ones(1, 2, 3, dtype=torch.int8), 1)),
     Known("mmtok-devices", "python/tokenkernels/_ops/kcenter.py (mmtok_similarity)",
           "text / vision / *_lengths on different devices are not rejected: a meta vision with a CPU "
-          "text gives a meta result, a meta text_lengths NotImplementedError 'Cannot copy out of meta tensor'",
-          ("mmtok_similarity",), r"shape-only result|Cannot copy out of meta tensor",
-          lambda: _meta_result(_tk().mmtok_similarity(torch.randn(1, 2, 3), torch.randn(1, 2, 3, device="meta")))),
+          "text gives a meta result, a meta text a wrong one, a meta text_lengths NotImplementedError "
+          "'Cannot copy out of meta tensor'",
+          ("mmtok_similarity",), r"",
+          lambda: _meta_result(_tk().mmtok_similarity(torch.randn(1, 2, 3), torch.randn(1, 2, 3, device="meta"))),
+          how=r"meta"),
     Known("tree-wrapper-types", "python/tokenkernels/_ops/tree.py",
           "build's check, attention's tree_lens / block_table, select_tree's n / select_frontier's m "
           "beyond int64 go unchecked to the schema",
@@ -73,11 +78,15 @@ KNOWN = [
           lambda: _tk().tree.build(torch.tensor([-1, 0], device="meta"))),
     Known("fakes-accept-mixed-meta", "the register_fake functions in python/tokenkernels/_ops/tree.py, "
           "kv_select.py, cross_entropy.py (kcenter's refuse it already)",
-          "an op called directly with one meta tensor among CPU tensors dispatches to its fake kernel "
-          "and returns a shape-only (meta) result instead of raising",
-          ("tree_", "kv_", "lce_", "cross_entropy_"), r"shape-only result",
-          lambda: _meta_result(torch.ops.tokenkernels.tree_select_frontier.default(
-              torch.zeros(1, 2, device="meta"), torch.zeros(1, 2, 3), 2)[0])),
+          "an op with one meta tensor among CPU tensors dispatches to its fake kernel and returns a "
+          "shape-only result instead of raising: meta tensors, or -- where the fake allocates with "
+          "new_empty on a CPU argument -- uninitialised CPU tensors (tree.attention with a meta "
+          "block_table returns garbage such as -1.9e37; public API and direct calls alike)",
+          ("tree_", "kv_", "lce_", "cross_entropy_", "tree.", "kv_select.", "linear_cross_entropy"),
+          r"shape-only result|Tensor-likes are not close|non-finite output where the reference is finite",
+          lambda: _meta_result(_tk().tree.select_frontier(torch.zeros(1, 2, device="meta"),
+                                                          torch.zeros(1, 2, 3), 2)[0]),
+          how=r"meta"),
     Known("tree-sizes-unbounded", "csrc/tree/tree_args.h (paths / verify: max_depth, max_leaves)",
           "max_depth / max_leaves far beyond n (a tree of n nodes has depth < n and at most n leaves) "
           "are accepted and sized into the outputs: 2**31 tries to allocate 34-275 GB, torch's "
@@ -95,7 +104,7 @@ KNOWN = [
           "n_sink + k + n_local up to int64 is accepted although the indices are int32: n_sink = 2**31 "
           "allocates (B, 2**31 + ...) int32 -- 8.6 GB per request -- instead of raising",
           ("kv_select", "kv_topk", "kv_select_topk"), r"you tried to allocate|can't allocate memory|"
-          r"out of memory|std::bad_alloc",
+          r"out of memory|std::bad_alloc|Storage size calculation overflowed",
           lambda: _tk().kv_select.topk(torch.randn(1, 5), 1, torch.tensor([5], dtype=torch.int32),
                                        n_sink=2**31, n_local=0)),
 ]
@@ -107,8 +116,8 @@ def _meta_result(out):
     return out
 
 
-def tolerated(op: str, arg: Optional[str], message: str) -> bool:
-    return any(k.matches(op, arg, message) for k in KNOWN)
+def tolerated(op: str, arg: Optional[str], message: str, how: Optional[str] = None) -> bool:
+    return any(k.matches(op, arg, message, how) for k in KNOWN)
 
 
 def avoid(op: str, arg: Optional[str], value) -> bool:

@@ -183,7 +183,7 @@ def run_group(func, args: tuple, cases: List[Tuple[int, str, Any]], device: str)
             try:
                 check_error(e, names, what)
             except AssertionError as err:
-                if known.tolerated(str(func), names[i], str(e)):
+                if known.tolerated(str(func), names[i], str(e), how):
                     continue
                 if COLLECT:
                     collect(str(err).splitlines()[0][:500])
@@ -195,7 +195,7 @@ def run_group(func, args: tuple, cases: List[Tuple[int, str, Any]], device: str)
                                       for a in bad):
             if any(isinstance(o, torch.Tensor) for o in outs) or out is None:
                 msg = f"{what}: a meta tensor among {device} tensors gave a shape-only result instead of an error"
-                if known.tolerated(str(func), names[i], "meta: shape-only result"):
+                if known.tolerated(str(func), names[i], "meta: shape-only result", how):
                     continue
                 if COLLECT:
                     collect(msg)

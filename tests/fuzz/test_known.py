@@ -11,14 +11,14 @@ def _still_broken(k):
         with per_call_timeout():
             k.reproduce()
     except AssertionError as e:          # the reproducer's own "shape-only result" verdict
-        assert k.matches(" ".join(k.ops), None, str(e)), str(e)
+        assert k.matches(" ".join(k.ops), None, str(e), "meta"), str(e)
         return
     except BaseException as e:  # noqa: BLE001
         try:
             check_error(e, ["x", "k", "sim", "check", "lengths", "parents", "n_sink", "max_depth", "scale",
                             "vision", "text_lengths"], k.name)
         except AssertionError:
-            assert k.matches(" ".join(k.ops), None, str(e)), f"{k.name}: another message now: {e}"
+            assert k.matches(" ".join(k.ops), None, str(e), "meta"), f"{k.name}: another message now: {e}"
             return
         raise AssertionError(f"{k.name} is fixed ({e}): delete its entry in tests/fuzz/known.py")
     raise AssertionError(f"{k.name} is fixed (no error): delete its entry in tests/fuzz/known.py")

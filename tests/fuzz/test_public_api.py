@@ -38,7 +38,7 @@ def check_call(call, device):
         _check_call(call, device)
     except AssertionError as e:
         cause = str(e.__cause__) if e.__cause__ is not None else str(e)
-        k = next((k for k in known.KNOWN if k.matches(call.op, call.mutated, cause)), None)
+        k = next((k for k in known.KNOWN if k.matches(call.op, call.mutated, cause, call.how)), None)
         if k is not None:
             event(f"known defect {k.name}")
             return
