@@ -74,9 +74,21 @@ say "pytest ${args[*]} (ASan + UBSan)"
 rc=0
 "$PY" -m pytest -p no:cacheprovider "${args[@]}" || rc=$?
 unset LD_PRELOAD
-if [ -n "$(ls -A "$REPORTS")" ]; then
-  for f in "$REPORTS"/*; do echo "==== $f"; head -n 60 "$f"; done
-  say "FAIL: $(ls "$REPORTS" | wc -l) sanitizer report(s) in $REPORTS"
+# a report is any log line but ASan's "failed to allocate" warning (allocator_may_return_null:
+# a huge size that fails to allocate, judged by the fuzz suite as the op's error), except the
+# signal a test sends itself on purpose with os.kill (tests/tools/test_gpu_proof.py simulates a
+# crashing test that way; ASan's SEGV handler logs it like a fault)
+found=()
+for f in "$REPORTS"/*; do
+  [ -e "$f" ] || continue
+  if grep -qvE '^==[0-9]+==WARNING: AddressSanitizer failed to allocate 0x[0-9a-f]+ bytes$|^$' "$f" &&
+     ! grep -q ' in os_kill_impl ' "$f"; then
+    found+=("$f")
+  fi
+done
+if [ ${#found[@]} -gt 0 ]; then
+  for f in "${found[@]}"; do echo "==== $f"; head -n 60 "$f"; done
+  say "FAIL: ${#found[@]} sanitizer report(s) in $REPORTS"
   exit 1
 fi
 [ $rc -eq 0 ] || { say "FAIL: pytest exit $rc (no sanitizer report)"; exit $rc; }
