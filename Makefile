@@ -17,7 +17,7 @@ JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 # the environment's tools (cmake, ninja from the lock) come first
 export PATH := $(ENV_BIN):$(PATH)
 
-.PHONY: all deps env-check lock build test pytest cuda-check cuda-torch-check bench bench-cpp gpu-proof gpu-wheels clean distclean
+.PHONY: all deps env-check lock build test pytest sanitize cuda-check cuda-torch-check bench bench-cpp gpu-proof gpu-wheels clean distclean
 
 all: test
 
@@ -55,6 +55,13 @@ cuda-torch-check:
 	MAX_JOBS=$(JOBS) CUDA_TORCH_CHECK_DIR=$(BUILD)/cuda-torch bash tools/cuda_torch_check.sh $(ARGS)
 
 test: pytest cuda-check
+
+# ASan + UBSan: the CPU objects, _C and the bench binary built with -fsanitize=address,undefined
+# in $(BUILD)/sanitize (the venv's _C is never replaced), then the test suite and the bad-input
+# fuzz suite (tests/fuzz) against them; any sanitizer report fails (tools/sanitize.sh; ARGS= other
+# pytest arguments, default `tests -q -x`).
+sanitize: deps
+	PY=$(ENV_PY) JOBS=$(JOBS) SANITIZE_DIR=$(BUILD)/sanitize bash tools/sanitize.sh $(ARGS)
 
 # quick table of every family (~2 min on 2 CPU cores); FULL=1: the full run (~20 min)
 bench: build

@@ -21,9 +21,16 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+# tokenkernels._C holds no Python functions, only the op registrations, so it is built against
+# CPython's stable ABI (Py_LIMITED_API, CMakeLists.txt): one _C.abi3.so, one cp311-abi3 wheel
+# for Python 3.11 and every later CPython. (The wheel still belongs to the torch it was built
+# against: libtorch's C++ ABI changes between torch releases.)
+LIMITED_API = "cp311"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
-        super().__init__(name, sources=[])
+        super().__init__(name, sources=[], py_limited_api=True)
 
 
 def _install(src, dest):
@@ -54,10 +61,16 @@ class CMakeBuild(build_ext):
         targets = ["_C"] + (["tokenkernels-bench"] if bench else [])
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs, "--target", *targets])
         # The module goes where setuptools expects it (the source tree for editable installs).
-        built = next(build_dir.glob("_C*.so"))
-        dest = Path(self.get_ext_fullpath(ext.name))
+        built = build_dir / "_C.abi3.so"
+        dest = Path(self.get_ext_fullpath(ext.name))   # .../tokenkernels/_C.abi3.so
         dest.parent.mkdir(parents=True, exist_ok=True)
         _install(built, dest)
+        # A version-tagged _C.cpython-3XX-*.so left by an older build would be imported before
+        # the .abi3.so (CPython tries the tagged suffix first): remove it.
+        for pkg_dir in {dest.parent, ROOT / "python" / "tokenkernels"}:
+            for stale in pkg_dir.glob("_C.*.so"):
+                if stale.name != dest.name:
+                    stale.unlink()
         # The microbenchmark binary travels inside the package (see tokenkernels/_bench_bin.py).
         # Editable installs (setuptools >= 64) build in a temporary tree and only carry the
         # extension module back, so the binary also goes straight into the source package.
@@ -75,4 +88,5 @@ setup(
     package_data={"tokenkernels": ["_bin/tokenkernels-bench"]},
     ext_modules=[CMakeExtension("tokenkernels._C")],
     cmdclass={"build_ext": CMakeBuild},
+    options={"bdist_wheel": {"py_limited_api": LIMITED_API}},
 )

@@ -221,6 +221,7 @@ venv_torch = os.path.realpath(torch.__file__).startswith(os.path.realpath(sys.pr
 check(torch.__version__ == "2.11.0+cu130" and torch.version.cuda == "13.0" and venv_torch,
       f"torch {torch.__version__} (CUDA {torch.version.cuda}) from {os.path.dirname(torch.__file__)}")
 check(tokenkernels._C.__file__.startswith(libdir), f"tokenkernels._C from {tokenkernels._C.__file__}")
+check(so.endswith("/_C.abi3.so"), f"_C built against the stable ABI (Py_LIMITED_API): {os.path.basename(so)}")
 maps = open("/proc/self/maps").read()
 check(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cuda.so") in maps,
       "libtorch_cuda.so of that torch is loaded")

@@ -105,3 +105,63 @@ def test_system_mode_keeps_a_cuda_torch_and_installs_only_what_is_missing(monkey
     monkeypatch.setattr(env.shutil, "which", lambda name: f"/usr/bin/{name}")
     assert env.system_missing(no_tools) == [pins["hypothesis"]]
     assert env.system_missing({k: v for k, v in have.items() if k != "torch"})[0] == pins["torch"]
+
+
+# ---- packaging metadata: pyproject, README, the lock and the CUDA check agree with what is tested
+def _tested_pythons_and_torches():
+    """(python, torch) pairs that are tested: the lock (the suite) and tools/cuda_torch_check.sh
+    (the CUDA build + import against the GPU machine's torch)."""
+    import re
+    lock = (ROOT / "requirements" / "lock.txt").read_text()
+    lock_py = re.search(r"# Python (3\.\d+), Linux", lock).group(1)
+    lock_torch = env.split_req(env.lock_pins()["torch"])[1][2:]
+    sh = (ROOT / "tools" / "cuda_torch_check.sh").read_text()
+    check_py = re.search(r"sys.version_info\[:2\] != \((3), (\d+)\)", sh).groups()
+    check_torch = re.search(r"TORCH_PINS=\(torch==([0-9.]+)\)", sh).group(1)
+    return [(lock_py, lock_torch), (".".join(check_py), check_torch)]
+
+
+def _pyproject():
+    import tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _minor(v: str):
+    return tuple(int(p) for p in v.split(".")[:2])
+
+
+def test_pyproject_python_and_torch_ranges_are_what_is_tested():
+    proj = _pyproject()
+    tested = _tested_pythons_and_torches()
+    pythons = sorted({p for p, _ in tested}, key=_minor)
+    lo = pythons[0]
+    # requires-python: exactly from the oldest tested Python on
+    assert proj["requires-python"] == f">={lo}", proj["requires-python"]
+    # classifiers: the tested minor versions, no others
+    cls = {c.rsplit(" :: ", 1)[1] for c in proj["classifiers"]
+           if c.startswith("Programming Language :: Python :: 3.")}
+    assert cls == set(pythons), (cls, pythons)
+    # torch: every tested release inside the range, the lower end tight (the oldest tested minor)
+    (torch_req,) = [d for d in proj["dependencies"] if env.norm(env.split_req(d)[0]) == "torch"]
+    spec = env.split_req(torch_req)[1]
+    torches = sorted({t for _, t in tested}, key=_minor)
+    for t in torches:
+        assert env.satisfies(t, spec), (t, spec)
+    oldest = _minor(torches[0])
+    assert not env.satisfies(f"{oldest[0]}.{oldest[1] - 1}.0", spec), spec
+    # the README's words
+    readme = (ROOT / "README.md").read_text()
+    assert f"Python {lo}+" in readme
+    assert f"torch `{spec}`" in readme
+    assert "3.10" not in proj["requires-python"]
+
+
+def test_extension_uses_the_stable_abi_of_the_oldest_python():
+    import tokenkernels
+    proj = _pyproject()
+    lo = _minor(proj["requires-python"][2:])
+    assert tokenkernels._C.__file__.endswith("_C.abi3.so"), tokenkernels._C.__file__
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert f"Py_LIMITED_API=0x{lo[0]:02X}{lo[1]:02X}0000" in cmake
+    setup = (ROOT / "setup.py").read_text()
+    assert f'LIMITED_API = "cp{lo[0]}{lo[1]}"' in setup
