@@ -1,32 +1,28 @@
 """The fuzz suite's one way to the pure-PyTorch reference: one function per public op, taking
-the public op's arguments.
-
-Today each calls :mod:`tokenkernels.reference` as it is (whose signatures differ a little from
-the public ops': ``tree.attention`` takes a Tree's mask, the verify ops take its links).
-Once every public op takes ``impl="reference"``, each body becomes ``return <op>(*args,
-**kwargs, impl="reference")`` -- here and nowhere else in tests/fuzz.
+the public op's arguments and calling the public op with ``impl="reference"`` (which runs
+:mod:`tokenkernels.reference` with the same signature). ``mmtok_similarity`` has no kernel (the
+public function *is* the reference), so its oracle is the defining formula in fp64, written out
+here.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from tokenkernels import reference as R
-from tokenkernels._ops.tree import Tree
+import tokenkernels as tk
 
 
-def _strip(kwargs, *names):
-    return {k: v for k, v in kwargs.items() if k not in names}
+def _ref(fn, *args, **kw):
+    kw.pop("impl", None)
+    return fn(*args, **kw, impl="reference")
 
 
 # ---- kcenter family
 def kcenter(x, k, **kw):
-    return R.kcenter.kcenter(x, k, **_strip(kw, "k_max", "check", "impl"), dtype=torch.float64)
+    return _ref(tk.kcenter, x, k, **kw)
 
 
 def coverage_select(sim, k, **kw):
-    return R.kcenter.coverage_select(sim, k, **_strip(kw, "k_max", "check"), dtype=torch.float64)
+    return _ref(tk.coverage_select, sim, k, **kw)
 
 
 def mmtok_similarity(text, vision, *, alpha=0.5, tau_tv=0.02, tau_vv=None, text_lengths=None,
@@ -52,85 +48,56 @@ def mmtok_similarity(text, vision, *, alpha=0.5, tau_tv=0.02, tau_vv=None, text_
 
 # ---- cross_entropy family
 def linear_cross_entropy(hidden, weight, targets, bias=None, **kw):
-    kw = _strip(kw, "filter_eps", "accum_fp32", "check", "impl", "vocab_parallel")
-    return R.cross_entropy.linear_cross_entropy(hidden, weight, targets, bias, **kw, dtype=torch.float64)
+    return _ref(tk.linear_cross_entropy, hidden, weight, targets, bias, **kw)
 
 
 # ---- tree family
 def tree_build(parents, tree_lens=None, **kw):
-    p = parents if parents.dim() == 2 else parents[None]
-    mask, depth, first_child, next_sibling, paths = R.tree.build(p, tree_lens)
-    return dict(mask=mask, depth=depth, first_child=first_child, next_sibling=next_sibling, paths=paths)
+    t = _ref(tk.tree.build, parents, tree_lens, **kw)
+    return dict(mask=t.mask, depth=t.depth, first_child=t.first_child, next_sibling=t.next_sibling,
+                paths=t.paths)
 
 
 def tree_from_paths(choices):
-    return R.tree.from_paths(choices)
+    return tk.tree.from_paths(choices)
 
 
-def tree_attention(q, k_cache, v_cache, prefix_lens, mask, *, tree_lens=None, block_table=None,
-                   scale=None, return_lse=False, **kw):
-    if isinstance(mask, Tree):
-        tree_lens = mask.tree_lens if tree_lens is None else tree_lens
-        mask = mask.mask
-    if not isinstance(prefix_lens, torch.Tensor):
-        prefix_lens = torch.as_tensor(prefix_lens)
-    if prefix_lens.dim() == 0:
-        prefix_lens = prefix_lens.reshape(1).expand(q.shape[0])
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = R.tree.attention(q.double(), k_cache.double(), v_cache.double(), prefix_lens, mask,
-                                tree_lens=tree_lens, block_table=block_table, scale=scale)
-    return (out, lse) if return_lse else out
+def tree_attention(*args, **kw):
+    return _ref(tk.tree.attention, *args, **kw)
 
 
-def tree_verify_greedy(tree, draft_tokens, target_argmax):
-    d = draft_tokens if draft_tokens.dim() == 2 else draft_tokens[None]
-    t = target_argmax if target_argmax.dim() == 2 else target_argmax[None]
-    return R.tree.verify_greedy(tree.first_child, tree.next_sibling, d, t, tree.max_depth)
+def tree_verify_greedy(*args, **kw):
+    return _ref(tk.tree.verify_greedy, *args, **kw)
 
 
-def tree_verify_sampling(tree, draft_tokens, target_probs, *, draft_probs=None, coins=None,
-                         bonus_u=None, **kw):
-    d = draft_tokens if draft_tokens.dim() == 2 else draft_tokens[None]
-    return R.tree.verify_sampling(tree.first_child, tree.next_sibling, d, target_probs, draft_probs,
-                                  coins, bonus_u, tree.max_depth)
+def tree_verify_sampling(*args, **kw):
+    return _ref(tk.tree.verify_sampling, *args, **kw)
 
 
-def tree_select_frontier(cum_logp, child_logp, m):
-    return R.tree.select_frontier(cum_logp, child_logp, m)
+def tree_select_frontier(*args, **kw):
+    return _ref(tk.tree.select_frontier, *args, **kw)
 
 
-def tree_select_tree(cum_logp, parents, n):
-    return R.tree.select_tree(cum_logp, parents, n)
+def tree_select_tree(*args, **kw):
+    return _ref(tk.tree.select_tree, *args, **kw)
 
 
 # ---- kv_select family
-def kv_score(q, k_cache, seq_lens, *, block_table=None, scale=1.0, skip=None, **kw):
-    s = R.kv_select.score(q.double(), k_cache.double(), seq_lens, block_table=block_table, scale=scale)
-    if skip is not None:
-        s = s.masked_fill(skip.to(s.device)[:, None], float("-inf"))
-    return s
+def kv_score(*args, **kw):
+    return _ref(tk.kv_select.score, *args, **kw)
 
 
-def kv_topk(scores, k, seq_lens, *, n_sink=128, n_local=512, reuse=None, reuse_mask=None, **kw):
-    return R.kv_select.topk(scores, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=reuse,
-                            reuse_mask=reuse_mask)
+def kv_topk(*args, **kw):
+    return _ref(tk.kv_select.topk, *args, **kw)
 
 
-def kv_sparse_decode(q, k_cache, v_cache, indices, seq_lens, *, block_table=None, scale=None,
-                     return_lse=False, **kw):
-    return R.kv_select.sparse_decode(q.double(), k_cache.double(), v_cache.double(), indices, seq_lens,
-                                     block_table=block_table, scale=scale, return_lse=return_lse)
+def kv_sparse_decode(*args, **kw):
+    return _ref(tk.kv_select.sparse_decode, *args, **kw)
 
 
-def kv_sparse_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start, *, block_table=None,
-                      scale=None, return_lse=False, **kw):
-    if isinstance(chunk_start, int):
-        chunk_start = torch.full((q.shape[0],), chunk_start, dtype=torch.int32)
-    return R.kv_select.sparse_prefill(q.double(), k_cache.double(), v_cache.double(), indices, seq_lens,
-                                      chunk_start, block_table=block_table, scale=scale,
-                                      return_lse=return_lse)
+def kv_sparse_prefill(*args, **kw):
+    return _ref(tk.kv_select.sparse_prefill, *args, **kw)
 
 
-def kv_select(q, k_cache, seq_lens, *, k, n_sink=128, n_local=512, block_table=None, scale=1.0, **kw):
-    return R.kv_select.select(q, k_cache, seq_lens, k=k, n_sink=n_sink, n_local=n_local,
-                              block_table=block_table, scale=scale)
+def kv_select(*args, **kw):
+    return _ref(tk.kv_select.select, *args, **kw)
