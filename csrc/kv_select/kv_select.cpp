@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "kv_select/kv_select_args.h"
-#include "kv_select/simd_cpu.h"
+#include "kv_select/kv_select_cpu.h"
 #include "tokenkernels/kv_select.h"
 
 namespace tokenkernels {
