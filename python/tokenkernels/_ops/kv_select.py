@@ -207,7 +207,9 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
 
     Returns:
         (B, n_sink + k + n_local) int32, ascending, padded with -1. When seq_len exceeds the
-        budget, ``out[:, n_sink:n_sink + k]`` are exactly the k scored picks.
+        budget, ``out[:, n_sink:n_sink + k]`` are exactly the k scored picks. The width must fit
+        int32 and be at most ``max(scores.size(1), 2**20)`` (beyond the capacity a row is only
+        -1 padding): a ValueError naming ``n_sink + k + n_local`` otherwise.
     """
     op = "topk"
     scores, seq_lens = _tensor(scores, "scores", op), _tensor(seq_lens, "seq_lens", op)
