@@ -1,4 +1,5 @@
-// Argument checks shared by the CPU and CUDA adapters: every message names the argument.
+// Argument checks shared by the CPU and CUDA adapters: every message names the op and the argument
+// ("tokenkernels.<public op>: <argument> ..."; the op is a parameter of every check).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -26,38 +27,6 @@ E parse_option(std::string_view value, std::initializer_list<std::pair<const cha
   TORCH_CHECK_VALUE(false, "tokenkernels.", op, ": ", arg, " must be one of ", accepted, ", got '",
                     std::string(value), "'");
   return names.begin()->second;  // unreachable
-}
-
-inline void check_float_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
-                  t.scalar_type() == at::kBFloat16,
-              "tokenkernels: ", name, " must be float32, float16 or bfloat16, got ",
-              t.scalar_type());
-}
-
-inline void check_same_device(const at::Tensor& ref, const std::optional<at::Tensor>& t,
-                              const char* ref_name, const char* name) {
-  if (t.has_value())
-    TORCH_CHECK(t->device() == ref.device(), "tokenkernels: ", name, " is on ", t->device(),
-                " but ", ref_name, " is on ", ref.device());
-}
-
-// (B,) int64 tensor of per-item counts, or none.
-inline void check_per_item(const std::optional<at::Tensor>& t, int64_t B, const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "tokenkernels: ", name, " must have shape (",
-              B, ",), got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kLong, "tokenkernels: ", name, " must be int64, got ",
-              t->scalar_type());
-}
-
-inline void check_mask(const std::optional<at::Tensor>& t, int64_t B, int64_t N,
-                       const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == N, "tokenkernels: ", name,
-              " must have shape (", B, ", ", N, "), got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kBool, "tokenkernels: ", name, " must be bool, got ",
-              t->scalar_type());
 }
 
 }  // namespace tokenkernels
@@ -88,7 +57,8 @@ inline at::Tensor host_copy(const at::Tensor& t) {
 }
 
 // The kernels' element-type tag (tokenkernels/common.h) of a float32 / float16 / bfloat16
-// tensor; any other dtype is an error (callers check their inputs first).
+// tensor. Callers check their inputs first (with a message naming the op and the argument), so
+// any other dtype here is a bug of the caller: an internal assert, not a user-facing error.
 inline DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;
@@ -96,8 +66,8 @@ inline DType to_dtype(at::ScalarType t) {
     case at::kBFloat16: return DType::kBFloat16;
     default: break;
   }
-  TORCH_CHECK_TYPE(false, "tokenkernels: no kernel element type for ", t,
-                   " (float32, float16 or bfloat16)");
+  TORCH_INTERNAL_ASSERT(false, "to_dtype: no kernel element type for ", t,
+                        " (the caller must check for float32, float16 or bfloat16 first)");
   return DType::kFloat32;   // unreachable
 }
 

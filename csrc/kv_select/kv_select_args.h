@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string_view>
@@ -237,6 +238,22 @@ inline ScoreArgs check_score(const at::Tensor& q, const at::Tensor& k_cache, con
 }
 
 // ---------------------------------------------------------------------------------- topk
+// The output width W = n_sink + k + n_local (>= 0, no int64 overflow: checked by the caller).
+// The indices are int32, so W must fit int32; and a row holds at most N_max = scores.size(1)
+// real entries, the rest of a wider row being -1 padding: a fixed budget may exceed a short
+// cache's capacity, up to kMaxPaddedWidth, but a tiny input is never sized into gigabytes
+// (n_sink = 2**31 - 1 would be 8.6 GB per request). python/tokenkernels/_ops/kv_select.py
+// (_budget) raises the same errors before anything is allocated (the Selection Cache's state).
+constexpr int64_t kMaxPaddedWidth = int64_t{1} << 20;
+
+inline void check_topk_width(int64_t W, int64_t N, const char* op) {
+  TORCH_CHECK_VALUE(W <= INT32_MAX, "tokenkernels.", op, ": n_sink + k + n_local = ", W,
+                    " must fit in int32 (the indices are int32)");
+  TORCH_CHECK_VALUE(W <= std::max(N, kMaxPaddedWidth), "tokenkernels.", op, ": n_sink + k + n_local = ", W,
+                    " exceeds both the capacity N_max = ", N, " (scores.size(1)) and ", kMaxPaddedWidth,
+                    " (the widest row of -1 padding accepted beyond it)");
+}
+
 struct TopkArgs {
   at::Tensor seq_lens;     // (B,) int32 contiguous
   at::Tensor reuse;        // (B, k) int32 contiguous or undefined
@@ -260,6 +277,7 @@ inline TopkArgs check_topk(const at::Tensor& scores, int64_t k, const at::Tensor
   TORCH_CHECK(k <= INT64_MAX - n_sink && n_local <= INT64_MAX - n_sink - k, "tokenkernels.", op,
               ": n_sink + k + n_local (", n_sink, " + ", k, " + ", n_local, ") overflows int64");
   const int64_t B = scores.size(0), N = scores.size(1);
+  check_topk_width(n_sink + k + n_local, N, op);
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, "tokenkernels.", op,
               ": seq_lens must have shape (", B, ",), got ", seq_lens.sizes());
   check_device(seq_lens, scores, op, "seq_lens", "scores");

@@ -1,14 +1,48 @@
-"""Small argument helpers of the kcenter family's wrappers and references: type conversions
-(ints, lists, 2-D inputs, start rules -> what the schema takes). Shapes are checked by the ops
-themselves (csrc/kcenter/kcenter_args.h); the pure-PyTorch references check them with
+"""Small argument helpers of the wrappers and references: type conversions (bools, ints, lists,
+2-D inputs, start rules -> what the schema takes). :func:`as_bool` and :func:`as_int` are shared
+by every family's wrappers; the rest is the kcenter family's. Shapes are checked by the ops
+themselves (csrc/<family>/<family>_args.h); the pure-PyTorch kcenter references check them with
 :func:`require_shape`, with the same messages."""
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
 
 IntOrTensor = Union[int, torch.Tensor]
+
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
+def _is_bool(value) -> bool:
+    """A Python bool or a numpy bool (numpy.bool_), without importing numpy."""
+    return isinstance(value, bool) or (type(value).__name__ in ("bool_", "bool")
+                                       and type(value).__module__ == "numpy")
+
+
+def as_bool(value, name: str, op: str) -> bool:
+    """A bool option (check, sorted, return_*) as a Python bool. ``True`` / ``False`` (or a numpy
+    bool) only: anything else -- 1, "yes", None, a tensor -- is a TypeError naming the argument
+    (``bool("no")`` would silently be True)."""
+    if _is_bool(value):
+        return bool(value)
+    raise TypeError(f"tokenkernels.{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def as_int(value, name: str, op: str) -> int:
+    """An int argument (the schema's ``int``) as a Python int: a Python or numpy integer, not a
+    bool, not a tensor (reading one would be a hidden host sync on CUDA) -- else a TypeError; a
+    value outside int64 is a ValueError naming the argument (the schema cannot take it)."""
+    if _is_bool(value) or isinstance(value, torch.Tensor):
+        raise TypeError(f"tokenkernels.{op}: {name} must be an int, got {type(value).__name__}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"tokenkernels.{op}: {name} must be an int, got {type(value).__name__}") from None
+    if not _INT64_MIN <= v <= _INT64_MAX:
+        raise ValueError(f"tokenkernels.{op}: {name} must fit in int64, got {v}")
+    return v
 
 
 def as_batch(x: torch.Tensor, name: str, op: str) -> Tuple[torch.Tensor, bool]:

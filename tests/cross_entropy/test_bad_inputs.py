@@ -373,3 +373,50 @@ def test_ops_error_types(device):
         fwd(h, w, t, None, -100, None, 0, 9, False, False, True, -1.0, False, "auto")
     with pytest.raises(ValueError, match=r"tokenkernels\.linear_cross_entropy: bias must have shape"):
         LCE(h, w, t, b[:5])
+
+
+# fakes-accept-mixed-meta (tests/fuzz/known.py, cross_entropy part): one meta tensor among real
+# ones dispatches to the fake kernel, which must refuse it naming the argument (the C++ message),
+# never return a shape-only or uninitialised result.
+_FWD_TENSORS = ("hidden", "weight", "targets", "bias")
+_BWD_TENSORS = ("hidden", "weight", "targets", "bias", "lse", "coef_p", "coef_t", "coef_1")
+
+
+def _direct_args(device):
+    h, w, t, b = _ok(device)
+    fwd = torch.ops.tokenkernels.cross_entropy_forward
+    lse = fwd(h, w, t, b, -100, None, 0, 9, False, False, True, 0.0, False, "auto")[0]
+    c = torch.ones(6, device=device)
+    return dict(hidden=h, weight=w, targets=t, bias=b, lse=lse, coef_p=c, coef_t=c, coef_1=c.clone())
+
+
+@pytest.mark.parametrize("op,meta", [pytest.param("forward", n, id=f"forward-{n}") for n in _FWD_TENSORS] +
+                         [pytest.param("backward", n, id=f"backward-{n}") for n in _BWD_TENSORS])
+def test_ops_refuse_one_meta_tensor(device, op, meta):
+    a = _direct_args(device)
+    a[meta] = a[meta].to("meta")
+    if op == "forward":
+        call = lambda: torch.ops.tokenkernels.cross_entropy_forward(  # noqa: E731
+            a["hidden"], a["weight"], a["targets"], a["bias"], -100, None, 0, 9, False, False, True, 0.0,
+            False, "auto")
+        name = "linear_cross_entropy"
+    else:
+        call = lambda: torch.ops.tokenkernels.cross_entropy_backward(  # noqa: E731
+            a["hidden"], a["weight"], a["targets"], a["bias"], a["lse"], a["coef_p"], a["coef_t"], a["coef_1"],
+            -100, None, 0, 0.0, True, True, True, False, "auto")
+        name = "linear_cross_entropy_backward"
+    if meta == "hidden":   # the reference tensor on meta: the first other one is named
+        pat = rf"^tokenkernels\.{name}: weight is on {device}\S* but hidden is on meta"
+    else:
+        pat = rf"^tokenkernels\.{name}: {meta} is on meta but hidden is on {device}"
+    with pytest.raises(ValueError, match=pat):
+        call()
+
+
+@pytest.mark.parametrize("meta", [pytest.param(n, id=n) for n in _FWD_TENSORS])
+def test_public_op_refuses_one_meta_tensor(device, meta):
+    h, w, t, b = _ok(device)
+    a = dict(hidden=h, weight=w, targets=t, bias=b)
+    a[meta] = a[meta].to("meta")
+    with pytest.raises(ValueError, match=r"^tokenkernels\.linear_cross_entropy: \w+ is on "):
+        LCE(a["hidden"], a["weight"], a["targets"], a["bias"], reduction="none")

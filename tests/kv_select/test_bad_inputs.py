@@ -290,3 +290,191 @@ def test_topk_checks_seq_lens(device):
     else:
         got = kv.topk(s, 4, bad, n_sink=1, n_local=1, check=False)
         assert torch.equal(got[0], kv.topk(s, 4, torch.tensor([40, 3], device=device), n_sink=1, n_local=1)[0])
+
+
+# ---- regressions of the fuzz's known defects (tests/fuzz/known.py, issue #16 item 0) -----------
+# kv-budget-int32: the output width n_sink + k + n_local must fit int32 (the indices are int32)
+# and, beyond the capacity, at most 2**20 (pure -1 padding): never gigabytes for a tiny input.
+@pytest.mark.parametrize("k,n_sink,n_local,match", [
+    pytest.param(1, 2 ** 31, 0, "must fit in int32", id="sink-2^31"),
+    pytest.param(2 ** 31 - 1, 0, 1, "must fit in int32", id="k-plus-local-2^31"),
+    pytest.param(0, 2 ** 31 - 1, 0, "exceeds both the capacity", id="sink-int32-max"),
+    pytest.param(2 ** 20, 0, 1, "exceeds both the capacity", id="k-2^20-plus-1"),
+])
+def test_topk_budget_beyond_int32_or_capacity(device, k, n_sink, n_local, match):
+    c = _c(device)
+    s = kv.score(c.q, c.k, c.seq_lens)
+    pat = rf"n_sink \+ k \+ n_local = {n_sink + k + n_local} {match}"
+    for impl in ("auto", "reference"):
+        with pytest.raises(ValueError, match=rf"^tokenkernels\.kv_select\.topk: {pat}"):
+            kv.topk(s, k, c.seq_lens, n_sink=n_sink, n_local=n_local, impl=impl)
+        with pytest.raises(ValueError, match=rf"^tokenkernels\.kv_select\.select: {pat}"):
+            kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, impl=impl)
+    # before the Selection Cache sizes its (B, k) state
+    sc = kv.SelectionCache()
+    with pytest.raises(ValueError, match=pat):
+        kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, cache=sc)
+    assert sc.prev_mid is None
+    # the direct ops (the shared C++ check, the same on CPU and CUDA)
+    with pytest.raises(ValueError, match=rf"^tokenkernels\.kv_select\.topk: {pat}"):
+        torch.ops.tokenkernels.kv_select_topk(s, k, c.seq_lens, n_sink, n_local, None, None, True)
+    out = torch.empty(2, 3, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=rf"^tokenkernels\.kv_select\.topk: {pat}"):
+        torch.ops.tokenkernels.kv_select_topk_out(s, k, c.seq_lens, n_sink, n_local, None, None, False, out)
+
+
+def test_topk_budget_up_to_the_padding_limit_still_accepted(device):
+    """A width beyond the capacity (40 here) is -1 padding, accepted up to 2**20."""
+    c = _c(device)
+    s = kv.score(c.q, c.k, c.seq_lens)
+    got = kv.topk(s, 2 ** 20 - 2, c.seq_lens, n_sink=1, n_local=1)
+    assert got.shape == (2, 2 ** 20)
+    assert torch.equal(got[:, :40].cpu(), kv.topk(s, 38, c.seq_lens, n_sink=1, n_local=1).cpu())
+    assert bool((got[:, 40:] == -1).all())
+
+
+# kv-wrapper-types: every argument of the wrong Python type is an error naming the op and the
+# argument (bools must be bools, ints ints within int64, tensors tensors, scale a real number),
+# never torch's schema-parser message nor a bare float() error.
+def _wrapper_calls(c, s, idx, op, **bad):
+    """A valid call of public op ``op`` (all arguments by keyword) with ``bad`` replacing some."""
+    base = dict(k_cache=c.k, seq_lens=c.seq_lens)
+    if op == "score":
+        return lambda: kv.score(**dict(base, q=c.q, **bad))
+    if op == "topk":
+        return lambda: kv.topk(**dict(dict(scores=s, k=4, seq_lens=c.seq_lens, n_sink=1, n_local=1), **bad))
+    if op == "select":
+        return lambda: kv.select(**dict(dict(base, q=c.q, k=4, n_sink=1, n_local=1), **bad))
+    if op == "sparse_decode":
+        return lambda: kv.sparse_decode(**dict(dict(base, q=c.q, v_cache=c.v, indices=idx), **bad))
+    return lambda: kv.sparse_prefill(**dict(dict(base, q=c.q.unsqueeze(1), v_cache=c.v, indices=idx,
+                                                 chunk_start=0), **bad))
+
+
+_TYPE_CASES = [
+    ("score", "check", "yes", TypeError), ("score", "check", 1, TypeError), ("score", "check", None, TypeError),
+    ("score", "scale", "x", TypeError), ("score", "scale", "tensor2", TypeError), ("score", "scale", True, TypeError),
+    ("score", "seq_lens", [40, 20], TypeError), ("score", "block_table", "x", TypeError),
+    ("score", "skip", 3, TypeError), ("score", "valid", "x", TypeError),
+    ("topk", "check", "yes", TypeError), ("topk", "k", 2 ** 64, ValueError), ("topk", "k", 1.5, TypeError),
+    ("topk", "n_sink", 2 ** 64, ValueError), ("topk", "n_local", "3", TypeError), ("topk", "n_local", True, TypeError),
+    ("topk", "seq_lens", 3, TypeError), ("topk", "reuse", "x", TypeError), ("topk", "reuse_mask", [True], TypeError),
+    ("topk", "out", "x", TypeError),
+    ("select", "check", "yes", TypeError), ("select", "scale", "x", TypeError),
+    ("select", "scale", "tensor2", TypeError), ("select", "k", 2 ** 64, ValueError),
+    ("select", "n_sink", -2 ** 64, ValueError), ("select", "valid", 1, TypeError), ("select", "out", [1], TypeError),
+    ("sparse_decode", "check", "yes", TypeError), ("sparse_decode", "return_lse", "yes", TypeError),
+    ("sparse_decode", "scale", "x", TypeError), ("sparse_decode", "indices", [[0]], TypeError),
+    ("sparse_decode", "lse", "x", TypeError),
+    ("sparse_prefill", "check", "no", TypeError), ("sparse_prefill", "return_lse", 0, TypeError),
+    ("sparse_prefill", "scale", "tensor2", TypeError), ("sparse_prefill", "chunk_start", 2 ** 64, ValueError),
+    ("sparse_prefill", "chunk_start", "x", TypeError), ("sparse_prefill", "chunk_start", 1.0, TypeError),
+]
+
+
+@pytest.mark.parametrize("op,name,value,exc", [pytest.param(*case, id=f"{case[0]}-{case[1]}-{case[2]!r}")
+                                               for case in _TYPE_CASES])
+def test_wrapper_argument_types(device, op, name, value, exc):
+    c = _c(device)
+    s = kv.score(c.q, c.k, c.seq_lens)
+    idx = torch.zeros(2, 4, dtype=torch.int32, device=device)
+    if isinstance(value, str) and value == "tensor2":
+        value = torch.ones(2, device=device)
+    with pytest.raises(exc, match=rf"^tokenkernels\.kv_select\.{op}: {name} must "):
+        _wrapper_calls(c, s, idx, op, **{name: value})()
+
+
+def test_wrapper_bools_and_numbers_still_accepted(device):
+    np = pytest.importorskip("numpy")
+    c = _c(device)
+    a = kv.score(c.q, c.k, c.seq_lens, scale=0.5)
+    assert torch.equal(a, kv.score(c.q, c.k, c.seq_lens, scale=np.float32(0.5), check=np.bool_(True)))
+    assert torch.equal(a, kv.score(c.q, c.k, c.seq_lens, scale=torch.tensor(0.5)))
+    s = kv.score(c.q, c.k, c.seq_lens)
+    assert torch.equal(kv.topk(s, 4, c.seq_lens, n_sink=1, n_local=1),
+                       kv.topk(s, np.int64(4), c.seq_lens, n_sink=np.int32(1), n_local=1))
+
+
+# check-h-prefix: the shared checks of csrc/check.h name the public op, not just "tokenkernels:".
+@pytest.mark.parametrize("which", [pytest.param("k_cache", id="k_cache-int8"), pytest.param("q", id="q-float64")])
+def test_shared_dtype_check_names_the_op(device, which):
+    c = _c(device)
+    q, k = (c.q, c.k.to(torch.int8)) if which == "k_cache" else (c.q.double(), c.k)
+    pat = rf"^tokenkernels\.kv_select\.score: {which} must be float32, float16 or bfloat16, got"
+    with pytest.raises(RuntimeError, match=pat):
+        kv.score(q, k, c.seq_lens)
+    with pytest.raises(RuntimeError, match=pat):
+        torch.ops.tokenkernels.kv_select_score(q, k, c.seq_lens, None, 1.0, None, None, True, "auto")
+
+
+# fakes-accept-mixed-meta (kv_select part): one meta tensor among real ones dispatches to the
+# fake kernel, which must refuse it like the C++ check (naming the argument), not return a
+# shape-only (meta) or uninitialised result.
+def _direct_calls(device):
+    c = _c(device)
+    OPS = torch.ops.tokenkernels
+    s = OPS.kv_select_score(c.q, c.k, c.seq_lens, None, 1.0, None, None, True, "auto")
+    idx = torch.zeros(2, 4, dtype=torch.int32, device=device)
+    cs = torch.zeros(2, dtype=torch.int32, device=device)
+    q4 = c.q.unsqueeze(1).contiguous()
+    skip = torch.zeros(2, dtype=torch.bool, device=device)
+    o, l2, l3 = torch.empty_like(c.q), torch.empty(2, 8, device=device), torch.empty(2, 1, 8, device=device)
+    return [
+        ("score", OPS.kv_select_score, ["q", "k_cache", "seq_lens", None, 1.0, "skip", None, True, "auto"],
+         dict(q=c.q, k_cache=c.k, seq_lens=c.seq_lens, skip=skip), "k_cache"),
+        ("topk", OPS.kv_select_topk, ["scores", 4, "seq_lens", 1, 1, None, None, True],
+         dict(scores=s, seq_lens=c.seq_lens), "scores"),
+        ("topk", OPS.kv_select_topk_out, ["scores", 4, "seq_lens", 1, 1, None, None, True, "out"],
+         dict(scores=s, seq_lens=c.seq_lens, out=torch.empty(2, 6, dtype=torch.int32, device=device)), "scores"),
+        ("sparse_decode", OPS.kv_select_sparse_decode,
+         ["q", "k_cache", "v_cache", "indices", "seq_lens", None, 0.125, True, "auto"],
+         dict(q=c.q, k_cache=c.k, v_cache=c.v, indices=idx, seq_lens=c.seq_lens), "k_cache"),
+        ("sparse_decode", OPS.kv_select_sparse_decode_out,
+         ["q", "k_cache", "v_cache", "indices", "seq_lens", None, 0.125, True, "auto", "out", "lse"],
+         dict(q=c.q, k_cache=c.k, v_cache=c.v, indices=idx, seq_lens=c.seq_lens, out=o, lse=l2), "k_cache"),
+        ("sparse_prefill", OPS.kv_select_sparse_prefill,
+         ["q", "k_cache", "v_cache", "indices", "seq_lens", "chunk_start", None, 0.125, True],
+         dict(q=q4, k_cache=c.k, v_cache=c.v, indices=idx, seq_lens=c.seq_lens, chunk_start=cs), "k_cache"),
+        ("sparse_prefill", OPS.kv_select_sparse_prefill_out,
+         ["q", "k_cache", "v_cache", "indices", "seq_lens", "chunk_start", None, 0.125, True, "out", "lse"],
+         dict(q=q4, k_cache=c.k, v_cache=c.v, indices=idx, seq_lens=c.seq_lens, chunk_start=cs,
+              out=torch.empty_like(q4), lse=l3), "k_cache"),
+    ]
+
+
+_DIRECT_IDS = ["kv_select_score", "kv_select_topk", "kv_select_topk_out", "kv_select_sparse_decode",
+               "kv_select_sparse_decode_out", "kv_select_sparse_prefill", "kv_select_sparse_prefill_out"]
+
+
+@pytest.mark.parametrize("n", [pytest.param(i, id=name) for i, name in enumerate(_DIRECT_IDS)])
+def test_fakes_refuse_one_meta_argument(device, n):
+    name, op, template, tensors, ref = _direct_calls(device)[n]
+    assert op._qualified_op_name == f"tokenkernels::{_DIRECT_IDS[n]}"
+    for meta in tensors:
+        args = [(tensors[a].to("meta") if a == meta else tensors[a]) if isinstance(a, str) and a in tensors else a
+                for a in template]
+        if meta == ref:   # the reference tensor on meta: the first other tensor is named
+            with pytest.raises(ValueError, match=rf"^tokenkernels\.kv_select\.{name}: \w+ is on {device}\S* but "
+                                                 rf"{ref} is on meta"):
+                op(*args)
+        else:
+            with pytest.raises(ValueError, match=rf"^tokenkernels\.kv_select\.{name}: {meta} is on meta but "
+                                                 rf"{ref} is on {device}"):
+                op(*args)
+
+
+def test_public_ops_refuse_one_meta_argument(device):
+    c = _c(device)
+    s = kv.score(c.q, c.k, c.seq_lens)
+    idx = torch.zeros(2, 4, dtype=torch.int32, device=device)
+    m = lambda t: t.to("meta")  # noqa: E731
+    with pytest.raises(ValueError, match=r"^tokenkernels\.kv_select\.score: seq_lens is on meta"):
+        kv.score(c.q, c.k, m(c.seq_lens))
+    with pytest.raises(ValueError, match=r"^tokenkernels\.kv_select\.score: q is on meta"):
+        kv.select(m(c.q), c.k, c.seq_lens, k=4, n_sink=1, n_local=1)
+    with pytest.raises(ValueError, match=r"^tokenkernels\.kv_select\.topk: seq_lens is on meta"):
+        kv.topk(s, 4, m(c.seq_lens), n_sink=1, n_local=1)
+    with pytest.raises(ValueError, match=r"^tokenkernels\.kv_select\.sparse_decode: indices is on meta"):
+        kv.sparse_decode(c.q, c.k, c.v, m(idx), c.seq_lens)
+    with pytest.raises(ValueError, match=r"^tokenkernels\.kv_select\.sparse_prefill: v_cache is on meta"):
+        kv.sparse_prefill(c.q.unsqueeze(1), c.k, m(c.v), idx, c.seq_lens, 0)

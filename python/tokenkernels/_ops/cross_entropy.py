@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .._common import as_bool
 from ..reference import cross_entropy as _reference
 from ..variants import REFERENCE, choose
 
@@ -293,10 +294,7 @@ def _real(name, v):
 
 
 def _flag(name, v):
-    op = "tokenkernels.linear_cross_entropy"
-    if isinstance(v, bool) or type(v).__name__ == "bool_":  # bool / numpy.bool_
-        return bool(v)
-    raise TypeError(f"{op}: {name} must be a bool, got {type(v).__name__}")
+    return as_bool(v, name, "linear_cross_entropy")   # bool / numpy bool only
 
 
 def _check_ignore_index(ignore_index) -> int:

@@ -33,8 +33,9 @@ Every op takes ``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"tuned"`
 :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA; the CPU has one implementation
 and ignores the name) or ``"reference"`` (:mod:`tokenkernels.reference.kv_select`, the same
 signature). Shape, dtype, device and value checks live in the C++ contract layer
-(csrc/kv_select/kv_select_args.h); these wrappers convert Python values, fill defaults and
-pick the implementation.
+(csrc/kv_select/kv_select_args.h); these wrappers convert Python values (bools must be ``True``
+/ ``False``, ints must fit int64, tensors must be tensors: a TypeError / ValueError naming the
+argument otherwise), fill defaults and pick the implementation.
 """
 from __future__ import annotations
 
@@ -43,10 +44,16 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import variants as _variants
+from .._common import _is_bool, as_bool, as_int
 from ..reference import kv_select as _ref
 
 _FAMILY = "kv_select"
 _I32_MIN, _I32_MAX = -2 ** 31, 2 ** 31 - 1
+
+
+# the widest output row accepted beyond the cache capacity (kMaxPaddedWidth in
+# csrc/kv_select/kv_select_args.h)
+_MAX_PADDED_WIDTH = 2 ** 20
 
 
 def _tensor(t, name: str, op: str) -> torch.Tensor:
@@ -55,32 +62,79 @@ def _tensor(t, name: str, op: str) -> torch.Tensor:
     return t
 
 
+def _opt_tensor(t, name: str, op: str) -> Optional[torch.Tensor]:
+    """A ``Tensor?`` argument: None or a tensor (anything else would reach the schema parser)."""
+    return None if t is None else _tensor(t, name, op)
+
+
+def _flag(v, name: str, op: str) -> bool:
+    return as_bool(v, name, f"kv_select.{op}")
+
+
 def _nonneg(v: int, name: str, op: str) -> int:
-    """A Python int argument (the schema's ``int``). The ops check the sign too (a
-    RuntimeError); the wrappers raise ValueError before anything runs."""
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be an int, got {type(v).__name__}")
+    """A Python int argument (the schema's ``int``), within int64 and >= 0. The ops check the
+    sign too (a RuntimeError); the wrappers raise ValueError before anything runs."""
+    v = as_int(v, name, f"kv_select.{op}")
     if v < 0:
         raise ValueError(f"tokenkernels.kv_select.{op}: {name} must be >= 0, got {v}")
     return v
 
 
-def _budget(k: int, n_sink: int, n_local: int, op: str) -> None:
-    """The output width n_sink + k + n_local must fit int64 (a Python int may not; the op's own
-    check raises a RuntimeError)."""
-    if n_sink + k + n_local > 2 ** 63 - 1:
-        raise ValueError(f"tokenkernels.kv_select.{op}: n_sink + k + n_local ({n_sink} + {k} + {n_local}) "
-                         f"overflows int64")
+def _budget(k: int, n_sink: int, n_local: int, op: str, capacity: Optional[Tuple[int, str]]) -> None:
+    """The output width n_sink + k + n_local: it must fit int64 (a Python int may not; the op's
+    own check raises a RuntimeError), fit int32 (the indices are int32) and -- a row holds at
+    most ``capacity`` real entries, the rest is -1 padding -- be at most ``max(capacity,
+    2**20)``: the op's checks (check_topk_width in csrc/kv_select/kv_select_args.h), made here
+    before anything is allocated (the Selection Cache's state, the reference's output).
+    ``capacity``: (N_max, what it is), or None where the shapes are malformed (the op reports
+    them; only 2**20 applies)."""
+    w = n_sink + k + n_local
+    name = f"tokenkernels.kv_select.{op}: n_sink + k + n_local"
+    if w > 2 ** 63 - 1:
+        raise ValueError(f"{name} ({n_sink} + {k} + {n_local}) overflows int64")
+    if w > _I32_MAX:
+        raise ValueError(f"{name} = {w} must fit in int32 (the indices are int32)")
+    if capacity is None and w > _MAX_PADDED_WIDTH:
+        raise ValueError(f"{name} = {w} exceeds {_MAX_PADDED_WIDTH} (the widest row of -1 padding "
+                         f"accepted beyond the cache capacity)")
+    if capacity is not None and w > max(capacity[0], _MAX_PADDED_WIDTH):
+        raise ValueError(f"{name} = {w} exceeds both the capacity N_max = {capacity[0]} ({capacity[1]}) and "
+                         f"{_MAX_PADDED_WIDTH} (the widest row of -1 padding accepted beyond it)")
+
+
+def _capacity_of(k_cache: torch.Tensor, block_table) -> Optional[Tuple[int, str]]:
+    """(:func:`capacity`, what it is) where the shapes allow it, else None (the op reports them)."""
+    if k_cache.dim() != 4 or not (block_table is None or
+                                  (isinstance(block_table, torch.Tensor) and block_table.dim() == 2)):
+        return None
+    return capacity(k_cache, block_table), "k_cache.size(1)" if block_table is None else "max_pages * page_size"
 
 
 def _choose(impl, device, op: str) -> str:
     return _variants.choose(_FAMILY, impl, device, f"kv_select.{op}")
 
 
-def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
+def _real(v, name: str, op: str) -> float:
+    """A real number (a Python / numpy int or float, or a one-element real tensor) as a float;
+    anything else -- a str, a bool, None, a (2,) tensor -- is a TypeError naming ``name``."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
+            return float(v)
+        raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be a real number or a one-element "
+                        f"tensor, got a {v.dtype} tensor of shape {tuple(v.shape)}")
+    if _is_bool(v) or isinstance(v, (str, bytes)) or v is None:
+        raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be a real number, got {type(v).__name__}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"tokenkernels.kv_select.{op}: {name} must be a real number, "
+                        f"got {type(v).__name__}") from None
+
+
+def _scale(q: torch.Tensor, scale: Optional[float], op: str) -> float:
     """The logit scale: 1/sqrt(D) by default (head_dim 0 is left to the op's own check)."""
     if scale is not None:
-        return float(scale)
+        return _real(scale, "scale", op)
     D = q.shape[-1] if q.dim() > 0 else 0
     return D ** -0.5 if D > 0 else 1.0
 
@@ -116,12 +170,15 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
         (B, N_max) float32, -inf past each seq_len and where ``valid`` is False.
     """
     op = "score"
-    q, k_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op)
+    q, k_cache, seq_lens = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(seq_lens, "seq_lens", op)
+    block_table, skip = _opt_tensor(block_table, "block_table", op), _opt_tensor(skip, "skip", op)
+    valid = _opt_tensor(valid, "valid", op)
+    scale, check = _real(scale, "scale", op), _flag(check, "check", op)
     run = _choose(impl, k_cache.device, op)
     if run == _variants.REFERENCE:
         return _ref.score(q, k_cache, seq_lens, block_table=block_table, scale=scale, skip=skip,
                           valid=valid, check=check)
-    return torch.ops.tokenkernels.kv_select_score(q, k_cache, seq_lens, block_table, float(scale), skip, valid,
+    return torch.ops.tokenkernels.kv_select_score(q, k_cache, seq_lens, block_table, scale, skip, valid,
                                                   check, run)
 
 
@@ -150,12 +207,16 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
 
     Returns:
         (B, n_sink + k + n_local) int32, ascending, padded with -1. When seq_len exceeds the
-        budget, ``out[:, n_sink:n_sink + k]`` are exactly the k scored picks.
+        budget, ``out[:, n_sink:n_sink + k]`` are exactly the k scored picks. The width must fit
+        int32 and be at most ``max(scores.size(1), 2**20)`` (beyond the capacity a row is only
+        -1 padding): a ValueError naming ``n_sink + k + n_local`` otherwise.
     """
     op = "topk"
-    scores = _tensor(scores, "scores", op)
+    scores, seq_lens = _tensor(scores, "scores", op), _tensor(seq_lens, "seq_lens", op)
     k, n_sink, n_local = _nonneg(k, "k", op), _nonneg(n_sink, "n_sink", op), _nonneg(n_local, "n_local", op)
-    _budget(k, n_sink, n_local, op)
+    _budget(k, n_sink, n_local, op, (scores.shape[1], "scores.size(1)") if scores.dim() == 2 else None)
+    reuse, reuse_mask = _opt_tensor(reuse, "reuse", op), _opt_tensor(reuse_mask, "reuse_mask", op)
+    out, check = _opt_tensor(out, "out", op), _flag(check, "check", op)
     if _choose(impl, scores.device, op) == _variants.REFERENCE:
         return _ref.topk(scores, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=reuse,
                          reuse_mask=reuse_mask, out=out, check=check)
@@ -186,7 +247,11 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """
     op = "sparse_decode"
     q, k_cache, v_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(v_cache, "v_cache", op)
-    scale = _scale(q, scale)
+    indices, seq_lens = _tensor(indices, "indices", op), _tensor(seq_lens, "seq_lens", op)
+    block_table = _opt_tensor(block_table, "block_table", op)
+    out, lse = _opt_tensor(out, "out", op), _opt_tensor(lse, "lse", op)
+    return_lse, check = _flag(return_lse, "return_lse", op), _flag(check, "check", op)
+    scale = _scale(q, scale, op)
     run = _choose(impl, k_cache.device, op)
     if run == _variants.REFERENCE:
         return _ref.sparse_decode(q, k_cache, v_cache, indices, seq_lens, block_table=block_table, scale=scale,
@@ -204,10 +269,15 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def _chunk_start(chunk_start, B: int, device: torch.device):
     """An int chunk start -> a (B,) int32 tensor (an int beyond int32 saturates, so the op's
-    value check rejects it as out of range)."""
-    if isinstance(chunk_start, int) and not isinstance(chunk_start, bool):
-        return torch.full((B,), max(min(chunk_start, _I32_MAX), _I32_MIN), dtype=torch.int32, device=device)
-    return chunk_start
+    value check rejects it as out of range; beyond int64 it is a ValueError); a tensor as is."""
+    if isinstance(chunk_start, torch.Tensor):
+        return chunk_start
+    try:
+        v = as_int(chunk_start, "chunk_start", "kv_select.sparse_prefill")
+    except TypeError:
+        raise TypeError(f"tokenkernels.kv_select.sparse_prefill: chunk_start must be an int or an integer "
+                        f"tensor, got {type(chunk_start).__name__}") from None
+    return torch.full((B,), max(min(v, _I32_MAX), _I32_MIN), dtype=torch.int32, device=device)
 
 
 def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -233,8 +303,12 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """
     op = "sparse_prefill"
     q, k_cache, v_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(v_cache, "v_cache", op)
+    indices, seq_lens = _tensor(indices, "indices", op), _tensor(seq_lens, "seq_lens", op)
+    block_table = _opt_tensor(block_table, "block_table", op)
+    out, lse = _opt_tensor(out, "out", op), _opt_tensor(lse, "lse", op)
+    return_lse, check = _flag(return_lse, "return_lse", op), _flag(check, "check", op)
     chunk_start = _chunk_start(chunk_start, q.shape[0] if q.dim() > 0 else 0, k_cache.device)
-    scale = _scale(q, scale)
+    scale = _scale(q, scale, op)
     if _choose(impl, k_cache.device, op) == _variants.REFERENCE:
         return _ref.sparse_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table=block_table,
                                    scale=scale, return_lse=return_lse, out=out, lse=lse, check=check)
@@ -357,9 +431,12 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
     ready for :func:`sparse_decode` / :func:`sparse_prefill`.
     """
     op = "select"
-    q, k_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op)
+    q, k_cache, seq_lens = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(seq_lens, "seq_lens", op)
     k, n_sink, n_local = _nonneg(k, "k", op), _nonneg(n_sink, "n_sink", op), _nonneg(n_local, "n_local", op)
-    _budget(k, n_sink, n_local, op)
+    block_table = _opt_tensor(block_table, "block_table", op)
+    _budget(k, n_sink, n_local, op, _capacity_of(k_cache, block_table))
+    valid, out = _opt_tensor(valid, "valid", op), _opt_tensor(out, "out", op)
+    scale, check = _real(scale, "scale", op), _flag(check, "check", op)
     if cache is not None and not isinstance(cache, SelectionCache):
         raise TypeError(f"tokenkernels.kv_select.select: cache must be a SelectionCache, got {type(cache).__name__}")
     # scoring runs what impl resolves to ("auto": proof-gated, see tokenkernels.variants), not
@@ -372,7 +449,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
                            scale=scale, cache=cache, valid=valid, out=out, check=check)
     masked = valid is not None
     if cache is None:
-        s = torch.ops.tokenkernels.kv_select_score(q, k_cache, seq_lens, block_table, float(scale), None, valid,
+        s = torch.ops.tokenkernels.kv_select_score(q, k_cache, seq_lens, block_table, scale, None, valid,
                                                    check, run)
         idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out, check=False)
     else:
@@ -382,7 +459,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
         qm = q.float().mean(1) if q.dim() == 4 else q.float()
         cache._ensure(qm.shape[0], qm.shape[1] * qm.shape[2], k, q.device)
         hit = cache._decide(qm)
-        s = torch.ops.tokenkernels.kv_select_score(qm, k_cache, seq_lens, block_table, float(scale), hit, valid,
+        s = torch.ops.tokenkernels.kv_select_score(qm, k_cache, seq_lens, block_table, scale, hit, valid,
                                                    check, run)
         idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=cache.prev_mid, reuse_mask=hit,
                    out=out, check=False)
@@ -394,39 +471,63 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
 
 
 # ------------------------------------------------------------------ fake (meta) implementations
+# Shapes only, for torch.compile / FakeTensor tracing (every tensor on one device there). They
+# also run when a meta tensor is mixed with real ones (the dispatcher picks Meta over CPU / CUDA),
+# where the C++ checks never run: so they refuse mixed devices with the C++ message (check_device
+# in csrc/check.h, a ValueError; the reference tensor as in csrc/kv_select/kv_select_args.h),
+# instead of returning a shape-only or uninitialised result. Every other check is the kernels'.
+def _fake_same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"tokenkernels.kv_select.{op}: {name} is on {t.device} but {ref_name} is on "
+                             f"{ref.device}")
+
+
 @torch.library.register_fake("tokenkernels::kv_select_score")
 def _score_fake(q, k_cache, seq_lens, block_table, scale, skip, valid, check, impl):
+    _fake_same_device("score", "k_cache", k_cache, q=q, seq_lens=seq_lens, block_table=block_table, skip=skip,
+                      valid=valid)
     n = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     return q.new_empty((q.shape[0], n), dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenkernels::kv_select_topk")
 def _topk_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check):
+    _fake_same_device("topk", "scores", scores, seq_lens=seq_lens, reuse=reuse, reuse_mask=reuse_mask)
     return scores.new_empty((scores.shape[0], n_sink + k + n_local), dtype=torch.int32)
 
 
 @torch.library.register_fake("tokenkernels::kv_select_topk_out")
 def _topk_out_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check, out):
+    _fake_same_device("topk", "scores", scores, seq_lens=seq_lens, reuse=reuse, reuse_mask=reuse_mask, out=out)
     return None
 
 
 @torch.library.register_fake("tokenkernels::kv_select_sparse_decode")
 def _decode_fake(q, k_cache, v_cache, indices, seq_lens, block_table, scale, check, impl):
+    _fake_same_device("sparse_decode", "k_cache", k_cache, q=q, v_cache=v_cache, indices=indices,
+                      seq_lens=seq_lens, block_table=block_table)
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenkernels::kv_select_sparse_decode_out")
 def _decode_out_fake(q, k_cache, v_cache, indices, seq_lens, block_table, scale, check, impl, out, lse):
+    _fake_same_device("sparse_decode", "k_cache", k_cache, q=q, v_cache=v_cache, indices=indices,
+                      seq_lens=seq_lens, block_table=block_table, out=out, lse=lse)
     return None
 
 
 @torch.library.register_fake("tokenkernels::kv_select_sparse_prefill")
 def _prefill_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check):
+    _fake_same_device("sparse_prefill", "k_cache", k_cache, q=q, v_cache=v_cache, indices=indices,
+                      seq_lens=seq_lens, chunk_start=chunk_start, block_table=block_table)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenkernels::kv_select_sparse_prefill_out")
 def _prefill_out_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check, out, lse):
+    _fake_same_device("sparse_prefill", "k_cache", k_cache, q=q, v_cache=v_cache, indices=indices,
+                      seq_lens=seq_lens, chunk_start=chunk_start, block_table=block_table, out=out, lse=lse)
     return None
 
 
