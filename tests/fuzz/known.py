@@ -46,27 +46,11 @@ def _tk():
 _SCHEMA_PARSER = r"^tokenkernels::\w+\(\) Expected a value of type|Unable to cast"
 
 KNOWN = [
-    Known("kcenter-wrapper-types", "python/tokenkernels/_ops/kcenter.py",
-          "bool options (check, sorted) and ints beyond int64 (k = 2**64) go unchecked to the schema",
-          ("kcenter", "coverage_select"), _SCHEMA_PARSER,
-          lambda: _tk().kcenter(torch.randn(4, 3), 2, check="yes")),
-    Known("kcenter-per-item-types", "python/tokenkernels/_common.py (per_item)",
-          "a non-tensor lengths / row_lengths / text_lengths / vision_lengths ('x') gives torch's "
-          "TypeError \"new(): invalid data type 'str'\"",
-          ("kcenter", "coverage_select", "mmtok_similarity"), r"^new\(\): invalid data type",
-          lambda: _tk().kcenter(torch.randn(4, 3), 2, lengths="x")),
     Known("check-h-prefix", "csrc/check.h (check_float_input / check_same_device / check_per_item / "
           "check_mask: used by every family's *_args.h)",
           "messages start 'tokenkernels: <arg> ...' without the op name",
           ("kcenter", "coverage", "kv_", "kv_select", "tree"), r"^tokenkernels: ",
           lambda: _tk().coverage_select(torch.ones(1, 2, 3, dtype=torch.int8), 1)),
-    Known("mmtok-devices", "python/tokenkernels/_ops/kcenter.py (mmtok_similarity)",
-          "text / vision / *_lengths on different devices are not rejected: a meta vision with a CPU "
-          "text gives a meta result, a meta text a wrong one, a meta text_lengths NotImplementedError "
-          "'Cannot copy out of meta tensor'",
-          ("mmtok_similarity",), r"",
-          lambda: _meta_result(_tk().mmtok_similarity(torch.randn(1, 2, 3), torch.randn(1, 2, 3, device="meta"))),
-          how=r"meta"),
     Known("tree-wrapper-types", "python/tokenkernels/_ops/tree.py",
           "build's check, attention's tree_lens / block_table, select_tree's n / select_frontier's m "
           "beyond int64 go unchecked to the schema",
