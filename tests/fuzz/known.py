@@ -51,33 +51,16 @@ KNOWN = [
           "messages start 'tokenkernels: <arg> ...' without the op name",
           ("kcenter", "coverage", "kv_", "kv_select", "tree"), r"^tokenkernels: ",
           lambda: _tk().coverage_select(torch.ones(1, 2, 3, dtype=torch.int8), 1)),
-    Known("tree-wrapper-types", "python/tokenkernels/_ops/tree.py",
-          "build's check, attention's tree_lens / block_table, select_tree's n / select_frontier's m "
-          "beyond int64 go unchecked to the schema",
-          ("tree",), _SCHEMA_PARSER,
-          lambda: _tk().tree.build(torch.tensor([-1, 0]), check="yes")),
-    Known("tree-build-meta", "python/tokenkernels/_ops/tree.py (build reads max_depth / max_leaves)",
-          "parents on meta: NotImplementedError 'Cannot copy out of meta tensor; no data!'",
-          ("tree.build",), r"Cannot copy out of meta tensor",
-          lambda: _tk().tree.build(torch.tensor([-1, 0], device="meta"))),
-    Known("fakes-accept-mixed-meta", "the register_fake functions in python/tokenkernels/_ops/tree.py, "
-          "kv_select.py, cross_entropy.py (kcenter's refuse it already)",
+    Known("fakes-accept-mixed-meta", "the register_fake functions in python/tokenkernels/_ops/kv_select.py, "
+          "cross_entropy.py (kcenter's and tree's refuse it already)",
           "an op with one meta tensor among CPU tensors dispatches to its fake kernel and returns a "
           "shape-only result instead of raising: meta tensors, or -- where the fake allocates with "
-          "new_empty on a CPU argument -- uninitialised CPU tensors (tree.attention with a meta "
-          "block_table returns garbage such as -1.9e37; public API and direct calls alike)",
-          ("tree_", "kv_", "lce_", "cross_entropy_", "tree.", "kv_select.", "linear_cross_entropy"),
+          "new_empty on a CPU argument -- uninitialised CPU tensors (public API and direct calls alike)",
+          ("kv_", "lce_", "cross_entropy_", "kv_select.", "linear_cross_entropy"),
           r"shape-only result|Tensor-likes are not close|non-finite output where the reference is finite",
-          lambda: _meta_result(_tk().tree.select_frontier(torch.zeros(1, 2, device="meta"),
-                                                          torch.zeros(1, 2, 3), 2)[0]),
+          lambda: _meta_result(_tk().kv_select.score(torch.randn(1, 2, 4, device="meta"), torch.randn(1, 5, 1, 4),
+                                                     torch.tensor([5], dtype=torch.int32))),
           how=r"meta"),
-    Known("tree-sizes-unbounded", "csrc/tree/tree_args.h (paths / verify: max_depth, max_leaves)",
-          "max_depth / max_leaves far beyond n (a tree of n nodes has depth < n and at most n leaves) "
-          "are accepted and sized into the outputs: 2**31 tries to allocate 34-275 GB, torch's "
-          "allocator message instead of one naming the argument",
-          ("tree_paths", "tree_verify", "tree.build"), r"you tried to allocate|can't allocate memory|"
-          r"Storage size calculation overflowed",
-          lambda: _tk().tree.build(torch.tensor([-1, 0]), max_depth=2**31, max_leaves=1)),
     Known("kv-wrapper-types", "python/tokenkernels/_ops/kv_select.py",
           "check='yes' goes unchecked to the schema; scale='x' or a (2,) tensor: float() raises "
           "ValueError without the op's name",
