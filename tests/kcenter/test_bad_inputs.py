@@ -402,6 +402,8 @@ _S4 = lambda: torch.rand(4, 3, generator=torch.Generator().manual_seed(1))   # n
                  "kcenter: k_max must be an integer", id="kcenter-k_max-str"),
     pytest.param(lambda i: tk.kcenter(_X4(), 2, start=-(2**64), impl=i), ValueError,
                  "kcenter: start must fit in int64", id="kcenter-start-2**64"),
+    pytest.param(lambda i: tk.kcenter(_X4(), 2, metric=None, impl=i), TypeError,
+                 "kcenter: metric must be a str, got NoneType", id="kcenter-metric-none"),
     pytest.param(lambda i: tk.coverage_select(_S4(), 2, check="yes", impl=i), TypeError,
                  "coverage_select: check must be a bool, got str", id="coverage-check-str"),
     pytest.param(lambda i: tk.coverage_select(_S4(), 2, return_gains=None, impl=i), TypeError,

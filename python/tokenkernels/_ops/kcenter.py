@@ -88,6 +88,8 @@ def kcenter(
     x3, squeeze = as_batch(x, "x", "kcenter")
     sorted, return_radii, check = (as_bool(v, name, "kcenter") for v, name in
                                    ((sorted, "sorted"), (return_radii, "return_radii"), (check, "check")))
+    if not isinstance(metric, str):   # (a str option in the schema: its parser's message otherwise)
+        raise TypeError(f"tokenkernels.kcenter: metric must be a str, got {type(metric).__name__}")
     run = variants.choose("kcenter", impl, x3.device, "kcenter")
     if run == variants.REFERENCE:
         return _reference.kcenter(x, k, lengths=lengths, metric=metric, start=start,

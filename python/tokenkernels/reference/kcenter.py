@@ -113,6 +113,8 @@ def _select(x, k, *, lengths=None, metric="cosine", start="isolated", exclude=No
     op = "kcenter"
     x3, squeeze = as_batch(x, "x", op)
     _check_features(x3, "x", op)
+    if not isinstance(metric, str):
+        raise TypeError(f"tokenkernels.{op}: metric must be a str, got {type(metric).__name__}")
     if metric not in _METRICS:
         raise ValueError(f"tokenkernels.{op}: metric must be one of 'cosine', 'l2', got {metric!r}")
     B, N, D = x3.shape
