@@ -15,8 +15,9 @@ Every shape / dtype / device / value check is in C++ (``csrc/tree/tree_args.h``)
 CPU and CUDA; these wrappers convert types, fill defaults, pick the implementation
 (``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"tuned"``, or ``"reference"``, the
 pure-PyTorch :mod:`tokenkernels.reference.tree` with the same signature) and document. (The
-only checks left here are what the conversions need: Python objects that are not tensors, and
-q's rank, which attention's defaults read.)
+only checks left here are what the conversions need: Python objects that are not tensors, bool
+options that are not bools, ints beyond int64, and q's rank, which attention's defaults read;
+and the fake kernels' refusal of a meta tensor among CPU / CUDA ones.)
 """
 from __future__ import annotations
 
@@ -153,7 +154,9 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
         tree_lens: (B,) number of real nodes per tree (ragged batch), each in [1, n].
         max_depth, max_leaves: sizes of ``paths`` (and of the verify outputs). Left None they are
             read from the built tree (one host sync on CUDA); pass both to avoid it. On CPU too
-            small values raise; on CUDA deeper nodes / extra leaves are dropped.
+            small values raise; on CUDA deeper nodes / extra leaves are dropped. They lie in
+            ``[0, n - 1]`` and ``[0, n]`` (what a tree of n nodes can need; larger values
+            raise). Meta ``parents`` have no values to read the sizes from: pass both.
         check: validate parents and tree_lens (always done on CPU; one host sync on CUDA).
             With ``check=False`` on CUDA bad values are not errors but have a defined result:
             a node whose parent is not in ``[0, i)`` (a second -1, itself, a later node, a value
