@@ -91,11 +91,12 @@ inline void check_lens(const std::optional<at::Tensor>& lens, const at::Tensor& 
   check_device(ref, *lens, op, ref_name, "tree_lens", Err::Value);
 }
 
-// max_depth of the (B, max_depth + 1) outputs (verify_*, paths): >= 0, and max_depth + 1 must
-// not overflow.
-inline void check_max_depth(int64_t max_depth, const char* op) {
-  require(max_depth >= 0 && max_depth < std::numeric_limits<int64_t>::max(), Err::Runtime, op,
-          "max_depth = ", max_depth, " must lie in [0, 2^63 - 1)");
+// max_depth of the (B, max_depth + 1) outputs (verify_*, paths) of trees of n >= 1 nodes: in
+// [0, n - 1], since no node of such a tree is deeper (a larger value only sized the outputs,
+// up to a multi-GB allocation for a tiny tree).
+inline void check_max_depth(int64_t max_depth, int64_t n, const char* op) {
+  require(max_depth >= 0 && max_depth <= n - 1, Err::Runtime, op, "max_depth = ", max_depth,
+          " must lie in [0, n - 1 = ", n - 1, "] (a tree of n nodes is at most n - 1 deep)");
 }
 
 // ------------------------------------------------------------------------------------ parents
@@ -162,8 +163,10 @@ inline void check_paths_args(const at::Tensor& parents, const at::Tensor& depth,
   check_device(parents, fc, op, "parents", "first_child");
   require(parents.size(1) >= 1, Err::Runtime, op, "parents must have at least one node (the root)");
   check_lens(tree_lens, parents, parents.size(0), op, "parents");
-  require(max_leaves >= 0, Err::Runtime, op, "max_leaves = ", max_leaves, " must be >= 0");
-  check_max_depth(max_depth, op);
+  const int64_t n = parents.size(1);
+  require(max_leaves >= 0 && max_leaves <= n, Err::Runtime, op, "max_leaves = ", max_leaves,
+          " must lie in [0, n = ", n, "] (a tree of n nodes has at most n leaves)");
+  check_max_depth(max_depth, n, op);
 }
 
 // The CPU's paths sizes (host int64 tensors): every leaf at depth <= max_depth, at most
@@ -361,7 +364,7 @@ inline void check_verify_greedy_args(const at::Tensor& fc, const at::Tensor& ns,
   check_tree_links(fc, ns, op);
   check_node_tokens(fc, draft, op, "draft_tokens");
   check_node_tokens(fc, argmax, op, "target_argmax");
-  check_max_depth(max_depth, op);
+  check_max_depth(max_depth, fc.size(1), op);
 }
 
 // Values of the child links (host int64 tensors): first_child[b, u] and next_sibling[b, u] are
@@ -456,7 +459,7 @@ inline SamplingDims check_verify_sampling_args(const at::Tensor& fc, const at::T
   require(bonus_u.dim() == 1 && bonus_u.size(0) == B, Err::Value, op, "bonus_u must have shape ", shape_str({B}),
           ", got ", bonus_u.sizes());
   check_device(fc, bonus_u, op, "the tree", "bonus_u", Err::Value);
-  check_max_depth(max_depth, op);
+  check_max_depth(max_depth, n, op);
   return {B, n, V};
 }
 

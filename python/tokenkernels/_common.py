@@ -1,7 +1,7 @@
-"""Small argument helpers of the wrappers and references: type conversions (bools, ints, lists,
-2-D inputs, start rules -> what the schema takes). :func:`as_bool` and :func:`as_int` are shared
-by every family's wrappers; the rest is the kcenter family's. Shapes are checked by the ops
-themselves (csrc/<family>/<family>_args.h); the pure-PyTorch kcenter references check them with
+"""Small argument helpers of the wrappers and references: Python-type guards shared by every
+family (:func:`as_bool`, :func:`as_int`), and the kcenter family's type conversions (ints,
+lists, 2-D inputs, start rules -> what the schema takes). Shapes are checked by the ops
+themselves (csrc/kcenter/kcenter_args.h); the pure-PyTorch references check them with
 :func:`require_shape`, with the same messages."""
 from __future__ import annotations
 
@@ -31,15 +31,16 @@ def as_bool(value, name: str, op: str) -> bool:
 
 
 def as_int(value, name: str, op: str) -> int:
-    """An int argument (the schema's ``int``) as a Python int: a Python or numpy integer, not a
-    bool, not a tensor (reading one would be a hidden host sync on CUDA) -- else a TypeError; a
-    value outside int64 is a ValueError naming the argument (the schema cannot take it)."""
-    if _is_bool(value) or isinstance(value, torch.Tensor):
-        raise TypeError(f"tokenkernels.{op}: {name} must be an int, got {type(value).__name__}")
+    """An int argument (the schema's ``int``) as a Python int: a Python or numpy integer or a 0-d
+    integer tensor (read on the host: a sync for a CUDA tensor), not a bool -- else a TypeError;
+    a value outside int64 is a ValueError naming the argument (the schema cannot take it)."""
+    if _is_bool(value) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"tokenkernels.{op}: {name} must be an integer, got {type(value).__name__} {value!r}")
     try:
         v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"tokenkernels.{op}: {name} must be an int, got {type(value).__name__}") from None
+    except (TypeError, RuntimeError, ValueError):
+        raise TypeError(f"tokenkernels.{op}: {name} must be an integer, got {type(value).__name__} "
+                        f"{value!r}") from None
     if not _INT64_MIN <= v <= _INT64_MAX:
         raise ValueError(f"tokenkernels.{op}: {name} must fit in int64, got {v}")
     return v
@@ -61,9 +62,12 @@ def split_k(k: IntOrTensor, B: int, device: torch.device, op: str,
     """k as an int, or a (B,) tensor of per-item counts -> (k_max, per-item tensor or None).
 
     With a tensor k and no ``k_max`` this reads k.max() back to the host (one sync)."""
-    if isinstance(k, bool):
-        raise TypeError(f"tokenkernels.{op}: k must be an int or an integer tensor, got bool")
-    if isinstance(k, int):
+    if k_max is not None:
+        k_max = as_int(k_max, "k_max", op)
+    if _is_bool(k):
+        raise TypeError(f"tokenkernels.{op}: k must be an int or an integer tensor, got {type(k).__name__}")
+    if not isinstance(k, torch.Tensor) and hasattr(k, "__index__"):   # int, NumPy integer
+        k = as_int(k, "k", op)
         if k < 0:
             raise ValueError(f"tokenkernels.{op}: k must be >= 0, got {k}")
         return k, None
@@ -87,9 +91,19 @@ def split_k(k: IntOrTensor, B: int, device: torch.device, op: str,
 def per_item(t: Optional[torch.Tensor], B: int, name: str, op: str) -> Optional[torch.Tensor]:
     if t is None:
         return None
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
+    if not isinstance(t, torch.Tensor):   # an int or a sequence of ints
+        if _is_bool(t) or isinstance(t, (str, bytes)):
+            raise TypeError(f"tokenkernels.{op}: {name} must be an integer tensor, got {type(t).__name__}")
+        if hasattr(t, "__index__"):
+            t = as_int(t, name, op)
+        try:
+            t = torch.as_tensor(t)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            if "verflow" in str(e):
+                raise ValueError(f"tokenkernels.{op}: {name} must fit in int64, got {t!r}") from None
+            raise TypeError(f"tokenkernels.{op}: {name} must be an integer tensor, got "
+                            f"{type(t).__name__}") from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"tokenkernels.{op}: {name} must be an integer tensor, got {t.dtype}")
     if t.dim() == 0:
         t = t.reshape(1)
@@ -151,8 +165,8 @@ def resolve_start(start, x3: torch.Tensor, lengths: Optional[torch.Tensor],
             return u.argmax(1) if N > 0 else torch.zeros(B, dtype=torch.long, device=x3.device)
         raise ValueError(f"tokenkernels.kcenter: start must be 'isolated', 'first', 'random' or an "
                          f"index tensor, got {start!r}")
-    if isinstance(start, int) and not isinstance(start, bool):
-        start = torch.full((B,), start, dtype=torch.long, device=x3.device)
+    if not isinstance(start, torch.Tensor) and not _is_bool(start) and hasattr(start, "__index__"):
+        start = torch.full((B,), as_int(start, "start", "kcenter"), dtype=torch.long, device=x3.device)
     if not isinstance(start, torch.Tensor):
         raise TypeError(f"tokenkernels.kcenter: start must be a str or an index tensor, got {type(start).__name__}")
     return per_item(start.to(x3.device), B, "start", "kcenter")

@@ -375,7 +375,7 @@ def test_ops_error_types(device):
         LCE(h, w, t, b[:5])
 
 
-# fakes-accept-mixed-meta (tests/fuzz/known.py, cross_entropy part): one meta tensor among real
+# fakes-accept-mixed-meta (found by tests/fuzz, cross_entropy part): one meta tensor among real
 # ones dispatches to the fake kernel, which must refuse it naming the argument (the C++ message),
 # never return a shape-only or uninitialised result.
 _FWD_TENSORS = ("hidden", "weight", "targets", "bias")

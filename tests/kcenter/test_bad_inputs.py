@@ -379,3 +379,80 @@ def test_reference_rejects_bad_inputs_like_the_kernel(device, op, args, kw):
             op(*args, **kw, impl=impl)
         errors.append((type(e.value), str(e.value).split(", got")[0].split(" (")[0]))
     assert errors[0] == errors[1]
+
+
+# ------------------------------------------------- Python types (issue #16: fuzz known defects)
+_X4 = lambda: torch.randn(4, 3, generator=torch.Generator().manual_seed(1))  # noqa: E731
+_S4 = lambda: torch.rand(4, 3, generator=torch.Generator().manual_seed(1))   # noqa: E731
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("call,exc,match", [
+    pytest.param(lambda i: tk.kcenter(_X4(), 2, check="yes", impl=i), TypeError,
+                 "kcenter: check must be a bool, got str", id="kcenter-check-str"),
+    pytest.param(lambda i: tk.kcenter(_X4(), 2, sorted=1, impl=i), TypeError,
+                 "kcenter: sorted must be a bool, got int", id="kcenter-sorted-int"),
+    pytest.param(lambda i: tk.kcenter(_X4(), 2, return_radii="no", impl=i), TypeError,
+                 "kcenter: return_radii must be a bool, got str", id="kcenter-return_radii-str"),
+    pytest.param(lambda i: tk.kcenter(_X4(), 2**64, impl=i), ValueError,
+                 "kcenter: k must fit in int64, got 18446744073709551616", id="kcenter-k-2**64"),
+    pytest.param(lambda i: tk.kcenter(_X4(), torch.tensor(2), k_max=2**64, impl=i), ValueError,
+                 "kcenter: k_max must fit in int64", id="kcenter-k_max-2**64"),
+    pytest.param(lambda i: tk.kcenter(_X4(), 2, k_max="3", impl=i), TypeError,
+                 "kcenter: k_max must be an integer", id="kcenter-k_max-str"),
+    pytest.param(lambda i: tk.kcenter(_X4(), 2, start=-(2**64), impl=i), ValueError,
+                 "kcenter: start must fit in int64", id="kcenter-start-2**64"),
+    pytest.param(lambda i: tk.kcenter(_X4(), 2, metric=None, impl=i), TypeError,
+                 "kcenter: metric must be a str, got NoneType", id="kcenter-metric-none"),
+    pytest.param(lambda i: tk.coverage_select(_S4(), 2, check="yes", impl=i), TypeError,
+                 "coverage_select: check must be a bool, got str", id="coverage-check-str"),
+    pytest.param(lambda i: tk.coverage_select(_S4(), 2, return_gains=None, impl=i), TypeError,
+                 "coverage_select: return_gains must be a bool, got NoneType", id="coverage-return_gains-none"),
+    pytest.param(lambda i: tk.coverage_select(_S4(), 2**64, impl=i), ValueError,
+                 "coverage_select: k must fit in int64", id="coverage-k-2**64"),
+    # per_item: a non-tensor lengths gave torch's "new(): invalid data type 'str'"
+    pytest.param(lambda i: tk.kcenter(_X4(), 2, lengths="x", impl=i), TypeError,
+                 "kcenter: lengths must be an integer tensor, got str", id="kcenter-lengths-str"),
+    pytest.param(lambda i: tk.kcenter(_X4(), 2, lengths=[2**64], impl=i), ValueError,
+                 "kcenter: lengths must fit in int64", id="kcenter-lengths-list-2**64"),
+    pytest.param(lambda i: tk.coverage_select(_S4(), 2, row_lengths="x", impl=i), TypeError,
+                 "coverage_select: row_lengths must be an integer tensor, got str", id="coverage-row_lengths-str"),
+    pytest.param(lambda i: tk.coverage_select(_S4(), 2, lengths=True, impl=i), TypeError,
+                 "coverage_select: lengths must be an integer tensor, got bool", id="coverage-lengths-bool"),
+])
+def test_python_types(call, exc, match, impl):
+    with pytest.raises(exc, match=match):
+        call(impl)
+
+
+def test_bool_options_accept_numpy_bools():
+    np = pytest.importorskip("numpy")
+    got = tk.kcenter(_X4(), 2, sorted=np.True_, check=np.False_)
+    assert torch.equal(got, tk.kcenter(_X4(), 2, sorted=True))
+
+
+@pytest.mark.parametrize("call,match", [
+    pytest.param(lambda: tk.mmtok_similarity(torch.randn(1, 2, 3), torch.randn(1, 2, 3, device="meta")),
+                 "mmtok_similarity: vision is on meta but text is on cpu", id="vision-meta"),
+    pytest.param(lambda: tk.mmtok_similarity(torch.randn(1, 2, 3, device="meta"), torch.randn(1, 2, 3)),
+                 "mmtok_similarity: vision is on cpu but text is on meta", id="text-meta"),
+    pytest.param(lambda: tk.mmtok_similarity(torch.randn(1, 2, 3), torch.randn(1, 2, 3),
+                                             text_lengths=torch.ones(1, dtype=torch.long, device="meta")),
+                 "mmtok_similarity: text_lengths is on meta but text is on cpu", id="text_lengths-meta"),
+    pytest.param(lambda: tk.mmtok_similarity(torch.randn(1, 2, 3), torch.randn(1, 2, 3),
+                                             vision_lengths=torch.ones(1, dtype=torch.long, device="meta")),
+                 "mmtok_similarity: vision_lengths is on meta but text is on cpu", id="vision_lengths-meta"),
+])
+def test_mmtok_devices(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("name", ["text_lengths", "vision_lengths"])
+def test_mmtok_lengths_types(name):
+    t, v = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    with pytest.raises(TypeError, match=f"mmtok_similarity: {name} must be an integer tensor, got str"):
+        tk.mmtok_similarity(t, v, **{name: "x"})
+    # a list is made a tensor on text's device, like a tensor of the same values
+    assert torch.equal(tk.mmtok_similarity(t, v, **{name: [1, 3]}),
+                       tk.mmtok_similarity(t, v, **{name: torch.tensor([1, 3])}))

@@ -292,7 +292,7 @@ def test_topk_checks_seq_lens(device):
         assert torch.equal(got[0], kv.topk(s, 4, torch.tensor([40, 3], device=device), n_sink=1, n_local=1)[0])
 
 
-# ---- regressions of the fuzz's known defects (tests/fuzz/known.py, issue #16 item 0) -----------
+# ---- regressions of the fuzz's known defects found by tests/fuzz (issue #16 item 0) -----------
 # kv-budget-int32: the output width n_sink + k + n_local must fit int32 (the indices are int32)
 # and, beyond the capacity, at most 2**20 (pure -1 padding): never gigabytes for a tiny input.
 @pytest.mark.parametrize("k,n_sink,n_local,match", [

@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import variants
-from .._common import IntOrTensor, as_batch, mask_2d, per_item, resolve_start, split_k
+from .._common import IntOrTensor, as_batch, as_bool, mask_2d, per_item, resolve_start, split_k
 from ..reference import kcenter as _reference
 from ..reference.kcenter import mmtok_similarity  # noqa: F401  (pure PyTorch: one function)
 
@@ -86,6 +86,10 @@ def kcenter(
     distance to its nearest selected token.
     """
     x3, squeeze = as_batch(x, "x", "kcenter")
+    sorted, return_radii, check = (as_bool(v, name, "kcenter") for v, name in
+                                   ((sorted, "sorted"), (return_radii, "return_radii"), (check, "check")))
+    if not isinstance(metric, str):   # (a str option in the schema: its parser's message otherwise)
+        raise TypeError(f"tokenkernels.kcenter: metric must be a str, got {type(metric).__name__}")
     run = variants.choose("kcenter", impl, x3.device, "kcenter")
     if run == variants.REFERENCE:
         return _reference.kcenter(x, k, lengths=lengths, metric=metric, start=start,
@@ -137,6 +141,8 @@ def coverage_select(
     Ties go to the lowest index. Picks are in greedy order.
     """
     s3, squeeze = as_batch(sim, "sim", "coverage_select")
+    return_gains = as_bool(return_gains, "return_gains", "coverage_select")
+    check = as_bool(check, "check", "coverage_select")
     if variants.choose("kcenter", impl, s3.device, "coverage_select") == variants.REFERENCE:
         return _reference.coverage_select(sim, k, lengths=lengths, row_lengths=row_lengths,
                                           exclude=exclude, return_gains=return_gains,

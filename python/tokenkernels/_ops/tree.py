@@ -15,19 +15,20 @@ Every shape / dtype / device / value check is in C++ (``csrc/tree/tree_args.h``)
 CPU and CUDA; these wrappers convert types, fill defaults, pick the implementation
 (``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"tuned"``, or ``"reference"``, the
 pure-PyTorch :mod:`tokenkernels.reference.tree` with the same signature) and document. (The
-only checks left here are what the conversions need: Python objects that are not tensors, and
-q's rank, which attention's defaults read.)
+only checks left here are what the conversions need: Python objects that are not tensors, bool
+options that are not bools, ints beyond int64, and q's rank, which attention's defaults read;
+and the fake kernels' refusal of a meta tensor among CPU / CUDA ones.)
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from .. import variants as _variants
+from .._common import as_bool, as_int
 from ..reference import tree as _ref
 
 _ops = torch.ops.tokenkernels
@@ -56,22 +57,26 @@ def _per_node(t, name: str, op: str) -> torch.Tensor:
 
 
 def _int_arg(v, name: str, op: str) -> int:
-    """A Python / NumPy / 0-d tensor integer (not a bool, not a float) as an int."""
-    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
-        raise TypeError(_err(op, f"{name} must be an integer, got {v!r}"))
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise TypeError(_err(op, f"{name} must be an integer, got {type(v).__name__} {v!r}")) from None
+    """A Python / NumPy / 0-d tensor integer (not a bool, not a float) in int64 as an int."""
+    return as_int(v, name, f"tree.{op}")
+
+
+def _flag(v, name: str, op: str) -> bool:
+    """A bool option (check, return_lse): a real bool, never the truthiness of "yes"."""
+    return as_bool(v, name, f"tree.{op}")
 
 
 def _as_index(t, name: str, op: str, device) -> torch.Tensor:
     """A tensor, or an integer / sequence of integers made into an int64 tensor on `device`."""
     if isinstance(t, torch.Tensor):
         return t
+    if hasattr(t, "__index__") and not isinstance(t, bool):   # an int: in int64 (ValueError past it)
+        t = as_int(t, name, f"tree.{op}")
     try:
         t = torch.as_tensor(t, device=device)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        if "verflow" in str(e):   # a sequence holding an int beyond int64
+            raise ValueError(_err(op, f"{name} must fit in int64, got {t!r}")) from None
         raise TypeError(_err(op, f"{name} must be an integer tensor, got {type(t).__name__}")) from None
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(_err(op, f"{name} must be an integer tensor, got {t.dtype}"))
@@ -149,7 +154,9 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
         tree_lens: (B,) number of real nodes per tree (ragged batch), each in [1, n].
         max_depth, max_leaves: sizes of ``paths`` (and of the verify outputs). Left None they are
             read from the built tree (one host sync on CUDA); pass both to avoid it. On CPU too
-            small values raise; on CUDA deeper nodes / extra leaves are dropped.
+            small values raise; on CUDA deeper nodes / extra leaves are dropped. They lie in
+            ``[0, n - 1]`` and ``[0, n]`` (what a tree of n nodes can need; larger values
+            raise). Meta ``parents`` have no values to read the sizes from: pass both.
         check: validate parents and tree_lens (always done on CPU; one host sync on CUDA).
             With ``check=False`` on CUDA bad values are not errors but have a defined result:
             a node whose parent is not in ``[0, i)`` (a second -1, itself, a later node, a value
@@ -171,10 +178,14 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
         max_depth = _int_arg(max_depth, "max_depth", op)
     if max_leaves is not None:
         max_leaves = _int_arg(max_leaves, "max_leaves", op)
+    check = _flag(check, "check", op)
     which = _choose(impl, parents.device, op)
+    if parents.device.type == "meta" and (max_depth is None or max_leaves is None):
+        raise ValueError(_err(op, "parents is on meta: pass max_depth and max_leaves (otherwise they are read "
+                              "from the built tree, which a meta tensor does not hold)"))
     if which == _REFERENCE:
         return _ref.build(parents, lens, max_depth=max_depth, max_leaves=max_leaves, check=check)
-    mask, depth, first_child, next_sibling = _ops.tree_build(parents, lens, bool(check), which)
+    mask, depth, first_child, next_sibling = _ops.tree_build(parents, lens, check, which)
     B, n = parents.shape
     if lens is not None:
         lens = lens.long()
@@ -251,9 +262,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
         _tensor(t, name, op)
     if q.dim() != 4:   # the defaults below read q's batch and head dim
         raise ValueError(_err(op, f"q must be 4-D (B, n, H_q, D), got shape {tuple(q.shape)}"))
+    check = _flag(check, "check", op)
+    return_lse = _flag(return_lse, "return_lse", op)
     which = _choose(impl, q.device, op)
     B = q.shape[0]
     prefix_lens = _as_index(prefix_lens, "prefix_lens", op, q.device)
+    tree_lens = _lens(tree_lens, q.device, "tree_lens", op)
+    if block_table is not None:
+        block_table = _as_index(block_table, "block_table", op, q.device)
     if prefix_lens.dim() == 0:
         prefix_lens = prefix_lens.reshape(1).expand(B)
     if scale is not None:
@@ -269,12 +285,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
                               scale=scale, return_lse=return_lse, out=out, lse_out=lse_out, check=check)
     if out is None and lse_out is None:
         o, lse = _ops.tree_attention(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                     scale, bool(check), which)
+                                     scale, check, which)
     else:
         o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
         lse = q.new_empty(q.shape[:3], dtype=torch.float32) if lse_out is None else lse_out
         _ops.tree_attention_out(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table,
-                                scale, bool(check), which, o, lse)
+                                scale, check, which, o, lse)
     return (o, lse) if return_lse else o
 
 
@@ -311,10 +327,11 @@ def verify_greedy(tree: Tree, draft_tokens: torch.Tensor, target_argmax: torch.T
     tree = _tree(tree, op)
     draft_tokens = _per_node(draft_tokens, "draft_tokens", op)
     target_argmax = _per_node(target_argmax, "target_argmax", op)
+    check = _flag(check, "check", op)
     if _choose(impl, tree.parents.device, op) == _REFERENCE:
         return _ref.verify_greedy(tree, draft_tokens, target_argmax, check=check)
     return _ops.tree_verify_greedy(tree.first_child, tree.next_sibling, draft_tokens,
-                                   target_argmax, tree.max_depth, bool(check))
+                                   target_argmax, tree.max_depth, check)
 
 
 def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.Tensor, *,
@@ -371,6 +388,7 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
                     ("coins", coins), ("bonus_u", bonus_u)):
         if (t is not None or name == "target_probs") and not isinstance(t, torch.Tensor):
             raise TypeError(_err(op, f"{name} must be a floating-point tensor, got {type(t).__name__}"))
+    check = _flag(check, "check", op)
     B, n = tree.batch, tree.n
     dev = tree.parents.device
     if _choose(impl, dev, op) == _REFERENCE:
@@ -382,7 +400,7 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
         bonus_u = torch.rand((B,), generator=generator, device=dev)
     return _ops.tree_verify_sampling(tree.first_child, tree.next_sibling, draft_tokens,
                                      target_probs, draft_probs, coins, bonus_u, tree.max_depth,
-                                     bool(check))
+                                     check)
 
 
 def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int, *, impl: str = "auto"):
@@ -486,8 +504,18 @@ class DynamicTreeDrafter:
 
 
 # ------------------------------------------------------------------ fake (meta) implementations
+# A meta tensor among CPU / CUDA tensors makes the dispatcher pick these shape-only kernels, so
+# they refuse mixed devices first, with the device messages (and exception types) of
+# csrc/tree/tree_args.h; the other checks are the real kernels'.
+def _same_device(op: str, ref, ref_name: str, exc=RuntimeError, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise exc(_err(op, f"{name} is on {t.device} but {ref_name} is on {ref.device}"))
+
+
 @torch.library.register_fake("tokenkernels::tree_build")
 def _build_fake(parents, tree_lens, check, impl):
+    _same_device("build", parents, "parents", ValueError, tree_lens=tree_lens)
     B, n = parents.shape
     W = (n + 31) // 32
     lng = dict(dtype=torch.long)
@@ -497,17 +525,23 @@ def _build_fake(parents, tree_lens, check, impl):
 
 @torch.library.register_fake("tokenkernels::tree_paths")
 def _paths_fake(parents, depth, first_child, tree_lens, max_leaves, max_depth):
+    _same_device("paths", parents, "parents", depth=depth, first_child=first_child)
+    _same_device("paths", parents, "parents", ValueError, tree_lens=tree_lens)
     return parents.new_empty((parents.shape[0], max_leaves, max_depth + 1), dtype=torch.long)
 
 
 @torch.library.register_fake("tokenkernels::tree_attention")
 def _attention_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, check, impl):
+    _same_device("attention", q, "q", k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                 prefix_lens=prefix_lens, mask=mask, tree_lens=tree_lens)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenkernels::tree_attention_out")
 def _attention_out_fake(q, k_cache, v_cache, prefix_lens, mask, tree_lens, block_table, scale, check, impl,
                         out, lse):
+    _same_device("attention", q, "q", k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                 prefix_lens=prefix_lens, mask=mask, tree_lens=tree_lens, out=out, lse=lse)
     return None
 
 
@@ -519,17 +553,24 @@ def _verify_fake_outputs(first_child, max_depth):
 
 @torch.library.register_fake("tokenkernels::tree_verify_greedy")
 def _verify_greedy_fake(first_child, next_sibling, draft_tokens, target_argmax, max_depth, check=True):
+    _same_device("verify_greedy", first_child, "first_child", next_sibling=next_sibling)
+    _same_device("verify_greedy", first_child, "the tree", ValueError, draft_tokens=draft_tokens,
+                 target_argmax=target_argmax)
     return _verify_fake_outputs(first_child, max_depth)
 
 
 @torch.library.register_fake("tokenkernels::tree_verify_sampling")
 def _verify_sampling_fake(first_child, next_sibling, draft_tokens, target_probs, draft_probs, coins,
                           bonus_u, max_depth, check):
+    _same_device("verify_sampling", first_child, "first_child", next_sibling=next_sibling)
+    _same_device("verify_sampling", first_child, "the tree", ValueError, draft_tokens=draft_tokens,
+                 target_probs=target_probs, draft_probs=draft_probs, coins=coins, bonus_u=bonus_u)
     return _verify_fake_outputs(first_child, max_depth)
 
 
 @torch.library.register_fake("tokenkernels::tree_select_frontier")
 def _select_frontier_fake(cum_logp, child_logp, m):
+    _same_device("select_frontier", cum_logp, "cum_logp", child_logp=child_logp)
     B = cum_logp.shape[0]
     return (cum_logp.new_empty((B, m), dtype=torch.long), cum_logp.new_empty((B, m), dtype=torch.long),
             cum_logp.new_empty((B, m), dtype=torch.float32))
@@ -537,6 +578,7 @@ def _select_frontier_fake(cum_logp, child_logp, m):
 
 @torch.library.register_fake("tokenkernels::tree_select_tree")
 def _select_tree_fake(cum_logp, parents, n):
+    _same_device("select_tree", cum_logp, "cum_logp", parents=parents)
     B = cum_logp.shape[0]
     return (cum_logp.new_empty((B, n), dtype=torch.long), cum_logp.new_empty((B, n), dtype=torch.long),
             cum_logp.new_empty((B, n), dtype=torch.float32))

@@ -19,7 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import variants
-from .._common import (IntOrTensor, as_batch, mask_2d, per_item, require_shape, resolve_start,
+from .._common import (IntOrTensor, as_batch, as_bool, mask_2d, per_item, require_shape, resolve_start,
                        split_k, valid_mask)
 
 EPS = 1e-8
@@ -113,6 +113,8 @@ def _select(x, k, *, lengths=None, metric="cosine", start="isolated", exclude=No
     op = "kcenter"
     x3, squeeze = as_batch(x, "x", op)
     _check_features(x3, "x", op)
+    if not isinstance(metric, str):
+        raise TypeError(f"tokenkernels.{op}: metric must be a str, got {type(metric).__name__}")
     if metric not in _METRICS:
         raise ValueError(f"tokenkernels.{op}: metric must be one of 'cosine', 'l2', got {metric!r}")
     B, N, D = x3.shape
@@ -176,6 +178,8 @@ def kcenter(
     ``impl`` is validated like the op's and otherwise ignored: this is one implementation.
     Random starts draw the same numbers as the op for the same generator state."""
     variants.choose("kcenter", impl, x.device if isinstance(x, torch.Tensor) else "cpu", "kcenter")
+    sorted, return_radii, check = (as_bool(v, name, "kcenter") for v, name in
+                                   ((sorted, "sorted"), (return_radii, "return_radii"), (check, "check")))
     idx, radii = _select(x, k, lengths=lengths, metric=metric, start=start, exclude=exclude,
                          sorted=sorted, generator=generator, k_max=k_max, check=check)
     return (idx, radii) if return_radii else idx
@@ -259,6 +263,8 @@ def coverage_select(
     gains); ``impl`` is validated like the op's and otherwise ignored."""
     variants.choose("kcenter", impl, sim.device if isinstance(sim, torch.Tensor) else "cpu",
                     "coverage_select")
+    return_gains = as_bool(return_gains, "return_gains", "coverage_select")
+    check = as_bool(check, "check", "coverage_select")
     idx, gains = _coverage(sim, k, lengths=lengths, row_lengths=row_lengths, exclude=exclude,
                            k_max=k_max, check=check)
     return (idx, gains) if return_gains else idx
@@ -297,6 +303,8 @@ def mmtok_similarity(
     """
     t3, squeeze = as_batch(text, "text", "mmtok_similarity")
     v3, _ = as_batch(vision, "vision", "mmtok_similarity")
+    if v3.device != t3.device:   # (a meta one would give a shape-only or a wrong result)
+        raise ValueError(f"tokenkernels.mmtok_similarity: vision is on {v3.device} but text is on {t3.device}")
     if t3.shape[0] != v3.shape[0] or t3.shape[2] != v3.shape[2]:
         raise ValueError(f"tokenkernels.mmtok_similarity: text {tuple(text.shape)} and vision "
                          f"{tuple(vision.shape)} must share batch and feature sizes")
@@ -311,10 +319,15 @@ def mmtok_similarity(
     t = torch.nn.functional.normalize(t3.float(), dim=-1)
     v = torch.nn.functional.normalize(v3.float(), dim=-1)
     op = "mmtok_similarity"
-    vision_lengths = require_shape(per_item(vision_lengths, B, "vision_lengths", op), (B,),
-                                   "vision_lengths", op)
-    text_lengths = require_shape(per_item(text_lengths, B, "text_lengths", op), (B,),
-                                 "text_lengths", op)
+    # tensors on text's device, like the kcenter ops' lengths (ints / lists are made there)
+    for name, lens in (("vision_lengths", vision_lengths), ("text_lengths", text_lengths)):
+        if isinstance(lens, torch.Tensor) and lens.device != t3.device:
+            raise ValueError(f"tokenkernels.{op}: {name} is on {lens.device} but text is on {t3.device}")
+    vision_lengths, text_lengths = (None if lens is None else per_item(lens, B, name, op).to(t3.device)
+                                    for lens, name in ((vision_lengths, "vision_lengths"),
+                                                       (text_lengths, "text_lengths")))
+    require_shape(vision_lengths, (B,), "vision_lengths", op)
+    require_shape(text_lengths, (B,), "text_lengths", op)
     col_ok = valid_mask(B, V, vision_lengths, None, v.device)
     neg = torch.finfo(torch.float32).min
     s_tv = torch.softmax((t @ v.transpose(1, 2) / tau_tv).masked_fill(~col_ok[:, None, :], neg), -1)

@@ -170,6 +170,13 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
     if max_leaves is None:
         max_leaves = int(leaf.sum(1).max()) if B else 0
     max_depth, max_leaves = operator.index(max_depth), operator.index(max_leaves)
+    # the kernels' bounds (csrc/tree/tree_args.h): no tree of n nodes needs more
+    if not 0 <= max_leaves <= n:
+        raise RuntimeError(_err("paths", f"max_leaves = {max_leaves} must lie in [0, n = {n}] (a tree of n "
+                                         f"nodes has at most n leaves)"))
+    if not 0 <= max_depth <= n - 1:
+        raise RuntimeError(_err("paths", f"max_depth = {max_depth} must lie in [0, n - 1 = {n - 1}] (a tree "
+                                         f"of n nodes is at most n - 1 deep)"))
     paths = _paths(par, depth, leaf, max_leaves, max_depth)
     return _tree_class()(parents.long(), mask, depth, paths, first_child, next_sibling, tree_lens, max_depth)
 
