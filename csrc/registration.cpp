@@ -86,10 +86,13 @@ TORCH_LIBRARY(tokenkernels, m) {
   // links and the draft tokens of linked nodes (always on CPU; one host sync on CUDA, else
   // out-of-range tokens are never accepted) and that the probability rows verification reads
   // (the root's and the linked nodes') are distributions (on both devices only with check).
+  // mode: the sibling rule with draft_probs, "specinfer" (siblings drawn i.i.d. from the draft)
+  // or "rsd" (Recursive Speculative Decoding: siblings drawn without replacement); the same
+  // rule without draft_probs.
   m.def(
       "tree_verify_sampling(Tensor first_child, Tensor next_sibling, Tensor draft_tokens, "
       "Tensor target_probs, Tensor? draft_probs, Tensor coins, Tensor bonus_u, int max_depth, "
-      "bool check) -> (Tensor, Tensor, Tensor)");
+      "bool check, str mode=\"specinfer\") -> (Tensor, Tensor, Tensor)");
   // Dynamic trees (EAGLE-2 / DySpec): the m best (parent, child rank, score) expansions, and
   // the n best nodes of a drafted tree (indices, re-indexed parents, scores).
   m.def("tree_select_frontier(Tensor cum_logp, Tensor child_logp, int m) -> (Tensor, Tensor, Tensor)");

@@ -402,11 +402,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy(
 template <typename T>
 void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* dt, const T* pt, const T* pq,
                           const double* cn, const double* bv, int64_t B, int64_t n, int64_t V, int64_t max_depth,
-                          int64_t* acc, int64_t* al, int64_t* bo) {
+                          VerifyMode mode, int64_t* acc, int64_t* al, int64_t* bo) {
+  const bool rsd = mode == VerifyMode::Rsd && pq;   // (without draft_probs the two rules coincide)
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<double> rbuf(V), tbuf(V);
+    std::vector<double> rbuf(V), tbuf(V), qbuf(rsd ? V : 0);
     double* r = rbuf.data();
     double* tmp = tbuf.data();
+    double* qr = qbuf.data();   // RSD: the draft residual (unnormalised; Q its sum), see tree.h
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * n;
       int64_t* row = acc + b * (max_depth + 1);
@@ -421,15 +423,52 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
         for (; x < V; ++x) s[0] += (r[x] = static_cast<double>(src[x]));
         return (s[0] + s[1]) + (s[2] + s[3]);
       };
-      double S = load(0);
+      auto load_q = [&](int64_t node) {   // RSD: qr <- draft_probs[b, node]; returns its sum
+        if (!rsd) return 0.0;
+        const T* src = pq + (o + node) * V;
+        double s[4] = {0, 0, 0, 0};
+        int64_t x = 0;
+        for (; x + 4 <= V; x += 4)
+          for (int j = 0; j < 4; ++j) s[j] += (qr[x + j] = static_cast<double>(src[x + j]));
+        for (; x < V; ++x) s[0] += (qr[x] = static_cast<double>(src[x]));
+        return (s[0] + s[1]) + (s[2] + s[3]);
+      };
+      double S = load(0), Q = load_q(0);
       while (true) {
         int64_t c = fc[o + u], prev = u, got = -1;
         // (links and tokens are validated up front; the guards mirror the CUDA kernel)
         while (residual_usable(S) && link_ok(c, prev, n)) {
           const int64_t t = dt[o + c];
           const double coin = cn[o + c];
-          const bool in_vocab = t >= 0 && t < V;   // else: never accepted, residual unchanged
-          if (in_vocab && pq) {
+          const bool in_vocab = t >= 0 && t < V;   // else: never accepted, residuals unchanged
+          // RSD: q_{i-1}(t) = qr[t] / Q; a token without draft-residual mass is a deterministic
+          // candidate (the one-hot rule below, q unchanged)
+          const double qinv = rsd && residual_usable(Q) ? 1.0 / Q : 0.0;
+          const double q_t = rsd && in_vocab ? qr[t] * qinv : 0.0;
+          if (in_vocab && rsd && q_t > 0) {
+            if (accept_with_q(coin, q_t, r[t], S)) { got = c; break; }
+            // p <- max(p - q_{i-1}, 0) (kept only if it has mass), and in the same pass the sum
+            // of q without t: q_i = q_{i-1} with t removed
+            const double inv = 1.0 / S;
+            double s[4] = {0, 0, 0, 0}, qs[4] = {0, 0, 0, 0};
+            int64_t x = 0;
+            for (; x + 4 <= V; x += 4)
+              for (int j = 0; j < 4; ++j) {
+                s[j] += (tmp[x + j] = pos_part(r[x + j] * inv - qr[x + j] * qinv));
+                qs[j] += x + j == t ? 0.0 : qr[x + j];
+              }
+            for (; x < V; ++x) {
+              s[0] += (tmp[x] = pos_part(r[x] * inv - qr[x] * qinv));
+              qs[0] += x == t ? 0.0 : qr[x];
+            }
+            const double s2 = (s[0] + s[1]) + (s[2] + s[3]);
+            if (s2 > 0) {
+              std::swap(r, tmp);
+              S = s2;
+            }
+            qr[t] = 0;
+            Q = (qs[0] + qs[1]) + (qs[2] + qs[3]);
+          } else if (in_vocab && pq && !rsd) {
             const T* q = pq + (o + u) * V;
             if (accept_with_q(coin, static_cast<double>(q[t]), r[t], S)) { got = c; break; }
             // residual <- max(p - q, 0) with p = r / S (kept unnormalised; S is its sum), one
@@ -460,6 +499,7 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
         row[++k] = got;
         u = got;
         S = load(u);
+        Q = load_q(u);
       }
       al[b] = k;
       // bonus ~ residual, by inverse CDF: first x with running sum > u * S; if none (rounding,
@@ -484,9 +524,10 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling(
     const at::Tensor& first_child_in, const at::Tensor& next_sibling_in, const at::Tensor& draft_in,
     const at::Tensor& target_probs_in, const std::optional<at::Tensor>& draft_probs_in,
-    const at::Tensor& coins_in, const at::Tensor& bonus_u_in, int64_t max_depth, bool check) {
+    const at::Tensor& coins_in, const at::Tensor& bonus_u_in, int64_t max_depth, bool check,
+    c10::string_view mode) {
   const auto dims = check_verify_sampling_args(first_child_in, next_sibling_in, draft_in, target_probs_in,
-                                               draft_probs_in, coins_in, bonus_u_in, max_depth);
+                                               draft_probs_in, coins_in, bonus_u_in, max_depth, mode);
   const int64_t B = dims.B, n = dims.n, V = dims.V;
   auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in), draft = long_contig(draft_in);
   // links and tokens always on CPU, probability rows with check
@@ -508,7 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling(
     verify_sampling_impl<scalar_t>(fcs.data_ptr<int64_t>(), nss.data_ptr<int64_t>(), draft.data_ptr<int64_t>(),
                                    tp.data_ptr<scalar_t>(), dp.defined() ? dp.data_ptr<scalar_t>() : nullptr,
                                    coins.data_ptr<double>(), bu.data_ptr<double>(), B, n, V, max_depth,
-                                   accepted.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),
+                                   dims.mode, accepted.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),
                                    bonus.data_ptr<int64_t>());
   });
   return {accepted, accept_len, bonus};

@@ -61,6 +61,12 @@ inline Impl parse_impl(std::string_view impl, const char* op) {
                             "impl");
 }
 
+// The schema's `str mode` of tree_verify_sampling: "specinfer" | "rsd" (tree.h, VerifyMode).
+inline VerifyMode parse_verify_mode(std::string_view mode) {
+  return parse_option<VerifyMode>(mode, {{"specinfer", VerifyMode::SpecInfer}, {"rsd", VerifyMode::Rsd}},
+                                  "tree.verify_sampling", "mode");
+}
+
 // ------------------------------------------------------------------------- generic tensor checks
 
 inline bool is_index_dtype(const at::Tensor& t) {
@@ -425,12 +431,13 @@ inline void check_draft_values(const at::Tensor& fc_h, const at::Tensor& ns_h, c
 
 struct SamplingDims {
   int64_t B, n, V;
+  VerifyMode mode;
 };
 
 inline SamplingDims check_verify_sampling_args(const at::Tensor& fc, const at::Tensor& ns, const at::Tensor& draft,
                                                const at::Tensor& tp, const std::optional<at::Tensor>& dp,
                                                const at::Tensor& coins, const at::Tensor& bonus_u,
-                                               int64_t max_depth) {
+                                               int64_t max_depth, std::string_view mode) {
   const char* op = "verify_sampling";
   check_tree_links(fc, ns, op);
   check_node_tokens(fc, draft, op, "draft_tokens");
@@ -460,7 +467,7 @@ inline SamplingDims check_verify_sampling_args(const at::Tensor& fc, const at::T
           ", got ", bonus_u.sizes());
   check_device(fc, bonus_u, op, "the tree", "bonus_u", Err::Value);
   check_max_depth(max_depth, n, op);
-  return {B, n, V};
+  return {B, n, V, parse_verify_mode(mode)};
 }
 
 // Allowed |row sum - 1| of a probability tensor of `dtype`: rounding each entry of a normalised

@@ -140,8 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
     const at::Tensor& fc_in, const at::Tensor& ns_in, const at::Tensor& draft_in, const at::Tensor& tp_in,
     const std::optional<at::Tensor>& dp_in, const at::Tensor& coins_in, const at::Tensor& bu_in, int64_t max_depth,
-    bool check) {
-  const auto dims = check_verify_sampling_args(fc_in, ns_in, draft_in, tp_in, dp_in, coins_in, bu_in, max_depth);
+    bool check, c10::string_view mode) {
+  const auto dims =
+      check_verify_sampling_args(fc_in, ns_in, draft_in, tp_in, dp_in, coins_in, bu_in, max_depth, mode);
   const int64_t B = dims.B, n = dims.n, V = dims.V;
   c10::DeviceGuard guard(fc_in.device());
   auto fc = long_contig(fc_in), ns = long_contig(ns_in), draft = long_contig(draft_in);
@@ -154,10 +155,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling_cuda(
   auto dp = dp_in.has_value() ? dp_in->to(pt).contiguous() : at::Tensor();
   auto coins = coins_in.to(at::kDouble).contiguous(), bu = bu_in.to(at::kDouble).contiguous();
   auto [acc, alen, bonus] = verify_outputs(fc, max_depth);
-  auto work = at::empty({B, V}, tp.options().dtype(at::kDouble));
+  auto work = at::empty({verify_sampling_workspace(B, V, dims.mode, dp.defined())}, tp.options().dtype(at::kDouble));
   check_cuda(launch_verify_sampling(fc.data_ptr<int64_t>(), ns.data_ptr<int64_t>(), draft.data_ptr<int64_t>(),
                                     tp.data_ptr(), dp.defined() ? dp.data_ptr() : nullptr, f64,
-                                    coins.data_ptr<double>(), bu.data_ptr<double>(), B, n, V, max_depth,
+                                    coins.data_ptr<double>(), bu.data_ptr<double>(), B, n, V, max_depth, dims.mode,
                                     acc.data_ptr<int64_t>(), alen.data_ptr<int64_t>(), bonus.data_ptr<int64_t>(),
                                     work.data_ptr<double>(), current_cuda_stream(fc_in.device())),
              "tree verify_sampling");

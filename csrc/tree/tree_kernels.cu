@@ -158,20 +158,23 @@ cudaError_t launch_verify_greedy(const int64_t* first_child, const int64_t* next
 cudaError_t launch_verify_sampling(const int64_t* first_child, const int64_t* next_sibling,
                                    const int64_t* draft_tokens, const void* target_probs, const void* draft_probs,
                                    bool probs_fp64, const double* coins, const double* bonus_u, int64_t B, int64_t n,
-                                   int64_t V, int64_t max_depth, int64_t* accepted, int64_t* accept_len,
-                                   int64_t* bonus, double* workspace, cudaStream_t stream) {
+                                   int64_t V, int64_t max_depth, VerifyMode mode, int64_t* accepted,
+                                   int64_t* accept_len, int64_t* bonus, double* workspace, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (B > kMaxGridX) return cudaErrorInvalidValue;
+  // RSD with draft_probs: the draft residuals in the second half of the workspace (tree.h)
+  const bool rsd = mode == VerifyMode::Rsd && draft_probs != nullptr;
+  double* qwork = rsd ? workspace + B * V : nullptr;
   if (probs_fp64)
     device::verify_sampling_kernel<double><<<static_cast<unsigned>(B), 256, 0, stream>>>(
         first_child, next_sibling, draft_tokens, static_cast<const double*>(target_probs),
         static_cast<const double*>(draft_probs), coins, bonus_u, n, V, max_depth, accepted, accept_len, bonus,
-        workspace);
+        workspace, qwork);
   else
     device::verify_sampling_kernel<float><<<static_cast<unsigned>(B), 256, 0, stream>>>(
         first_child, next_sibling, draft_tokens, static_cast<const float*>(target_probs),
         static_cast<const float*>(draft_probs), coins, bonus_u, n, V, max_depth, accepted, accept_len, bonus,
-        workspace);
+        workspace, qwork);
   return cudaGetLastError();
 }
 

@@ -499,18 +499,22 @@ __device__ __forceinline__ double block_sum_d(double v, double* sh) {
 // the workspace row of the tree. Every decision is computed identically by all threads from
 // block-reduced values, so the control flow stays uniform. The arithmetic is the CPU kernel's
 // (fp64 residual, r * (1 / S) updates, the new S = the sum of the stored values), so CPU and CUDA
-// decisions agree up to the summation order of S. P: the probabilities' type (float or double).
+// decisions agree up to the summation order of S (and Q). P: the probabilities' type (float or
+// double). qwork: nullptr for SpecInfer's rule; for RSD (VerifyMode::Rsd with draft_probs, tree.h)
+// B*V doubles, the draft residual qr of each tree (Q its sum).
 template <typename P>
 __global__ void __launch_bounds__(256) verify_sampling_kernel(
     const int64_t* __restrict__ fc, const int64_t* __restrict__ ns, const int64_t* __restrict__ draft,
     const P* __restrict__ tp, const P* __restrict__ dp, const double* __restrict__ coins,
     const double* __restrict__ bonus_u, int64_t n, int64_t V, int64_t max_depth,
     int64_t* __restrict__ accepted, int64_t* __restrict__ accept_len, int64_t* __restrict__ bonus,
-    double* __restrict__ work) {
+    double* __restrict__ work, double* __restrict__ qwork) {
   __shared__ double sh[32];
   __shared__ long long sh_pick;
   const int64_t b = blockIdx.x, o = b * n;
   double* r = work + b * V;
+  const bool rsd = qwork != nullptr && dp != nullptr;
+  double* qr = rsd ? qwork + b * V : nullptr;
   int64_t* row = accepted + b * (max_depth + 1);
   for (int64_t k = threadIdx.x; k <= max_depth; k += blockDim.x) row[k] = k == 0 ? 0 : -1;
   auto load = [&](int64_t node) {   // r <- target_probs[b, node]; returns the sum
@@ -520,15 +524,48 @@ __global__ void __launch_bounds__(256) verify_sampling_kernel(
     for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s += (r[x] = static_cast<double>(src[x]));
     return block_sum_d(s, sh);   // its barriers also publish r
   };
-  double S = load(0);
+  auto load_q = [&](int64_t node) {   // RSD: qr <- draft_probs[b, node]; returns the sum
+    if (!rsd) return 0.0;             // (uniform: every thread returns here or none)
+    __syncthreads();   // every thread is done reading the previous draft residual
+    const P* src = dp + (o + node) * V;
+    double s = 0;
+    for (int64_t x = threadIdx.x; x < V; x += blockDim.x) s += (qr[x] = static_cast<double>(src[x]));
+    return block_sum_d(s, sh);   // its barriers also publish qr
+  };
+  double S = load(0), Q = load_q(0);
   int64_t u = 0, k = 0;
   while (true) {
     int64_t c = fc[o + u], prev = u, got = -1;
     while (residual_usable(S) && link_ok(c, prev, n)) {
       const int64_t t = draft[o + c];
       const double coin = coins[o + c];
-      if (t >= 0 && t < V) {   // out-of-range tokens (check=False): never accepted, r unchanged
-        if (dp) {
+      // RSD: q_{i-1}(t) = qr[t] / Q; a token without draft-residual mass is a deterministic
+      // candidate (the one-hot branch below, q unchanged). The same values in every thread.
+      const bool in_vocab = t >= 0 && t < V;
+      const double qinv = rsd && residual_usable(Q) ? 1.0 / Q : 0.0;
+      const double q_t = rsd && in_vocab ? qr[t] * qinv : 0.0;
+      if (in_vocab && rsd && q_t > 0) {
+        if (accept_with_q(coin, q_t, r[t], S)) { got = c; break; }
+        // p <- max(p - q_{i-1}, 0) (kept only if it has mass) and the sum of q without t; the
+        // same element split (x strided by thread) for the sums and the writes, so each thread
+        // writes only what it read itself
+        const double inv = 1.0 / S;
+        double s2 = 0, qs = 0;
+        for (int64_t x = threadIdx.x; x < V; x += blockDim.x) {
+          s2 += pos_part(r[x] * inv - qr[x] * qinv);
+          qs += x == t ? 0.0 : qr[x];
+        }
+        s2 = block_sum_d(s2, sh);   // its barriers: every thread has read r[t] and qr[t]
+        qs = block_sum_d(qs, sh);
+        for (int64_t x = threadIdx.x; x < V; x += blockDim.x) {
+          if (s2 > 0) r[x] = pos_part(r[x] * inv - qr[x] * qinv);   // the values summed above
+          if (x == t) qr[x] = 0.0;
+        }
+        if (s2 > 0) S = s2;
+        Q = qs;
+        __syncthreads();   // publish r and qr
+      } else if (in_vocab) {   // out-of-range tokens (check=False): never accepted, r unchanged
+        if (dp && !rsd) {
           const P* q = dp + (o + u) * V;
           if (accept_with_q(coin, static_cast<double>(q[t]), r[t], S)) { got = c; break; }
           const double inv = 1.0 / S;
@@ -561,6 +598,7 @@ __global__ void __launch_bounds__(256) verify_sampling_kernel(
     if (threadIdx.x == 0) row[k] = got;
     u = got;
     S = load(u);
+    Q = load_q(u);
   }
   // bonus ~ r by inverse CDF: thread chunks, block exclusive scan of chunk sums, then the first
   // crossing index (block minimum); if none (rounding, or a residual without usable mass), the

@@ -67,6 +67,40 @@ TK_HD bool residual_usable(double S) { return S > 0.0 && S <= DBL_MAX; }   // fa
 TK_HD bool accept_with_q(double coin, double q_t, double r_t, double S) { return coin * q_t < r_t / S; }
 TK_HD bool accept_one_hot(double coin, double r_t, double S) { return coin * S < r_t; }
 
+// The `mode` option of tree_verify_sampling (schema `str mode`, parsed once in
+// csrc/tree/tree_args.h): the rule that verifies the siblings of a node when draft_probs is given.
+//
+// * SpecInfer ("specinfer"): siblings drawn i.i.d. from q = draft_probs[u]. Child c_i (token x_i)
+//   is accepted with probability min(1, p(x_i) / q(x_i)), else p <- normalise(max(p - q, 0)); q
+//   never changes.
+// * Rsd ("rsd", Recursive Speculative Decoding, Jeon et al. 2024, RSD-S / RSD-C): siblings drawn
+//   from q *without replacement* (Gumbel-top-k), in node order. With p_0 = target_probs[u] and
+//   q_0 = q / sum(q): c_i is accepted with probability min(1, p_{i-1}(x_i) / q_{i-1}(x_i)); on a
+//   rejection p_i = normalise(max(p_{i-1} - q_{i-1}, 0)) and q_i = q_{i-1} with x_i removed,
+//   renormalised. Kept unnormalised: qr (the draft residual) and its sum Q, q_{i-1} = qr / Q; the
+//   removal is qr[x_i] <- 0, Q <- the sum of what is left.
+//   Lossless (proved in the RSD paper; briefly): given the history, X_i ~ q_{i-1}, so child i
+//   emits x with probability q_{i-1}(x) min(1, p_{i-1}(x) / q_{i-1}(x)) = min(p_{i-1}, q_{i-1})(x)
+//   and is rejected with probability beta = sum max(p_{i-1} - q_{i-1}, 0). p_i does not depend on
+//   which x_i was rejected, so if (induction from the last sibling, whose rejection leads to the
+//   bonus ~ p_k) whatever follows a rejection at i emits ~ p_i whatever x_i was, the emitted
+//   token is min(p, q)(x) + beta * max(p - q, 0)(x) / beta = p_{i-1}(x). SpecInfer's rule keeps q
+//   for every sibling, which is right only for i.i.d. siblings: on draws without replacement it is
+//   lossy (tests/tree/test_rsd.py shows the chi-square test catching it).
+//   Edge cases (none divides by zero): a child whose token has no draft-residual mass
+//   (q_{i-1}(x_i) = 0: q's support exhausted by the earlier siblings -- Gumbel-top-k with more
+//   siblings than q has tokens -- or a draft row without usable mass, Q not > 0 or not finite,
+//   only with check=False) is a deterministic candidate given the history and gets the one-hot
+//   rule below (accept with p_{i-1}(x_i), else zero it in p; q unchanged), which keeps the
+//   induction above (the emitted token is p_{i-1}(x_i) 1[x = x_i] + (1 - p_{i-1}(x_i)) p_i(x)).
+//   A residual p_i that rounding would empty is not applied (p kept), as in SpecInfer; Q is
+//   recomputed as the sum of the remaining qr entries after each removal (no drift), and once
+//   it is not > 0 every later sibling is a deterministic candidate. (Duplicate siblings are not a
+//   draw without replacement: the second copy has q_{i-1} = 0 and is handled as above.)
+// Without draft_probs (deterministic candidates: q_{i-1} = one-hot at x_i for every child) the two
+// rules coincide: accept with p(x_i), else p(x_i) <- 0 and renormalise; mode changes nothing.
+enum class VerifyMode : int32_t { SpecInfer = 0, Rsd = 1 };
+
 // "a ranks before b" for the dynamic-tree selections: larger score first, ties to the lower
 // index. NaN scores rank last.
 TK_HD bool rank_before(float sa, int64_t ia, float sb, int64_t ib) {
@@ -143,14 +177,20 @@ cudaError_t launch_verify_greedy(const int64_t* first_child, const int64_t* next
 
 // Stochastic verification, one block per tree. target_probs / draft_probs (B, n, V) contiguous,
 // both fp32 or (probs_fp64) both fp64 (draft_probs may be nullptr); coins (B, n), bonus_u (B,)
-// fp64. workspace: B*V doubles (the fp64 residual, as on CPU). Draft tokens outside [0, V) are
-// never accepted and leave the residual unchanged; corrupt child links end the sibling walk.
+// fp64. workspace: verify_sampling_workspace(B, V, mode, draft_probs != nullptr) doubles (the fp64
+// residual, as on CPU, and for VerifyMode::Rsd with draft_probs the fp64 draft residual). Draft
+// tokens outside [0, V) are never accepted and leave the residuals unchanged; corrupt child links
+// end the sibling walk.
+inline int64_t verify_sampling_workspace(int64_t B, int64_t V, VerifyMode mode, bool has_draft_probs) {
+  return (mode == VerifyMode::Rsd && has_draft_probs ? 2 : 1) * B * V;
+}
 cudaError_t launch_verify_sampling(const int64_t* first_child, const int64_t* next_sibling,
                                    const int64_t* draft_tokens, const void* target_probs,
                                    const void* draft_probs, bool probs_fp64, const double* coins,
                                    const double* bonus_u, int64_t B, int64_t n, int64_t V,
-                                   int64_t max_depth, int64_t* accepted, int64_t* accept_len,
-                                   int64_t* bonus, double* workspace, cudaStream_t stream);
+                                   int64_t max_depth, VerifyMode mode, int64_t* accepted,
+                                   int64_t* accept_len, int64_t* bonus, double* workspace,
+                                   cudaStream_t stream);
 
 // Dynamic trees. select_frontier: cum (B, F), child (B, F, K) fp32 -> the m best (parent, rank,
 // score). select_tree: cum (B, T) fp32, parents (B, T) int64 -> n kept nodes (indices, parents

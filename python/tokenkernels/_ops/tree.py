@@ -338,20 +338,29 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
                     draft_probs: Optional[torch.Tensor] = None,
                     generator: Optional[torch.Generator] = None, check: bool = True,
                     coins: Optional[torch.Tensor] = None, bonus_u: Optional[torch.Tensor] = None,
-                    impl: str = "auto"):
-    """Lossless multi-candidate speculative sampling over a token tree (SpecInfer's rule).
+                    impl: str = "auto", mode: str = "specinfer"):
+    """Lossless multi-candidate speculative sampling over a token tree (SpecInfer's rule, or
+    Recursive Speculative Decoding with ``mode="rsd"``).
 
     At node u with residual distribution p (initially ``target_probs[u]``) the children are tried
     in node order:
 
-    * with ``draft_probs`` (children drawn i.i.d. from ``q = draft_probs[u]``): accept child c
-      (token t) with probability ``min(1, p(t) / q(t))``, else ``p <- normalise(max(p - q, 0))``;
-    * without (deterministic candidates, q = one-hot): accept with probability ``p(t)``, else
-      ``p(t) <- 0`` and renormalise.
+    * with ``draft_probs``, ``mode="specinfer"`` (children drawn i.i.d. from ``q = draft_probs[u]``):
+      accept child c (token t) with probability ``min(1, p(t) / q(t))``, else
+      ``p <- normalise(max(p - q, 0))``;
+    * with ``draft_probs``, ``mode="rsd"`` (RSD, Jeon et al. 2024: children drawn from q *without
+      replacement*, e.g. Gumbel-top-k, in node order): the same with the draft residual q'
+      (initially ``q / sum(q)``) in place of q, and after a rejection also
+      ``q' <- q'`` with t removed, renormalised. A child whose token has ``q'(t) = 0`` (q's
+      support exhausted by its earlier siblings) is a deterministic candidate (the rule below);
+    * without ``draft_probs`` (deterministic candidates, q = one-hot; the two modes coincide):
+      accept with probability ``p(t)``, else ``p(t) <- 0`` and renormalise.
 
     An accepted child becomes the current node (p = its target distribution); when no child is
     accepted (or at a leaf) the bonus token is drawn from p. The emitted tokens are distributed
-    exactly as sampling from the target.
+    exactly as sampling from the target, provided the children were drawn as ``mode`` says
+    (SpecInfer's rule on siblings drawn without replacement is lossy; RSD's assumes them).
+    The rules, their edge cases and the proof: ``csrc/include/tokenkernels/tree.h``, VerifyMode.
 
     CPU and CUDA compute the residual and every decision in fp64 with the same formulas, so
     with the same coins they return the same result (up to ties within the last bits of the
@@ -378,6 +387,8 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
         impl: "auto" (one kernel per device) | "plain" | "tuned" (the same kernel: CUDA
             variants are per family) | "reference" (:func:`tokenkernels.reference.tree.verify_sampling`,
             which draws the uniforms the same way).
+        mode: "specinfer" | "rsd", how the siblings were drawn (above). Both use one coin per
+            visited child and bonus_u for the bonus, and decide in fp64 on every device.
 
     Returns: as :func:`verify_greedy`.
     """
@@ -389,18 +400,20 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
         if (t is not None or name == "target_probs") and not isinstance(t, torch.Tensor):
             raise TypeError(_err(op, f"{name} must be a floating-point tensor, got {type(t).__name__}"))
     check = _flag(check, "check", op)
+    if not isinstance(mode, str):   # (a str option in the schema: its parser's message otherwise)
+        raise TypeError(_err(op, f"mode must be a str, got {type(mode).__name__}"))
     B, n = tree.batch, tree.n
     dev = tree.parents.device
     if _choose(impl, dev, op) == _REFERENCE:
         return _ref.verify_sampling(tree, draft_tokens, target_probs, draft_probs=draft_probs, generator=generator,
-                                    check=check, coins=coins, bonus_u=bonus_u)
+                                    check=check, coins=coins, bonus_u=bonus_u, mode=mode)
     if coins is None:
         coins = torch.rand((B, n), generator=generator, device=dev)
     if bonus_u is None:
         bonus_u = torch.rand((B,), generator=generator, device=dev)
     return _ops.tree_verify_sampling(tree.first_child, tree.next_sibling, draft_tokens,
                                      target_probs, draft_probs, coins, bonus_u, tree.max_depth,
-                                     check)
+                                     check, mode)
 
 
 def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int, *, impl: str = "auto"):
@@ -561,7 +574,7 @@ def _verify_greedy_fake(first_child, next_sibling, draft_tokens, target_argmax, 
 
 @torch.library.register_fake("tokenkernels::tree_verify_sampling")
 def _verify_sampling_fake(first_child, next_sibling, draft_tokens, target_probs, draft_probs, coins,
-                          bonus_u, max_depth, check):
+                          bonus_u, max_depth, check, mode="specinfer"):
     _same_device("verify_sampling", first_child, "first_child", next_sibling=next_sibling)
     _same_device("verify_sampling", first_child, "the tree", ValueError, draft_tokens=draft_tokens,
                  target_probs=target_probs, draft_probs=draft_probs, coins=coins, bonus_u=bonus_u)

@@ -411,27 +411,42 @@ def _validate_sampling(fc, ns, draft_tokens, target_probs, draft_probs) -> None:
                                                              f"(sum {sb:.6g}, entries must be >= 0 and sum to 1)"))
 
 
+_VERIFY_MODES = ("specinfer", "rsd")
+
+
 def verify_sampling(tree, draft_tokens, target_probs, *, draft_probs=None, generator=None, check=True,
-                    coins=None, bonus_u=None):
+                    coins=None, bonus_u=None, mode="specinfer"):
     """Reference of :func:`tokenkernels.tree.verify_sampling` (the same arguments but ``impl``):
-    lossless multi-candidate speculative sampling over the tree (SpecInfer's rule), in float64.
-    The uniforms are drawn as the public op draws them (coins (B, n), then bonus_u (B,), from
-    ``generator`` on the tree's device), so the same generator state gives the same result.
+    lossless multi-candidate speculative sampling over the tree (SpecInfer's rule or Recursive
+    Speculative Decoding), in float64. The uniforms are drawn as the public op draws them (coins
+    (B, n), then bonus_u (B,), from ``generator`` on the tree's device), so the same generator
+    state gives the same result.
 
     At node u with residual p (initially target_probs[u]) the children c are tried in order
     with the uniform coins[b, c]:
-      * draft_probs given (children drawn i.i.d. from q = draft_probs[u]): accept iff
-        coin * q(t) < p(t) (probability min(1, p/q)); else p <- normalise(max(p - q, 0));
-      * draft_probs None (deterministic candidates, q = one-hot): accept iff coin < p(t); else
-        p(t) <- 0, renormalised.
-    Accepted: continue at c with p = target_probs[c]. No child accepted (or a leaf): the bonus
-    token is drawn from p by inverse CDF with bonus_u[b].
+      * draft_probs given, mode "specinfer" (children drawn i.i.d. from q = draft_probs[u]):
+        accept iff coin * q(t) < p(t) (probability min(1, p/q)); else p <- normalise(max(p - q, 0));
+      * draft_probs given, mode "rsd" (children drawn from q without replacement, in node
+        order): the same test and residual with the draft residual q' (initially q / sum(q))
+        instead of q, and after each rejection q' <- q' with t removed, renormalised. A token
+        with q'(t) = 0 (q's support exhausted, or a draft row without usable mass) is a
+        deterministic candidate: the rule below, q' unchanged;
+      * draft_probs None (deterministic candidates, q = one-hot; both modes): accept iff
+        coin < p(t); else p(t) <- 0, renormalised.
+    Accepted: continue at c with p = target_probs[c] (and q' = draft_probs[c]). No child accepted
+    (or a leaf): the bonus token is drawn from p by inverse CDF with bonus_u[b]. (The rules, their
+    edge cases and why RSD is lossless: ``tokenkernels/tree.h``, VerifyMode.)
 
     ``check``: raise on corrupt child links, out-of-range draft tokens of visited nodes and
     probability rows that are not distributions. Inputs the kernels accept only with
     check=False behave as there: a residual without usable mass (sum not > 0 or not finite)
     accepts no child and its bonus is the last positive entry (0 if none); a draft token
     outside [0, V) is never accepted and leaves p unchanged; a corrupt link ends the walk."""
+    if not isinstance(mode, str):
+        raise TypeError(_err("verify_sampling", f"mode must be a str, got {type(mode).__name__}"))
+    if mode not in _VERIFY_MODES:
+        raise ValueError(_err("verify_sampling", f"mode must be one of 'specinfer', 'rsd', got {mode!r}"))
+    rsd = mode == "rsd" and draft_probs is not None
     B, n = tree.batch, tree.n
     dev = tree.parents.device
     if coins is None:
@@ -452,15 +467,31 @@ def verify_sampling(tree, draft_tokens, target_probs, *, draft_probs=None, gener
         r = target_probs[b, 0].double().cpu()
         S = float(r.sum())
         V = r.numel()
+        if rsd:   # the draft residual q' = qr / Q
+            qr = draft_probs[b, 0].double().cpu()
+            Q = float(qr.sum())
         while True:
             prev, c = u, int(fc[b, u])
             got = -1
             while _link_ok(c, prev, n) and _usable(S):
                 t = int(draft_tokens[b, c])
                 coin = float(coins[b, c])
+                qinv = 1.0 / Q if rsd and _usable(Q) else 0.0
+                q_t = float(qr[t]) * qinv if rsd and 0 <= t < V else 0.0
                 if not 0 <= t < V:
                     pass
-                elif draft_probs is not None:
+                elif rsd and q_t > 0.0:
+                    if coin * q_t < float(r[t]) / S:
+                        got = c
+                        break
+                    new = (r * (1.0 / S) - qr * qinv).clamp_min(0.0)   # max(p - q', 0)
+                    if float(new.sum()) > 0.0:
+                        r = new
+                        S = float(r.sum())
+                    qr = qr.clone()                                     # q' without t
+                    qr[t] = 0.0
+                    Q = float(qr.sum())
+                elif draft_probs is not None and not rsd:
                     q = draft_probs[b, u].double().cpu()
                     if coin * float(q[t]) < float(r[t]) / S:
                         got = c
@@ -485,6 +516,9 @@ def verify_sampling(tree, draft_tokens, target_probs, *, draft_probs=None, gener
             u = got
             r = target_probs[b, u].double().cpu()
             S = float(r.sum())
+            if rsd:
+                qr = draft_probs[b, u].double().cpu()
+                Q = float(qr.sum())
         accept_len[b] = k
         if _usable(S):
             bonus[b] = _sample_inverse_cdf(r, S, float(bonus_u[b]))
