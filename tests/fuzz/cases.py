@@ -450,7 +450,8 @@ def verify_calls(draw, device="cpu"):
     probs = torch.randn(B, n, V, device=device).softmax(-1)
     dprobs = torch.randn(B, n, V, device=device).softmax(-1) if draw(st.booleans()) else None
     args = dict(tree=t, draft_tokens=draft, target_probs=probs, draft_probs=dprobs, check=True,
-                coins=torch.rand(B, n, device=device), bonus_u=torch.rand(B, device=device))
+                coins=torch.rand(B, n, device=device), bonus_u=torch.rand(B, device=device),
+                mode=draw(st.sampled_from(["specinfer", "rsd"])))
     return maybe_mutate(draw, Call("tree.verify_sampling", tk.tree.verify_sampling, args, 3,
                                    ref.tree_verify_sampling, exact))
 

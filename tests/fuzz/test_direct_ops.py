@@ -60,7 +60,7 @@ def _valid_public_calls(device: str) -> None:
     tk.tree.verify_greedy(tree, d, torch.randint(0, 5, (2, 9), device=device))
     tp = torch.randn(2, 9, 5, device=device).softmax(-1)
     tk.tree.verify_sampling(tree, d, tp, draft_probs=torch.randn(2, 9, 5, device=device).softmax(-1),
-                            generator=torch.Generator(device).manual_seed(0))
+                            generator=torch.Generator(device).manual_seed(0), mode="rsd")
     tk.tree.select_frontier(torch.randn(2, 3, device=device), torch.randn(2, 3, 4, device=device), 5)
     tk.tree.select_tree(-torch.rand(2, 9, device=device).cumsum(-1), p, 4)
     kv = tk.kv_select

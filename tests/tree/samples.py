@@ -57,6 +57,10 @@ def op_samples(device) -> List[Sample]:
                (d(fc), d(ns), d(draft), d(tp), d(dp), d(coins), d(bu), md, True)),
         Sample("tree_verify_sampling-one-hot-unchecked", OPS.tree_verify_sampling.default,
                (d(fc), d(ns), d(draft), d(tp), None, d(coins), d(bu), md, False)),
+        Sample("tree_verify_sampling-rsd", OPS.tree_verify_sampling.default,
+               (d(fc), d(ns), d(draft), d(tp), d(dp), d(coins), d(bu), md, True, "rsd")),
+        Sample("tree_verify_sampling-rsd-fp64-unchecked", OPS.tree_verify_sampling.default,
+               (d(fc), d(ns), d(draft), d(tp.double()), d(dp.double()), d(coins), d(bu), md, False, "rsd")),
         Sample("tree_select_frontier", OPS.tree_select_frontier.default, (d(cum), d(child), 7)),
         Sample("tree_select_tree", OPS.tree_select_tree.default, (d(cum), d(random_parents(2, 5, seed=2)), 3)),
     ]

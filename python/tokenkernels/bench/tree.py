@@ -7,7 +7,8 @@ Trees: Medusa's 63-node default tree (64 nodes with the root) for verify/attenti
 (uniform attachment, fixed seed) for build. Shapes: Llama-3-8B attention heads (32 query heads,
 8 KV heads, head dim 128).
 
-Rows: build and verify against ``reference``; attention against ``sdpa_dense_mask`` and
+Rows: build and verify against ``reference`` (verify_sampling: SpecInfer's rule, the default, and
+``tokenkernels (rsd)``, mode="rsd", on the same inputs); attention against ``sdpa_dense_mask`` and
 ``sdpa_no_mask_decode`` (the floor), rates in GB/s of K and V read once (tokenkernels' rows only).
 """
 from __future__ import annotations
@@ -103,6 +104,8 @@ def run(ctx: Context) -> None:
     _rows(ctx, f"verify_sampling medusa63 B{B} V{V}", [
         ("tokenkernels", lambda: tk.tree.verify_sampling(tree, draft, tp, draft_probs=dp, coins=coins,
                                                           bonus_u=bu, check=False), False),
+        ("tokenkernels (rsd)", lambda: tk.tree.verify_sampling(tree, draft, tp, draft_probs=dp, coins=coins,
+                                                                bonus_u=bu, check=False, mode="rsd"), False),
         ("reference", lambda: ref.verify_sampling(tree, draft, tp, draft_probs=dp, coins=coins, bonus_u=bu,
                                                   check=False), True),
     ])
