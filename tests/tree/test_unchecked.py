@@ -346,7 +346,7 @@ def test_cuda_verify_sampling_equals_cpu(mode, dtype):
 @CUDA
 def test_cuda_check_false_has_no_host_sync():
     """build (sizes given), attention (out=, contiguous and paged, both impls), verify_greedy and
-    verify_sampling (coins given) with check=False never sync with the host."""
+    verify_sampling (coins given; both modes) with check=False never sync with the host."""
     dev = "cuda"
     B, n, V = 2, 24, 50
     par = random_parents(B, n, seed=6).to(dev)
@@ -373,6 +373,8 @@ def test_cuda_check_false_has_no_host_sync():
             tk.tree.attention(q, kp, vp, P, t, block_table=table, out=out, check=False, impl=impl)
             tk.tree.verify_greedy(t, draft, am, check=False)
             tk.tree.verify_sampling(t, draft, probs, draft_probs=probs, coins=coins, bonus_u=bu, check=False)
+            tk.tree.verify_sampling(t, draft, probs, draft_probs=probs, coins=coins, bonus_u=bu, check=False,
+                                    mode="rsd")
             tk.tree.verify_sampling(t, draft, probs, generator=None, check=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")

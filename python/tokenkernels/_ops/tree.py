@@ -8,7 +8,8 @@ in one batch give ``tree_lens`` (B,), nodes past it are padding. n may be 1024 o
 * :func:`from_paths` Medusa/EAGLE ``choices`` -> parents in Medusa's canonical node order;
 * :func:`attention`: every tree token attends the whole KV prefix (no mask read) plus its
   ancestors in the tree (packed mask), merged by log-sum-exp; contiguous or paged caches, GQA;
-* :func:`verify_greedy`, :func:`verify_sampling` (lossless multi-candidate speculative sampling);
+* :func:`verify_greedy`, :func:`verify_sampling` (lossless multi-candidate speculative sampling:
+  SpecInfer's rule, or Recursive Speculative Decoding for siblings drawn without replacement);
 * dynamic trees: :func:`select_frontier`, :func:`select_tree` and :class:`DynamicTreeDrafter`.
 
 Every shape / dtype / device / value check is in C++ (``csrc/tree/tree_args.h``), the same on
@@ -350,8 +351,8 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
       ``p <- normalise(max(p - q, 0))``;
     * with ``draft_probs``, ``mode="rsd"`` (RSD, Jeon et al. 2024: children drawn from q *without
       replacement*, e.g. Gumbel-top-k, in node order): the same with the draft residual q'
-      (initially ``q / sum(q)``) in place of q, and after a rejection also
-      ``q' <- q'`` with t removed, renormalised. A child whose token has ``q'(t) = 0`` (q's
+      (initially ``q / sum(q)``) in place of q, and after a rejection also ``q'(t) <- 0``,
+      renormalised (the next sibling was drawn without t). A child whose token has ``q'(t) = 0`` (q's
       support exhausted by its earlier siblings) is a deterministic candidate (the rule below);
     * without ``draft_probs`` (deterministic candidates, q = one-hot; the two modes coincide):
       accept with probability ``p(t)``, else ``p(t) <- 0`` and renormalise.
