@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .._common import as_bool
+from .._common import as_bool, as_int
 from ..reference import cross_entropy as _reference
 from ..variants import REFERENCE, choose
 
@@ -298,17 +298,7 @@ def _flag(name, v):
 
 
 def _check_ignore_index(ignore_index) -> int:
-    op = "tokenkernels.linear_cross_entropy"
-    if isinstance(ignore_index, bool):
-        raise TypeError(f"{op}: ignore_index must be an int, got bool")
-    try:
-        ii = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"{op}: ignore_index must be an int, got "
-                        f"{type(ignore_index).__name__}") from None
-    if not -2 ** 63 <= ii < 2 ** 63:
-        raise ValueError(f"{op}: ignore_index must fit in int64, got {ii}")
-    return ii
+    return as_int(ignore_index, "ignore_index", "linear_cross_entropy")
 
 
 def _check_args(hidden, weight, targets, bias, reduction, softcap, label_smoothing, z_loss):
