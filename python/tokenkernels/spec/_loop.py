@@ -64,9 +64,14 @@ class SpecStats:
 @dataclasses.dataclass
 class SpecOutput:
     """``sequences`` (B, L + new) int64 (the prompt, then the generated tokens, ``pad_token_id``
-    after a row's eos, as HF's ``generate``); ``stats`` (:class:`SpecStats`)."""
+    after a row's eos, as HF's ``generate``); ``stats`` (:class:`SpecStats`); ``cache``: the
+    target's KV cache at the end (the committed tokens: every emitted token but the last, and in
+    a step where a row hit eos or max_new_tokens, its whole accepted path), whose slot s of row b
+    holds a real token iff ``cache_valid[b, s]`` (unused slots of a batch, left padding)."""
     sequences: torch.Tensor
     stats: SpecStats
+    cache: object = None
+    cache_valid: Optional[torch.Tensor] = None
 
 
 def _sync(dev):
@@ -390,4 +395,4 @@ def generate(target, input_ids: torch.Tensor, *, draft=None, drafter: Union[str,
     stats.tree_tokens = nodes_total / stats.steps if stats.steps else 0.0
     _sync(dev)
     stats.total_s = time.perf_counter() - t_start
-    return SpecOutput(torch.cat([input_ids, gen_t.to(dev)], 1), stats)
+    return SpecOutput(torch.cat([input_ids, gen_t.to(dev)], 1), stats, kv, slot_valid)
