@@ -299,7 +299,7 @@ def generate(target, input_ids: torch.Tensor, *, draft=None, drafter: Union[str,
     t0 = time.perf_counter()
     dr.reset(input_ids, attention_mask)
     if callable(prime):
-        prime(input_ids, all_logits)
+        prime(input_ids, all_logits, attention_mask)
         del all_logits
     _sync(dev)
     stats.draft_s += time.perf_counter() - t0
