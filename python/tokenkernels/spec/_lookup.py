@@ -148,7 +148,7 @@ class LookupDrafter:
         N = tok.numel()                                               # nodes besides the root
 
         def by(*keys):                                                # lexicographic, first key major
-            idx = torch.arange(N, device=dev)
+            idx = torch.arange(keys[0].numel(), device=dev)
             for key in reversed(keys):
                 idx = idx[torch.sort(key[idx], stable=True).indices]
             return idx
