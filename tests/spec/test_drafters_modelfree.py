@@ -78,6 +78,9 @@ def test_default_template_shape():
     assert widths == [8, 16, 16, 13, 11, 7, 0]
     assert all(c[:-1] in set(DEFAULT_TEMPLATE) | {()} for c in DEFAULT_TEMPLATE)
     assert torch.equal(d._parents, tk.tree.from_paths(DEFAULT_TEMPLATE))
+    # k < 8: the default without the paths through ranks >= k
+    assert RecyclingDrafter(k=4).num_nodes == 59 and RecyclingDrafter(k=2).num_nodes == 32
+    assert RecyclingDrafter(k=1).template == tuple((0,) * j for j in range(1, 7))
 
 
 def test_recycling_fresh_matrix_drafts_the_root_alone():

@@ -91,7 +91,8 @@ class RecyclingDrafter:
         template: the static tree, Medusa-style paths of child ranks (every prefix of a path
             listed, ranks in [0, k)), e.g. ``[(0,), (1,), (0, 0)]``; the node with path
             (..., r) under a node of token t gets token ``M[t, r]``. Default
-            :data:`DEFAULT_TEMPLATE` (72 nodes with the root, depth 6).
+            :data:`DEFAULT_TEMPLATE` (72 nodes with the root, depth 6), without its paths through
+            a rank >= k when k < 8 (k = 4: 59 nodes, k = 2: 32).
         device: where ``M`` lives. None: the device of the first tensors the drafter sees.
         index_dtype: ``torch.int64`` (default) or ``torch.int32`` storage of ``M`` (V * k * 8
             bytes: 2 MB for V = 32000, k = 8; half that in int32).
@@ -100,8 +101,8 @@ class RecyclingDrafter:
     parent is pruned) is **pruned**: the tree keeps the template nodes whose whole path has
     candidates, compacted in template order (parents first), so before any update a row's tree
     is the root alone (one plain decoding step) and grows as ``M`` fills. ``M`` is **kept across
-    generations** (:meth:`reset` does not clear it; the paper keeps the matrix across queries);
-    :meth:`clear` empties it.
+    generations** (:meth:`reset` does not clear it: what one generation recycled serves the
+    next); :meth:`clear` empties it.
 
     Steps: ``draft`` expands the template breadth-first from every row's root (one gather per
     template level over the whole batch), prunes, and keeps the first ``ctx.max_tree_tokens``
@@ -133,8 +134,10 @@ class RecyclingDrafter:
         self.k = k
         self.vocab_size = vocab_size
         self.index_dtype = index_dtype
-        self.template = tuple(tuple(c) for c in (DEFAULT_TEMPLATE if template is None else template))
-        self._parents, self._ranks, self._depth = _template_arrays(self.template, k)
+        if template is None:   # the default, without the paths through ranks >= k (still a tree)
+            template = [c for c in DEFAULT_TEMPLATE if max(c) < k]
+        self._parents, self._ranks, self._depth = _template_arrays(template, k)
+        self.template = tuple(tuple(c) for c in template)
         self._device = None if device is None else torch.device(device)
         self.M: Optional[torch.Tensor] = None
         if vocab_size is not None and self._device is not None:
@@ -176,9 +179,10 @@ class RecyclingDrafter:
 
     # ------------------------------------------------------------------------------- updates
 
-    def _write(self, tokens: torch.Tensor, logits: torch.Tensor, priority: torch.Tensor, where: str) -> None:
-        """M[tokens[j]] = topk(logits[j], k) for one winner j per distinct token: the largest
-        ``priority`` (distinct values)."""
+    def _write(self, tokens: torch.Tensor, rows: torch.Tensor, priority: torch.Tensor,
+               logits: torch.Tensor, where: str) -> None:
+        """M[tokens[j]] = topk(logits[rows[j]], k) for one winner j per distinct token: the
+        largest ``priority[j]`` (distinct values >= 0). Only the winners' logits rows are read."""
         if tokens.numel() == 0:
             return
         V = self.vocab_size
@@ -188,9 +192,8 @@ class RecyclingDrafter:
         best = torch.full((V,), -1, dtype=priority.dtype, device=tokens.device)
         best.scatter_reduce_(0, tokens, priority, reduce="amax")
         win = best[tokens] == priority
-        tokens, logits = tokens[win], logits[win]
-        top = torch.topk(logits, self.k, dim=-1).indices
-        self.M[tokens] = top.to(self.index_dtype)
+        top = torch.topk(logits[rows[win]], self.k, dim=-1).indices
+        self.M[tokens[win]] = top.to(self.index_dtype)
 
     def _check_logits(self, logits, name: str, where: str, lead: Tuple[int, ...]) -> None:
         if not isinstance(logits, torch.Tensor):
@@ -223,7 +226,7 @@ class RecyclingDrafter:
             real = attention_mask.bool()
         self._ensure(logits.shape[-1], logits.device, where)
         flat = real.reshape(-1).nonzero().squeeze(1)
-        self._write(input_ids.reshape(-1)[flat].long(), logits.reshape(B * L, -1)[flat], flat, where)
+        self._write(input_ids.reshape(-1)[flat].long(), flat, flat, logits.reshape(B * L, -1), where)
 
     def update(self, ctx: DraftContext, tree: DraftTree, result: StepResult) -> None:
         """Recycle the verification: ``M[t_i]`` = top-k of ``result.target_logits[b, i]`` for
@@ -241,10 +244,10 @@ class RecyclingDrafter:
         acc = result.accepted.to(dev).long()
         on_path = torch.zeros(B, n + 1, dtype=torch.bool, device=dev)
         on_path.scatter_(1, torch.where(acc < 0, n, acc), True)
-        priority = torch.arange(B * n, device=dev).view(B, n) + on_path[:, :n].long() * (B * n)
+        priority = torch.arange(B * n, device=dev) + on_path[:, :n].reshape(-1).long() * (B * n)
         flat = real.reshape(-1).nonzero().squeeze(1)
-        self._write(tree.tokens.reshape(-1)[flat].long(),
-                    result.target_logits.reshape(B * n, -1)[flat], priority.reshape(-1)[flat], where)
+        self._write(tree.tokens.reshape(-1)[flat].long(), flat, priority[flat],
+                    result.target_logits.reshape(B * n, -1), where)
 
     # ------------------------------------------------------------------------------- drafting
 
