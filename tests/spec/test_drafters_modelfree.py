@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import tokenkernels as tk
 from tokenkernels.spec._lookup import LookupDrafter
 from tokenkernels.spec._recycling import DEFAULT_TEMPLATE, RecyclingDrafter
-from tokenkernels.spec._types import DraftContext, DraftTree, StepResult
+from tokenkernels.spec._types import DraftContext, DraftTree, Drafter, StepResult
 
 
 def make_ctx(rows, V=32, cap=64, active=None, verify="greedy", device="cpu"):
@@ -66,6 +66,13 @@ def paths(tree: DraftTree, b: int):
     for i in range(1, int(tree.tree_lens[b])):
         out.append(out[int(tree.parents[b, i])] + (int(tree.tokens[b, i]),))
     return out
+
+
+def test_both_are_drafters():
+    assert isinstance(RecyclingDrafter(), Drafter) and isinstance(LookupDrafter(), Drafter)
+    ids, mask = torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long)
+    for d in (RecyclingDrafter(), LookupDrafter()):
+        assert d.reset(ids, mask) is None
 
 
 # ---------------------------------------------------------------------------------- recycling
