@@ -14,9 +14,11 @@
 HF ``model.generate`` integration: :mod:`tokenkernels.integrations.transformers`
 (``enable_speculative_decoding``, ``spec_stats``).
 """
+from ._lookup import LookupDrafter
 from ._loop import SpecOutput, SpecStats, generate
 from ._model import ModelDrafter, chain
+from ._recycling import RecyclingDrafter
 from ._types import DraftContext, Drafter, DraftTree, StepResult, sampling_probs, warp_logits
 
-__all__ = ["generate", "SpecOutput", "SpecStats", "ModelDrafter", "chain", "Drafter", "DraftContext",
+__all__ = ["generate", "SpecOutput", "SpecStats", "ModelDrafter", "chain", "RecyclingDrafter", "LookupDrafter", "Drafter", "DraftContext",
            "DraftTree", "StepResult", "warp_logits", "sampling_probs"]
