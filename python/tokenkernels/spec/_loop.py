@@ -65,9 +65,9 @@ class SpecStats:
 class SpecOutput:
     """``sequences`` (B, L + new) int64 (the prompt, then the generated tokens, ``pad_token_id``
     after a row's eos, as HF's ``generate``); ``stats`` (:class:`SpecStats`); ``cache``: the
-    target's KV cache at the end (the committed tokens: every emitted token but the last, and in
-    a step where a row hit eos or max_new_tokens, its whole accepted path), whose slot s of row b
-    holds a real token iff ``cache_valid[b, s]`` (unused slots of a batch, left padding)."""
+    target's KV cache at the end, holding the prompt and every emitted token but the last (ready
+    to continue from the last), whose slot s of row b holds a real token iff
+    ``cache_valid[b, s]`` (False: left padding, and slots a batch left unused)."""
     sequences: torch.Tensor
     stats: SpecStats
     cache: object = None
@@ -385,6 +385,15 @@ def generate(target, input_ids: torch.Tensor, *, draft=None, drafter: Union[str,
         _sync(dev)
         stats.commit_s += time.perf_counter() - t0
 
+    # a step cut by eos / max_new_tokens committed more than was emitted: keep the cache in step
+    # with `sequences` (every emitted token but the last), dropping trailing unused slots
+    allowed = attention_mask.sum(1) + torch.tensor([len(e) - 1 for e in emitted], device=dev)
+    slot_valid = slot_valid & (slot_valid.long().cumsum(1) <= allowed[:, None])
+    used = slot_valid.any(0).nonzero()
+    last = int(used.max()) + 1 if used.numel() else 0
+    if last < slot_valid.shape[1]:
+        _hf.commit(kv, last, torch.zeros(B, 0, dtype=torch.long, device=dev))
+        slot_valid = slot_valid[:, :last]
     W = max(len(e) for e in emitted)
     gen_t = torch.full((B, W), int(pad_token_id), dtype=torch.long)
     for b, e in enumerate(emitted):
