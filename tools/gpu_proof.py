@@ -127,8 +127,12 @@ SMOKE: Dict[str, List[str]] = {
         "tests/tree/test_attention.py::test_attention_impls[cuda-dtype0-tuned]",
         "tests/tree/test_attention.py::test_attention_medusa_tree_vs_sdpa[cuda]",
         "tests/tree/test_rsd.py::test_rsd_vs_reference[cuda-129-top_k_exhausted-fp32-auto]",
+        "tests/spec/test_generate.py::test_greedy_equals_hf[cuda-0-dynamic]",
+        "tests/spec/test_generate.py::test_left_padded_batch[cuda-dynamic]",
     ],
 }
+# the test folders of a family (tests/spec: the speculative decoding loop over the tree ops)
+TEST_DIRS: Dict[str, List[str]] = {"tree": ["tests/tree", "tests/spec"]}
 # Under compute-sanitizer (10-100x slower): one test per variant and family.
 SANITIZE: Dict[str, List[str]] = {
     "kcenter": SMOKE["kcenter"][:4] + SMOKE["kcenter"][7:8],
@@ -362,7 +366,11 @@ FAILING = ("failed", "error", "crashed")
 
 def family_of(nodeid: str) -> str:
     parts = nodeid.split("::", 1)[0].split("/")
-    return parts[1] if len(parts) > 2 and parts[0] == "tests" else parts[0]
+    fam = parts[1] if len(parts) > 2 and parts[0] == "tests" else parts[0]
+    for owner, dirs in TEST_DIRS.items():       # tests/spec counts for the tree family
+        if f"tests/{fam}" in dirs:
+            return owner
+    return fam
 
 
 def parse_jsonl(text: str) -> dict:
@@ -1006,7 +1014,7 @@ class Runner:
         return cmd + list(extra) + list(selection)
 
     def selection(self, stage: str, family: str) -> List[str]:
-        return list(SMOKE[family]) if stage == "smoke" else [f"tests/{family}", "-k", "cuda"]
+        return list(SMOKE[family]) if stage == "smoke" else TEST_DIRS.get(family, [f"tests/{family}"]) + ["-k", "cuda"]
 
     def run_tests(self, stage: str, family: str, limit: float) -> dict:
         """One family's pytest, restarted (without the tests already done) after a sticky CUDA
@@ -1650,7 +1658,7 @@ def collect_check(py: str, env: Dict[str, str], work: Path) -> Tuple[bool, List[
         jsonl.unlink()
     env = dict(env, GPU_PROOF_JSONL=str(jsonl), GPU_PROOF_COLLECT="1")
     cmd = [py, "-m", "pytest", "-p", "gpu_proof_pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
-           "-k", "cuda"] + [f"tests/{f}" for f in FAMILIES]
+           "-k", "cuda"] + [d for f in FAMILIES for d in TEST_DIRS.get(f, [f"tests/{f}"])]
     rc, out = capture(cmd, timeout=300, env=env)
     parsed = parse_jsonl(jsonl.read_text() if jsonl.exists() else "")
     coll = {r["nodeid"]: r for r in parsed["collected"]}

@@ -4,6 +4,7 @@ cache after k steps against plain decoding, losslessness of sampling (both verif
 the power to reject a lossy combination), custom drafters and bad inputs."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -21,6 +22,17 @@ MEDUSA = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1,
 TREES = {"dynamic": DYNAMIC, "dynamic_default": None, "chain": spec.chain(4), "medusa": MEDUSA}
 
 
+_ON = {}
+
+
+def on(models, device):
+    """The models moved to ``device`` (copies, cached per device)."""
+    key = (id(models), device)
+    if key not in _ON:
+        _ON[key] = models if device == "cpu" else tuple(copy.deepcopy(m).to(device) for m in models)
+    return _ON[key]
+
+
 @pytest.fixture(scope="module")
 def llama_pair():
     torch.manual_seed(0)
@@ -34,9 +46,9 @@ def hf_greedy(model, ids, am, n, eos=None):
 
 @pytest.mark.parametrize("tree", list(TREES), ids=list(TREES))
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_greedy_equals_hf(llama_pair, tree, seed):
-    tgt, dft = llama_pair
-    ids, am = prompt(1, 5 + 4 * seed, seed)
+def test_greedy_equals_hf(llama_pair, tree, seed, device):
+    tgt, dft = on(llama_pair, device)
+    ids, am = (t.to(device) for t in prompt(1, 5 + 4 * seed, seed))
     ref = hf_greedy(tgt, ids, am, 30)
     out = spec.generate(tgt, ids, draft=dft, tree=TREES[tree], max_new_tokens=30)
     assert torch.equal(out.sequences, ref)
@@ -105,9 +117,9 @@ def test_max_new_tokens_mid_path(llama_pair, n):
 
 
 @pytest.mark.parametrize("tree", ["dynamic", "chain"])
-def test_left_padded_batch(llama_pair, tree):
-    tgt, dft = llama_pair
-    ids, am = prompt(4, 11, 7, pad_left=(0, 3, 7, 1))
+def test_left_padded_batch(llama_pair, tree, device):
+    tgt, dft = on(llama_pair, device)
+    ids, am = (t.to(device) for t in prompt(4, 11, 7, pad_left=(0, 3, 7, 1)))
     ref = hf_greedy(tgt, ids, am, 20)
     out = spec.generate(tgt, ids, attention_mask=am, draft=dft, tree=TREES[tree], max_new_tokens=20)
     assert torch.equal(out.sequences, ref)
@@ -129,9 +141,9 @@ def test_batch_rows_finish_at_different_steps(llama_pair):
 
 
 @pytest.mark.parametrize("batch", [False, True])
-def test_static_cache_equals_dynamic(llama_pair, batch):
-    tgt, dft = llama_pair
-    ids, am = prompt(3 if batch else 1, 9, 9, pad_left=(0, 4, 2) if batch else ())
+def test_static_cache_equals_dynamic(llama_pair, batch, device):
+    tgt, dft = on(llama_pair, device)
+    ids, am = (t.to(device) for t in prompt(3 if batch else 1, 9, 9, pad_left=(0, 4, 2) if batch else ()))
     a = spec.generate(tgt, ids, attention_mask=am, draft=dft, tree=DYNAMIC, max_new_tokens=18, cache="dynamic")
     b = spec.generate(tgt, ids, attention_mask=am, draft=dft, tree=DYNAMIC, max_new_tokens=18, cache="static")
     assert torch.equal(a.sequences, b.sequences)
@@ -146,17 +158,17 @@ def _layer_kv(cache):
 
 
 @pytest.mark.parametrize("batch", [False, True])
-def test_cache_equals_plain_decoding(llama_pair, batch):
+def test_cache_equals_plain_decoding(llama_pair, batch, device):
     """After k steps the committed KV (every valid slot) equals the KV plain decoding of the same
     tokens gives: HF's forward over the prompt + every emitted token but the last."""
     from transformers import DynamicCache
 
-    tgt, dft = llama_pair
+    tgt, dft = on(llama_pair, device)
     pad = (0, 3, 5) if batch else ()
-    ids, am = prompt(len(pad) or 1, 10, 10, pad_left=pad)
+    ids, am = (t.to(device) for t in prompt(len(pad) or 1, 10, 10, pad_left=pad))
     out = spec.generate(tgt, ids, attention_mask=am, draft=dft, tree=DYNAMIC, max_new_tokens=16, eos_token_id=[])
     seq = out.sequences[:, :-1]
-    full_am = torch.cat([am, torch.ones(seq.shape[0], seq.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+    full_am = torch.cat([am, torch.ones(seq.shape[0], seq.shape[1] - am.shape[1], dtype=am.dtype, device=device)], 1)
     plain = DynamicCache(config=tgt.config)
     pos = (full_am.cumsum(-1) - 1).masked_fill(full_am == 0, 1)
     with torch.no_grad():
@@ -189,17 +201,18 @@ def small_pair():
 
 
 def _exact(tgt, ids):
+    dev = ids.device
     """Exact joint of the first two generated tokens (V, V) and marginal of the third (V,) under
     WARP, from forwards over every continuation."""
     V = SMALL_V
     with torch.no_grad():
         p1 = spec.sampling_probs(tgt(ids).logits[0, -1].double(), **WARP).double()
-        c1 = torch.cat([ids.expand(V, -1), torch.arange(V)[:, None]], 1)
+        c1 = torch.cat([ids.expand(V, -1), torch.arange(V, device=dev)[:, None]], 1)
         p2 = spec.sampling_probs(tgt(c1).logits[:, -1], **WARP).double()                 # (V, V)
-        c2 = torch.cat([c1.repeat_interleave(V, 0), torch.arange(V).repeat(V)[:, None]], 1)
+        c2 = torch.cat([c1.repeat_interleave(V, 0), torch.arange(V, device=dev).repeat(V)[:, None]], 1)
         p3 = spec.sampling_probs(tgt(c2).logits[:, -1], **WARP).double().reshape(V, V, V)
     joint = p1[:, None] * p2
-    return joint, (joint[:, :, None] * p3).sum((0, 1))
+    return joint.cpu(), (joint[:, :, None] * p3).sum((0, 1)).cpu()
 
 
 class _Lossy:
@@ -225,20 +238,20 @@ class _Lossy:
 def _sample_counts(tgt, dft, ids, verify, drafter=None, tree=None, seed=0):
     V = SMALL_V
     B = N_SAMPLES
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=ids.device).manual_seed(seed)
     torch.manual_seed(seed)
     dr = drafter if drafter is not None else spec.ModelDrafter(dft, **(tree or dict(top_k=4, depth=3)))
     out = spec.generate(tgt, ids.expand(B, -1).contiguous(), drafter=dr, max_new_tokens=3, verify=verify,
                         generator=g, eos_token_id=[], **WARP)
-    gen = out.sequences[:, ids.shape[1]:]
+    gen = out.sequences[:, ids.shape[1]:].cpu()
     joint = torch.bincount(gen[:, 0] * V + gen[:, 1], minlength=V * V).reshape(V, V)
     return joint, torch.bincount(gen[:, 2], minlength=V), out.stats
 
 
 @pytest.mark.parametrize("verify", ["specinfer", "rsd"])
-def test_sampling_lossless(small_pair, verify):
-    tgt, dft = small_pair
-    ids, _ = prompt(1, 6, 11, vocab=SMALL_V)
+def test_sampling_lossless(small_pair, verify, device):
+    tgt, dft = on(small_pair, device)
+    ids = prompt(1, 6, 11, vocab=SMALL_V)[0].to(device)
     pj, p3 = _exact(tgt, ids)
     joint, c3, st = _sample_counts(tgt, dft, ids, verify)
     assert st.mean_accepted > 0.5                    # verification really accepts drafted tokens
