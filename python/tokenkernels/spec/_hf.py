@@ -195,6 +195,18 @@ def cache_len(cache) -> int:
     return int(cache.get_seq_length())
 
 
+def _crop(layer, remove: int) -> None:
+    """Drop the last ``remove`` slots of a cache layer. A StaticLayer without ``crop``
+    (transformers < 5.18) writes at its ``cumulative_length``: lower it (the stale slots are
+    overwritten by the next update and never attended: the masks end at the length)."""
+    from transformers.cache_utils import StaticLayer
+
+    if isinstance(layer, StaticLayer) and not hasattr(layer, "crop"):
+        layer.cumulative_length.sub_(remove)
+    else:
+        layer.crop(-remove)
+
+
 def commit(cache, L: int, keep: torch.Tensor) -> None:
     """Keep, per row b, the slots ``L + keep[b, j]`` (j = 0 .. A-1; ``keep`` (B, A) int64 offsets
     into the slots after the prefix, any valid offset for a row's unused entries) at slots
@@ -213,6 +225,6 @@ def commit(cache, L: int, keep: torch.Tensor) -> None:
                 t[:, :, L:L + A] = torch.gather(t, 2, idx)
         remove = cur - (L + A)
         if remove > 0:
-            layer.crop(-remove)
+            _crop(layer, remove)
         elif remove < 0:
             raise RuntimeError(f"tokenkernels.spec: cache holds {cur} slots, cannot commit {L} + {A}")
