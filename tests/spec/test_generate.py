@@ -390,3 +390,39 @@ def test_sliding_window_model_is_refused():
     ids, _ = prompt(1, 5, 18)
     with pytest.raises(ValueError, match=r"sliding-window"):
         spec.generate(tgt, ids, draft=tgt, max_new_tokens=4)
+
+
+# ------------------------------------------------------------------ model-free drafters
+def _repetitive(B, seed, pad_left=()):
+    """Prompts that repeat an 8-token phrase (lookup / recycling have matches to use)."""
+    ids, am = prompt(B, 8, seed)
+    ids = ids.repeat(1, 3)
+    am = torch.cat([am, torch.ones(B, 16, dtype=am.dtype)], 1)
+    for b, p in enumerate(pad_left):
+        am[b, :p] = 0
+    return ids * am, am
+
+
+@pytest.mark.parametrize("drafter", ["recycling", "lookup"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_model_free_drafters_greedy(llama_pair, drafter, B, device):
+    tgt, _ = on(llama_pair, device)
+    ids, am = (t.to(device) for t in _repetitive(B, 20 + B, pad_left=(0, 5, 2)[:B] if B > 1 else ()))
+    ref = hf_greedy(tgt, ids, am, 32)
+    out = spec.generate(tgt, ids, attention_mask=am, drafter=drafter, max_new_tokens=32)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.mean_accepted > 0.2           # the (cyclic) continuation is found and accepted
+
+
+@pytest.mark.parametrize("drafter", ["recycling", "lookup"])
+def test_model_free_drafters_sampling_lossless(small_pair, drafter):
+    tgt, _ = small_pair
+    ids = prompt(1, 6, 11, vocab=SMALL_V)[0]
+    pj, p3 = _exact(tgt, ids)
+    dr = spec.RecyclingDrafter(SMALL_V, k=4) if drafter == "recycling" else spec.LookupDrafter(max_ngram=2)
+    joint, c3, st = _sample_counts(tgt, None, ids, "specinfer", drafter=dr)
+    assert st.mean_accepted > 0.01                 # some drafted tokens are accepted (not only bonuses)
+    s, df = chi2(joint.reshape(-1), pj.reshape(-1))
+    assert s < chi2_crit(df), (s, df)
+    s3, df3 = chi2(c3, p3)
+    assert s3 < chi2_crit(df3), (s3, df3)
