@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -116,7 +118,18 @@ def register() -> None:
     _REGISTERED = True
 
 
+_PER_MODEL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _attn_configs(model):
+    """The configs the attention layers read ``_attn_implementation`` from (cached per model)."""
+    got = _PER_MODEL.get(model)
+    if got is None:
+        got = _PER_MODEL[model] = _find_attn_configs(model)
+    return got
+
+
+def _find_attn_configs(model):
     seen = {}
     for mod in model.modules():
         cfg = getattr(mod, "config", None)
@@ -146,10 +159,16 @@ def _tree_mode(model, step: TreeStep):
         _STATE = prev
 
 
-def cache_kwarg(model) -> str:
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls) -> str:
     from ..integrations._hf_common import forward_cache_name
 
-    return forward_cache_name(type(model).forward)
+    return forward_cache_name(cls.forward)
+
+
+def cache_kwarg(model) -> str:
+    """The keyword the model's forward takes its cache by (``cache`` / ``past_key_values``)."""
+    return _cache_kwarg_of(type(model))
 
 
 def forward_tree(model, cache, step: TreeStep, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
