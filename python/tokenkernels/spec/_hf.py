@@ -195,6 +195,18 @@ def cache_len(cache) -> int:
     return int(cache.get_seq_length())
 
 
+def crop_layer(layer, remove: int) -> None:
+    """Drop the last ``remove`` slots of a cache layer. The ``StaticLayer`` of transformers
+    5.17 / 5.18 has no ``crop`` (later releases add it): there the layer's length is the
+    ``cumulative_length`` counter that the later ``crop`` lowers."""
+    if hasattr(layer, "crop"):
+        layer.crop(-remove)
+    elif hasattr(layer, "cumulative_length"):
+        layer.cumulative_length.sub_(remove)
+    else:
+        raise TypeError(f"tokenkernels.spec: cannot crop a cache layer of type {type(layer).__name__}")
+
+
 def commit(cache, L: int, keep: torch.Tensor) -> None:
     """Keep, per row b, the slots ``L + keep[b, j]`` (j = 0 .. A-1; ``keep`` (B, A) int64 offsets
     into the slots after the prefix, any valid offset for a row's unused entries) at slots
@@ -213,6 +225,6 @@ def commit(cache, L: int, keep: torch.Tensor) -> None:
                 t[:, :, L:L + A] = torch.gather(t, 2, idx)
         remove = cur - (L + A)
         if remove > 0:
-            layer.crop(-remove)
+            crop_layer(layer, remove)
         elif remove < 0:
             raise RuntimeError(f"tokenkernels.spec: cache holds {cur} slots, cannot commit {L} + {A}")
