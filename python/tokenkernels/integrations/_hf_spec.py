@@ -55,7 +55,7 @@ _PROCESSOR_OPTIONS = {
     "EncoderNoRepeatNGramLogitsProcessor": "encoder_no_repeat_ngram_size",
     "NoBadWordsLogitsProcessor": "bad_words_ids",
     "SequenceBiasLogitsProcessor": "sequence_bias",
-    "MinLengthLogitsProcessor": "min_length",
+    "MinLengthLogitsProcessor": "min_length / min_new_tokens",
     "MinNewTokensLengthLogitsProcessor": "min_new_tokens",
     "PrefixConstrainedLogitsProcessor": "prefix_allowed_tokens_fn",
     "ForcedBOSTokenLogitsProcessor": "forced_bos_token_id",
@@ -315,7 +315,11 @@ def _output_cache(out, input_len: int, attention_mask):
         return None
     extra = int(cache.get_seq_length()) - (Lf - 1)
     if extra > 0:
-        cache.crop(-extra)
+        from ..spec._hf import cache_layers, crop_layer
+
+        for layer in cache_layers(cache):
+            if getattr(layer, "is_initialized", True):
+                crop_layer(layer, extra)
     return cache
 
 
