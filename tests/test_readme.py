@@ -35,7 +35,8 @@ BLOCKS = _blocks()
 
 def test_readme_has_the_tours():
     ids = " ".join(p.id for p in BLOCKS)
-    for name in ("kcenter", "cross-entropy", "tree", "kv-select", "loss", "TokenSelect", "Visual"):
+    for name in ("kcenter", "cross-entropy", "tree", "kv-select", "loss", "TokenSelect", "Visual",
+                 "Speculative"):
         assert name in ids, f"no python block under a heading with {name!r}: {ids}"
 
 

@@ -165,6 +165,16 @@ def test_greedy_left_padded_batch(pair):
                     draft_model=draft)
         assert torch.equal(out, ref)
         assert spec_stats(tgt)["new_tokens"] == 3 * 16
+        # the returned cache: HF's layout (cropped to every token but the last), or None when
+        # rows that accepted fewer tokens left holes in the loop's cache
+        res = _spec(tgt, ids, attention_mask=am, do_sample=False, max_new_tokens=16, eos_token_id=None,
+                    draft_model=draft, return_dict_in_generate=True)
+        direct = spec.generate(tgt, ids, attention_mask=am, draft=draft, max_new_tokens=16, eos_token_id=[])
+        holes = not bool(direct.cache_valid[:, PROMPT:PROMPT + 15].all())
+        cache = res["cache"] if "cache" in res else res.get("past_key_values")
+        assert torch.equal(res.sequences, ref) and (cache is None) == holes
+        if cache is not None:
+            assert cache.get_seq_length() == PROMPT + 15
 
 
 # ---------------------------------------------------------------- enable / disable

@@ -350,7 +350,8 @@ def speculative_generate(model, input_ids: torch.Tensor, logits_processor=None, 
     warpers HF built for the call (HF's defaults apply, e.g. top_k=50); ``max_length`` /
     ``max_new_tokens`` -> ``max_new_tokens``; the eos criterion's ids (none: no eos); pad id
     ``pad_token_id`` (else the first eos, as HF); ``attention_mask``;
-    ``cache_implementation="static"`` (or an empty ``StaticCache``) -> ``cache="static"``.
+    ``cache_implementation="static"`` (or an empty ``StaticCache``) -> ``cache="static"``;
+    ``use_cache`` does not matter (the loop always keeps a KV cache; the output is the same).
 
     Returns the (B, L + new) sequences (``pad_token_id`` after a row's eos), or with
     ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput`` with ``sequences`` and, in
