@@ -4,7 +4,8 @@ token (tiny Llama and Qwen2 targets; drafts: a noisy copy of the target -- high 
 acceptance -- and an unrelated 1-layer model), with eos inside the output, max_length, a
 left-padded batch and a static cache; the generation config maps onto the loop (warp values,
 HF's top_k=50 default); sampling is reproducible under ``torch.manual_seed`` (the loop draws from
-the global RNG) and top_k=1 sampling is greedy; spec_stats agrees with the output; every option
+the global RNG), top_k=1 sampling is greedy, and sampled tokens follow the target's warped
+distribution (chi-square, SpecInfer and RSD); spec_stats agrees with the output; every option
 the loop cannot honour raises a ValueError naming it. Public transformers API only (CI runs it
 on both ends of the supported range)."""
 from __future__ import annotations
@@ -312,6 +313,39 @@ def test_sampling_seeded_and_top_k_1_is_greedy(pair):
     ref = _greedy(tgt, ids, max_new_tokens=16, eos_token_id=None)
     out = _spec(tgt, ids, do_sample=True, top_k=1, max_new_tokens=16, eos_token_id=None, draft_model=noisy)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("verify", ["specinfer", "rsd"])
+def test_sampling_matches_the_targets_distribution(verify):
+    """The first two generated tokens of 1000 sampled rows (one batch of the same prompt) against
+    the target's own warped joint distribution p(t1) p(t2 | t1), top_k=3, T=0.7 (t2 goes through
+    the tree verification: accepted draft token or residual draw). A target with peaked logits
+    (lm_head x 10) so that the warp matters; chi-square at p = 1e-6."""
+    from ..tree.test_verify import chi2, chi2_crit
+
+    tgt = causal_lm("llama")
+    with torch.no_grad():
+        tgt.lm_head.weight.mul_(10.0)
+    draft = _noisy(tgt, 0.3)
+    ids = _ids(seed=13, length=8)
+    T, K, N = 0.7, 3, 1000
+    with torch.no_grad():
+        p0 = spec.sampling_probs(tgt(ids).logits[0, -1], T, K, None)
+        first = p0.nonzero()[:, 0]
+        p1 = spec.sampling_probs(tgt(torch.cat([ids.expand(len(first), -1), first[:, None]], 1)).logits[:, -1],
+                                 T, K, None)
+    joint = (p0[first][:, None] * p1).reshape(-1)                    # (|first| * V,) cells (a, b)
+    torch.manual_seed(0)
+    out = _spec(tgt, ids.expand(N, -1), do_sample=True, temperature=T, top_k=K, max_new_tokens=2,
+                eos_token_id=None, draft_model=draft, verify=verify)
+    t1, t2 = out[:, 8], out[:, 9]
+    row = (t1[:, None] == first[None]).float().argmax(1)
+    assert bool(torch.isin(t1, first).all())
+    counts = torch.bincount(row * 512 + t2, minlength=joint.numel()).double()
+    assert counts[joint == 0].sum() == 0                              # nothing outside the warp's support
+    stat, df = chi2(counts[joint > 0], joint[joint > 0])
+    assert df >= 4 and stat < chi2_crit(df), (stat, df)
+    assert spec_stats(tgt)["mean_accepted"] > 0.2                      # the draft was used
 
 
 # ---------------------------------------------------------------- unsupported options
