@@ -214,16 +214,16 @@ def cache_len(cache) -> int:
     return int(cache.get_seq_length())
 
 
-def _crop(layer, remove: int) -> None:
-    """Drop the last ``remove`` slots of a cache layer. A StaticLayer without ``crop``
-    (transformers < 5.18) writes at its ``cumulative_length``: lower it (the stale slots are
-    overwritten by the next update and never attended: the masks end at the length)."""
-    from transformers.cache_utils import StaticLayer
-
-    if isinstance(layer, StaticLayer) and not hasattr(layer, "crop"):
+def crop_layer(layer, remove: int) -> None:
+    """Drop the last ``remove`` slots of a cache layer. The ``StaticLayer`` of transformers
+    5.17 / 5.18 has no ``crop`` (later releases add it): there the layer's length is the
+    ``cumulative_length`` counter that the later ``crop`` lowers."""
+    if hasattr(layer, "crop"):
+        layer.crop(-remove)
+    elif hasattr(layer, "cumulative_length"):
         layer.cumulative_length.sub_(remove)
     else:
-        layer.crop(-remove)
+        raise TypeError(f"tokenkernels.spec: cannot crop a cache layer of type {type(layer).__name__}")
 
 
 def commit(cache, L: int, keep: torch.Tensor) -> None:
@@ -244,6 +244,6 @@ def commit(cache, L: int, keep: torch.Tensor) -> None:
                 t[:, :, L:L + A] = torch.gather(t, 2, idx)
         remove = cur - (L + A)
         if remove > 0:
-            _crop(layer, remove)
+            crop_layer(layer, remove)
         elif remove < 0:
             raise RuntimeError(f"tokenkernels.spec: cache holds {cur} slots, cannot commit {L} + {A}")
