@@ -11,7 +11,8 @@
 //   is a third GEMM with the packed mask applied, and a log-sum-exp merge combines it with the
 //   prefix chunks. All G = H_q / H_kv query heads of a KV head share one GEMM (GQA), and
 //   fp16/bf16 K/V blocks are converted to fp32 once per block.
-// verify: one tree per task, in parallel over the batch (the walk itself is inherently serial).
+// verify: one tree per task, in parallel over the batch (the walk itself is inherently serial);
+//   the O(V) residual passes run on explicit 4-lane blocks (Lanes, below).
 // select_frontier / select_tree: partial sorts per batch item, in parallel over the batch.
 //
 // Every argument check and option parse is in tree_args.h (shared with the CUDA adapter). Value
@@ -406,12 +407,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy(
 }
 
 // The O(V) passes of verify_sampling work on 4-blocks of a row (Lanes: entries x .. x + 3, as two
-// SSE2 pairs of doubles on x86-64, four doubles elsewhere; lane-wise IEEE arithmetic either way,
-// so both give the same bits). Every sum keeps four lane sums, lane j taking entries j, j + 4,
-// j + 8, ... in increasing order, the tail (V % 4 entries) going into lane 0, and ends as
-// (s0 + s1) + (s2 + s3). The lanes are explicit because the compiler may not reassociate the
-// scalar form of these sums, and its own vectorisation of that form (or none, with a conditional
-// load or a pos_part branch per entry) made RSD's update pass ~10x slower than SpecInfer's.
+// SSE2 pairs of doubles on x86-64, four plain doubles elsewhere: the same lane-wise arithmetic;
+// on x86-64 both forms give the same bits, NaN / inf / subnormal / -0 entries included). Every
+// sum keeps four lane sums, lane j taking entries j, j + 4, j + 8, ... in increasing order, the
+// tail (V % 4 entries) going into lane 0, and ends as (s0 + s1) + (s2 + s3). The lanes are
+// explicit because the compiler may not reassociate the scalar form of these sums, and its own
+// vectorisation of that form (or none, with a conditional load or a pos_part branch per entry)
+// made RSD's update pass ~10x slower than SpecInfer's.
 #if defined(__SSE2__)
 struct Lanes {
   __m128d lo, hi;   // entries x, x + 1 and x + 2, x + 3
