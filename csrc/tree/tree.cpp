@@ -11,7 +11,8 @@
 //   is a third GEMM with the packed mask applied, and a log-sum-exp merge combines it with the
 //   prefix chunks. All G = H_q / H_kv query heads of a KV head share one GEMM (GQA), and
 //   fp16/bf16 K/V blocks are converted to fp32 once per block.
-// verify: one tree per task, in parallel over the batch (the walk itself is inherently serial).
+// verify: one tree per task, in parallel over the batch (the walk itself is inherently serial);
+//   the O(V) residual passes run on explicit 4-lane blocks (Lanes, below).
 // select_frontier / select_tree: partial sorts per batch item, in parallel over the batch.
 //
 // Every argument check and option parse is in tree_args.h (shared with the CUDA adapter). Value
@@ -25,9 +26,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "tree/tree_args.h"
 #include "tokenkernels/tree.h"
@@ -399,40 +406,178 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_greedy(
   return {accepted, accept_len, bonus};
 }
 
+// The O(V) passes of verify_sampling work on 4-blocks of a row (Lanes: entries x .. x + 3, as two
+// SSE2 pairs of doubles on x86-64, four plain doubles elsewhere: the same lane-wise arithmetic;
+// on x86-64 both forms give the same bits, NaN / inf / subnormal / -0 entries included). Every
+// sum keeps four lane sums, lane j taking entries j, j + 4, j + 8, ... in increasing order, the
+// tail (V % 4 entries) going into lane 0, and ends as (s0 + s1) + (s2 + s3). The lanes are
+// explicit because the compiler may not reassociate the scalar form of these sums, and its own
+// vectorisation of that form (or none, with a conditional load or a pos_part branch per entry)
+// made RSD's update pass ~10x slower than SpecInfer's.
+#if defined(__SSE2__)
+struct Lanes {
+  __m128d lo, hi;   // entries x, x + 1 and x + 2, x + 3
+};
+inline Lanes lanes_zero() { return {_mm_setzero_pd(), _mm_setzero_pd()}; }
+inline Lanes lanes_load(const double* p) { return {_mm_loadu_pd(p), _mm_loadu_pd(p + 2)}; }
+inline Lanes lanes_load(const float* p) {
+  const __m128 f = _mm_loadu_ps(p);
+  return {_mm_cvtps_pd(f), _mm_cvtps_pd(_mm_movehl_ps(f, f))};
+}
+inline Lanes lanes_set(double a, double b, double c, double d) { return {_mm_set_pd(b, a), _mm_set_pd(d, c)}; }
+inline void lanes_store(double* p, Lanes v) {
+  _mm_storeu_pd(p, v.lo);
+  _mm_storeu_pd(p + 2, v.hi);
+}
+inline Lanes operator+(Lanes a, Lanes b) { return {_mm_add_pd(a.lo, b.lo), _mm_add_pd(a.hi, b.hi)}; }
+inline Lanes operator-(Lanes a, Lanes b) { return {_mm_sub_pd(a.lo, b.lo), _mm_sub_pd(a.hi, b.hi)}; }
+inline Lanes operator*(Lanes a, double c) {
+  const __m128d m = _mm_set1_pd(c);
+  return {_mm_mul_pd(a.lo, m), _mm_mul_pd(a.hi, m)};
+}
+// pos_part lane-wise (NaN -> 0, -0 -> +0): keep the lanes that are > 0
+inline __m128d pos_part2(__m128d v) { return _mm_and_pd(v, _mm_cmpgt_pd(v, _mm_setzero_pd())); }
+inline Lanes lanes_pos_part(Lanes a) { return {pos_part2(a.lo), pos_part2(a.hi)}; }
+inline void lanes_get(Lanes a, double* out) {
+  _mm_storeu_pd(out, a.lo);
+  _mm_storeu_pd(out + 2, a.hi);
+}
+inline Lanes lanes_add0(Lanes a, double v) { return {_mm_add_sd(a.lo, _mm_set_sd(v)), a.hi}; }   // lane 0 += v
+#else
+struct Lanes {
+  double v[4];
+};
+inline Lanes lanes_zero() { return {{0, 0, 0, 0}}; }
+template <typename F>
+inline Lanes lanes_load(const F* p) { return {{double(p[0]), double(p[1]), double(p[2]), double(p[3])}}; }
+inline Lanes lanes_set(double a, double b, double c, double d) { return {{a, b, c, d}}; }
+inline void lanes_store(double* p, Lanes a) { std::memcpy(p, a.v, sizeof a.v); }
+inline Lanes operator+(Lanes a, Lanes b) { return {{a.v[0] + b.v[0], a.v[1] + b.v[1], a.v[2] + b.v[2], a.v[3] + b.v[3]}}; }
+inline Lanes operator-(Lanes a, Lanes b) { return {{a.v[0] - b.v[0], a.v[1] - b.v[1], a.v[2] - b.v[2], a.v[3] - b.v[3]}}; }
+inline Lanes operator*(Lanes a, double c) { return {{a.v[0] * c, a.v[1] * c, a.v[2] * c, a.v[3] * c}}; }
+inline Lanes lanes_pos_part(Lanes a) {
+  return {{pos_part(a.v[0]), pos_part(a.v[1]), pos_part(a.v[2]), pos_part(a.v[3])}};
+}
+inline void lanes_get(Lanes a, double* out) { std::memcpy(out, a.v, sizeof a.v); }
+inline Lanes lanes_add0(Lanes a, double v) {   // lane 0 += v
+  a.v[0] += v;
+  return a;
+}
+#endif
+inline double lanes_total(Lanes a) {
+  double s[4];
+  lanes_get(a, s);
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// Probability entry -> double, exact (Half / BFloat16 through c10's conversions).
 template <typename T>
-void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* dt, const T* pt, const T* pq,
+inline double prob_to_double(const T* src, int64_t x) { return static_cast<double>(src[x]); }
+
+// entries x .. x + 3 of src in double
+template <typename T>
+inline Lanes lanes_at(const T* src, int64_t x) {
+  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>)
+    return lanes_load(src + x);
+  else
+    return lanes_set(prob_to_double(src, x), prob_to_double(src, x + 1), prob_to_double(src, x + 2),
+                     prob_to_double(src, x + 3));
+}
+
+// dst <- src (V entries) in double; returns their sum
+template <typename T>
+double load_row(const T* src, double* dst, int64_t V) {
+  Lanes s = lanes_zero();
+  int64_t x = 0;
+  for (; x + 4 <= V; x += 4) {
+    const Lanes v = lanes_at(src, x);
+    lanes_store(dst + x, v);
+    s = s + v;
+  }
+  for (; x < V; ++x) s = lanes_add0(s, dst[x] = prob_to_double(src, x));
+  return lanes_total(s);
+}
+
+// SpecInfer's residual update: tmp <- max(r * inv - q, 0) (inv = 1 / S); returns its sum. Q: the
+// draft row's element type, float or double (Half / BFloat16 rows are converted to double once
+// per node first, not once per rejection).
+template <typename Q>
+double specinfer_residual(const double* __restrict__ r, const Q* __restrict__ q, double inv,
+                          double* __restrict__ tmp, int64_t V) {
+  Lanes s = lanes_zero();
+  int64_t x = 0;
+  for (; x + 4 <= V; x += 4) {
+    const Lanes v = lanes_pos_part(lanes_at(r, x) * inv - lanes_at(q, x));
+    lanes_store(tmp + x, v);
+    s = s + v;
+  }
+  for (; x < V; ++x) s = lanes_add0(s, tmp[x] = pos_part(r[x] * inv - static_cast<double>(q[x])));
+  return lanes_total(s);
+}
+
+// RSD's update after rejecting token t (0 <= t < V), one pass: tmp <- max(r * inv - qr * qinv, 0)
+// (inv = 1 / S, qinv = 1 / Q; returns its sum) and *qsum <- the sum of qr without entry t. Only
+// the 4-block holding t masks it out (no index compare per entry).
+inline double rsd_residual(const double* __restrict__ r, const double* __restrict__ qr, double inv, double qinv,
+                           int64_t t, double* __restrict__ tmp, int64_t V, double* qsum) {
+  Lanes s = lanes_zero(), qs = lanes_zero();
+  const int64_t V4 = V - V % 4, tb = t < V4 ? t - t % 4 : V4;   // tb: the 4-block holding t
+  int64_t x = 0;
+  auto blocks = [&](int64_t x1) {   // the update of the 4-blocks [x, x1)
+    for (; x < x1; x += 4) {
+      const Lanes qv = lanes_at(qr, x);
+      const Lanes v = lanes_pos_part(lanes_at(r, x) * inv - qv * qinv);
+      lanes_store(tmp + x, v);
+      s = s + v;
+      qs = qs + qv;
+    }
+  };
+  blocks(tb);
+  if (tb < V4) {   // t's block: its qr entry counts as 0 in qs
+    double qv[4] = {qr[tb], qr[tb + 1], qr[tb + 2], qr[tb + 3]};
+    const Lanes v = lanes_pos_part(lanes_at(r, tb) * inv - lanes_load(qv) * qinv);
+    lanes_store(tmp + tb, v);
+    s = s + v;
+    qv[t - tb] = 0.0;
+    qs = qs + lanes_load(qv);
+    x = tb + 4;
+    blocks(V4);
+  }
+  for (x = V4; x < V; ++x) {
+    const double qv = qr[x];
+    s = lanes_add0(s, tmp[x] = pos_part(r[x] * inv - qv * qinv));
+    qs = lanes_add0(qs, x == t ? 0.0 : qv);
+  }
+  *qsum = lanes_total(qs);
+  return lanes_total(s);
+}
+
+// TP / TQ: the element types of target_probs / draft_probs (TQ = TP without draft_probs).
+template <typename TP, typename TQ>
+void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* dt, const TP* pt, const TQ* pq,
                           const double* cn, const double* bv, int64_t B, int64_t n, int64_t V, int64_t max_depth,
                           VerifyMode mode, int64_t* acc, int64_t* al, int64_t* bo) {
   const bool rsd = mode == VerifyMode::Rsd && pq;   // (without draft_probs the two rules coincide)
+  // SpecInfer reads float / double draft rows in place; Half / BFloat16 ones are converted into
+  // qbuf at the node's first rejection (exact, so the results are those of reading in place)
+  constexpr bool q_in_place = std::is_same_v<TQ, float> || std::is_same_v<TQ, double>;
+  const bool need_qbuf = pq && (rsd || !q_in_place);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<double> rbuf(V), tbuf(V), qbuf(rsd ? V : 0);
+    std::vector<double> rbuf(V), tbuf(V), qbuf(need_qbuf ? V : 0);
     double* r = rbuf.data();
     double* tmp = tbuf.data();
-    double* qr = qbuf.data();   // RSD: the draft residual (unnormalised; Q its sum), see tree.h
+    // RSD: the draft residual (unnormalised; Q its sum), see tree.h. SpecInfer on Half /
+    // BFloat16: the current node's draft row in double (q_node: the node it holds, -1 none).
+    double* qr = qbuf.data();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * n;
       int64_t* row = acc + b * (max_depth + 1);
-      int64_t u = 0, k = 0;
+      int64_t u = 0, k = 0, q_node = -1;
       row[0] = 0;
-      auto load = [&](int64_t node) {   // residual <- target_probs[b, node]; returns its sum
-        const T* src = pt + (o + node) * V;
-        double s[4] = {0, 0, 0, 0};   // four independent sums: no serial add chain
-        int64_t x = 0;
-        for (; x + 4 <= V; x += 4)
-          for (int j = 0; j < 4; ++j) s[j] += (r[x + j] = static_cast<double>(src[x + j]));
-        for (; x < V; ++x) s[0] += (r[x] = static_cast<double>(src[x]));
-        return (s[0] + s[1]) + (s[2] + s[3]);
-      };
-      auto load_q = [&](int64_t node) {   // RSD: qr <- draft_probs[b, node]; returns its sum
-        if (!rsd) return 0.0;
-        const T* src = pq + (o + node) * V;
-        double s[4] = {0, 0, 0, 0};
-        int64_t x = 0;
-        for (; x + 4 <= V; x += 4)
-          for (int j = 0; j < 4; ++j) s[j] += (qr[x + j] = static_cast<double>(src[x + j]));
-        for (; x < V; ++x) s[0] += (qr[x] = static_cast<double>(src[x]));
-        return (s[0] + s[1]) + (s[2] + s[3]);
-      };
+      // residual <- target_probs[b, node]; returns its sum
+      auto load = [&](int64_t node) { return load_row(pt + (o + node) * V, r, V); };
+      // RSD: qr <- draft_probs[b, node]; returns its sum
+      auto load_q = [&](int64_t node) { return rsd ? load_row(pq + (o + node) * V, qr, V) : 0.0; };
       double S = load(0), Q = load_q(0);
       while (true) {
         int64_t c = fc[o + u], prev = u, got = -1;
@@ -449,38 +594,29 @@ void verify_sampling_impl(const int64_t* fc, const int64_t* ns, const int64_t* d
             if (accept_with_q(coin, q_t, r[t], S)) { got = c; break; }
             // p <- max(p - q_{i-1}, 0) (kept only if it has mass), and in the same pass the sum
             // of q without t: q_i = q_{i-1} with t removed
-            const double inv = 1.0 / S;
-            double s[4] = {0, 0, 0, 0}, qs[4] = {0, 0, 0, 0};
-            int64_t x = 0;
-            for (; x + 4 <= V; x += 4)
-              for (int j = 0; j < 4; ++j) {
-                s[j] += (tmp[x + j] = pos_part(r[x + j] * inv - qr[x + j] * qinv));
-                qs[j] += x + j == t ? 0.0 : qr[x + j];
-              }
-            for (; x < V; ++x) {
-              s[0] += (tmp[x] = pos_part(r[x] * inv - qr[x] * qinv));
-              qs[0] += x == t ? 0.0 : qr[x];
-            }
-            const double s2 = (s[0] + s[1]) + (s[2] + s[3]);
+            double qsum;
+            const double s2 = rsd_residual(r, qr, 1.0 / S, qinv, t, tmp, V, &qsum);
             if (s2 > 0) {
               std::swap(r, tmp);
               S = s2;
             }
             qr[t] = 0;
-            Q = (qs[0] + qs[1]) + (qs[2] + qs[3]);
+            Q = qsum;
           } else if (in_vocab && pq && !rsd) {
-            const T* q = pq + (o + u) * V;
-            if (accept_with_q(coin, static_cast<double>(q[t]), r[t], S)) { got = c; break; }
+            const TQ* q = pq + (o + u) * V;
+            if (accept_with_q(coin, prob_to_double(q, t), r[t], S)) { got = c; break; }
             // residual <- max(p - q, 0) with p = r / S (kept unnormalised; S is its sum), one
             // pass into the spare buffer, kept only if it has mass (rounding can empty it)
-            const double inv = 1.0 / S;
-            double s[4] = {0, 0, 0, 0};
-            int64_t x = 0;
-            for (; x + 4 <= V; x += 4)
-              for (int j = 0; j < 4; ++j)
-                s[j] += (tmp[x + j] = pos_part(r[x + j] * inv - static_cast<double>(q[x + j])));
-            for (; x < V; ++x) s[0] += (tmp[x] = pos_part(r[x] * inv - static_cast<double>(q[x])));
-            const double s2 = (s[0] + s[1]) + (s[2] + s[3]);
+            double s2;
+            if constexpr (q_in_place) {
+              s2 = specinfer_residual(r, q, 1.0 / S, tmp, V);
+            } else {
+              if (q_node != u) {
+                load_row(q, qr, V);
+                q_node = u;
+              }
+              s2 = specinfer_residual(r, static_cast<const double*>(qr), 1.0 / S, tmp, V);
+            }
             if (s2 > 0) {
               std::swap(r, tmp);
               S = s2;
@@ -532,25 +668,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_sampling(
   auto fcs = long_contig(first_child_in), nss = long_contig(next_sibling_in), draft = long_contig(draft_in);
   // links and tokens always on CPU, probability rows with check
   validate_sampling_values(fcs, nss, draft, target_probs_in, draft_probs_in, V, check);
-  // Probabilities are read in their own dtype (only the visited rows are touched; converting the
-  // whole (B, n, V) tensor would cost more than the verification); arithmetic is in double.
+  // Probabilities are read in their own dtypes, each row when it is visited (converting the whole
+  // (B, n, V) tensors would cost more than the verification); arithmetic is in double.
   auto tp = target_probs_in.contiguous();
   auto dp = draft_probs_in.has_value() ? draft_probs_in->contiguous() : at::Tensor();
-  if (dp.defined() && dp.scalar_type() != tp.scalar_type()) {   // mixed dtypes: both in double
-    tp = tp.to(at::kDouble);
-    dp = dp.to(at::kDouble);
-  }
   auto coins = coins_in.to(at::kDouble).contiguous(), bu = bonus_u_in.to(at::kDouble).contiguous();
   auto opts = fcs.options();
   auto accepted = at::full({B, max_depth + 1}, -1, opts);
   auto accept_len = at::empty({B}, opts);
   auto bonus = at::empty({B}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tp.scalar_type(), "tree_verify_sampling_cpu", [&] {
-    verify_sampling_impl<scalar_t>(fcs.data_ptr<int64_t>(), nss.data_ptr<int64_t>(), draft.data_ptr<int64_t>(),
-                                   tp.data_ptr<scalar_t>(), dp.defined() ? dp.data_ptr<scalar_t>() : nullptr,
-                                   coins.data_ptr<double>(), bu.data_ptr<double>(), B, n, V, max_depth,
-                                   dims.mode, accepted.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),
-                                   bonus.data_ptr<int64_t>());
+    using TP = scalar_t;
+    const auto q_type = dp.defined() ? dp.scalar_type() : tp.scalar_type();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_type, "tree_verify_sampling_cpu", [&] {
+      verify_sampling_impl<TP, scalar_t>(fcs.data_ptr<int64_t>(), nss.data_ptr<int64_t>(),
+                                         draft.data_ptr<int64_t>(), tp.data_ptr<TP>(),
+                                         dp.defined() ? dp.data_ptr<scalar_t>() : nullptr, coins.data_ptr<double>(),
+                                         bu.data_ptr<double>(), B, n, V, max_depth, dims.mode,
+                                         accepted.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),
+                                         bonus.data_ptr<int64_t>());
+    });
   });
   return {accepted, accept_len, bonus};
 }

@@ -110,6 +110,40 @@ def test_rsd_vs_reference(device, n, draws, dtypes, impl):
     assert torch.equal((acc >= 0).sum(1) - 1, alen)
 
 
+MIXED = [pytest.param((torch.float32, torch.float32), id="fp32"),
+         pytest.param((torch.float16, torch.float16), id="fp16"),
+         pytest.param((torch.bfloat16, torch.float32), id="bf16-target-fp32-draft"),
+         pytest.param((torch.float32, torch.float16), id="fp32-target-fp16-draft"),
+         pytest.param((torch.float64, torch.bfloat16), id="fp64-target-bf16-draft")]
+
+
+@pytest.mark.parametrize("dtypes", MIXED)
+@pytest.mark.parametrize("mode", ["specinfer", "rsd"])
+@pytest.mark.parametrize("V", [1, 3, 4, 5, 8, 11, 64, 1001])
+def test_verify_sampling_vocab_blocks(device, V, mode, dtypes):
+    """Both rules against the reference over vocabulary sizes around the CPU kernel's 4-entry
+    blocks (the residual passes run on 4-blocks with a tail, and RSD masks the rejected token
+    out of the draft residual's sum inside its block) and over (mixed) dtype pairs read in
+    place; Medusa trees with siblings drawn as the mode assumes."""
+    B = 6
+    g = gen(V)
+    p = tk.tree.from_paths(MEDUSA_63)[None].expand(B, 64).contiguous()
+    tree = tk.tree.build(p.to(device))
+    target = torch.softmax(torch.randn(B, 64, V, generator=g), -1)
+    q = torch.softmax(torch.randn(B, 64, V, generator=g) * 1.5, -1)
+    target = (0.5 * target + 0.5 * q).to(dtypes[0])   # overlapping rows: acceptances and rejections
+    q = q.to(dtypes[1])
+    draft = draw_siblings(p[0], q.double(), g, replacement=mode == "specinfer")
+    coins, bu = torch.rand(B, 64, generator=g), torch.rand(B, generator=g)
+    d = lambda t: t.to(device)  # noqa: E731
+    got = tk.tree.verify_sampling(tree, d(draft), d(target), draft_probs=d(q), coins=d(coins), bonus_u=d(bu),
+                                  check=False, mode=mode)
+    want = ref.verify_sampling(tree.to("cpu"), draft, target, draft_probs=q, coins=coins, bonus_u=bu,
+                               check=False, mode=mode)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rsd_medusa_differs_from_specinfer(device, impl):
     """On a Medusa tree the two rules give different walks for some coins (the q update
