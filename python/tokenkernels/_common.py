@@ -46,6 +46,17 @@ def as_int(value, name: str, op: str) -> int:
     return v
 
 
+def as_int_min(value, lo: int, name: str, op: str, *, none_ok: bool = False) -> Optional[int]:
+    """:func:`as_int`, and at least ``lo`` (else a ValueError naming the argument); None passes
+    through when ``none_ok``."""
+    if value is None and none_ok:
+        return None
+    v = as_int(value, name, op)
+    if v < lo:
+        raise ValueError(f"tokenkernels.{op}: {name} must be >= {lo}{' or None' if none_ok else ''}, got {v}")
+    return v
+
+
 def as_batch(x: torch.Tensor, name: str, op: str) -> Tuple[torch.Tensor, bool]:
     """(N, D) -> (1, N, D); (B, N, D) unchanged. Returns the 3-D tensor and whether to squeeze."""
     if not isinstance(x, torch.Tensor):

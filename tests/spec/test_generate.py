@@ -335,7 +335,7 @@ def test_bad_inputs(llama_pair):
         spec.generate(tgt, ids, draft=other)
     with pytest.raises(ValueError, match=r"verify must be"):
         spec.generate(tgt, ids, draft=dft, verify="medusa")
-    with pytest.raises(ValueError, match=r"max_new_tokens must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"tokenkernels.spec.generate: max_new_tokens must be >= 1"):
         spec.generate(tgt, ids, draft=dft, max_new_tokens=0)
     with pytest.raises(ValueError, match=r"input_ids must be a \(B, L\) int64 tensor"):
         spec.generate(tgt, ids[0], draft=dft)

@@ -114,17 +114,25 @@ def current_forward(model: torch.nn.Module, attr: str):
     return prev.original_forward if prev is not None else model.__dict__.get("forward")
 
 
-def restore_forward(model: torch.nn.Module, attr: str) -> torch.nn.Module:
-    """Undo a forward patch whose state (with ``original_forward``) is stored under ``attr``."""
+def restore_method(model: torch.nn.Module, attr: str, method: str) -> torch.nn.Module:
+    """Undo an instance-level patch of ``model.<method>`` whose state (with
+    ``original_<method>``: the instance's own attribute it replaced, None = the class's) is
+    stored under ``attr``; a no-op when there is none."""
     st = model.__dict__.get(attr)
     if st is None:
         return model
-    if st.original_forward is None:
-        model.__dict__.pop("forward", None)
+    original = getattr(st, f"original_{method}")
+    if original is None:
+        model.__dict__.pop(method, None)
     else:
-        model.forward = st.original_forward
+        setattr(model, method, original)
     delattr(model, attr)
     return model
+
+
+def restore_forward(model: torch.nn.Module, attr: str) -> torch.nn.Module:
+    """Undo a forward patch whose state (with ``original_forward``) is stored under ``attr``."""
+    return restore_method(model, attr, "forward")
 
 
 def slice_hidden(hidden: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:

@@ -37,7 +37,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from ._hf_common import CACHE_NAMES, output_cache_field, require_transformers
+from ._hf_common import CACHE_NAMES, output_cache_field, require_transformers, restore_method
 
 _OP = "tokenkernels.speculative_generate"
 _ENABLE = "tokenkernels.enable_speculative_decoding"
@@ -533,15 +533,7 @@ def enable_speculative_decoding(model: torch.nn.Module, draft: Optional[torch.nn
 def disable_speculative_decoding(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`enable_speculative_decoding`: the instance's previous ``generate`` comes back
     (a no-op on a model that is not enabled). :func:`spec_stats` stays readable."""
-    st = model.__dict__.get(_PATCH)
-    if st is None:
-        return model
-    if st.original_generate is None:
-        model.__dict__.pop("generate", None)
-    else:
-        model.generate = st.original_generate
-    del model.__dict__[_PATCH]
-    return model
+    return restore_method(model, _PATCH, "generate")
 
 
 def is_speculative_decoding_enabled(model: torch.nn.Module) -> bool:

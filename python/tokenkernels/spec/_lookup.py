@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._common import as_int
+from .._common import as_int, as_int_min
 from ._types import DraftContext, DraftTree, StepResult
 
 _NAME = "spec.LookupDrafter"
@@ -60,20 +60,13 @@ class LookupDrafter:
 
     def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1, num_tokens: int = 10,
                  max_matches: Optional[int] = None, order: str = "first"):
+        min_ngram = as_int_min(min_ngram, 1, "min_ngram", _NAME)
         max_ngram = as_int(max_ngram, "max_ngram", _NAME)
-        min_ngram = as_int(min_ngram, "min_ngram", _NAME)
-        num_tokens = as_int(num_tokens, "num_tokens", _NAME)
-        if min_ngram < 1:
-            raise ValueError(_err("", f"min_ngram must be >= 1, got {min_ngram}"))
         if max_ngram < min_ngram:
             raise ValueError(_err("", f"max_ngram must be >= min_ngram, got max_ngram={max_ngram}, "
                                       f"min_ngram={min_ngram}"))
-        if num_tokens < 1:
-            raise ValueError(_err("", f"num_tokens must be >= 1, got {num_tokens}"))
-        if max_matches is not None:
-            max_matches = as_int(max_matches, "max_matches", _NAME)
-            if max_matches < 1:
-                raise ValueError(_err("", f"max_matches must be >= 1 or None, got {max_matches}"))
+        num_tokens = as_int_min(num_tokens, 1, "num_tokens", _NAME)
+        max_matches = as_int_min(max_matches, 1, "max_matches", _NAME, none_ok=True)
         if order not in _ORDERS:
             raise ValueError(_err("", f"order must be one of {list(_ORDERS)}, got {order!r}"))
         self.max_ngram, self.min_ngram, self.num_tokens = max_ngram, min_ngram, num_tokens

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .. import tree as _tree
+from .._common import as_int_min
 from . import _hf
 from ._types import VERIFY_MODES, DraftContext, DraftTree, Drafter, StepResult, sampling_probs
 
@@ -157,11 +158,7 @@ def _check_tree(dt, B: int, root: torch.Tensor, max_nodes: int, V: int) -> None:
 
 
 def _check_int(v, name: str, lo: int, allow_none: bool = False):
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(_err(f"{name} must be an int >= {lo}{' or None' if allow_none else ''}, got {v!r}"))
-    return v
+    return as_int_min(v, lo, name, "spec.generate", none_ok=allow_none)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import tree as _tree
+from .._common import as_int_min
 from . import _hf
 from ._types import DraftContext, DraftTree, StepResult, sampling_probs
 
@@ -17,8 +18,7 @@ _NAME = "tokenkernels.spec.ModelDrafter"
 def chain(k: int):
     """The template of a chain of ``k`` draft tokens (HF-style assisted decoding): choices
     ``[(0,), (0, 0), ...]``."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"tokenkernels.spec.chain: k must be an int >= 1, got {k!r}")
+    k = as_int_min(k, 1, "k", "spec.chain")
     return [(0,) * d for d in range(1, k + 1)]
 
 
@@ -72,9 +72,8 @@ class ModelDrafter:
 
     def __init__(self, model, *, tree: Union[str, Sequence[Sequence[int]], None] = "dynamic",
                  top_k: int = 8, depth: int = 5, total_tokens: int = 48, impl: str = "auto"):
-        for name, v in (("top_k", top_k), ("depth", depth), ("total_tokens", total_tokens)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{_NAME}: {name} must be an int >= 1, got {v!r}")
+        top_k, depth, total_tokens = (as_int_min(v, 1, name, _NAME[len("tokenkernels."):]) for name, v in
+                                      (("top_k", top_k), ("depth", depth), ("total_tokens", total_tokens)))
         self.model = model
         self.top_k, self.depth, self.total_tokens, self.impl = top_k, depth, total_tokens, impl
         if tree is None or (isinstance(tree, str) and tree == "dynamic"):

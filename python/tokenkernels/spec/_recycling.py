@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .._common import as_int
+from .._common import as_int, as_int_min
 from ..tree import from_paths
 from ._types import DraftContext, DraftTree, StepResult
 
@@ -120,13 +120,9 @@ class RecyclingDrafter:
     def __init__(self, vocab_size: Optional[int] = None, *, k: int = 8,
                  template: Optional[Sequence[Sequence[int]]] = None,
                  device: Optional[torch.device] = None, index_dtype: torch.dtype = torch.int64):
-        k = as_int(k, "k", _NAME)
-        if k < 1:
-            raise ValueError(_err("", f"k must be >= 1, got {k}"))
+        k = as_int_min(k, 1, "k", _NAME)
+        vocab_size = as_int_min(vocab_size, 1, "vocab_size", _NAME, none_ok=True)
         if vocab_size is not None:
-            vocab_size = as_int(vocab_size, "vocab_size", _NAME)
-            if vocab_size < 1:
-                raise ValueError(_err("", f"vocab_size must be >= 1, got {vocab_size}"))
             if k > vocab_size:
                 raise ValueError(_err("", f"k must be <= vocab_size, got k={k}, vocab_size={vocab_size}"))
         if index_dtype not in (torch.int64, torch.int32):
