@@ -98,9 +98,12 @@ def split_files(files: Sequence[str]) -> Tuple[List[str], List[str]]:
     return train, held
 
 
-def training_bytes(root: Path, train: Sequence[str], budget: int = BYTE_BUDGET,
-                   cap: int = FILE_CAP, seed: int = SEED) -> bytes:
-    """The training text: files in a seeded permutation, ``cap`` bytes each, until ``budget``."""
+def training_bytes(root: Path, train: Sequence[str], budget: Optional[int] = None,
+                   cap: Optional[int] = None, seed: int = SEED) -> bytes:
+    """The training text: files in a seeded permutation, ``cap`` bytes each (default
+    :data:`FILE_CAP`), until ``budget`` bytes (default :data:`BYTE_BUDGET`)."""
+    budget = BYTE_BUDGET if budget is None else budget
+    cap = FILE_CAP if cap is None else cap
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=g).tolist()
     parts, n = [], 0
