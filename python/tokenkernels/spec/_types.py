@@ -20,10 +20,12 @@ class DraftContext:
 
     Attributes:
         sequences: (B, L) int64 every token so far (the prompt, left padding included, and every
-            emitted token); row b's real tokens are ``sequences[b][valid[b]]``, and its last real
-            token is ``root[b]``. Rows are right-padded to the longest (a row that accepted fewer
-            tokens has padding after its last token too).
-        valid: (B, L) bool, the real tokens of ``sequences``.
+            emitted token, the root last); row b's real tokens, in order, are
+            ``sequences[b][valid[b]]`` (:meth:`row`), and its last real token is ``root[b]``.
+            Invalid entries may be anywhere before the root: left padding, and in a batch the
+            slots of rows that accepted fewer tokens than another row at some step (the layout
+            of the target's KV cache, plus the root).
+        valid: (B, L) bool, the real tokens of ``sequences`` (``valid[:, -1]`` is all True).
         root: (B,) int64, the last emitted token of each row (node 0 of its next tree; its KV is
             not in any cache yet).
         active: (B,) bool, rows still generating (a finished row's tree is ignored: draft a
