@@ -23,8 +23,10 @@ every repeat does the same work. Metrics, from one counted run before the timing
 counted by the same forward hook on the target's decoder, ``target.model``; the prompt's
 prefill is a forward), ``fwd/tok`` (its inverse); greedy only: ``=greedy``, the prompts whose
 output equals plain greedy ``target.generate`` token for token (it must be all of them); ours
-also ``draft/verify/target %``: the shares of ``SpecStats.draft_s`` / ``verify_s`` /
-``target_s`` in ``total_s``. Rows against ``hf generate`` (``vs hf generate`` > 1: faster than
+also, from :class:`tokenkernels.spec.SpecStats`: ``draft %`` / ``verify %`` / ``target %`` /
+``commit %``, the shares of ``draft_s`` / ``verify_s`` / ``target_s`` / ``commit_s`` in
+``total_s`` (the rest: the prefill and the loop's own Python), ``acc/step`` (mean accepted
+draft tokens per step, the bonus token not counted) and ``tree`` (mean tree nodes per step). Rows against ``hf generate`` (``vs hf generate`` > 1: faster than
 plain decoding) and ``hf assisted``.
 
 Models run in fp32 (CPU and CUDA): greedy equality is then a property of the algorithms, not of
@@ -178,6 +180,12 @@ def run(ctx: Context) -> None:
                     metrics["draft %"] = 100 * sum(st.draft_s for st in stats) / total
                     metrics["verify %"] = 100 * sum(st.verify_s for st in stats) / total
                     metrics["target %"] = 100 * sum(st.target_s for st in stats) / total
+                    metrics["commit %"] = 100 * sum(st.commit_s for st in stats) / total
+                    steps = sum(st.steps for st in stats)
+                    metrics["acc/step"] = (sum(st.mean_accepted * st.steps for st in stats) / steps
+                                           if steps else math.nan)
+                    metrics["tree"] = (sum(st.tree_tokens * st.steps for st in stats) / steps
+                                       if steps else math.nan)
                     own = sum(st.target_forwards for st in stats)
                     if own != forwards:
                         ctx.note(f"{row.case}: {name}: SpecStats.target_forwards {own} != "
