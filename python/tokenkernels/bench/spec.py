@@ -26,7 +26,9 @@ output equals plain greedy ``target.generate`` token for token (it must be all o
 also, from :class:`tokenkernels.spec.SpecStats`: ``draft %`` / ``verify %`` / ``target %`` /
 ``commit %``, the shares of ``draft_s`` / ``verify_s`` / ``target_s`` / ``commit_s`` in
 ``total_s`` (the rest: the prefill and the loop's own Python), ``acc/step`` (mean accepted
-draft tokens per step, the bonus token not counted) and ``tree`` (mean tree nodes per step). Rows against ``hf generate`` (``vs hf generate`` > 1: faster than
+draft tokens per step, the bonus token not counted), ``tree`` (mean tree nodes per step) and
+``tree attn %`` (the target's attention calls through ``tokenkernels.tree.attention``, the rest
+through the 4-D mask fallback). Rows against ``hf generate`` (``vs hf generate`` > 1: faster than
 plain decoding) and ``hf assisted``.
 
 Models run in fp32 (CPU and CUDA): greedy equality is then a property of the algorithms, not of
@@ -186,6 +188,9 @@ def run(ctx: Context) -> None:
                                            if steps else math.nan)
                     metrics["tree"] = (sum(st.tree_tokens * st.steps for st in stats) / steps
                                        if steps else math.nan)
+                    fast = sum(st.fast_attention_calls for st in stats)
+                    dense = sum(st.dense_attention_calls for st in stats)
+                    metrics["tree attn %"] = 100 * fast / (fast + dense) if fast + dense else math.nan
                     own = sum(st.target_forwards for st in stats)
                     if own != forwards:
                         ctx.note(f"{row.case}: {name}: SpecStats.target_forwards {own} != "
