@@ -40,6 +40,7 @@ def test_shapes_and_vocab(pair):
         assert m.config.vocab_size == sp.VOCAB == 256
         assert m.dtype == torch.float32 and not m.training
         assert m.config.bos_token_id is None and m.config.eos_token_id is None
+        assert m.config.max_position_embeddings == sp.SEQ == 512   # the trained window
     assert target.config.num_hidden_layers == sp.TARGET_CONFIG["num_hidden_layers"]
     assert draft.config.num_hidden_layers == sp.DRAFT_CONFIG["num_hidden_layers"]
     assert target.config.hidden_size == sp.TARGET_CONFIG["hidden_size"]

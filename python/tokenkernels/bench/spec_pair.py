@@ -9,7 +9,9 @@ loads the pair shipped in the repository (``bench/spec_pair/{target,draft}/``, f
     python -m tokenkernels.bench.spec_pair --eval [DIR]
 
 Tokens are bytes: vocabulary 256, token id = byte value, no special tokens (no BOS / EOS; the
-generation config's ``pad_token_id`` is 0, a byte that Python sources do not contain).
+generation config's ``pad_token_id`` is 0, a byte that Python sources do not contain). Both
+models are trained on windows of :data:`SEQ` = 512 bytes, and their ``max_position_embeddings``
+says so: prompt + generated tokens + the deepest draft tree must stay within 512 positions.
 
 Corpus (deterministic for a given standard library): every ``*.py`` under
 ``sysconfig.get_paths()["stdlib"]`` outside ``site-packages`` / ``dist-packages``, sorted by
@@ -153,7 +155,7 @@ def make_config(kind: str):
     from transformers import LlamaConfig
 
     spec = {"target": TARGET_CONFIG, "draft": DRAFT_CONFIG}[kind]
-    return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=SEQ, rms_norm_eps=1e-5,
                        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
                        pad_token_id=PAD_TOKEN_ID, **spec)
 
