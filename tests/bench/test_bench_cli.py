@@ -12,8 +12,10 @@ from tokenkernels.bench import Context, Progress, Timing, fmt_duration
 
 # Cases per family on CPU: the quick run (the default) and --full.
 EXPECTED = {
-    "quick": {"cross_entropy": 2, "integrations": 4, "kcenter": 7, "kv_select": 2, "tree": 7},
-    "full": {"cross_entropy": 4, "integrations": 4, "kcenter": 7, "kv_select": 2, "tree": 9},
+    "quick": {"cross_entropy": 2, "integrations": 4, "kcenter": 7, "kv_select": 2, "spec": 2,
+              "tree": 7},
+    "full": {"cross_entropy": 4, "integrations": 4, "kcenter": 7, "kv_select": 2, "spec": 2,
+             "tree": 9},
 }
 PROGRESS = re.compile(r"^\[(\d+)/(\d+)\] (.+?): .*\| elapsed .+, ~.+ left$")
 
@@ -49,7 +51,7 @@ def test_case_counts(mode):
         assert len(set(labels)) == len(labels), f"{f}: duplicate case labels {labels}"
     prog = Progress(p, bench.CASE_SECONDS[mode])
     assert prog.total == sum(EXPECTED[mode].values())
-    assert prog.start_line().startswith(f"{prog.total} cases in 5 families")
+    assert prog.start_line().startswith(f"{prog.total} cases in 6 families")
     assert "expected ~" in prog.start_line()
     assert set(bench.CASE_SECONDS[mode]) == set(bench.FAMILIES)
 
@@ -58,7 +60,7 @@ def test_case_counts_cuda():
     # cross_entropy runs bf16 only on CUDA; the other families do the same cases
     assert len(bench.family_cases("cross_entropy", True, cuda=True)) == 1
     assert len(bench.family_cases("cross_entropy", False, cuda=True)) == 2
-    for f in ("integrations", "kcenter", "kv_select", "tree"):
+    for f in ("integrations", "kcenter", "kv_select", "spec", "tree"):
         assert len(bench.family_cases(f, True, cuda=True)) == EXPECTED["quick"][f]
 
 
@@ -242,3 +244,37 @@ def test_progress_line_names_sub_case_rows(capsys):
 def test_device_defaults_to_auto():
     assert bench.parse_args([]).device == "auto"
     assert bench.parse_args(["--device", "cpu"]).device == "cpu"
+
+
+def test_spec_runs_its_listed_cases(monkeypatch):
+    from tokenkernels.bench import spec
+
+    monkeypatch.setattr(spec, "_sizes", lambda quick: (1, 8))   # 1 prompt, 8 new tokens
+    labels, ctx = _run_untimed("spec")
+    assert ctx.case_labels == labels == [spec.case_label(m, True) for m in ("greedy", "sampling")]
+    greedy, sampling = ctx.rows
+    hf = {"hf generate", "hf assisted", "hf prompt_lookup"}
+    ours = {"spec model", "spec recycling", "spec lookup"}
+    has_loop = spec._import_spec()[0] is not None
+    for row in ctx.rows:
+        assert row.baselines == ("hf generate", "hf assisted")
+        assert set(row.results) == (hf | ours if has_loop else hf), (row.results.keys(), ctx.notes)
+    # plain decoding: one target forward per token (the prefill makes the first)
+    assert greedy.results["hf generate"].metrics["fwd/tok"] == 1.0
+    for impl, r in greedy.results.items():
+        assert r.metrics["=greedy"] == "1/1", impl          # every method reproduces plain greedy
+        assert r.metrics["tok/fwd"] >= 1.0 and r.metrics["tok/fwd"] * r.metrics["fwd/tok"] == pytest.approx(1)
+    assert all("=greedy" not in r.metrics for r in sampling.results.values())
+    assert not [n for n in ctx.notes if "failed" in n or "!=" in n], ctx.notes
+
+
+def test_spec_forward_counter_counts_the_decoder():
+    from tokenkernels.bench.spec import ForwardCounter
+
+    lin = torch.nn.Linear(2, 2)
+    c = ForwardCounter(lin)
+    lin(torch.zeros(1, 2))
+    lin(torch.zeros(1, 2))
+    c.close()
+    lin(torch.zeros(1, 2))
+    assert c.n == 2

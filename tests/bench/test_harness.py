@@ -89,7 +89,7 @@ def test_committed_results_are_in_the_harness_format():
     folder = Path(__file__).resolve().parents[2] / "bench" / "results"
     files = sorted(folder.glob("*_cpu.csv"))
     assert {f.stem for f in files} == {"cross_entropy_cpu", "integrations_cpu", "kcenter_cpu",
-                                       "kv_select_cpu", "tree_cpu"}
+                                       "kv_select_cpu", "spec_cpu", "tree_cpu"}
     for f in files:
         rows, device = harness.read_csv(str(f))
         assert device == "cpu" and rows, f

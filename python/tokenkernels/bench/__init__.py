@@ -71,6 +71,7 @@ FAMILIES: Dict[str, str] = {
     "tree": "tokenkernels.bench.tree",
     "integrations": "tokenkernels.bench.integrations",
     "kv_select": "tokenkernels.bench.kv_select",
+    "spec": "tokenkernels.bench.spec",
 }
 
 # Typical wall seconds per case (the family's whole run, set-up included, over its number of
@@ -80,9 +81,9 @@ FAMILIES: Dict[str, str] = {
 # case weighs the same; the start line gives no expected total).
 CASE_SECONDS: Dict[str, Dict[str, float]] = {
     "quick": {"cross_entropy": 4.5, "integrations": 3.5, "kcenter": 1.3, "kv_select": 0.6,
-              "tree": 0.1},
+              "spec": 8.0, "tree": 0.1},
     "full": {"cross_entropy": 150.0, "integrations": 21.0, "kcenter": 5.0, "kv_select": 2.5,
-             "tree": 0.4},
+             "spec": 40.0, "tree": 0.4},
 }
 
 
