@@ -359,7 +359,7 @@ def test_tree_larger_than_positions():
     tgt = causal_lm("llama", seed=0, max_position_embeddings=32)
     ids, _ = prompt(1, 5, 16)
     with pytest.raises(ValueError, match=r"the drafter's tree has up to 41 nodes, more than max_tree_tokens=32"):
-        spec.generate(tgt, ids, draft=tgt)          # the default dynamic tree: 1 + 5 * 8 nodes
+        spec.generate(tgt, ids, draft=tgt, tree=dict(top_k=8, depth=5, total_tokens=48))   # 1 + 5 * 8 nodes
     with pytest.raises(ValueError, match=r"max_tree_tokens=64 is larger than the target's max_position_embeddings=32"):
         spec.generate(tgt, ids, draft=tgt, max_tree_tokens=64)
 

@@ -54,7 +54,10 @@ class ModelDrafter:
             (:func:`tokenkernels.tree.select_tree`). Or a static template: Medusa / EAGLE
             ``choices`` (tuples of child ranks, e.g. :func:`chain`): the node with choice
             ``(..., r)`` holds the r-th most likely draft token after its parent.
-        top_k, depth, total_tokens: the dynamic tree's sizes.
+        top_k, depth, total_tokens: the dynamic tree's sizes. The defaults (4, 4, 16) were the
+            fastest on CPU with the shipped benchmark pair (bench/RESULTS.md, spec); EAGLE-2's
+            (10, 6, 60) pay off where a target forward over 60 tokens costs about what one over
+            a single token does (large models on GPUs).
 
     Under sampling (``verify`` "specinfer" or "rsd") the tokens are drawn, not ranked: a node's
     children are drawn from its (warped) draft distribution -- i.i.d. for "specinfer", without
@@ -71,7 +74,7 @@ class ModelDrafter:
     """
 
     def __init__(self, model, *, tree: Union[str, Sequence[Sequence[int]], None] = "dynamic",
-                 top_k: int = 8, depth: int = 5, total_tokens: int = 48, impl: str = "auto"):
+                 top_k: int = 4, depth: int = 4, total_tokens: int = 16, impl: str = "auto"):
         top_k, depth, total_tokens = (as_int_min(v, 1, name, _NAME[len("tokenkernels."):]) for name, v in
                                       (("top_k", top_k), ("depth", depth), ("total_tokens", total_tokens)))
         self.model = model
