@@ -5,12 +5,19 @@
 //   lists need, per tree, one backward linear pass (O(n), ~1 ns a node: cheaper than any thread
 //   hand-off), run in parallel over the batch. paths: leaf ranks by one prefix count per tree,
 //   then every leaf writes its own path in parallel.
-// attention: the prefix is split into chunks over (request, KV head, chunk) work items in
-//   parallel (split-KV): each item streams 256-key blocks through two BLAS GEMMs with an online
-//   softmax and no mask at all (every tree token sees the whole prefix). The tree part (n keys)
-//   is a third GEMM with the packed mask applied, and a log-sum-exp merge combines it with the
-//   prefix chunks. All G = H_q / H_kv query heads of a KV head share one GEMM (GQA), and
-//   fp16/bf16 K/V blocks are converted to fp32 once per block.
+// attention: work items over (request, KV head) pairs, each an online softmax over key blocks
+//   (~32K scores a block, 512 .. 4096 keys) with the tree keys masked by the packed mask in the
+//   block that holds them. All G = H_q / H_kv query heads of a KV head share the block (GQA: rows
+//   i*G + g). One thread: one item per pair, written straight to the output. Several: unless the
+//   pairs already spread evenly over the threads, long prefixes are split into chunks (split-KV,
+//   >= 2 blocks each) merged afterwards by log-sum-exp. K/V are read through their strides: HF's
+//   (B, H_kv, N, D) cache passed as a transpose(1, 2) view is not copied; fp32 rows are used in
+//   place where a block's rows lie one stride apart (contiguous layouts; within one page when
+//   paged), else gathered, and fp16/bf16 converted to fp32 once per block. Blocks of <= 8 query
+//   rows use hand-vectorised AVX2 products (one dot per key row, a register-tiled P.V); larger
+//   ones at::cpu::mm_out / addmm_ (BLAS) on from_blob views. Softmax passes are AVX2 (exp
+//   arguments clamped at -80: no subnormals). Inside the parallel region no ATen op but those
+//   GEMMs, and one scratch allocation per task.
 // verify: one tree per task, in parallel over the batch (the walk itself is inherently serial);
 //   the O(V) residual passes run on explicit 4-lane blocks (Lanes, below).
 // select_frontier / select_tree: partial sorts per batch item, in parallel over the batch.
@@ -22,11 +29,14 @@
 // as on CUDA (tree.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -37,6 +47,7 @@
 #endif
 
 #include "tree/tree_args.h"
+#include "tokenkernels/cpu_simd.h"
 #include "tokenkernels/tree.h"
 
 namespace tokenkernels {
@@ -150,176 +161,451 @@ at::Tensor paths(const at::Tensor& parents_in, const at::Tensor& depth_in,
 
 // ---------------------------------------------------------------------------------- attention
 
-constexpr int64_t kKeyBlock = 256;   // keys per GEMM block in the prefix loop
-
+// Strided view of a K or V cache whose last dim is contiguous: the D values of (request b,
+// position pos, KV head h) start at base + b*s0 + pos*s1 + h*s2 (contiguous layout), or at
+// base + page*s0 + (pos % page_size)*s1 + h*s2 with page = block_table[b, pos / page_size]
+// (paged). HF's (B, H_kv, N, D) cache passed as a transpose(1, 2) view is read in place.
 template <typename T>
 struct CacheView {
   const T* base;
-  const AttnDims* d;
+  int64_t s0, s1, s2;
   const int64_t* table;   // (B, max_pages) or nullptr
-  // Pointer to the D values of (request b, position pos, kv head h).
+  int64_t max_pages, page_size;
   const T* row(int64_t b, int64_t pos, int64_t h) const {
-    int64_t slot;
     if (table) {
-      const int64_t page = table[b * d->max_pages + pos / d->page_size];
-      slot = page * d->page_size + pos % d->page_size;
-    } else {
-      slot = b * d->N_max + pos;
+      const int64_t page = table[b * max_pages + pos / page_size];
+      return base + page * s0 + (pos % page_size) * s1 + h * s2;
     }
-    return base + (slot * d->Hkv + h) * d->D;
+    return base + b * s0 + pos * s1 + h * s2;
   }
-  // Rows [pos0, pos0 + cnt) of head h as fp32 (cnt, D) into dst.
-  void gather(int64_t b, int64_t h, int64_t pos0, int64_t cnt, float* dst) const {
-    const int64_t D = d->D;
-    for (int64_t r = 0; r < cnt; ++r) {
-      const T* src = row(b, pos0 + r, h);
-      float* o = dst + r * D;
-      for (int64_t x = 0; x < D; ++x) o[x] = static_cast<float>(src[x]);
-    }
+  // Rows [pos0, pos0 + cnt) of one (b, h) lie s1 apart (no page boundary among them).
+  bool one_run(int64_t pos0, int64_t cnt) const {
+    return !table || pos0 / page_size == (pos0 + cnt - 1) / page_size;
   }
 };
 
-// (L*G, D) fp32 queries of KV head h, pre-multiplied by the softmax scale; row i*G + g is query
-// token i, head h*G + g.
-template <typename T>
-at::Tensor gather_q(const T* q, const AttnDims& d, int64_t b, int64_t h, int64_t L, float scale) {
-  const int64_t G = d.Hq / d.Hkv, D = d.D;
-  auto Q = at::empty({L * G, D}, at::TensorOptions().dtype(at::kFloat));
-  float* dst = Q.data_ptr<float>();
-  for (int64_t i = 0; i < L; ++i)
-    for (int64_t g = 0; g < G; ++g) {
-      const T* src = q + ((b * d.n + i) * d.Hq + h * G + g) * D;
-      float* o = dst + (i * G + g) * D;
-      for (int64_t x = 0; x < D; ++x) o[x] = static_cast<float>(src[x]) * scale;
-    }
-  return Q;
+// ---- small blocks (few query rows): hand-vectorised products, no per-call cost of ATen / BLAS
+// (a few us a call, which dominates blocks of a handful of rows). Larger blocks go to at::mm.
+
+#ifdef TK_HAVE_X86_SIMD
+TK_TARGET_AVX2 inline __m256i lanes_below(int64_t c) {   // lanes i < c set
+  const int32_t cc = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, c)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(cc), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-struct Chunk {
-  int64_t b, h, pos0, cnt;
+// One MR x 16 tile (FULL: all 16 columns; else the first nc < 16, masked): 2 * MR accumulators,
+// per k two loads of B and MR broadcasts of A.
+template <int MR, bool FULL>
+TK_TARGET_AVX2 void gemm_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                              int64_t ldc, int64_t nc, bool acc) {
+  __m256 c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  const __m256i m0 = lanes_below(nc), m1 = lanes_below(nc - 8);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    const __m256 b0 = FULL ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
+    const __m256 b1 = FULL ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* c = C + r * ldc;
+    if (FULL) {
+      if (acc) {
+        c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(c));
+        c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(c + 8));
+      }
+      _mm256_storeu_ps(c, c0[r]);
+      _mm256_storeu_ps(c + 8, c1[r]);
+    } else {
+      if (acc) {
+        c0[r] = _mm256_add_ps(c0[r], _mm256_maskload_ps(c, m0));
+        c1[r] = _mm256_add_ps(c1[r], _mm256_maskload_ps(c + 8, m1));
+      }
+      _mm256_maskstore_ps(c, m0, c0[r]);
+      _mm256_maskstore_ps(c + 8, m1, c1[r]);
+    }
+  }
+}
+
+template <bool FULL>
+TK_TARGET_AVX2 void gemm_panel(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                               float* C, int64_t ldc, int64_t nc, bool acc) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6) gemm_tile<6, FULL>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, nc, acc);
+  const float* a = A + i * lda;
+  float* c = C + i * ldc;
+  switch (M - i) {
+    case 5: gemm_tile<5, FULL>(K, a, lda, B, ldb, c, ldc, nc, acc); break;
+    case 4: gemm_tile<4, FULL>(K, a, lda, B, ldb, c, ldc, nc, acc); break;
+    case 3: gemm_tile<3, FULL>(K, a, lda, B, ldb, c, ldc, nc, acc); break;
+    case 2: gemm_tile<2, FULL>(K, a, lda, B, ldb, c, ldc, nc, acc); break;
+    case 1: gemm_tile<1, FULL>(K, a, lda, B, ldb, c, ldc, nc, acc); break;
+    default: break;
+  }
+}
+
+// C (M x N, row stride ldc) = A (M x K, lda) . B (K x N, ldb), row-major fp32; C += with acc (the
+// P.V of small blocks: A = P, B = the V rows). Column panels of 16 outside, row tiles inside: the
+// K x 16 panel of B stays in L1.
+TK_TARGET_AVX2 void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                              int64_t ldb, float* C, int64_t ldc, bool acc) {
+  for (int64_t j = 0; j < N; j += 16) {
+    const int64_t nc = std::min<int64_t>(16, N - j);
+    if (nc == 16)
+      gemm_panel<true>(M, K, A, lda, B + j, ldb, C + j, ldc, nc, acc);
+    else
+      gemm_panel<false>(M, K, A, lda, B + j, ldb, C + j, ldc, nc, acc);
+  }
+}
+
+// S (rows, kn; row stride lds) = Q (rows, D; contiguous) . K^T, key j's row at K + j * ldk: RN
+// rows at a time, one accumulator per row, each key row loaded once per RN rows.
+template <int RN>
+TK_TARGET_AVX2 void qk_tile(int64_t kn, int64_t D, const float* Q, const float* K, int64_t ldk, float* S,
+                            int64_t lds) {
+  const int64_t D8 = D - D % 8;
+  for (int64_t j = 0; j < kn; ++j) {
+    const float* k = K + j * ldk;
+    __m256 acc[RN];
+    for (int r = 0; r < RN; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t x = 0; x < D8; x += 8) {
+      const __m256 kv = _mm256_loadu_ps(k + x);
+      for (int r = 0; r < RN; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + r * D + x), kv, acc[r]);
+    }
+    for (int r = 0; r < RN; ++r) {
+      float v = simd::hsum(acc[r]);
+      for (int64_t x = D8; x < D; ++x) v += Q[r * D + x] * k[x];
+      S[r * lds + j] = v;
+    }
+  }
+}
+
+TK_TARGET_AVX2 void qk_avx2(int64_t rows, int64_t kn, int64_t D, const float* Q, const float* K, int64_t ldk,
+                            float* S, int64_t lds) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) qk_tile<8>(kn, D, Q + r * D, K, ldk, S + r * lds, lds);
+  const float* q = Q + r * D;
+  float* s = S + r * lds;
+  switch (rows - r) {
+    case 7: qk_tile<7>(kn, D, q, K, ldk, s, lds); break;
+    case 6: qk_tile<6>(kn, D, q, K, ldk, s, lds); break;
+    case 5: qk_tile<5>(kn, D, q, K, ldk, s, lds); break;
+    case 4: qk_tile<4>(kn, D, q, K, ldk, s, lds); break;
+    case 3: qk_tile<3>(kn, D, q, K, ldk, s, lds); break;
+    case 2: qk_tile<2>(kn, D, q, K, ldk, s, lds); break;
+    case 1: qk_tile<1>(kn, D, q, K, ldk, s, lds); break;
+    default: break;
+  }
+}
+#endif
+
+// ---- row passes of the online softmax (AVX2 where the CPU has it)
+
+#ifdef TK_HAVE_X86_SIMD
+// s[j] <- exp(s[j] - mx) (0 where s[j] = -inf, a masked key); returns their sum. Arguments are
+// clamped at -80 first: exp of less would be subnormal (slow on many CPUs) and is < 2e-35, nothing
+// next to the row's largest term, 1.
+TK_TARGET_AVX2 float exp_sum_avx2(float* s, int64_t cnt, float mx) {
+  const __m256 vm = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(kNegInf), lo = _mm256_set1_ps(-80.0f);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= cnt; j += 8) {
+    const __m256 x = _mm256_loadu_ps(s + j);
+    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ),
+                                      simd::exp256(_mm256_max_ps(_mm256_sub_ps(x, vm), lo)));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = simd::hsum(acc);
+  for (; j < cnt; ++j) sum += (s[j] = s[j] == kNegInf ? 0.0f : std::exp(std::max(s[j] - mx, -80.0f)));
+  return sum;
+}
+
+TK_TARGET_AVX2 float max_avx2(const float* s, int64_t cnt) {
+  __m256 m = _mm256_set1_ps(kNegInf);
+  int64_t j = 0;
+  for (; j + 8 <= cnt; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  float r = simd::hmax(m);
+  for (; j < cnt; ++j) r = std::max(r, s[j]);
+  return r;
+}
+#endif
+
+inline bool have_avx2() {
+#ifdef TK_HAVE_X86_SIMD
+  return simd::has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+// S = Q K^T and O += P V on small blocks (scalar loops without AVX2).
+void qk_small(int64_t rows, int64_t kn, int64_t D, const float* Q, const float* K, int64_t ldk, float* S,
+              int64_t lds) {
+#ifdef TK_HAVE_X86_SIMD
+  if (have_avx2()) return qk_avx2(rows, kn, D, Q, K, ldk, S, lds);
+#endif
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < kn; ++j) {
+      float v = 0;
+      for (int64_t x = 0; x < D; ++x) v += Q[r * D + x] * K[j * ldk + x];
+      S[r * lds + j] = v;
+    }
+}
+
+void pv_small(int64_t rows, int64_t kn, int64_t D, const float* Pm, int64_t lds, const float* V, int64_t ldv,
+              float* O) {
+#ifdef TK_HAVE_X86_SIMD
+  if (have_avx2()) return gemm_avx2(rows, D, kn, Pm, lds, V, ldv, O, D, true);
+#endif
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < kn; ++j) {
+      const float p = Pm[r * lds + j];
+      for (int64_t x = 0; x < D; ++x) O[r * D + x] += p * V[j * ldv + x];
+    }
+}
+
+float row_max(const float* s, int64_t cnt) {
+#ifdef TK_HAVE_X86_SIMD
+  if (have_avx2()) return max_avx2(s, cnt);
+#endif
+  float r = kNegInf;
+  for (int64_t j = 0; j < cnt; ++j) r = std::max(r, s[j]);
+  return r;
+}
+
+float exp_sum(float* s, int64_t cnt, float mx) {
+#ifdef TK_HAVE_X86_SIMD
+  if (have_avx2()) return exp_sum_avx2(s, cnt, mx);
+#endif
+  float sum = 0;
+  for (int64_t j = 0; j < cnt; ++j) sum += (s[j] = s[j] == kNegInf ? 0.0f : std::exp(std::max(s[j] - mx, -80.0f)));
+  return sum;
+}
+
+// A work item: the keys [k0, k1) of (request b, KV head h), positions in the cache; with_tree:
+// it also takes the request's tree keys (the last item of (b, h)). whole: the only item of
+// (b, h), which writes the output directly.
+struct Item {
+  int64_t b, h, k0, k1;
+  bool with_tree, whole;
 };
 
+// Keys per block of the online softmax: about 32K scores (128 KB, in L2) per block, at least 512
+// keys and at most 4096 (few query rows: fewer, larger GEMMs, each call has a fixed cost).
+inline int64_t key_block(int64_t rows) {
+  const int64_t kb = ((int64_t(1) << 15) / std::max<int64_t>(1, rows) + 63) / 64 * 64;
+  return std::min<int64_t>(4096, std::max<int64_t>(512, kb));
+}
+
+// Blocks of at most this many query rows use qk_small / pv_small, larger ones at::mm.
+inline bool small_block(int64_t rows) {
+  return rows <= 8;
+}
+
 template <typename T>
-void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const AttnDims& d, const int64_t* P, const int64_t* Lens,
-                        const int32_t* mask, const int64_t* table, float scale, at::Tensor& out,
-                        at::Tensor& lse) {
-  const int64_t G = d.Hq / d.Hkv, D = d.D, n = d.n, W = d.W;
-  const T* qp = q.data_ptr<T>();
-  CacheView<T> K{k.data_ptr<T>(), &d, table};
-  CacheView<T> V{v.data_ptr<T>(), &d, table};
-  T* op = out.data_ptr<T>();
-  float* lp = lse.data_ptr<float>();
-  auto f32 = at::TensorOptions().dtype(at::kFloat);
+void attention_cpu_impl(const T* qp, const int64_t* qs, const CacheView<T>& K, const CacheView<T>& V,
+                        const AttnDims& d, const int64_t* P, const int64_t* Lens, const int32_t* mask, float scale,
+                        T* op, float* lp) {
+  const int64_t G = d.Hq / d.Hkv, D = d.D, n = d.n, W = d.W, Hq = d.Hq;
   auto len_of = [&](int64_t b) { return Lens ? Lens[b] : n; };
 
-  // Plan the split-KV chunks: enough work items for every thread, >= 2 key blocks each.
-  int64_t total = 0;
+  // padding query rows: zeros, lse = -inf
   for (int64_t b = 0; b < d.B; ++b)
-    if (len_of(b) > 0) total += P[b];
-  const int64_t target = 4 * std::max<int64_t>(1, at::get_num_threads());
-  int64_t chunk = std::max<int64_t>(2 * kKeyBlock, (total * d.Hkv + target - 1) / target);
-  chunk = (chunk + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> first(d.B * d.Hkv + 1, 0);
+    for (int64_t i = len_of(b); i < n; ++i) {
+      std::fill(op + (b * n + i) * Hq * D, op + (b * n + i + 1) * Hq * D, static_cast<T>(0.0f));
+      std::fill(lp + (b * n + i) * Hq, lp + (b * n + i + 1) * Hq, kNegInf);
+    }
+
+  // Plan the work items. One thread: one item per (b, h). Several: split the prefix (split-KV,
+  // chunks of >= 2 blocks) unless the (b, h) pairs already spread evenly over the threads.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t pairs = 0, total = 0;
   for (int64_t b = 0; b < d.B; ++b)
+    if (len_of(b) > 0) {
+      pairs += d.Hkv;
+      total += d.Hkv * P[b];
+    }
+  const int64_t R = n * G;   // most query rows of a (request, KV head) pair; row i*G + g
+  const int64_t KB = key_block(R);
+  int64_t chunk = std::numeric_limits<int64_t>::max();
+  if (threads > 1 && pairs < 4 * threads && pairs % threads != 0) {
+    chunk = std::max<int64_t>(2 * KB, (total + 4 * threads - 1) / (4 * threads));
+    chunk = (chunk + KB - 1) / KB * KB;
+  }
+  std::vector<Item> items;
+  struct Split {
+    int64_t b, h, c0, c1;   // a pair with several items: items [c0, c1)
+  };
+  std::vector<Split> split_pairs;
+  for (int64_t b = 0; b < d.B; ++b) {
+    if (len_of(b) == 0) continue;
     for (int64_t h = 0; h < d.Hkv; ++h) {
-      first[b * d.Hkv + h] = static_cast<int64_t>(chunks.size());
-      if (len_of(b) > 0)
-        for (int64_t s = 0; s < P[b]; s += chunk) chunks.push_back({b, h, s, std::min(chunk, P[b] - s)});
+      const int64_t c0 = static_cast<int64_t>(items.size());
+      int64_t s = 0;
+      do {
+        const int64_t e = P[b] - s > chunk ? s + chunk : P[b];
+        items.push_back({b, h, s, e, e == P[b], false});
+        s = e;
+      } while (s < P[b]);
+      const int64_t c1 = static_cast<int64_t>(items.size());
+      if (c1 - c0 == 1) {
+        items.back().whole = true;
+      } else {
+        split_pairs.push_back({b, h, c0, c1});
+      }
     }
-  first[d.B * d.Hkv] = static_cast<int64_t>(chunks.size());
-  const int64_t R = n * G;   // rows per (request, KV head)
-  const int64_t C = static_cast<int64_t>(chunks.size());
-  auto part_o = at::empty({std::max<int64_t>(C, 1), R, D}, f32);
-  auto part_lse = at::empty({std::max<int64_t>(C, 1), R}, f32);
+  }
+  const int64_t C = static_cast<int64_t>(items.size());
+  // partial results of the split pairs' items: unnormalised O (R, D), running max, sum
+  const bool any_split = !split_pairs.empty();
+  std::vector<float> part(any_split ? C * R * (D + 2) : 0);
 
-  // Prefix chunks: no mask, online softmax over 256-key blocks.
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    auto Kb = at::empty({kKeyBlock, D}, f32);
-    auto Vb = at::empty({kKeyBlock, D}, f32);
+    // one scratch block per task: Q (R, D), S (R, KB), O (R, D), m, l (R), Kf, Vf (KB, D)
+    const int64_t need = 2 * R * D + R * KB + 2 * R + 2 * KB * D;
+    std::unique_ptr<float[]> buf(new float[need]);
+    float* Q = buf.get();
+    float* S = Q + R * D;
+    float* O = S + R * KB;
+    float* m = O + R * D;
+    float* l = m + R;
+    float* Kf = l + R;
+    float* Vf = Kf + KB * D;
     for (int64_t c = c0; c < c1; ++c) {
-      const Chunk& ch = chunks[c];
-      const int64_t rows = len_of(ch.b) * G;
-      auto Q = gather_q(qp, d, ch.b, ch.h, len_of(ch.b), scale);
-      auto m = at::full({rows}, kNegInf, f32);
-      auto l = at::zeros({rows}, f32);
-      auto o = part_o[c].narrow(0, 0, rows);
-      o.zero_();
-      for (int64_t s = 0; s < ch.cnt; s += kKeyBlock) {
-        const int64_t kn = std::min(kKeyBlock, ch.cnt - s);
-        K.gather(ch.b, ch.h, ch.pos0 + s, kn, Kb.data_ptr<float>());
-        V.gather(ch.b, ch.h, ch.pos0 + s, kn, Vb.data_ptr<float>());
-        auto kb = Kb.narrow(0, 0, kn), vb = Vb.narrow(0, 0, kn);
-        auto sc = at::mm(Q, kb.t());                           // (rows, kn)
-        auto m_new = at::maximum(m, sc.amax(1));
-        auto alpha = (m - m_new).exp_();                        // 0 on the first block
-        sc.sub_(m_new.unsqueeze(1)).exp_();
-        l.mul_(alpha).add_(sc.sum(1));
-        o.mul_(alpha.unsqueeze(1)).addmm_(sc, vb);
-        m = m_new;
-      }
-      o.div_(l.unsqueeze(1));
-      part_lse[c].narrow(0, 0, rows).copy_(m + l.log());
-    }
-  });
-
-  // Tree part with the mask, then the log-sum-exp merge with the prefix chunks.
-  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / d.Hkv, h = t % d.Hkv, L = len_of(b);
-      const int64_t rows = L * G;
-      // padding query rows: zeros, lse = -inf
-      for (int64_t i = L; i < n; ++i)
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t hq = h * G + g;
-          T* dst = op + ((b * n + i) * d.Hq + hq) * D;
-          for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(0.0f);
-          lp[(b * n + i) * d.Hq + hq] = kNegInf;
-        }
-      if (L == 0) continue;
-      auto Q = gather_q(qp, d, b, h, L, scale);
-      auto Kt = at::empty({L, D}, f32), Vt = at::empty({L, D}, f32);
-      K.gather(b, h, P[b], L, Kt.data_ptr<float>());
-      V.gather(b, h, P[b], L, Vt.data_ptr<float>());
-      auto allowed = at::empty({L, L}, at::TensorOptions().dtype(at::kBool));
-      bool* al = allowed.data_ptr<bool>();
-      for (int64_t i = 0; i < L; ++i) {
-        const int32_t* row = mask + (b * n + i) * W;
-        for (int64_t j = 0; j < L; ++j) al[i * L + j] = mask_bit(row, j);
-      }
-      auto sc = at::mm(Q, Kt.t());                                   // (rows, L)
-      sc.view({L, G, L}).masked_fill_(allowed.logical_not().unsqueeze(1), kNegInf);
-      auto mt = sc.amax(1);
-      auto mt_safe = at::where(at::isinf(mt), at::zeros_like(mt), mt);
-      sc.sub_(mt_safe.unsqueeze(1)).exp_();
-      auto lt = sc.sum(1);
-      auto ot = at::mm(sc, Vt).div_(lt.clamp_min(1e-30f).unsqueeze(1));
-      auto lse_t = mt_safe + lt.log();                                   // -inf where empty
-      // merge: parts = prefix chunks of (b, h) + the tree part
-      const int64_t c0 = first[t], c1 = first[t + 1];
-      auto M = lse_t.clone();
-      for (int64_t c = c0; c < c1; ++c) M = at::maximum(M, part_lse[c].narrow(0, 0, rows));
-      auto Ms = at::where(at::isinf(M), at::zeros_like(M), M);
-      auto w = (lse_t - Ms).exp_();
-      auto num = ot.mul_(w.unsqueeze(1));
-      auto den = w.clone();
-      for (int64_t c = c0; c < c1; ++c) {
-        auto wc = (part_lse[c].narrow(0, 0, rows) - Ms).exp_();
-        num.addcmul_(part_o[c].narrow(0, 0, rows), wc.unsqueeze(1));
-        den.add_(wc);
-      }
-      num.div_(den.clamp_min(1e-30f).unsqueeze(1));
-      auto lse_all = Ms + den.log();
-      const float* nm = num.template data_ptr<float>();
-      const float* la = lse_all.template data_ptr<float>();
+      const Item& it = items[c];
+      const int64_t b = it.b, h = it.h, L = len_of(b), rows = L * G, Pb = P[b];
+      // queries of this KV head, fp32, pre-scaled
       for (int64_t i = 0; i < L; ++i)
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = i * G + g, hq = h * G + g;
-          T* dst = op + ((b * n + i) * d.Hq + hq) * D;
-          for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(nm[r * D + x]);
-          lp[(b * n + i) * d.Hq + hq] = la[r];
+          const T* src = qp + b * qs[0] + i * qs[1] + (h * G + g) * qs[2];
+          float* dst = Q + (i * G + g) * D;
+          for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<float>(src[x]) * scale;
         }
+      std::fill(m, m + rows, kNegInf);
+      std::fill(l, l + rows, 0.0f);
+      std::fill(O, O + rows * D, 0.0f);
+      const bool small = small_block(rows);
+      const auto Qt = small ? at::Tensor() : at::from_blob(Q, {rows, D}, {D, 1}, f32);
+      auto Ot = small ? at::Tensor() : at::from_blob(O, {rows, D}, {D, 1}, f32);
+      const int64_t kend = it.with_tree ? Pb + L : it.k1;
+      for (int64_t j0 = it.k0; j0 < kend; j0 += KB) {
+        // columns t0 .. kn - 1 of the block are tree keys (the mask applies)
+        const int64_t kn = std::min(KB, kend - j0), t0 = std::max<int64_t>(0, Pb - j0);
+        // K and V rows of the block as fp32 (kn, D) with a row stride: fp32 caches in place where
+        // the rows are one strided run, else converted / gathered into Kf, Vf
+        auto block = [&](const CacheView<T>& X, float* dst) -> std::pair<const float*, int64_t> {
+          if constexpr (std::is_same_v<T, float>) {
+            if (X.one_run(j0, kn)) return {X.row(b, j0, h), X.s1};
+          }
+          for (int64_t j = 0; j < kn; ++j) {
+            const T* src = X.row(b, j0 + j, h);
+            float* o = dst + j * D;
+            for (int64_t x = 0; x < D; ++x) o[x] = static_cast<float>(src[x]);
+          }
+          return {dst, D};
+        };
+        auto as_tensor = [&](std::pair<const float*, int64_t> x) {
+          return at::from_blob(const_cast<float*>(x.first), {kn, D}, {x.second, 1}, f32);
+        };
+        // ---- S = Q K^T (rows, kn)
+        const auto kb = block(K, Kf);
+        if (small) {
+          qk_small(rows, kn, D, Q, kb.first, kb.second, S, KB);
+        } else {
+          auto St = at::from_blob(S, {rows, kn}, {KB, 1}, f32);
+          at::cpu::mm_out(St, Qt, as_tensor(kb).t());
+        }
+        // ---- mask (tree blocks), online softmax update
+        for (int64_t r = 0; r < rows; ++r) {
+          float* s = S + r * KB;
+          if (t0 < kn) {
+            const int32_t* mrow = mask + (b * n + r / G) * W;
+            for (int64_t j = t0; j < kn; ++j)
+              if (!mask_bit(mrow, j0 - Pb + j)) s[j] = kNegInf;
+          }
+          const float m_new = std::max(m[r], row_max(s, kn));
+          if (m_new == kNegInf) {   // nothing visible yet: p = 0, O and l stay 0
+            std::fill(s, s + kn, 0.0f);
+            continue;
+          }
+          const float alpha = std::exp(m[r] - m_new);   // 0 on the first visible block
+          const float sum = exp_sum(s, kn, m_new);
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          if (alpha != 1.0f) {
+            float* o = O + r * D;
+            for (int64_t x = 0; x < D; ++x) o[x] *= alpha;
+          }
+        }
+        // ---- O += P V
+        const auto vb = block(V, Vf);
+        if (small)
+          pv_small(rows, kn, D, S, KB, vb.first, vb.second, O);
+        else
+          at::cpu::addmm_(Ot, at::from_blob(S, {rows, kn}, {KB, 1}, f32), as_tensor(vb));
+      }
+      if (it.whole) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = r / G, hq = h * G + r % G;
+          T* dst = op + ((b * n + i) * Hq + hq) * D;
+          const float* o = O + r * D;
+          if (l[r] > 0) {
+            const float inv = 1.0f / l[r];
+            for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(o[x] * inv);
+            lp[(b * n + i) * Hq + hq] = m[r] + std::log(l[r]);
+          } else {   // no visible key (a hand-made mask row without its own bit, empty prefix)
+            for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(0.0f);
+            lp[(b * n + i) * Hq + hq] = kNegInf;
+          }
+        }
+      } else {
+        float* po = part.data() + c * R * (D + 2);
+        std::memcpy(po, O, rows * D * sizeof(float));
+        std::memcpy(po + R * D, m, rows * sizeof(float));
+        std::memcpy(po + R * D + R, l, rows * sizeof(float));
+      }
+    }
+  });
+  if (!any_split) return;
+
+  // log-sum-exp merge of the split pairs' items
+  const int64_t S_ = static_cast<int64_t>(split_pairs.size());
+  at::parallel_for(0, S_, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Split& sp = split_pairs[t];
+      const int64_t b = sp.b, h = sp.h, rows = len_of(b) * G, i0 = sp.c0, i1 = sp.c1;
+      for (int64_t r = 0; r < rows; ++r) {
+        float M = kNegInf;
+        for (int64_t c = i0; c < i1; ++c) M = std::max(M, part[c * R * (D + 2) + R * D + r]);
+        const int64_t i = r / G, hq = h * G + r % G;
+        T* dst = op + ((b * n + i) * Hq + hq) * D;
+        if (M == kNegInf) {
+          for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(0.0f);
+          lp[(b * n + i) * Hq + hq] = kNegInf;
+          continue;
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float lsum = 0;
+        for (int64_t c = i0; c < i1; ++c) {
+          const float* pc = part.data() + c * R * (D + 2);
+          const float mc = pc[R * D + r];
+          if (mc == kNegInf) continue;
+          const float w = std::exp(mc - M);
+          lsum += w * pc[R * D + R + r];
+          const float* o = pc + r * D;
+          for (int64_t x = 0; x < D; ++x) acc[x] += w * o[x];
+        }
+        const float inv = 1.0f / lsum;
+        for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(acc[x] * inv);
+        lp[(b * n + i) * Hq + hq] = M + std::log(lsum);
+      }
     }
   });
 }
@@ -333,14 +619,20 @@ void run_attention(const AttnDims& d, const at::Tensor& q_in, const at::Tensor& 
   auto Lens = opt_long_contig(tree_lens);
   auto table = opt_long_contig(block_table);
   validate_attention_values(d, P, Lens, table, check);   // always on CPU
-  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), mask = mask_in.contiguous();
-  at::Tensor o = out, l = lse;
+  // q, k_cache, v_cache are read through their strides (HF's (B, H_kv, N, D) cache as a
+  // transpose(1, 2) view is not copied); only a non-contiguous last dim is copied.
+  auto last_dense = [](const at::Tensor& t) { return t.size(3) == 1 || t.stride(3) == 1 ? t : t.contiguous(); };
+  auto q = last_dense(q_in), k = last_dense(k_in), v = last_dense(v_in), mask = mask_in.contiguous();
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  const int64_t* tb = table.defined() ? table.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu", [&] {
-    attention_cpu_impl<scalar_t>(q, k, v, d, P.data_ptr<int64_t>(),
-                                 Lens.defined() ? Lens.data_ptr<int64_t>() : nullptr,
-                                 mask.data_ptr<int32_t>(),
-                                 table.defined() ? table.data_ptr<int64_t>() : nullptr,
-                                 static_cast<float>(scale), o, l);
+    const CacheView<scalar_t> K{k.data_ptr<scalar_t>(), k.stride(0), k.stride(1), k.stride(2), tb, d.max_pages,
+                                d.page_size};
+    const CacheView<scalar_t> V{v.data_ptr<scalar_t>(), v.stride(0), v.stride(1), v.stride(2), tb, d.max_pages,
+                                d.page_size};
+    attention_cpu_impl<scalar_t>(q.data_ptr<scalar_t>(), qs, K, V, d, P.data_ptr<int64_t>(),
+                                 Lens.defined() ? Lens.data_ptr<int64_t>() : nullptr, mask.data_ptr<int32_t>(),
+                                 static_cast<float>(scale), out.data_ptr<scalar_t>(), lse.data_ptr<float>());
   });
 }
 

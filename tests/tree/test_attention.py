@@ -1,6 +1,8 @@
 """tree.attention vs the fp64 reference (dense mask over prefix + tree) and the SDPA baseline."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -165,3 +167,30 @@ def test_attention_impls(device, impl, dtype):
         out, lse = tk.tree.attention(q, k, v, P, tree, block_table=table, return_lse=True, impl=impl)
         want, want_lse = fp64_truth(tree, q, k, v, P, table)
         assert (out.double().cpu() - want).abs().max().item() <= tol(dtype, "tree_attn")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_cpu_split_kv(dtype, threads):
+    """The CPU kernel's work plans: one item per (request, KV head) on one thread; with several
+    threads a long prefix is split over items (split-KV, merged by log-sum-exp) next to pairs
+    that stay whole (short prefixes, an empty one), tree_lens 0 among them; the small-block path
+    (<= 8 query rows per KV head) and the BLAS one (more rows); HF's (B, H_kv, N, D) cache as a
+    transpose(1, 2) view."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # 8 query rows per KV head: small-block path, 4096-key blocks, 2 and 3 threads split request
+        # 0's prefix (chunks >= 8192 keys); 96 rows: BLAS path, 512-key blocks, 3 threads split
+        # request 1's (chunks >= 1024), request 0 (empty prefix) stays whole
+        for n, Hq, prefix, lens in ((4, 2, [9000, 10, 0], [4, 3, 4]), (24, 4, [0, 2500, 700], [24, 17, 0])):
+            lens = torch.tensor(lens)
+            tree, q, k, v, P, _ = make_case(3, n, Hq, 1, 48, prefix, dtype, n + threads, "cpu", lens=lens.clamp(min=1))
+            tree = dataclasses.replace(tree, tree_lens=lens)   # build takes >= 1 node, attention 0 too
+            out, lse = check(tree, q, k, v, P, None)
+            assert (out[lens == 0] == 0).all() and torch.isinf(lse[lens == 0]).all()
+            hf = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  (B, H, N, D) storage
+            out2, lse2 = tk.tree.attention(q, hf(k), hf(v), P, tree, return_lse=True)
+            assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    finally:
+        torch.set_num_threads(old)

@@ -228,9 +228,11 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
 
     Args:
         q: (B, n, H_q, D) float32/float16/bfloat16 queries of the tree tokens.
-        k_cache, v_cache: contiguous (B, N, H_kv, D), or paged (num_pages, page_size, H_kv, D)
-            with ``block_table``; same dtype as q. The tree tokens' K/V are already written at
-            positions ``prefix_lens[b] + j`` (j = 0 .. n-1).
+        k_cache, v_cache: (B, N, H_kv, D), or paged (num_pages, page_size, H_kv, D) with
+            ``block_table``; same dtype as q. Any strides: the CPU kernel reads q, k_cache and
+            v_cache in place when their last dim is contiguous (HF's (B, H_kv, N, D) caches
+            passed as ``transpose(1, 2)`` views are not copied), else copies them once. The tree
+            tokens' K/V are already written at positions ``prefix_lens[b] + j`` (j = 0 .. n-1).
         prefix_lens: (B,) integer tensor: tokens before the tree (including none of the tree).
         mask: a :class:`Tree` or its bit-packed (B, n, ceil(n/32)) int32 mask.
         tree_lens: (B,) real tree sizes (taken from the Tree when a Tree is passed); query rows

@@ -10,6 +10,14 @@ Trees: Medusa's 63-node default tree (64 nodes with the root) for verify/attenti
 Rows: build and verify against ``reference`` (verify_sampling: SpecInfer's rule, the default, and
 ``tokenkernels (rsd)``, mode="rsd", on the same inputs); attention against ``sdpa_dense_mask`` and
 ``sdpa_no_mask_decode`` (the floor), rates in GB/s of K and V read once (tokenkernels' rows only).
+
+One attention row at speculative-decoding shapes (``attention spec ...``: small heads, Hq = Hkv =
+4, D = 48, a 41-node tree over a 330-token prefix, the target forward of ``tokenkernels.spec``):
+``tokenkernels`` reads the caches in HF's layout, (B, H_kv, N, D) passed as ``transpose(1, 2)``
+views (what the spec loop's attention function does); ``tokenkernels_contiguous`` contiguous (B,
+N, H_kv, D) caches; baselines ``sdpa_dense_mask`` (as above, the mask built per call) and
+``sdpa_premasked`` (one SDPA call on the (B, H_kv, N, D) caches with the dense (n, prefix + n) bool
+mask built once: HF's "sdpa" attention with a 4-D tree mask).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ HQ, HKV, HD = 32, 8, 128      # Llama-3-8B attention heads
 VERIFY_B = (1, 16)
 SAMPLING_B, SAMPLING_V = 4, 32000
 ATTN_DTYPES = (torch.float32, torch.bfloat16)
+SPEC_HQ, SPEC_HKV, SPEC_D, SPEC_N, SPEC_PREFIX = 4, 4, 48, 41, 330   # the speculative-decoding row
 
 
 def _builds(quick: bool):
@@ -45,12 +54,18 @@ def attention_label(prefix: int, dtype: torch.dtype) -> str:
     return f"attention medusa63 prefix{prefix} B1 Hq{HQ} Hkv{HKV} D{HD} {str(dtype)[6:]}"
 
 
+def spec_attention_label() -> str:
+    return (f"attention spec n{SPEC_N} prefix{SPEC_PREFIX} B1 Hq{SPEC_HQ} Hkv{SPEC_HKV} D{SPEC_D} float32 "
+            "hf-view")
+
+
 def cases(quick: bool, cuda: bool = False) -> List[str]:
     """The case labels :func:`run` adds, in order (one progress line each)."""
     return ([f"build B{B} n{n}" for B, n in _builds(quick)]
             + [f"verify_greedy medusa63 B{B}" for B in VERIFY_B]
             + [f"verify_sampling medusa63 B{SAMPLING_B} V{SAMPLING_V}"]
-            + [attention_label(p, dt) for p in _prefixes(quick) for dt in ATTN_DTYPES])
+            + [attention_label(p, dt) for p in _prefixes(quick) for dt in ATTN_DTYPES]
+            + [spec_attention_label()])
 
 
 def _rows(ctx: Context, case: str, fns, work=0.0, bytes_=False, baselines=("reference",)):
@@ -136,3 +151,26 @@ def run(ctx: Context) -> None:
                 ("sdpa_no_mask_decode", lambda: torch.nn.functional.scaled_dot_product_attention(
                     qt, kt, vt, enable_gqa=True), False),
             ], work=kv_bytes, bytes_=True, baselines=("sdpa_dense_mask", "sdpa_no_mask_decode"))
+
+    # ---- attention at speculative-decoding shapes: small heads, HF-layout cache views
+    Hq, Hkv, D, n, prefix = SPEC_HQ, SPEC_HKV, SPEC_D, SPEC_N, SPEC_PREFIX
+    parents = torch.tensor([-1] + [max(0, i - 1 - (i % 3 == 0)) for i in range(1, n)])
+    tree = tk.tree.build(parents[None].to(dev))
+    g = torch.Generator().manual_seed(n)
+    N = prefix + n
+    q = torch.randn(1, n, Hq, D, generator=g).to(dev)
+    k_hf = torch.randn(1, Hkv, N, D, generator=g).to(dev)   # HF's cache layout
+    v_hf = torch.randn(1, Hkv, N, D, generator=g).to(dev)
+    k, v = k_hf.transpose(1, 2), v_hf.transpose(1, 2)
+    kc, vc = k.contiguous(), v.contiguous()
+    P = torch.full((1,), prefix, device=dev)
+    dense = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=dev),
+                       ref.unpack_bits(tree.mask, n)[0]], 1)
+    qt = q.transpose(1, 2)
+    _rows(ctx, spec_attention_label(), [
+        ("tokenkernels", lambda: tk.tree.attention(q, k, v, P, tree, check=False), False),
+        ("tokenkernels_contiguous", lambda: tk.tree.attention(q, kc, vc, P, tree, check=False), False),
+        ("sdpa_dense_mask", lambda: ref.attention_sdpa(q, kc, vc, P, tree.mask), False),
+        ("sdpa_premasked", lambda: torch.nn.functional.scaled_dot_product_attention(
+            qt, k_hf, v_hf, attn_mask=dense), False),
+    ], work=2 * N * Hkv * D * q.element_size(), bytes_=True, baselines=("sdpa_dense_mask", "sdpa_premasked"))
