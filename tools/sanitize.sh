@@ -55,6 +55,8 @@ export LD_PRELOAD="$LIBASAN $LIBSTDCXX"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:log_path=$REPORTS/asan:detect_odr_violation=0:allocator_may_return_null=1:max_allocation_size_mb=6144"
 export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1:log_path=$REPORTS/ubsan"
 export PYTHONPATH=$SAN/pkg${PYTHONPATH:+:$PYTHONPATH}
+# the copied package is outside the checkout: point it at the shipped spec pair
+export TOKENKERNELS_SPEC_PAIR=$ROOT/bench/spec_pair
 export TOKENKERNELS_SANITIZE_REPORTS=$REPORTS   # the fuzz suite checks its children's reports here
 
 "$PY" - "$SAN/pkg" <<'EOF'

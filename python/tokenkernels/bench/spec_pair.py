@@ -72,7 +72,9 @@ DRAFT_CONFIG = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=1,
 LR = {"target": 3e-3, "draft": 5e-3}
 
 #: the shipped pair: <repository>/bench/spec_pair
-PAIR_DIR = Path(__file__).resolve().parents[3] / "bench" / "spec_pair"
+# the shipped pair: $TOKENKERNELS_SPEC_PAIR, else bench/spec_pair of the checkout this module is in
+PAIR_DIR = Path(os.environ.get("TOKENKERNELS_SPEC_PAIR")
+                or Path(__file__).resolve().parents[3] / "bench" / "spec_pair")
 
 
 # ------------------------------------------------------------------------------ corpus
