@@ -301,26 +301,17 @@ def _check_model_kwargs(model_kwargs, input_ids, attention_mask) -> None:
 
 def _output_cache(out, input_len: int, attention_mask):
     """The loop's cache when its slots hold exactly the tokens of ``sequences[:, :-1]`` at the
-    same slots (HF's layout, cropped to that length), else None."""
+    same slots (HF's layout; spec.generate already cut it to that length), else None."""
     cache, valid = out.cache, out.cache_valid
     if cache is None or valid is None:
         return None
     Lf = out.sequences.shape[1]
-    if valid.shape[1] < Lf - 1:
+    if valid.shape[1] != Lf - 1:
         return None
     want = torch.ones(valid.shape[0], Lf - 1, dtype=torch.bool, device=valid.device)
     if attention_mask is not None:
         want[:, :input_len] = attention_mask.bool().to(valid.device)
-    if not torch.equal(valid[:, :Lf - 1], want):
-        return None
-    extra = int(cache.get_seq_length()) - (Lf - 1)
-    if extra > 0:
-        from ..spec._hf import cache_layers, crop_layer
-
-        for layer in cache_layers(cache):
-            if getattr(layer, "is_initialized", True):
-                crop_layer(layer, extra)
-    return cache
+    return cache if torch.equal(valid, want) else None
 
 
 def speculative_generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None,

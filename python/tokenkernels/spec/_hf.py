@@ -39,10 +39,11 @@ _REGISTERED = False
 @dataclasses.dataclass
 class TreeStep:
     """One tree forward (see the module docstring). ``prefix_mask`` (B, L) or (B, m, L) bool;
-    ``anc`` (B, m, m) bool; ``packed`` (B, m, W) int32 or None; ``tree_lens`` (B,) or None."""
+    ``anc`` (B, m, m) bool, or None to unpack it (with the diagonal) from ``packed`` only if the
+    4-D mask path runs; ``packed`` (B, m, W) int32 or None; ``tree_lens`` (B,) or None."""
     L: int
     prefix_mask: torch.Tensor
-    anc: torch.Tensor
+    anc: Optional[torch.Tensor]
     packed: Optional[torch.Tensor] = None
     tree_lens: Optional[torch.Tensor] = None
     fast: bool = False
@@ -53,6 +54,11 @@ class TreeStep:
     def dense_mask(self, N: int) -> torch.Tensor:
         """(B, 1, m, N) bool, True = attend (built once per forward, shared by the layers)."""
         if self._mask is None or self._mask.shape[-1] != N:
+            if self.anc is None:
+                from ..reference.tree import unpack_bits
+
+                m = self.packed.shape[1]
+                self.anc = unpack_bits(self.packed, m) | torch.eye(m, dtype=torch.bool, device=self.packed.device)
             B, m, _ = self.anc.shape
             pm = self.prefix_mask
             if pm.dim() == 2:
@@ -60,9 +66,8 @@ class TreeStep:
             parts = [pm, self.anc]
             if N > self.L + m:
                 parts.append(torch.zeros(B, m, N - self.L - m, dtype=torch.bool, device=pm.device))
-            mask = torch.cat(parts, -1)[:, None]
-            # a query row with nothing to attend (padding nodes): let it see itself, never NaN
-            self._mask = mask
+            # every query row sees at least itself (padding nodes too): never an all-masked row
+            self._mask = torch.cat(parts, -1)[:, None]
         return self._mask
 
 
@@ -182,14 +187,16 @@ def forward_tree(model, cache, step: TreeStep, tokens: torch.Tensor, positions: 
     return out.logits.float()
 
 
-def forward_prefill(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def forward_prefill(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    all_positions: bool = False) -> torch.Tensor:
     """The prompt through ``model`` with its own attention (HF's masks, left padding as in
-    ``generate``); returns fp32 logits of the last position (B, V)."""
+    ``generate``); returns fp32 logits of the last position (B, V), or of every position
+    (B, L, V) with ``all_positions``."""
     pos = attention_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(attention_mask == 0, 1)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1, **{cache_kwarg(model): cache})
-    return out.logits[:, -1].float()
+                logits_to_keep=0 if all_positions else 1, **{cache_kwarg(model): cache})
+    return out.logits.float() if all_positions else out.logits[:, -1].float()
 
 
 def cache_layers(cache):

@@ -277,12 +277,8 @@ def generate(target, input_ids: torch.Tensor, *, draft=None, drafter: Union[str,
     prime = getattr(dr, "prime", None)
     _sync(dev)
     t0 = time.perf_counter()
-    if callable(prime):
-        pos0 = attention_mask.cumsum(-1) - 1
-        pos0 = pos0.masked_fill(attention_mask == 0, 1)
-        out = target(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos0, use_cache=True,
-                     **{_hf.cache_kwarg(target): kv})
-        all_logits = out.logits.float()
+    if callable(prime):   # the drafter learns from every prompt position (Token Recycling)
+        all_logits = _hf.forward_prefill(target, kv, input_ids, attention_mask, all_positions=True)
         logits0 = all_logits[:, -1]
     else:
         logits0 = _hf.forward_prefill(target, kv, input_ids, attention_mask)
@@ -326,8 +322,7 @@ def generate(target, input_ids: torch.Tensor, *, draft=None, drafter: Union[str,
         T = _tree.build(dt.parents, dt.tree_lens)
         n = dt.tokens.shape[1]
         L = slot_tok.shape[1]
-        anc = T.dense_mask() | torch.eye(n, dtype=torch.bool, device=dev)[None]
-        step = _hf.TreeStep(L, slot_valid, anc, packed=T.mask, tree_lens=T.tree_lens, fast=bool(slot_valid.all()))
+        step = _hf.TreeStep(L, slot_valid, None, packed=T.mask, tree_lens=T.tree_lens, fast=bool(slot_valid.all()))
         t0 = time.perf_counter()
         logits = _hf.forward_tree(target, kv, step, dt.tokens, pos[:, None] + T.depth)
         _sync(dev)
