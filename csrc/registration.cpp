@@ -11,8 +11,9 @@ TORCH_LIBRARY(tokenkernels, m) {
   // start_index (B,) forced first picks, None = "isolated" (the token whose nearest neighbour
   // is farthest). metric: "cosine" (1 - cos) or "l2". impl (CUDA; the CPU kernel ignores it):
   // "auto" the kernels' heuristic, "plain" (Gram path, global-memory running minimum),
-  // "tuned" (Gram path, register running minimum, N <= 8192), "stream" (large-N path: one
-  // distance row per pick from x, never N x N). check: validate value-dependent arguments
+  // "simt" (Gram path, register running minimum, N <= 8192), "tuned" (symmetric Gram with the
+  // nearest-neighbour minimum fused, issue #13), "stream" (large-N path: one distance row per
+  // pick from x, never N x N). check: validate value-dependent arguments
   // (one host sync on CUDA).
   m.def(
       "kcenter_select(Tensor x, int k, Tensor? k_per_item, Tensor? lengths, Tensor? exclude, "
@@ -31,9 +32,9 @@ TORCH_LIBRARY(tokenkernels, m) {
   // shard, the target logit (0 when ignored or owned by another shard; NaN when out of range and
   // check=False), sum of logits (if sum_z, else empty), arg-max (int64) and max logit and
   // entropy of softmax(z) (if aux, else empty). check: validate targets (host sync on CUDA).
-  // impl: "auto" (the kernels' heuristic: tuned where it applies), "plain" (logit tiles through
-  // ATen GEMMs), "tuned" (CUDA fused WMMA kernels for fp16/bf16, else plain); the CPU has one
-  // engine for all three. filter_eps (>= 0) / accum_fp32 are not used by the forward: its
+  // impl: "auto" (the kernels' heuristic: wmma where it applies), "plain" (logit tiles through
+  // ATen GEMMs), "wmma" (CUDA fused WMMA kernels for fp16/bf16, else plain), "tuned" (sm_90a
+  // CUTLASS forward + atomic-free backward, issue #13); the CPU has one engine for all. filter_eps (>= 0) / accum_fp32 are not used by the forward: its
   // autograd formula passes them on. Checks: csrc/cross_entropy/cross_entropy_args.h.
   m.def(
       "cross_entropy_forward(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
@@ -54,7 +55,7 @@ TORCH_LIBRARY(tokenkernels, m) {
   // ---- tree family (speculative-decoding token trees) ------------------------------------
   // Conventions: csrc/include/tokenkernels/tree.h; every check and option parse of these ops:
   // csrc/tree/tree_args.h (the same errors on CPU and CUDA). impl (build, attention): "auto"
-  // (the kernels' own choice), "plain" or "tuned" (CUDA variants; the CPU has one kernel and
+  // (the kernels' own choice), "plain", "simt" or "tuned" (CUDA variants; the CPU has one kernel and
   // ignores it, but an unknown name is an error everywhere).
   // build: parents (B, n) int32/int64 -> mask (B, n, ceil(n/32)) int32 bit-packed, depth,
   // first_child, next_sibling (B, n) int64. check: validate parents/tree_lens values (always on
@@ -105,8 +106,8 @@ TORCH_LIBRARY(tokenkernels, m) {
   // reuse) may be int8/16/32/64 or uint8: narrowed to int32 saturating (no host sync), so values past
   // int32 are out of range. check: validate value-dependent arguments (seq_lens within
   // capacity, pages in range, indices < seq_len, chunk_start <= seq_len); one host sync on
-  // CUDA, always done on CPU. impl: "auto" (the kernels' own choice), "plain", "tuned" (CUDA
-  // variants, csrc/include/tokenkernels/kv_select.h; the CPU validates and ignores it).
+  // CUDA, always done on CPU. impl: "auto" (the kernels' own choice), "plain", "simt", "tuned"
+  // (CUDA variants, csrc/include/tokenkernels/kv_select.h; the CPU validates and ignores it).
   // Criticality scores (B, N_max) fp32: sum over q-heads of softmax over the valid tokens of
   // scale * q_h . k_n (q (B, H_q, D) or (B, C, H_q, D) -> chunk mean); -inf past seq_len, for
   // tokens with valid[b, n] false (valid (B, N_max) bool: masked tokens are not in the softmax)

@@ -90,8 +90,9 @@ BENCH_FAMILIES = ["kcenter", "cross_entropy", "kv_select", "tree", "integrations
 BENCH_WEIGHTS = {"kcenter": 20, "cross_entropy": 30, "kv_select": 15, "tree": 15, "integrations": 20}
 # share of a test stage per family (about their CUDA test counts: 479, 254, 279, 106)
 TEST_WEIGHTS = {"kcenter": 35, "cross_entropy": 30, "kv_select": 22, "tree": 13}
-DEFAULT_IMPLS = {"kcenter": ["auto", "plain", "tuned", "stream"], "cross_entropy": ["auto", "plain", "tuned"],
-                 "kv_select": ["auto", "plain", "tuned"], "tree": ["auto", "plain", "tuned"]}
+DEFAULT_IMPLS = {"kcenter": ["auto", "plain", "simt", "tuned", "stream"],
+                 "cross_entropy": ["auto", "plain", "wmma", "tuned"],
+                 "kv_select": ["auto", "plain", "simt", "tuned"], "tree": ["auto", "plain", "simt", "tuned"]}
 
 # The fast subset: per family, every impl variant once (tests with an ``impl`` parameter) plus a
 # test of the default path ("auto"). Checked against the collected tests by --dry-run.
@@ -424,7 +425,7 @@ def impl_from_id(nodeid: str, impls: Sequence[str]) -> Optional[str]:
     return next((t for t in reversed(toks) if t in impls), None)
 
 
-def parse_pytest_text(text: str, impls: Sequence[str] = ("auto", "plain", "tuned", "stream")) -> dict:
+def parse_pytest_text(text: str, impls: Sequence[str] = ("auto", "plain", "simt", "wmma", "tuned", "stream")) -> dict:
     """A pytest log (``-rA`` short summary and/or ``-v`` lines) -> {"results": {nodeid: rec},
     "counts": {outcome: n} (from the final "== ... in 1.2s ==" line when present)}."""
     results: Dict[str, dict] = {}

@@ -26,7 +26,7 @@ constexpr const char* kBackwardOp = "linear_cross_entropy_backward";
 
 // impl: "auto", "plain" or "tuned" (see Impl in tokenkernels/cross_entropy.h).
 inline Impl parse_impl(std::string_view impl, const char* op) {
-  return parse_option<Impl>(impl, {{"auto", Impl::Auto}, {"plain", Impl::Plain}, {"tuned", Impl::Tuned}},
+  return parse_option<Impl>(impl, {{"auto", Impl::Auto}, {"plain", Impl::Plain}, {"wmma", Impl::Wmma}, {"tuned", Impl::Tuned}},
                             op, "impl");
 }
 

@@ -3,13 +3,13 @@
 //
 // Every check is cross_entropy_args.h's (check_forward / check_backward, as on the CPU); which
 // path runs is use_fused(Impl, fused_supported) (tokenkernels/cross_entropy.h).
-// Forward: "tuned" (and "auto", for fp16/bf16 where fused_supported: D % 8 == 0, 16-byte aligned
+// Forward: "wmma" (and "auto", for fp16/bf16 where fused_supported: D % 8 == 0, 16-byte aligned
 // rows) = the fused WMMA kernel, no logit buffer; "plain" (fp32, impl="plain", or shapes the fused
 // kernels do not support) = fp32 logit tiles from cuBLAS (ATen mm with fp32 output) folded
 // into the online log-sum-exp by fwd_tile_kernel.
 // Backward: "plain" = logit tiles recomputed by cuBLAS, dZ by dz_tile_kernel, gradients by two
 // more cuBLAS GEMMs per tile (fp32 accumulators for dhidden and dweight, rounded once);
-// "tuned" (fp16/bf16, default for them) = one fused WMMA kernel per 64 x 128 logit tile that
+// "wmma" (fp16/bf16, default for them) = one fused WMMA kernel per 64 x 128 logit tile that
 // recomputes and accumulates dhidden / dweight in fp32 with atomics (no logit buffer at all).
 // Both filter gradients on the same 64 x 128 sub-tiles (filter_eps > 0), and both scale fp16
 // dZ by a power of two (launch_grad_scale) before rounding it, unscaled exactly at the end.
@@ -208,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const auto dtype = to_dtype(dt);
 
   if (use_fused(a.impl, D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D))) {
-    // tuned / auto: fused WMMA recompute + gradient filtering + atomics into the fp32 accumulators
+    // wmma / auto: fused WMMA recompute + gradient filtering + atomics into the fp32 accumulators
     check_cuda(launch_bwd_fused(H.data_ptr(), W.data_ptr(), dtype, N, D, bp, cap, tg,
                                 L.data_ptr<float>(), CP.data_ptr<float>(), CT.data_ptr<float>(),
                                 c1p, gsp, feps, need_dh ? dh.data_ptr<float>() : nullptr,

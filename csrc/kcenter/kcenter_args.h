@@ -32,6 +32,7 @@ inline Impl parse_impl(std::string_view impl) {
   return parse_option<Impl>(impl,
                             {{"auto", Impl::Auto},
                              {"plain", Impl::Plain},
+                             {"simt", Impl::Simt},
                              {"tuned", Impl::Tuned},
                              {"stream", Impl::Stream}},
                             kSelectOp, "impl");

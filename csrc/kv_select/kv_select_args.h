@@ -35,7 +35,7 @@ constexpr const char* kPrefillOp = "kv_select.sparse_prefill";
 
 // The schema's `str impl`.
 inline Impl parse_impl(std::string_view impl, const char* op) {
-  return parse_option<Impl>(impl, {{"auto", Impl::Auto}, {"plain", Impl::Plain}, {"tuned", Impl::Tuned}},
+  return parse_option<Impl>(impl, {{"auto", Impl::Auto}, {"plain", Impl::Plain}, {"simt", Impl::Simt}, {"tuned", Impl::Tuned}},
                             op, "impl");
 }
 

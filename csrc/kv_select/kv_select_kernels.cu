@@ -69,6 +69,7 @@ cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DTyp
     switch (impl) {
       case Impl::Plain: tuned = false; break;
       case Impl::Auto:
+      case Impl::Simt:
       case Impl::Tuned: tuned = score_tuned_ok(L, k, ks, sizeof(T)); break;   // else Plain
     }
     if (tuned) kernel = device::score_logits_tuned_kernel<T>;
@@ -108,6 +109,7 @@ int64_t decode_num_splits(Impl impl, int64_t B, int64_t H_kv, int64_t K, int sm_
   switch (impl) {
     case Impl::Plain: return 1;
     case Impl::Auto:
+    case Impl::Simt:
     case Impl::Tuned: break;
   }
   const int64_t blocks = std::max<int64_t>(1, B * H_kv);

@@ -57,7 +57,7 @@ inline std::string shape_str(std::initializer_list<int64_t> dims) {
 // The schema's `str impl` of tree_build / tree_attention(_out). `op` is the public op name
 // ("tree.build", "tree.attention").
 inline Impl parse_impl(std::string_view impl, const char* op) {
-  return parse_option<Impl>(impl, {{"auto", Impl::Auto}, {"plain", Impl::Plain}, {"tuned", Impl::Tuned}}, op,
+  return parse_option<Impl>(impl, {{"auto", Impl::Auto}, {"plain", Impl::Plain}, {"simt", Impl::Simt}, {"tuned", Impl::Tuned}}, op,
                             "impl");
 }
 

@@ -44,7 +44,7 @@ cudaError_t launch_build(const int64_t* parents, const int64_t* lens, int64_t B,
   if (n > kMaxCudaNodes || B > kMaxGridX) return cudaErrorInvalidValue;
   int npow2 = 2;
   while (npow2 < n) npow2 <<= 1;
-  const bool sorted = resolve_impl(impl) == Impl::Tuned;
+  const bool sorted = resolve_impl(impl) == Impl::Simt;
   const size_t smem = sizeof(int) * (2 * n + (sorted ? npow2 : 0));
   const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, ceil_div(n, 32) * 32)));
   auto* m = reinterpret_cast<uint32_t*>(mask);

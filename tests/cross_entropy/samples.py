@@ -42,6 +42,8 @@ def _forward_samples(device) -> List[Sample]:
                         False, "auto")),
         ("bf16-int32-softcap-filter", (hb, wb, tb, None, -100, 30.0, 0, 7, False, True, True,
                                        2.0 ** -12, False, "auto")),
+        ("fp16-bias-accum-wmma", (hh, wh, th, bh, -100, None, 0, 11, True, False, True, 0.0,
+                                  True, "wmma")),
         ("fp16-bias-accum-tuned", (hh, wh, th, bh, -100, None, 0, 11, True, False, True, 0.0,
                                    True, "tuned")),
     ]

@@ -331,7 +331,7 @@ def test_zero_features(device, with_bias, dtype):
                                  reduction="sum", label_smoothing=0.1).backward()
         torch.testing.assert_close(b0.grad.float(), bb.grad.float(), atol=1e-2, rtol=1e-2)
     # the ops directly, every impl
-    for impl in ("auto", "plain", "tuned"):
+    for impl in ("auto", "plain", "wmma", "tuned"):
         out = torch.ops.tokenkernels.cross_entropy_forward(h0.detach(), w0.detach(), t, None, -100, None,
                                                  0, 9, True, True, True, 0.0, False, impl)
         torch.testing.assert_close(out[0], torch.full((6,), math.log(9), device=device))
@@ -344,10 +344,10 @@ def test_ops_parse_impl_names(device):
     fwd = torch.ops.tokenkernels.cross_entropy_forward
     bwd = torch.ops.tokenkernels.cross_entropy_backward
     c = torch.ones(6, device=device)
-    for impl in ("auto", "plain", "tuned"):
+    for impl in ("auto", "plain", "wmma", "tuned"):
         lse = fwd(h, w, t, b, -100, None, 0, 9, False, False, True, 0.0, False, impl)[0]
         bwd(h, w, t, b, lse, c, -c, None, -100, None, 0, 0.0, True, True, True, False, impl)
-    accepted = r"impl must be one of 'auto', 'plain', 'tuned', got '(fast|Auto|reference|)'"
+    accepted = r"impl must be one of 'auto', 'plain', 'wmma', 'tuned', got '(fast|Auto|reference|)'"
     for bad in ("fast", "Auto", "reference", ""):  # "reference" is the Python API's, not an op's
         with pytest.raises(ValueError, match=r"tokenkernels\.linear_cross_entropy: " + accepted):
             fwd(h, w, t, b, -100, None, 0, 9, False, False, True, 0.0, False, bad)

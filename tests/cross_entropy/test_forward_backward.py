@@ -291,7 +291,7 @@ def test_lse_and_loss_without_grad(device):
     assert rel_err(lse, truth["lse"], zs) <= tol(torch.float32, "ce_loss")
 
 
-@pytest.mark.parametrize("impl", ["auto", "plain", "tuned", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "plain", "wmma", "tuned", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_argmax_without_finite_logits_is_zero(device, dtype, impl):
     """A token without any logit > -inf (all -inf via the bias, or NaN hidden states) has
@@ -308,7 +308,7 @@ def test_argmax_without_finite_logits_is_zero(device, dtype, impl):
     assert torch.equal(am.cpu(), torch.zeros(N, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
+@pytest.mark.parametrize("impl", ["auto", "plain", "wmma", "tuned"])
 def test_fp16_tiny_gradients_not_flushed(device, impl):
     """fp16: the dZ entries (~2^-27 here) lie below fp16's smallest subnormal, while the
     gradient of hidden (~2^-13) does not. dZ must not be rounded to fp16 unscaled before the
@@ -418,7 +418,7 @@ def test_filter_zero_equals_exact(device, dtype):
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
+@pytest.mark.parametrize("impl", ["auto", "plain", "wmma", "tuned"])
 @pytest.mark.parametrize("feps", [0.0, "auto", 1e-3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_filter_never_drops_nan(device, dtype, feps, impl, softcap):

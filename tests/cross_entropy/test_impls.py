@@ -40,7 +40,7 @@ def _same_as_auto(device, dtype, shape, D, V, inp, opts, impl):
 def test_impl_vs_reference(device, impl, dtype, reduction):
     args = (dtype, device, (150,), 40, 700, dict(ignore_frac=0.1, wscale=3.0),
             dict(ALL_OPTS, reduction=reduction))
-    if device == "cpu" and impl in ("plain", "tuned"):
+    if device == "cpu" and impl in ("plain", "wmma", "tuned"):
         _same_as_auto(device, dtype, *args[2:], impl)
         return
     _compare(*args, dict(impl=impl))
@@ -51,7 +51,7 @@ def test_impl_vs_reference(device, impl, dtype, reduction):
 def test_impl_vs_reference_with_bias(device, impl, dtype):
     args = (dtype, device, (2, 67), 64, 300, dict(bias=True, ignore_frac=0.1, wscale=3.0),
             dict(ALL_OPTS, reduction="sum", shift=True))
-    if device == "cpu" and impl in ("plain", "tuned"):
+    if device == "cpu" and impl in ("plain", "wmma", "tuned"):
         _same_as_auto(device, dtype, *args[2:], impl)
         return
     _compare(*args, dict(impl=impl))

@@ -59,7 +59,7 @@ def _seeds(t, device):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
+@pytest.mark.parametrize("impl", ["auto", "plain", "wmma", "tuned"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_check_false_is_sync_free_cuda(dtype, impl, deterministic):
     h, w, t, b = make_inputs((3, 50), 32, 700, dtype, bias=True, ignore_frac=0.1,

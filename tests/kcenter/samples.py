@@ -33,6 +33,7 @@ def _select_samples(device) -> List[Sample]:
          (x, 4, L([4, 4, 1]), L([20, 11, 4]), ex, None, "l2", True, False, "plain")),
         ("ragged-start-l2-unpadded",
          (x, 3, L([3, 3, 3]), L([20, 11, 4]), ex, L([1, 2, 3]), "l2", False, True, "auto")),
+        ("fp16-start-simt", (xh, 3, None, L([9, 5]), None, L([8, 2]), "cosine", False, True, "simt")),
         ("fp16-start-tuned", (xh, 3, None, L([9, 5]), None, L([8, 2]), "cosine", False, True, "tuned")),
         ("bf16-isolated-l2-sorted-stream",
          (xb, 7, None, None, None, None, "l2", True, True, "stream")),

@@ -169,7 +169,7 @@ def test_raw_op_bad_metric(device):
 @pytest.mark.parametrize("impl", ["", "AUTO", "reference", "1"])
 def test_raw_op_bad_impl(device, impl):
     """The schema's impl is the op-level variant name; "reference" is the Python API's only."""
-    with pytest.raises(ValueError, match="kcenter: impl must be one of 'auto', 'plain', 'tuned', "
+    with pytest.raises(ValueError, match="kcenter: impl must be one of 'auto', 'plain', 'simt', 'tuned', "
                                          f"'stream', got '{impl}'"):
         SELECT(_x(device), 1, None, None, None, None, "cosine", False, True, impl)
 

@@ -23,12 +23,12 @@ from .oracle import replay_kcenter
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
 
-IMPLS = ["auto", "plain", "tuned", "stream"]
+IMPLS = ["auto", "plain", "simt", "tuned", "stream"]
 TINY = 1e-6
 
 
 # ------------------------------------------------------------------------------ B > 65535
-@pytest.mark.parametrize("impl,start", [("plain", "isolated"), ("tuned", "isolated"),
+@pytest.mark.parametrize("impl,start", [("plain", "isolated"), ("simt", "isolated"), ("tuned", "isolated"),
                                         ("auto", "first"), ("stream", "first")])
 def test_batch_beyond_grid_y_limit(impl, start):
     """B = 70001 > 65535 items: nn_keys (isolated start) and the streaming steps put items on
@@ -59,7 +59,7 @@ def _radii_errors(rad, r_rad, t_rad):
             (r_rad.double()[fin] - t).abs().max().item())
 
 
-@pytest.mark.parametrize("impl", ["plain", "tuned", "stream"])
+@pytest.mark.parametrize("impl", ["plain", "simt", "tuned", "stream"])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("mode", ["allow_tf32", "precision_high"])
 def test_fp32_gram_ignores_global_tf32(impl, metric, mode):

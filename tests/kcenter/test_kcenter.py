@@ -19,7 +19,7 @@ from .oracle import (assert_equal_where_tie_free, check_sorted_matches, kcenter_
                      replay_kcenter, valid_mask)
 
 METRICS = ["cosine", "l2"]
-IMPLS = ["auto", "plain", "tuned", "stream"]            # the op's (CUDA variants; CPU: one kernel)
+IMPLS = ["auto", "plain", "simt", "tuned", "stream"]            # the op's (CUDA variants; CPU: one kernel)
 ORACLE_IMPLS = ["auto", "reference"]                    # kernel and reference against the oracle
 
 
@@ -626,7 +626,7 @@ def test_reference_has_the_public_signature(name):
         assert ref.mmtok_similarity is tk.mmtok_similarity
 
 
-@pytest.mark.parametrize("impl", ["auto", "plain", "tuned", "stream", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "plain", "simt", "tuned", "stream", "reference"])
 def test_every_impl_name_runs_on_cpu(impl):
     """CPU: every name runs (the variant names all run the one CPU kernel), "reference" the
     reference; both ops take impl=."""

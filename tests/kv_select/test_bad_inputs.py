@@ -257,9 +257,9 @@ def test_unknown_impl(device):
                  lambda: kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, impl=2)):
         with pytest.raises(ValueError, match=r"tokenkernels\.kv_select\.\w+: impl must be one of .*'reference'"):
             call()
-    with pytest.raises(ValueError, match=r"kv_select\.score: impl must be one of 'auto', 'plain', 'tuned', got 'fast'"):
+    with pytest.raises(ValueError, match=r"kv_select\.score: impl must be one of 'auto', 'plain', 'simt', 'tuned', got 'fast'"):
         torch.ops.tokenkernels.kv_select_score(c.q, c.k, c.seq_lens, None, 1.0, None, None, True, "fast")
-    with pytest.raises(ValueError, match=r"kv_select\.sparse_decode: impl must be one of 'auto', 'plain', 'tuned'"):
+    with pytest.raises(ValueError, match=r"kv_select\.sparse_decode: impl must be one of 'auto', 'plain', 'simt', 'tuned'"):
         torch.ops.tokenkernels.kv_select_sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, None, 1.0, True, "reference")
 
 

@@ -395,7 +395,7 @@ def test_cuda_decode_step_has_no_host_sync():
         kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, out=idx2, **kw)
         kv.select(c.q, c.k, c.seq_lens, k=k, n_sink=n_sink, n_local=n_local, cache=sc, out=idx, **kw)
         kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, out=out, lse=lse, **kw)
-        for impl in ("auto", "plain", "tuned"):
+        for impl in ("auto", "plain", "simt", "tuned"):
             kv.score(c.q, c.k, c.seq_lens, impl=impl, **kw)
             kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, impl=impl, return_lse=True, **kw)
         pidx = kv.select(p.q, p.k, cs, k=k, n_sink=n_sink, n_local=n_local, cache=sc, **kw)

@@ -321,8 +321,9 @@ def test_arch_for(cap, arch):
 
 def test_impls_are_read_from_the_ops():
     impls = gp.read_impls()
-    assert impls["kcenter"] == ["auto", "plain", "tuned", "stream"]
-    assert all(impls[f][:3] == ["auto", "plain", "tuned"] for f in gp.FAMILIES)
+    assert impls["kcenter"] == ["auto", "plain", "simt", "tuned", "stream"]
+    assert impls["cross_entropy"] == ["auto", "plain", "wmma", "tuned"]
+    assert all(impls[f][:2] == ["auto", "plain"] and "tuned" in impls[f] for f in gp.FAMILIES)
     assert set(gp.SMOKE) == set(gp.SANITIZE) == set(gp.FAMILIES)
     assert all(set(gp.SANITIZE[f]) <= set(gp.SMOKE[f]) for f in gp.FAMILIES)
 

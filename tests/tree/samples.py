@@ -44,6 +44,8 @@ def op_samples(device) -> List[Sample]:
         Sample("tree_paths-ragged", OPS.tree_paths.default, (d(par), d(tree.depth), d(fc), d(lens), ml, md)),
         Sample("tree_attention-contiguous-fp32-ragged", OPS.tree_attention.default,
                (d(q), d(k), d(v), d(P), d(tree.mask), d(lens), None, 0.25, True, "auto")),
+        Sample("tree_attention-paged-fp16-unchecked-simt", OPS.tree_attention.default,
+               (d(q.half()), d(kp.half()), d(vp.half()), d(P), d(tree.mask), None, d(table), 0.25, False, "simt")),
         Sample("tree_attention-paged-fp16-unchecked-tuned", OPS.tree_attention.default,
                (d(q.half()), d(kp.half()), d(vp.half()), d(P), d(tree.mask), None, d(table), 0.25, False, "tuned")),
         Sample("tree_attention_out-paged-fp32-plain", OPS.tree_attention_out.default,

@@ -156,7 +156,7 @@ def test_attention_hypothesis(n, G, prefix, page, seed):
     check(tree, q, k, v, P, table)
 
 
-@pytest.mark.parametrize("impl", ["plain", "tuned", "reference"])
+@pytest.mark.parametrize("impl", ["plain", "simt", "tuned", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_impls(device, impl, dtype):
     """Both CUDA prefix passes (per-row plain, shared-memory tiled; the CPU has one kernel) and the

@@ -202,7 +202,7 @@ def test_bad_impl(device):
             call()
     ops = torch.ops.tokenkernels
     with pytest.raises(ValueError, match=r"tokenkernels\.tree\.build: impl must be one of 'auto', 'plain', "
-                                         r"'tuned', got 'reference'"):
+                                         r"'simt', 'tuned', got 'reference'"):
         ops.tree_build(t.parents, None, True, "reference")   # the reference is a Python-level choice
     with pytest.raises(ValueError, match=r"tokenkernels\.tree\.attention: impl must be one of"):
         ops.tree_attention(q, k, v, P, t.mask, None, None, 1.0, True, "1")

@@ -158,7 +158,7 @@ def test_max_sizes_without_sync(device, impl):
     assert (t2.paths[:, t.paths.shape[1]:] == -1).all()
 
 
-@pytest.mark.parametrize("impl", ["plain", "tuned", "reference"])
+@pytest.mark.parametrize("impl", ["plain", "simt", "tuned", "reference"])
 def test_build_impls(device, impl):
     """Both CUDA variants (plain sibling scan, bitonic-sorted child lists; the CPU has one kernel)
     and the reference, against brute force on large ragged trees."""

@@ -74,7 +74,7 @@ def _assert_build_equals(t, want):
 
 
 @CUDA
-@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("impl", ["plain", "simt", "tuned"])
 @pytest.mark.parametrize("parents", BAD_PARENTS)
 def test_cuda_unchecked_build_bad_parents(parents, impl):
     p = torch.tensor(parents)
@@ -85,7 +85,7 @@ def test_cuda_unchecked_build_bad_parents(parents, impl):
 
 
 @CUDA
-@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("impl", ["plain", "simt", "tuned"])
 @pytest.mark.parametrize("n", [3, 100, 1024])
 def test_cuda_unchecked_build_garbage(n, impl):
     """Random parents in [-3, n + 3) plus int64 extremes, tree_lens outside [1, n]."""
@@ -145,7 +145,7 @@ def test_cpu_attention_validates_even_unchecked():
 
 
 @CUDA
-@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("impl", ["plain", "simt", "tuned"])
 def test_cuda_unchecked_attention_clamps(impl):
     """Pages outside [0, num_pages) are clamped, prefix_lens into [0, capacity - tree_len], tree
     keys past the capacity skipped: no error, no out-of-bounds read (a later sync stays clean)."""
@@ -172,7 +172,7 @@ def test_cuda_unchecked_attention_clamps(impl):
 
 
 @CUDA
-@pytest.mark.parametrize("impl", ["plain", "tuned"])
+@pytest.mark.parametrize("impl", ["plain", "simt", "tuned"])
 def test_cuda_attention_any_batch(impl):
     """B > 65535 (the grid's y/z limit): rows of every request on x."""
     B, P = 65544, 40
@@ -367,7 +367,7 @@ def test_cuda_check_false_has_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for impl in ("plain", "tuned"):
+        for impl in ("plain", "simt", "tuned"):
             t = tk.tree.build(par, lens, max_depth=md, max_leaves=ml, check=False, impl=impl)
             tk.tree.attention(q, k, v, P, t, out=out, lse_out=lse, check=False, impl=impl)
             tk.tree.attention(q, kp, vp, P, t, block_table=table, out=out, check=False, impl=impl)

@@ -5,7 +5,7 @@
 // dz_tile_kernel turns one tile into dZ for the gradient GEMMs. One block per token row, so
 // every per-token state entry has exactly one writer.
 //
-// Tuned forward (fp16/bf16): fwd_fused_kernel computes 64 x 128 logit tiles with WMMA tensor
+// WMMA forward (fp16/bf16): fwd_fused_kernel computes 64 x 128 logit tiles with WMMA tensor
 // cores straight from hidden/weight and folds each tile into per-thread online states in the
 // epilogue; the logits never reach global memory. Splits of the vocabulary run in parallel and
 // leave partial states that fwd_merge_kernel combines.

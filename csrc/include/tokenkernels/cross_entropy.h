@@ -18,16 +18,19 @@ namespace cross_entropy {
 // parse_impl (csrc/cross_entropy/cross_entropy_args.h). The CPU has one engine for all three.
 //   "auto"  the kernels' own heuristic: the fused kernels where fused_supported, else plain;
 //   "plain" fp32 logit tiles from ATen/cuBLAS GEMMs, folded by the tile kernels (deterministic);
-//   "tuned" the fused WMMA kernels (no logit buffer); fp32 or shapes fused_supported rejects
-//           run the plain path.
-enum class Impl : int32_t { Auto, Plain, Tuned };
+//   "wmma"  the fused WMMA kernels (no logit buffer); fp32 or shapes fused_supported rejects
+//           run the plain path;
+//   "tuned" the fast-by-design path (issue #13): sm_90a CUTLASS forward + atomic-free chunked
+//           backward; the WMMA kernels elsewhere. Opt-in until proven on a GPU.
+enum class Impl : int32_t { Auto, Plain, Wmma, Tuned };
 
 // Whether a CUDA call with `impl` runs the fused kernels, given fused_supported's answer.
 inline bool use_fused(Impl impl, bool supported) {
   switch (impl) {
     case Impl::Plain: return false;
+    case Impl::Wmma:
     case Impl::Tuned: return supported;
-    case Impl::Auto: return supported;  // today's heuristic: tuned wherever it applies
+    case Impl::Auto: return supported;  // the kernels' heuristic: the WMMA kernels wherever they apply
   }
   return false;
 }
@@ -95,7 +98,7 @@ cudaError_t launch_dz_tile(const float* Z, int64_t rows, int64_t cols, int64_t r
 cudaError_t launch_grad_scale(int64_t N, const float* cp, const float* ct, const float* c1,
                               float* scale, cudaStream_t stream);
 
-// Tuned forward (fp16/bf16 only): tensor-core GEMM tiles (WMMA, 64 tokens x 128 vocabulary
+// WMMA forward (fp16/bf16 only): tensor-core GEMM tiles (WMMA, 64 tokens x 128 vocabulary
 // rows, fp32 accumulation) with the online log-sum-exp fused into the epilogue; no logit
 // buffer in global memory. The vocabulary is split over `splits` blocks per token tile; each
 // writes a partial state, merged by launch_fwd_fused's second kernel into `st`.
@@ -111,7 +114,7 @@ cudaError_t launch_fwd_fused(const void* hidden, const void* weight, DType dtype
                              const FwdState& st, int splits, void* workspace,
                              cudaStream_t stream);
 
-// Tuned backward (fp16/bf16; same shape/alignment rules as the fused forward, else
+// WMMA backward (fp16/bf16; same shape/alignment rules as the fused forward, else
 // cudaErrorInvalidValue): one block per 64 x 128 logit tile recomputes it with WMMA, forms dZ
 // (as launch_dz_tile, times gscale[0] when gscale != nullptr) in shared memory, skips the tile
 // when every |dZ| < filter_eps * max(|cp|, |ct|) of its row (a NaN keeps it), else adds

@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(1024) greedy_gram_plain_kernel(
   }
 }
 
-// Tuned variant: thread t owns tokens t + i*blockDim (i < ITEMS) and keeps their running
+// Simt variant: thread t owns tokens t + i*blockDim (i < ITEMS) and keeps their running
 // minimum and aux value in registers, so a step is: read the pick's Gram row (L2-resident),
 // update registers, one block arg-max with a single barrier (double-buffered partials). The
 // owner of the pick marks it selected in its own registers: no other barrier. N <= ITEMS*1024,

@@ -16,17 +16,19 @@
 namespace tokenkernels {
 namespace kcenter {
 
-// The schema's `str metric` ("cosine", "l2") and `str impl` ("auto", "plain", "tuned",
-// "stream"), parsed once in csrc/kcenter/kcenter_args.h.
+// The schema's `str metric` ("cosine", "l2") and `str impl` ("auto", "plain", "simt",
+// "tuned", "stream"), parsed once in csrc/kcenter/kcenter_args.h.
 enum class Metric : int32_t { Cosine, L2 };
 // CUDA variant of kcenter_select (the CPU kernel has one implementation and ignores it):
-//   Auto   the kernels' heuristic: the Gram path as Tuned (N <= 8192, else Plain);
+//   Auto   the kernels' heuristic: the Gram path as Simt (N <= 8192, else Plain);
 //   Plain  Gram path, running minimum in global memory (any N);
-//   Tuned  Gram path, running minimum in registers (N <= 8192; larger N runs Plain);
+//   Simt   Gram path, running minimum in registers (N <= 8192; larger N runs Plain);
+//   Tuned  symmetric Gram with the nearest-neighbour minimum in its epilogue, warp-reduce arg-max
+//          per pick (issue #13); opt-in until proven on a GPU;
 //   Stream the large-N path: one distance row per pick straight from x, never N x N.
-// Auto, Plain and Tuned also take the Stream path when the batch's fp32 Gram would exceed
+// Auto, Plain, Simt and Tuned also take the Stream path when the batch's fp32 Gram would exceed
 // 4 GiB (csrc/kcenter/kcenter_cuda.cpp).
-enum class Impl : int32_t { Auto, Plain, Tuned, Stream };
+enum class Impl : int32_t { Auto, Plain, Simt, Stream, Tuned };
 constexpr float kNormEps = 1e-8f;   // same eps as torch.nn.functional.normalize
 
 // key(i,j) from the Gram value and the per-token auxiliaries.
@@ -71,7 +73,7 @@ cudaError_t launch_nn_keys(const Problem& p, const float* gram, int64_t row0, in
 // Greedy over a full Gram (B, N, N) fp32. start[b] >= 0 forces the first pick; start == nullptr
 // takes the arg-max of nn_key (the "isolated" rule). k_per_item nullptr: every item takes k.
 // Outputs: idx (B, k) int64 padded -1, radii (B, k) fp32 padded NaN. scratch: B*N floats.
-// impl: Plain (running minimum in global memory, any N); Tuned and Auto (running minimum in
+// impl: Plain (running minimum in global memory, any N); Simt and Auto (running minimum in
 // registers for N <= 8192, larger N falls back to Plain). Stream is not a Gram variant
 // (launch_greedy_streaming): cudaErrorInvalidValue, nothing launched.
 cudaError_t launch_greedy_gram(const Problem& p, const float* gram, const float* nn_key,

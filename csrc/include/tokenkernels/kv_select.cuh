@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_logits_kernel(
   score_block_tail(lg, H_q, b, blk, nblk, n0, N, logits, pstat);
 }
 
-// Tuned pass 1 (same outputs as score_logits_kernel): 16-byte vector loads. A row (token n, KV
+// Simt pass 1 (same outputs as score_logits_kernel): 16-byte vector loads. A row (token n, KV
 // head g) of D elements is read by a group of R = D / VEC lanes (VEC = 16 / sizeof(T)), each
 // lane one 16-byte vector; a warp reads 32 / R rows at once, consecutive groups taking
 // consecutive heads of a token (contiguous memory in both layouts), and each group keeps two

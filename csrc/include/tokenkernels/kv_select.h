@@ -17,12 +17,14 @@ namespace kv_select {
 
 // The `str impl` option of the family's ops (parsed once in csrc/kv_select/kv_select_args.h):
 // which CUDA variant runs; the CPU has one implementation of each op and ignores it.
-//   Auto  "auto":  the kernels' own choice (score: Tuned where eligible; decode: split-KV);
+//   Auto  "auto":  the kernels' own choice (score: Simt where eligible; decode: split-KV);
 //   Plain "plain": score one warp per token row with scalar loads; decode one block per
 //                  (request, KV head), no split;
-//   Tuned "tuned": score with 16-byte vector loads (Plain where the layout does not allow them);
-//                  decode split-KV with the split count of decode_num_splits.
-enum class Impl { Auto, Plain, Tuned };
+//   Simt  "simt":  score with 16-byte vector loads (Plain where the layout does not allow them);
+//                  decode split-KV with the split count of decode_num_splits;
+//   Tuned "tuned": the fast-by-design kernels (issue #13: bandwidth-bound scoring, radix top-k,
+//                  the tensor-core attention core); opt-in until proven on a GPU.
+enum class Impl { Auto, Plain, Simt, Tuned };
 
 // Element strides of a (pages, slots, H_kv, D) cache.
 struct CacheStrides {
@@ -81,9 +83,9 @@ namespace kv_select {
 // score: q (B, H_q, D) fp32 contiguous, pre-scaled (the mean query for a prefill chunk); k cache
 // in `dtype`. Three passes: logits + per-block softmax partials, per-head softmax (max, sum),
 // sum over heads of exp(logit - max) / sum.
-// impl: Plain (one warp per token row, scalar loads); Tuned (16-byte vector loads, two rows in
+// impl: Plain (one warp per token row, scalar loads); Simt (16-byte vector loads, two rows in
 // flight per lane group; needs unit stride on D, D / (16 / sizeof(dtype)) a power of two <= 32,
-// 16-byte aligned rows -- otherwise Plain runs); Auto = Tuned.
+// 16-byte aligned rows -- otherwise Plain runs); Auto = Simt; Tuned: the bandwidth-bound scoring kernel (issue #13).
 // out (B, N_max) fp32: sum over q-heads of softmax_n(scale * q_h . k_n) over the valid tokens,
 // -inf for the others (past seq_len, or valid[b][n] false).
 // skip (B,) bool or nullptr: rows to leave unscored, all -inf (Selection Cache hits).
@@ -109,7 +111,7 @@ cudaError_t launch_topk(const float* scores, int64_t B, int64_t N_max, int64_t l
 // split) block handles K / splits indices for all H_q / H_kv heads of the group, then a merge
 // kernel combines the partial (max, sum, acc) by log-sum-exp. workspace: decode_workspace_bytes.
 // decode_num_splits: the split count of `impl` -- 1 for Plain (one block per request and KV
-// head); for Tuned and Auto enough blocks for ~2 waves on `sm_count` SMs.
+// head); for Simt, Tuned and Auto enough blocks for ~2 waves on `sm_count` SMs.
 int64_t decode_num_splits(Impl impl, int64_t B, int64_t H_kv, int64_t K, int sm_count);
 size_t decode_workspace_bytes(int64_t B, int64_t H_q, int64_t D, int64_t splits);
 cudaError_t launch_sparse_decode(const KVLayout& L, const void* k, CacheStrides ks, const void* v,

@@ -19,12 +19,14 @@ namespace tree {
 
 // The `impl` option of tree_build / tree_attention(_out) (schema `str impl`, parsed once in
 // csrc/tree/tree_args.h, which rejects any other name on every device): "auto" (the kernels'
-// own choice: tuned), "plain", "tuned". The CPU kernels have one implementation and do not use
+// own choice: simt), "plain", "simt", "tuned" (the tensor-core attention core, issue #13;
+// opt-in until proven on a GPU). The CPU kernels have one implementation and do not use
 // it; the CUDA launchers take it.
-enum class Impl : int32_t { Auto = 0, Plain = 1, Tuned = 2 };
+enum class Impl : int32_t { Auto = 0, Plain = 1, Simt = 2, Tuned = 3 };
 
-// What the launchers run for an impl: Auto is the kernels' own heuristic (the tuned kernels).
-TK_HD Impl resolve_impl(Impl impl) { return impl == Impl::Plain ? Impl::Plain : Impl::Tuned; }
+// What the launchers run for an impl: Auto is the kernels' own heuristic (the simt kernels).
+// the tree-building kernels' choice: Plain, or the sorted sibling scan for every other impl
+TK_HD Impl resolve_impl(Impl impl) { return impl == Impl::Plain ? Impl::Plain : Impl::Simt; }
 
 TK_HD int64_t mask_words(int64_t n) { return (n + 31) / 32; }
 
@@ -122,7 +124,7 @@ namespace tree {
 
 // build: parents (B, n) int64 (validated by the caller), lens (B,) int64 or nullptr (= n).
 // Writes mask (B, n, W) int32, depth, first_child, next_sibling (B, n) int64. One block per tree.
-// Impl::Plain: each node scans for its next sibling, O(n) per thread; Impl::Tuned (and Auto):
+// Impl::Plain: each node scans for its next sibling, O(n) per thread; Impl::Simt (and Auto, Tuned):
 // children grouped by a block-wide bitonic sort of (parent, index) keys.
 cudaError_t launch_build(const int64_t* parents, const int64_t* lens, int64_t B, int64_t n,
                          int32_t* mask, int64_t* depth, int64_t* first_child,
@@ -162,7 +164,7 @@ struct AttnProblem {
 // Number of prefix splits the launcher will use, and the fp32 workspace it needs for them.
 int64_t attention_splits(const AttnProblem& p);
 size_t attention_workspace_bytes(const AttnProblem& p);
-// Impl::Plain: one warp per query row and head, K/V read from global memory; Impl::Tuned (and
+// Impl::Plain: one warp per query row and head, K/V read from global memory; Impl::Simt (and
 // Auto): K/V tiles staged in shared memory once per block and reused by every query row of the
 // KV head. Both: prefix in splits with no mask, then the tree part with the mask merged with
 // the splits by log-sum-exp. Requires D % 32 == 0 and D <= 256.

@@ -394,9 +394,11 @@ def linear_cross_entropy(
             shard; see there.
         check: validate target values (a host sync on CUDA). With ``check=False`` the call and
             its backward never sync the host (vocab_parallel included).
-        impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs) or ``"tuned"`` (CUDA fp16/bf16
+        impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs), ``"wmma"`` (CUDA fp16/bf16
             with D % 8 == 0 and 16-byte aligned rows, else the plain path: fused WMMA kernels;
-            the backward accumulates with atomics, so it is not bitwise deterministic).
+            the backward accumulates with atomics, so it is not bitwise deterministic) or
+            ``"tuned"`` (sm_90a: a CUTLASS TMA + wgmma forward with the log-sum-exp in its
+            epilogue and an atomic-free chunked backward; WMMA elsewhere; unproven).
             ``"auto"`` picks ``"plain"`` (deterministic) when
             ``torch.use_deterministic_algorithms(True)`` is on; torch releases that still demand
             ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS then raise an error naming it

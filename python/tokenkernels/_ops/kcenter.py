@@ -72,8 +72,9 @@ def kcenter(
         k_max: output width when ``k`` is a tensor (avoids the host sync).
         check: validate value-dependent arguments (k <= valid tokens, lengths <= N, start valid).
             On CUDA this costs one host sync; with ``check=False`` impossible picks are -1.
-        impl: ``"auto"``; the CUDA kernel variants ``"plain"`` / ``"tuned"`` (greedy over the
-            full Gram, running minimum in global memory / in registers) and ``"stream"`` (the
+        impl: ``"auto"``; the CUDA kernel variants ``"plain"`` / ``"simt"`` (greedy over the
+            full Gram, running minimum in global memory / in registers), ``"tuned"`` (symmetric
+            Gram with the nearest-neighbour minimum fused; unproven) and ``"stream"`` (the
             large-N path that computes one distance row per pick from x and never holds
             N x N); or ``"reference"`` (:func:`tokenkernels.reference.kcenter.kcenter`, pure
             PyTorch, fp32). The CPU kernel has one implementation (the variant names all run

@@ -29,7 +29,7 @@ beyond int32 is out of range for every argument and is rejected by the value che
 unchecked, skipped) like any out-of-range value -- never wrapped (2**32 + 1 to 1). Pass int32 to
 avoid the conversion.
 
-Every op takes ``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"tuned"`` (see
+Every op takes ``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"simt"`` / ``"tuned"`` (see
 :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA; the CPU has one implementation
 and ignores the name) or ``"reference"`` (:mod:`tokenkernels.reference.kv_select`, the same
 signature). Shape, dtype, device and value checks live in the C++ contract layer
@@ -163,7 +163,7 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
             normalised without it) and scored -inf.
         check: validate seq_lens / block_table values (one host sync on CUDA).
         impl: "auto" (on CUDA the tuned kernel when the cache allows 16-byte vector loads, once
-            proven; see :mod:`tokenkernels.variants`), "plain", "tuned" (CUDA variants; the CPU
+            proven; see :mod:`tokenkernels.variants`), "plain", "simt", "tuned" (CUDA variants; the CPU
             ignores the name) or "reference".
 
     Returns:
@@ -241,8 +241,8 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return_lse: also return the (B, H_q) float32 log-sum-exp of the scaled logits
             (-inf for a request with nothing to attend, whose output is 0).
         out, lse: preallocated (B, H_q, D) / (B, H_q) float32 buffers.
-        impl: "auto", "plain" (CUDA: one block per request and KV head), "tuned" (CUDA:
-            split-KV; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA; the CPU
+        impl: "auto", "plain" (CUDA: one block per request and KV head), "simt" (CUDA:
+            split-KV), "tuned" (CUDA: the tensor-core attention core, unproven; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA; the CPU
             ignores the name) or "reference".
     """
     op = "sparse_decode"
@@ -296,7 +296,7 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     and -1 are ignored; like :func:`sparse_decode`, every listed entry counts, so pass
     indices without duplicates, as :func:`topk` writes them) plus chunk positions ``chunk_start[b] .. + c``
     (causal) -- one softmax over both, i.e. the two partial attentions merged by log-sum-exp.
-    ``impl``: "auto" / "plain" / "tuned" run the one prefill kernel of the device; "reference"
+    ``impl``: "auto" / "plain" / "simt" / "tuned" run the one prefill kernel of the device; "reference"
     the PyTorch reference.
 
     Returns (B, C, H_q, D) in q's dtype (and lse (B, C, H_q) float32 with ``return_lse``).

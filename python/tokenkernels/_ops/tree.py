@@ -14,7 +14,7 @@ in one batch give ``tree_lens`` (B,), nodes past it are padding. n may be 1024 o
 
 Every shape / dtype / device / value check is in C++ (``csrc/tree/tree_args.h``), the same on
 CPU and CUDA; these wrappers convert types, fill defaults, pick the implementation
-(``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"tuned"``, or ``"reference"``, the
+(``impl=``: ``"auto"``, the CUDA variants ``"plain"`` / ``"simt"`` / ``"tuned"``, or ``"reference"``, the
 pure-PyTorch :mod:`tokenkernels.reference.tree` with the same signature) and document. (The
 only checks left here are what the conversions need: Python objects that are not tensors, bool
 options that are not bools, ints beyond int64, and q's rank, which attention's defaults read;
@@ -165,7 +165,7 @@ def build(parents: torch.Tensor, tree_lens: Optional[torch.Tensor] = None, *,
             own and its descendants' ancestor walks stop at it (mask rows, depths and paths), it
             is nobody's child (``next_sibling`` -1, not in its parent's list); ``tree_lens`` are
             clamped into ``[0, n]``. Nothing loops or is read out of bounds.
-        impl: "auto" | "plain" | "tuned" (CUDA variants; the CPU has one kernel) | "reference"
+        impl: "auto" | "plain" | "simt" | "tuned" (CUDA variants; the CPU has one kernel) | "reference"
             (:func:`tokenkernels.reference.tree.build`); see :mod:`tokenkernels.variants` for
             what ``"auto"`` runs on CUDA.
 
@@ -249,7 +249,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
             into [0, n], prefix_lens into [0, capacity - tree_len] (capacity = N, or max_pages *
             page_size), tree keys past the capacity are skipped, page indices are clamped into
             [0, num_pages).
-        impl: "auto" | "plain" | "tuned" (CUDA variants; the CPU has one kernel) | "reference"
+        impl: "auto" | "plain" | "simt" | "tuned" (CUDA variants; the CPU has one kernel) | "reference"
             (:func:`tokenkernels.reference.tree.attention`); see :mod:`tokenkernels.variants`
             for what ``"auto"`` runs on CUDA.
 
@@ -317,7 +317,7 @@ def verify_greedy(tree: Tree, draft_tokens: torch.Tensor, target_argmax: torch.T
         check: verify that the child links are the tree's (the same error on CPU and CUDA; one
             host sync on CUDA). With ``check=False`` the CUDA call is sync-free and a corrupt
             child link ends the walk. The CPU validates the links in any case.
-        impl: "auto" (one kernel per device) | "plain" | "tuned" (the same kernel: CUDA
+        impl: "auto" (one kernel per device) | "plain" | "simt" | "tuned" (the same kernel: CUDA
             variants are per family) | "reference" (:func:`tokenkernels.reference.tree.verify_greedy`).
 
     Returns:
@@ -387,7 +387,7 @@ def verify_sampling(tree: Tree, draft_tokens: torch.Tensor, target_probs: torch.
             The CPU validates links and tokens in any case.
         coins, bonus_u: the uniforms themselves ((B, n) and (B,)), overriding ``generator``
             (tests, replay).
-        impl: "auto" (one kernel per device) | "plain" | "tuned" (the same kernel: CUDA
+        impl: "auto" (one kernel per device) | "plain" | "simt" | "tuned" (the same kernel: CUDA
             variants are per family) | "reference" (:func:`tokenkernels.reference.tree.verify_sampling`,
             which draws the uniforms the same way).
         mode: "specinfer" | "rsd", how the siblings were drawn (above). Both use one coin per
@@ -428,7 +428,7 @@ def select_frontier(cum_logp: torch.Tensor, child_logp: torch.Tensor, m: int, *,
         cum_logp: (B, F) cumulative draft log-probabilities of the frontier nodes.
         child_logp: (B, F, K) log-probabilities of each frontier node's top-K children.
         m: how many to keep (<= F*K).
-        impl: "auto" | "plain" | "tuned" (one kernel per device) | "reference"
+        impl: "auto" | "plain" | "simt" | "tuned" (one kernel per device) | "reference"
             (:func:`tokenkernels.reference.tree.select_frontier`).
 
     Returns: parent (B, m) int64 frontier index, rank (B, m) int64 child rank, score (B, m) fp32.
@@ -455,7 +455,7 @@ def select_tree(cum_logp: torch.Tensor, parents: torch.Tensor, n: int, *, impl: 
         cum_logp: (B, T) scores of the T drafted nodes.
         parents: (B, T) int32/int64 parents of the drafted tree (parents before children).
         n: nodes to keep (1 <= n <= T).
-        impl: "auto" | "plain" | "tuned" (one kernel per device) | "reference"
+        impl: "auto" | "plain" | "simt" | "tuned" (one kernel per device) | "reference"
             (:func:`tokenkernels.reference.tree.select_tree`).
 
     Returns: indices (B, n) int64 into the T nodes (ascending), parents (B, n) int64 re-indexed,
