@@ -145,4 +145,27 @@ TORCH_LIBRARY(tokenkernels, m) {
       "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check, "
       "Tensor(a!) out, Tensor(b!) lse) -> ()");
   // ---- end kv_select family ----------------------------------------------------------------
+
+  // ---- private: host planners and emulators of the CUDA kernels (tests only) ------------------
+  // Names start with an underscore: not part of the API (tokenkernels.op_names() leaves them
+  // out), CPU kernels only, no autograd, no fakes. Each exposes the torch-free host code a CUDA
+  // launcher runs (split plans, work lists, tile schedules) or a bit-exact host emulation of a
+  // kernel's index / digit / merge arithmetic, so that logic is tested without a GPU.
+
+  // -- attention core (tree.attention, kv_select.sparse_decode / sparse_prefill, impl="tuned")
+
+
+  // -- kv_select radix top-k (impl="tuned")
+
+
+  // -- kv_select scoring (impl="tuned")
+
+
+  // -- cross_entropy (impl="tuned")
+
+
+  // -- kcenter (impl="tuned")
+
+
+  // ---- end private ---------------------------------------------------------------------------
 }

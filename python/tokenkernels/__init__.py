@@ -37,6 +37,8 @@ def cuda_available() -> bool:
 
 
 def op_names() -> list:
-    """The qualified names (``"tokenkernels::tree_build"``, ...) of every registered op."""
+    """The qualified names (``"tokenkernels::tree_build"``, ...) of every registered public op.
+    Ops whose name starts with an underscore (``tokenkernels::_...``) are the CUDA kernels' host
+    planners and emulators, exposed on the CPU for the tests only: not part of the API."""
     return sorted({s.name for s in torch._C._jit_get_all_schemas()
-                   if s.name.startswith("tokenkernels::")})
+                   if s.name.startswith("tokenkernels::") and not s.name.startswith("tokenkernels::_")})
