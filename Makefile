@@ -17,7 +17,7 @@ JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 # the environment's tools (cmake, ninja from the lock) come first
 export PATH := $(ENV_BIN):$(PATH)
 
-.PHONY: all deps env-check lock build test pytest sanitize cuda-check cuda-torch-check bench bench-cpp gpu-proof gpu-wheels clean distclean
+.PHONY: all deps env-check lock build test pytest sanitize cuda-check sass-check cuda-torch-check bench bench-cpp gpu-proof gpu-wheels clean distclean
 
 all: test
 
@@ -54,7 +54,14 @@ cuda-check: deps
 cuda-torch-check:
 	MAX_JOBS=$(JOBS) CUDA_TORCH_CHECK_DIR=$(BUILD)/cuda-torch bash tools/cuda_torch_check.sh $(ARGS)
 
-test: pytest cuda-check
+# The SASS / resource check (tools/sass_check.py): every `// sass:` expectation declared next to a
+# kernel (tensor-core / async-copy instructions present, no local memory, registers, stack) holds
+# in the sm_80 / sm_90a objects of the cuda-check build. Needs nvcc (skipped without), not a GPU.
+sass-check: cuda-check
+	@if [ -z "$(NVCC)" ]; then echo "sass-check: no nvcc on this machine, skipped"; exit 0; fi; \
+	$(ENV_PY) tools/sass_check.py --build $(BUILD)/cuda-check $(if $(TABLE),--table $(TABLE),)
+
+test: pytest cuda-check sass-check
 
 # ASan + UBSan: the CPU objects, _C and the bench binary built with -fsanitize=address,undefined
 # in $(BUILD)/sanitize (the venv's _C is never replaced), then the test suite and the bad-input

@@ -106,6 +106,8 @@ SMOKE: Dict[str, List[str]] = {
         "tests/kcenter/test_kcenter.py::test_impl_variants[cuda-first-l2-tuned]",
         "tests/kcenter/test_kcenter.py::test_impl_variants[cuda-first-l2-stream]",
         "tests/kcenter/test_coverage.py::test_coverage_vs_reference_grid[cuda-torch.float32-M40-N129-dense-auto]",
+        "tests/kcenter/test_kcenter.py::test_impl_variants[cuda-isolated-cosine-simt]",
+        "tests/kcenter/test_kcenter.py::test_impl_variants[cuda-first-l2-simt]",
     ],
     "cross_entropy": [
         "tests/cross_entropy/test_impls.py::test_impl_vs_reference[cuda-mean-torch.bfloat16-auto]",
@@ -113,6 +115,7 @@ SMOKE: Dict[str, List[str]] = {
         "tests/cross_entropy/test_impls.py::test_impl_vs_reference[cuda-mean-torch.bfloat16-tuned]",
         "tests/cross_entropy/test_impls.py::test_impl_vs_reference[cuda-none-torch.float32-plain]",
         "tests/cross_entropy/test_impls.py::test_impl_vs_reference[cuda-none-torch.float16-tuned]",
+        "tests/cross_entropy/test_impls.py::test_impl_vs_reference[cuda-mean-torch.bfloat16-wmma]",
     ],
     "kv_select": [
         "tests/kv_select/test_kv_select.py::test_decode_impls_agree[cuda-plain]",
@@ -120,6 +123,8 @@ SMOKE: Dict[str, List[str]] = {
         "tests/kv_select/test_kv_select.py::test_score_impls_agree[cuda-bf16-D128-plain]",
         "tests/kv_select/test_kv_select.py::test_score_impls_agree[cuda-bf16-D128-tuned]",
         "tests/kv_select/test_cache.py::test_threshold_decides_hits[cuda]",
+        "tests/kv_select/test_kv_select.py::test_decode_impls_agree[cuda-simt]",
+        "tests/kv_select/test_kv_select.py::test_score_impls_agree[cuda-bf16-D128-simt]",
     ],
     "tree": [
         "tests/tree/test_build.py::test_build_impls[cuda-plain]",
@@ -130,16 +135,18 @@ SMOKE: Dict[str, List[str]] = {
         "tests/tree/test_rsd.py::test_rsd_vs_reference[cuda-129-top_k_exhausted-fp32-auto]",
         "tests/spec/test_generate.py::test_greedy_equals_hf[cuda-0-dynamic]",
         "tests/spec/test_generate.py::test_left_padded_batch[cuda-dynamic]",
+        "tests/tree/test_build.py::test_build_impls[cuda-simt]",
+        "tests/tree/test_attention.py::test_attention_impls[cuda-dtype0-simt]",
     ],
 }
 # the test folders of a family (tests/spec: the speculative decoding loop over the tree ops)
 TEST_DIRS: Dict[str, List[str]] = {"tree": ["tests/tree", "tests/spec"]}
 # Under compute-sanitizer (10-100x slower): one test per variant and family.
 SANITIZE: Dict[str, List[str]] = {
-    "kcenter": SMOKE["kcenter"][:4] + SMOKE["kcenter"][7:8],
-    "cross_entropy": SMOKE["cross_entropy"][:3],
-    "kv_select": SMOKE["kv_select"][:5],
-    "tree": SMOKE["tree"][:5],
+    "kcenter": SMOKE["kcenter"][:4] + SMOKE["kcenter"][7:9],
+    "cross_entropy": SMOKE["cross_entropy"][:3] + SMOKE["cross_entropy"][5:6],
+    "kv_select": SMOKE["kv_select"][:5] + SMOKE["kv_select"][5:6],
+    "tree": SMOKE["tree"][:5] + SMOKE["tree"][8:10],
 }
 # (tool, share of the stage, only tokenkernels' kernels): memcheck checks every kernel (torch's
 # too, with the caching allocator off, so out-of-bounds accesses hit real allocation ends);
