@@ -153,6 +153,16 @@ TORCH_LIBRARY(tokenkernels, m) {
   // kernel's index / digit / merge arithmetic, so that logic is tested without a GPU.
 
   // -- attention core (tree.attention, kv_select.sparse_decode / sparse_prefill, impl="tuned")
+  // csrc/attention/attn_core_host.cpp. _attn_core_plan: args int64 (heads, rows, max_keys,
+  // extra_parts, D, sm_count, ctas_per_sm) -> int64 (wn, rows_per_cta, row_blocks, splits, parts,
+  // ctas, smem_bytes, ws_o, ws_lse, ws_ticket, ws_total) of attn_plan. _attn_core_ranges: the
+  // key range [k0, k1) of every split for each length -> (len(lens), splits, 2). _attn_core_emulate:
+  // the kernel's split / tile / key-group / merge arithmetic on fp32 scores -> (out (R, D), lse (R,)).
+  m.def("_attn_core_plan(Tensor args) -> Tensor");
+  m.def("_attn_core_ranges(Tensor lens, int splits) -> Tensor");
+  m.def(
+      "_attn_core_emulate(Tensor q, Tensor k, Tensor v, Tensor key_ok, Tensor mask, int P, int G, int splits, "
+      "int wn, float scale, str kind) -> (Tensor, Tensor)");
 
 
   // -- kv_select radix top-k (impl="tuned")
