@@ -135,15 +135,16 @@ TORCH_LIBRARY(tokenkernels, m) {
       "Tensor(b!) lse) -> ()");
   // Chunked prefill: q (B, C, H_q, D) at positions chunk_start[b] + c (their K/V already in the
   // cache); attends the indices in [0, chunk_start[b]) plus the chunk causally. out like q,
-  // lse (B, C, H_q) fp32. (One CUDA kernel: no impl.)
+  // lse (B, C, H_q) fp32. impl (last, default "auto"): "tuned" runs the tensor-core attention
+  // core on CUDA (fp16 / bf16, D 64 / 128; else, and for every other name, the simt kernel).
   m.def(
       "kv_select_sparse_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
-      "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check) "
-      "-> (Tensor, Tensor)");
+      "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check, "
+      "str impl=\"auto\") -> (Tensor, Tensor)");
   m.def(
       "kv_select_sparse_prefill_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
       "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check, "
-      "Tensor(a!) out, Tensor(b!) lse) -> ()");
+      "Tensor(a!) out, Tensor(b!) lse, str impl=\"auto\") -> ()");
   // ---- end kv_select family ----------------------------------------------------------------
 
   // ---- private: host planners and emulators of the CUDA kernels (tests only) ------------------

@@ -19,8 +19,6 @@ int num_sms() {
   return sms > 0 ? sms : 108;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename F>
 cudaError_t with_type(DType dtype, F&& f) {
   switch (dtype) {
@@ -119,7 +117,7 @@ Plan prefill_plan(const kv_select::KVLayout& L, int64_t C, int64_t H_q, int64_t 
 }
 
 cudaError_t launch_decode(const kv_select::KVLayout& L, const void* k, kv_select::CacheStrides ks, const void* v,
-                          kv_select::CacheStrides vs, DType dtype, const float* q, int64_t H_q,
+                          kv_select::CacheStrides vs, DType dtype, const void* q, float scale, int64_t H_q,
                           const int32_t* indices, int64_t K, void* out, float* lse, void* workspace,
                           cudaStream_t stream) {
   if (L.B == 0 || H_q == 0) return cudaSuccess;
@@ -127,25 +125,26 @@ cudaError_t launch_decode(const kv_select::KVLayout& L, const void* k, kv_select
       !aligned16(out))
     return cudaErrorInvalidValue;
   const Plan pl = decode_plan(L, H_q, K);
-  device::DecodeSrc src{L, ks, vs, q, out, lse, indices, K, H_q, pl.splits};
   return with_type(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return dispatch<T>(pl, L.D, src, k, v, kLog2e, L.H_kv, L.B * L.H_kv, workspace, stream);
+    device::DecodeSrc<T> src{L, ks, vs, static_cast<const T*>(q), out, lse, indices, K, H_q, pl.splits};
+    return dispatch<T>(pl, L.D, src, k, v, scale * kLog2e, L.H_kv, L.B * L.H_kv, workspace, stream);
   });
 }
 
 cudaError_t launch_prefill(const kv_select::KVLayout& L, const void* k, kv_select::CacheStrides ks, const void* v,
-                           kv_select::CacheStrides vs, DType dtype, const float* q, int64_t C, int64_t H_q,
+                           kv_select::CacheStrides vs, DType dtype, const void* q, float scale, int64_t C, int64_t H_q,
                            const int32_t* indices, int64_t K, const int32_t* chunk_start, void* out, float* lse,
                            void* workspace, cudaStream_t stream) {
   if (L.B == 0 || C == 0 || H_q == 0) return cudaSuccess;
   if (!kv_supported(L, k, ks, v, vs, dtype) || H_q % L.H_kv != 0 || !aligned16(q) || !aligned16(out))
     return cudaErrorInvalidValue;
   const Plan pl = prefill_plan(L, C, H_q, K);
-  device::PrefillSrc src{L, ks, vs, q, out, lse, indices, chunk_start, K, C, H_q, pl.splits};
   return with_type(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return dispatch<T>(pl, L.D, src, k, v, kLog2e, L.H_kv, L.B * L.H_kv, workspace, stream);
+    device::PrefillSrc<T> src{L, ks, vs, static_cast<const T*>(q), out, lse, indices, chunk_start, K, C, H_q,
+                              pl.splits};
+    return dispatch<T>(pl, L.D, src, k, v, scale * kLog2e, L.H_kv, L.B * L.H_kv, workspace, stream);
   });
 }
 

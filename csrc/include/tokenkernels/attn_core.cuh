@@ -146,17 +146,18 @@ struct TreeSrc {
   __device__ __forceinline__ float* lse() const { return p.lse; }
 };
 
-// kv_select.sparse_decode: rows r = g (the G q-heads of KV head h), keys = indices[b][0 .. K)
+// kv_select.sparse_decode: q (B, H_q, D) contiguous in the cache dtype; rows r = g (the G q-heads of KV head h), keys = indices[b][0 .. K)
 // (valid when 0 <= n < seq_len and the page is in range), no mask, split over K.
+template <typename T>
 struct DecodeSrc {
   kv_select::KVLayout L;
   kv_select::CacheStrides ks, vs;
-  const float* qp;
+  const T* qp;
   void* outp;
   float* lsep;
   const int32_t* indices;
   int64_t K, Hq, splits;
-  using QT = float;
+  using QT = T;
   __device__ __forceinline__ int64_t G() const { return Hq / L.H_kv; }
   __device__ __forceinline__ int64_t rows() const { return G(); }
   __device__ __forceinline__ Keys keys(int64_t, int64_t part, int64_t, int64_t) const {
@@ -179,8 +180,7 @@ struct DecodeSrc {
   __device__ __forceinline__ bool row_valid(int64_t, int64_t r) const { return r < rows(); }
   __device__ __forceinline__ int64_t qrow(int64_t b, int64_t h, int64_t r) const { return b * Hq + h * G() + r; }
   __device__ __forceinline__ const QT* q() const { return qp; }
-  template <typename T>
-  __device__ __forceinline__ T* out_t() const { return static_cast<T*>(outp); }
+  __device__ __forceinline__ T* out() const { return static_cast<T*>(outp); }
   __device__ __forceinline__ float* lse() const { return lsep; }
 };
 
@@ -188,16 +188,17 @@ struct DecodeSrc {
 // (valid when 0 <= n < chunk_start) then the chunk positions chunk_start + (j - K); row c attends
 // the gathered keys and chunk keys j - K <= c (chunk_causal). A row block's list ends at the
 // block's last row (later chunk keys are masked for all its rows), split over that length.
+template <typename T>
 struct PrefillSrc {
   kv_select::KVLayout L;
   kv_select::CacheStrides ks, vs;
-  const float* qp;
+  const T* qp;
   void* outp;
   float* lsep;
   const int32_t* indices;
   const int32_t* chunk_start;
   int64_t K, C, Hq, splits;
-  using QT = float;
+  using QT = T;
   __device__ __forceinline__ int64_t G() const { return Hq / L.H_kv; }
   __device__ __forceinline__ int64_t rows() const { return C * G(); }
   // chunk rows of request b that exist (0 for a bad chunk_start)
@@ -236,29 +237,14 @@ struct PrefillSrc {
     return (b * C + r / G()) * Hq + h * G() + r % G();
   }
   __device__ __forceinline__ const QT* q() const { return qp; }
-  template <typename T>
-  __device__ __forceinline__ T* out_t() const { return static_cast<T*>(outp); }
+  __device__ __forceinline__ T* out() const { return static_cast<T*>(outp); }
   __device__ __forceinline__ float* lse() const { return lsep; }
 };
 
-template <typename T, typename Src>
-__device__ __forceinline__ T* out_ptr(const Src& s) { return s.template out_t<T>(); }
-template <typename T, typename U>
-__device__ __forceinline__ T* out_ptr(const TreeSrc<U>& s) { return s.out(); }
-
-// 8 consecutive Q elements -> one 16-byte chunk of T.
+// 8 consecutive Q elements (16 bytes). Q stays in the input dtype: the scale is applied to the
+// fp32 products (s2 = (q . k) * scale * log2 e), so no rounding of q * scale.
 template <typename T>
 __device__ __forceinline__ uint4 q_chunk(const T* src) { return *reinterpret_cast<const uint4*>(src); }
-template <typename T>
-__device__ __forceinline__ uint4 q_chunk(const float* src) {
-  const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
-  uint4 r;
-  r.x = Mma<T>::pack(a.x, a.y);
-  r.y = Mma<T>::pack(a.z, a.w);
-  r.z = Mma<T>::pack(b.x, b.y);
-  r.w = Mma<T>::pack(b.z, b.w);
-  return r;
-}
 
 // ------------------------------------------------------------------------------- the kernel
 // sass: attn_core_tc_kernel sm_80 HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=255
@@ -299,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int r = c / CH, cc = c % CH;
     const int64_t gr = row0 + r;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (gr < nrows) val = q_chunk<T>(src.q() + src.qrow(b, h, gr) * D + cc * 8);
+    if (gr < nrows) val = q_chunk(src.q() + src.qrow(b, h, gr) * D + cc * 8);
     *reinterpret_cast<uint4*>(sQ + swz<D>(r, cc)) = val;
   }
 
@@ -483,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool owner = wn == 0;
   const int64_t ra = row0 + wm * 16 + (lane >> 2);
   const int cb = (lane & 3) * 2;
-  T* outp = out_ptr<T>(src);
+  T* outp = src.out();
   float* lsep = src.lse();
   if (parts == 1) {
     if (owner) {

@@ -204,6 +204,8 @@ TK_HD bool core_head_dim_ok(int64_t D) { return D == 64 || D == 128; }
 namespace tokenkernels {
 namespace attn {
 
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // CTAs per SM the launchers plan with (shared memory: ~83 KB per CTA at D = 128, ~43 KB at 64).
 inline int ctas_per_sm(int64_t D) { return D > 64 ? 2 : 4; }
 
@@ -214,19 +216,20 @@ bool tree_supported(const tree::AttnProblem& p);
 Plan tree_plan(const tree::AttnProblem& p);
 cudaError_t launch_tree(const tree::AttnProblem& p, void* workspace, cudaStream_t stream);
 
-// kv_select.sparse_decode / sparse_prefill(impl="tuned"): q (B, H_q, D) / (B, C, H_q, D) fp32
-// pre-scaled, like the simt launchers. kv_supported: 16-bit dtype, D 64 / 128, unit stride on D,
+// kv_select.sparse_decode / sparse_prefill(impl="tuned"): q (B, H_q, D) / (B, C, H_q, D)
+// contiguous in the caches' dtype, NOT pre-scaled (scale multiplies the fp32 products, so q is
+// never rounded after scaling; the simt launchers take fp32 q * scale). kv_supported: 16-bit dtype, D 64 / 128, unit stride on D,
 // every other stride a multiple of 8 elements and 16-byte aligned bases (else simt).
 bool kv_supported(const kv_select::KVLayout& L, const void* k, kv_select::CacheStrides ks, const void* v,
                   kv_select::CacheStrides vs, DType dtype);
 Plan decode_plan(const kv_select::KVLayout& L, int64_t H_q, int64_t K);
 Plan prefill_plan(const kv_select::KVLayout& L, int64_t C, int64_t H_q, int64_t K);
 cudaError_t launch_decode(const kv_select::KVLayout& L, const void* k, kv_select::CacheStrides ks, const void* v,
-                          kv_select::CacheStrides vs, DType dtype, const float* q, int64_t H_q,
+                          kv_select::CacheStrides vs, DType dtype, const void* q, float scale, int64_t H_q,
                           const int32_t* indices, int64_t K, void* out, float* lse, void* workspace,
                           cudaStream_t stream);
 cudaError_t launch_prefill(const kv_select::KVLayout& L, const void* k, kv_select::CacheStrides ks, const void* v,
-                           kv_select::CacheStrides vs, DType dtype, const float* q, int64_t C, int64_t H_q,
+                           kv_select::CacheStrides vs, DType dtype, const void* q, float scale, int64_t C, int64_t H_q,
                            const int32_t* indices, int64_t K, const int32_t* chunk_start, void* out, float* lse,
                            void* workspace, cudaStream_t stream);
 
