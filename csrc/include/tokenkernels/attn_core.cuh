@@ -247,8 +247,10 @@ template <typename T>
 __device__ __forceinline__ uint4 q_chunk(const T* src) { return *reinterpret_cast<const uint4*>(src); }
 
 // ------------------------------------------------------------------------------- the kernel
-// sass: attn_core_tc_kernel sm_80 HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=255
-// sass: attn_core_tc_kernel sm_90a HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=255
+// Resources (check build, cuobjdump -res-usage; bench/roofline/attn_core_sass.md): 119-218
+// registers, 0 stack, 0 local, no spills; 2 CTAs per SM need <= 224 registers at 128 threads.
+// sass: attn_core_tc_kernel sm_80 HMMA LDGSTS LDSM !LDL !STL !HGMMA stack==0 regs<=224 smem<=2048
+// sass: attn_core_tc_kernel sm_90a HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=224 smem<=2048
 template <typename T, int D, int kWN, typename Src>
 __global__ void __launch_bounds__(kThreads, 2)
     attn_core_tc_kernel(Src src, const T* __restrict__ Kc, const T* __restrict__ Vc, float scale_log2,
@@ -295,20 +297,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   const int64_t nk = ck.k1 - ck.k0;
-  const int64_t ntiles = nk > 0 ? (nk + KT - 1) / KT : 0;
+  const int ntiles = nk > 0 ? static_cast<int>((nk + KT - 1) / KT) : 0;   // 32-bit tile counter
 
   // offsets of tile t into ring slot t % 3 (threads 0..KT-1, one key each)
-  auto fill = [&](int64_t t) {
+  auto fill = [&](int t) {
     if (tid < KT) {
-      const int64_t j = ck.k0 + t * KT + tid;
+      const int64_t j = ck.k0 + static_cast<int64_t>(t) * KT + tid;
       int64_t ko = -1, vo = -1;
       if (j < ck.k1 && !src.key(b, h, ck, j, ko, vo)) ko = vo = -1;
       sKo[(t % 3) * KT + tid] = ko;
       sVo[(t % 3) * KT + tid] = vo;
     }
   };
-  auto issue = [&](int64_t t) {
-    const int st = static_cast<int>(t & 1);
+  auto issue = [&](int t) {
+    const int st = t & 1;
     const int64_t* ko = sKo + (t % 3) * KT;
     const int64_t* vo = sVo + (t % 3) * KT;
     T* dk = sK + st * KT * D;
@@ -335,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     const int64_t ra = row0 + wm * 16 + (lane >> 2), rbw = ra + 8;   // this thread's two rows
 
-    for (int64_t t = 0; t < ntiles; ++t) {
+    for (int t = 0; t < ntiles; ++t) {
       const bool more = t + 1 < ntiles;
       if (more) fill(t + 1);
       __syncthreads();   // offsets of t+1 visible; every warp is done with tile t-1's buffers
@@ -346,11 +348,11 @@ __global__ void __launch_bounds__(kThreads, 2)
         cute::cp_async_wait<0>();
       }
       __syncthreads();   // tile t landed for every thread's copies
-      const int st = static_cast<int>(t & 1);
+      const int st = t & 1;
       const T* tk = sK + st * KT * D;
       const T* tv = sV + st * KT * D;
       const int64_t* tko = sKo + (t % 3) * KT;
-      const int64_t kb = ck.k0 + t * KT;
+      const int64_t kb = ck.k0 + static_cast<int64_t>(t) * KT;
       const int key0 = wn * KPW;
 
       // S = Q K^T (16 rows x KPW keys per warp)
