@@ -161,6 +161,9 @@ TORCH_LIBRARY(tokenkernels, m) {
   // the kernel's split / tile / key-group / merge arithmetic on fp32 scores -> (out (R, D), lse (R,)).
   m.def("_attn_core_plan(Tensor args) -> Tensor");
   m.def("_attn_core_ranges(Tensor lens, int splits) -> Tensor");
+  // _attn_core_fragments: one warp's S = Q K^T and O = S V through the kernel's ldmatrix / mma
+  // fragment addressing on a model of the instructions: q (16, D), k, v (n, D) -> (S (16, n), O (16, D)).
+  m.def("_attn_core_fragments(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
   m.def(
       "_attn_core_emulate(Tensor q, Tensor k, Tensor v, Tensor key_ok, Tensor mask, int P, int G, int splits, "
       "int wn, float scale, str kind) -> (Tensor, Tensor)");

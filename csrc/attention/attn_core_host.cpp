@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <string_view>
 #include <vector>
@@ -47,6 +48,138 @@ at::Tensor ranges_op(const at::Tensor& lens, int64_t splits) {
       o[(i * splits + s) * 2 + 1] = r.k1;
     }
   return out;
+}
+
+// ---------------------------------------------------------------- fragment-layout emulation
+// A model of the two warp-level instructions the kernel builds on (PTX ISA: ldmatrix, mma.sync
+// m16n8k16 .row.col), fed with the kernel's own addressing (attn_core.h: swz_off, q/k/v_lds_*,
+// acc_row/col, pa_*). Values stay fp32 (the model checks where elements go, not their rounding).
+struct Warp {
+  // ldmatrix.x4 (.trans): lane l supplies the address of row (l % 8) of matrix l / 8; register i of
+  // lane l gets matrix i's elements (row l / 4, columns 2 (l % 4), +1) -- transposed: (rows
+  // 2 (l % 4), +1, column l / 4). Each register = two values (lo, hi).
+  static void ldsm(const std::vector<float>& smem, const int (&addr)[32], bool trans, float (&reg)[32][4][2]) {
+    for (int l = 0; l < 32; ++l)
+      for (int i = 0; i < 4; ++i)
+        for (int h = 0; h < 2; ++h) {
+          const int row = trans ? 2 * (l % 4) + h : l / 4, col = trans ? l / 4 : 2 * (l % 4) + h;
+          reg[l][i][h] = smem[addr[8 * i + row] + col];
+        }
+  }
+  // mma.sync m16n8k16 row.col: A (16 x 16) from a[l][r][h]: r0 (row g, k 2t + h), r1 (g + 8, ..),
+  // r2 (g, 2t + 8 + h), r3 (g + 8, 2t + 8 + h); B (16 x 8) from b[l][r][h]: r0 (k 2t + h, n g),
+  // r1 (k 2t + 8 + h, n g); C / D c[l][e]: e0, e1 (row g, n 2t + e), e2, e3 (row g + 8, ..); g = l / 4,
+  // t = l % 4.
+  static void mma(float (&c)[32][4], const float (&a)[32][4][2], const float (&b)[32][2][2]) {
+    float A[16][16], Bm[16][8];
+    for (int l = 0; l < 32; ++l) {
+      const int g = l / 4, t = l % 4;
+      for (int h = 0; h < 2; ++h) {
+        A[g][2 * t + h] = a[l][0][h];
+        A[g + 8][2 * t + h] = a[l][1][h];
+        A[g][2 * t + 8 + h] = a[l][2][h];
+        A[g + 8][2 * t + 8 + h] = a[l][3][h];
+        Bm[2 * t + h][g] = b[l][0][h];
+        Bm[2 * t + 8 + h][g] = b[l][1][h];
+      }
+    }
+    for (int l = 0; l < 32; ++l) {
+      const int g = l / 4, t = l % 4;
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+        float s = 0.f;
+        for (int k = 0; k < 16; ++k) s += A[row][k] * Bm[k][col];
+        c[l][e] += s;
+      }
+    }
+  }
+};
+
+// One warp's tile, as the kernel computes it: q (16, D), k / v (n, D) (n = keys of the warp,
+// a multiple of 16) stored swizzled; S = Q K^T by ldmatrix + mma, then P = S re-packed as A
+// fragments, O = P V by ldmatrix.trans + mma; S (16, n) and O (16, D) read out through
+// acc_row / acc_col.
+std::tuple<at::Tensor, at::Tensor> fragments_op(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in) {
+  const char* op = "tokenkernels._attn_core_fragments";
+  auto q = q_in.to(at::kFloat).contiguous(), k = k_in.to(at::kFloat).contiguous(), v = v_in.to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(q.dim() == 2 && q.size(0) == 16, op, ": q must be (16, D)");
+  const int D = static_cast<int>(q.size(1)), n = static_cast<int>(k.size(0));
+  TORCH_CHECK_VALUE(D % 16 == 0 && D > 0 && D <= 256 && k.dim() == 2 && k.size(1) == D && v.sizes() == k.sizes() &&
+                        n % 16 == 0 && n > 0 && n <= 256,
+                    op, ": k, v must be (n, D) with n, D multiples of 16 (<= 256)");
+  const int CH = D / 8;
+  auto stage = [&](const at::Tensor& t, int rows) {   // rows x D, chunk c of row r at swz_off(r, c, D)
+    std::vector<float> s(static_cast<size_t>(rows) * D);
+    const float* p = t.data_ptr<float>();
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < CH; ++c)
+        for (int e = 0; e < 8; ++e) s[swz_off(r, c, D) + e] = p[r * D + c * 8 + e];
+    return s;
+  };
+  const auto sQ = stage(q, 16), sK = stage(k, n), sV = stage(v, n);
+  const int DK = D / 16, NB = n / 8, DN = D / 8;
+  std::vector<std::array<float, 4>> sacc(static_cast<size_t>(NB) * 32, {0.f, 0.f, 0.f, 0.f});
+  float qf[16][32][4][2];   // Q fragments, k-steps <= 16 (D <= 256)
+  int addr[32];
+  for (int kk = 0; kk < DK; ++kk) {
+    for (int l = 0; l < 32; ++l) addr[l] = swz_off(q_lds_row(0, l), q_lds_chunk(kk, l), D);
+    Warp::ldsm(sQ, addr, false, qf[kk]);
+  }
+  // S
+  for (int kk = 0; kk < DK; ++kk)
+    for (int n2 = 0; n2 < NB / 2; ++n2) {
+      for (int l = 0; l < 32; ++l) addr[l] = swz_off(k_lds_row(0, n2, l), k_lds_chunk(kk, l), D);
+      float r[32][4][2];
+      Warp::ldsm(sK, addr, false, r);
+      for (int u = 0; u < 2; ++u) {
+        float b[32][2][2], c[32][4];
+        for (int l = 0; l < 32; ++l) {
+          for (int h = 0; h < 2; ++h) {
+            b[l][0][h] = r[l][2 * u][h];
+            b[l][1][h] = r[l][2 * u + 1][h];
+          }
+          for (int e = 0; e < 4; ++e) c[l][e] = sacc[(2 * n2 + u) * 32 + l][e];
+        }
+        Warp::mma(c, qf[kk], b);
+        for (int l = 0; l < 32; ++l)
+          for (int e = 0; e < 4; ++e) sacc[(2 * n2 + u) * 32 + l][e] = c[l][e];
+      }
+    }
+  // O = P V with P = S
+  std::vector<std::array<float, 4>> oacc(static_cast<size_t>(DN) * 32, {0.f, 0.f, 0.f, 0.f});
+  for (int ks = 0; ks < NB / 2; ++ks) {
+    float a[32][4][2];
+    for (int l = 0; l < 32; ++l)
+      for (int r = 0; r < 4; ++r)
+        for (int h = 0; h < 2; ++h) a[l][r][h] = sacc[(2 * ks + pa_block(r)) * 32 + l][pa_elem(r, h)];
+    for (int d2 = 0; d2 < DN / 2; ++d2) {
+      for (int l = 0; l < 32; ++l) addr[l] = swz_off(v_lds_row(0, ks, l), v_lds_chunk(d2, l), D);
+      float r[32][4][2];
+      Warp::ldsm(sV, addr, true, r);
+      for (int u = 0; u < 2; ++u) {
+        float b[32][2][2], c[32][4];
+        for (int l = 0; l < 32; ++l) {
+          for (int h = 0; h < 2; ++h) {
+            b[l][0][h] = r[l][2 * u][h];
+            b[l][1][h] = r[l][2 * u + 1][h];
+          }
+          for (int e = 0; e < 4; ++e) c[l][e] = oacc[(2 * d2 + u) * 32 + l][e];
+        }
+        Warp::mma(c, a, b);
+        for (int l = 0; l < 32; ++l)
+          for (int e = 0; e < 4; ++e) oacc[(2 * d2 + u) * 32 + l][e] = c[l][e];
+      }
+    }
+  }
+  auto S = at::zeros({16, n}, q.options()), O = at::zeros({16, D}, q.options());
+  float* sp = S.data_ptr<float>();
+  float* op_ = O.data_ptr<float>();
+  for (int l = 0; l < 32; ++l)
+    for (int e = 0; e < 4; ++e) {
+      for (int i = 0; i < NB; ++i) sp[acc_row(l, e) * n + i * 8 + acc_col(l, e)] = sacc[i * 32 + l][e];
+      for (int i = 0; i < DN; ++i) op_[acc_row(l, e) * D + i * 8 + acc_col(l, e)] = oacc[i * 32 + l][e];
+    }
+  return {S, O};
 }
 
 enum class Kind { Tree, Decode, Prefill };
@@ -182,4 +315,5 @@ TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
   m.impl("_attn_core_plan", &tokenkernels::attn::plan_op);
   m.impl("_attn_core_ranges", &tokenkernels::attn::ranges_op);
   m.impl("_attn_core_emulate", &tokenkernels::attn::emulate_op);
+  m.impl("_attn_core_fragments", &tokenkernels::attn::fragments_op);
 }

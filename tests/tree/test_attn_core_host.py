@@ -216,3 +216,31 @@ def test_emulate_large_logits_and_empty_splits():
     for splits in (1, 2, 64):
         got = OPS._attn_core_emulate(q, k, v, ok, torch.empty(0, 0, dtype=torch.int32), 0, 4, splits, 4, 1.0, "decode")
         compare(got, truth(q, k, v, ok[None].expand(4, 300), 1.0))
+
+
+# ------------------------------------------------------------------------------ fragment layouts
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("n", [16, 64])   # keys per warp per tile: kWN = 4 / kWN = 1
+def test_fragment_addressing_computes_the_tile(D, n):
+    """The kernel's swizzle, ldmatrix addresses, accumulator and P-repacking maps (attn_core.h), run
+    on a model of ldmatrix / ldmatrix.trans / mma.sync m16n8k16: S = Q K^T and O = S V come out
+    element for element (a wrong lane -> row / column map scrambles them)."""
+    g = torch.Generator().manual_seed(D + n)
+    q, k, v = torch.randn(16, D, generator=g), torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+    S, O = OPS._attn_core_fragments(q, k, v)
+    torch.testing.assert_close(S, q @ k.T, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(O, S @ v, atol=1e-3, rtol=1e-5)
+
+
+def test_fragment_model_is_not_the_identity():
+    """The model really moves elements (a distinct value per element, exact in fp32)."""
+    q = torch.zeros(16, 64)
+    q[3, 17] = 1.0
+    k = torch.zeros(16, 64)
+    k[9, 17] = 2.0
+    v = torch.arange(16 * 64, dtype=torch.float32).view(16, 64)
+    S, O = OPS._attn_core_fragments(q, k, v)
+    want = torch.zeros(16, 16)
+    want[3, 9] = 2.0
+    assert torch.equal(S, want)
+    assert torch.equal(O[3], 2.0 * v[9]) and (O[torch.arange(16) != 3] == 0).all()

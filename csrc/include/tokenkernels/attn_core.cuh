@@ -74,10 +74,9 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
       *reinterpret_cast<const cute::uint128_t*>(gmem), *reinterpret_cast<cute::uint128_t*>(smem), pred);
 }
 
-// Element offset of 16-byte chunk c of row `row` in a (rows x D) 16-bit tile: chunks XOR-swizzled
-// with the row's low 3 bits, so the 8 rows an ldmatrix reads hit 8 different bank groups.
+// Element offset of 16-byte chunk c of row `row` in a (rows x D) 16-bit tile (attn_core.h).
 template <int D>
-__device__ __forceinline__ int swz(int row, int c) { return row * D + ((c ^ (row & 7)) << 3); }
+__device__ __forceinline__ int swz(int row, int c) { return swz_off(row, c, D); }
 
 // ---------------------------------------------------------------------------- key sources
 // A source tells the kernel, per CTA: its key range and whether a mask applies (keys()), each
@@ -332,10 +331,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     uint32_t qf[DK][4];
 #pragma unroll
     for (int kk = 0; kk < DK; ++kk) {
-      const int r = wm * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
-      ldsm_x4(sQ + swz<D>(r, 2 * kk + (lane >> 4)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+      ldsm_x4(sQ + swz<D>(q_lds_row(wm, lane), q_lds_chunk(kk, lane)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
     }
-    const int64_t ra = row0 + wm * 16 + (lane >> 2), rbw = ra + 8;   // this thread's two rows
+    const int64_t ra = row0 + wm * 16 + acc_row(lane, 0), rbw = row0 + wm * 16 + acc_row(lane, 2);   // my 2 rows
 
     for (int t = 0; t < ntiles; ++t) {
       const bool more = t + 1 < ntiles;
@@ -363,9 +361,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int kk = 0; kk < DK; ++kk) {
 #pragma unroll
         for (int n2 = 0; n2 < NB / 2; ++n2) {
-          const int kr = key0 + n2 * 16 + (lane & 7) + 8 * (lane >> 4);
           uint32_t b0, b1, b2, b3;
-          ldsm_x4(tk + swz<D>(kr, 2 * kk + ((lane >> 3) & 1)), b0, b1, b2, b3);
+          ldsm_x4(tk + swz<D>(k_lds_row(key0, n2, lane), k_lds_chunk(kk, lane)), b0, b1, b2, b3);
           mma<T>(s[2 * n2], qf[kk], b0, b1);
           mma<T>(s[2 * n2 + 1], qf[kk], b2, b3);
         }
@@ -376,9 +373,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int i = 0; i < NB; ++i) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int jl = key0 + i * 8 + (lane & 3) * 2 + (e & 1);
+          const int jl = key0 + i * 8 + acc_col(lane, e);
           bool ok = tko[jl] >= 0;
-          if (ck.masked && ok) ok = src.allowed(b, e < 2 ? ra : rbw, kb + jl);
+          if (ck.masked && ok) ok = src.allowed(b, e < 2 ? ra : rbw, kb + jl);   // rows acc_row(lane, e)
           const float v = ok ? s[i][e] * scale_log2 : -INFINITY;
           s[i][e] = v;
           mx[e >> 1] = fmaxf(mx[e >> 1], v);
@@ -413,15 +410,13 @@ __global__ void __launch_bounds__(kThreads, 2)
             p[u][e] = prob(s[2 * ks + u][e], m[e >> 1]);
             l[e >> 1] += p[u][e];
           }
-        a[0] = Mma<T>::pack(p[0][0], p[0][1]);
-        a[1] = Mma<T>::pack(p[0][2], p[0][3]);
-        a[2] = Mma<T>::pack(p[1][0], p[1][1]);
-        a[3] = Mma<T>::pack(p[1][2], p[1][3]);
-        const int vr = key0 + ks * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = Mma<T>::pack(p[pa_block(r)][pa_elem(r, 0)], p[pa_block(r)][pa_elem(r, 1)]);
+        const int vr = v_lds_row(key0, ks, lane);
 #pragma unroll
         for (int d2 = 0; d2 < DN / 2; ++d2) {
           uint32_t b0, b1, b2, b3;
-          ldsm_x4_t(tv + swz<D>(vr, 2 * d2 + (lane >> 4)), b0, b1, b2, b3);
+          ldsm_x4_t(tv + swz<D>(vr, v_lds_chunk(d2, lane)), b0, b1, b2, b3);
           mma<T>(o[2 * d2], a, b0, b1);
           mma<T>(o[2 * d2 + 1], a, b2, b3);
         }
@@ -469,8 +464,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // ---- epilogue: warps of key group 0 own the rows
   const bool owner = wn == 0;
-  const int64_t ra = row0 + wm * 16 + (lane >> 2);
-  const int cb = (lane & 3) * 2;
+  const int64_t ra = row0 + wm * 16 + acc_row(lane, 0);   // and ra + 8 = acc_row(lane, 2)
+  const int cb = acc_col(lane, 0);
   T* outp = src.out();
   float* lsep = src.lse();
   if (parts == 1) {
@@ -483,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         const float inv = valid ? part_inv(l[hr]) : 0.f;
         T* orow = outp + src.qrow(b, h, r) * D;
 #pragma unroll
-        for (int i = 0; i < DN; ++i) {
+        for (int i = 0; i < DN; ++i) {   // columns i * 8 + acc_col(lane, 2 hr + {0, 1}) = i * 8 + cb + {0, 1}
           const uint32_t v = Mma<T>::pack(o[i][2 * hr] * inv, o[i][2 * hr + 1] * inv);
           *reinterpret_cast<uint32_t*>(orow + i * 8 + cb) = v;
         }
@@ -497,7 +492,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (owner) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int64_t rl = wm * 16 + (lane >> 2) + 8 * hr;
+      const int64_t rl = wm * 16 + acc_row(lane, 2 * hr);
       const int64_t prow = (part * base + cta) * ROWS + rl;
       const float inv = part_inv(l[hr]);
       float* w = ws_o + prow * D;

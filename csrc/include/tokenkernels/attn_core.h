@@ -42,6 +42,34 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Rows a CTA holds for a key-group count kWN (1 or 4).
 TK_HD int core_rows(int wn) { return 16 * (kWarps / wn); }
 
+// ------------------------------------------------------------------ fragment addressing
+// Where each lane of a warp points its ldmatrix x4 addresses and which tile element each register
+// of an mma.sync m16n8k16 fragment holds -- the kernel's own index arithmetic, emulated on the CPU
+// (torch.ops.tokenkernels._attn_core_fragments) against a model of ldmatrix / mma.sync.
+// Shared-memory tiles are (rows x D) 16-bit, in 16-byte chunks of 8 elements, chunk c of row r at
+// element swz_off(r, c, D): chunks XOR-swizzled by the row's low 3 bits, so the 8 rows one
+// ldmatrix matrix reads fall in 8 different bank groups.
+TK_HD int swz_off(int row, int c, int D) { return row * D + ((c ^ (row & 7)) << 3); }
+// Q (A operand, row-major rows x D): k-step kk (columns 16 kk ..), matrices a0..a3 = rows 0-7 /
+// 8-15 x columns 0-7 / 8-15.
+TK_HD int q_lds_row(int wm, int lane) { return wm * 16 + (lane & 7) + 8 * ((lane >> 3) & 1); }
+TK_HD int q_lds_chunk(int kk, int lane) { return 2 * kk + (lane >> 4); }
+// K (B operand of S = Q K^T, K rows = keys): n-block pair n2 (keys key0 + 16 n2 ..), k-step kk;
+// matrices = (b0, b1) of n-block 2 n2, then of 2 n2 + 1.
+TK_HD int k_lds_row(int key0, int n2, int lane) { return key0 + n2 * 16 + (lane & 7) + 8 * (lane >> 4); }
+TK_HD int k_lds_chunk(int kk, int lane) { return 2 * kk + ((lane >> 3) & 1); }
+// V (B operand of O = P V, transposed ldmatrix): key k-step ks (keys key0 + 16 ks ..), column
+// n-block pair d2; matrices = (b0, b1) of n-block 2 d2, then of 2 d2 + 1.
+TK_HD int v_lds_row(int key0, int ks, int lane) { return key0 + ks * 16 + (lane & 7) + 8 * ((lane >> 3) & 1); }
+TK_HD int v_lds_chunk(int d2, int lane) { return 2 * d2 + (lane >> 4); }
+// Accumulator element e (0..3) of an m16n8 fragment: row in the 16-row tile, column in the n-block.
+TK_HD int acc_row(int lane, int e) { return (lane >> 2) + 8 * (e >> 1); }
+TK_HD int acc_col(int lane, int e) { return (lane & 3) * 2 + (e & 1); }
+// P as the A operand of k-step ks: register r (0..3) packs S n-block 2 ks + pa_block(r), elements
+// pa_elem(r, 0) (low half) and pa_elem(r, 1) (high half).
+TK_HD int pa_block(int r) { return r >> 1; }
+TK_HD int pa_elem(int r, int half) { return (r & 1) * 2 + half; }
+
 // ------------------------------------------------------------------ softmax / merge arithmetic
 // The base a row's exponentials are taken against: its max, or 0 while it has seen no key (so
 // exp2(-inf - base) = 0 and never NaN).
