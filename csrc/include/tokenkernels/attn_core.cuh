@@ -246,7 +246,7 @@ template <typename T>
 __device__ __forceinline__ uint4 q_chunk(const T* src) { return *reinterpret_cast<const uint4*>(src); }
 
 // ------------------------------------------------------------------------------- the kernel
-// Resources (check build, cuobjdump -res-usage; bench/roofline/attn_core_sass.md): 119-218
+// Resources (check build, cuobjdump -res-usage; bench/roofline/attn_core_sass.md): 119-221
 // registers, 0 stack, 0 local, no spills; 2 CTAs per SM need <= 224 registers at 128 threads.
 // sass: attn_core_tc_kernel sm_80 HMMA LDGSTS LDSM !LDL !STL !HGMMA stack==0 regs<=224 smem<=2048
 // sass: attn_core_tc_kernel sm_90a HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=224 smem<=2048
