@@ -135,15 +135,16 @@ TORCH_LIBRARY(tokenkernels, m) {
       "Tensor(b!) lse) -> ()");
   // Chunked prefill: q (B, C, H_q, D) at positions chunk_start[b] + c (their K/V already in the
   // cache); attends the indices in [0, chunk_start[b]) plus the chunk causally. out like q,
-  // lse (B, C, H_q) fp32. (One CUDA kernel: no impl.)
+  // lse (B, C, H_q) fp32. impl (last, default "auto"): "tuned" runs the tensor-core attention
+  // core on CUDA (fp16 / bf16, D 64 / 128; else, and for every other name, the simt kernel).
   m.def(
       "kv_select_sparse_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
-      "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check) "
-      "-> (Tensor, Tensor)");
+      "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check, "
+      "str impl=\"auto\") -> (Tensor, Tensor)");
   m.def(
       "kv_select_sparse_prefill_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
       "Tensor seq_lens, Tensor chunk_start, Tensor? block_table, float scale, bool check, "
-      "Tensor(a!) out, Tensor(b!) lse) -> ()");
+      "Tensor(a!) out, Tensor(b!) lse, str impl=\"auto\") -> ()");
   // ---- end kv_select family ----------------------------------------------------------------
 
   // ---- private: host planners and emulators of the CUDA kernels (tests only) ------------------
@@ -153,6 +154,19 @@ TORCH_LIBRARY(tokenkernels, m) {
   // kernel's index / digit / merge arithmetic, so that logic is tested without a GPU.
 
   // -- attention core (tree.attention, kv_select.sparse_decode / sparse_prefill, impl="tuned")
+  // csrc/attention/attn_core_host.cpp. _attn_core_plan: args int64 (heads, rows, max_keys,
+  // extra_parts, D, sm_count, ctas_per_sm) -> int64 (wn, rows_per_cta, row_blocks, splits, parts,
+  // ctas, smem_bytes, ws_o, ws_lse, ws_ticket, ws_total) of attn_plan. _attn_core_ranges: the
+  // key range [k0, k1) of every split for each length -> (len(lens), splits, 2). _attn_core_emulate:
+  // the kernel's split / tile / key-group / merge arithmetic on fp32 scores -> (out (R, D), lse (R,)).
+  m.def("_attn_core_plan(Tensor args) -> Tensor");
+  m.def("_attn_core_ranges(Tensor lens, int splits) -> Tensor");
+  // _attn_core_fragments: one warp's S = Q K^T and O = S V through the kernel's ldmatrix / mma
+  // fragment addressing on a model of the instructions: q (16, D), k, v (n, D) -> (S (16, n), O (16, D)).
+  m.def("_attn_core_fragments(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  m.def(
+      "_attn_core_emulate(Tensor q, Tensor k, Tensor v, Tensor key_ok, Tensor mask, int P, int G, int splits, "
+      "int wn, float scale, str kind) -> (Tensor, Tensor)");
 
 
   // -- kv_select radix top-k (impl="tuned")

@@ -446,7 +446,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_prefill_cpu(const at::Tensor& q, const
                                                       const at::Tensor& v_cache, const at::Tensor& indices,
                                                       const at::Tensor& seq_lens, const at::Tensor& chunk_start,
                                                       const std::optional<at::Tensor>& block_table,
-                                                      double scale, bool /*check: always on the CPU*/) {
+                                                      double scale, bool /*check: always on the CPU*/,
+                                                      c10::string_view impl) {
+  parse_impl(impl, kPrefillOp);   // validated; the CPU has one implementation
   auto a = check_attn(q, k_cache, v_cache, indices, seq_lens, &chunk_start, block_table, true);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), a.C, a.H_q}, q.options().dtype(at::kFloat));
@@ -457,7 +459,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_prefill_cpu(const at::Tensor& q, const
 void sparse_prefill_out_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& indices, const at::Tensor& seq_lens,
                             const at::Tensor& chunk_start, const std::optional<at::Tensor>& block_table,
-                            double scale, bool /*check*/, at::Tensor out, at::Tensor lse) {
+                            double scale, bool /*check*/, at::Tensor out, at::Tensor lse,
+                            c10::string_view impl) {
+  parse_impl(impl, kPrefillOp);
   auto a = check_attn(q, k_cache, v_cache, indices, seq_lens, &chunk_start, block_table, true);
   check_attn_out(q, k_cache, a, out, lse);
   prefill_run(a, q, k_cache, v_cache, scale, out, lse);

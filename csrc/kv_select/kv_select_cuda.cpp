@@ -8,6 +8,7 @@
 
 #include "cuda_glue.h"
 #include "kv_select/kv_select_args.h"
+#include "tokenkernels/attn_core.h"
 #include "tokenkernels/kv_select.h"
 
 namespace tokenkernels {
@@ -93,6 +94,22 @@ void decode_run(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k_cach
                 const at::Tensor& v_cache, double scale, Impl impl, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0);
   if (B == 0 || a.H_q == 0) return;
+  const DType dt = dtype_of(k_cache.scalar_type());
+  if (impl == Impl::Tuned && attn::kv_supported(a.meta.layout, k_cache.data_ptr(), strides_of(k_cache),
+                                                v_cache.data_ptr(), strides_of(v_cache), dt)) {
+    // the tensor-core attention core (attn_core.h): q in its dtype, the scale on the fp32 products;
+    // fp32, other D, odd strides: simt below
+    auto qc = q.contiguous();
+    if (attn::aligned16(qc.data_ptr()) && attn::aligned16(out.data_ptr())) {
+      auto ws = workspace(attn::decode_plan(a.meta.layout, a.H_q, a.K).ws_total, k_cache);
+      check_cuda(attn::launch_decode(a.meta.layout, k_cache.data_ptr(), strides_of(k_cache), v_cache.data_ptr(),
+                                     strides_of(v_cache), dt, qc.data_ptr(), static_cast<float>(scale), a.H_q,
+                                     a.indices.data_ptr<int32_t>(), a.K, out.data_ptr(), lse.data_ptr<float>(),
+                                     ws.data_ptr(), current_cuda_stream(q.device())),
+                 "kv_select sparse_decode");
+      return;
+    }
+  }
   auto qs = scaled_query(q, scale, false);
   const int64_t splits = decode_num_splits(impl, B, a.meta.layout.H_kv, a.K, sm_count(q.device()));
   auto ws = workspace(decode_workspace_bytes(B, a.H_q, a.meta.layout.D, splits), k_cache);
@@ -130,9 +147,26 @@ void sparse_decode_out_cuda(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 // ---------------------------------------------------------------------------------- prefill
 void prefill_run(const AttnArgs& a, const at::Tensor& q, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache, double scale, at::Tensor& out, at::Tensor& lse) {
+                 const at::Tensor& v_cache, double scale, Impl impl, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0);
   if (B == 0 || a.C == 0 || a.H_q == 0) return;
+  const DType dt = dtype_of(k_cache.scalar_type());
+  if (impl == Impl::Tuned && attn::kv_supported(a.meta.layout, k_cache.data_ptr(), strides_of(k_cache),
+                                                v_cache.data_ptr(), strides_of(v_cache), dt)) {
+    // the tensor-core attention core (attn_core.h): q in its dtype, the scale on the fp32 products;
+    // fp32, other D, odd strides: the kernel below
+    auto qc = q.contiguous();
+    if (attn::aligned16(qc.data_ptr()) && attn::aligned16(out.data_ptr())) {
+      auto ws = workspace(attn::prefill_plan(a.meta.layout, a.C, a.H_q, a.K).ws_total, k_cache);
+      check_cuda(attn::launch_prefill(a.meta.layout, k_cache.data_ptr(), strides_of(k_cache), v_cache.data_ptr(),
+                                      strides_of(v_cache), dt, qc.data_ptr(), static_cast<float>(scale), a.C, a.H_q,
+                                      a.indices.data_ptr<int32_t>(), a.K, a.chunk_start.data_ptr<int32_t>(),
+                                      out.data_ptr(), lse.data_ptr<float>(), ws.data_ptr(),
+                                      current_cuda_stream(q.device())),
+                 "kv_select sparse_prefill");
+      return;
+    }
+  }
   auto qs = scaled_query(q, scale, false);
   auto ws = workspace(prefill_workspace_bytes(B, a.C, a.H_q, a.meta.layout.D), k_cache);
   check_cuda(launch_sparse_prefill(a.meta.layout, k_cache.data_ptr(), strides_of(k_cache), v_cache.data_ptr(),
@@ -147,23 +181,26 @@ std::tuple<at::Tensor, at::Tensor> sparse_prefill_cuda(const at::Tensor& q, cons
                                                        const at::Tensor& v_cache, const at::Tensor& indices,
                                                        const at::Tensor& seq_lens, const at::Tensor& chunk_start,
                                                        const std::optional<at::Tensor>& block_table,
-                                                       double scale, bool check) {
+                                                       double scale, bool check, c10::string_view impl_name) {
+  const Impl impl = parse_impl(impl_name, kPrefillOp);
   c10::DeviceGuard guard(k_cache.device());
   auto a = check_attn_cuda(q, k_cache, v_cache, indices, seq_lens, &chunk_start, block_table, check);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), a.C, a.H_q}, q.options().dtype(at::kFloat));
-  prefill_run(a, q, k_cache, v_cache, scale, out, lse);
+  prefill_run(a, q, k_cache, v_cache, scale, impl, out, lse);
   return {out, lse};
 }
 
 void sparse_prefill_out_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& indices, const at::Tensor& seq_lens,
                              const at::Tensor& chunk_start, const std::optional<at::Tensor>& block_table,
-                             double scale, bool check, at::Tensor out, at::Tensor lse) {
+                             double scale, bool check, at::Tensor out, at::Tensor lse,
+                             c10::string_view impl_name) {
+  const Impl impl = parse_impl(impl_name, kPrefillOp);
   c10::DeviceGuard guard(k_cache.device());
   auto a = check_attn_cuda(q, k_cache, v_cache, indices, seq_lens, &chunk_start, block_table, check);
   check_attn_out(q, k_cache, a, out, lse);
-  prefill_run(a, q, k_cache, v_cache, scale, out, lse);
+  prefill_run(a, q, k_cache, v_cache, scale, impl, out, lse);
 }
 
 }  // namespace

@@ -89,7 +89,7 @@ void run_attention(const AttnDims& d, const at::Tensor& q_in, const at::Tensor& 
   p.scale = static_cast<float>(scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  auto ws = at::empty({static_cast<int64_t>(attention_workspace_bytes(p))}, q.options().dtype(at::kByte));
+  auto ws = at::empty({static_cast<int64_t>(attention_workspace_bytes(p, d.impl))}, q.options().dtype(at::kByte));
   check_cuda(launch_attention(p, d.impl, ws.data_ptr(), current_cuda_stream(q_in.device())), "tree attention");
 }
 

@@ -2,6 +2,7 @@
 // TOKENKERNELS_CUDA_ARCHS). Each returns the launch's cudaError_t; nothing here syncs the host.
 #include <algorithm>
 
+#include "tokenkernels/attn_core.h"
 #include "tokenkernels/tree.cuh"
 
 namespace tokenkernels {
@@ -81,7 +82,8 @@ int64_t attention_splits(const AttnProblem& p) {
   return std::max<int64_t>(1, std::min({want, ceil_div(p.max_prefix, kMinChunk), kMaxSplits}));
 }
 
-size_t attention_workspace_bytes(const AttnProblem& p) {
+size_t attention_workspace_bytes(const AttnProblem& p, Impl impl) {
+  if (impl == Impl::Tuned && attn::tree_supported(p)) return std::max<size_t>(attn::tree_plan(p).ws_total, 256);
   const int64_t S = attention_splits(p);
   const int64_t rows = S * p.B * p.n * p.Hq;
   return align_up(sizeof(float) * rows * p.D) + align_up(sizeof(float) * rows) + 256;
@@ -137,6 +139,8 @@ cudaError_t attention_dl(const AttnProblem& p, Impl impl, void* ws, cudaStream_t
 
 cudaError_t launch_attention(const AttnProblem& p, Impl impl, void* workspace, cudaStream_t stream) {
   if (p.B == 0 || p.n == 0 || p.Hq == 0) return cudaSuccess;
+  // tuned: the tensor-core core where it applies (fp16 / bf16, D 64 / 128, aligned), else simt
+  if (impl == Impl::Tuned && attn::tree_supported(p)) return attn::launch_tree(p, workspace, stream);
   switch (p.dtype) {
     case DType::kFloat32: return attention_dl<float>(p, impl, workspace, stream);
     case DType::kFloat16: return attention_dl<__half>(p, impl, workspace, stream);

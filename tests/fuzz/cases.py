@@ -547,7 +547,7 @@ def kv_calls(draw, device="cpu"):
                          device=device)
     idx = _indices(draw, start, K, device)
     args = dict(q=c.q, k_cache=c.k, v_cache=c.v, indices=idx, seq_lens=sl, chunk_start=start, block_table=bt,
-                scale=None, return_lse=True, check=True)
+                scale=None, return_lse=True, check=True, impl="auto")
     return maybe_mutate(draw, Call("kv_select.sparse_prefill", tk.kv_select.sparse_prefill, args, 6,
                                    ref.kv_sparse_prefill, _kv_cmp(["kv_out", "kv_lse"]), extra=dict(dtype=dt)))
 

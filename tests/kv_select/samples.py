@@ -29,6 +29,8 @@ def op_samples(device) -> List[Sample]:
     cs = torch.tensor([26, 10], dtype=torch.int32, device=device)
     pidx = torch.arange(6, dtype=torch.int32, device=device).expand(2, 6).contiguous()
     pargs = (p.q, p.k, p.v, pidx, p.seq_lens, cs, None, 0.125, True)
+    pb = make_case([30, 12], G=2, D=64, dtype=torch.bfloat16, device=device, C=4, page_size=16)   # tuned: 16-bit
+    pbargs = (pb.q, pb.k, pb.v, pidx, pb.seq_lens, cs, pb.block_table, 0.125, True)
     return [
         Sample("kv_select_score-paged", OPS.kv_select_score.default,
                (c.q, c.k, c.seq_lens, c.block_table, 1.0, None, None, True, "auto")),
@@ -62,4 +64,7 @@ def op_samples(device) -> List[Sample]:
                pargs[:5] + (cs.long(),) + pargs[6:]),
         Sample("kv_select_sparse_prefill_out", OPS.kv_select_sparse_prefill_out.default,
                pargs + (torch.empty_like(p.q), torch.empty(2, 4, 4, device=device))),
+        Sample("kv_select_sparse_prefill-paged-bf16-tuned", OPS.kv_select_sparse_prefill.default, pbargs + ("tuned",)),
+        Sample("kv_select_sparse_prefill_out-paged-bf16-tuned", OPS.kv_select_sparse_prefill_out.default,
+               pbargs + (torch.empty_like(pb.q), torch.empty(2, 4, 4, device=device), "tuned")),
     ]

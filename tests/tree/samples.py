@@ -37,7 +37,13 @@ def op_samples(device) -> List[Sample]:
     cum = torch.randn(2, 5, generator=g)
     child = torch.randn(2, 5, 3, generator=g)
     md, ml = tree.max_depth, tree.paths.shape[1]
+    # D = 64 bf16: the tensor-core attention core (impl="tuned"; D = 32 above runs simt)
+    q64 = torch.randn(2, 40, 4, 64, generator=g).bfloat16()
+    kp64 = torch.randn(30, 8, 2, 64, generator=g).bfloat16()
+    vp64 = torch.randn(30, 8, 2, 64, generator=g).bfloat16()
     return [
+        Sample("tree_attention-paged-bf16-D64-ragged-tuned", OPS.tree_attention.default,
+               (d(q64), d(kp64), d(vp64), d(P), d(tree.mask), d(lens), d(table), 0.25, True, "tuned")),
         Sample("tree_build-int64-ragged", OPS.tree_build.default, (d(par), d(lens), True, "auto")),
         Sample("tree_build-int32-no-lens-plain", OPS.tree_build.default, (d(par.int()), None, True, "plain")),
         Sample("tree_build-unchecked-tuned", OPS.tree_build.default, (d(par), d(lens), False, "tuned")),

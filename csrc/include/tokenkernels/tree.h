@@ -161,13 +161,17 @@ struct AttnProblem {
   void* out = nullptr;
   float* lse = nullptr;
 };
-// Number of prefix splits the launcher will use, and the fp32 workspace it needs for them.
+// Number of prefix splits the plain / simt launchers use, and the workspace `impl` needs
+// (Impl::Tuned where the tensor-core core takes the problem: attn::tree_plan's).
 int64_t attention_splits(const AttnProblem& p);
-size_t attention_workspace_bytes(const AttnProblem& p);
+size_t attention_workspace_bytes(const AttnProblem& p, Impl impl = Impl::Auto);
 // Impl::Plain: one warp per query row and head, K/V read from global memory; Impl::Simt (and
 // Auto): K/V tiles staged in shared memory once per block and reused by every query row of the
 // KV head. Both: prefix in splits with no mask, then the tree part with the mask merged with
 // the splits by log-sum-exp. Requires D % 32 == 0 and D <= 256.
+// Impl::Tuned: the tensor-core attention core (tokenkernels/attn_core.h: prefix splits cut from
+// the real prefix lengths + the tree part as one more part, merged by the last CTA) for fp16 /
+// bf16 with D = 64 or 128 and 16-byte aligned tensors; anything else (fp32, other D) runs Simt.
 cudaError_t launch_attention(const AttnProblem& p, Impl impl, void* workspace, cudaStream_t stream);
 
 // Greedy verification, one thread per tree. accepted (B, max_depth+1), accept_len, bonus (B,).

@@ -242,8 +242,10 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             (-inf for a request with nothing to attend, whose output is 0).
         out, lse: preallocated (B, H_q, D) / (B, H_q) float32 buffers.
         impl: "auto", "plain" (CUDA: one block per request and KV head), "simt" (CUDA:
-            split-KV), "tuned" (CUDA: the tensor-core attention core, unproven; see :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA; the CPU
-            ignores the name) or "reference".
+            split-KV), "tuned" (CUDA: the tensor-core attention core for fp16 / bf16 with D 64 or
+            128 and 16-byte-aligned caches with unit stride on D, else simt; unproven; see
+            :mod:`tokenkernels.variants` for what ``"auto"`` runs on CUDA; the CPU ignores the
+            name) or "reference".
     """
     op = "sparse_decode"
     q, k_cache, v_cache = _tensor(q, "q", op), _tensor(k_cache, "k_cache", op), _tensor(v_cache, "v_cache", op)
@@ -296,8 +298,10 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     and -1 are ignored; like :func:`sparse_decode`, every listed entry counts, so pass
     indices without duplicates, as :func:`topk` writes them) plus chunk positions ``chunk_start[b] .. + c``
     (causal) -- one softmax over both, i.e. the two partial attentions merged by log-sum-exp.
-    ``impl``: "auto" / "plain" / "simt" / "tuned" run the one prefill kernel of the device; "reference"
-    the PyTorch reference.
+    ``impl``: "auto" / "plain" / "simt" run the device's prefill kernel (CUDA: one block per query
+    row and KV head); "tuned" on CUDA the tensor-core attention core (fp16 / bf16 with D 64 or 128
+    and 16-byte-aligned caches with unit stride on D; otherwise the same kernel as "simt"; unproven,
+    see :mod:`tokenkernels.variants`); "reference" the PyTorch reference. The CPU has one kernel.
 
     Returns (B, C, H_q, D) in q's dtype (and lse (B, C, H_q) float32 with ``return_lse``).
     """
@@ -309,17 +313,18 @@ def sparse_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return_lse, check = _flag(return_lse, "return_lse", op), _flag(check, "check", op)
     chunk_start = _chunk_start(chunk_start, q.shape[0] if q.dim() > 0 else 0, k_cache.device)
     scale = _scale(q, scale, op)
-    if _choose(impl, k_cache.device, op) == _variants.REFERENCE:
+    run = _choose(impl, k_cache.device, op)
+    if run == _variants.REFERENCE:
         return _ref.sparse_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table=block_table,
                                    scale=scale, return_lse=return_lse, out=out, lse=lse, check=check)
     if out is None and lse is None:
         o, l = torch.ops.tokenkernels.kv_select_sparse_prefill(q, k_cache, v_cache, indices, seq_lens, chunk_start,
-                                                               block_table, scale, check)
+                                                               block_table, scale, check, run)
     else:
         o = out if out is not None else torch.empty_like(q)
         l = lse if lse is not None else q.new_empty(q.shape[:3], dtype=torch.float32)
         torch.ops.tokenkernels.kv_select_sparse_prefill_out(q, k_cache, v_cache, indices, seq_lens, chunk_start,
-                                                            block_table, scale, check, o, l)
+                                                            block_table, scale, check, o, l, run)
     return (o, l) if return_lse else o
 
 
@@ -518,14 +523,15 @@ def _decode_out_fake(q, k_cache, v_cache, indices, seq_lens, block_table, scale,
 
 
 @torch.library.register_fake("tokenkernels::kv_select_sparse_prefill")
-def _prefill_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check):
+def _prefill_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check, impl="auto"):
     _fake_same_device("sparse_prefill", "k_cache", k_cache, q=q, v_cache=v_cache, indices=indices,
                       seq_lens=seq_lens, chunk_start=chunk_start, block_table=block_table)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenkernels::kv_select_sparse_prefill_out")
-def _prefill_out_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check, out, lse):
+def _prefill_out_fake(q, k_cache, v_cache, indices, seq_lens, chunk_start, block_table, scale, check, out, lse,
+                      impl="auto"):
     _fake_same_device("sparse_prefill", "k_cache", k_cache, q=q, v_cache=v_cache, indices=indices,
                       seq_lens=seq_lens, chunk_start=chunk_start, block_table=block_table, out=out, lse=lse)
     return None

@@ -251,7 +251,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pre
             [0, num_pages).
         impl: "auto" | "plain" | "simt" | "tuned" (CUDA variants; the CPU has one kernel) | "reference"
             (:func:`tokenkernels.reference.tree.attention`); see :mod:`tokenkernels.variants`
-            for what ``"auto"`` runs on CUDA.
+            for what ``"auto"`` runs on CUDA. "tuned" runs the tensor-core attention core
+            (fp16 / bf16 with head_dim 64 or 128; fp32 and other head sizes run "simt"):
+            QK^T and PV on tensor cores with fp32 accumulation, the probabilities rounded to
+            the input dtype before PV (as FlashAttention does).
 
     Tree token i attends every prefix token and the tree tokens whose bit is set in its mask row
     (itself and its ancestors). H_q must be a multiple of H_kv (GQA). Computed in fp32.

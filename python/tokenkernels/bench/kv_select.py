@@ -35,6 +35,56 @@ def _specs(quick: bool, cuda: bool):
     return [(torch.float32, N), (torch.bfloat16, N)]
 
 
+# CUDA only: the attention core (impl="tuned") beside plain / simt at the issue #13 shapes --
+# sparse decode of 2688 selected tokens at B = 1 and 64, sparse prefill of a 512-token chunk
+# (bench/roofline/sparse_decode.md, sparse_prefill.md).
+CORE_DECODE_B = (1, 64)
+CORE_PREFILL_C = 512
+
+
+def _core_cases(cuda: bool) -> List[str]:
+    if not cuda:
+        return []
+    W = N_SINK + TOP_K + N_LOCAL
+    return ([f"sparse_decode bf16 B{B} k{W} H32/8 D128 impls" for B in CORE_DECODE_B]
+            + [f"sparse_prefill bf16 C{CORE_PREFILL_C} k{W} H32/8 D128 impls"])
+
+
+def _core(ctx: Context) -> None:
+    """Rows of the CUDA variants of sparse_decode / sparse_prefill (bf16, random selections)."""
+    W = N_SINK + TOP_K + N_LOCAL
+    labels = _core_cases(ctx.cuda)
+    N = 8192 if ctx.quick else 32768
+    for B, case in zip(CORE_DECODE_B, labels):
+        t0 = time.perf_counter()
+        torch.manual_seed(11 + B)
+        k = torch.randn(B, N, H_KV, D, dtype=torch.bfloat16, device=ctx.device)
+        v = torch.randn_like(k)
+        q = torch.randn(B, H_Q, D, dtype=torch.bfloat16, device=ctx.device)
+        sl = torch.full((B,), N, dtype=torch.int32, device=ctx.device)
+        idx = torch.sort(torch.randperm(N, device=ctx.device)[:W].expand(B, W), dim=1).values.to(torch.int32).contiguous()
+        sel_bytes = 2.0 * B * W * H_KV * D * 2
+        row = Row("kv_select", case, baselines=("simt",))
+        for im in ("plain", "simt", "tuned"):
+            row.add(im, ctx.time(lambda im=im: kv.sparse_decode(q, k, v, idx, sl, check=False, impl=im)),
+                    work=sel_bytes, bytes=True)
+        ctx.add(row, t0)
+    t0 = time.perf_counter()
+    C = CORE_PREFILL_C
+    torch.manual_seed(13)
+    k = torch.randn(1, N + C, H_KV, D, dtype=torch.bfloat16, device=ctx.device)
+    v = torch.randn_like(k)
+    q = torch.randn(1, C, H_Q, D, dtype=torch.bfloat16, device=ctx.device)
+    sl = torch.full((1,), N + C, dtype=torch.int32, device=ctx.device)
+    idx = torch.sort(torch.randperm(N, device=ctx.device)[:W]).values.to(torch.int32)[None].contiguous()
+    flops = 4.0 * C * H_Q * D * (W + (C + 1) / 2)
+    row = Row("kv_select", labels[-1], baselines=("simt",))
+    for im in ("simt", "tuned"):
+        row.add(im, ctx.time(lambda im=im: kv.sparse_prefill(q, k, v, idx, sl, N, check=False, impl=im)),
+                work=flops)
+    ctx.add(row, t0)
+
+
 def case_label(dtype: torch.dtype, N: int) -> str:
     dn = "fp32" if dtype == torch.float32 else "bf16"
     return f"decode step {dn} N{N} H32/8 D128 k{N_SINK + TOP_K + N_LOCAL}"
@@ -42,7 +92,7 @@ def case_label(dtype: torch.dtype, N: int) -> str:
 
 def cases(quick: bool, cuda: bool = False) -> List[str]:
     """The case labels :func:`run` adds, in order (one progress line each)."""
-    return [case_label(*sp) for sp in _specs(quick, cuda)]
+    return [case_label(*sp) for sp in _specs(quick, cuda)] + _core_cases(cuda)
 
 
 def dense_decode(q, k, v):
@@ -138,6 +188,8 @@ def _case(ctx: Context, dtype: torch.dtype, N: int) -> Row:
 
 def run(ctx: Context) -> None:
     specs = _specs(ctx.quick, ctx.cuda)
-    ctx.total_cases = len(specs)
+    ctx.total_cases = len(specs) + len(_core_cases(ctx.cuda))
     for dtype, N in specs:
         _case(ctx, dtype, N)
+    if ctx.cuda:
+        _core(ctx)

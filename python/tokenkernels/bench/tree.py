@@ -46,8 +46,9 @@ def _builds(quick: bool):
     return [(1, 64), (1, 256)] if quick else [(1, 64), (1, 256), (1, 1024), (16, 256)]
 
 
-def _prefixes(quick: bool):
-    return [1024] if quick else [4096]
+def _prefixes(quick: bool, cuda: bool = False):
+    # (CUDA, full run: also the issue #13 shape, a 32K prefix)
+    return [1024] if quick else ([4096, 32768] if cuda else [4096])
 
 
 def attention_label(prefix: int, dtype: torch.dtype) -> str:
@@ -64,8 +65,11 @@ def cases(quick: bool, cuda: bool = False) -> List[str]:
     return ([f"build B{B} n{n}" for B, n in _builds(quick)]
             + [f"verify_greedy medusa63 B{B}" for B in VERIFY_B]
             + [f"verify_sampling medusa63 B{SAMPLING_B} V{SAMPLING_V}"]
-            + [attention_label(p, dt) for p in _prefixes(quick) for dt in ATTN_DTYPES]
+            + [attention_label(p, dt) for p in _prefixes(quick, cuda) for dt in ATTN_DTYPES]
             + [spec_attention_label()])
+
+
+_CUDA_VARIANT_ROWS = ("tokenkernels_plain", "tokenkernels_simt", "tokenkernels_tuned", "tokenkernels_tuned_paged16")
 
 
 def _rows(ctx: Context, case: str, fns, work=0.0, bytes_=False, baselines=("reference",)):
@@ -73,7 +77,8 @@ def _rows(ctx: Context, case: str, fns, work=0.0, bytes_=False, baselines=("refe
     row = Row("tree", case, baselines=baselines)
     for impl, fn, slow in fns:
         t = ctx.time(fn, slow=slow)
-        row.add(impl, t, work=work if impl == "tokenkernels" else 0.0, bytes=bytes_)
+        rated = impl == "tokenkernels" or impl in _CUDA_VARIANT_ROWS   # (the CUDA-only variant rows too)
+        row.add(impl, t, work=work if rated else 0.0, bytes=bytes_)
     ctx.add(row, started)
     return row
 
@@ -128,7 +133,7 @@ def run(ctx: Context) -> None:
     # ---- attention: 64-node tree over a long prefix, Llama-3-8B heads
     Hq, Hkv, D = HQ, HKV, HD
     n = 64
-    for prefix in _prefixes(quick):
+    for prefix in _prefixes(quick, ctx.cuda):
         for dtype in ATTN_DTYPES:
             B = 1
             tree = tk.tree.build(medusa[None].to(dev))
@@ -144,9 +149,17 @@ def run(ctx: Context) -> None:
             out = torch.empty_like(q)
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             kv_bytes = 2 * N * Hkv * D * q.element_size()
+            # CUDA: every variant side by side ("tuned": the tensor-core attention core for bf16,
+            # simt for fp32; bench/roofline/tree_attention.md has the floor it is measured against)
+            variants = [] if not ctx.cuda else [
+                (f"tokenkernels_{im}", lambda im=im: tk.tree.attention(q, k, v, P, tree, out=out, check=False, impl=im),
+                 False) for im in ("plain", "simt", "tuned")] + [
+                ("tokenkernels_tuned_paged16", lambda: tk.tree.attention(q, kp, vp, P, tree, block_table=table,
+                                                                        check=False, impl="tuned"), False)]
             _rows(ctx, attention_label(prefix, dtype), [
                 ("tokenkernels", lambda: tk.tree.attention(q, k, v, P, tree, out=out, check=False), False),
                 ("tokenkernels_paged16", lambda: tk.tree.attention(q, kp, vp, P, tree, block_table=table, check=False), False),
+            ] + variants + [
                 ("sdpa_dense_mask", lambda: ref.attention_sdpa(q, k, v, P, tree.mask), False),
                 ("sdpa_no_mask_decode", lambda: torch.nn.functional.scaled_dot_product_attention(
                     qt, kt, vt, enable_gqa=True), False),
