@@ -84,7 +84,8 @@ __device__ __forceinline__ void select_bucket(EmitShared& sh, int nbins, long lo
   const int top = nbins - 1 - static_cast<int>(threadIdx.x) * per;
   int local = 0;
   for (int i = 0; i < per; ++i) local += static_cast<int>(sh.hist[top - i]);
-  if (threadIdx.x == 0) { sh.bucket = 0; sh.krem = krem; }
+  if (threadIdx.x == 0) { sh.bucket = 0; sh.krem = krem; }   // (no hit: only with inconsistent counts)
+  __syncthreads();   // the defaults land before any hit
   int above;
   ScanI(sh.scan.i).ExclusiveSum(local, above);
   for (int i = 0; i < per; ++i) {
@@ -97,8 +98,8 @@ __device__ __forceinline__ void select_bucket(EmitShared& sh, int nbins, long lo
 
 // ---------------------------------------------------------------------------------- kernel 1
 // Pass-0 histogram of CTA (b, s)'s chunk, added to the row's global histogram ghist[b].
-// sass: radix_topk_hist_kernel sm_80 LDG.E.128 MATCH !LDL !STL stack==0 regs<=64
-// sass: radix_topk_hist_kernel sm_90a LDG.E.128 MATCH !LDL !STL stack==0 regs<=64
+// sass: radix_topk_hist_kernel sm_80 LDG.E.128 MATCH !LDL !STL stack==0 regs<=64 smem<=9216
+// sass: radix_topk_hist_kernel sm_90a LDG.E.128 MATCH !LDL !STL stack==0 regs<=64 smem<=9216
 __global__ void __launch_bounds__(kThreads, 2) radix_topk_hist_kernel(
     const float* __restrict__ scores, int64_t N, int64_t ld, const int32_t* __restrict__ seq_lens, int64_t k,
     int64_t n_sink, int64_t n_local, const bool* __restrict__ reuse_mask, RadixTopkPlan plan, bool vec,
@@ -239,8 +240,8 @@ __device__ __forceinline__ int64_t emit_reuse(EmitShared& sh, const int32_t* __r
 // its candidates (digit == T1) added to the row's second global histogram; then the row's last
 // CTA to arrive picks the pass-1 bucket, runs pass 2 over the candidates and writes the row.
 // Dynamic shared memory: radix_dynamic_smem_bytes(plan) (cap (key, index) entries).
-// sass: radix_topk_emit_kernel sm_80 LDG.E.128 MATCH !LDL !STL stack==0 regs<=64
-// sass: radix_topk_emit_kernel sm_90a LDG.E.128 MATCH !LDL !STL stack==0 regs<=64
+// sass: radix_topk_emit_kernel sm_80 LDG.E.128 MATCH !LDL !STL stack==0 regs<=64 smem<=16384
+// sass: radix_topk_emit_kernel sm_90a LDG.E.128 MATCH !LDL !STL stack==0 regs<=64 smem<=16384
 __global__ void __launch_bounds__(kThreads, 2) radix_topk_emit_kernel(
     const float* __restrict__ scores, int64_t N, int64_t ld, const int32_t* __restrict__ seq_lens, int64_t k,
     int64_t n_sink, int64_t n_local, const int32_t* __restrict__ reuse, const bool* __restrict__ reuse_mask,
@@ -306,6 +307,7 @@ __global__ void __launch_bounds__(kThreads, 2) radix_topk_emit_kernel(
     if (threadIdx.x == 0) {
       __threadfence();
       const unsigned prev = atomicAdd(arrive + b, 1u);
+      __threadfence();   // (as cooperative_groups' grid sync: fence, arrive, fence, barrier)
       sh.last = prev == static_cast<unsigned>(splits - 1);
     }
     __syncthreads();

@@ -123,12 +123,13 @@ struct RadixTopkPlan {
   int64_t cap = 1;
 };
 
-// ~2 waves of CTAs on sm_count SMs, at least kRadixMinChunk elements per CTA, at most
-// kRadixMaxSplits CTAs per row.
+// At most 2 CTAs per SM in all (one wave of the emit kernel, which holds 2 CTAs per SM), at
+// least kRadixMinChunk elements per CTA, at most kRadixMaxSplits CTAs per row; one CTA per row
+// once the batch alone fills that wave.
 TK_HD RadixTopkPlan radix_topk_plan(int64_t B, int64_t N_max, int64_t sm_count) {
   RadixTopkPlan p;
   const int64_t b = B < 1 ? 1 : B, n = N_max < 1 ? 1 : N_max, sms = sm_count < 1 ? 1 : sm_count;
-  int64_t s = (2 * sms + b - 1) / b;
+  int64_t s = 2 * sms / b;
   const int64_t by_size = n / kRadixMinChunk;   // (0 for a short row: one CTA)
   if (s > by_size) s = by_size;
   if (s > kRadixMaxSplits) s = kRadixMaxSplits;
