@@ -10,7 +10,6 @@ import torch
 from tokenkernels import kv_select as kv
 from tokenkernels.reference import kv_select as ref
 
-IMPLS = ["tuned", "plain"]
 
 
 def _scores(B, N, kind, seed):
@@ -40,13 +39,20 @@ def _run(device, s, k, sl, n_sink, n_local, impl="tuned", **kw):
     return got
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("N", [1, 7, 129, 1000, 131072])
 @pytest.mark.parametrize("k", [1, 2048])
-def test_tuned_sizes_b1(device, impl, N, k):
-    s = _scores(1, N, "randn", N + k)
-    _run(device, s, k, torch.tensor([N], dtype=torch.int32), 4, 16, impl=impl)
-    _run(device, s, k, torch.tensor([N], dtype=torch.int32), 0, 0, impl=impl)
+@pytest.mark.parametrize("B", [1, 64])
+def test_tuned_sizes(device, N, k, B):
+    """B = 1: up to 32 CTAs per row; B = 64: up to 4 per row (ragged lengths, the first full;
+    B = 64 at N = 131072: test_tuned_b64_ragged_131072)."""
+    if B == 64 and N == 131072:
+        N = 40000
+    s = _scores(B, N, "randn", N + k + B)
+    g = torch.Generator().manual_seed(N + k)
+    sl = torch.randint(0, N + 1, (B,), generator=g, dtype=torch.int32)
+    sl[0] = N
+    _run(device, s, k, sl, 4, 16)
+    _run(device, s, k, sl, 0, 0)
 
 
 @pytest.mark.parametrize("kind", ["randn", "spread", "uniform", "ties", "ninf"])
@@ -58,6 +64,8 @@ def test_tuned_b64_ragged_131072(device, kind):
     sl = torch.randint(0, N + 1, (B,), generator=g, dtype=torch.int32)
     sl[:4] = torch.tensor([N, N - 1, 2048 + 128 + 512, 0], dtype=torch.int32)
     _run(device, s, 2048, sl, 128, 512)
+    if kind == "randn":
+        _run(device, s, 1, sl, 128, 512)
 
 
 @pytest.mark.parametrize("kind", ["const", "uniform", "ties"])
