@@ -1,12 +1,32 @@
 // kv_select radix top-k (impl="tuned"): the launcher (torch-free; nvcc, every arch of
 // TOKENKERNELS_CUDA_ARCHS). Device code: tokenkernels/radix_topk.cuh; the plan and workspace
 // layout: tokenkernels/radix_topk.h. Nothing here syncs the host.
+#include <atomic>
 #include <cstdint>
 
 #include "tokenkernels/radix_topk.cuh"
 
 namespace tokenkernels {
 namespace kv_select {
+namespace {
+
+// The emit kernel's dynamic shared memory may exceed the 48 KiB default: raise its limit to the
+// largest plan's (8 * kRadixSmemCap bytes) once per device (a host-side attribute, no sync; once,
+// so that later launches -- e.g. under CUDA-graph capture -- make no such call).
+cudaError_t allow_emit_smem() {
+  static std::atomic<unsigned long long> done{0};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const unsigned long long bit = dev < 64 ? 1ull << dev : 0ull;
+  if (bit && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  e = cudaFuncSetAttribute(radix_device::radix_topk_emit_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(8 * kRadixSmemCap));
+  if (e == cudaSuccess && bit) done.fetch_or(bit, std::memory_order_acq_rel);
+  return e;
+}
+
+}  // namespace
 
 cudaError_t launch_topk_radix(const float* scores, int64_t B, int64_t N_max, int64_t ld,
                               const int32_t* seq_lens, int64_t k, int64_t n_sink, int64_t n_local,
@@ -33,8 +53,7 @@ cudaError_t launch_topk_radix(const float* scores, int64_t B, int64_t N_max, int
   if (e != cudaSuccess) return e;
   const int smem = static_cast<int>(radix_dynamic_smem_bytes(plan));
   if (smem > 48 * 1024) {
-    e = cudaFuncSetAttribute(radix_device::radix_topk_emit_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             smem);
+    e = allow_emit_smem();
     if (e != cudaSuccess) return e;
   }
   radix_device::radix_topk_emit_kernel<<<grid, kRadixThreads, smem, stream>>>(
