@@ -117,13 +117,15 @@ TORCH_LIBRARY(tokenkernels, m) {
       "Tensor? skip, Tensor? valid, bool check, str impl) -> Tensor");
   // Selected token indices (B, n_sink + k + n_local) int32 ascending, padded -1. Rows with
   // reuse_mask[b] take their middle tokens from reuse (B, k) ascending. check: seq_lens within
-  // [0, scores.size(1)] (always on CPU; one host sync on CUDA, else clamped).
+  // [0, scores.size(1)] (always on CPU; one host sync on CUDA, else clamped). impl (last, default
+  // "auto"): "auto" / "plain" / "simt" run the one-CTA-per-request radix select, "tuned" the
+  // radix top-k of tokenkernels/radix_topk.h (several CTAs per row, candidate compaction).
   m.def(
       "kv_select_topk(Tensor scores, int k, Tensor seq_lens, int n_sink, int n_local, Tensor? reuse, "
-      "Tensor? reuse_mask, bool check) -> Tensor");
+      "Tensor? reuse_mask, bool check, str impl=\"auto\") -> Tensor");
   m.def(
       "kv_select_topk_out(Tensor scores, int k, Tensor seq_lens, int n_sink, int n_local, Tensor? reuse, "
-      "Tensor? reuse_mask, bool check, Tensor(a!) out) -> ()");
+      "Tensor? reuse_mask, bool check, Tensor(a!) out, str impl=\"auto\") -> ()");
   // Attention of q (B, H_q, D) over the tokens listed in indices (B, K) (-1 skipped):
   // out (B, H_q, D) in q's dtype, lse (B, H_q) fp32 (natural log; -inf when nothing attended).
   m.def(
@@ -170,7 +172,16 @@ TORCH_LIBRARY(tokenkernels, m) {
 
 
   // -- kv_select radix top-k (impl="tuned")
-
+  // The CUDA plan of radix_topk_plan (tokenkernels/radix_topk.h): [splits (CTAs per row), chunk
+  // (elements per CTA), cap (entries the finishing CTA keeps in shared memory), workspace bytes,
+  // zeroed bytes, dynamic shared memory bytes].
+  m.def("_kv_select_radix_topk_plan(int B, int N_max, int sm_count) -> int[]");
+  // Sequential CPU emulation of the radix top-k kernels (csrc/kv_select/radix_topk_host.cpp):
+  // out as kv_select_topk, stats (B, 4) int64 [splits, compacted entries, threshold key, keys
+  // equal to it taken]; cap > 0 overrides the plan's shared-memory capacity.
+  m.def(
+      "_kv_select_radix_topk_emulate(Tensor scores, int k, Tensor seq_lens, int n_sink, int n_local, "
+      "Tensor? reuse, Tensor? reuse_mask, int sm_count, int cap) -> (Tensor, Tensor)");
 
   // -- kv_select scoring (impl="tuned")
 

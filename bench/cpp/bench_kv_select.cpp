@@ -30,7 +30,7 @@ using OptT = std::optional<at::Tensor>;
 using ScoreSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
                             double, const OptT&, const OptT&, bool, c10::string_view);
 using TopkSig = at::Tensor(const at::Tensor&, int64_t, const at::Tensor&, int64_t, int64_t,
-                           const OptT&, const OptT&, bool);
+                           const OptT&, const OptT&, bool, c10::string_view);
 using DecodeSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, const at::Tensor&,
                                                      const at::Tensor&, const OptT&, double, bool,
@@ -98,7 +98,7 @@ void run_kv_select(Context& ctx) {
 
     auto select = [&] {
       auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto");
-      return topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false);
+      return topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false, "auto");
     };
     auto idx = select();
     char name[160];
@@ -138,9 +138,9 @@ void run_kv_select(Context& ctx) {
       std::snprintf(name, sizeof name, "topk k2048 of N%lld (+128+512)", (long long)N);
       Row r(name, {"aten_topk_sort"});
       auto s = score_op().call(q, k, sl, std::nullopt, 1.0, std::nullopt, std::nullopt, false, "auto");
-      auto mine = topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false);
+      auto mine = topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false, "auto");
       const char* match = at::equal(mine, ref_topk(s, N)) ? "equal" : "DIFFER";
-      r.add("tokenkernels", ctx.time([&] { topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false); }),
+      r.add("tokenkernels", ctx.time([&] { topk_op().call(s, kTop, sl, kSink, kLocal, std::nullopt, std::nullopt, false, "auto"); }),
             N * 4.0, true).metric("picks=ref", match);
       r.add("aten_topk_sort", ctx.time([&] { ref_topk(s, N); }), N * 4.0, true);
       ctx.add(r);

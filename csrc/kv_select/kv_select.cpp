@@ -203,7 +203,9 @@ void topk_impl(const at::Tensor& scores_in, int64_t k, const TopkArgs& a, int64_
 
 at::Tensor topk_cpu(const at::Tensor& scores, int64_t k, const at::Tensor& seq_lens, int64_t n_sink,
                     int64_t n_local, const std::optional<at::Tensor>& reuse,
-                    const std::optional<at::Tensor>& reuse_mask, bool /*check: always on the CPU*/) {
+                    const std::optional<at::Tensor>& reuse_mask, bool /*check: always on the CPU*/,
+                    c10::string_view impl) {
+  parse_impl(impl, kTopkOp);   // validated, one CPU implementation
   TopkArgs a = check_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, true);
   auto out = at::empty({scores.size(0), a.width}, scores.options().dtype(at::kInt));
   topk_impl(scores, k, a, n_sink, n_local, out);
@@ -212,7 +214,9 @@ at::Tensor topk_cpu(const at::Tensor& scores, int64_t k, const at::Tensor& seq_l
 
 void topk_out_cpu(const at::Tensor& scores, int64_t k, const at::Tensor& seq_lens, int64_t n_sink,
                   int64_t n_local, const std::optional<at::Tensor>& reuse,
-                  const std::optional<at::Tensor>& reuse_mask, bool /*check*/, at::Tensor out) {
+                  const std::optional<at::Tensor>& reuse_mask, bool /*check*/, at::Tensor out,
+                  c10::string_view impl) {
+  parse_impl(impl, kTopkOp);
   TopkArgs a = check_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, true);
   check_topk_out(scores, a, out);
   topk_impl(scores, k, a, n_sink, n_local, out);

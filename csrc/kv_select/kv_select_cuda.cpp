@@ -10,6 +10,7 @@
 #include "kv_select/kv_select_args.h"
 #include "tokenkernels/attn_core.h"
 #include "tokenkernels/kv_select.h"
+#include "tokenkernels/radix_topk.h"
 
 namespace tokenkernels {
 namespace kv_select {
@@ -51,34 +52,50 @@ at::Tensor score_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::
 }
 
 // ---------------------------------------------------------------------------------- top-k
+// impl: Tuned runs the radix top-k (tokenkernels/radix_topk.h: several CTAs per row, workspace
+// from the caching allocator); every other impl the one-CTA-per-request kernel of launch_topk.
 void topk_run(const at::Tensor& scores_in, int64_t k, const TopkArgs& a, int64_t n_sink,
-              int64_t n_local, at::Tensor& out) {
+              int64_t n_local, at::Tensor& out, Impl impl) {
   auto scores = scores_in.stride(1) == 1 ? scores_in : scores_in.contiguous();
-  check_cuda(launch_topk(scores.data_ptr<float>(), scores.size(0), scores.size(1), scores.stride(0),
-                         a.seq_lens.data_ptr<int32_t>(), k, n_sink, n_local,
-                         a.reuse.defined() ? a.reuse.data_ptr<int32_t>() : nullptr,
-                         a.reuse_mask.defined() ? a.reuse_mask.data_ptr<bool>() : nullptr,
-                         out.data_ptr<int32_t>(), current_cuda_stream(scores.device())),
+  const int64_t B = scores.size(0), N = scores.size(1);
+  const int32_t* reuse = a.reuse.defined() ? a.reuse.data_ptr<int32_t>() : nullptr;
+  const bool* reuse_mask = a.reuse_mask.defined() ? a.reuse_mask.data_ptr<bool>() : nullptr;
+  const cudaStream_t stream = current_cuda_stream(scores.device());
+  if (impl == Impl::Tuned && N <= std::numeric_limits<int32_t>::max()) {
+    if (B == 0 || a.width == 0) return;
+    const RadixTopkPlan plan = radix_topk_plan(B, N, sm_count(scores.device()));
+    auto ws = workspace(static_cast<size_t>(radix_workspace_bytes(plan, B)), scores);
+    check_cuda(launch_topk_radix(scores.data_ptr<float>(), B, N, scores.stride(0), a.seq_lens.data_ptr<int32_t>(), k,
+                                 n_sink, n_local, reuse, reuse_mask, out.data_ptr<int32_t>(), plan, ws.data_ptr(),
+                                 stream),
+               "kv_select topk (tuned)");
+    return;
+  }
+  check_cuda(launch_topk(scores.data_ptr<float>(), B, N, scores.stride(0), a.seq_lens.data_ptr<int32_t>(), k, n_sink,
+                         n_local, reuse, reuse_mask, out.data_ptr<int32_t>(), stream),
              "kv_select topk");
 }
 
 at::Tensor topk_cuda(const at::Tensor& scores, int64_t k, const at::Tensor& seq_lens, int64_t n_sink,
                      int64_t n_local, const std::optional<at::Tensor>& reuse,
-                     const std::optional<at::Tensor>& reuse_mask, bool check) {
+                     const std::optional<at::Tensor>& reuse_mask, bool check, c10::string_view impl_name) {
+  const Impl impl = parse_impl(impl_name, kTopkOp);
   c10::DeviceGuard guard(scores.device());
   TopkArgs a = check_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check);
   auto out = at::empty({scores.size(0), a.width}, scores.options().dtype(at::kInt));
-  topk_run(scores, k, a, n_sink, n_local, out);
+  topk_run(scores, k, a, n_sink, n_local, out, impl);
   return out;
 }
 
 void topk_out_cuda(const at::Tensor& scores, int64_t k, const at::Tensor& seq_lens, int64_t n_sink,
                    int64_t n_local, const std::optional<at::Tensor>& reuse,
-                   const std::optional<at::Tensor>& reuse_mask, bool check, at::Tensor out) {
+                   const std::optional<at::Tensor>& reuse_mask, bool check, at::Tensor out,
+                   c10::string_view impl_name) {
+  const Impl impl = parse_impl(impl_name, kTopkOp);
   c10::DeviceGuard guard(scores.device());
   TopkArgs a = check_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check);
   check_topk_out(scores, a, out);
-  topk_run(scores, k, a, n_sink, n_local, out);
+  topk_run(scores, k, a, n_sink, n_local, out, impl);
 }
 
 // ---------------------------------------------------------------------------------- decode

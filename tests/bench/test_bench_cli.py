@@ -60,7 +60,9 @@ def test_case_counts_cuda():
     # cross_entropy runs bf16 only on CUDA; the other families do the same cases
     assert len(bench.family_cases("cross_entropy", True, cuda=True)) == 1
     assert len(bench.family_cases("cross_entropy", False, cuda=True)) == 2
-    for f in ("integrations", "kcenter", "kv_select", "spec", "tree"):
+    # kv_select adds top-k alone on CUDA (impl="plain" vs "tuned", B = 1 and 64)
+    assert len(bench.family_cases("kv_select", True, cuda=True)) == EXPECTED["quick"]["kv_select"] + 2
+    for f in ("integrations", "kcenter", "spec", "tree"):
         assert len(bench.family_cases(f, True, cuda=True)) == EXPECTED["quick"][f]
 
 
@@ -278,3 +280,19 @@ def test_spec_forward_counter_counts_the_decoder():
     c.close()
     lin(torch.zeros(1, 2))
     assert c.n == 2
+
+
+def test_kv_select_topk_case_runs(monkeypatch):
+    """The CUDA-only top-k case (plain vs tuned vs torch.topk), run on the CPU untimed at a small
+    width: it builds its row and checks tuned == plain."""
+    from tokenkernels.bench import kv_select
+
+    label = kv_select.topk_case_label(2, 8192)
+    prog = Progress([("kv_select", [label])], {"kv_select": 1.0})
+    ctx = _NoTiming(torch.device("cpu"), True, None, progress=prog)
+    prog.begin_family("kv_select")
+    row = kv_select._topk_case(ctx, 2, 8192)
+    assert row.case == label and ctx.case_labels == [label]
+    assert list(row.results) == ["tokenkernels topk plain", "tokenkernels topk tuned", "torch.topk + sort"]
+    assert row.results["tokenkernels topk tuned"].metrics == {"tuned=plain": "equal"}
+    assert row.baselines == ("tokenkernels topk plain",)

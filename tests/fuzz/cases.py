@@ -529,7 +529,8 @@ def kv_calls(draw, device="cpu"):
     k, ns, nl = draw(st.integers(0, 6)), draw(st.integers(0, 3)), draw(st.integers(0, 3))
     if which == "topk":
         scores = ref.kv_score(c.q, c.k, sl, block_table=bt).float()
-        args = dict(scores=scores, k=k, seq_lens=sl, n_sink=ns, n_local=nl, reuse=None, reuse_mask=None)
+        args = dict(scores=scores, k=k, seq_lens=sl, n_sink=ns, n_local=nl, reuse=None, reuse_mask=None,
+                    impl=draw(st.sampled_from(["auto", "tuned"])))
         return maybe_mutate(draw, Call("kv_select.topk", tk.kv_select.topk, args, 3, ref.kv_topk, exact))
     if which == "select":
         args = dict(q=c.q, k_cache=c.k, seq_lens=sl, k=k, n_sink=ns, n_local=nl, block_table=bt, scale=1.0,

@@ -47,8 +47,13 @@ def op_samples(device) -> List[Sample]:
         Sample("kv_select_topk-plain", OPS.kv_select_topk.default, (s, 6, c.seq_lens, 2, 3, None, None, True)),
         Sample("kv_select_topk-reuse", OPS.kv_select_topk.default, (s, 6, c.seq_lens, 2, 3, reuse, skip, True)),
         Sample("kv_select_topk-unchecked", OPS.kv_select_topk.default, (hs, 4, h.seq_lens, 1, 2, None, None, False)),
+        Sample("kv_select_topk-reuse-tuned", OPS.kv_select_topk.default,
+               (s, 6, c.seq_lens, 2, 3, reuse, skip, True, "tuned")),
+        Sample("kv_select_topk-hf-tuned", OPS.kv_select_topk.default, (hs, 4, h.seq_lens, 1, 2, None, None, False, "tuned")),
         Sample("kv_select_topk_out", OPS.kv_select_topk_out.default,
                (s, 6, c.seq_lens, 2, 3, None, None, True, torch.empty_like(idx))),
+        Sample("kv_select_topk_out-tuned", OPS.kv_select_topk_out.default,
+               (s, 6, c.seq_lens, 2, 3, None, None, True, torch.empty_like(idx), "tuned")),
         # (request 2 attends nothing: lse -inf, which opcheck compares exactly)
         Sample("kv_select_sparse_decode-paged", OPS.kv_select_sparse_decode.default, dargs),
         Sample("kv_select_sparse_decode-hf-strided-bf16-plain", OPS.kv_select_sparse_decode.default,

@@ -372,8 +372,9 @@ def test_select_scores_with_the_proof_gated_auto_variant(device, monkeypatch):
 def test_cuda_decode_step_has_no_host_sync():
     """Whole TokenSelect decode (and chunked-prefill) steps with check=False and out= buffers
     never sync the host (torch.cuda.set_sync_debug_mode("error") turns any sync into an
-    error): score, topk (with reuse), select with and without a SelectionCache (decide, reuse,
-    update, reset, counters), sparse_decode (every impl, with and without out=/lse=),
+    error): score, topk (every impl, with and without reuse / out=), select with and without a
+    SelectionCache (decide, reuse, update, reset, counters), sparse_decode (every impl, with and
+    without out=/lse=),
     sparse_prefill (int and tensor chunk_start, with and without out=/lse=)."""
     B, H_kv, G, D, k, n_sink, n_local = 2, 2, 4, 128, 32, 4, 16
     W = n_sink + k + n_local
@@ -385,7 +386,7 @@ def test_cuda_decode_step_has_no_host_sync():
     out, lse = torch.empty_like(c.q), torch.empty(B, H_q, device="cuda")
     pout, plse = torch.empty_like(p.q), torch.empty(B, 8, H_q, device="cuda")
     idx = torch.empty(B, W, dtype=torch.int32, device="cuda")
-    idx2 = torch.empty_like(idx)
+    idx2, idx3 = torch.empty_like(idx), torch.empty_like(idx)
     kw = dict(block_table=c.block_table, check=False)
 
     def step():
@@ -397,6 +398,9 @@ def test_cuda_decode_step_has_no_host_sync():
         kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, out=out, lse=lse, **kw)
         for impl in ("auto", "plain", "simt", "tuned"):
             kv.score(c.q, c.k, c.seq_lens, impl=impl, **kw)
+            kv.topk(s, k, c.seq_lens, n_sink=n_sink, n_local=n_local, reuse=sc.prev_mid,
+                    reuse_mask=sc.last_hit, out=idx3, check=False, impl=impl)
+            kv.topk(s, k, c.seq_lens, n_sink=n_sink, n_local=n_local, check=False, impl=impl)
             kv.sparse_decode(c.q, c.k, c.v, idx, c.seq_lens, impl=impl, return_lse=True, **kw)
         pidx = kv.select(p.q, p.k, cs, k=k, n_sink=n_sink, n_local=n_local, cache=sc, **kw)
         kv.sparse_prefill(p.q, p.k, p.v, pidx, p.seq_lens, cs, out=pout, lse=plse, **kw)

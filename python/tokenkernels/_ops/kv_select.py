@@ -203,7 +203,12 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
         out: (B, n_sink + k + n_local) int32 buffer to write into (CUDA-graph friendly).
         check: validate that seq_lens lie in [0, scores.size(1)] (always on the CPU; one host
             sync on CUDA, where unchecked lengths are clamped).
-        impl: as for :func:`score` (one topk kernel per device: only "reference" differs).
+        impl: "auto" (on CUDA the proof-gated choice of :mod:`tokenkernels.variants`), "plain" /
+            "simt" (CUDA: one block per request, a 4-pass radix select over the whole row),
+            "tuned" (CUDA: the radix top-k of ``tokenkernels/radix_topk.h`` -- several blocks per
+            row when the batch is small, 16-byte loads, warp-aggregated 11-bit histograms, the
+            candidates compacted after the first pass; opt-in until proven on a GPU), or
+            "reference". The result is the same for every impl (the CPU has one kernel).
 
     Returns:
         (B, n_sink + k + n_local) int32, ascending, padded with -1. When seq_len exceeds the
@@ -217,12 +222,15 @@ def topk(scores: torch.Tensor, k: int, seq_lens: torch.Tensor, *, n_sink: int = 
     _budget(k, n_sink, n_local, op, (scores.shape[1], "scores.size(1)") if scores.dim() == 2 else None)
     reuse, reuse_mask = _opt_tensor(reuse, "reuse", op), _opt_tensor(reuse_mask, "reuse_mask", op)
     out, check = _opt_tensor(out, "out", op), _flag(check, "check", op)
-    if _choose(impl, scores.device, op) == _variants.REFERENCE:
+    run = _choose(impl, scores.device, op)
+    if run == _variants.REFERENCE:
         return _ref.topk(scores, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=reuse,
-                         reuse_mask=reuse_mask, out=out, check=check)
+                         reuse_mask=reuse_mask, out=out, check=check, impl=impl)
     if out is None:
-        return torch.ops.tokenkernels.kv_select_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check)
-    torch.ops.tokenkernels.kv_select_topk_out(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check, out)
+        return torch.ops.tokenkernels.kv_select_topk(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check,
+                                                     run)
+    torch.ops.tokenkernels.kv_select_topk_out(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check, out,
+                                              run)
     return out
 
 
@@ -456,7 +464,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
     if cache is None:
         s = torch.ops.tokenkernels.kv_select_score(q, k_cache, seq_lens, block_table, scale, None, valid,
                                                    check, run)
-        idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out, check=False)
+        idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, out=out, check=False, impl=run)
     else:
         if q.dim() not in (3, 4):
             raise ValueError(f"tokenkernels.kv_select.select: q must be (B, H_q, D) or (B, C, H_q, D), "
@@ -467,7 +475,7 @@ def select(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *, k:
         s = torch.ops.tokenkernels.kv_select_score(qm, k_cache, seq_lens, block_table, scale, hit, valid,
                                                    check, run)
         idx = topk(s, k, seq_lens, n_sink=n_sink, n_local=n_local, reuse=cache.prev_mid, reuse_mask=hit,
-                   out=out, check=False)
+                   out=out, check=False, impl=run)
         cache._update(qm, idx, hit, n_sink, k)
     if not masked:
         return idx
@@ -497,13 +505,13 @@ def _score_fake(q, k_cache, seq_lens, block_table, scale, skip, valid, check, im
 
 
 @torch.library.register_fake("tokenkernels::kv_select_topk")
-def _topk_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check):
+def _topk_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check, impl="auto"):
     _fake_same_device("topk", "scores", scores, seq_lens=seq_lens, reuse=reuse, reuse_mask=reuse_mask)
     return scores.new_empty((scores.shape[0], n_sink + k + n_local), dtype=torch.int32)
 
 
 @torch.library.register_fake("tokenkernels::kv_select_topk_out")
-def _topk_out_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check, out):
+def _topk_out_fake(scores, k, seq_lens, n_sink, n_local, reuse, reuse_mask, check, out, impl="auto"):
     _fake_same_device("topk", "scores", scores, seq_lens=seq_lens, reuse=reuse, reuse_mask=reuse_mask, out=out)
     return None
 

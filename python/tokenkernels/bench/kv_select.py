@@ -8,7 +8,9 @@ local; fp32 and bf16. Same seeds and shapes as bench/cpp/bench_kv_select.cpp.
 
 Rows: one per case, every implementation against ``torch SDPA full cache (grouped q)``; rates in
 GB/s of cache bytes read; metric ``picks=torch``: whether the selection equals the plain-torch
-one. The parts (score, topk) against their torch paths are in the notes.
+one. The parts (score, topk) against their torch paths are in the notes. On CUDA also top-k
+alone at the issue #13 shape (k = 2048 of 131072, B = 1 and 64): ``impl="plain"`` vs
+``impl="tuned"`` (the radix top-k) vs torch.topk + sort.
 """
 from __future__ import annotations
 
@@ -90,9 +92,21 @@ def case_label(dtype: torch.dtype, N: int) -> str:
     return f"decode step {dn} N{N} H32/8 D128 k{N_SINK + TOP_K + N_LOCAL}"
 
 
+# top-k alone on CUDA (issue #13: k = 2048 of N = 131072, small and large batch): the one-block
+# radix select ("plain") against the radix top-k ("tuned", several CTAs per row) and torch.topk.
+TOPK_SHAPES = [(1, 131072), (64, 131072)]   # (B, N)
+
+
+def topk_case_label(B: int, N: int) -> str:
+    return f"topk k{TOP_K} of N{N} B{B} fp32"
+
+
 def cases(quick: bool, cuda: bool = False) -> List[str]:
     """The case labels :func:`run` adds, in order (one progress line each)."""
-    return [case_label(*sp) for sp in _specs(quick, cuda)] + _core_cases(cuda)
+    labels = [case_label(*sp) for sp in _specs(quick, cuda)] + _core_cases(cuda)
+    if cuda:
+        labels += [topk_case_label(*sh) for sh in TOPK_SHAPES]
+    return labels
 
 
 def dense_decode(q, k, v):
@@ -186,10 +200,42 @@ def _case(ctx: Context, dtype: torch.dtype, N: int) -> Row:
     return row
 
 
+def _topk_case(ctx: Context, B: int, N: int) -> Row:
+    """kv_select.topk alone, CUDA only: scores spread like criticality sums (softmax over N,
+    summed over 32 heads), every row full length; rates in GB/s of score bytes read once."""
+    t0 = time.perf_counter()
+    torch.manual_seed(11)
+    s = (torch.randn(B, N, device=ctx.device) * 2).softmax(-1) * H_Q
+    sl = torch.full((B,), N, dtype=torch.int32, device=ctx.device)
+    case = topk_case_label(B, N)
+    plain = kv.topk(s, TOP_K, sl, n_sink=N_SINK, n_local=N_LOCAL, check=False, impl="plain")
+    tuned = kv.topk(s, TOP_K, sl, n_sink=N_SINK, n_local=N_LOCAL, check=False, impl="tuned")
+    agree = "equal" if torch.equal(plain, tuned) else "DIFFER"
+    row = Row("kv_select", case, baselines=("tokenkernels topk plain",))
+    work = 4.0 * B * N
+    for impl in ("plain", "tuned"):
+        row.add(f"tokenkernels topk {impl}",
+                ctx.time(lambda impl=impl: kv.topk(s, TOP_K, sl, n_sink=N_SINK, n_local=N_LOCAL, check=False,
+                                                   impl=impl)),
+                work=work, bytes=True, metrics={"tuned=plain": agree})
+    row.add("torch.topk + sort",
+            ctx.time(lambda: torch.topk(s[:, N_SINK:N - N_LOCAL], TOP_K).indices.sort(1)), work=work, bytes=True)
+    ctx.add(row, t0)
+    t = {impl: r.timing.ms for impl, r in row.results.items()}
+    ctx.note(f"{case}: tuned {t['tokenkernels topk tuned'] * 1e3 / B:.2f} us per row "
+             f"({t['tokenkernels topk tuned'] * 1e3:.1f} us), plain {t['tokenkernels topk plain'] * 1e3:.1f} us, "
+             f"torch.topk + sort {t['torch.topk + sort'] * 1e3:.1f} us (goal: <= 12 us per row at small batch; "
+             f"bench/roofline/kv_select_topk.md)")
+    return row
+
+
 def run(ctx: Context) -> None:
     specs = _specs(ctx.quick, ctx.cuda)
-    ctx.total_cases = len(specs) + len(_core_cases(ctx.cuda))
+    topk_shapes = TOPK_SHAPES if ctx.cuda else []
+    ctx.total_cases = len(specs) + len(_core_cases(ctx.cuda)) + len(topk_shapes)
     for dtype, N in specs:
         _case(ctx, dtype, N)
     if ctx.cuda:
         _core(ctx)
+    for B, N in topk_shapes:
+        _topk_case(ctx, B, N)
