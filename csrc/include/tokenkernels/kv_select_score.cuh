@@ -163,8 +163,8 @@ __device__ __forceinline__ void issue_tile(const Pass1Args& a, TileIter& it, int
 }
 
 // ---------------------------------------------------------------- pass 1
-// sass: kvs_score_bw_kernel sm_80 LDGSTS !LDL !STL stack==0
-// sass: kvs_score_bw_kernel sm_90a LDGSTS !LDL !STL stack==0
+// sass: kvs_score_bw_kernel sm_80 LDGSTS !LDL !STL stack==0 regs<=160
+// sass: kvs_score_bw_kernel sm_90a LDGSTS !LDL !STL stack==0 regs<=160
 template <typename T, int R, int MAXG>
 __global__ void __launch_bounds__(score_tuned_max_threads(MAXG), 1) kvs_score_bw_kernel(Pass1Args a) {
   constexpr int U = score_rows_per_batch(R, MAXG);
@@ -299,8 +299,8 @@ __global__ void __launch_bounds__(score_tuned_max_threads(MAXG), 1) kvs_score_bw
 // ---------------------------------------------------------------- pass 2
 // One block (128 threads) per (b, h): (m, s) of the request's chunk partials; an empty head
 // (no valid token) gets (+inf, 1) so that pass 3's terms exp(l - m) / s are 0.
-// sass: kvs_score_bw_merge_kernel sm_80 !LDL !STL stack==0
-// sass: kvs_score_bw_merge_kernel sm_90a !LDL !STL stack==0
+// sass: kvs_score_bw_merge_kernel sm_80 !LDL !STL stack==0 regs<=32
+// sass: kvs_score_bw_merge_kernel sm_90a !LDL !STL stack==0 regs<=32
 __global__ void __launch_bounds__(128) kvs_score_bw_merge_kernel(const float2* __restrict__ pstat, int nchunk,
                                                                  float2* __restrict__ stat) {
   __shared__ float2 red[4];
@@ -332,8 +332,8 @@ __global__ void __launch_bounds__(128) kvs_score_bw_merge_kernel(const float2* _
 // of each head's logits when N_max % 4 == 0, else scalar). -inf past seq_len, for valid[b][n]
 // false and in skipped rows (their logits are never read).
 constexpr int kFinalThreads = 256;
-// sass: kvs_score_bw_final_kernel sm_80 LDG.E.128 !LDL !STL stack==0
-// sass: kvs_score_bw_final_kernel sm_90a LDG.E.128 !LDL !STL stack==0
+// sass: kvs_score_bw_final_kernel sm_80 LDG.E.128 !LDL !STL stack==0 regs<=64
+// sass: kvs_score_bw_final_kernel sm_90a LDG.E.128 !LDL !STL stack==0 regs<=64
 __global__ void __launch_bounds__(kFinalThreads) kvs_score_bw_final_kernel(
     const int32_t* __restrict__ seq_lens, const bool* __restrict__ skip, const bool* __restrict__ valid,
     int64_t N_max, int H_q, const float* __restrict__ logits, const float2* __restrict__ stat,
