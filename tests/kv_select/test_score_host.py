@@ -259,3 +259,57 @@ def test_online_stats_unscaled_logits():
     assert big.any()
     rel = ((out.double() - want).abs()[big] / want[big]).max().item()
     assert rel <= 1e-6, rel
+
+
+# --------------------------------------------------------------------------- random shapes
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300)
+@given(B=st.integers(1, 70), N=st.integers(1, 300000), H_kv=st.integers(1, 70), G=st.integers(1, 17),
+       D=st.sampled_from([8, 32, 64, 96, 128, 256, 512]), elt=st.sampled_from([2, 4]),
+       sms=st.integers(1, 200), bps=st.integers(0, 8))
+def test_plan_random_shapes(B, N, H_kv, G, D, elt, sms, bps):
+    """Every shape the plan accepts satisfies the invariants; it refuses exactly the documented
+    cases (fp32, D not 64/128/256, G > 8, or no whole-warp block within the thread cap)."""
+    H_q = H_kv * G
+    p = plan(B, N, H_kv, H_q, D, elt, sms, bps)
+    R = D // 8
+    maxg = 1 << (G - 1).bit_length()
+    cap = 256 if maxg >= 8 else 512
+    eligible = elt == 2 and D in (64, 128, 256) and G <= 8 and R * H_kv <= cap
+    if eligible:   # whole warps reachable with tp <= 4 and within the cap?
+        tp = 1
+        while tp < 4 and R * H_kv * tp * 2 <= 256:
+            tp *= 2
+        while (R * H_kv * tp) % 32 and tp < 4:
+            tp *= 2
+        eligible = (R * H_kv * tp) % 32 == 0 and R * H_kv * tp <= cap
+    assert p["ok"] == int(eligible), p
+    if eligible:
+        if bps <= 0:
+            bps = p["blocks_per_sm"]
+        check_invariants(p, B, N, H_kv, H_q, D, sms, bps)
+
+
+@settings(max_examples=25)
+@given(seq=st.lists(st.integers(0, 700), min_size=1, max_size=3), H_kv=st.integers(1, 5), G=st.integers(1, 8),
+       D=st.sampled_from([64, 128]), page=st.sampled_from([None, 1, 3, 16, 32]), strided=st.booleans(),
+       sms=st.integers(1, 8), bps=st.integers(1, 3), seed=st.integers(0, 10 ** 6))
+def test_emulation_random_shapes(seq, H_kv, G, D, page, strided, sms, bps, seed):
+    """The emulated kernel writes exactly the valid tokens' logits, each equal to q . k, for
+    random GQA shapes, page sizes and grids (odd H_kv, padded q-heads, 1..4 token phases)."""
+    c = make_case(seq, H_kv=H_kv, G=G, D=D, dtype=torch.bfloat16, page_size=page, strided=strided,
+                  seed=seed)
+    q = c.q.float()
+    logits, pstat, stat, out = emulate(c, q, sms, bps)
+    B, H_q, N = logits.shape
+    okh = ok_mask(c, N)[:, None, :].expand(-1, H_q, -1)
+    assert not torch.isnan(logits[okh]).any() and torch.isnan(logits[~okh]).all()
+    want = torch_logits(c, q)
+    assert (logits[okh].double() - want[okh]).abs().max().item() <= 1e-3 if okh.any() else True
+    want_out = ref.score(q.double(), f64(c.k), cpu(c.seq_lens), block_table=cpu(c.block_table))
+    assert torch.equal(torch.isinf(out), torch.isinf(want_out))
+    fin = torch.isfinite(want_out)
+    if fin.any():
+        assert (out[fin].double() - want_out[fin]).abs().max().item() <= tol(torch.bfloat16, "kv_score") * H_q
