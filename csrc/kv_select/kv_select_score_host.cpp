@@ -97,6 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_emulate_cpu(
   const int V = U * MAXG, NB = kScoreTunedCPT / U, G = static_cast<int>(H_q / H_kv);
   const int tp = static_cast<int>(p.tp), threads = static_cast<int>(p.threads), tile = static_cast<int>(p.tile);
   const int64_t chunk_tokens = p.chunk_tiles * p.tile;
+  const int tp_shift = tp == 4 ? 2 : (tp == 2 ? 1 : 0);
+  const bool fast = score_tile_fast_path(paged, P, p.tile, VA != nullptr);
   auto req_len = [&](int32_t b) -> int64_t {
     if (SK && SK[b]) return 0;
     const int64_t n = SL[b];
@@ -129,15 +131,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_emulate_cpu(
         for (int gi = 0; gi < threads / R; ++gi) {   // lane groups, lanes in lockstep
           const int g = gi % static_cast<int>(H_kv), pp = gi / static_cast<int>(H_kv);
           const float* qg = Q + (static_cast<int64_t>(ck.b) * H_q + static_cast<int64_t>(g) * G) * D;
-          // the producer's row masks and offsets (issue_tile)
+          // the producer's row masks and offsets (issue_tile: fast path or per row)
           int64_t off[kScoreTunedCPT];
           uint32_t mask = 0;
-          for (int j = 0; j < kScoreTunedCPT; ++j) {
-            const int64_t n = n0 + pp + static_cast<int64_t>(tp) * j;
-            off[j] = -1;
-            if (n < n_end && (vrow == nullptr || vrow[n])) {
-              off[j] = score_row_offset(map, bt_row, req_off, static_cast<uint32_t>(n));
-              if (off[j] >= 0) mask |= 1u << j;
+          const int64_t n_first = n0 + pp;
+          if (fast) {
+            const int cnt = score_tile_rows(n_first, n_end, tp_shift);
+            const int64_t off0 = cnt > 0 ? score_row_offset(map, bt_row, req_off, static_cast<uint32_t>(n_first)) : -1;
+            for (int j = 0; j < kScoreTunedCPT; ++j) off[j] = off0 >= 0 && j < cnt ? off0 + j * tp * map.s_slot : -1;
+            if (off0 >= 0) mask = (1u << cnt) - 1u;
+          } else {
+            for (int j = 0; j < kScoreTunedCPT; ++j) {
+              const int64_t n = n_first + static_cast<int64_t>(tp) * j;
+              off[j] = -1;
+              if (n < n_end && (vrow == nullptr || vrow[n])) {
+                off[j] = score_row_offset(map, bt_row, req_off, static_cast<uint32_t>(n));
+                if (off[j] >= 0) mask |= 1u << j;
+              }
             }
           }
           for (int nb = 0; nb < NB; ++nb) {

@@ -95,6 +95,8 @@ cudaError_t launch_score_tuned(const KVLayout& L, const void* k, CacheStrides ks
   a.G = static_cast<int>(H_q / L.H_kv);
   a.D = static_cast<int>(L.D);
   a.tp = static_cast<int>(p.tp);
+  a.tp_shift = p.tp == 4 ? 2 : (p.tp == 2 ? 1 : 0);
+  a.fast = score_tile_fast_path(L.block_table != nullptr, L.page_size, p.tile, valid != nullptr);
   a.stages = static_cast<int>(p.stages);
   a.chunk_tokens = p.chunk_tiles * p.tile;
   a.chunks_per_req = static_cast<uint32_t>(p.chunks_per_req);

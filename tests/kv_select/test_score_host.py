@@ -163,13 +163,22 @@ EMU_CASES = [
     pytest.param([513, 7, 64], 7, False, 3, 128, torch.bfloat16, (1, 1), id="paged7-G3-D128-oneblock"),
     pytest.param([1], None, False, 4, 128, torch.bfloat16, (132, 2), id="N1"),
 ]
+# The issue's heads (H_kv 8, D 128: 16-token tiles): paged 16 / 32 take the producer's one-offset-
+# per-tile fast path, paged 8 the per-row path.
+EMU_CASES_HKV8 = [
+    pytest.param([1000, 129, 7], 16, False, 4, 128, torch.bfloat16, (5, 2), id="Hkv8-paged16-fast"),
+    pytest.param([700, 33], 32, True, 4, 128, torch.float16, (3, 1), id="Hkv8-paged32-strided-fast"),
+    pytest.param([300, 1], 8, False, 4, 128, torch.bfloat16, (2, 2), id="Hkv8-paged8-per-row"),
+    pytest.param([513], None, False, 1, 128, torch.bfloat16, (4, 1), id="Hkv8-contig-G1-fast"),
+]
 
 
-@pytest.mark.parametrize("seq,page,strided,G,D,dtype,occ", EMU_CASES)
-def test_emulation_matches_torch(seq, page, strided, G, D, dtype, occ):
+@pytest.mark.parametrize("seq,page,strided,G,D,dtype,occ,H_kv",
+                         [pytest.param(*c.values, 2, id=c.id) for c in EMU_CASES] +
+                         [pytest.param(*c.values, 8, id=c.id) for c in EMU_CASES_HKV8])
+def test_emulation_matches_torch(seq, page, strided, G, D, dtype, occ, H_kv):
     """Every logit of a valid token is written exactly once (the rest stay NaN) and equals q . k;
     the per-chunk partials, the merged per-head (max, sum) and the scores equal torch's."""
-    H_kv = 2
     c = make_case(seq, H_kv=H_kv, G=G, D=D, dtype=dtype, page_size=page, strided=strided, seed=sum(seq) + D)
     q = c.q.float() * (D ** -0.5)
     sms, bps = occ
@@ -238,6 +247,31 @@ def test_emulation_skip_valid_and_bad_pages():
                      valid=valid & ~bad, skip=skip)
     assert (out[good].double() - want[good]).abs().max().item() <= tol(torch.bfloat16, "kv_score") * H_q
     assert (out[ok & bad] == 0).all()
+
+
+def test_emulation_bad_pages_fast_path():
+    """Out-of-range page numbers on the fast path (H_kv 8, D 128, page 16 = one tile per page, no
+    valid mask): the whole tile is skipped, logits -inf, weight 0; the other tokens' scores are
+    the softmax over the good tokens."""
+    c = make_case([200, 100], H_kv=8, G=4, D=128, dtype=torch.bfloat16, page_size=16, seed=8)
+    q = c.q.float()
+    good_bt = c.block_table.clone()
+    bt = c.block_table.clone()
+    bt[0, 1] = 10 ** 6
+    bt[1, 6] = -1               # tokens 96..99 of request 1 (its last, partial page)
+    c.block_table = bt
+    logits, _, _, out = emulate(c, q, 3, 2)
+    B, H_q, N = logits.shape
+    bad = torch.zeros(B, N, dtype=torch.bool)
+    bad[0, 16:32] = True
+    bad[1, 96:100] = True
+    ok = ok_mask(c, N)
+    assert (logits.permute(0, 2, 1)[ok & bad] == float("-inf")).all()
+    assert torch.isfinite(logits.permute(0, 2, 1)[ok & ~bad]).all()
+    assert (out[ok & bad] == 0).all()
+    want = ref.score(q.double(), f64(c.k), cpu(c.seq_lens), block_table=good_bt, valid=~bad)
+    good = ok & ~bad
+    assert (out[good].double() - want[good]).abs().max().item() <= tol(torch.bfloat16, "kv_score") * H_q
 
 
 def test_online_stats_unscaled_logits():

@@ -33,7 +33,8 @@ struct Pass1Args {
   int64_t N_max;
   const float* q;               // (B, H_q, D) fp32 contiguous, pre-scaled
   int H_q, H_kv, G, D;
-  int tp, stages;
+  int tp, tp_shift, stages;
+  bool fast;                    // score_tile_fast_path: one offset per tile
   int64_t chunk_tokens;
   uint32_t chunks_per_req, chunks;
   float* logits;                // (B, H_q, N_max)
@@ -145,14 +146,29 @@ __device__ __forceinline__ void issue_tile(const Pass1Args& a, TileIter& it, int
     const int64_t req_off = static_cast<int64_t>(it.b) * a.map.s_page;
     const bool* vrow = a.valid ? a.valid + static_cast<int64_t>(it.b) * a.N_max : nullptr;
     uint32_t bits = 0;
+    uint4* dst = ring + static_cast<int64_t>(slot) * CPT * nthr + tid;
+    const int64_t n_first = it.n0 + p;
+    if (a.fast) {   // the tile in one page, no mask: one offset, rows at a fixed stride
+      const int cnt = score_tile_rows(n_first, it.n_end, a.tp_shift);
+      const int64_t off0 = cnt > 0 ? score_row_offset(a.map, bt_row, req_off, static_cast<uint32_t>(n_first)) : -1;
+      if (off0 >= 0) {
+        const T* src = kb + off0 + head_off;
+        const int64_t step = static_cast<int64_t>(a.tp) * a.map.s_slot;
+#pragma unroll
+        for (int j = 0; j < CPT; ++j)
+          if (j < cnt) cp_async16(dst + j * nthr, src + j * step, pol);
+        bits = (1u << cnt) - 1u;
+      }
+    } else {
 #pragma unroll 1
-    for (int j = 0; j < CPT; ++j) {   // (not unrolled: the copies need no registers to land in)
-      const int64_t n = it.n0 + p + static_cast<int64_t>(a.tp) * j;
-      if (n < it.n_end && (vrow == nullptr || vrow[n])) {
-        const int64_t off = score_row_offset(a.map, bt_row, req_off, static_cast<uint32_t>(n));
-        if (off >= 0) {
-          cp_async16(ring + (static_cast<int64_t>(slot) * CPT + j) * nthr + tid, kb + off + head_off, pol);
-          bits |= 1u << j;
+      for (int j = 0; j < CPT; ++j) {   // (not unrolled: the copies need no registers to land in)
+        const int64_t n = n_first + static_cast<int64_t>(a.tp) * j;
+        if (n < it.n_end && (vrow == nullptr || vrow[n])) {
+          const int64_t off = score_row_offset(a.map, bt_row, req_off, static_cast<uint32_t>(n));
+          if (off >= 0) {
+            cp_async16(dst + j * nthr, kb + off + head_off, pol);
+            bits |= 1u << j;
+          }
         }
       }
     }

@@ -92,6 +92,22 @@ TK_HD int64_t score_row_offset(const ScoreTokenMap& m, const int32_t* bt_row, in
   return static_cast<int64_t>(page) * m.s_page + static_cast<int64_t>(slot) * m.s_slot;
 }
 
+// A tile's rows of one thread: n = n_first + tp * j, j < kScoreTunedCPT. Where the tile lies in
+// one page (contiguous layout, or page_size a multiple of the tile: tiles start at multiples of
+// the tile) and there is no valid mask, the producer takes its fast path: one offset per tile
+// (score_row_offset of n_first), row j at + j * tp * s_slot, and the rows below n_end are the
+// first score_tile_rows(...) -- no per-row page lookup, compare or multiply.
+TK_HD int score_tile_rows(int64_t n_first, int64_t n_end, int tp_shift) {
+  const int64_t left = n_end - n_first;
+  if (left <= 0) return 0;
+  const int64_t r = (left + (int64_t{1} << tp_shift) - 1) >> tp_shift;
+  return r < kScoreTunedCPT ? static_cast<int>(r) : kScoreTunedCPT;
+}
+
+TK_HD bool score_tile_fast_path(bool paged, int64_t page_size, int64_t tile, bool has_valid) {
+  return !has_valid && (!paged || page_size % tile == 0);
+}
+
 // ------------------------------------------------------------------ work list
 // Chunk c of the flattened (request, chunk) list: request b, its chunk index cl, and the token
 // range [n_begin, n_end) before clamping to the request's length.
