@@ -175,8 +175,8 @@ def _score_case(ctx: Context, dtype: torch.dtype, N: int, B: int) -> Row:
     t = {impl: row.results[f"tokenkernels score impl={impl}"].timing.ms for impl in SCORE_IMPLS}
     floor_us = (k_bytes + 2 * 4.0 * B * H_Q * N) / 4.3e12 * 1e6
     ctx.note(f"{score_label(dtype, N, B)}: tuned {t['tuned'] * 1e3:.1f} us (roofline floor {floor_us:.1f} us "
-             f"at 4.3 TB/s for K + logits write/read), simt {t['simt'] / t['tuned']:.2f}x, "
-             f"plain {t['plain'] / t['tuned']:.2f}x slower than tuned")
+             f"at 4.3 TB/s for K + logits write/read); tuned is {t['simt'] / t['tuned']:.2f}x simt's "
+             f"speed and {t['plain'] / t['tuned']:.2f}x plain's")
     return row
 
 
