@@ -184,6 +184,18 @@ TORCH_LIBRARY(tokenkernels, m) {
       "Tensor? reuse, Tensor? reuse_mask, int sm_count, int cap) -> (Tensor, Tensor)");
 
   // -- kv_select scoring (impl="tuned")
+  // score_tuned_plan (csrc/include/tokenkernels/kv_select_score.h) as its 16 fields: ok, R, maxg,
+  // U, tp, threads, tile, stages, smem_bytes, tiles_per_req, chunk_tiles, chunks_per_req, chunks,
+  // blocks_per_sm, grid, workspace_bytes.
+  m.def("_kv_select_score_plan(int B, int N_max, int H_kv, int H_q, int D, int elt_size, int sm_count, "
+        "int blocks_per_sm) -> int[]");
+  // The kernel's 32-bit page division: n // d for every n (int64, values in [0, 2^31)).
+  m.def("_kv_select_score_fastdiv(Tensor n, int d) -> Tensor");
+  // CPU emulation of the three tuned passes with the kernel's own TK_HD arithmetic (fp16/bf16
+  // cache, fp32 pre-scaled q (B, H_q, D)): (logits (B, H_q, N_max) NaN where never written,
+  // pstat (B, H_q, chunks_per_req, 2), stat (B, H_q, 2), out (B, N_max)).
+  m.def("_kv_select_score_emulate(Tensor q, Tensor k_cache, Tensor seq_lens, Tensor? block_table, "
+        "Tensor? skip, Tensor? valid, int sm_count, int blocks_per_sm) -> (Tensor, Tensor, Tensor, Tensor)");
 
 
   // -- cross_entropy (impl="tuned")

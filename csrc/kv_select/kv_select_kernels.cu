@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "tokenkernels/kv_select.cuh"
+#include "tokenkernels/kv_select_score.h"
 
 namespace tokenkernels {
 namespace kv_select {
@@ -52,6 +53,11 @@ cudaError_t launch_score(const KVLayout& L, const void* k, CacheStrides ks, DTyp
                          float* out, void* workspace, Impl impl, cudaStream_t stream) {
   if (L.B == 0 || L.N_max == 0) return cudaSuccess;
   if (!limits_ok(L, H_q) || L.B > 65535) return cudaErrorInvalidValue;   // B is grid.y
+  if (impl == Impl::Tuned) {   // the bandwidth-bound kernels (kv_select_score_kernels.cu) ...
+    const cudaError_t t = launch_score_tuned(L, k, ks, dtype, q, H_q, skip, valid, out, workspace,
+                                             score_workspace_bytes(L.B, H_q, L.N_max), stream);
+    if (t != cudaErrorNotSupported) return t;   // ... else (fp32 K, unsupported shape) the simt path
+  }
   const int64_t nblk = cdiv(L.N_max, device::kScoreTok);
   char* base = static_cast<char*>(workspace);
   float* logits = reinterpret_cast<float*>(base);

@@ -60,8 +60,9 @@ def test_case_counts_cuda():
     # cross_entropy runs bf16 only on CUDA; the other families do the same cases
     assert len(bench.family_cases("cross_entropy", True, cuda=True)) == 1
     assert len(bench.family_cases("cross_entropy", False, cuda=True)) == 2
-    # kv_select adds top-k alone on CUDA (impl="plain" vs "tuned", B = 1 and 64)
-    assert len(bench.family_cases("kv_select", True, cuda=True)) == EXPECTED["quick"]["kv_select"] + 2
+    # kv_select adds on CUDA the impl comparisons of issue #13: the attention core (sparse_decode
+    # B = 1 and 64, sparse_prefill), top-k alone (B = 1 and 64) and scoring (B = 1 and 4)
+    assert len(bench.family_cases("kv_select", True, cuda=True)) == EXPECTED["quick"]["kv_select"] + 3 + 2 + 2
     for f in ("integrations", "kcenter", "spec", "tree"):
         assert len(bench.family_cases(f, True, cuda=True)) == EXPECTED["quick"][f]
 

@@ -85,7 +85,9 @@ namespace kv_select {
 // sum over heads of exp(logit - max) / sum.
 // impl: Plain (one warp per token row, scalar loads); Simt (16-byte vector loads, two rows in
 // flight per lane group; needs unit stride on D, D / (16 / sizeof(dtype)) a power of two <= 32,
-// 16-byte aligned rows -- otherwise Plain runs); Auto = Simt; Tuned: the bandwidth-bound scoring kernel (issue #13).
+// 16-byte aligned rows -- otherwise Plain runs); Auto = Simt; Tuned: the bandwidth-bound scoring kernels
+// (issue #13; launch_score_tuned, kv_select_score.h: fp16 / bf16, D 64 / 128 / 256, G <= 8 --
+// otherwise Simt).
 // out (B, N_max) fp32: sum over q-heads of softmax_n(scale * q_h . k_n) over the valid tokens,
 // -inf for the others (past seq_len, or valid[b][n] false).
 // skip (B,) bool or nullptr: rows to leave unscored, all -inf (Selection Cache hits).

@@ -162,9 +162,12 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, *,
             it is left out of every head's softmax (the other tokens' probabilities are
             normalised without it) and scored -inf.
         check: validate seq_lens / block_table values (one host sync on CUDA).
-        impl: "auto" (on CUDA the tuned kernel when the cache allows 16-byte vector loads, once
-            proven; see :mod:`tokenkernels.variants`), "plain", "simt", "tuned" (CUDA variants; the CPU
-            ignores the name) or "reference".
+        impl: "auto" (the kernels' own choice: simt where the cache allows 16-byte vector loads;
+            see :mod:`tokenkernels.variants`), "plain", "simt", "tuned" (CUDA variants; the CPU
+            ignores the name) or "reference". "tuned" is the bandwidth-bound scoring of issue #13
+            (persistent blocks, q in registers, multi-stage cp.async, fused softmax statistics;
+            bench/roofline/kv_select_score.md) for fp16 / bf16 caches with head_dim 64 / 128 / 256
+            and at most 8 q-heads per KV head; other shapes and fp32 caches run "simt".
 
     Returns:
         (B, N_max) float32, -inf past each seq_len and where ``valid`` is False.

@@ -101,12 +101,29 @@ def topk_case_label(B: int, N: int) -> str:
     return f"topk k{TOP_K} of N{N} B{B} fp32"
 
 
+SCORE_IMPLS = ("tuned", "simt", "plain")
+
+
+def _score_specs(quick: bool, cuda: bool):
+    """(dtype, N, B) of the scoring-variant cases: CUDA only (the CPU has one score kernel), the
+    issue #13 shape N = 131072 (32768 with --quick), one request and a batch of four."""
+    if not cuda:
+        return []
+    N = 32768 if quick else 131072
+    return [(torch.bfloat16, N, 1), (torch.bfloat16, N, 4)]
+
+
+def score_label(dtype: torch.dtype, N: int, B: int) -> str:
+    dn = "fp32" if dtype == torch.float32 else "bf16"
+    return f"score variants {dn} B{B} N{N} H32/8 D128"
+
+
 def cases(quick: bool, cuda: bool = False) -> List[str]:
     """The case labels :func:`run` adds, in order (one progress line each)."""
     labels = [case_label(*sp) for sp in _specs(quick, cuda)] + _core_cases(cuda)
     if cuda:
         labels += [topk_case_label(*sh) for sh in TOPK_SHAPES]
-    return labels
+    return labels + [score_label(*sp) for sp in _score_specs(quick, cuda)]
 
 
 def dense_decode(q, k, v):
@@ -229,13 +246,43 @@ def _topk_case(ctx: Context, B: int, N: int) -> Row:
     return row
 
 
+def _score_case(ctx: Context, dtype: torch.dtype, N: int, B: int) -> Row:
+    """kv_select.score's CUDA variants side by side (impl="tuned": the bandwidth-bound kernels of
+    issue #13, bench/roofline/kv_select_score.md). Rate: K-cache bytes read; the roofline note
+    counts the logits' write and re-read too (+12.5% at these heads)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(11)
+    k = torch.randn(B, N, H_KV, D, dtype=dtype, device=ctx.device)
+    q = torch.randn(B, H_Q, D, dtype=dtype, device=ctx.device)
+    sl = torch.full((B,), N, dtype=torch.int32, device=ctx.device)
+    k_bytes = float(B * N * H_KV * D * k.element_size())
+    base = kv.score(q, k, sl, check=False, impl="simt")
+    row = Row("kv_select", score_label(dtype, N, B), baselines=("tokenkernels score impl=simt",))
+    for impl in SCORE_IMPLS:
+        s = kv.score(q, k, sl, check=False, impl=impl)
+        err = (s - base).abs().max().item()
+        row.add(f"tokenkernels score impl={impl}",
+                ctx.time(lambda impl=impl: kv.score(q, k, sl, check=False, impl=impl)),
+                work=k_bytes, bytes=True, metrics={"max|d| vs simt": f"{err:.2g}"})
+    ctx.add(row, t0)
+    t = {impl: row.results[f"tokenkernels score impl={impl}"].timing.ms for impl in SCORE_IMPLS}
+    floor_us = (k_bytes + 2 * 4.0 * B * H_Q * N) / 4.3e12 * 1e6
+    ctx.note(f"{score_label(dtype, N, B)}: tuned {t['tuned'] * 1e3:.1f} us (roofline floor {floor_us:.1f} us "
+             f"at 4.3 TB/s for K + logits write/read); tuned is {t['simt'] / t['tuned']:.2f}x simt's "
+             f"speed and {t['plain'] / t['tuned']:.2f}x plain's")
+    return row
+
+
 def run(ctx: Context) -> None:
     specs = _specs(ctx.quick, ctx.cuda)
     topk_shapes = TOPK_SHAPES if ctx.cuda else []
-    ctx.total_cases = len(specs) + len(_core_cases(ctx.cuda)) + len(topk_shapes)
+    sspecs = _score_specs(ctx.quick, ctx.cuda)
+    ctx.total_cases = len(specs) + len(_core_cases(ctx.cuda)) + len(topk_shapes) + len(sspecs)
     for dtype, N in specs:
         _case(ctx, dtype, N)
     if ctx.cuda:
         _core(ctx)
     for B, N in topk_shapes:
         _topk_case(ctx, B, N)
+    for dtype, N, B in sspecs:
+        _score_case(ctx, dtype, N, B)
