@@ -172,7 +172,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   // implied on CUDA. fp32: dhidden / dweight accumulate straight in the outputs.
   (void)accum_fp32;
   auto dh = need_dh ? at::zeros({N, D}, lowp ? f32 : hidden.options()) : at::empty({0}, hidden.options());
-  auto dw = need_dw ? at::zeros({V, D}, lowp ? f32 : weight.options()) : at::empty({0}, weight.options());
+  // tuned writes every dweight row once (no zero fill needed); the other paths accumulate
+  const bool dw_unset = need_dw && lowp && a.impl == Impl::Tuned;
+  auto dw = need_dw ? (dw_unset ? at::empty({V, D}, f32) : at::zeros({V, D}, lowp ? f32 : weight.options()))
+                    : at::empty({0}, weight.options());
   auto db32 = at::zeros({need_db ? V : 0}, f32);
   at::Tensor gscale;  // fp16: (2,) fp32 [2^e, 2^-e], dZ scaled by 2^e (see launch_grad_scale)
   auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
@@ -185,7 +188,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     return {need_dh && lowp ? dh.to(dt) : dh, need_dw && lowp ? dw.to(dt) : dw,
             need_db ? db32.to(bias->scalar_type()) : db32};
   };
-  if (N == 0 || (!need_dh && !need_dw && !need_db)) return finish();
+  if (N == 0 || (!need_dh && !need_dw && !need_db)) {
+    if (dw_unset) dw.zero_();
+    return finish();
+  }
 
   auto H = hidden.contiguous();
   auto W = weight.contiguous();
@@ -261,6 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     });
     return finish();
   }
+  if (dw_unset) dw.zero_();  // tuned fell back (shape / alignment): the accumulating paths
 
   if (use_fused(a.impl, fused_ok)) {
     // wmma / auto: fused WMMA recompute + gradient filtering + atomics into the fp32 accumulators
