@@ -221,13 +221,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 
   if (a.impl == Impl::Tuned && fused_ok) {
     // tuned: vocabulary chunks; per chunk the recompute kernel writes dZ (input dtype, zeroed
-    // filter sub-tiles), then cuBLAS (via ATen, fp32 output) adds dZ @ W_chunk to dH32 and
+    // filter sub-tiles), then cuBLAS (via ATen, fp32 output) adds dZ @ W_chunk to dH32 (in
+    // chunk order) and
     // writes dW32[chunk] = dZ^T @ H and db32[chunk] = column sums of dZ, each exactly once per
     // chunk: no atomics, deterministic.
     with_cublas_determinism_hint(op, [&] {
       const bwd::Plan plan = bwd::plan_bwd(N, V, H.element_size(), bwd::default_budget_bytes(N, V),
                                            env_or("TOKENKERNELS_CE_TUNED_VC", 0));
       auto dzbuf = at::empty({N, plan.ld}, H.options());
+      at::Tensor dh_part;  // fp32 dZ @ W_chunk of the chunks after the first
       bwd::ChunkArgs ca;
       ca.hidden = H.data_ptr();
       ca.weight = W.data_ptr();
@@ -255,9 +257,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
           auto dbc = db32.narrow(0, ca.v0, ca.cols);
           at::sum_out(dbc, dZ, at::IntArrayRef{0}, /*keepdim=*/false, at::kFloat);
         }
-        if (need_dh) {
-          if (c == 0) at::mm_out(dh, dZ, Wc, at::kFloat);
-          else at::addmm_out(dh, dh, dZ, Wc, at::kFloat);
+        if (need_dh) {  // (addmm with out_dtype: older torch releases want self in the inputs' dtype)
+          if (c == 0) {
+            at::mm_out(dh, dZ, Wc, at::kFloat);
+          } else {
+            if (!dh_part.defined()) dh_part = at::empty({N, D}, f32);
+            at::mm_out(dh_part, dZ, Wc, at::kFloat);
+            dh.add_(dh_part);
+          }
         }
         if (need_dw) {
           auto dwc = dw.narrow(0, ca.v0, ca.cols);

@@ -196,6 +196,8 @@ ce_bwd_dz_tc_kernel(ChunkArgs a) {
   Tensor cC = make_identity_tensor(Shape<Int<kTileM>, Int<kTileN>>{});
   Tensor tCcC = thr_mma.partition_C(cC);  // (m, n) of every accumulator
   int keep0 = 0, keep1 = 0;
+  // dZ in place of the accumulators first, the staging stores after: no shared-memory store
+  // between the reads of one row's constants, so each is read once per thread and row
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) {
     const int m = get<0>(tCcC(i)), n = get<1>(tCcC(i));
@@ -205,7 +207,12 @@ ce_bwd_dz_tc_kernel(ChunkArgs a) {
     if (v < vend) x = dz_value(dr, acc(i), bias_s[n], cap, v);
     const int k = filter_keeps(x, dr.thr) ? 1 : 0;
     if (m < kSubM) keep0 |= k; else keep1 |= k;
-    stage[m * C::kLdStage + n] = T(x * sc);
+    acc(i) = x * sc;
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) {
+    const int m = get<0>(tCcC(i)), n = get<1>(tCcC(i));
+    stage[m * C::kLdStage + n] = T(acc(i));
   }
   keep0 = __syncthreads_or(keep0);  // also: the staging tile is complete
   keep1 = __syncthreads_or(keep1);
