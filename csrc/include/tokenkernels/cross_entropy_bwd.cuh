@@ -17,7 +17,10 @@
 //             keep flags of the two 64 x 128 filter sub-tiles are OR-reduced by two barriers;
 //             then 16-byte coalesced stores of the tile (zeros for a dropped sub-tile) and the
 //             mask bytes.
-// No atomics on floating-point data; each dZ entry has exactly one writer.
+// No atomics on floating-point data; each dZ entry has exactly one writer. The CuTe index
+// arithmetic (stage layout bijective with contiguous 16-byte cp.async chunks, accumulator
+// coverage, ldmatrix sources) is checked on the CPU by tests/cross_entropy/test_bwd_layout.py
+// (tests/cross_entropy/cuda_host/ce_bwd_layout_check.cu, built by nvcc as host code).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
