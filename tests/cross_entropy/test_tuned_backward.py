@@ -249,3 +249,24 @@ def test_tuned_backward_public_impl(monkeypatch):
         truth = reference(h, w, t, b, dtype=F64, **opts)
         r = reference(h, w, t, b, **opts)
         assert_precision_rule(k, r, truth, dtype, keys=GRAD_KEYS, factor=BIAS_FACTOR)
+
+
+def test_tuned_backward_bad_inputs_same_errors():
+    """Bad arguments give impl="tuned" the same error (type and message) as impl="plain"."""
+    bwd = torch.ops.tokenkernels.cross_entropy_backward
+    h, w, t, b = make_inputs(20, 16, 300, torch.bfloat16, bias=True, device="cuda")
+    f32 = dict(device="cuda", dtype=torch.float32)
+    lse, cp, ct = torch.zeros(20, **f32), torch.ones(20, **f32), -torch.ones(20, **f32)
+    good = [h, w, t, b, lse, cp, ct, None, -100, None, 0, 0.0, True, True, True, False]
+    cases = {4: torch.zeros(19, **f32), 5: cp.double(), 3: None, 11: -1.0, 9: 0.0, 10: -3,
+             1: w[:, :8], 2: t.float()}
+    for pos, bad in cases.items():
+        args = list(good)
+        args[pos] = bad
+        errs = []
+        for impl in ("plain", "tuned"):
+            with pytest.raises((ValueError, TypeError, RuntimeError, IndexError)) as ei:
+                bwd(*args, impl)
+            errs.append((type(ei.value), str(ei.value).split("\n")[0]))
+        assert errs[0] == errs[1], (pos, errs)
+        assert "linear_cross_entropy_backward" in errs[0][1], errs[0]
