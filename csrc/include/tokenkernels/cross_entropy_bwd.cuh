@@ -4,14 +4,13 @@
 //
 // ce_bwd_dz_tc_kernel: one CTA per 128 x 128 tile of the chunk's logits (blockIdx.x = token
 // tile, the fast index, so consecutive CTAs share one weight tile and hidden stays in L2).
-//   prologue  threads 0..127 stage the tile's 128 token rows (lse, coefficients, filter
-//             threshold, target column: dz_row) and threads 128..255 its 128 bias values in
-//             shared memory;
+//   prologue  thread t (of 128) stages token row t of the tile (lse, coefficients, filter
+//             threshold, target column: dz_row) and its bias value t in shared memory;
 //   mainloop  kStages-deep cp.async pipeline (16-byte cp.async.cg, zero-filled past N / V / D)
 //             of 128 x 32 hidden and weight tiles in a swizzled K-major shared layout
 //             (Swizzle<2,3,3>: conflict-free 16-byte stores and ldmatrix); CuTe's
 //             SM75_U32x4_LDSM_N ldmatrix into registers and SM80 m16n8k16 mma.sync
-//             (bf16/fp16 in, fp32 accumulators), 2 x 4 warps over a 32 x 64 atom tile;
+//             (bf16/fp16 in, fp32 accumulators), 2 x 2 warps of 64 x 64 (32 x 32 atom tile);
 //   epilogue  each accumulator -> dz_value (cross_entropy_bwd.h, the code the CPU emulation
 //             runs) -> times gscale, rounded to T, staged in shared memory (padded pitch); the
 //             keep flags of the two 64 x 128 filter sub-tiles are OR-reduced by two barriers;
@@ -57,9 +56,12 @@ struct Cfg {
       SmemAtom{}, cute::Shape<cute::Int<kTileM>, cute::Int<kTileK>, cute::Int<kStages>>{}));
   using SmemB = decltype(cute::tile_to_shape(
       SmemAtom{}, cute::Shape<cute::Int<kTileN>, cute::Int<kTileK>, cute::Int<kStages>>{}));
+  // 2 x 2 warps; the 32 x 32 x 16 permutation tile gives each warp two adjacent n8 atoms
+  // (ldmatrix .x4 for B); repeated 4 x 4 over the CTA tile, every warp holds a 64 x 64 share
+  // (32 mma per 16-feature step for 8 ldmatrix.x4)
   using TiledMma = decltype(cute::make_tiled_mma(
-      typename MmaOp<T>::type{}, cute::Layout<cute::Shape<cute::_2, cute::_4, cute::_1>>{},
-      cute::Tile<cute::_32, cute::_64, cute::_16>{}));
+      typename MmaOp<T>::type{}, cute::Layout<cute::Shape<cute::_2, cute::_2, cute::_1>>{},
+      cute::Tile<cute::_32, cute::_32, cute::_16>{}));
   using S2RAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, T>;
 
   static constexpr int kStageElems = kTileM * kTileK;   // per operand and stage (kTileM == kTileN)
@@ -71,13 +73,14 @@ struct Cfg {
   static constexpr int kBiasBytes = kTileN * int(sizeof(float));
   static constexpr int kSmemBytes = kMainBytes + kRowBytes + kBiasBytes;
   static_assert(kTileM == kTileN, "one stage size for both operands");
-  static_assert(kThreads == cute::size(TiledMma{}), "8 warps");
+  static_assert(kThreads == cute::size(TiledMma{}), "one thread per tiled-MMA thread");
+  static_assert(kThreads == kTileM && kThreads == kTileN, "prologue: one row and one column per thread");
   static_assert(kStageBytes <= kPipeBytes, "the dZ staging tile fits in the pipeline buffers");
   static_assert(kMainBytes % 16 == 0, "row table 16-byte aligned");
 };
 
-// sass: ce_bwd_dz_tc_kernel sm_80 HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=128
-// sass: ce_bwd_dz_tc_kernel sm_90a HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=128
+// sass: ce_bwd_dz_tc_kernel sm_80 HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=255
+// sass: ce_bwd_dz_tc_kernel sm_90a HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=255
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
 ce_bwd_dz_tc_kernel(ChunkArgs a) {
@@ -98,8 +101,8 @@ ce_bwd_dz_tc_kernel(ChunkArgs a) {
   const int64_t vt0 = a.v0 + n0;                    // ... as a shard column
   const int64_t vend = a.v0 + a.cols;               // first shard column past the chunk
 
-  // ---- prologue: per-row and per-column epilogue constants
-  if (tid < kTileM) {
+  // ---- prologue: per-row and per-column epilogue constants (thread tid: row tid, column tid)
+  {
     const int64_t r = row0 + tid;
     DzRow dr;  // rows past N: not live (zeros)
     if (r < N) {
@@ -107,10 +110,8 @@ ce_bwd_dz_tc_kernel(ChunkArgs a) {
       dr = dz_row(a.lse[r], a.cp[r], a.ct[r], a.c1 ? a.c1[r] : 0.f, a.feps, lt);
     }
     rows[tid] = dr;
-  } else {
-    const int j = tid - kTileM;
-    const int64_t v = vt0 + j;
-    bias_s[j] = (a.bias && v < vend) ? a.bias[v] : 0.f;
+    const int64_t v = vt0 + tid;
+    bias_s[tid] = (a.bias && v < vend) ? a.bias[v] : 0.f;
   }
 
   // ---- mainloop
