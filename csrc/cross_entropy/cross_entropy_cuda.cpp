@@ -222,9 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   if (a.impl == Impl::Tuned && fused_ok) {
     // tuned: vocabulary chunks; per chunk the recompute kernel writes dZ (input dtype, zeroed
     // filter sub-tiles), then cuBLAS (via ATen, fp32 output) adds dZ @ W_chunk to dH32 (in
-    // chunk order) and
-    // writes dW32[chunk] = dZ^T @ H and db32[chunk] = column sums of dZ, each exactly once per
-    // chunk: no atomics, deterministic.
+    // chunk order) and writes dW32[chunk] = dZ^T @ H and db32[chunk] = column sums of dZ, each
+    // exactly once per chunk: no atomics, deterministic.
     with_cublas_determinism_hint(op, [&] {
       const bwd::Plan plan = bwd::plan_bwd(N, V, H.element_size(), bwd::default_budget_bytes(N, V),
                                            env_or("TOKENKERNELS_CE_TUNED_VC", 0));

@@ -122,7 +122,7 @@ ce_bwd_dz_tc_kernel(ChunkArgs a) {
   const int64_t k_tiles = (D + kTileK - 1) / kTileK;
 
   // cp.async of k-tile kt into pipeline stage s: 128 rows x 4 16-byte chunks per operand,
-  // 2 chunks per thread and operand. Rows past N (hidden) / the chunk (weight) and features
+  // kCopies chunks per thread and operand. Rows past N (hidden) / the chunk (weight) and features
   // past D are zero-filled (D % 8 == 0: a 16-byte chunk is wholly in or out).
   constexpr int kChunksPerRow = kTileK / 8;
   constexpr int kCopies = kTileM * kChunksPerRow / kThreads;
