@@ -199,6 +199,21 @@ TORCH_LIBRARY(tokenkernels, m) {
 
 
   // -- cross_entropy (impl="tuned")
+  // Chunk plan of the tuned backward (plan_bwd, tokenkernels/cross_entropy_bwd.h) for N tokens,
+  // V shard columns and dZ elements of elt_bytes: int64 [vc, chunks, ld, row_tiles, col_tiles,
+  // mask_rows, mask_cols, dz_bytes, budget_bytes]; budget_bytes < 0 = the default budget
+  // (default_budget_bytes), vc_override > 0 replaces it (TOKENKERNELS_CE_TUNED_VC).
+  m.def("_cross_entropy_bwd_plan(int N, int V, int elt_bytes, int budget_bytes, int vc_override) -> Tensor");
+  // CPU emulation of the tuned backward's recompute epilogue, chunk by chunk and tile by tile
+  // with the kernel's own TK_HD code (dz_row, dz_value, filter_keeps, mask_index): logits
+  // (N, V) fp32 stand for the kernel's fp32 accumulators hidden @ weight^T; the other
+  // arguments are cross_entropy_backward's; grad_scale = gscale[0]; vc: as vc_override.
+  // Returns dZ (N, V) fp32 (times grad_scale, not rounded; dropped sub-tiles zero) and the
+  // skip mask (ceil(N / 64), ceil(V / 128)) uint8 (1 = kept).
+  m.def(
+      "_cross_entropy_bwd_emulate(Tensor logits, Tensor targets, Tensor? bias, Tensor lse, "
+      "Tensor coef_p, Tensor coef_t, Tensor? coef_1, int ignore_index, float? softcap, "
+      "int vocab_start, float filter_eps, float grad_scale, int vc) -> (Tensor, Tensor)");
 
 
   // -- kcenter (impl="tuned")

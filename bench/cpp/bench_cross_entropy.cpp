@@ -6,7 +6,9 @@
 // Rows: tokenkernels = fused fwd+bwd; aten_materialised = materialised fwd+bwd; aten_logits_gemm =
 // one N x V x D logits GEMM in the input dtype (fwd+bwd needs 3 of them, the recomputing backward
 // 4); baselines aten_materialised and aten_logits_gemm; metric loss rel err = |op loss - ATen
-// loss| / |ATen loss|. A "<case> fwd" row holds the fused forward alone.
+// loss| / |ATen loss|. A "<case> fwd" row holds the fused forward alone. On CUDA a "<case> bwd"
+// row times cross_entropy_backward alone (dhidden + dweight, no filtering) per CUDA variant
+// plain / wmma / tuned (6*N*D*V flops: recompute + the two gradient GEMMs; baseline plain).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -120,6 +122,22 @@ void run_cross_entropy(Context& ctx) {
       r.add("aten_logits_gemm", t_gemm, work / 3);
       ctx.add(r);
       ctx.add(f);
+      if (ctx.cuda()) {  // the backward alone, per CUDA variant (statistics of one plain forward)
+        auto st = fwd_op().call(h, w, t, std::nullopt, kIgnore, std::nullopt, 0, s.V, false, false,
+                                false, 0.0, false, "plain");
+        auto lse = std::get<0>(st);
+        auto valid = t.ne(kIgnore);
+        auto g = valid.to(at::kFloat) / valid.sum().clamp_min(1).to(at::kFloat);
+        auto mg = -g;
+        Row bw(std::string(name) + " bwd", {"plain"});
+        for (const char* impl : {"plain", "wmma", "tuned"}) {
+          bw.add(impl, ctx.time([&] {
+            bwd_op().call(h, w, t, std::nullopt, lse, g, mg, std::nullopt, kIgnore, std::nullopt,
+                          0, 0.0, true, true, false, false, impl);
+          }), work);
+        }
+        ctx.add(bw);
+      }
     }
   }
   ctx.note("tokenkernels = fused fwd+bwd (mean loss, dhidden + dweight; bf16 with gradient filtering "

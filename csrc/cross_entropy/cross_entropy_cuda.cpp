@@ -11,8 +11,12 @@
 // more cuBLAS GEMMs per tile (fp32 accumulators for dhidden and dweight, rounded once);
 // "wmma" (fp16/bf16, default for them) = one fused WMMA kernel per 64 x 128 logit tile that
 // recomputes and accumulates dhidden / dweight in fp32 with atomics (no logit buffer at all).
-// Both filter gradients on the same 64 x 128 sub-tiles (filter_eps > 0), and both scale fp16
-// dZ by a power of two (launch_grad_scale) before rounding it, unscaled exactly at the end.
+// "tuned" (fp16/bf16 where fused_supported; fp32 and other shapes run the plain path) = the
+// atomic-free chunked backward (tokenkernels/cross_entropy_bwd.h): per vocabulary chunk a
+// tensor-core recompute kernel writes dZ (and zeroes filtered sub-tiles), then cuBLAS adds
+// dZ @ W_chunk to dhidden and writes dweight / dbias of the chunk once (deterministic).
+// All three filter gradients on the same 64 x 128 sub-tiles (filter_eps > 0), and all scale
+// fp16 dZ by a power of two (launch_grad_scale) before rounding it, unscaled exactly at the end.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -22,6 +26,7 @@
 #include "cross_entropy/cross_entropy_args.h"
 #include "cuda_glue.h"
 #include "tokenkernels/cross_entropy.h"
+#include "tokenkernels/cross_entropy_bwd.h"
 
 namespace tokenkernels {
 namespace cross_entropy {
@@ -167,7 +172,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   // implied on CUDA. fp32: dhidden / dweight accumulate straight in the outputs.
   (void)accum_fp32;
   auto dh = need_dh ? at::zeros({N, D}, lowp ? f32 : hidden.options()) : at::empty({0}, hidden.options());
-  auto dw = need_dw ? at::zeros({V, D}, lowp ? f32 : weight.options()) : at::empty({0}, weight.options());
+  // tuned writes every dweight row once (no zero fill needed); the other paths accumulate
+  const bool dw_unset = need_dw && lowp && a.impl == Impl::Tuned;
+  auto dw = need_dw ? (dw_unset ? at::empty({V, D}, f32) : at::zeros({V, D}, lowp ? f32 : weight.options()))
+                    : at::empty({0}, weight.options());
   auto db32 = at::zeros({need_db ? V : 0}, f32);
   at::Tensor gscale;  // fp16: (2,) fp32 [2^e, 2^-e], dZ scaled by 2^e (see launch_grad_scale)
   auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
@@ -180,7 +188,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     return {need_dh && lowp ? dh.to(dt) : dh, need_dw && lowp ? dw.to(dt) : dw,
             need_db ? db32.to(bias->scalar_type()) : db32};
   };
-  if (N == 0 || (!need_dh && !need_dw && !need_db)) return finish();
+  if (N == 0 || (!need_dh && !need_dw && !need_db)) {
+    if (dw_unset) dw.zero_();
+    return finish();
+  }
 
   auto H = hidden.contiguous();
   auto W = weight.contiguous();
@@ -206,8 +217,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   }
   const float* gsp = gscale.defined() ? gscale.data_ptr<float>() : nullptr;
   const auto dtype = to_dtype(dt);
+  const bool fused_ok = D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D);
 
-  if (use_fused(a.impl, D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D))) {
+  if (a.impl == Impl::Tuned && fused_ok) {
+    // tuned: vocabulary chunks; per chunk the recompute kernel writes dZ (input dtype, zeroed
+    // filter sub-tiles), then cuBLAS (via ATen, fp32 output) adds dZ @ W_chunk to dH32 (in
+    // chunk order) and writes dW32[chunk] = dZ^T @ H and db32[chunk] = column sums of dZ, each
+    // exactly once per chunk: no atomics, deterministic.
+    with_cublas_determinism_hint(op, [&] {
+      const bwd::Plan plan = bwd::plan_bwd(N, V, H.element_size(), bwd::default_budget_bytes(N, V),
+                                           env_or("TOKENKERNELS_CE_TUNED_VC", 0));
+      auto dzbuf = at::empty({N, plan.ld}, H.options());
+      at::Tensor dh_part;  // fp32 dZ @ W_chunk of the chunks after the first
+      bwd::ChunkArgs ca;
+      ca.hidden = H.data_ptr();
+      ca.weight = W.data_ptr();
+      ca.N = N;
+      ca.D = D;
+      ca.bias = bp;
+      ca.cap = cap;
+      ca.tg = tg;
+      ca.lse = L.data_ptr<float>();
+      ca.cp = CP.data_ptr<float>();
+      ca.ct = CT.data_ptr<float>();
+      ca.c1 = c1p;
+      ca.gscale = gsp;
+      ca.feps = feps;
+      ca.ld = plan.ld;
+      ca.dZ = dzbuf.data_ptr();
+      for (int64_t c = 0; c < plan.chunks; ++c) {
+        ca.v0 = bwd::chunk_v0(plan, c);
+        ca.cols = bwd::chunk_cols(plan, c, V);
+        check_cuda(bwd::launch_bwd_chunk(ca, dtype, stream),
+                   "linear_cross_entropy tuned backward (dZ chunk)");
+        auto dZ = dzbuf.narrow(1, 0, ca.cols);  // (N, cols), row pitch ld
+        auto Wc = W.narrow(0, ca.v0, ca.cols);
+        if (need_db) {
+          auto dbc = db32.narrow(0, ca.v0, ca.cols);
+          at::sum_out(dbc, dZ, at::IntArrayRef{0}, /*keepdim=*/false, at::kFloat);
+        }
+        if (need_dh) {  // (addmm with out_dtype: older torch releases want self in the inputs' dtype)
+          if (c == 0) {
+            at::mm_out(dh, dZ, Wc, at::kFloat);
+          } else {
+            if (!dh_part.defined()) dh_part = at::empty({N, D}, f32);
+            at::mm_out(dh_part, dZ, Wc, at::kFloat);
+            dh.add_(dh_part);
+          }
+        }
+        if (need_dw) {
+          auto dwc = dw.narrow(0, ca.v0, ca.cols);
+          at::mm_out(dwc, dZ.t(), H, at::kFloat);
+        }
+      }
+    });
+    return finish();
+  }
+  if (dw_unset) dw.zero_();  // tuned fell back (shape / alignment): the accumulating paths
+
+  if (use_fused(a.impl, fused_ok)) {
     // wmma / auto: fused WMMA recompute + gradient filtering + atomics into the fp32 accumulators
     check_cuda(launch_bwd_fused(H.data_ptr(), W.data_ptr(), dtype, N, D, bp, cap, tg,
                                 L.data_ptr<float>(), CP.data_ptr<float>(), CT.data_ptr<float>(),

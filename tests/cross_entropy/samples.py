@@ -28,6 +28,7 @@ def _forward_samples(device) -> List[Sample]:
     wh = torch.randn(11, 6, generator=g).to(torch.float16).to(device).requires_grad_()
     bh = torch.randn(11, generator=g).to(torch.float16).to(device)
     th = torch.randint(0, 11, (4,), generator=g).to(device)
+    bb = torch.randn(7, generator=g).to(torch.bfloat16).to(device)  # D = 16: the tuned kernels
     # (hidden, weight, targets, bias, ignore_index, softcap, vocab_start, vocab_total, sum_z,
     #  aux, check, filter_eps, accum_fp32, impl)
     cases = [
@@ -46,6 +47,8 @@ def _forward_samples(device) -> List[Sample]:
                                   True, "wmma")),
         ("fp16-bias-accum-tuned", (hh, wh, th, bh, -100, None, 0, 11, True, False, True, 0.0,
                                    True, "tuned")),
+        ("bf16-bias-softcap-sumz-filter-tuned", (hb, wb, tb, bb, -100, 30.0, 0, 7, True, False,
+                                                 True, 2.0 ** -12, False, "tuned")),
     ]
     return [Sample(f"cross_entropy_forward-{name}", FWD, args) for name, args in cases]
 

@@ -374,7 +374,7 @@ def _peaked_inputs(dtype, device, V=4096, cut=2048, drop=-9.0):
     return h.to(device), w.to(device), t.to(device), b.to(device)
 
 
-@pytest.mark.parametrize("impl", ["auto", "plain"])
+@pytest.mark.parametrize("impl", ["auto", "plain", "tuned"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_filter_skips_negligible_tiles(device, monkeypatch, dtype, impl):
     """Filtering really skips tiles: with every |softmax - onehot| of vocabulary rows >= 2048

@@ -398,7 +398,10 @@ def linear_cross_entropy(
             with D % 8 == 0 and 16-byte aligned rows, else the plain path: fused WMMA kernels;
             the backward accumulates with atomics, so it is not bitwise deterministic) or
             ``"tuned"`` (sm_90a: a CUTLASS TMA + wgmma forward with the log-sum-exp in its
-            epilogue and an atomic-free chunked backward; WMMA elsewhere; unproven).
+            epilogue; WMMA elsewhere. Backward (sm_80 and later): atomic-free and bitwise
+            deterministic, by vocabulary chunks: a tensor-core kernel recomputes the logits and
+            writes dZ, then cuBLAS adds dZ @ W to dhidden and writes the chunk's dweight / dbias
+            once; fp32, D % 8 != 0 or unaligned rows run the plain backward; unproven).
             ``"auto"`` picks ``"plain"`` (deterministic) when
             ``torch.use_deterministic_algorithms(True)`` is on; torch releases that still demand
             ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS then raise an error naming it

@@ -10,7 +10,10 @@ every implementation must return; "extra" subtracts them.
 
 Rows: per case one row of fwd+bwd times (rate on 6·N·D·V flops, metrics ``peak extra MB`` and
 ``extra - grads MB``) and a ``<case> fwd`` row of forward times (2·N·D·V flops), both against
-``torch``.
+``torch``. On CUDA also a ``<case> bwd`` row: ``cross_entropy_backward`` alone (dhidden and
+dweight, the statistics of one plain forward) for each CUDA variant ``plain`` / ``wmma`` /
+``tuned`` (rate on 6·N·D·V flops: the 2·N·D·V recompute and the 4·N·D·V of the two gradient
+GEMMs; roofline of "tuned": bench/roofline/cross_entropy_bwd.md), against ``plain``.
 """
 from __future__ import annotations
 
@@ -97,6 +100,30 @@ def _fwd_bwd(fn, h, w, t):
     return run
 
 
+BWD_IMPLS = ("plain", "wmma", "tuned")
+
+
+def _bwd_args(h, w, t):
+    """cross_entropy_backward's arguments for the mean loss over h, w, t (the forward's lse from
+    one plain forward; no bias, no filtering: every tile computed), impl last."""
+    op = torch.ops.tokenkernels.cross_entropy_forward
+    with torch.no_grad():
+        lse = op(h.detach(), w.detach(), t, None, -100, None, 0, w.shape[0], False, False, False,
+                 0.0, False, "plain")[0]
+    valid = (t != -100)
+    g = valid.to(torch.float32) / valid.sum().clamp(min=1).to(torch.float32)
+    return (h.detach(), w.detach(), t, None, lse, g, -g, None, -100, None, 0, 0.0, True, True,
+            False, False)
+
+
+def _bwd(args, impl):
+    op = torch.ops.tokenkernels.cross_entropy_backward
+
+    def run():
+        op(*args, impl)
+    return run
+
+
 def _fwd(fn, h, w, t):
     def run():
         with torch.no_grad():
@@ -180,7 +207,18 @@ def run(ctx: Context) -> None:
             both.add(name, tb, work=flops,
                      metrics={"peak extra MB": round(peak, 1), "extra - grads MB": round(peak - grads_mb, 1)})
             fwd.add(name, tf, work=flops / 3)
-        ctx.add([both, fwd], started)
+        rows = [both, fwd]
+        if ctx.cuda:  # the backward alone, per CUDA variant
+            bwd = Row("cross_entropy", case + " bwd", baselines=("plain",))
+            args = _bwd_args(h, w, t)
+            for impl in BWD_IMPLS:
+                try:
+                    bwd.add(impl, ctx.time(_bwd(args, impl)), work=flops)
+                except Exception as e:  # noqa: BLE001
+                    ctx.note(f"{case} bwd: {impl} failed: {type(e).__name__}: {e}")
+            del args
+            rows.append(bwd)
+        ctx.add(rows, started)
         logits.append(f"{case} {logits_mb:.0f} MB")
         del h, w, t
     ctx.note("peak extra MB = peak allocation above the inputs during fwd+bwd (includes the returned "
