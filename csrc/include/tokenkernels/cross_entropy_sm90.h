@@ -119,29 +119,35 @@ TK_HD void unit_tiles(int64_t u, int64_t row_tiles, int64_t vocab_tiles, int64_t
   *vt_end = e < vocab_tiles ? e : vocab_tiles;
 }
 
-// The split count: the smallest busiest-CTA load (units of a wave run in parallel, each
-// CTA's units in series), ties to fewer splits (less workspace, fewer partial writes).
+// The split count. Cost of a choice: the busiest CTA's tiles, ceil(units / sms) waves of
+// tiles_per_split tiles (the units of a wave run in parallel, a CTA's units in series; the
+// shorter last split is not credited). Among the choices within 1% of the least cost, the
+// fewest splits (less workspace, fewer partial writes and merges). O(min(vocab_tiles, 4 sms)):
+// more splits than 4 waves' worth of units per row tile only add partials.
 inline void choose_splits(int64_t row_tiles, int64_t vocab_tiles, int64_t sms, int64_t* per,
                           int64_t* splits, int64_t* makespan) {
   if (sms < 1) sms = 1;
-  int64_t best_cost = -1, best_per = vocab_tiles, best_splits = 1;
-  // more splits than 4 waves' worth of units per row tile never shortens the makespan enough
-  // to pay for the partials; the loop is O(min(vocab_tiles, 4 sms)).
   const int64_t max_s = std::min<int64_t>(vocab_tiles, std::max<int64_t>(1, 4 * sms));
+  auto cost = [&](int64_t want, int64_t* p, int64_t* s) {
+    normalise_splits(vocab_tiles, want, p, s);
+    return ceil_div64(row_tiles * *s, sms) * *p;
+  };
+  int64_t best = -1;
   for (int64_t want = 1; want <= max_s; ++want) {
     int64_t p = 0, s = 0;
-    normalise_splits(vocab_tiles, want, &p, &s);
-    const int64_t units = row_tiles * s;
-    const int64_t cost = ceil_div64(units, sms) * p;
-    if (best_cost < 0 || cost < best_cost) {
-      best_cost = cost;
-      best_per = p;
-      best_splits = s;
+    const int64_t c = cost(want, &p, &s);
+    if (best < 0 || c < best) best = c;
+  }
+  for (int64_t want = 1; want <= max_s; ++want) {  // the first (fewest splits) within 1%
+    int64_t p = 0, s = 0;
+    const int64_t c = cost(want, &p, &s);
+    if (c * 100 <= best * 101) {
+      *per = p;
+      *splits = s;
+      *makespan = c;
+      return;
     }
   }
-  *per = best_per;
-  *splits = best_splits;
-  *makespan = best_cost;
 }
 
 inline FwdPlan plan_forward(const FwdPlanInput& in) {
@@ -251,7 +257,21 @@ TK_HD void fold_tile(RowFold& f, const ZF& z, const CF& col, int v0, int ncols) 
     }
   }
   f.sz += sz;
-  if (!(tmax > -INFINITY)) return;
+  if (!(tmax > -INFINITY)) {
+    // every value -inf or NaN (a rare tile, e.g. a -inf bias block): exp(z - m) is 0 for -inf
+    // and NaN for NaN, exp(z - m) * z is NaN for both (0 * -inf), as in torch's softmax and
+    // sum(p * z); the running max is unchanged
+    bool any = false, nan = false;
+    for (int j = 0; j < NV; ++j) {
+      if (!kMasked || col(j) < ncols) {
+        any = true;
+        nan |= z(j) != z(j);
+      }
+    }
+    if (nan) f.s = NAN;
+    if (kAux && any) f.tz = NAN;
+    return;
+  }
   if (kAux && argmax_better(tmax, int64_t(v0) + tcol, f.mx, f.am)) {
     f.mx = tmax;
     f.am = v0 + tcol;
@@ -275,19 +295,18 @@ TK_HD void fold_tile(RowFold& f, const ZF& z, const CF& col, int v0, int ncols) 
 
 // a <- a (+) b: the merge of two running states (lanes of a row, then the splits).
 TK_HD void merge_fold(RowFold& a, const RowFold& b) {
-  if (b.m > -INFINITY) {
-    if (!(a.m > -INFINITY)) {
-      a.m = b.m;
-      a.s = b.s;
-      a.tz = b.tz;
-    } else {
-      const float mn = fmaxf(a.m, b.m);
-      const float ea = fast_exp2((a.m - mn) * kLog2e), eb = fast_exp2((b.m - mn) * kLog2e);
-      a.s = a.s * ea + b.s * eb;
-      a.tz = a.tz * ea + b.tz * eb;
-      a.m = mn;
-    }
+  const float mn = fmaxf(a.m, b.m);
+  if (mn > -INFINITY) {
+    // a side without a finite max has the factor exp(-inf) = 0 (its s, tz are 0 or NaN: NaN
+    // propagates, as it does through the reference's sums)
+    const float ea = fast_exp2((a.m - mn) * kLog2e), eb = fast_exp2((b.m - mn) * kLog2e);
+    a.s = a.s * ea + b.s * eb;
+    a.tz = a.tz * ea + b.tz * eb;
+  } else {
+    a.s += b.s;
+    a.tz += b.tz;
   }
+  a.m = mn;
   a.sz += b.sz;
   if (argmax_better(b.mx, b.am, a.mx, a.am)) {
     a.mx = b.mx;
