@@ -79,11 +79,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_plan(int64_t N, int64_t D, int64_t V, at:
 }
 
 template <bool kAux>
-void fold_row_split(const float* z, const float* bias, float cap, int64_t V, int64_t vb,
+void fold_row_split(const float* z, const float* bias, float cap, float inv_cap, int64_t V, int64_t vb,
                     int64_t ve, sm90::RowFold* lanes) {
   float vals[sm90::kValsPerRow];
   for (int q = 0; q < sm90::kLanesPerRow; ++q) {
     sm90::fold_init(lanes[q]);
+    const int c0 = sm90::acc_col(q, 0);
+    auto off = [](int j) { return sm90::acc_col(0, j); };
     auto col = [q](int j) { return sm90::acc_col(q, j); };
     auto zf = [&vals](int j) { return vals[j]; };
     for (int64_t vt = vb; vt < ve; ++vt) {
@@ -93,12 +95,12 @@ void fold_row_split(const float* z, const float* bias, float cap, int64_t V, int
         const int c = col(j);
         // the kernel's accumulator past the shard is 0 (TMA zero fill); it is masked anyway
         const float acc = c < ncols ? z[v0 + c] : 0.f;
-        vals[j] = sm90::logit_of(acc, (bias && c < ncols) ? bias[v0 + c] : 0.f, cap);
+        vals[j] = sm90::logit_of(acc, (bias && c < ncols) ? bias[v0 + c] : 0.f, cap, inv_cap);
       }
       if (ncols == sm90::kBN)
-        sm90::fold_tile<sm90::kValsPerRow, false, kAux>(lanes[q], zf, col, v0, ncols);
+        sm90::fold_tile<sm90::kValsPerRow, false, kAux>(lanes[q], zf, off, c0, v0, ncols);
       else
-        sm90::fold_tile<sm90::kValsPerRow, true, kAux>(lanes[q], zf, col, v0, ncols);
+        sm90::fold_tile<sm90::kValsPerRow, true, kAux>(lanes[q], zf, off, c0, v0, ncols);
     }
   }
   // shuffle xor 1, then xor 2: lane 0 ends with (l0 + l1) + (l2 + l3)
@@ -133,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_vocab_range(vocab_start, vocab_total, V, op);
   check_softcap(softcap, op);
   const float cap = static_cast<float>(softcap_value(softcap));
+  const float inv_cap = cap > 0.f ? 1.f / cap : 0.f;  // as the kernel
   auto Z = logits.contiguous();
   auto T = targets.to(at::kLong).contiguous();
   auto B = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -159,14 +162,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t vb = sp * per, ve = std::min(vb + per, vocab_tiles);
       sm90::RowFold lanes[sm90::kLanesPerRow];
       if (aux)
-        fold_row_split<true>(zr, bp, cap, V, vb, ve, lanes);
+        fold_row_split<true>(zr, bp, cap, inv_cap, V, vb, ve, lanes);
       else
-        fold_row_split<false>(zr, bp, cap, V, vb, ve, lanes);
+        fold_row_split<false>(zr, bp, cap, inv_cap, V, vb, ve, lanes);
       sm90::store_partial(lanes[0], part.data(), idx.data(), r * S + sp);
     }
     // the target logit, as the epilogue writes it (one tile holds the column)
     const int64_t lt = sm90::shard_target(t[r], ignore_index, vocab_start, V, vocab_total);
-    if (lt >= 0) zt.data_ptr<float>()[r] = sm90::logit_of(zr[lt], bp ? bp[lt] : 0.f, cap);
+    if (lt >= 0) zt.data_ptr<float>()[r] = sm90::logit_of(zr[lt], bp ? bp[lt] : 0.f, cap, inv_cap);
     // ce_fwd_sm90_merge_kernel, then the adapter's finalize
     const sm90::RowFold f = sm90::merge_splits(part.data(), idx.data(), r, S);
     const float l = f.m + std::log(f.s);

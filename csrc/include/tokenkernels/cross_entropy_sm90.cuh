@@ -141,15 +141,15 @@ ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
                                         group_modes<0, 2>(gB));  // (TMA, VT, KB), (TMA, PIPE)
       int stage = 0;
       uint32_t phase = 0;
-      for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
-        int64_t rt, sp, vb, ve;
+      for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        int rt, sp, vb, ve;
         unit_tiles(u, row_tiles, vocab_tiles, per, &rt, &sp, &vb, &ve);
-        for (int64_t vt = vb; vt < ve; ++vt) {
+        for (int vt = vb; vt < ve; ++vt) {
           for (int kb = 0; kb < k_blocks; ++kb) {
             EmptyBar::wait(&ss.empty[stage], phase ^ 1);  // a fresh barrier passes parity 1
             FullBar::arrive_and_expect_tx(&ss.full[stage], Cfg::kTxBytes);
-            copy(tma_a.with(ss.full[stage]), tAgA(_, int(rt), kb), tAsA(_, stage));
-            copy(tma_b.with(ss.full[stage]), tBgB(_, int(vt), kb), tBsB(_, stage));
+            copy(tma_a.with(ss.full[stage]), tAgA(_, rt, kb), tAsA(_, stage));
+            copy(tma_b.with(ss.full[stage]), tBgB(_, vt, kb), tBsB(_, stage));
             if (++stage == kStages) {
               stage = 0;
               phase ^= 1;
@@ -178,25 +178,43 @@ ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
     Tensor tCcC = thr.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
     const int row_in_tile[2] = {int(get<0>(tCcC(acc_index(0, 0)))),
                                 int(get<0>(tCcC(acc_index(1, 0))))};
-    auto col = [&](int j) { return int(get<1>(tCcC(acc_index(0, j)))); };
+    // columns: c0 + acc_col(0, j) (the layout the header documents and the CPU emulation
+    // uses); checked once against CuTe's own coordinates, which fold to constants (no code
+    // unless they disagree)
+    const int c0 = int(get<1>(tCcC(acc_index(0, 0))));
+    CUTE_UNROLL
+    for (int j = 0; j < kValsPerRow; ++j) {
+      if (int(get<1>(tCcC(acc_index(0, j)))) != c0 + acc_col(0, j) ||
+          int(get<1>(tCcC(acc_index(1, j)))) != c0 + acc_col(0, j) ||
+          int(get<0>(tCcC(acc_index(1, j)))) != row_in_tile[1] ||
+          int(get<0>(tCcC(acc_index(0, j)))) != row_in_tile[0])
+        __trap();
+    }
+    // the 4 lanes xor 1 / xor 2 of a row share its rows (the partial merge's shuffles)
+    if (__shfl_xor_sync(0xffffffffu, row_in_tile[0], 1) != row_in_tile[0] ||
+        __shfl_xor_sync(0xffffffffu, row_in_tile[0], 2) != row_in_tile[0] ||
+        c0 != acc_col(ct & (kLanesPerRow - 1), 0))
+      __trap();
+    auto off = [](int j) { return acc_col(0, j); };
 
     int stage = 0;
     uint32_t phase = 0;
-    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
-      int64_t rt, sp, vb, ve;
+    const float inv_cap = cap > 0.f ? 1.f / cap : 0.f;
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+      int rt, sp, vb, ve;
       unit_tiles(u, row_tiles, vocab_tiles, per, &rt, &sp, &vb, &ve);
       int64_t row[2], lt[2];
       RowFold f[2];
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
-        row[h] = rt * kBM + row_in_tile[h];
+        row[h] = int64_t(rt) * kBM + row_in_tile[h];
         lt[h] = row[h] < N ? shard_target(tg.t[row[h]], tg.ignore_index, tg.vocab_start, tg.V,
                                           tg.vocab_total)
                            : -1;
         fold_init(f[h]);
       }
 
-      for (int64_t vt = vb; vt < ve; ++vt) {
+      for (int vt = vb; vt < ve; ++vt) {
         // ------------------------------------------------------------ mainloop over D
         mma.accumulate_ = GMMA::ScaleOut::Zero;
         int prev = 0;
@@ -224,29 +242,29 @@ ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
         EmptyBar::arrive(&ss.empty[prev]);
 
         // ------------------------------------------------------------ epilogue: fold
-        const int v0 = int(vt) * kBN;
+        const int v0 = vt * kBN;
         const int ncols = V - v0 < kBN ? V - v0 : kBN;
         if (bias != nullptr || cap > 0.f) {
           CUTE_UNROLL
           for (int j = 0; j < kValsPerRow; ++j) {
-            const int c = col(j);
+            const int c = c0 + off(j);
             const float b = (bias != nullptr && c < ncols) ? __ldg(bias + v0 + c) : 0.f;
-            acc(acc_index(0, j)) = logit_of(acc(acc_index(0, j)), b, cap);
-            acc(acc_index(1, j)) = logit_of(acc(acc_index(1, j)), b, cap);
+            acc(acc_index(0, j)) = logit_of(acc(acc_index(0, j)), b, cap, inv_cap);
+            acc(acc_index(1, j)) = logit_of(acc(acc_index(1, j)), b, cap, inv_cap);
           }
         }
         CUTE_UNROLL
         for (int h = 0; h < 2; ++h) {
           auto z = [&](int j) { return acc(acc_index(h, j)); };
           if (ncols == kBN)
-            fold_tile<kValsPerRow, false, kAux>(f[h], z, col, v0, ncols);
+            fold_tile<kValsPerRow, false, kAux>(f[h], z, off, c0, v0, ncols);
           else
-            fold_tile<kValsPerRow, true, kAux>(f[h], z, col, v0, ncols);
-          const int64_t d = lt[h] - v0;  // the target's column in this tile, if it is here
-          if (d >= 0 && d < ncols) {
+            fold_tile<kValsPerRow, true, kAux>(f[h], z, off, c0, v0, ncols);
+          const int64_t d = lt[h] - v0 - c0;  // the target's offset from c0, if it is here
+          if (d >= 0 && d < kBN) {
             CUTE_UNROLL
             for (int j = 0; j < kValsPerRow; ++j)
-              if (col(j) == int(d)) zt[row[h]] = z(j);
+              if (off(j) == int(d)) zt[row[h]] = z(j);
           }
         }
       }
@@ -266,7 +284,7 @@ ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
           merge_fold(f[h], b);
         }
         if ((ct & (kLanesPerRow - 1)) == 0 && row[h] < N)
-          store_partial(f[h], part, part_idx, row[h] * splits + sp);
+          store_partial(f[h], part, part_idx, row[h] * splits + sp);  // int64 slot
       }
     }
   }

@@ -110,12 +110,14 @@ TK_HD void normalise_splits(int64_t vocab_tiles, int64_t want, int64_t* per, int
 }
 
 // Unit u of the schedule: row tile, split and its vocabulary tile range [vt_begin, vt_end).
-TK_HD void unit_tiles(int64_t u, int64_t row_tiles, int64_t vocab_tiles, int64_t per,
-                      int64_t* rt, int64_t* sp, int64_t* vt_begin, int64_t* vt_end) {
+// I: int64_t on the host, int in the kernel (units, tiles < 2^31: no 64-bit division call).
+template <class I>
+TK_HD void unit_tiles(I u, I row_tiles, I vocab_tiles, I per, I* rt, I* sp, I* vt_begin,
+                      I* vt_end) {
   *rt = u % row_tiles;
   *sp = u / row_tiles;
   *vt_begin = *sp * per;
-  const int64_t e = *vt_begin + per;
+  const I e = *vt_begin + per;
   *vt_end = e < vocab_tiles ? e : vocab_tiles;
 }
 
@@ -197,10 +199,11 @@ TK_HD float fast_exp2(float x) {
 #endif
 }
 
-// z = softcap(acc + bias); cap <= 0: no softcap.
-TK_HD float logit_of(float acc, float bias, float cap) {
+// z = softcap(acc + bias) = cap * tanh((acc + bias) * inv_cap), inv_cap = 1 / cap (a multiply,
+// not an IEEE division: no slow-path call in the epilogue); cap <= 0: no softcap.
+TK_HD float logit_of(float acc, float bias, float cap, float inv_cap) {
   const float z = acc + bias;
-  return cap > 0.f ? cap * tanhf(z / cap) : z;
+  return cap > 0.f ? cap * tanhf(z * inv_cap) : z;
 }
 
 // Shard-local index of target t, or -1 (ignored, another shard's, or outside [0, vocab_total)).
@@ -230,25 +233,27 @@ TK_HD void fold_init(RowFold& f) {
   f.am = 2147483647;
 }
 
-// Folds one tile's values of one row, NV of them: value j is z(j), at tile column col(j) (global
-// shard index v0 + col(j)); with kMasked only the columns < ncols exist (the shard's last tile).
+// Folds one tile's values of one row, NV of them: value j is z(j), at tile column c0 + off(j)
+// (off: compile-time offsets after unrolling, c0: the thread's first column; global shard index
+// v0 + c0 + off(j)); with kMasked only the columns < ncols exist (the shard's last tile).
 // Two passes, as the kernel runs them on registers: the tile's max (and arg-max, the values
 // visited in increasing column order, strict >, so ties keep the lower column), then the
-// sum-exp against the new running max. A tile without a value > -inf only adds its sum z.
-// sum exp * z is not guarded: a -inf logit gives NaN, like the reference's sum(p * z).
-template <int NV, bool kMasked, bool kAux, class ZF, class CF>
-TK_HD void fold_tile(RowFold& f, const ZF& z, const CF& col, int v0, int ncols) {
+// sum-exp against the new running max. sum exp * z is not guarded: a -inf logit gives NaN,
+// like the reference's sum(p * z).
+template <int NV, bool kMasked, bool kAux, class ZF, class OF>
+TK_HD void fold_tile(RowFold& f, const ZF& z, const OF& off, int c0, int v0, int ncols) {
+  const int lim = ncols - c0;  // value j exists when off(j) < lim
   float tmax = -INFINITY;
-  int tcol = 0;
+  int toff = 0;
   float sz = 0.f;
   TK_CE_UNROLL
   for (int j = 0; j < NV; ++j) {
-    if (!kMasked || col(j) < ncols) {
+    if (!kMasked || off(j) < lim) {
       const float zj = z(j);
       if (kAux) {
         if (zj > tmax) {
           tmax = zj;
-          tcol = col(j);
+          toff = off(j);
         }
       } else {
         tmax = fmaxf(tmax, zj);
@@ -262,8 +267,9 @@ TK_HD void fold_tile(RowFold& f, const ZF& z, const CF& col, int v0, int ncols) 
     // and NaN for NaN, exp(z - m) * z is NaN for both (0 * -inf), as in torch's softmax and
     // sum(p * z); the running max is unchanged
     bool any = false, nan = false;
+    TK_CE_UNROLL  // (register-resident values: static indices only)
     for (int j = 0; j < NV; ++j) {
-      if (!kMasked || col(j) < ncols) {
+      if (!kMasked || off(j) < lim) {
         any = true;
         nan |= z(j) != z(j);
       }
@@ -272,16 +278,19 @@ TK_HD void fold_tile(RowFold& f, const ZF& z, const CF& col, int v0, int ncols) 
     if (kAux && any) f.tz = NAN;
     return;
   }
-  if (kAux && argmax_better(tmax, int64_t(v0) + tcol, f.mx, f.am)) {
-    f.mx = tmax;
-    f.am = v0 + tcol;
+  if (kAux) {
+    const int am = v0 + c0 + toff;
+    if (argmax_better(tmax, am, f.mx, f.am)) {
+      f.mx = tmax;
+      f.am = am;
+    }
   }
   const float mn = fmaxf(f.m, tmax);
   const float scale = fast_exp2((f.m - mn) * kLog2e);  // f.m = -inf: 0
   float s = 0.f, tz = 0.f;
   TK_CE_UNROLL
   for (int j = 0; j < NV; ++j) {
-    if (!kMasked || col(j) < ncols) {
+    if (!kMasked || off(j) < lim) {
       const float zj = z(j);
       const float e = fast_exp2((zj - mn) * kLog2e);
       s += e;
