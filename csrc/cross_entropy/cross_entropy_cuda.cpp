@@ -121,7 +121,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   bool tuned_done = false;
   if (a.impl == Impl::Tuned) {
     sm90::FwdPlan plan;
-    check_cuda(sm90::forward_plan(H.data_ptr(), W.data_ptr(), dtype, N, D, V, a.impl, &plan),
+    // TOKENKERNELS_CE_SM90_CLUSTER=2: 2-CTA clusters multicasting the weight tiles (opt-in
+    // until measured against the default single-CTA schedule)
+    const int cluster = env_or("TOKENKERNELS_CE_SM90_CLUSTER", 1) == 2 ? 2 : 1;
+    check_cuda(sm90::forward_plan(H.data_ptr(), W.data_ptr(), dtype, N, D, V, a.impl, cluster,
+                                  &plan),
                "linear_cross_entropy tuned forward (device query)");
     if (plan.path == sm90::FwdPath::Sm90) {
       auto ws = at::empty({plan.workspace_bytes}, hidden.options().dtype(at::kByte));

@@ -29,16 +29,20 @@ namespace {
 constexpr const char* kPlanOp = "_cross_entropy_fwd_plan";
 constexpr const char* kEmulateOp = "_cross_entropy_fwd_emulate";
 
-// (plan fields (13,) int64, schedule (T, 5) int64: cta, unit, row tile, split, vocab tile in the
-// order each CTA runs them, CTA-major; empty unless `schedule` and the sm_90a path).
+// (plan fields (15,) int64, schedule (T, 5) int64: cta, unit, row tile, split, vocab tile in the
+// order each CTA runs them, CTA-major (cta = cluster * cluster_id + rank; a row tile equal to
+// row_tiles is the padding of an odd pair); empty unless `schedule` and the sm_90a path).
 std::tuple<at::Tensor, at::Tensor> fwd_plan(int64_t N, int64_t D, int64_t V, at::ScalarType dtype,
                                             bool aligned16, int64_t cc_major, int64_t cc_minor,
                                             int64_t sm_count, bool sm90a_code,
-                                            c10::string_view impl, bool schedule) {
+                                            c10::string_view impl, int64_t cluster,
+                                            bool schedule) {
   TORCH_CHECK_VALUE(N >= 0 && D >= 0 && V >= 1, "tokenkernels.", kPlanOp,
                     ": N, D must be >= 0 and V >= 1, got N = ", N, ", D = ", D, ", V = ", V);
   TORCH_CHECK_VALUE(sm_count >= 1, "tokenkernels.", kPlanOp, ": sm_count must be >= 1, got ",
                     sm_count);
+  TORCH_CHECK_VALUE(cluster == 1 || cluster == 2, "tokenkernels.", kPlanOp,
+                    ": cluster must be 1 or 2, got ", cluster);
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
                    "tokenkernels.", kPlanOp, ": dtype must be float32, float16 or bfloat16, got ",
                    dtype);
@@ -54,24 +58,31 @@ std::tuple<at::Tensor, at::Tensor> fwd_plan(int64_t N, int64_t D, int64_t V, at:
   in.sm_count = static_cast<int>(std::min<int64_t>(sm_count, 1 << 20));
   in.sm90a_code = sm90a_code;
   in.impl = parse_impl(impl, kPlanOp);
+  in.cluster = static_cast<int>(cluster);
   const sm90::FwdPlan p = sm90::plan_forward(in);
-  auto fields = at::empty({13}, at::kLong);
+  constexpr int kFields = 15;
+  auto fields = at::empty({kFields}, at::kLong);
   int64_t* f = fields.data_ptr<int64_t>();
-  const int64_t vals[13] = {static_cast<int64_t>(p.path), static_cast<int64_t>(p.reason),
-                            p.row_tiles, p.vocab_tiles, p.k_blocks, p.splits, p.tiles_per_split,
-                            p.units, p.grid, p.part_bytes, p.workspace_bytes, p.smem_bytes,
-                            p.makespan_tiles};
-  for (int i = 0; i < 13; ++i) f[i] = vals[i];
+  const int64_t vals[kFields] = {static_cast<int64_t>(p.path), static_cast<int64_t>(p.reason),
+                                 p.row_tiles, p.vocab_tiles, p.k_blocks, p.splits,
+                                 p.tiles_per_split, p.units, p.grid, p.part_bytes,
+                                 p.workspace_bytes, p.smem_bytes, p.makespan_tiles, p.cluster,
+                                 p.row_units};
+  for (int i = 0; i < kFields; ++i) f[i] = vals[i];
   std::vector<int64_t> sched;
   if (schedule && p.path == sm90::FwdPath::Sm90) {
     TORCH_CHECK_VALUE(p.row_tiles * p.vocab_tiles <= (int64_t(1) << 24), "tokenkernels.", kPlanOp,
                       ": schedule of ", p.row_tiles * p.vocab_tiles, " tiles is too long to list");
-    for (int64_t c = 0; c < p.grid; ++c)
-      for (int64_t u = c; u < p.units; u += p.grid) {  // the kernel's persistent loop
-        int64_t rt, sp, vb, ve;
-        sm90::unit_tiles(u, p.row_tiles, p.vocab_tiles, p.tiles_per_split, &rt, &sp, &vb, &ve);
-        for (int64_t vt = vb; vt < ve; ++vt) sched.insert(sched.end(), {c, u, rt, sp, vt});
-      }
+    const int64_t clusters = p.grid / p.cluster;
+    for (int64_t c = 0; c < clusters; ++c)
+      for (int64_t rank = 0; rank < p.cluster; ++rank)
+        for (int64_t u = c; u < p.units; u += clusters) {  // the kernel's persistent loop
+          int64_t ru, sp, vb, ve;
+          sm90::unit_tiles(u, p.row_units, p.vocab_tiles, p.tiles_per_split, &ru, &sp, &vb, &ve);
+          const int64_t rt = ru * p.cluster + rank;  // == row_tiles: the padded pair tile
+          for (int64_t vt = vb; vt < ve; ++vt)
+            sched.insert(sched.end(), {c * p.cluster + rank, u, rt, sp, vt});
+        }
   }
   auto s = at::empty({static_cast<int64_t>(sched.size() / 5), 5}, at::kLong);
   std::copy(sched.begin(), sched.end(), s.data_ptr<int64_t>());

@@ -28,35 +28,67 @@ auto make_tma_a(const T* h, int N, int D) {
                        typename device::Config<T>::SmemLayoutA{}(_, _, 0),
                        make_shape(Int<kBM>{}, Int<kBK>{}));
 }
-template <class T>
+// The weight operand: per CTA the whole 256 x 64 stage (kCluster = 1), or its half, multicast
+// to both CTAs of the pair (kCluster = 2).
+template <class T, int kCluster>
 auto make_tma_b(const T* w, int V, int D) {
   using namespace cute;
-  return make_tma_atom(SM90_TMA_LOAD{}, gmem_operand(w, V, D),
-                       typename device::Config<T>::SmemLayoutB{}(_, _, 0),
-                       make_shape(Int<kBN>{}, Int<kBK>{}));
+  if constexpr (kCluster == 1)
+    return make_tma_atom(SM90_TMA_LOAD{}, gmem_operand(w, V, D),
+                         typename device::Config<T>::SmemLayoutB{}(_, _, 0),
+                         make_shape(Int<kBN>{}, Int<kBK>{}));
+  else
+    return make_tma_atom(SM90_TMA_LOAD_MULTICAST{}, gmem_operand(w, V, D),
+                         typename device::Config<T>::SmemLayoutB{}(_, _, 0),
+                         make_shape(Int<kBN>{}, Int<kBK>{}), Int<kCluster>{});
 }
 
-template <class T, bool kAux>
+template <class T, bool kAux, int kCluster>
 auto kernel_ptr() {
   using TmaA = decltype(make_tma_a<T>(nullptr, 0, 0));
-  using TmaB = decltype(make_tma_b<T>(nullptr, 0, 0));
-  return device::ce_fwd_sm90_tma_wgmma_kernel<T, kAux, TmaA, TmaB>;
+  using TmaB = decltype(make_tma_b<T, kCluster>(nullptr, 0, 0));
+  return device::ce_fwd_sm90_tma_wgmma_kernel<T, kAux, kCluster, TmaA, TmaB>;
 }
 
-template <class T, bool kAux>
+template <class T, bool kAux, int kCluster>
 cudaError_t run(const FwdPlan& plan, const T* H, const T* W, int N, int D, const float* bias,
                 float cap, const Targets& tg, float* part, int32_t* part_idx, float* zt,
                 cudaStream_t stream) {
   const auto tma_a = make_tma_a<T>(H, N, D);
-  const auto tma_b = make_tma_b<T>(W, int(tg.V), D);
-  auto kernel = kernel_ptr<T, kAux>();
+  const auto tma_b = make_tma_b<T, kCluster>(W, int(tg.V), D);
+  auto kernel = kernel_ptr<T, kAux, kCluster>();
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(plan.smem_bytes));
   if (e != cudaSuccess) return e;
-  kernel<<<unsigned(plan.grid), kThreads, size_t(plan.smem_bytes), stream>>>(
-      tma_a, tma_b, N, D, int(tg.V), bias, cap, tg, int(plan.row_tiles), int(plan.vocab_tiles),
-      int(plan.k_blocks), int(plan.tiles_per_split), int(plan.splits), int(plan.units), part,
-      part_idx, zt);
+  const int V = int(tg.V), ru = int(plan.row_units), vt = int(plan.vocab_tiles);
+  const int kbs = int(plan.k_blocks), per = int(plan.tiles_per_split), sp = int(plan.splits);
+  const int units = int(plan.units);
+  if constexpr (kCluster == 1) {
+    kernel<<<unsigned(plan.grid), kThreads, size_t(plan.smem_bytes), stream>>>(
+        tma_a, tma_b, N, D, V, bias, cap, tg, ru, vt, kbs, per, sp, units, part, part_idx, zt);
+  } else {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.blockDim = dim3(kThreads, 1, 1);
+    cfg.dynamicSmemBytes = size_t(plan.smem_bytes);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    cfg.gridDim = dim3(unsigned(plan.grid), 1, 1);
+    int fit = 0;  // clusters resident at once (a host query; no sync)
+    e = cudaOccupancyMaxActiveClusters(&fit, kernel, &cfg);
+    if (e != cudaSuccess) return e;
+    if (fit < 1) return cudaErrorInvalidConfiguration;
+    const int64_t clusters = std::min<int64_t>(plan.grid / kCluster, fit);
+    cfg.gridDim = dim3(unsigned(clusters * kCluster), 1, 1);
+    e = cudaLaunchKernelEx(&cfg, kernel, tma_a, tma_b, N, D, V, bias, cap, tg, ru, vt, kbs, per,
+                           sp, units, part, part_idx, zt);
+    if (e != cudaSuccess) return e;
+  }
   return cudaGetLastError();
 }
 
@@ -67,14 +99,18 @@ cudaError_t run_typed(const FwdPlan& plan, const void* H, const void* W, int N, 
   const T* h = static_cast<const T*>(H);
   const T* w = static_cast<const T*>(W);
   const bool aux = st.tz != nullptr || st.amax != nullptr;
-  return aux ? run<T, true>(plan, h, w, N, D, bias, cap, tg, part, part_idx, st.zt, stream)
-             : run<T, false>(plan, h, w, N, D, bias, cap, tg, part, part_idx, st.zt, stream);
+  if (plan.cluster == 2)
+    return aux ? run<T, true, 2>(plan, h, w, N, D, bias, cap, tg, part, part_idx, st.zt, stream)
+               : run<T, false, 2>(plan, h, w, N, D, bias, cap, tg, part, part_idx, st.zt, stream);
+  return aux ? run<T, true, 1>(plan, h, w, N, D, bias, cap, tg, part, part_idx, st.zt, stream)
+             : run<T, false, 1>(plan, h, w, N, D, bias, cap, tg, part, part_idx, st.zt, stream);
 }
 }  // namespace
 
 cudaError_t forward_plan(const void* hidden, const void* weight, DType dtype, int64_t N,
-                         int64_t D, int64_t V, Impl impl, FwdPlan* plan) {
+                         int64_t D, int64_t V, Impl impl, int cluster, FwdPlan* plan) {
   FwdPlanInput in;
+  in.cluster = cluster;
   in.N = N;
   in.D = D;
   in.V = V;
@@ -94,7 +130,7 @@ cudaError_t forward_plan(const void* hidden, const void* weight, DType dtype, in
       // reports ptxVersion 80 and has the empty body.)
       cudaFuncAttributes attr{};
       e = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(
-                                           kernel_ptr<cutlass::bfloat16_t, false>()));
+                                           kernel_ptr<cutlass::bfloat16_t, false, 1>()));
       if (e != cudaSuccess) return e;
       in.sm90a_code = attr.binaryVersion == 90 && attr.ptxVersion >= 90;
     }

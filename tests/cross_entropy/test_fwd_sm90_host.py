@@ -20,7 +20,8 @@ import tokenkernels  # noqa: F401  (loads the ops)
 PLAN = torch.ops.tokenkernels._cross_entropy_fwd_plan
 EMULATE = torch.ops.tokenkernels._cross_entropy_fwd_emulate
 FIELDS = ["path", "reason", "row_tiles", "vocab_tiles", "k_blocks", "splits", "tiles_per_split",
-          "units", "grid", "part_bytes", "workspace_bytes", "smem_bytes", "makespan_tiles"]
+          "units", "grid", "part_bytes", "workspace_bytes", "smem_bytes", "makespan_tiles",
+          "cluster", "row_units"]
 SM90, WMMA, PLAIN = 0, 1, 2
 R_SM90, R_NOT_TUNED, R_FP32, R_NO_FEATURES, R_UNALIGNED, R_TOO_LARGE, R_NOT_SM90, R_NO_CODE = range(8)
 BM, BN, BK, STAGES = 128, 256, 64, 4
@@ -28,8 +29,8 @@ H200_SMS = 132
 
 
 def plan(N, D, V, dtype=torch.bfloat16, aligned=True, cc=(9, 0), sms=H200_SMS, code=True,
-         impl="tuned", schedule=False):
-    f, s = PLAN(N, D, V, dtype, aligned, cc[0], cc[1], sms, code, impl, schedule)
+         impl="tuned", cluster=1, schedule=False):
+    f, s = PLAN(N, D, V, dtype, aligned, cc[0], cc[1], sms, code, impl, cluster, schedule)
     return dict(zip(FIELDS, f.tolist())), s
 
 
@@ -71,6 +72,8 @@ def test_plan_bad_arguments():
         plan(8, 8, 8, sms=0)
     with pytest.raises(TypeError, match="dtype"):
         plan(8, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cluster must be 1 or 2"):
+        plan(8, 8, 8, cluster=4)
 
 
 # ------------------------------------------------------------------------------ split choice
@@ -85,17 +88,23 @@ def _cost(row_tiles, vocab_tiles, sms, want):
     return -(-(row_tiles * s) // sms) * per, s, per
 
 
+@pytest.mark.parametrize("cluster", [1, 2])
 @pytest.mark.parametrize("sms", [1, 7, 132])
 @pytest.mark.parametrize("N,D,V", SHAPES, ids=[f"N{n}-D{d}-V{v}" for n, d, v in SHAPES])
-def test_split_plan(N, D, V, sms):
-    p, _ = plan(N, D, V, sms=sms)
-    assert p["path"] == SM90
-    rt, vt = p["row_tiles"], p["vocab_tiles"]
-    assert rt == -(-N // BM) and vt == -(-V // BN) and p["k_blocks"] == -(-D // BK)
+def test_split_plan(N, D, V, sms, cluster):
+    p, _ = plan(N, D, V, sms=sms, cluster=cluster)
+    assert p["path"] == SM90 and p["cluster"] == cluster
+    vt = p["vocab_tiles"]
+    assert p["row_tiles"] == -(-N // BM) and vt == -(-V // BN) and p["k_blocks"] == -(-D // BK)
+    # cluster 2: a unit is a pair of row tiles, one per CTA; a cluster slot is 2 SMs
+    rt = p["row_units"]
+    assert rt == -(-p["row_tiles"] // cluster)
+    slots = max(1, sms // cluster)
     per, s = p["tiles_per_split"], p["splits"]
     # the splits cover the vocabulary tiles, none is empty
     assert 1 <= s <= vt and (s - 1) * per < vt <= s * per
-    assert p["units"] == rt * s and p["grid"] == min(p["units"], sms)
+    assert p["units"] == rt * s and p["grid"] == cluster * min(p["units"], slots)
+    sms = slots
     assert p["part_bytes"] == pad256(N * s * 5 * 4)
     assert p["workspace_bytes"] == p["part_bytes"] + pad256(N * s * 4)
     assert p["smem_bytes"] == STAGES * (BM + BN) * BK * 2 + 2048 <= 227 * 1024
@@ -107,33 +116,45 @@ def test_split_plan(N, D, V, sms):
     assert p["makespan_tiles"] * 100 <= best * 101
     assert all(c * 100 > best * 101 for c, s2, _ in cands if s2 < s)
     # and it is never worse than a lower bound by more than one unit per CTA
-    assert p["makespan_tiles"] <= -(-(rt * vt) // p["grid"]) + per
+    assert p["makespan_tiles"] <= -(-(rt * vt) // (p["grid"] // cluster)) + per
 
 
-def test_issue_shape_balance():
+@pytest.mark.parametrize("cluster", [1, 2])
+def test_issue_shape_balance(cluster):
     """N=8192, V=256000 on 132 SMs: >= 99% of the CTAs' time is useful work, and the workspace
     stays a small fraction of the (never materialised) fp32 logits."""
-    p, _ = plan(8192, 2304, 256000)
+    p, _ = plan(8192, 2304, 256000, cluster=cluster)
     useful = p["row_tiles"] * p["vocab_tiles"] / (p["grid"] * p["makespan_tiles"])
     assert useful >= 0.99, p
     assert p["workspace_bytes"] < 0.005 * 8192 * 256000 * 4, p
 
 
 # ------------------------------------------------------------------------------ schedule
+@pytest.mark.parametrize("cluster", [1, 2])
 @pytest.mark.parametrize("sms", [1, 5, 132])
-@pytest.mark.parametrize("N,V", [(1, 1), (7, 129), (129, 1000), (1000, 32000), (8192, 256000)])
-def test_schedule_covers_each_tile_once(N, V, sms):
-    p, s = plan(N, 64, V, sms=sms, schedule=True)
+@pytest.mark.parametrize("N,V", [(1, 1), (7, 129), (129, 1000), (1000, 32000), (8192, 256000),
+                                 (300, 3000)])
+def test_schedule_covers_each_tile_once(N, V, sms, cluster):
+    p, s = plan(N, 64, V, sms=sms, cluster=cluster, schedule=True)
     rt, vt, per = p["row_tiles"], p["vocab_tiles"], p["tiles_per_split"]
+    ru, clusters = p["row_units"], p["grid"] // cluster
     cta, unit, r, sp, v = s.unbind(1)
-    # every (row tile, vocabulary tile) exactly once
-    key = r * vt + v
+    # the padding of an odd pair (cluster 2): row tile == row_tiles, nothing else
+    pad = r >= rt
+    assert bool((r[pad] == rt).all()) and (int(pad.sum()) == 0 or (cluster == 2 and rt % 2 == 1))
+    # every real (row tile, vocabulary tile) exactly once
+    key = (r * vt + v)[~pad]
     assert key.numel() == rt * vt
     assert torch.equal(torch.sort(key).values, torch.arange(rt * vt))
-    # units round-robin over the CTAs, each unit = (row tile, split), its tiles in order
-    assert torch.equal(cta, unit % p["grid"])
-    assert torch.equal(r, unit % rt) and torch.equal(sp, unit // rt)
+    # units round-robin over the clusters, each unit = (row unit, split), its tiles in order;
+    # the CTAs of a cluster run the same units on the row tiles 2 u, 2 u + 1
+    assert torch.equal(cta // cluster, unit % clusters)
+    assert torch.equal(r, (unit % ru) * cluster + cta % cluster) and torch.equal(sp, unit // ru)
     assert bool(((v >= sp * per) & (v < (sp + 1) * per)).all())
+    if cluster == 2:  # the two CTAs of a cluster walk identical (unit, vocab tile) sequences
+        for c in range(clusters):
+            a, b = s[cta == 2 * c], s[cta == 2 * c + 1]
+            assert torch.equal(a[:, [1, 3, 4]], b[:, [1, 3, 4]])
     # per CTA: units increasing, tiles increasing within a unit, load <= the makespan
     for c in range(p["grid"]):
         m = cta == c
@@ -144,11 +165,12 @@ def test_schedule_covers_each_tile_once(N, V, sms):
         assert int(m.sum()) <= p["makespan_tiles"]
 
 
-def test_schedule_weight_locality():
+@pytest.mark.parametrize("cluster", [1, 2])
+def test_schedule_weight_locality(cluster):
     """The units of one wave (the grid's CTAs at the same time) cover all row tiles of a few
     consecutive splits: each weight tile is read from HBM about once, then from L2."""
-    p, s = plan(8192, 2304, 256000, schedule=True)
-    rt, g = p["row_tiles"], p["grid"]
+    p, s = plan(8192, 2304, 256000, cluster=cluster, schedule=True)
+    rt, g = p["row_units"], p["grid"] // cluster
     units = torch.arange(p["units"])
     for w in range(-(-p["units"] // g)):
         wave = units[w * g:(w + 1) * g]

@@ -229,7 +229,8 @@ def test_tuned_forward_plan_for_this_device():
     cc = torch.cuda.get_device_capability()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     f, _ = torch.ops.tokenkernels._cross_entropy_fwd_plan(8192, 2304, 256000, torch.bfloat16, True,
-                                                          cc[0], cc[1], sms, True, "tuned", False)
+                                                          cc[0], cc[1], sms, True, "tuned", 1,
+                                                          False)
     assert (int(f[0]) == 0) == (cc == (9, 0))
 
 
@@ -249,3 +250,23 @@ def test_tuned_forward_many_units_per_cta(N, V):
         z = logits64(h[mism.cpu()], w)
         top2 = z.topk(2, -1).values
         assert bool(((top2[:, 0] - top2[:, 1]) < 1e-3).all())
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="clusters of the sm_90a kernel")
+@pytest.mark.parametrize("aux", [False, True])
+@pytest.mark.parametrize("N,V", [(1, 300), (129, 1000), (300, 3001), (2000, 20000)])
+def test_tuned_forward_cluster_pairs(monkeypatch, N, V, aux):
+    """TOKENKERNELS_CE_SM90_CLUSTER=2: CTA pairs share each weight tile by TMA multicast (odd row
+    tile counts pad the pair); same results as the single-CTA schedule up to the split order."""
+    h, w, t, b = make_inputs(N, 72, V, torch.bfloat16, bias=True, ignore_frac=0.1, wscale=4.0,
+                             device="cuda", seed=N)
+    one = fwd(h, w, t, b, aux=aux)
+    monkeypatch.setenv("TOKENKERNELS_CE_SM90_CLUSTER", "2")
+    two = fwd(h, w, t, b, aux=aux)
+    torch.testing.assert_close(two[0], one[0], rtol=1e-6, atol=1e-5)
+    assert torch.equal(two[1], one[1])  # one accumulator, the same wgmma sequence either way
+    torch.testing.assert_close(two[2], one[2], rtol=1e-5, atol=1e-3)
+    if aux:
+        assert torch.equal(two[3], one[3]) and torch.equal(two[4], one[4])
+        torch.testing.assert_close(two[5], one[5], rtol=1e-5, atol=1e-4)
+        _check(two, truth(h, w, t, b), h, w, b)

@@ -35,6 +35,7 @@
 #include <cstdint>
 
 #include <cute/tensor.hpp>
+#include <cute/arch/cluster_sm90.hpp>
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -89,12 +90,18 @@ __device__ __forceinline__ constexpr int acc_index(int h, int j) {
   return (j & 1) + 2 * h + 4 * (j >> 1);
 }
 
-template <class T, bool kAux, class TmaA, class TmaB>
+// kCluster = 1: one CTA per work unit. kCluster = 2 (opt-in): a cluster of 2 CTAs runs the two
+// row tiles 2 p, 2 p + 1 of a unit pair p against the same vocabulary tiles; each CTA loads half
+// of every 256 x 64 weight stage and multicasts it to both (SM90_TMA_LOAD_MULTICAST), halving the
+// L2 -> SM weight traffic; a stage is free for a producer once the consumers of BOTH CTAs released
+// it (each consumer thread arrives on its own and on the peer's empty barrier), and each producer
+// ends with a wait on every stage so that no CTA exits while its peer may still signal it.
+template <class T, bool kAux, int kCluster, class TmaA, class TmaB>
 __global__ void __launch_bounds__(kThreads, 1)
 ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
                              CUTE_GRID_CONSTANT TmaB const tma_b, int N, int D, int V,
                              const float* __restrict__ bias, float cap, Targets tg,
-                             int row_tiles, int vocab_tiles, int k_blocks, int per, int splits,
+                             int row_units, int vocab_tiles, int k_blocks, int per, int splits,
                              int units, float* __restrict__ part, int32_t* __restrict__ part_idx,
                              float* __restrict__ zt) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL) && \
@@ -111,17 +118,27 @@ ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
   Tensor sA = make_tensor(make_smem_ptr(ss.A), typename Cfg::SmemLayoutA{});  // (BM, BK, PIPE)
   Tensor sB = make_tensor(make_smem_ptr(ss.B), typename Cfg::SmemLayoutB{});  // (BN, BK, PIPE)
 
+  static_assert(kCluster == 1 || kCluster == 2, "cluster of 1 or 2 CTAs");
   const int wg = threadIdx.x / 128;
   const int warp = threadIdx.x / 32;
   if (threadIdx.x == 0) {
     CUTE_UNROLL
     for (int s = 0; s < kStages; ++s) {
       FullBar::init(&ss.full[s], 1);
-      EmptyBar::init(&ss.empty[s], kConsumerWarpgroups * 128);
+      EmptyBar::init(&ss.empty[s], kCluster * kConsumerWarpgroups * 128);
     }
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();
+  int rank = 0;  // CTA rank in the cluster
+  if constexpr (kCluster > 1) {
+    cute::cluster_sync();  // the barriers' init is visible to the peer before any signal
+    rank = int(cute::block_rank_in_cluster());
+  } else {
+    __syncthreads();
+  }
+  const int cluster_id = int(blockIdx.x) / kCluster;
+  const int num_clusters = int(gridDim.x) / kCluster;
+  const int n_row_tiles = (N + kBM - 1) / kBM;
 
   // (rows, D) TMA coordinate tensors, tiled: (BM, BK, row tile, k block), (BN, BK, vt, kb)
   Tensor mA = tma_a.get_tma_tensor(make_shape(N, D));
@@ -137,23 +154,43 @@ ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
       prefetch_tma_descriptor(tma_b.get_tma_descriptor());
       auto [tAgA, tAsA] = tma_partition(tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
                                         group_modes<0, 2>(gA));  // (TMA, RT, KB), (TMA, PIPE)
-      auto [tBgB, tBsB] = tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB),
+      // kCluster = 2: this CTA's half of each weight stage, multicast to both CTAs
+      auto [tBgB, tBsB] = tma_partition(tma_b, rank, Layout<Int<kCluster>>{},
+                                        group_modes<0, 2>(sB),
                                         group_modes<0, 2>(gB));  // (TMA, VT, KB), (TMA, PIPE)
       int stage = 0;
       uint32_t phase = 0;
-      for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        int rt, sp, vb, ve;
-        unit_tiles(u, row_tiles, vocab_tiles, per, &rt, &sp, &vb, &ve);
+      for (int u = cluster_id; u < units; u += num_clusters) {
+        int rtu, sp, vb, ve;
+        unit_tiles(u, row_units, vocab_tiles, per, &rtu, &sp, &vb, &ve);
+        // the pair's second row tile past the last one (odd row tile count) loads the last
+        // row tile again (no fully out-of-bounds box); its consumers write nothing
+        const int rt_all = rtu * kCluster + rank;
+        const int rt = rt_all < n_row_tiles ? rt_all : n_row_tiles - 1;
         for (int vt = vb; vt < ve; ++vt) {
           for (int kb = 0; kb < k_blocks; ++kb) {
             EmptyBar::wait(&ss.empty[stage], phase ^ 1);  // a fresh barrier passes parity 1
             FullBar::arrive_and_expect_tx(&ss.full[stage], Cfg::kTxBytes);
             copy(tma_a.with(ss.full[stage]), tAgA(_, rt, kb), tAsA(_, stage));
-            copy(tma_b.with(ss.full[stage]), tBgB(_, vt, kb), tBsB(_, stage));
+            if constexpr (kCluster == 1)
+              copy(tma_b.with(ss.full[stage]), tBgB(_, vt, kb), tBsB(_, stage));
+            else
+              copy(tma_b.with(ss.full[stage], uint16_t((1u << kCluster) - 1)), tBgB(_, vt, kb),
+                   tBsB(_, stage));
             if (++stage == kStages) {
               stage = 0;
               phase ^= 1;
             }
+          }
+        }
+      }
+      if constexpr (kCluster > 1) {
+        // every stage released by the consumers of both CTAs: no signal into this CTA pends
+        for (int s = 0; s < kStages; ++s) {
+          EmptyBar::wait(&ss.empty[stage], phase ^ 1);
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
           }
         }
       }
@@ -200,9 +237,14 @@ ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
     int stage = 0;
     uint32_t phase = 0;
     const float inv_cap = cap > 0.f ? 1.f / cap : 0.f;
-    for (int u = blockIdx.x; u < units; u += gridDim.x) {
-      int rt, sp, vb, ve;
-      unit_tiles(u, row_tiles, vocab_tiles, per, &rt, &sp, &vb, &ve);
+    auto release = [&](int s) {
+      EmptyBar::arrive(&ss.empty[s]);
+      if constexpr (kCluster > 1) EmptyBar::arrive(&ss.empty[s], uint32_t(rank ^ 1), 1u);
+    };
+    for (int u = cluster_id; u < units; u += num_clusters) {
+      int rtu, sp, vb, ve;
+      unit_tiles(u, row_units, vocab_tiles, per, &rtu, &sp, &vb, &ve);
+      const int rt = rtu * kCluster + rank;  // rows >= N (a padded pair tile) write nothing
       int64_t row[2], lt[2];
       RowFold f[2];
       CUTE_UNROLL
@@ -230,7 +272,7 @@ ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
           warpgroup_commit_batch();
           warpgroup_wait<1>();  // the batch of k-block kb - 1 retired: its stage is free
           warpgroup_fence_operand(acc);
-          if (kb > 0) EmptyBar::arrive(&ss.empty[prev]);
+          if (kb > 0) release(prev);
           prev = stage;
           if (++stage == kStages) {
             stage = 0;
@@ -239,7 +281,7 @@ ce_fwd_sm90_tma_wgmma_kernel(CUTE_GRID_CONSTANT TmaA const tma_a,
         }
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc);
-        EmptyBar::arrive(&ss.empty[prev]);
+        release(prev);
 
         // ------------------------------------------------------------ epilogue: fold
         const int v0 = vt * kBN;

@@ -8,10 +8,12 @@
 //
 // Work decomposition. Logit tiles are kBM tokens x kBN vocabulary rows (K loop over D in kBK
 // steps, zero-filled by TMA past N / V / D). The vocabulary tiles of the shard are cut into
-// `splits` contiguous runs of tiles_per_split tiles; a work unit is (row tile rt, split sp),
-// numbered u = sp * row_tiles + rt (row tiles fastest, so the CTAs running at the same time
-// read the same weight tiles: one HBM pass over the weight, hidden stays in L2). The kernel is
-// persistent: CTA c runs units c, c + grid, c + 2 grid, ... and walks each unit's vocabulary
+// `splits` contiguous runs of tiles_per_split tiles; a work unit is (row unit, split sp),
+// numbered u = sp * row_units + row unit (row units fastest, so the CTAs running at the same
+// time read the same weight tiles: one HBM pass over the weight, hidden stays in L2); a row
+// unit is one row tile (cluster 1) or the pair of row tiles 2 p, 2 p + 1 (cluster 2, one per
+// CTA of the cluster, sharing the weight tiles by TMA multicast). The kernel is persistent:
+// cluster c runs units c, c + clusters, c + 2 clusters, ... and walks each unit's vocabulary
 // tiles in order, its consumer threads folding every logit tile into per-thread running states
 // held in registers. At the end of a unit the 4 lanes that share a token row merge their
 // states (shuffles) and lane 0 writes one partial state (m, s, tz, sum z, max z, arg-max) of
@@ -82,15 +84,20 @@ struct FwdPlanInput {
   int sm_count = 1;
   bool sm90a_code = false;    // the kernel's binary for this device was built from sm_90a
   Impl impl = Impl::Tuned;
+  int cluster = 1;            // CTAs per cluster asked for: 1, or 2 (weight-tile multicast)
 };
 
 struct FwdPlan {
   FwdPath path = FwdPath::Plain;
   FwdReason reason = FwdReason::NotTuned;
   int64_t row_tiles = 0, vocab_tiles = 0, k_blocks = 0;
+  int64_t cluster = 1;        // CTAs per cluster (2: the pair shares each weight tile)
+  int64_t row_units = 0;      // ceil(row_tiles / cluster): row tiles (pairs) per split
   int64_t splits = 0, tiles_per_split = 0;
-  int64_t units = 0;          // row_tiles * splits work units
-  int64_t grid = 0;           // persistent CTAs (one per SM: the stages fill shared memory)
+  int64_t units = 0;          // row_units * splits work units (one per cluster at a time)
+  int64_t grid = 0;           // persistent CTAs, cluster * clusters (one CTA per SM: the stages
+                              // fill shared memory); the launcher may lower it to the clusters
+                              // that fit at once (cudaOccupancyMaxActiveClusters)
   int64_t part_bytes = 0;     // fp32 partials, N * splits * kPartFields, 256-byte padded
   int64_t workspace_bytes = 0;  // part_bytes + int32 arg-max partials (N * splits), padded
   int64_t smem_bytes = 0;
@@ -175,10 +182,13 @@ inline FwdPlan plan_forward(const FwdPlanInput& in) {
   p.row_tiles = ceil_div64(std::max<int64_t>(in.N, 1), kBM);
   p.vocab_tiles = ceil_div64(std::max<int64_t>(in.V, 1), kBN);
   p.k_blocks = ceil_div64(in.D, kBK);
-  choose_splits(p.row_tiles, p.vocab_tiles, in.sm_count, &p.tiles_per_split, &p.splits,
+  p.cluster = in.cluster == 2 ? 2 : 1;
+  p.row_units = ceil_div64(p.row_tiles, p.cluster);
+  const int64_t slots = std::max<int64_t>(1, std::max(in.sm_count, 1) / p.cluster);
+  choose_splits(p.row_units, p.vocab_tiles, slots, &p.tiles_per_split, &p.splits,
                 &p.makespan_tiles);
-  p.units = p.row_tiles * p.splits;
-  p.grid = std::min<int64_t>(p.units, std::max(in.sm_count, 1));
+  p.units = p.row_units * p.splits;
+  p.grid = p.cluster * std::min<int64_t>(p.units, slots);
   p.part_bytes = pad256(in.N * p.splits * kPartFields * int64_t(sizeof(float)));
   p.workspace_bytes = p.part_bytes + pad256(in.N * p.splits * int64_t(sizeof(int32_t)));
   p.smem_bytes = kSmemBytes;
@@ -369,8 +379,10 @@ namespace sm90 {
 
 // The plan for the current device (compute capability, SM count, whether the kernel's binary
 // for it is sm_90a code) and these inputs. Host queries only, no sync.
+// cluster: 1 (default), or 2 to ask for the weight-multicast CTA pairs (opt-in: the adapter
+// reads TOKENKERNELS_CE_SM90_CLUSTER).
 cudaError_t forward_plan(const void* hidden, const void* weight, DType dtype, int64_t N,
-                         int64_t D, int64_t V, Impl impl, FwdPlan* plan);
+                         int64_t D, int64_t V, Impl impl, int cluster, FwdPlan* plan);
 
 // Runs the planned sm_90a forward (plan.path == Sm90, else cudaErrorInvalidValue): the GEMM +
 // fold kernel over the persistent schedule, then the merge of the splits into st (m, s, tz,
