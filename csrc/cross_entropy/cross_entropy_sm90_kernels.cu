@@ -127,12 +127,21 @@ cudaError_t forward_plan(const void* hidden, const void* weight, DType dtype, in
     if (e != cudaSuccess) return e;
     if (in.cc_major == 9 && in.cc_minor == 0) {
       // sm_90a SASS in the fatbinary for this device? (compute_80 PTX JIT-compiled for an H100
-      // reports ptxVersion 80 and has the empty body.)
-      cudaFuncAttributes attr{};
-      e = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(
-                                           kernel_ptr<cutlass::bfloat16_t, false, 1>()));
-      if (e != cudaSuccess) return e;
-      in.sm90a_code = attr.binaryVersion == 90 && attr.ptxVersion >= 90;
+      // reports ptxVersion 80 and has the empty body.) Cached per device: 0 unknown, 1 no,
+      // 2 yes (a benign race: every writer stores the same answer).
+      static int8_t known[256] = {};
+      const int slot = dev >= 0 && dev < 256 ? dev : -1;
+      if (slot < 0 || known[slot] == 0) {
+        cudaFuncAttributes attr{};
+        e = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(
+                                             kernel_ptr<cutlass::bfloat16_t, false, 1>()));
+        if (e != cudaSuccess) return e;
+        const bool yes = attr.binaryVersion == 90 && attr.ptxVersion >= 90;
+        if (slot >= 0) known[slot] = yes ? 2 : 1;
+        in.sm90a_code = yes;
+      } else {
+        in.sm90a_code = known[slot] == 2;
+      }
     }
   }
   *plan = plan_forward(in);
