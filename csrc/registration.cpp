@@ -214,6 +214,22 @@ TORCH_LIBRARY(tokenkernels, m) {
       "_cross_entropy_bwd_emulate(Tensor logits, Tensor targets, Tensor? bias, Tensor lse, "
       "Tensor coef_p, Tensor coef_t, Tensor? coef_1, int ignore_index, float? softcap, "
       "int vocab_start, float filter_eps, float grad_scale, int vc) -> (Tensor, Tensor)");
+  // Forward (sm_90a TMA + wgmma, csrc/include/tokenkernels/cross_entropy_sm90.h): the host plan
+  // for these inputs and a described device, cluster 1 or 2 (weight multicast pairs) ->
+  // (fields (15,) int64: path (0 sm90, 1 wmma, 2 plain), reason, row_tiles, vocab_tiles,
+  // k_blocks, splits, tiles_per_split, units, grid, part_bytes, workspace_bytes, smem_bytes,
+  // makespan_tiles, cluster, row_units; schedule (T, 5) int64: cta, unit, row tile, split,
+  // vocab tile in each CTA's order, when `schedule` and the sm90 path).
+  m.def(
+      "_cross_entropy_fwd_plan(int N, int D, int V, ScalarType dtype, bool aligned16, "
+      "int cc_major, int cc_minor, int sm_count, bool sm90a_code, str impl, int cluster, "
+      "bool schedule) -> (Tensor, Tensor)");
+  // The kernel's fold of fp32 logits (N, V) = hidden @ weight^T (no bias), emulated on the CPU
+  // with its TK_HD code (lanes, tiles, splits, merges): the outputs of cross_entropy_forward.
+  m.def(
+      "_cross_entropy_fwd_emulate(Tensor logits, Tensor targets, Tensor? bias, float? softcap, "
+      "int ignore_index, int vocab_start, int vocab_total, int splits, bool sum_z, bool aux) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
 
   // -- kcenter (impl="tuned")

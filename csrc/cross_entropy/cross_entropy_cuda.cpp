@@ -6,7 +6,9 @@
 // Forward: "wmma" (and "auto", for fp16/bf16 where fused_supported: D % 8 == 0, 16-byte aligned
 // rows) = the fused WMMA kernel, no logit buffer; "plain" (fp32, impl="plain", or shapes the fused
 // kernels do not support) = fp32 logit tiles from cuBLAS (ATen mm with fp32 output) folded
-// into the online log-sum-exp by fwd_tile_kernel.
+// into the online log-sum-exp by fwd_tile_kernel; "tuned" = the sm_90a TMA + wgmma kernel
+// (cross_entropy_sm90.cuh) on compute capability 9.0 where sm90::plan_forward accepts the
+// inputs, else as "wmma" (fp32 -> plain).
 // Backward: "plain" = logit tiles recomputed by cuBLAS, dZ by dz_tile_kernel, gradients by two
 // more cuBLAS GEMMs per tile (fp32 accumulators for dhidden and dweight, rounded once);
 // "wmma" (fp16/bf16, default for them) = one fused WMMA kernel per 64 x 128 logit tile that
@@ -27,6 +29,7 @@
 #include "cuda_glue.h"
 #include "tokenkernels/cross_entropy.h"
 #include "tokenkernels/cross_entropy_bwd.h"
+#include "tokenkernels/cross_entropy_sm90.h"
 
 namespace tokenkernels {
 namespace cross_entropy {
@@ -116,9 +119,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const float* bp = B.defined() ? B.data_ptr<float>() : nullptr;
 
   const auto dtype = to_dtype(H.scalar_type());
+  // impl="tuned": the sm_90a TMA + wgmma forward where sm90::plan_forward says it runs
+  // (fp16/bf16, D % 8 == 0, 16-byte aligned rows, N / V / D within int32, compute capability
+  // 9.0 and sm_90a code in this build); every other case falls through to the WMMA / plain
+  // choice below, which gives the same results.
+  bool tuned_done = false;
+  if (a.impl == Impl::Tuned) {
+    sm90::FwdPlan plan;
+    // TOKENKERNELS_CE_SM90_CLUSTER=2: 2-CTA clusters multicasting the weight tiles (opt-in
+    // until measured against the default single-CTA schedule)
+    const int cluster = env_or("TOKENKERNELS_CE_SM90_CLUSTER", 1) == 2 ? 2 : 1;
+    check_cuda(sm90::forward_plan(H.data_ptr(), W.data_ptr(), dtype, N, D, V, a.impl, cluster,
+                                  &plan),
+               "linear_cross_entropy tuned forward (device query)");
+    if (plan.path == sm90::FwdPath::Sm90) {
+      auto ws = at::empty({plan.workspace_bytes}, hidden.options().dtype(at::kByte));
+      check_cuda(sm90::launch_fwd_sm90(plan, H.data_ptr(), W.data_ptr(), dtype, N, D, bp, cap, tg,
+                                       st, ws.data_ptr(), stream),
+                 "linear_cross_entropy tuned forward (sm_90a)");
+      tuned_done = true;
+    }
+  }
   // D = 0 (all logits = bias): the plain path (cuBLAS/ATen handle K = 0); the fused kernels
   // are never launched for it.
-  if (use_fused(a.impl, D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D))) {  // fused kernel
+  if (tuned_done) {
+    // zt written by the kernel; m, s, tz, sumz, amax, maxz by its split merge
+  } else if (use_fused(a.impl, D > 0 && fused_supported(H.data_ptr(), W.data_ptr(), dtype, D))) {  // fused kernel
     int splits = 1;
     check_cuda(fused_default_splits(N, V, &splits), "linear_cross_entropy fused forward (SM count)");
     auto ws = at::empty({static_cast<int64_t>(fused_workspace_bytes(N, splits))},

@@ -14,6 +14,10 @@ Rows: per case one row of fwd+bwd times (rate on 6·N·D·V flops, metrics ``pea
 dweight, the statistics of one plain forward) for each CUDA variant ``plain`` / ``wmma`` /
 ``tuned`` (rate on 6·N·D·V flops: the 2·N·D·V recompute and the 4·N·D·V of the two gradient
 GEMMs; roofline of "tuned": bench/roofline/cross_entropy_bwd.md), against ``plain``.
+On CUDA the columns ``tokenkernels[plain]``, ``tokenkernels[wmma]`` and
+``tokenkernels[tuned]`` time each variant beside the op's own choice (``tokenkernels``, impl
+"auto"); the ``fwd`` row's ``tokenkernels[tuned]`` is the sm_90a forward of
+``bench/roofline/cross_entropy_fwd.md`` on an H100 / H200.
 """
 from __future__ import annotations
 
@@ -76,6 +80,13 @@ def impls(device) -> Dict[str, Callable]:
 
     out = {"tokenkernels": ours, "torch": torch_ref}
     if device.type == "cuda":
+        # each CUDA variant by name beside "auto" (above): "plain" (cuBLAS logit tiles), "wmma"
+        # (the fused WMMA kernels), "tuned" (the sm_90a TMA + wgmma forward on compute
+        # capability 9.0, bench/roofline/cross_entropy_fwd.md; its backward is the tuned one too)
+        for impl in ("plain", "wmma", "tuned"):
+            out[f"tokenkernels[{impl}]"] = (
+                lambda h, w, t, impl=impl: tokenkernels.linear_cross_entropy(h, w, t, check=False,
+                                                                              impl=impl))
         try:
             from cut_cross_entropy import linear_cross_entropy as cce
 
@@ -189,8 +200,9 @@ def run(ctx: Context) -> None:
         fwd = Row("cross_entropy", case + " fwd", baselines=("torch",))
         for name, fn in fns.items():
             try:
-                tb = ctx.time(_fwd_bwd(fn, h, w, t), slow=(name != "tokenkernels"))
-                tf = ctx.time(_fwd(fn, h, w, t), slow=(name != "tokenkernels"))
+                ours = name.startswith("tokenkernels")
+                tb = ctx.time(_fwd_bwd(fn, h, w, t), slow=not ours)
+                tf = ctx.time(_fwd(fn, h, w, t), slow=not ours)
             except Exception as e:  # noqa: BLE001  (a peer failing must not stop the table)
                 ctx.note(f"{case}: {name} failed: {type(e).__name__}: {e}")
                 continue
