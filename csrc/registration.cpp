@@ -233,7 +233,18 @@ TORCH_LIBRARY(tokenkernels, m) {
 
 
   // -- kcenter (impl="tuned")
-
+  // Launch plan of the tuned path (tokenkernels/kcenter_tuned.h make_plan) for B items of N
+  // tokens, D features, sm_count SMs, fp16/bf16 (low_precision) or fp32 x, force_tile 0 / 64 /
+  // 128: (fields (17,) int64: ok, tile, tiles_1d, tiles_per_item, gram_ctas, gram_threads,
+  // gram_smem, ctas_per_sm, waves, greedy_items, greedy_threads, d_pad, ld, key_offset,
+  // nn_offset, workspace_bytes, max_n; tiles (tiles_per_item, 2) int64: the (I, J) tile of each
+  // Gram CTA, blockIdx.x order).
+  m.def("_kcenter_tuned_plan(int B, int N, int D, int sm_count, bool low_precision, int force_tile) -> (Tensor, Tensor)");
+  // Host emulation of the tuned kernels' index / fold / arg-max arithmetic (fp32 ATen Gram in
+  // place of the tensor cores): (idx (B, k), radii (B, k), keys (B, N, N), nn (B, N), writes
+  // (B, N, N) int32 = stores of each key element by the epilogue).
+  m.def("_kcenter_tuned_emulate(Tensor x, int k, Tensor? lengths, Tensor? exclude, Tensor? start_index, "
+        "str metric, int force_tile) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- end private ---------------------------------------------------------------------------
 }
