@@ -5,11 +5,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string_view>
 
 #include "cuda_glue.h"
 #include "kcenter/kcenter_args.h"
 #include "tokenkernels/kcenter.h"
+#include "tokenkernels/kcenter_tuned.h"
 
 namespace tokenkernels {
 namespace kcenter {
@@ -37,6 +39,24 @@ at::Tensor gram_fp32(const at::Tensor& a, const at::Tensor& b) {
   at::NoTF32Guard ieee_fp32;
   if (a.dim() == 3) return at::bmm(a, b.transpose(1, 2));
   return at::mm(a, b.t());
+}
+
+// Gram tile of the tuned path: 0 lets the plan's wave model choose; TOKENKERNELS_KCENTER_TILE=64 or
+// 128 forces one (tuning and benchmarks on a GPU).
+int tuned_force_tile() {
+  static const int forced = [] {
+    const char* e = std::getenv("TOKENKERNELS_KCENTER_TILE");
+    const int v = e ? std::atoi(e) : 0;
+    return (v == 64 || v == 128) ? v : 0;
+  }();
+  return forced;
+}
+
+int sm_count(const at::Device& device) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device.index()) != cudaSuccess || n < 1)
+    n = 1;   // the plan only needs a positive count; a real launch error surfaces below
+  return n;
 }
 
 // Sort each row's picks ascending, -1 padding last; radii follow.
@@ -85,6 +105,28 @@ std::tuple<at::Tensor, at::Tensor> select_cuda(const at::Tensor& x_in, int64_t k
   p.aux = aux.data_ptr<float>();
   const bool isolated = !st.defined();
   const auto f32 = x.options().dtype(at::kFloat);
+
+  // Tuned (fp16 / bf16, 1 <= N <= 8192, the (B, N, ld) fp32 key matrix within kMaxGramBytes):
+  // the symmetric tensor-core Gram with the key / nearest-neighbour epilogue and the register
+  // greedy, all in one launcher (tokenkernels/kcenter_tuned.h). fp32 x and larger N take the
+  // Simt / Plain path below (IEEE-fp32 cuBLAS Gram), as documented in the README.
+  if (a.impl == Impl::Tuned) {
+    const tuned::Plan plan = tuned::make_plan(B, N, D, x.scalar_type() != at::kFloat,
+                                              sm_count(x.device()), tuned_force_tile());
+    if (plan.ok && B * N * plan.ld * int64_t(sizeof(float)) <= kMaxGramBytes) {
+      // 16-byte rows for cp.async: zero features appended (dot products and norms unchanged)
+      at::Tensor xt = x;
+      if (plan.d_pad != D) xt = at::constant_pad_nd(x, {0, plan.d_pad - D}).contiguous();
+      if (reinterpret_cast<uintptr_t>(xt.data_ptr()) % 16 != 0) xt = xt.clone();
+      auto ws = at::empty({plan.workspace_bytes}, x.options().dtype(at::kByte));
+      check_cuda(launch_kcenter_tuned(p, xt.data_ptr(), to_dtype(xt.scalar_type()), plan, opt_ptr<int64_t>(st),
+                                      k, opt_ptr<int64_t>(kk), idx.data_ptr<int64_t>(), rad.data_ptr<float>(),
+                                      ws.data_ptr(), stream),
+                 "kcenter tuned");
+      if (sorted) sort_picks(idx, rad, N);
+      return {idx, rad};
+    }
+  }
 
   // Stream forces the streaming path (tests and benchmarks of it at small N); the other
   // variants take it only when the batch's fp32 Gram would not fit in kMaxGramBytes.

@@ -43,7 +43,8 @@ cudaError_t launch_greedy_gram(const Problem& p, const float* gram, const float*
   if (impl == Impl::Stream) return cudaErrorInvalidValue;   // not a Gram variant
   if (p.B == 0 || k == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(p.B);
-  // Plain: global-memory running minimum. Simt, Tuned (until its own kernel lands) and Auto: registers while N <= 8192 tokens
+  // Plain: global-memory running minimum. Simt, Auto and Tuned (whose own kernels, kcenter_tuned.cuh,
+  // take fp16 / bf16 with N <= 8192; fp32 and larger N come here): registers while N <= 8192 tokens
   // (16 tokens per thread spills), Plain beyond.
   const bool tuned = (impl == Impl::Simt || impl == Impl::Tuned || impl == Impl::Auto) && p.N <= 8 * kGreedyThreads;
   if (!tuned) {

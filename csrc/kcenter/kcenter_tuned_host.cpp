@@ -241,7 +241,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_o
 }  // namespace kcenter
 }  // namespace tokenkernels
 
-TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
+// The plan op takes no tensor: a backend-independent kernel (the dispatcher has no device key
+// to pick a CPU one by).
+TORCH_LIBRARY_IMPL(tokenkernels, CompositeExplicitAutograd, m) {
   m.impl("_kcenter_tuned_plan", &tokenkernels::kcenter::tuned::plan_op);
+}
+TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
   m.impl("_kcenter_tuned_emulate", &tokenkernels::kcenter::tuned::emulate_op);
 }

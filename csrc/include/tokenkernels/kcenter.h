@@ -23,8 +23,10 @@ enum class Metric : int32_t { Cosine, L2 };
 //   Auto   the kernels' heuristic: the Gram path as Simt (N <= 8192, else Plain);
 //   Plain  Gram path, running minimum in global memory (any N);
 //   Simt   Gram path, running minimum in registers (N <= 8192; larger N runs Plain);
-//   Tuned  symmetric Gram with the nearest-neighbour minimum in its epilogue, warp-reduce arg-max
-//          per pick (issue #13); opt-in until proven on a GPU;
+//   Tuned  fp16 / bf16 with N <= 8192: symmetric tensor-core Gram (upper-triangle tiles, mirror
+//          write) with the keys and the nearest-neighbour minimum in its epilogue, REDUX + ballot
+//          arg-max per pick (issue #13; kcenter_tuned.h); fp32 and larger N run as Simt. Opt-in
+//          until proven on a GPU;
 //   Stream the large-N path: one distance row per pick straight from x, never N x N.
 // Auto, Plain, Simt and Tuned also take the Stream path when the batch's fp32 Gram would exceed
 // 4 GiB (csrc/kcenter/kcenter_cuda.cpp).
