@@ -235,9 +235,9 @@ TORCH_LIBRARY(tokenkernels, m) {
   // -- kcenter (impl="tuned")
   // Launch plan of the tuned path (tokenkernels/kcenter_tuned.h make_plan) for B items of N
   // tokens, D features, sm_count SMs, fp16/bf16 (low_precision) or fp32 x, force_tile 0 / 64 /
-  // 128: (fields (17,) int64: ok, tile, tiles_1d, tiles_per_item, gram_ctas, gram_threads,
+  // 128: (fields (18,) int64: ok, tile, tiles_1d, tiles_per_item, gram_ctas, gram_threads,
   // gram_smem, ctas_per_sm, waves, greedy_items, greedy_threads, d_pad, ld, key_offset,
-  // nn_offset, workspace_bytes, max_n; tiles (tiles_per_item, 2) int64: the (I, J) tile of each
+  // nn_offset, workspace_bytes, max_n, est_gram_us (the wave model's Gram time, rounded); tiles (tiles_per_item, 2) int64: the (I, J) tile of each
   // Gram CTA, blockIdx.x order).
   m.def("_kcenter_tuned_plan(int B, int N, int D, int sm_count, bool low_precision, int force_tile) -> (Tensor, Tensor)");
   // Host emulation of the tuned kernels' index / fold / arg-max arithmetic (fp32 ATen Gram in

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string_view>
 #include <vector>
 
@@ -21,9 +22,9 @@ namespace kcenter {
 namespace tuned {
 namespace {
 
-constexpr int kPlanFields = 17;
+constexpr int kPlanFields = 18;
 
-// (plan fields (17,) int64, tiles (tiles_per_item, 2) int64 of (I, J) in launch order)
+// (plan fields (18,) int64, tiles (tiles_per_item, 2) int64 of (I, J) in launch order)
 std::tuple<at::Tensor, at::Tensor> plan_op(int64_t B, int64_t N, int64_t D, int64_t sm_count,
                                            bool low_precision, int64_t force_tile) {
   const Plan p = make_plan(B, N, D, low_precision, sm_count, static_cast<int>(force_tile));
@@ -33,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> plan_op(int64_t B, int64_t N, int64_t D, int6
                                   p.gram_ctas,   p.gram_threads, p.gram_smem,    p.ctas_per_sm,
                                   p.waves,       p.greedy_items, p.greedy_threads, p.d_pad,
                                   p.ld,          p.key_offset,   p.nn_offset,    p.workspace_bytes,
-                                  kMaxN};
+                                  kMaxN,         static_cast<int64_t>(p.est_gram_us + 0.5)};
   std::copy(v, v + kPlanFields, f);
   auto tiles = at::empty({p.tiles_per_item, 2}, at::kLong);
   int64_t* t = tiles.data_ptr<int64_t>();

@@ -23,6 +23,9 @@ def _select_samples(device) -> List[Sample]:
     ex[1, 5] = True
     ex[2, 1] = True
     ex = ex.to(device)
+    exb = torch.zeros(1, 33, dtype=torch.bool)
+    exb[0, [0, 9]] = True
+    exb = exb.to(device)
     # (x, k, k_per_item, lengths, exclude, start_index, metric, sorted, check, impl)
     cases = [
         ("isolated-cosine", (x, 5, None, None, None, None, "cosine", False, True, "auto")),
@@ -35,6 +38,8 @@ def _select_samples(device) -> List[Sample]:
          (x, 3, L([3, 3, 3]), L([20, 11, 4]), ex, L([1, 2, 3]), "l2", False, True, "auto")),
         ("fp16-start-simt", (xh, 3, None, L([9, 5]), None, L([8, 2]), "cosine", False, True, "simt")),
         ("fp16-start-tuned", (xh, 3, None, L([9, 5]), None, L([8, 2]), "cosine", False, True, "tuned")),
+        ("bf16-isolated-ragged-l2-sorted-unchecked-tuned",
+         (xb, 6, L([6]), L([30]), exb, None, "l2", True, False, "tuned")),
         ("bf16-isolated-l2-sorted-stream",
          (xb, 7, None, None, None, None, "l2", True, True, "stream")),
     ]

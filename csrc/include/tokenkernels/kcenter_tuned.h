@@ -165,11 +165,20 @@ TK_HD bool folds_element(int64_t gi, int64_t gj, bool vi, bool vj) { return gi <
 TK_HD uint32_t min_ordered(uint32_t a, uint32_t b) { return a < b ? a : b; }
 
 // ------------------------------------------------------------------ launch plan
-// Inputs: B items of N tokens, D features, the device's SM count. The Gram tile BT is chosen
-// from a wave model: tiles = B * T(T+1)/2, slots = SMs * CTAs-per-SM (by shared memory and
-// registers: BT=128 2, BT=64 4), cost = ceil(tiles / slots) * work per tile / efficiency
-// (BT=64 re-reads each panel twice as often: assumed 0.75 of BT=128's rate); the cheaper wins
-// (ties to 128). force_tile (64 or 128; 0 = model) overrides the model (tuning, tests).
+// Inputs: B items of N tokens, D features, the device's SM count. The Gram tile BT (64 or 128)
+// comes from a wave model. One CTA of a BT tile moves 2 * BT * Dp * 2 bytes (its A and B
+// panels) from L2 and does 2 * BT^2 * Dp flops; a CTA-slot runs at an SM's share of the
+// mma.sync rate (kSmFlops) and of L2 bandwidth (kSmL2Bytes), both divided among the
+// ctas_per_sm CTAs resident per SM (BT=128: 2, BT=64: 4, by shared memory and registers), so
+// t_tile = max(flops / kSmFlops, bytes / kSmL2Bytes) per CTA-slot. With n = B * T(T+1)/2 CTAs
+// and slots = SMs * ctas_per_sm:
+//   time = (n / slots) * ctas_per_sm * t_tile + ceil((n % slots) / SMs) * t_tile
+// (full waves, then a tail whose busiest SM holds ceil(rest / SMs) CTAs). BT=128 halves the L2
+// bytes per flop; BT=64 wins when BT=128 would leave SMs idle (small B * N). Ties go to 128.
+// force_tile (64 or 128; 0 = model) overrides the model (tuning, tests).
+constexpr double kSmFlops = 3.4e12;   // ~450 TFLOP/s of bf16 mma.sync over 132 SMs (H200)
+constexpr double kSmL2Bytes = 50e9;   // ~6.6 TB/s of L2 hits over 132 SMs
+
 struct Plan {
   int32_t ok = 0;              // 1: the tuned path applies (fp16/bf16, 1 <= N <= kMaxN)
   int32_t tile = 0;            // BT
@@ -185,6 +194,7 @@ struct Plan {
   int64_t d_pad = 0;           // D rounded up to 8 (16-byte rows; the adapter zero-pads)
   int64_t ld = 0;              // key-matrix row stride in floats (N rounded up to 4)
   int64_t key_offset = 0, nn_offset = 0, workspace_bytes = 0;   // workspace layout (bytes)
+  double est_gram_us = 0.0;    // the wave model's Gram time for the chosen tile (microseconds)
 };
 constexpr int64_t kMaxN = 8192;   // 8 tokens per thread x 1024 threads, registers only
 
@@ -196,23 +206,26 @@ inline Plan make_plan(int64_t B, int64_t N, int64_t D, bool low_precision, int64
   Plan p;
   if (!low_precision || N < 1 || N > kMaxN || B < 1 || D < 1 || sm_count < 1) return p;
   p.ok = 1;
+  if (force_tile != 64 && force_tile != 128) force_tile = 0;
   const int tiles[2] = {128, 64};
   const int cps[2] = {2, 4};
-  const double work[2] = {4.0, 1.0}, eff[2] = {1.0, 0.75};
+  const int64_t Dp = ceil_div(D, 8) * 8;
   int best = -1;
   double best_cost = 0.0;
   for (int c = 0; c < 2; ++c) {
     if (force_tile && force_tile != tiles[c]) continue;
-    const int64_t T = ceil_div(N, tiles[c]);
-    const int64_t n = B * triangle_count(T);
-    const int64_t waves = ceil_div(n, sm_count * cps[c]);
-    const double cost = static_cast<double>(waves) * work[c] / eff[c];
+    const double bt = tiles[c];
+    const double t_tile = fmax(2.0 * bt * bt * Dp / kSmFlops, 4.0 * bt * Dp / kSmL2Bytes);
+    const int64_t n = B * triangle_count(ceil_div(N, tiles[c]));
+    const int64_t slots = sm_count * cps[c];
+    const double cost = static_cast<double>(n / slots) * cps[c] * t_tile +
+                        static_cast<double>(ceil_div(n % slots, sm_count)) * t_tile;
     if (best < 0 || cost < best_cost) {
       best = c;
       best_cost = cost;
     }
   }
-  if (best < 0) best = 0;   // an unknown force_tile: the model's first choice
+  p.est_gram_us = best_cost * 1e6;
   p.tile = tiles[best];
   p.ctas_per_sm = cps[best];
   p.tiles_1d = ceil_div(N, p.tile);

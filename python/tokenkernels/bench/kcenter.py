@@ -2,6 +2,10 @@
 reference (``tokenkernels.reference.kcenter``), the DivPrune-style loop, one fp32 GEMM and, when
 importable, farthest-point-sampling peers (torch_cluster, pytorch3d).
 
+On CUDA each case also gets a ``<case> bf16`` sub-row timing the Gram-path variants ``plain``,
+``simt`` and ``tuned`` (issue #13's symmetric tensor-core Gram + REDUX greedy) on bf16 input,
+and the issue's B=8, N=2880, k=288 shape is added.
+
 Inputs are synthetic token-like features (a shared mean direction + one of N/18 cluster centres +
 noise), fp32, built with the same recipe and seeds as the C++ bench (bench/cpp/bench_kcenter.cpp).
 
@@ -40,10 +44,18 @@ def coverage_label() -> str:
     return f"coverage_select B1 M{T + V} N{V} k{k}"   # sim is (text + vision, vision)
 
 
+# CUDA only: the issue's batch-8 shape (#13: N=2880 k=288 D=4096, B=1 <= 0.3 ms, B=8 <= 0.8 ms)
+CUDA_SHAPES = [(8, 2880, 288)]
+# CUDA only: the Gram-path variants timed side by side on bf16 input (a "<case> bf16" sub-row):
+# the tuned kernels run on tensor cores for fp16 / bf16 only (fp32 takes the simt path).
+CUDA_VARIANTS = ("plain", "simt", "tuned")
+
+
 def _specs(quick: bool, cuda: bool):
     """(start, B, N, k) per k-center case, then None for the coverage case; the same shapes in
-    quick and full runs (quick only times fewer repeats)."""
-    return [(start, B, N, k) for start in STARTS for B, N, k in SHAPES] + [None]
+    quick and full runs (quick only times fewer repeats). CUDA runs add CUDA_SHAPES."""
+    shapes = SHAPES + (CUDA_SHAPES if cuda else [])
+    return [(start, B, N, k) for start in STARTS for B, N, k in shapes] + [None]
 
 
 def cases(quick: bool, cuda: bool = False) -> List[str]:
@@ -143,7 +155,20 @@ def _kcenter_case(ctx: Context, B: int, N: int, k: int, start: str, peers) -> Ti
         xn = torch.nn.functional.normalize(x, dim=-1)
         for name, fn in peers.items():
             row(name, lambda fn=fn: fn(xn, k), False, work, picks=True)
-    ctx.add(case_row, t_start)
+    rows = [case_row]
+    if ctx.cuda:
+        # bf16 sub-row: plain / simt / tuned against each other (baseline plain); picks are
+        # compared with plain's (bf16 distances differ from the fp32 reference's).
+        xb = xs.to(torch.bfloat16)
+        var_row = Row("kcenter", case + " bf16", baselines=("plain",))
+        base = tokenkernels.kcenter(xb, k, start=start, check=False, impl="plain").reshape(B, k)
+        for impl in CUDA_VARIANTS:
+            fn = lambda impl=impl: tokenkernels.kcenter(xb, k, start=start, check=False, impl=impl)  # noqa: E731
+            out = fn()
+            var_row.add(impl, ctx.time(fn), work=work,
+                        metrics={"picks=plain": prefix_match(out.reshape(B, -1), base)})
+        rows.append(var_row)
+    ctx.add(rows, t_start)
     return case_row.results["tokenkernels"].timing
 
 
