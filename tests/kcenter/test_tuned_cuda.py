@@ -187,3 +187,32 @@ def test_tuned_bad_inputs_same_errors():
             tk.kcenter(x, 2, lengths=torch.tensor([3], device="cuda"), impl=impl)
         with pytest.raises(RuntimeError, match="start index"):
             tk.kcenter(x, 2, start=torch.tensor([99, 0], device="cuda"), impl=impl)
+
+
+@pytest.mark.parametrize("tile", ["64", "128"])
+def test_tuned_forced_tile(tile):
+    """TOKENKERNELS_KCENTER_TILE (read once per process) forces the Gram tile; both tiles give
+    valid picks at the same shapes (tails, ragged, isolated) in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import torch, tokenkernels as tk
+        from tests.kcenter.oracle import replay_kcenter
+        g = torch.Generator().manual_seed(2)
+        for N in (65, 1000, 2880):
+            x = (torch.randn(2, N, 136, generator=g) + 0.3).to(torch.bfloat16)
+            lengths = torch.tensor([N, N - 7])
+            for metric in ("cosine", "l2"):
+                idx, rad = tk.kcenter(x.cuda(), 33, lengths=lengths.cuda(), metric=metric,
+                                      impl="tuned", return_radii=True)
+                replay_kcenter(x, idx.cpu(), rad.cpu(), k=33, metric=metric, start="isolated",
+                               lengths=lengths)
+        print("ok")
+    """)
+    env = dict(os.environ, TOKENKERNELS_KCENTER_TILE=tile)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr

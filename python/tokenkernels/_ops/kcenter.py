@@ -73,8 +73,10 @@ def kcenter(
         check: validate value-dependent arguments (k <= valid tokens, lengths <= N, start valid).
             On CUDA this costs one host sync; with ``check=False`` impossible picks are -1.
         impl: ``"auto"``; the CUDA kernel variants ``"plain"`` / ``"simt"`` (greedy over the
-            full Gram, running minimum in global memory / in registers), ``"tuned"`` (symmetric
-            Gram with the nearest-neighbour minimum fused; unproven) and ``"stream"`` (the
+            full Gram, running minimum in global memory / in registers), ``"tuned"`` (fp16 /
+            bf16 with N <= 8192: symmetric tensor-core Gram with the nearest-neighbour minimum
+            fused in its epilogue, REDUX + ballot arg-max greedy; fp32 and larger N run as
+            ``"simt"``; unproven) and ``"stream"`` (the
             large-N path that computes one distance row per pick from x and never holds
             N x N); or ``"reference"`` (:func:`tokenkernels.reference.kcenter.kcenter`, pure
             PyTorch, fp32). The CPU kernel has one implementation (the variant names all run
