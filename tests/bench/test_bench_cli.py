@@ -63,7 +63,9 @@ def test_case_counts_cuda():
     # kv_select adds on CUDA the impl comparisons of issue #13: the attention core (sparse_decode
     # B = 1 and 64, sparse_prefill), top-k alone (B = 1 and 64) and scoring (B = 1 and 4)
     assert len(bench.family_cases("kv_select", True, cuda=True)) == EXPECTED["quick"]["kv_select"] + 3 + 2 + 2
-    for f in ("integrations", "kcenter", "spec", "tree"):
+    # kcenter adds the issue #13 shape (B = 8, N = 2880, k = 288) for both start rules
+    assert len(bench.family_cases("kcenter", True, cuda=True)) == EXPECTED["quick"]["kcenter"] + 2
+    for f in ("integrations", "spec", "tree"):
         assert len(bench.family_cases(f, True, cuda=True)) == EXPECTED["quick"][f]
 
 
