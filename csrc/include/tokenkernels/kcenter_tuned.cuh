@@ -51,8 +51,8 @@ __device__ __forceinline__ bool tuned_valid(const Problem& p, int64_t b, int64_t
 // dynamic shared memory GramGeom<BT>::kSmemBytes. x: (B, N, Dp) with Dp % 8 == 0.
 // keys: (B, N, ld) fp32; nn: (B, N) ordered uints (kNnInit before the launch) or nullptr (no
 // fold: a given start needs no nearest neighbours).
-// sass: kc_gram_tc_kernel sm_80 HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=128
-// sass: kc_gram_tc_kernel sm_90a HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=128
+// sass: kc_gram_tc_kernel sm_80 HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=128 smem<=4096
+// sass: kc_gram_tc_kernel sm_90a HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=128 smem<=4096
 template <int BT, typename T>
 __global__ void __launch_bounds__(GramGeom<BT>::kThreads, GramGeom<BT>::kMinBlocks)
     kc_gram_tc_kernel(Problem p, const T* __restrict__ x, int64_t Dp, int64_t T1d,
@@ -243,8 +243,8 @@ __global__ void __launch_bounds__(GramGeom<BT>::kThreads, GramGeom<BT>::kMinBloc
 // (<= 1024). Thread t owns tokens t*ITEMS .. t*ITEMS + ITEMS - 1: running minimum in registers,
 // key row read as ITEMS/4 16-byte loads (ld % 4 == 0, keys 16-byte aligned).
 // nn: ordered-uint nearest-neighbour keys (isolated start) or nullptr with start != nullptr.
-// sass: kc_greedy_tuned_kernel sm_80 REDUX VOTE !LDL !STL stack==0 regs<=64
-// sass: kc_greedy_tuned_kernel sm_90a REDUX VOTE !LDL !STL stack==0 regs<=64
+// sass: kc_greedy_tuned_kernel sm_80 REDUX VOTE LDG.E.128 !LDL !STL stack==0 regs<=64 smem<=2048
+// sass: kc_greedy_tuned_kernel sm_90a REDUX VOTE LDG.E.128 !LDL !STL stack==0 regs<=64 smem<=2048
 template <int ITEMS>
 __global__ void __launch_bounds__(1024)
     kc_greedy_tuned_kernel(Problem p, const float* __restrict__ keys, int64_t ld,
