@@ -21,6 +21,7 @@ from .oracle import assert_equal_where_tie_free, kcenter_margin, replay_kcenter,
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DT_IDS = ["fp16", "bf16", "fp32"]
 
 
 def make(B, N, D, dtype, seed):
@@ -46,7 +47,7 @@ def run_and_replay(x, k, *, metric="cosine", start="isolated", lengths=None, exc
     return idx.cpu(), rad.cpu(), rs
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("N", [1, 7, 64, 65, 129, 1000, 2880])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("start", ["isolated", "first"])
@@ -60,7 +61,7 @@ def test_tuned_sizes(dtype, N, metric, start):
     assert_equal_where_tie_free(idx, r_idx, margins, tol(dtype, "tie_dist"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("B", [1, 8])
 def test_tuned_issue_shape(dtype, B):
     """N = 2880, k = 288, D = 4096: the goal shape (several tile rows, 4 tokens per thread)."""
@@ -69,7 +70,7 @@ def test_tuned_issue_shape(dtype, B):
     assert idx.shape == (B, 288) and bool((idx >= 0).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("N", [4096, 4097, 8192])
 def test_tuned_greedy_items_switch(dtype, N):
     """4 tokens per greedy thread up to 4096, 8 beyond (up to the 8192 limit)."""
@@ -82,7 +83,7 @@ def test_tuned_beyond_limit_runs_fallback():
     run_and_replay(x, 10, start="first")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("start", ["isolated", "first", "index"])
 @pytest.mark.parametrize("N", [129, 1000])
@@ -105,7 +106,7 @@ def test_tuned_ragged_exclude(dtype, metric, start, N):
                                                            exclude=exclude), tol(dtype, "tie_dist"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("start", ["isolated", "first"])
 def test_tuned_k_equals_n_and_check_false_pads(dtype, start):
     """k = N picks every token; with check=False and k > valid tokens the rest is -1 / NaN."""
