@@ -240,11 +240,13 @@ TORCH_LIBRARY(tokenkernels, m) {
   // nn_offset, workspace_bytes, max_n, est_gram_us (the wave model's Gram time, rounded); tiles (tiles_per_item, 2) int64: the (I, J) tile of each
   // Gram CTA, blockIdx.x order).
   m.def("_kcenter_tuned_plan(int B, int N, int D, int sm_count, bool low_precision, int force_tile) -> (Tensor, Tensor)");
-  // Host emulation of the tuned kernels' index / fold / arg-max arithmetic (fp32 ATen Gram in
-  // place of the tensor cores): (idx (B, k), radii (B, k), keys (B, N, N), nn (B, N), writes
-  // (B, N, N) int32 = stores of each key element by the epilogue).
+  // Host emulation of the tuned kernels' index / fold / arg-max arithmetic: (idx (B, k), radii
+  // (B, k), keys (B, N, N), nn (B, N), writes (B, N, N) int32 = stores of each key element by the
+  // epilogue). mma = true: the Gram tiles come from an emulation of the tensor-core loop's data
+  // movement (cp.async loader, swizzled panels, ldmatrix lanes, mma fragments); false: one fp32
+  // ATen GEMM.
   m.def("_kcenter_tuned_emulate(Tensor x, int k, Tensor? lengths, Tensor? exclude, Tensor? start_index, "
-        "str metric, int force_tile) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "str metric, int force_tile, bool mma) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- end private ---------------------------------------------------------------------------
 }

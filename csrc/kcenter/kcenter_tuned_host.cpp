@@ -46,14 +46,102 @@ std::tuple<at::Tensor, at::Tensor> plan_op(int64_t B, int64_t N, int64_t D, int6
   return {fields, tiles};
 }
 
+// The Gram tile (I, J) of one item as the kernel's tensor-core main loop computes it, element
+// moves emulated at the level of the PTX definitions: the cp.async loader's (row, chunk) of
+// every copy into the XOR-swizzled panels, ldmatrix.x4 (lane l supplies row l & 7 of matrix
+// l >> 3; register i of lane l' receives row l' / 4, columns 2 (l' % 4), +1 of matrix i) at the
+// kernel's lane addresses, and mma.sync m16n8k16 .row.col on the resulting a0..a3 / b0, b1
+// fragments (A[g][2t+e] = a0, A[g+8][2t+e] = a1, A[g][2t+8+e] = a2, A[g+8][2t+8+e] = a3;
+// B[2t+e][g] = b0, B[2t+8+e][g] = b1; C[g][2t+e] = c[e], C[g+8][2t+e] = c[2+e]). Products and
+// sums in fp32 (exact for small-integer features, whatever the hardware's summation order).
+// acc: [warp][lane][mt][nt][4], the accumulator registers the epilogue reads.
 template <int BT>
-void emulate_epilogue(const float* gram, const float* aux, const bool* valid, int64_t N,
-                      int64_t T1d, Metric m, float* keys, int32_t* writes, uint32_t* nn) {
+void emulate_tile_mma(const float* x, int64_t N, int64_t Dp, int64_t r0, int64_t c0, bool diag,
+                      std::vector<float>& acc) {
+  using G = GramGeom<BT>;
+  constexpr int kAcc = G::kMT * G::kNT * 4;
+  acc.assign(static_cast<size_t>(G::kWarps) * 32 * kAcc, 0.0f);
+  std::vector<float> sa(BT * G::kBK), sb(BT * G::kBK);
+  const int64_t KT = (Dp + G::kBK - 1) / G::kBK;
+  auto lds_pair = [](const std::vector<float>& panel, int addr, int reg_lane, float out[2]) {
+    out[0] = panel[addr + 2 * (reg_lane % 4)];
+    out[1] = panel[addr + 2 * (reg_lane % 4) + 1];
+  };
+  for (int64_t kt = 0; kt < KT; ++kt) {
+    const int64_t k0 = kt * G::kBK;
+    for (int tid = 0; tid < G::kThreads; ++tid)
+      for (int c = 0; c < G::kChunksPerThread; ++c) {
+        const int q = tid + c * G::kThreads;
+        const int row = loader_row(q), ch = loader_chunk(q);
+        const int64_t kk = k0 + ch * 8;
+        for (int e = 0; e < 8; ++e) {
+          const bool oka = kk < Dp && r0 + row < N, okb = kk < Dp && c0 + row < N;
+          sa[smem_offset(row, ch) + e] = oka ? x[(r0 + row) * Dp + kk + e] : 0.0f;   // zero-fill
+          sb[smem_offset(row, ch) + e] = okb ? x[(c0 + row) * Dp + kk + e] : 0.0f;
+        }
+      }
+    const std::vector<float>& bpanel = diag ? sa : sb;
+    for (int warp = 0; warp < G::kWarps; ++warp) {
+      const int wm = warp / G::kWN, wn = warp % G::kWN;
+      for (int ks = 0; ks < G::kBK / 16; ++ks) {
+        // ldmatrix: per lane, the element offsets its 4 registers come from
+        float af[32][G::kMT][4][2], bf[32][G::kNT][2][2];
+        for (int mt = 0; mt < G::kMT; ++mt)
+          for (int l = 0; l < 32; ++l)
+            for (int i = 0; i < 4; ++i) {
+              const int src = 8 * i + l / 4;   // the lane that supplied this row's address
+              lds_pair(sa, smem_offset(ldsm_a_row<BT>(wm, mt, src), ldsm_a_chunk(ks, src)), l, af[l][mt][i]);
+            }
+        for (int np = 0; np < G::kNT / 2; ++np)
+          for (int l = 0; l < 32; ++l)
+            for (int i = 0; i < 4; ++i) {
+              const int src = 8 * i + l / 4;
+              float* dst = bf[l][2 * np + (i >> 1)][i & 1];
+              lds_pair(bpanel, smem_offset(ldsm_b_row<BT>(wn, np, src), ldsm_b_chunk(ks, src)), l, dst);
+            }
+        for (int mt = 0; mt < G::kMT; ++mt)
+          for (int nt = 0; nt < G::kNT; ++nt) {
+            float A[16][16], Bm[16][8];
+            for (int l = 0; l < 32; ++l) {
+              const int g = l >> 2, t = l & 3;
+              for (int e = 0; e < 2; ++e) {
+                A[g][2 * t + e] = af[l][mt][0][e];
+                A[g + 8][2 * t + e] = af[l][mt][1][e];
+                A[g][2 * t + 8 + e] = af[l][mt][2][e];
+                A[g + 8][2 * t + 8 + e] = af[l][mt][3][e];
+                Bm[2 * t + e][g] = bf[l][nt][0][e];
+                Bm[2 * t + 8 + e][g] = bf[l][nt][1][e];
+              }
+            }
+            for (int l = 0; l < 32; ++l) {
+              const int g = l >> 2, t = l & 3;
+              float* c = &acc[((static_cast<size_t>(warp) * 32 + l) * G::kMT * G::kNT + mt * G::kNT + nt) * 4];
+              for (int h = 0; h < 2; ++h)
+                for (int e = 0; e < 2; ++e) {
+                  float sum = 0.0f;
+                  for (int kq = 0; kq < 16; ++kq) sum += A[g + 8 * h][kq] * Bm[kq][2 * t + e];
+                  c[2 * h + e] += sum;
+                }
+            }
+          }
+      }
+    }
+  }
+}
+
+// gram: the item's (N, N) fp32 Gram from ATen, or nullptr: the tensor-core path's accumulators
+// from emulate_tile_mma over x (N, Dp).
+template <int BT>
+void emulate_epilogue(const float* gram, const float* x, int64_t Dp, const float* aux,
+                      const bool* valid, int64_t N, int64_t T1d, Metric m, float* keys,
+                      int32_t* writes, uint32_t* nn) {
   using G = GramGeom<BT>;
   const int64_t tiles = triangle_count(T1d);
+  std::vector<float> acc;
   for (int64_t t = 0; t < tiles; ++t) {
     const TileIJ ij = triangle_tile(t, T1d);
     const int64_t r0 = int64_t(ij.i) * BT, c0 = int64_t(ij.j) * BT;
+    if (!gram) emulate_tile_mma<BT>(x, N, Dp, r0, c0, ij.i == ij.j, acc);
     std::vector<uint32_t> smin_r(BT, kNnInit), smin_c(BT, kNnInit);
     for (int warp = 0; warp < G::kWarps; ++warp) {
       const int wm = warp / G::kWN, wn = warp % G::kWN;
@@ -73,7 +161,10 @@ void emulate_epilogue(const float* gram, const float* aux, const bool* valid, in
                 const bool vj = gj < N && valid[gj];
                 const float aj = gj < N ? aux[gj] : 0.0f;
                 // out-of-range rows / columns are zero-filled operands: Gram value 0
-                const float g = (gi < N && gj < N) ? gram[gi * N + gj] : 0.0f;
+                const float g =
+                    gram ? ((gi < N && gj < N) ? gram[gi * N + gj] : 0.0f)
+                         : acc[((static_cast<size_t>(warp) * 32 + lane) * G::kMT * G::kNT + mt * G::kNT + nt) * 4 +
+                               2 * h + e];
                 const float key = key_from_gram(m, g, ai, aj);
                 if (stores_element(gi, gj, N)) {
                   keys[gi * N + gj] = key;
@@ -192,19 +283,23 @@ void emulate_greedy(const Plan& plan, const float* keys, const uint32_t* nn, con
   }
 }
 
-// x (B, N, D) any float dtype (computed in fp32); lengths / exclude / start_index as the op's.
+// x (B, N, D) any float dtype (computed in fp32); lengths / exclude / start_index as the op's;
+// mma: Gram tiles from emulate_tile_mma (the tensor-core loop's data movement) instead of ATen.
 // Returns (idx (B, k), radii (B, k), keys (B, N, N), nn (B, N) decoded, writes (B, N, N) int32:
 // how many times the epilogue stored each key element).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_op(
     const at::Tensor& x_in, int64_t k, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& exclude, const std::optional<at::Tensor>& start_index,
-    std::string_view metric, int64_t force_tile) {
+    std::string_view metric, int64_t force_tile, bool mma) {
   const auto a = check_select_args(x_in, k, std::nullopt, lengths, exclude, start_index, metric, "tuned");
   const int64_t B = a.B, N = a.N;
   TORCH_CHECK_VALUE(N >= 1 && N <= kMaxN, "_kcenter_tuned_emulate: N must lie in [1, ", kMaxN, "]");
   auto x = x_in.to(at::kFloat).contiguous();
   const Plan plan = make_plan(B, N, a.D, true, 132, static_cast<int>(force_tile));
-  auto gram = at::bmm(x, x.transpose(1, 2)).contiguous();
+  // mma: the Gram tiles from the fragment-level emulation of the tensor-core loop over x padded
+  // to plan.d_pad features (as the adapter pads); else one fp32 ATen GEMM.
+  at::Tensor xp = plan.d_pad != a.D ? at::constant_pad_nd(x, {0, plan.d_pad - a.D}).contiguous() : x;
+  auto gram = mma ? at::Tensor() : at::bmm(x, x.transpose(1, 2)).contiguous();
   auto aux = (a.metric == Metric::Cosine ? at::linalg_vector_norm(x, 2, {2}).clamp_min(kNormEps).reciprocal()
                                          : x.square().sum(2))
                  .contiguous();
@@ -220,15 +315,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_o
   auto st = start_index.has_value() ? start_index->contiguous() : at::Tensor();
   for (int64_t b = 0; b < B; ++b) {
     std::vector<uint32_t> nn(N, kNnInit);
-    const float* g = gram.data_ptr<float>() + b * N * N;
+    const float* g = mma ? nullptr : gram.data_ptr<float>() + b * N * N;
+    const float* xb = xp.data_ptr<float>() + b * N * plan.d_pad;
     const float* ax = aux.data_ptr<float>() + b * N;
     const bool* v = valid.data_ptr<bool>() + b * N;
     float* kk = keys.data_ptr<float>() + b * N * N;
     int32_t* w = writes.data_ptr<int32_t>() + b * N * N;
     if (plan.tile == 128)
-      emulate_epilogue<128>(g, ax, v, N, plan.tiles_1d, a.metric, kk, w, nn.data());
+      emulate_epilogue<128>(g, xb, plan.d_pad, ax, v, N, plan.tiles_1d, a.metric, kk, w, nn.data());
     else
-      emulate_epilogue<64>(g, ax, v, N, plan.tiles_1d, a.metric, kk, w, nn.data());
+      emulate_epilogue<64>(g, xb, plan.d_pad, ax, v, N, plan.tiles_1d, a.metric, kk, w, nn.data());
     for (int64_t j = 0; j < N; ++j) nnf.data_ptr<float>()[b * N + j] = decode_nn(nn[j]);
     const bool isolated = !st.defined();
     emulate_greedy(plan, kk, nn.data(), v, N, isolated, isolated ? -1 : st.data_ptr<int64_t>()[b], k,

@@ -7,8 +7,10 @@
 * ``_kcenter_tuned_emulate`` runs the kernels' own TK_HD functions on the CPU (fragment ->
   element mapping of the mma accumulators, store / mirror rule, row / column nearest-neighbour
   folds in ordered uints, the thread / warp REDUX + ballot / block arg-max of the greedy) with an
-  fp32 ATen GEMM in place of the tensor cores; its keys, nn keys and picks are compared with
-  torch and with the reference greedy (the tie rule included).
+  fp32 ATen GEMM in place of the tensor cores, or (``mma=True``) with the tensor-core loop's data
+  movement emulated too (cp.async loader rows / chunks, the swizzled panels, the ldmatrix lane
+  addresses, the mma.sync fragment layouts); its keys, nn keys and picks are compared with torch
+  and with the reference greedy (the tie rule included).
 """
 from __future__ import annotations
 
@@ -116,8 +118,8 @@ def test_plan_sm_count_matters():
 
 
 # ------------------------------------------------------------------------------ emulation
-def emulate(x, k, *, lengths=None, exclude=None, start=None, metric="cosine", tile=0):
-    return torch.ops.tokenkernels._kcenter_tuned_emulate(x, k, lengths, exclude, start, metric, tile)
+def emulate(x, k, *, lengths=None, exclude=None, start=None, metric="cosine", tile=0, mma=False):
+    return torch.ops.tokenkernels._kcenter_tuned_emulate(x, k, lengths, exclude, start, metric, tile, mma)
 
 
 def torch_keys(x, metric):
@@ -237,6 +239,27 @@ def test_emulation_vs_reference_op(N, D, metric):
     assert assert_equal_where_tie_free(idx, r_idx, margins, tol(torch.float32, "tie_dist")) >= 1, "no tie-free item to compare"
     same = idx == r_idx
     assert torch.allclose(rad[same], r_rad[same], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("N", [1, 7, 65, 129, 300])
+@pytest.mark.parametrize("D", [5, 64, 70, 136])
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_tensor_core_data_movement(N, D, tile, metric):
+    """The Gram tiles through the emulated cp.async / swizzle / ldmatrix / mma fragment path equal
+    torch's Gram exactly (small-integer features: every fp32 sum is exact), for one and several
+    tile rows, tails, diagonal tiles (B operand = A panel), feature padding (D % 8 != 0) and a
+    partial last k tile (D = 70, 136); then the same keys, nn and picks as the ATen path."""
+    g = torch.Generator().manual_seed(N * 7 + D)
+    B = 2
+    x = torch.randint(-3, 4, (B, N, D), generator=g).float()
+    lengths = torch.tensor([N, max(N - 4, 1)])
+    idx, rad, keys, nn, writes = emulate(x, min(N, 9), lengths=lengths, metric=metric, tile=tile, mma=True)
+    assert bool((writes == 1).all())
+    assert torch.equal(keys, torch_keys(x, metric))
+    a_idx, a_rad, a_keys, a_nn, _ = emulate(x, min(N, 9), lengths=lengths, metric=metric, tile=tile)
+    assert torch.equal(keys, a_keys) and torch.equal(nn, a_nn)
+    assert torch.equal(idx, a_idx) and torch.equal(rad.nan_to_num(), a_rad.nan_to_num())
 
 
 def test_emulation_rejects_out_of_range_n():

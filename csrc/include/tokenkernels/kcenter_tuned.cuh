@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(GramGeom<BT>::kThreads, GramGeom<BT>::kMinBloc
 #pragma unroll
     for (int c = 0; c < G::kChunksPerThread; ++c) {
       const int q = tid + c * G::kThreads;   // 0 .. BT*8-1
-      const int row = q >> 3, ch = q & 7;
+      const int row = loader_row(q), ch = loader_chunk(q);
       const int64_t kk = k0 + ch * 8;
       const bool kin = kk < Dp;
       {
@@ -147,8 +147,8 @@ __global__ void __launch_bounds__(GramGeom<BT>::kThreads, GramGeom<BT>::kMinBloc
 #pragma unroll
       for (int mt = 0; mt < G::kMT; ++mt) {
         // lanes 0-15: rows 0-15 of k half 0; lanes 16-31: rows 0-15 of k half 1
-        const int row = wm * G::kWTM + mt * 16 + (lane & 15);
-        const int ch = ks * 2 + (lane >> 4);
+        const int row = ldsm_a_row<BT>(wm, mt, lane);
+        const int ch = ldsm_a_chunk(ks, lane);
         cute::SM75_U32x4_LDSM_N::copy(
             *reinterpret_cast<const cute::uint128_t*>(sa + smem_offset(row, ch)), af[mt][0],
             af[mt][1], af[mt][2], af[mt][3]);
@@ -156,8 +156,8 @@ __global__ void __launch_bounds__(GramGeom<BT>::kThreads, GramGeom<BT>::kMinBloc
 #pragma unroll
       for (int np = 0; np < G::kNT / 2; ++np) {
         // matrices: (n 0-7, k lo), (n 0-7, k hi), (n 8-15, k lo), (n 8-15, k hi)
-        const int row = wn * G::kWTN + np * 16 + ((lane >> 4) << 3) + (lane & 7);
-        const int ch = ks * 2 + ((lane >> 3) & 1);
+        const int row = ldsm_b_row<BT>(wn, np, lane);
+        const int ch = ldsm_b_chunk(ks, lane);
         cute::SM75_U32x4_LDSM_N::copy(
             *reinterpret_cast<const cute::uint128_t*>(sb + smem_offset(row, ch)),
             bfr[2 * np][0], bfr[2 * np][1], bfr[2 * np + 1][0], bfr[2 * np + 1][1]);

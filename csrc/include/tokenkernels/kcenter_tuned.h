@@ -141,6 +141,29 @@ struct GramGeom {
 // to slot c ^ (r & 7), so the 8 rows an ldmatrix phase reads hit 8 different bank groups.
 TK_HD int smem_offset(int row, int chunk) { return row * 64 + ((chunk ^ (row & 7)) << 3); }
 
+// cp.async loader: copy q (0 .. BT*8-1; thread tid's c-th copy is q = tid + c * threads) moves
+// 16 bytes = 8 elements of panel row loader_row(q), k chunk loader_chunk(q): 8 consecutive
+// threads read one 128-byte row segment.
+TK_HD int loader_row(int q) { return q >> 3; }
+TK_HD int loader_chunk(int q) { return q & 7; }
+
+// ldmatrix.x4 row addresses: lane l supplies row (l & 7) of 8x8 matrix (l >> 3); register i of
+// lane l then holds row l / 4, columns 2 (l % 4), +1 of matrix i.
+// A (16 rows x 16 k per m tile): matrices (rows 0-7, k lo), (rows 8-15, k lo), (rows 0-7, k hi),
+// (rows 8-15, k hi) = the mma's a0 .. a3.
+template <int BT>
+TK_HD int ldsm_a_row(int wm, int mt, int lane) {
+  return wm * GramGeom<BT>::kWTM + mt * 16 + (lane & 15);
+}
+TK_HD int ldsm_a_chunk(int ks, int lane) { return ks * 2 + (lane >> 4); }
+// B (16 n x 16 k for n tiles 2np, 2np+1; rows of x are B's columns): matrices (n 0-7, k lo),
+// (n 0-7, k hi), (n 8-15, k lo), (n 8-15, k hi) = b0, b1 of n tile 2np, b0, b1 of n tile 2np+1.
+template <int BT>
+TK_HD int ldsm_b_row(int wn, int np, int lane) {
+  return wn * GramGeom<BT>::kWTN + np * 16 + ((lane >> 4) << 3) + (lane & 7);
+}
+TK_HD int ldsm_b_chunk(int ks, int lane) { return ks * 2 + ((lane >> 3) & 1); }
+
 // Accumulator fragment of mma.sync m16n8k16 (fp32 C/D): lane l holds c[h*2 + e] at
 // row (l >> 2) + 8h, column 2 (l & 3) + e of its 16 x 8 tile. Tile-local coordinates for the
 // warp (wm, wn), m tile mt, n tile nt:
