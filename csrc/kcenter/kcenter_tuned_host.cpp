@@ -233,13 +233,15 @@ void emulate_greedy(const Plan& plan, const float* keys, const uint32_t* nn, con
       uint32_t ballot = 0;
       for (int l = 0; l < 32; ++l) ballot |= uint32_t(best[w * 32 + l] == mx) << l;
       pv[w] = mx;
-      pj[w] = best_j[w * 32 + first_lane(ballot)];
+      const int fl = first_lane(ballot);   // >= 0: the maximum's own lane is in the ballot
+      pj[w] = best_j[w * 32 + (fl < 0 ? 0 : fl)];
     }
     uint32_t mx = 0;
     for (int l = 0; l < 32; ++l) mx = std::max(mx, pv[l]);
     uint32_t ballot = 0;
     for (int l = 0; l < 32; ++l) ballot |= uint32_t(pv[l] == mx) << l;
-    pick = pj[first_lane(ballot)];
+    const int fl = first_lane(ballot);
+    pick = pj[fl < 0 ? 0 : fl];
     return mx;
   };
   for (int t = 0; t < threads; ++t) {
