@@ -2,6 +2,7 @@
 // greedy (device code: tokenkernels/kcenter_tuned.cuh; plan: tokenkernels/kcenter_tuned.h).
 // Torch-free; returns the first failing launch's cudaError_t; never syncs the host.
 #include <algorithm>
+#include <atomic>
 
 #include "tokenkernels/kcenter_tuned.cuh"
 
@@ -10,14 +11,24 @@ namespace kcenter {
 
 namespace {
 constexpr int64_t kMaxGridY = 65535;   // gridDim.y limit: items go in chunks
+constexpr int kMaxDevices = 64;
 
 template <int BT, typename T>
 cudaError_t launch_gram(const Problem& p, const T* x, const tuned::Plan& plan, float* keys,
                         uint32_t* nn, cudaStream_t stream) {
   using G = tuned::GramGeom<BT>;
   auto kern = device::tuned_impl::kc_gram_tc_kernel<BT, T>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes);
+  // The dynamic shared-memory opt-in, once per device and instantiation (idempotent, so racing
+  // threads may both set it).
+  static std::atomic<bool> opted_in[kMaxDevices];
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= kMaxDevices || !opted_in[dev].load(std::memory_order_acquire)) {
+    e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes);
+    if (e != cudaSuccess) return e;
+    if (dev >= 0 && dev < kMaxDevices) opted_in[dev].store(true, std::memory_order_release);
+  }
   for (int64_t b0 = 0; b0 < p.B; b0 += kMaxGridY) {
     const dim3 grid(static_cast<unsigned>(plan.tiles_per_item),
                     static_cast<unsigned>(std::min(kMaxGridY, p.B - b0)));
