@@ -108,6 +108,9 @@ SMOKE: Dict[str, List[str]] = {
         "tests/kcenter/test_coverage.py::test_coverage_vs_reference_grid[cuda-torch.float32-M40-N129-dense-auto]",
         "tests/kcenter/test_kcenter.py::test_impl_variants[cuda-isolated-cosine-simt]",
         "tests/kcenter/test_kcenter.py::test_impl_variants[cuda-first-l2-simt]",
+        # the tuned kernels' own tests (the impl-parametrised ones above run fp32: its fallback)
+        "tests/kcenter/test_tuned_cuda.py::test_tuned_sizes[isolated-cosine-1000-bf16]",
+        "tests/kcenter/test_tuned_cuda.py::test_tuned_issue_shape[8-bf16]",
     ],
     "cross_entropy": [
         "tests/cross_entropy/test_impls.py::test_impl_vs_reference[cuda-mean-torch.bfloat16-auto]",
@@ -116,6 +119,8 @@ SMOKE: Dict[str, List[str]] = {
         "tests/cross_entropy/test_impls.py::test_impl_vs_reference[cuda-none-torch.float32-plain]",
         "tests/cross_entropy/test_impls.py::test_impl_vs_reference[cuda-none-torch.float16-tuned]",
         "tests/cross_entropy/test_impls.py::test_impl_vs_reference[cuda-mean-torch.bfloat16-wmma]",
+        "tests/cross_entropy/test_tuned_forward_cuda.py::test_tuned_forward_vs_truth[N7-D40-V256-torch.bfloat16]",
+        "tests/cross_entropy/test_tuned_backward_cuda.py::test_tuned_backward_options[plain-torch.bfloat16-mean]",
     ],
     "kv_select": [
         "tests/kv_select/test_kv_select.py::test_decode_impls_agree[cuda-plain]",
@@ -125,6 +130,10 @@ SMOKE: Dict[str, List[str]] = {
         "tests/kv_select/test_cache.py::test_threshold_decides_hits[cuda]",
         "tests/kv_select/test_kv_select.py::test_decode_impls_agree[cuda-simt]",
         "tests/kv_select/test_kv_select.py::test_score_impls_agree[cuda-bf16-D128-simt]",
+        "tests/kv_select/test_topk_tuned.py::test_tuned_out_and_select[cuda]",
+        "tests/kv_select/test_score_tuned.py::test_tuned_llama_131072[cuda-B3-paged16]",
+        "tests/kv_select/test_sparse_tuned.py::test_decode_tuned_batch_and_strided[cuda-64-dtype1]",
+        "tests/kv_select/test_sparse_tuned.py::test_prefill_tuned_out_int64_noncontiguous[cuda-dtype0]",
     ],
     "tree": [
         "tests/tree/test_build.py::test_build_impls[cuda-plain]",
@@ -137,16 +146,17 @@ SMOKE: Dict[str, List[str]] = {
         "tests/spec/test_generate.py::test_left_padded_batch[cuda-dynamic]",
         "tests/tree/test_build.py::test_build_impls[cuda-simt]",
         "tests/tree/test_attention.py::test_attention_impls[cuda-dtype0-simt]",
+        "tests/tree/test_attention_tuned.py::test_attention_tuned_llama_heads_long_prefix[cuda-dtype1]",
     ],
 }
 # the test folders of a family (tests/spec: the speculative decoding loop over the tree ops)
 TEST_DIRS: Dict[str, List[str]] = {"tree": ["tests/tree", "tests/spec"]}
 # Under compute-sanitizer (10-100x slower): one test per variant and family.
 SANITIZE: Dict[str, List[str]] = {
-    "kcenter": SMOKE["kcenter"][:4] + SMOKE["kcenter"][7:9],
-    "cross_entropy": SMOKE["cross_entropy"][:3] + SMOKE["cross_entropy"][5:6],
-    "kv_select": SMOKE["kv_select"][:5] + SMOKE["kv_select"][5:6],
-    "tree": SMOKE["tree"][:5] + SMOKE["tree"][8:10],
+    "kcenter": SMOKE["kcenter"][:4] + SMOKE["kcenter"][7:10],
+    "cross_entropy": SMOKE["cross_entropy"][:3] + SMOKE["cross_entropy"][5:8],
+    "kv_select": SMOKE["kv_select"][:5] + SMOKE["kv_select"][5:6] + SMOKE["kv_select"][7:8] + SMOKE["kv_select"][9:11],
+    "tree": SMOKE["tree"][:5] + SMOKE["tree"][8:11],
 }
 # (tool, share of the stage, only tokenkernels' kernels): memcheck checks every kernel (torch's
 # too, with the caching allocator off, so out-of-bounds accesses hit real allocation ends);

@@ -55,8 +55,13 @@ def _params(item) -> dict:
 
 
 def _describe(item) -> dict:
+    """The record of a test: its family, its impl (the ``impl`` parameter, else the module's
+    ``GPU_PROOF_IMPL``: a file whose tests all run one variant, e.g. the ``impl="tuned"`` kernels'
+    own tests, says so there, so its failures count against that variant, not "auto") and device."""
     p = _params(item)
     impl = p.get("impl")
+    if not isinstance(impl, str):
+        impl = getattr(getattr(item, "module", None), "GPU_PROOF_IMPL", None)
     device = p.get("device")
     return {"nodeid": item.nodeid, "family": _family(item.nodeid),
             "impl": impl if isinstance(impl, str) else None,

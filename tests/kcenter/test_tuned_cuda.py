@@ -18,6 +18,9 @@ from tokenkernels.testing import tol
 from ..conftest import HAS_CUDA
 from .oracle import assert_equal_where_tie_free, kcenter_margin, replay_kcenter, valid_mask
 
+# tools/gpu_proof.py attributes these tests (no impl parameter) to the tuned variant
+GPU_PROOF_IMPL = "tuned"
+
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

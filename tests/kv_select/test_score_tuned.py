@@ -13,6 +13,9 @@ from tokenkernels.reference import kv_select as ref
 from tokenkernels.testing import tol
 from .cases import cpu, f64, make_case
 
+# tools/gpu_proof.py attributes these tests (no impl parameter) to the tuned variant
+GPU_PROOF_IMPL = "tuned"
+
 
 def _close(got, want, atol, what):
     got, want = got.double().cpu(), want.double().cpu()

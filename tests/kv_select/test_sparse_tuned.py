@@ -15,6 +15,9 @@ from tokenkernels.testing import tol
 
 from .cases import cpu, f64, make_case
 
+# tools/gpu_proof.py attributes these tests (no impl parameter) to the tuned variant
+GPU_PROOF_IMPL = "tuned"
+
 TUNED_DTYPES = [torch.float16, torch.bfloat16]
 
 

@@ -10,6 +10,9 @@ import torch
 from tokenkernels import kv_select as kv
 from tokenkernels.reference import kv_select as ref
 
+# tools/gpu_proof.py attributes these tests (no impl parameter) to the tuned variant
+GPU_PROOF_IMPL = "tuned"
+
 
 
 def _scores(B, N, kind, seed):

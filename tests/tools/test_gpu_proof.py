@@ -228,6 +228,20 @@ def test_runner_restarts_after_sticky_errors_and_crashes(tmp_path, mode):
     assert tuned["impl"] == "tuned" and tuned["family"] == "fake"
 
 
+def test_module_impl_attribution():
+    """Tests without an ``impl`` parameter count for their module's GPU_PROOF_IMPL (the tuned
+    kernels' own test files), else for "auto" (None); a parameter always wins."""
+    import types
+    sys.path.insert(0, str(Path(gp.__file__).parent))
+    import gpu_proof_pytest as plug
+    mod = types.SimpleNamespace(GPU_PROOF_IMPL="tuned")
+    item = types.SimpleNamespace(nodeid="tests/kcenter/test_tuned_cuda.py::test_x[8-bf16]", module=mod)
+    assert plug._describe(item)["impl"] == "tuned" and plug._describe(item)["family"] == "kcenter"
+    item.callspec = types.SimpleNamespace(params={"impl": "plain", "device": "cuda"})
+    assert plug._describe(item)["impl"] == "plain"
+    assert plug._describe(types.SimpleNamespace(nodeid="tests/tree/test_a.py::t", module=types.SimpleNamespace()))["impl"] is None
+
+
 # ------------------------------------------------------------------ verdicts, summary, results
 def _report(results, complete=True, sanitizers=None):
     return {"impls": {"kcenter": ["auto", "plain", "tuned", "stream"]}, "stages": [{"name": "probe", "status": "ok"}],

@@ -24,6 +24,9 @@ from tokenkernels.testing import tol
 from ..conftest import HAS_CUDA
 from .common import logit_scale, logits64, make_inputs
 
+# tools/gpu_proof.py attributes these tests (no impl parameter) to the tuned variant
+GPU_PROOF_IMPL = "tuned"
+
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
 
 FWD = torch.ops.tokenkernels.cross_entropy_forward
