@@ -88,8 +88,8 @@ FAMILIES = ["kcenter", "cross_entropy", "kv_select", "tree"]
 BENCH_FAMILIES = ["kcenter", "cross_entropy", "kv_select", "tree", "integrations"]
 # share of the bench stage per family (the quick CUDA runs; cross_entropy also measures memory)
 BENCH_WEIGHTS = {"kcenter": 20, "cross_entropy": 30, "kv_select": 15, "tree": 15, "integrations": 20}
-# share of a test stage per family (about their CUDA test counts: 479, 254, 279, 106)
-TEST_WEIGHTS = {"kcenter": 35, "cross_entropy": 30, "kv_select": 22, "tree": 13}
+# share of a test stage per family (about their CUDA test counts: 1059, 649, 966, 977)
+TEST_WEIGHTS = {"kcenter": 29, "cross_entropy": 18, "kv_select": 26, "tree": 27}
 DEFAULT_IMPLS = {"kcenter": ["auto", "plain", "simt", "tuned", "stream"],
                  "cross_entropy": ["auto", "plain", "wmma", "tuned"],
                  "kv_select": ["auto", "plain", "simt", "tuned"], "tree": ["auto", "plain", "simt", "tuned"]}
