@@ -308,6 +308,19 @@ def test_argmax_without_finite_logits_is_zero(device, dtype, impl):
     assert torch.equal(am.cpu(), torch.zeros(N, dtype=torch.int64))
 
 
+def _tiny_gradient_inputs():
+    """fp32 (hidden, weight, targets) whose fp16 dZ (~2^-27 for g = 2^-13) lies below fp16's
+    smallest subnormal while dhidden (~2^-13) does not: every non-target weight row is the same
+    sign vector u. Returns N, D, V, g, hidden, weight, targets."""
+    N, D, V, g = 16, 32, 2 ** 14, 2.0 ** -13
+    gen = torch.Generator().manual_seed(11)
+    u = torch.randn(D, generator=gen).sign()
+    w = u.repeat(V, 1)
+    w[:N] = 0.05 * torch.randn(N, D, generator=gen)
+    h = 0.05 * torch.randn(N, D, generator=gen)
+    return N, D, V, g, h, w, torch.arange(N)
+
+
 @pytest.mark.parametrize("impl", ["auto", "plain", "wmma", "tuned"])
 def test_fp16_tiny_gradients_not_flushed(device, impl):
     """fp16: the dZ entries (~2^-27 here) lie below fp16's smallest subnormal, while the
@@ -315,13 +328,7 @@ def test_fp16_tiny_gradients_not_flushed(device, impl):
     gradient GEMMs (it flushed to zero on CUDA: N = 8192 tokens, V = 256000, mean reduction
     gives dZ ~ 5e-10). Construction: every non-target weight row is the same vector u, so
     dhidden = g * (E_p[w] - w_target) is dominated by u."""
-    N, D, V, g = 16, 32, 2 ** 14, 2.0 ** -13
-    gen = torch.Generator().manual_seed(11)
-    u = torch.randn(D, generator=gen).sign()
-    w = u.repeat(V, 1)
-    w[:N] = 0.05 * torch.randn(N, D, generator=gen)
-    h = 0.05 * torch.randn(N, D, generator=gen)
-    t = torch.arange(N)
+    N, D, V, g, h, w, t = _tiny_gradient_inputs()
     h16, w16 = h.half(), w.half()
     hk = h16.to(device).clone().requires_grad_()
     (tk.linear_cross_entropy(hk, w16.to(device), t.to(device), reduction="sum", impl=impl,

@@ -17,7 +17,7 @@ from tokenkernels.testing import tol
 
 from .common import (BIAS_FACTOR, GRAD_KEYS, LOWP, assert_precision_rule, kernel, make_inputs,
                      norm_err, reference)
-from .test_forward_backward import _compare, _peaked_inputs
+from .test_forward_backward import _compare, _peaked_inputs, _tiny_gradient_inputs
 
 # tools/gpu_proof.py attributes these tests (no impl parameter) to the tuned variant
 GPU_PROOF_IMPL = "tuned"
@@ -215,13 +215,7 @@ def test_tuned_backward_non_contiguous(tuned_bwd, dtype):
 
 def test_tuned_backward_fp16_tiny_gradients(tuned_bwd):
     """fp16 dZ is scaled by a power of two before rounding (gscale), as in the other paths."""
-    N, D, V, g = 16, 32, 2 ** 14, 2.0 ** -13
-    gen = torch.Generator().manual_seed(11)
-    u = torch.randn(D, generator=gen).sign()
-    w = u.repeat(V, 1)
-    w[:N] = 0.05 * torch.randn(N, D, generator=gen)
-    h = 0.05 * torch.randn(N, D, generator=gen)
-    t = torch.arange(N)
+    N, D, V, g, h, w, t = _tiny_gradient_inputs()
     hk = h.half().cuda().requires_grad_()
     (tk.linear_cross_entropy(hk, w.half().cuda(), t.cuda(), reduction="sum", impl="plain",
                              filter_eps=None) * g).backward()

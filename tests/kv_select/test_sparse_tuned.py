@@ -14,6 +14,7 @@ from tokenkernels.reference import kv_select as ref
 from tokenkernels.testing import tol
 
 from .cases import cpu, f64, make_case
+from .test_kv_select import _close
 
 # tools/gpu_proof.py attributes these tests (no impl parameter) to the tuned variant
 GPU_PROOF_IMPL = "tuned"
@@ -21,12 +22,6 @@ GPU_PROOF_IMPL = "tuned"
 TUNED_DTYPES = [torch.float16, torch.bfloat16]
 
 
-def _close(got, want, atol, what):
-    got, want = got.double().cpu(), want.double().cpu()
-    assert torch.equal(torch.isinf(got), torch.isinf(want)), f"{what}: -inf pattern differs"
-    fin = torch.isfinite(want)
-    err = (got[fin] - want[fin]).abs().max().item() if fin.any() else 0.0
-    assert err <= atol, f"{what}: max error {err:.3g} > {atol:.3g}"
 
 
 def _indices(seq, K, device, seed, minus_one=True):
