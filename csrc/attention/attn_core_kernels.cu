@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "tokenkernels/attn_core.cuh"
+#include "tokenkernels/attn_core_sm90.cuh"
 
 namespace tokenkernels {
 namespace attn {
@@ -28,7 +29,32 @@ cudaError_t with_type(DType dtype, F&& f) {
   }
 }
 
-// Launch attn_core_tc_kernel<T, D, kWN, Src> with plan `pl`.
+// attn_core_wgmma_kernel for this device? Compute capability 9.0 and sm_90a SASS in the
+// fatbinary (compute_80 PTX JIT-compiled for an H100 reports ptxVersion 80 and has the empty
+// body). Cached per device (0 unknown, 1 no, 2 yes; a benign race: every writer stores the same).
+template <typename Kernel>
+bool use_wgmma(Kernel kernel) {
+  static int8_t known[256] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 256) return false;
+  if (known[dev] == 0) {
+    int major = 0, minor = 0;
+    bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+               cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+               major == 9 && minor == 0;
+    if (yes) {
+      cudaFuncAttributes attr{};
+      yes = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)) == cudaSuccess &&
+            attr.binaryVersion == 90 && attr.ptxVersion >= 90;
+    }
+    known[dev] = yes ? 2 : 1;
+  }
+  return known[dev] == 2;
+}
+
+// Launch attn_core_tc_kernel<T, D, kWN, Src> with plan `pl` -- or, for the 64-row layout
+// (kWN = 1) on an sm_90a device, attn_core_wgmma_kernel<T, D, Src> (same grid, plan, workspace
+// and outputs).
 template <typename T, int D, int kWN, typename Src>
 cudaError_t launch_core(const Plan& pl, const Src& src, const void* k, const void* v, float scale_log2, int64_t Hkv,
                         int64_t heads, void* workspace, cudaStream_t stream) {
@@ -36,7 +62,14 @@ cudaError_t launch_core(const Plan& pl, const Src& src, const void* k, const voi
   if (gx <= 0 || pl.parts <= 0) return cudaSuccess;
   if (gx > kMaxGridX || pl.parts > 65535) return cudaErrorInvalidValue;
   auto kernel = device::attn_core_tc_kernel<T, D, kWN, Src>;
-  const size_t smem = core_smem_bytes(kWN, D);
+  size_t smem = core_smem_bytes(kWN, D);
+  if constexpr (kWN == 1) {
+    auto wg = device::attn_core_wgmma_kernel<T, D, Src>;
+    if (use_wgmma(wg)) {
+      kernel = wg;
+      smem = wgmma_smem_bytes(D);
+    }
+  }
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   float* ws_o = nullptr;

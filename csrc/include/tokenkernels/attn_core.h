@@ -70,6 +70,27 @@ TK_HD int acc_col(int lane, int e) { return (lane & 3) * 2 + (e & 1); }
 TK_HD int pa_block(int r) { return r >> 1; }
 TK_HD int pa_elem(int r, int half) { return (r & 1) * 2 + half; }
 
+// ------------------------------------------------------------------ the sm_90a wgmma layout
+// attn_core_wgmma_kernel (attn_core_sm90.cuh): one CTA = one warpgroup (128 threads), 64 rows.
+// Shared-memory tiles (64 rows x D, 16-bit) in CuTe's SW128 K-major layout (GMMA::Layout_K_SW128_Atom
+// tiled over (64, D)): D / 64 column blocks of 64 rows x 128 bytes, 16-byte chunk c of row r at
+// element gmma_off(r, c): (c / 8) * 4096 + 64 r + 8 ((c % 8) ^ (r % 8)) (each tile 1024-byte
+// aligned, so the XOR is the hardware's 128-byte swizzle). The V tile uses the same bytes, read by
+// wgmma as the MN-major B operand (GMMA::Layout_MN_SW128_Atom over (D, keys), keys tiled first).
+TK_HD constexpr int gmma_off(int row, int c) { return (c >> 3) * (64 * 64) + row * 64 + (((c & 7) ^ (row & 7)) << 3); }
+// wgmma m64nNk16 fp32 accumulator: value i (0 .. N/2) of thread t (0..127) of the warpgroup holds
+// element (wg_acc_row, wg_acc_col) -- per warp the mma.sync m16n8 fragments of n-block i / 4,
+// element i % 4 (acc_row / acc_col), rows 16 * warp ..
+TK_HD constexpr int wg_acc_row(int t, int i) { return (t >> 5) * 16 + ((t & 31) >> 2) + 8 * ((i >> 1) & 1); }
+TK_HD constexpr int wg_acc_col(int t, int i) { return (i >> 2) * 8 + (t & 3) * 2 + (i & 1); }
+// wgmma A operand from registers (m64 x k16, 16-bit): value v (0..7) of thread t holds element
+// (wg_a_row, wg_a_col) of the k-step.
+TK_HD constexpr int wg_a_row(int t, int v) { return (t >> 5) * 16 + ((t & 31) >> 2) + 8 * ((v >> 1) & 1); }
+TK_HD constexpr int wg_a_col(int t, int v) { return (v >> 2) * 8 + (t & 3) * 2 + (v & 1); }
+// P re-packed for O += P V: A value v of key k-step ks is S accumulator value wg_pa_src(ks, v)
+// (the mma.sync repacking pa_block / pa_elem, per warp).
+TK_HD constexpr int wg_pa_src(int ks, int v) { return (2 * ks + (v >> 2)) * 4 + (v & 3); }
+
 // ------------------------------------------------------------------ softmax / merge arithmetic
 // The base a row's exponentials are taken against: its max, or 0 while it has seen no key (so
 // exp2(-inf - base) = 0 and never NaN).
@@ -218,6 +239,10 @@ inline Plan attn_plan(int64_t heads, int64_t rows, int64_t max_keys, int64_t ext
 // (fp32 runs simt), D = 64 or 128 (other D <= 256 run simt), unit stride on D and 16-byte aligned
 // rows (checked by the launchers on the strides and base pointers).
 TK_HD bool core_head_dim_ok(int64_t D) { return D == 64 || D == 128; }
+
+// Dynamic shared memory of attn_core_wgmma_kernel (64 rows): the same tiles, plus 1024 bytes to
+// align them to 1024 bytes (the 128-byte swizzle atoms).
+TK_HD size_t wgmma_smem_bytes(int64_t D) { return core_smem_bytes(1, D) + 1024; }
 
 }  // namespace attn
 }  // namespace tokenkernels
