@@ -166,6 +166,10 @@ TORCH_LIBRARY(tokenkernels, m) {
   // _attn_core_fragments: one warp's S = Q K^T and O = S V through the kernel's ldmatrix / mma
   // fragment addressing on a model of the instructions: q (16, D), k, v (n, D) -> (S (16, n), O (16, D)).
   m.def("_attn_core_fragments(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  // _attn_core_wgmma_fragments: one 64-row CTA tile of the sm_90a wgmma variant through its
+  // shared-memory layout (gmma_off), accumulator / A-fragment maps and P repacking: q, k, v (64, D)
+  // -> (S (64, 64), O (64, D), acc map (128, 32, 2), A map (128, 8, 2), gmma_off (64, D / 8)).
+  m.def("_attn_core_wgmma_fragments(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_attn_core_emulate(Tensor q, Tensor k, Tensor v, Tensor key_ok, Tensor mask, int P, int G, int splits, "
       "int wn, float scale, str kind) -> (Tensor, Tensor)");

@@ -190,6 +190,92 @@ struct State {
   std::vector<float> o;
 };
 
+// One CTA tile of attn_core_wgmma_kernel (sm_90a), as the kernel lays it out: q (64, D), k, v
+// (64, D) staged at gmma_off (the kernel's cp.async destinations; CuTe's SW128 layouts by the
+// kernel's static_asserts); S = Q K^T into the warpgroup's accumulator registers through
+// wg_acc_row / wg_acc_col; P re-packed register by register with wg_pa_src into the A fragments of
+// the 4 key k-steps; the A operand gathered from the 128 threads through wg_a_row / wg_a_col (the
+// hardware's view of an RS operand), B = V from the staged tile; O accumulated through the same
+// accumulator map. Returns S (64, 64) and O (64, D) read out of the registers, and the maps
+// acc (128, 32, 2) (S value i of thread t -> row, column), a (128, 8, 2) (A value v -> row, k) and
+// off (64, D / 8): gmma_off(row, chunk).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wgmma_fragments_op(const at::Tensor& q_in,
+                                                                             const at::Tensor& k_in,
+                                                                             const at::Tensor& v_in) {
+  const char* op = "tokenkernels._attn_core_wgmma_fragments";
+  auto q = q_in.to(at::kFloat).contiguous(), k = k_in.to(at::kFloat).contiguous(), v = v_in.to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(q.dim() == 2 && q.size(0) == 64 && (q.size(1) == 64 || q.size(1) == 128), op,
+                    ": q must be (64, D), D 64 or 128");
+  const int D = static_cast<int>(q.size(1));
+  TORCH_CHECK_VALUE(k.dim() == 2 && k.size(0) == 64 && k.size(1) == D && v.sizes() == k.sizes(), op,
+                    ": k, v must be (64, D)");
+  const int CH = D / 8;
+  auto stage = [&](const at::Tensor& t) {
+    std::vector<float> sm(static_cast<size_t>(64) * D, NAN);
+    const float* p = t.data_ptr<float>();
+    for (int r = 0; r < 64; ++r)
+      for (int c = 0; c < CH; ++c)
+        for (int e = 0; e < 8; ++e) {
+          const int off = gmma_off(r, c) + e;
+          TORCH_CHECK(off >= 0 && off < 64 * D && std::isnan(sm[off]), op, ": gmma_off is not a bijection");
+          sm[off] = p[r * D + c * 8 + e];
+        }
+    return sm;
+  };
+  const auto sQ = stage(q), sK = stage(k), sV = stage(v);
+  auto at_ = [&](const std::vector<float>& sm, int r, int d) { return sm[gmma_off(r, d >> 3) + (d & 7)]; };
+  // S = Q K^T (wgmma SS: both operands read from the staged tiles)
+  std::vector<float> sacc(128 * 32);
+  for (int t = 0; t < 128; ++t)
+    for (int i = 0; i < 32; ++i) {
+      const int r = wg_acc_row(t, i), c = wg_acc_col(t, i);
+      float acc = 0.f;
+      for (int d = 0; d < D; ++d) acc += at_(sQ, r, d) * at_(sK, c, d);
+      sacc[t * 32 + i] = acc;
+    }
+  // O += P V per key k-step: registers -> A (64 x 16) by the A layout, B from the V tile
+  const int NO = D / 2;
+  std::vector<float> oacc(static_cast<size_t>(128) * NO, 0.f);
+  for (int ks = 0; ks < 4; ++ks) {
+    std::vector<float> A(64 * 16, NAN);
+    for (int t = 0; t < 128; ++t)
+      for (int vv = 0; vv < 8; ++vv) {
+        float& dst = A[wg_a_row(t, vv) * 16 + wg_a_col(t, vv)];
+        TORCH_CHECK(std::isnan(dst), op, ": A fragment element held twice");
+        dst = sacc[t * 32 + wg_pa_src(ks, vv)];
+      }
+    for (int t = 0; t < 128; ++t)
+      for (int i = 0; i < NO; ++i) {
+        const int r = wg_acc_row(t, i), c = wg_acc_col(t, i);
+        float acc = 0.f;
+        for (int kk = 0; kk < 16; ++kk) acc += A[r * 16 + kk] * at_(sV, 16 * ks + kk, c);
+        oacc[t * NO + i] += acc;
+      }
+  }
+  auto S = at::full({64, 64}, NAN, at::kFloat), O = at::full({64, D}, NAN, at::kFloat);
+  auto acc_map = at::empty({128, 32, 2}, at::kLong), a_map = at::empty({128, 8, 2}, at::kLong);
+  float* sp = S.data_ptr<float>();
+  float* opp = O.data_ptr<float>();
+  int64_t* am = acc_map.data_ptr<int64_t>();
+  int64_t* aa = a_map.data_ptr<int64_t>();
+  for (int t = 0; t < 128; ++t) {
+    for (int i = 0; i < 32; ++i) {
+      sp[wg_acc_row(t, i) * 64 + wg_acc_col(t, i)] = sacc[t * 32 + i];
+      am[(t * 32 + i) * 2] = wg_acc_row(t, i);
+      am[(t * 32 + i) * 2 + 1] = wg_acc_col(t, i);
+    }
+    for (int i = 0; i < NO; ++i) opp[wg_acc_row(t, i) * D + wg_acc_col(t, i)] = oacc[t * NO + i];
+    for (int vv = 0; vv < 8; ++vv) {
+      aa[(t * 8 + vv) * 2] = wg_a_row(t, vv);
+      aa[(t * 8 + vv) * 2 + 1] = wg_a_col(t, vv);
+    }
+  }
+  auto offs = at::empty({64, CH}, at::kLong);
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < CH; ++c) offs.data_ptr<int64_t>()[r * CH + c] = gmma_off(r, c);
+  return {S, O, acc_map, a_map, offs};
+}
+
 // q (R, D), k / v (N, D) fp32; key_ok (N,) bool: keys that are there (index valid, page in
 // range). kind "decode": keys 0..N-1, `splits` splits; "tree": prefix keys 0..P-1 in `splits`
 // splits + the tree part (keys P..N-1 = tree keys 0..N-P-1, mask (n, W) int32 rows per node
@@ -316,4 +402,5 @@ TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
   m.impl("_attn_core_ranges", &tokenkernels::attn::ranges_op);
   m.impl("_attn_core_emulate", &tokenkernels::attn::emulate_op);
   m.impl("_attn_core_fragments", &tokenkernels::attn::fragments_op);
+  m.impl("_attn_core_wgmma_fragments", &tokenkernels::attn::wgmma_fragments_op);
 }
