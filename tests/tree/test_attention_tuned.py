@@ -78,3 +78,26 @@ def test_attention_tuned_falls_back_to_simt(device):
         a = tk.tree.attention(q, k, v, P, tree, block_table=table, return_lse=True, impl="tuned")
         b = tk.tree.attention(q, k, v, P, tree, block_table=table, return_lse=True, impl="simt")
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("dtype", TUNED_DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("n,heads,prefix,scale", [
+    # 80 rows = a full and a partial 64-row block, no prefix: the tree part alone (one part: the
+    # CTA writes out / lse itself, no workspace)
+    pytest.param(20, (8, 2), [0, 0], None, id="n20-G4-one-part"),
+    # 256 rows = 4 row blocks per KV head; prefixes ending inside, at and just past a 64-key tile
+    # (zero-filled tail keys), one of a single key; logits scaled up (sharp softmax, P in 16 bit)
+    pytest.param(64, (8, 2), [1, 63, 64, 129], 0.5, id="n64-G4-tile-edges"),
+])
+def test_attention_tuned_64_row_blocks(device, dtype, D, n, heads, prefix, scale):
+    """The 64-row layout of the core (on sm_90a: attn_core_wgmma_kernel, HGMMA for Q K^T and P V;
+    elsewhere attn_core_tc_kernel with kWN = 1) at its own edges."""
+    Hq, Hkv = heads
+    B = len(prefix)
+    lens = torch.tensor([max(1, n - 3 * b) for b in range(B)])
+    tree, q, k, v, P, table = make_case(B, n, Hq, Hkv, D, prefix, dtype, 3 * n + D, device, 16, lens)
+    out, lse = check(tree, q, k, v, P, table, scale=scale, impl="tuned")
+    for b in range(B):
+        L = int(lens[b])
+        assert (out[b, L:] == 0).all() and torch.isneginf(lse[b, L:]).all()
