@@ -19,7 +19,9 @@
 //     last CTA of a (b, h, row block) to finish (an atomic ticket, reset to 0 for the next
 //     launch / CUDA-graph replay) merges them by log-sum-exp into out / lse. One part: the CTA
 //     writes out / lse itself.
-// The same code runs on sm_80 and sm_90a (mma.sync is native on both).
+// The same code runs on sm_80 and sm_90a (mma.sync is native on both); on a compute-capability-9.0
+// device with sm_90a code the launcher runs the 64-row launches (kWN = 1) on attn_core_wgmma_kernel
+// instead (attn_core_sm90.cuh: the same pipeline, softmax and merge, the products on wgmma).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
