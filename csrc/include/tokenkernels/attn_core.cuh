@@ -252,6 +252,55 @@ __device__ __forceinline__ uint4 q_chunk(const T* src) { return *reinterpret_cas
 // registers, 0 stack, 0 local, no spills; 2 CTAs per SM need <= 224 registers at 128 threads.
 // sass: attn_core_tc_kernel sm_80 HMMA LDGSTS LDSM !LDL !STL !HGMMA stack==0 regs<=224 smem<=2048
 // sass: attn_core_tc_kernel sm_90a HMMA LDGSTS LDSM !LDL !STL stack==0 regs<=224 smem<=2048
+// The tail of every multi-part launch of both core kernels: after a part has stored its
+// (o / l, lse2) rows to the workspace, the last part of the CTA slot to arrive (atomic ticket,
+// reset for CUDA-graph replay) merges all parts by log-sum-exp into out / lse.
+template <typename T, int D, int ROWS, typename Src>
+__device__ __forceinline__ void merge_parts_last(const Src& src, int64_t b, int64_t h, int64_t row0,
+                                                 int64_t nrows, int64_t parts, int64_t base, int64_t cta,
+                                                 const float* ws_o, const float* ws_lse, int* tickets,
+                                                 T* outp, float* lsep, int tid, int warp, int lane) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const int done = atomicAdd(tickets + cta, 1);
+    s_last = done == parts - 1;
+    if (s_last) tickets[cta] = 0;   // ready for the next launch (CUDA-graph replay)
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int rl = warp; rl < ROWS; rl += kWarps) {
+    const int64_t r = row0 + rl;
+    if (r >= nrows) break;
+    T* orow = outp + src.qrow(b, h, r) * D;
+    if (!src.row_valid(b, r)) {
+      for (int d = lane; d < D; d += 32) orow[d] = Mma<T>::cvt(0.f);
+      if (lane == 0 && lsep) lsep[src.qrow(b, h, r)] = -INFINITY;
+      continue;
+    }
+    float M = -INFINITY;
+    for (int64_t s2 = 0; s2 < parts; ++s2) M = fmaxf(M, __ldcg(ws_lse + (s2 * base + cta) * ROWS + rl));
+    float den = 0.f;
+    float acc[D / 32];
+#pragma unroll
+    for (int t = 0; t < D / 32; ++t) acc[t] = 0.f;
+    for (int64_t s2 = 0; s2 < parts; ++s2) {
+      const int64_t prow = (s2 * base + cta) * ROWS + rl;
+      const float w = merge_weight(__ldcg(ws_lse + prow), M);
+      if (w == 0.f) continue;
+      den += w;
+#pragma unroll
+      for (int t = 0; t < D / 32; ++t) acc[t] += w * __ldcg(ws_o + prow * D + lane + 32 * t);
+    }
+    const float inv = merged_inv(den);
+#pragma unroll
+    for (int t = 0; t < D / 32; ++t) orow[lane + 32 * t] = Mma<T>::cvt(acc[t] * inv);
+    if (lane == 0 && lsep) lsep[src.qrow(b, h, r)] = merged_lse(M, den);
+  }
+}
+
 template <typename T, int D, int kWN, typename Src>
 __global__ void __launch_bounds__(kThreads, 2)
     attn_core_tc_kernel(Src src, const T* __restrict__ Kc, const T* __restrict__ Vc, float scale_log2,
@@ -505,45 +554,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   // ... and the last part to finish merges
-  __shared__ int s_last;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    const int done = atomicAdd(tickets + cta, 1);
-    s_last = done == parts - 1;
-    if (s_last) tickets[cta] = 0;   // ready for the next launch (CUDA-graph replay)
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int rl = warp; rl < ROWS; rl += kWarps) {
-    const int64_t r = row0 + rl;
-    if (r >= nrows) break;
-    T* orow = outp + src.qrow(b, h, r) * D;
-    if (!src.row_valid(b, r)) {
-      for (int d = lane; d < D; d += 32) orow[d] = Mma<T>::cvt(0.f);
-      if (lane == 0 && lsep) lsep[src.qrow(b, h, r)] = -INFINITY;
-      continue;
-    }
-    float M = -INFINITY;
-    for (int64_t s2 = 0; s2 < parts; ++s2) M = fmaxf(M, __ldcg(ws_lse + (s2 * base + cta) * ROWS + rl));
-    float den = 0.f;
-    float acc[D / 32];
-#pragma unroll
-    for (int t = 0; t < D / 32; ++t) acc[t] = 0.f;
-    for (int64_t s2 = 0; s2 < parts; ++s2) {
-      const int64_t prow = (s2 * base + cta) * ROWS + rl;
-      const float w = merge_weight(__ldcg(ws_lse + prow), M);
-      if (w == 0.f) continue;
-      den += w;
-#pragma unroll
-      for (int t = 0; t < D / 32; ++t) acc[t] += w * __ldcg(ws_o + prow * D + lane + 32 * t);
-    }
-    const float inv = merged_inv(den);
-#pragma unroll
-    for (int t = 0; t < D / 32; ++t) orow[lane + 32 * t] = Mma<T>::cvt(acc[t] * inv);
-    if (lane == 0 && lsep) lsep[src.qrow(b, h, r)] = merged_lse(M, den);
-  }
+  merge_parts_last<T, D, ROWS>(src, b, h, row0, nrows, parts, base, cta, ws_o, ws_lse, tickets, outp, lsep,
+                               tid, warp, lane);
 }
 
 }  // namespace device

@@ -334,45 +334,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           make_float2(accO(4 * i + 2 * hr) * inv, accO(4 * i + 2 * hr + 1) * inv);
     if (cb == 0) ws_lse[prow] = part_lse2(m[hr], l[hr]);
   }
-  __shared__ int s_last;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    const int done = atomicAdd(tickets + cta, 1);
-    s_last = done == parts - 1;
-    if (s_last) tickets[cta] = 0;   // ready for the next launch (CUDA-graph replay)
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int rl = warp; rl < ROWS; rl += kWarps) {
-    const int64_t r = row0 + rl;
-    if (r >= nrows) break;
-    T* orow = outp + src.qrow(b, h, r) * D;
-    if (!src.row_valid(b, r)) {
-      for (int d = lane; d < D; d += 32) orow[d] = Mma<T>::cvt(0.f);
-      if (lane == 0 && lsep) lsep[src.qrow(b, h, r)] = -INFINITY;
-      continue;
-    }
-    float M = -INFINITY;
-    for (int64_t s2 = 0; s2 < parts; ++s2) M = fmaxf(M, __ldcg(ws_lse + (s2 * base + cta) * ROWS + rl));
-    float den = 0.f;
-    float acc[D / 32];
-#pragma unroll
-    for (int t = 0; t < D / 32; ++t) acc[t] = 0.f;
-    for (int64_t s2 = 0; s2 < parts; ++s2) {
-      const int64_t prow = (s2 * base + cta) * ROWS + rl;
-      const float w = merge_weight(__ldcg(ws_lse + prow), M);
-      if (w == 0.f) continue;
-      den += w;
-#pragma unroll
-      for (int t = 0; t < D / 32; ++t) acc[t] += w * __ldcg(ws_o + prow * D + lane + 32 * t);
-    }
-    const float inv = merged_inv(den);
-#pragma unroll
-    for (int t = 0; t < D / 32; ++t) orow[lane + 32 * t] = Mma<T>::cvt(acc[t] * inv);
-    if (lane == 0 && lsep) lsep[src.qrow(b, h, r)] = merged_lse(M, den);
-  }
+  merge_parts_last<T, D, ROWS>(src, b, h, row0, nrows, parts, base, cta, ws_o, ws_lse, tickets, outp, lsep,
+                               tid, warp, lane);
 #endif
 }
 
