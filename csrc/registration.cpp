@@ -235,6 +235,21 @@ TORCH_LIBRARY(tokenkernels, m) {
       "int ignore_index, int vocab_start, int vocab_total, int splits, bool sum_z, bool aux) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // CPU engine of linear_cross_entropy for a scalar loss with gradients (grads in forward; not a
+  // test-only op: the Python wrapper calls it on the CPU, csrc/cross_entropy/cross_entropy_fused_cpu.cpp
+  // explains the engines). loss = mean (mean = true, over tokens not ignored) or sum of the
+  // per-token loss of linear_cross_entropy with these options, times scale. Returns (loss 0-d, lse (N,),
+  // dhidden, dweight, dbias) in fp32 (fp64 for fp64; gradients in their tensors' dtypes; (0,)
+  // when not asked for). engine: "auto" | "chunk" (fp32/fp64) | "brgemm" (bf16, oneDNN's
+  // micro-kernel) | "composite" (the forward op + the recompute backward op).
+  m.def(
+      "_cross_entropy_fused(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
+      "int ignore_index, float? softcap, float label_smoothing, float z_loss, bool mean, "
+      "float scale, bool check, bool need_dhidden, bool need_dweight, bool need_dbias, str engine=\"auto\") "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Whether the bf16 "brgemm" engine runs on this CPU (AVX512-BF16 or AMX).
+  m.def("_cross_entropy_cpu_brgemm() -> bool");
+
 
   // -- kcenter (impl="tuned")
   // Launch plan of the tuned path (tokenkernels/kcenter_tuned.h make_plan) for B items of N

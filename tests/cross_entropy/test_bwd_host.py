@@ -84,7 +84,9 @@ def test_plan_bad_arguments():
 # ----------------------------------------------------------------------------------- emulation
 @pytest.fixture
 def spy(monkeypatch):
-    """Records the arguments of every cross_entropy_backward call (the real op still runs)."""
+    """Records the arguments of every cross_entropy_backward call (the real op still runs).
+    The CPU gradients-in-forward path (which never calls it) is turned off."""
+    monkeypatch.setenv("TOKENKERNELS_CE_FUSED", "0")
     calls = []
     real = torch.ops.tokenkernels.cross_entropy_backward
 

@@ -22,6 +22,8 @@ csrc/cross_entropy/cross_entropy_args.h, the same on every device.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import operator
 from typing import Any, Optional, Union
 
@@ -280,6 +282,115 @@ class _VocabParallelStats(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU, scalar loss: gradients computed in the forward (csrc/cross_entropy/cross_entropy_fused_cpu.cpp)
+@torch.library.register_fake("tokenkernels::_cross_entropy_fused")
+def _fused_fake(hidden, weight, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
+                mean, scale, check, need_dhidden, need_dweight, need_dbias, engine="auto"):
+    _fake_same_device("linear_cross_entropy", hidden, weight=weight, targets=targets, bias=bias)
+    sd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return (hidden.new_empty((), dtype=sd), hidden.new_empty((hidden.shape[0],), dtype=sd),
+            hidden.new_empty(tuple(hidden.shape) if need_dhidden else (0,)),
+            weight.new_empty(tuple(weight.shape) if need_dweight else (0,)),
+            bias.new_empty(tuple(bias.shape)) if need_dbias else hidden.new_empty((0,), dtype=sd))
+
+
+_BRGEMM = []
+
+
+def _cpu_bf16_fast() -> bool:
+    """Whether this CPU runs the fused op's bf16 engine (oneDNN's bf16 micro-kernel)."""
+    if not _BRGEMM:
+        _BRGEMM.append(bool(torch.ops.tokenkernels._cross_entropy_cpu_brgemm()))
+    return _BRGEMM[0]
+
+
+def _fused_applies(hidden, weight, bias, reduction, return_lse, return_aux, vp, softcap,
+                   eps) -> bool:
+    """Whether linear_cross_entropy takes the grads-in-forward path: CPU tensors, a scalar
+    reduction, gradients wanted (grad mode on and an input that requires grad), no returned lse
+    or aux outputs (their gradients / values need the forward statistics path), no
+    vocab_parallel; fp32 / fp64, or bf16 where the bf16 engine runs (even D, not softcap with
+    label smoothing). fp16 keeps the forward + recompute path: CPUs without AVX512-FP16 have no
+    fast fp16 GEMM, so computing gradients early buys nothing there.
+    ``TOKENKERNELS_CE_FUSED=0`` turns it off."""
+    if vp is not None or return_lse or return_aux or reduction == "none":
+        return False
+    if hidden.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    if not (hidden.requires_grad or weight.requires_grad
+            or (bias is not None and bias.requires_grad)):
+        return False
+    if os.environ.get("TOKENKERNELS_CE_FUSED", "1") == "0":
+        return False
+    dt = hidden.dtype
+    if dt in (torch.float32, torch.float64):
+        return True
+    D = hidden.shape[-1]
+    return (dt == torch.bfloat16 and D > 0 and D % 2 == 0
+            and not (softcap is not None and math.isfinite(softcap) and eps > 0)
+            and _cpu_bf16_fast())
+
+
+def _exact_scale(g: float) -> bool:
+    """Scaling by g is exact in floating point (a power of two, away from the range ends)."""
+    m, e = math.frexp(g)
+    return m in (0.5, -0.5) and -100 < e < 100
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """The loss (mean / sum, times ``scale``) with dhidden, dweight, dbias computed in the forward
+    (tokenkernels::_cross_entropy_fused); the backward scales them by the incoming gradient g.
+    fp16/bf16 gradients are already rounded to their dtype, so a g that is not a power of two
+    (which would round them a second time), and ``create_graph=True`` (the gradients as a
+    differentiable function of g), run the recompute op instead (cross_entropy_backward, whose
+    own double backward raises as on the other path). Pass the loss's divisor as ``_divisor``
+    to linear_cross_entropy (the HF patch does) to keep g = 1."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, ignore_index, softcap, eps, zl, mean, scale,
+                check):
+        need = ctx.needs_input_grad
+        need_db = bias is not None and bool(need[3])
+        loss, lse, dh, dw, db = torch.ops.tokenkernels._cross_entropy_fused(
+            hidden, weight, targets, bias, ignore_index, softcap, eps, zl, mean, scale, check,
+            bool(need[0]), bool(need[1]), need_db)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, dh, dw, db)
+        ctx.opts = (ignore_index, softcap, eps, zl, mean, scale, need_db)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, targets, bias, lse, dh, dw, db = ctx.saved_tensors
+        ignore_index, softcap, eps, zl, mean, scale, need_db = ctx.opts
+        need = ctx.needs_input_grad
+        lowp = hidden.dtype in (torch.float16, torch.bfloat16)
+        recompute = torch.is_grad_enabled()
+        one = False
+        if not recompute:
+            if torch.compiler.is_compiling():  # no data-dependent branch while tracing
+                recompute = lowp
+            else:
+                gv = float(g)  # a CPU scalar: no device sync
+                one = gv == 1.0
+                recompute = lowp and not one and not _exact_scale(gv)
+        if recompute:  # the gradients as a function of g, from the forward's lse
+            valid = (targets != ignore_index).to(lse.dtype)
+            w = valid / valid.sum().clamp(min=1) if mean else valid
+            w = w * (g.to(lse.dtype) * scale)
+            cp = (w * (1.0 + 2.0 * zl * lse)).contiguous()
+            ct = (w * -(1.0 - eps)).contiguous()
+            c1 = (w * (-eps / weight.shape[0])).contiguous() if eps > 0 else None
+            gh, gw, gb = torch.ops.tokenkernels.cross_entropy_backward(
+                hidden, weight, targets, bias, lse, cp, ct, c1, ignore_index, softcap, 0, 0.0,
+                bool(need[0]), bool(need[1]), need_db, False, "plain")
+        elif one:
+            gh, gw, gb = dh, dw, db
+        else:
+            gh, gw, gb = dh * g, dw * g, db * g
+        return (gh if need[0] else None, gw if need[1] else None, None,
+                gb if need_db else None, None, None, None, None, None, None, None)
+
+
 def _real(name, v):
     """A Python / 0-d tensor real number as a float, else a TypeError naming ``name``."""
     op = "tokenkernels.linear_cross_entropy"
@@ -349,6 +460,7 @@ def linear_cross_entropy(
     vocab_parallel: Optional[VocabParallel] = None,
     check: bool = True,
     impl: str = "auto",
+    _divisor=None,
 ):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without the logits.
 
@@ -410,6 +522,19 @@ def linear_cross_entropy(
             ``"reference"``: :func:`tokenkernels.reference.cross_entropy.linear_cross_entropy`
             (pure PyTorch, materialises the logits; same arguments and outputs, every device).
 
+        _divisor: internal (the HF loss patch): the loss divided by this number (a Python
+            number or a one-element tensor; Trainer's ``num_items_in_batch``). On the CPU
+            gradients-in-forward path it is folded into the per-token weights, so fp16/bf16
+            gradients are rounded once.
+
+    On the CPU, with reduction ``"mean"`` / ``"sum"``, gradients wanted (grad mode on, an input
+    that requires grad) and no ``return_lse`` / ``return_aux`` / ``vocab_parallel``, fp32/fp64
+    and bf16 (where oneDNN's bf16 micro-kernel runs: AVX512-BF16 or AMX) compute the gradients
+    during the forward (csrc/cross_entropy/cross_entropy_fused_cpu.cpp), exactly (``filter_eps``
+    and ``accum_fp32`` do not apply there); the backward then only scales them. The forward then
+    costs what forward + backward cost (a loss computed with gradients enabled but never
+    backpropagated pays for them: compute it under ``torch.no_grad()``).
+
     Returns:
         ``loss`` (fp32; fp64 for fp64 inputs, CPU only) alone, or a tuple ``(loss, lse?, argmax?, entropy?)`` with the parts
         asked for by ``return_lse`` / ``return_aux``, in that order.
@@ -442,11 +567,14 @@ def linear_cross_entropy(
             raise ValueError(f"tokenkernels.linear_cross_entropy: vocab_parallel covers "
                              f"[{vp.start}, {vp.stop}) but weight has {V} rows")
     if run == REFERENCE:
-        return _reference.linear_cross_entropy(
+        res = _reference.linear_cross_entropy(
             hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction,
             softcap=softcap, label_smoothing=eps, z_loss=zl, shift=s, return_lse=return_lse,
             return_aux=return_aux, filter_eps=feps, accum_fp32=accum_fp32, vocab_parallel=vp,
             check=check)
+        if _divisor is None:
+            return res
+        return (res[0] / _divisor, *res[1:]) if isinstance(res, tuple) else res / _divisor
     if s:
         targets = _reference._shift_targets(targets, ignore_index, s)
     D = hidden.shape[-1]
@@ -454,6 +582,12 @@ def linear_cross_entropy(
     h2 = hidden.reshape(t1.shape[0], D)  # not (-1, D): D = 0 is valid (logits = bias)
     want_sumz = eps > 0.0
 
+    if _fused_applies(h2, weight, bias, reduction, return_lse, return_aux, vp, softcap, eps):
+        scale = 1.0 if _divisor is None else 1.0 / float(_divisor)  # CPU: no sync
+        # CPU, scalar loss, gradients wanted: loss and gradients in one call (fp32: 6·N·D·V
+        # flops instead of 8; bf16: oneDNN's bf16 micro-kernel), the backward only scales them
+        return _FusedLinearCrossEntropy.apply(h2, weight, t1, bias, ignore_index, softcap, eps,
+                                              zl, reduction == "mean", scale, check)
     if vp is None:
         lse, zt, sumz, argmax, _, ent = torch.ops.tokenkernels.cross_entropy_forward(
             h2, weight, t1, bias, ignore_index, softcap, 0, V, want_sumz, return_aux, check,
@@ -475,6 +609,8 @@ def linear_cross_entropy(
         out = loss.sum()
     else:
         out = loss.reshape(targets.shape)
+    if _divisor is not None:
+        out = out / _divisor
     extras = []
     if return_lse:
         extras.append(lse.reshape(targets.shape))

@@ -101,14 +101,15 @@ def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=Non
             targets, shift = labels.to(hidden.device), True
         bias = getattr(self.lm_head, "bias", None)
         reduction = "mean" if num_items_in_batch is None else "sum"
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(hidden.device)
+        # the division by num_items_in_batch inside the op: on the CPU gradients-in-forward
+        # path it is folded into the per-token weights (bf16 gradients rounded once)
         loss = linear_cross_entropy(hidden, self.lm_head.weight, targets, bias,
                                     ignore_index=ignore_index, reduction=reduction,
                                     softcap=_softcap(self), shift=shift, filter_eps=st.filter_eps,
-                                    accum_fp32=st.accum_fp32, check=st.check, impl=st.impl)
-        if num_items_in_batch is not None:
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
+                                    accum_fp32=st.accum_fp32, check=st.check, impl=st.impl,
+                                    _divisor=num_items_in_batch)
         if return_logits:
             logits = _logits(self, hidden)
     else:

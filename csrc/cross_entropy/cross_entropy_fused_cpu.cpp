@@ -1,0 +1,728 @@
+// cross_entropy family, CPU: the loss and its gradients in one call ("grads in forward").
+//
+// tokenkernels::_cross_entropy_fused computes a scalar loss (mean or sum over the tokens) and
+// dhidden / dweight / dbias of it in the forward; the autograd wrapper in
+// python/tokenkernels/_ops/cross_entropy.py then only scales them by the incoming gradient. It is
+// what linear_cross_entropy runs on the CPU for reduction "mean" / "sum" when gradients are wanted
+// (reduction="none", a returned lse, return_aux and vocab_parallel keep the forward +
+// recompute-backward ops of cross_entropy.cpp; so does a backward with create_graph=True).
+//
+// Why, and the routes chosen (measured on a 2-core AVX512-BF16 EPYC, torch 2.13, MKL + oneDNN):
+//   * fp32 / fp64, engine "chunk" (Liger's and torch-chunked's scheme): tokens in chunks of
+//     `rows` whose full (rows, V) logits fit the memory budget; per chunk one GEMM for the logits,
+//     the softmax and dZ in place, then dhidden[rows] = dZ @ W and dweight += dZ^T @ H[rows]
+//     straight into the fp32 output. 6·N·D·V flops instead of the 8·N·D·V of forward + recompute.
+//     GEMMs: ATen -> MKL sgemm.
+//   * bf16, engine "brgemm": bf16 x bf16 -> fp32 GEMMs through oneDNN's brgemm micro-kernel
+//     (at::native::cpublas::brgemm, AVX512-BF16 / AMX; ~4.5x fp32 sgemm here). MKL's
+//     cblas_gemm_bf16bf16f32 (exported by libtorch_cpu) upcasts to fp32 on this AMD CPU (200
+//     GFLOP/s, no faster than sgemm), and ATen's bf16 mm rounds its output (the logits) to bf16,
+//     so neither is used. The logits are fp32 tiles and never rounded; only the softmax weights
+//     and dZ are rounded to bf16 as GEMM operands, as torch's own bf16 path rounds dZ (the
+//     target's coefficient p_t - 1, where the cancellation is, stays in fp32).
+//     A bf16 dweight needs an fp32 accumulator; a (V, D) one would exceed the memory budget, so
+//     two passes over the logits (8·N·D·V flops at the bf16 rate):
+//       pass 1 (token chunks of R rows outer, vocabulary blocks inner): online log-sum-exp and,
+//         flash-attention style, dhidden = softmax-weighted sum of W rows with running rescales;
+//       pass 2 (vocabulary blocks outer): recompute the logits with the final lse, dZ^T as bf16,
+//         then dweight[block] = dZ^T @ H in one K = N GEMM per block (fp32 accumulation inside
+//         the micro-kernel, rounded once), and dbias.
+//   * fp16 (no fast fp16 GEMM on most CPUs: torch's own runs ~50 GFLOP/s here) and bf16 where
+//     brgemm is unavailable: engine "composite": the forward op plus the recompute backward op.
+// Memory: every buffer is sized from the budget max(5% of the N x V logits in the input dtype,
+// 4 MiB); the gradients themselves are the outputs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "cross_entropy/cross_entropy_args.h"
+#include "cross_entropy/cross_entropy_cpu.h"
+
+namespace tokenkernels {
+namespace cross_entropy {
+namespace cpu {
+namespace {
+
+constexpr const char* kFusedOp = "linear_cross_entropy";
+
+enum class Engine { Auto, Chunk, Brgemm, Composite };
+
+Engine parse_engine(c10::string_view e) {
+  return parse_option<Engine>(std::string_view(e.data(), e.size()),
+                              {{"auto", Engine::Auto}, {"chunk", Engine::Chunk},
+                               {"brgemm", Engine::Brgemm}, {"composite", Engine::Composite}},
+                              kFusedOp, "engine");
+}
+
+// Whether oneDNN's bf16 brgemm runs on this CPU (it needs AVX512-BF16 or AMX): probed once with
+// a 2 x 16 x 2 product (the call raises where the micro-kernel is unavailable).
+bool brgemm_bf16_available() {
+  static const bool ok = [] {
+    if (env_or("TOKENKERNELS_CE_NO_BRGEMM", 0) > 0) return false;
+    try {
+      std::vector<at::BFloat16> a(2 * 2, at::BFloat16(1.f)), b(2 * 16, at::BFloat16(1.f));
+      std::vector<float> c(2 * 16, 0.f);
+      at::native::cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data(), true);
+      at::native::cpublas::brgemm_release(true);
+      return c[0] == 2.f && c[31] == 2.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+int64_t budget_bytes(int64_t N, int64_t V, int64_t elt) {
+  const int64_t b = static_cast<int64_t>(0.05 * static_cast<double>(N) * static_cast<double>(V) *
+                                         static_cast<double>(elt));
+  return std::max<int64_t>(b, env_or("TOKENKERNELS_CE_MIN_BUDGET", int64_t(4) << 20));
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-token loss weight: scale/n_valid (mean) or scale (sum) for tokens whose target is not ignored, 0
+// otherwise; targets out of [0, V) (check=false) get a NaN target logit, hence a NaN loss.
+struct Rows {
+  std::vector<double> w;  // loss weight per token
+  std::vector<int64_t> lt;  // local target index, -1 if ignored / out of range
+  std::vector<uint8_t> bad;
+};
+
+Rows row_weights(const int64_t* tp, int64_t N, int64_t V, int64_t ignore_index, bool mean,
+                 double scale) {
+  Rows r;
+  r.w.assign(N, 0.0);
+  r.lt.assign(N, -1);
+  r.bad.assign(N, 0);
+  int64_t n = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t t = tp[i];
+    if (t == ignore_index) continue;
+    ++n;
+    if (t < 0 || t >= V) r.bad[i] = 1;
+    else r.lt[i] = t;
+  }
+  const double wv = scale * (mean ? (n > 0 ? 1.0 / static_cast<double>(n) : 0.0) : 1.0);
+  for (int64_t i = 0; i < N; ++i)
+    if (tp[i] != ignore_index) r.w[i] = wv;
+  return r;
+}
+
+// The loss of one token from its statistics, and the coefficients of dZ = cp * softmax + c1 +
+// ct * onehot(target) (times the softcap derivative):
+//   loss = w [(1 - eps)(lse - zt) + eps (lse - sumz / V) + zl lse^2]
+template <typename A>
+inline A token_loss(A w, A lse, A zt, A sumz, A eps, A zl, int64_t V, A* cp, A* ct, A* c1) {
+  *cp = w * (1 + 2 * zl * lse);
+  *ct = -w * (1 - eps);
+  *c1 = -w * eps / static_cast<A>(V);
+  A l = (1 - eps) * (lse - zt);
+  if (eps != 0) l += eps * (lse - sumz / static_cast<A>(V));
+  if (zl != 0) l += zl * lse * lse;
+  return w * l;
+}
+
+using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// ---------------------------------------------------------------- engine "chunk" (fp32 / fp64)
+template <typename T>
+Out chunk_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bias,
+                 const Rows& rw, double cap_d, double eps_d, double zl_d, bool need_dh,
+                 bool need_dw, bool need_db, at::Tensor dh, at::Tensor dw, at::Tensor db) {
+  const int64_t N = H.size(0), D = H.size(1), V = W.size(0);
+  const T cap = static_cast<T>(cap_d), inv_cap = cap > 0 ? 1 / cap : T(0);
+  const T eps = static_cast<T>(eps_d), zl = static_cast<T>(zl_d);
+  const int64_t budget = budget_bytes(N, V, sizeof(T));
+  const int64_t rows_max = std::clamp<int64_t>(
+      env_or("TOKENKERNELS_CE_FUSED_ROWS", budget / (V * static_cast<int64_t>(sizeof(T)))), 1, N);
+  auto zbuf = at::empty({rows_max * V}, H.options());
+  std::vector<T> loss_rows(N, T(0)), lse(N, T(0));
+  std::vector<T> db_acc(need_db ? V : 0, T(0));
+  const T* bp = Bias.defined() ? Bias.data_ptr<T>() : nullptr;
+  bool dw_started = false;
+  for (int64_t r0 = 0; r0 < N; r0 += rows_max) {
+    const int64_t rows = std::min(rows_max, N - r0);
+    auto Z = zbuf.narrow(0, 0, rows * V).view({rows, V});
+    auto Hc = H.narrow(0, r0, rows);
+    at::mm_out(Z, Hc, W.t());
+    T* zp = Z.data_ptr<T>();
+    at::parallel_for(0, rows, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = r0 + i;
+        T* z = zp + i * V;
+        const T w = static_cast<T>(rw.w[r]);
+        if (bp)
+          for (int64_t j = 0; j < V; ++j) z[j] += bp[j];
+        if (cap > 0) softcap_row(z, V, cap);
+        const T m = row_max(z, V);
+        const T s = m > -std::numeric_limits<T>::infinity() ? exp_sum(z, V, m, static_cast<T*>(nullptr)) : T(0);
+        const T l = m + std::log(s);
+        lse[r] = l;
+        if (w == 0) {
+          std::fill(z, z + V, T(0));
+          continue;
+        }
+        const int64_t lt = rw.lt[r];
+        const T zt = rw.bad[r] ? std::numeric_limits<T>::quiet_NaN() : z[lt];
+        const T sumz = eps != 0 ? row_sum(z, V) : T(0);
+        T cp, ct, c1;
+        loss_rows[r] = token_loss<T>(w, l, zt, sumz, eps, zl, V, &cp, &ct, &c1);
+        dz_row(z, V, l, cp, c1, inv_cap, z);  // in place: each element is read before written
+        if (lt >= 0) {
+          T v = cp * std::exp(zt - l) + c1 + ct;
+          if (inv_cap != 0) v *= 1 - (zt * inv_cap) * (zt * inv_cap);
+          z[lt] = v;
+        }
+      }
+    });
+    if (need_dh) {
+      auto out = dh.narrow(0, r0, rows);
+      at::mm_out(out, Z, W);
+    }
+    if (need_dw) {
+      if (!dw_started) at::mm_out(dw, Z.t(), Hc);
+      else dw.addmm_(Z.t(), Hc);
+      dw_started = true;
+    }
+    if (need_db) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* d = zp + i * V;
+        for (int64_t j = 0; j < V; ++j) db_acc[j] += d[j];
+      }
+    }
+  }
+  if (need_dw && !dw_started) dw.zero_();
+  double total = 0;  // the sum over tokens in fp64 (the per-token losses are in T)
+  for (int64_t r = 0; r < N; ++r) total += static_cast<double>(loss_rows[r]);
+  auto loss = at::scalar_tensor(total, H.options());
+  auto lse_t = at::empty({N}, H.options());
+  std::copy(lse.begin(), lse.end(), lse_t.data_ptr<T>());
+  if (need_db) {
+    auto dbt = at::empty({V}, H.options());
+    std::copy(db_acc.begin(), db_acc.end(), dbt.data_ptr<T>());
+    db = dbt.to(db.scalar_type());
+  }
+  return {loss, lse_t, dh, dw, db};
+}
+
+// ---------------------------------------------------------------- engine "brgemm" (bf16)
+using bf16 = at::BFloat16;
+
+inline uint32_t pair_u32(const bf16* a, const bf16* b, int64_t d) {
+  uint16_t x, y;
+  std::memcpy(&x, a + d, 2);
+  y = 0;
+  if (b) std::memcpy(&y, b + d, 2);
+  return static_cast<uint32_t>(x) | (static_cast<uint32_t>(y) << 16);
+}
+
+// VNNI along the rows: out[p][d][2] = (src[2p][d], src[2p + 1][d]) for p < ceil(rows / 2), the
+// missing odd row as zeros. As the B operand of C += A @ src (K = rows, N = D), ld_b = D.
+void pack_rows_vnni(const bf16* src, int64_t rows, int64_t D, int64_t p0, int64_t p1, bf16* out) {
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  for (int64_t p = p0; p < p1; ++p) {
+    const bf16* a = src + (2 * p) * D;
+    const bf16* b = (2 * p + 1 < rows) ? src + (2 * p + 1) * D : nullptr;
+    uint32_t* op = o + p * D;
+    if (b) {
+      const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
+      const uint16_t* b16 = reinterpret_cast<const uint16_t*>(b);
+      for (int64_t d = 0; d < D; ++d)
+        op[d] = static_cast<uint32_t>(a16[d]) | (static_cast<uint32_t>(b16[d]) << 16);
+    } else {
+      for (int64_t d = 0; d < D; ++d) op[d] = pair_u32(a, nullptr, d);
+    }
+  }
+}
+
+// VNNI of src^T along D (D even): out[q][j][2] = (src[j][2q], src[j][2q + 1]) for j < cols:
+// the B operand of Z = A @ src^T (K = D, N = cols), ld_b = cols. A 32-bit transpose, blocked.
+void pack_cols_vnni(const bf16* src, int64_t cols, int64_t D, int64_t j0, int64_t j1, bf16* out) {
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  const int64_t Q = D / 2;
+  constexpr int64_t Bk = 16;
+  for (int64_t jb = j0; jb < j1; jb += Bk) {
+    const int64_t je = std::min(j1, jb + Bk);
+    for (int64_t qb = 0; qb < Q; qb += Bk) {
+      const int64_t qe = std::min(Q, qb + Bk);
+      for (int64_t j = jb; j < je; ++j)
+        for (int64_t q = qb; q < qe; ++q) o[q * cols + j] = s[j * Q + q];
+    }
+  }
+}
+
+// C (M x N fp32, ld_c) (+)= A (M x K bf16 row-major, ld_a) @ B (K x N, VNNI, ld_b), split into
+// column blocks of <= 256 (the micro-kernel's efficient range).
+inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t ld_a, const bf16* B,
+                      int64_t ld_b, float* C, int64_t ld_c, bool add) {
+  constexpr int64_t NB = 256;
+  for (int64_t n0 = 0; n0 < N; n0 += NB) {
+    const int64_t nn = std::min(NB, N - n0);
+    at::native::cpublas::brgemm(M, nn, K, ld_a, ld_b, ld_c, add, A, B + n0 * 2, C + n0, true);
+  }
+}
+
+#if defined(TK_CE_AVX2)
+#define TK_AVX2F __attribute__((target("avx2,fma,f16c")))
+// out[j] = bf16(exp(z[j] - m) * (1 - (z[j] / cap)^2 if cap)) ; returns sum_j exp(z[j] - m)
+TK_AVX2F inline float exp_row_bf16_avx2(const float* z, int64_t n, float m, float inv_cap, bf16* out) {
+  const __m256 vm = _mm256_set1_ps(m), vi = _mm256_set1_ps(inv_cap), one = _mm256_set1_ps(1.f);
+  __m256 s = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 zz = _mm256_loadu_ps(z + j);
+    const __m256 e = exp256(_mm256_sub_ps(zz, vm));
+    s = _mm256_add_ps(s, e);
+    __m256 p = e;
+    if (inv_cap != 0.f) {
+      const __m256 u = _mm256_mul_ps(zz, vi);
+      p = _mm256_mul_ps(p, _mm256_fnmadd_ps(u, u, one));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), bf16_round8(p));
+  }
+  float r = simd::hsum(s);
+  for (; j < n; ++j) {
+    const float e = std::exp(z[j] - m);
+    r += e;
+    float p = e;
+    if (inv_cap != 0.f) p *= 1 - (z[j] * inv_cap) * (z[j] * inv_cap);
+    out[j] = bf16(p);
+  }
+  return r;
+}
+#undef TK_AVX2F
+#endif
+
+inline float exp_row_bf16(const float* z, int64_t n, float m, float inv_cap, bf16* out) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_f16c()) return exp_row_bf16_avx2(z, n, m, inv_cap, out);
+#endif
+  float r = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = std::exp(z[j] - m);
+    r += e;
+    float p = e;
+    if (inv_cap != 0.f) p *= 1 - (z[j] * inv_cap) * (z[j] * inv_cap);
+    out[j] = bf16(p);
+  }
+  return r;
+}
+
+struct BrgemmPlan {
+  int64_t bv1, R1, mb1;  // pass 1: vocabulary block, token chunk, rows per task
+  int64_t bv2, R2, mb2;  // pass 2
+};
+
+// Block sizes within the budget (bytes of the buffers each pass allocates), T threads.
+BrgemmPlan plan_brgemm(int64_t N, int64_t D, int64_t V, int64_t T, int64_t budget) {
+  BrgemmPlan p{};
+  p.bv1 = std::min<int64_t>(round_up(V, 2), env_or("TOKENKERNELS_CE_BV1", 256));
+  p.mb1 = 64;
+  // pass 1: acc R x D fp32 + two W packs (bv x D bf16 each) + per-task tiles (mb x bv x 6)
+  const int64_t fixed1 = 2 * p.bv1 * D * 2 + T * p.mb1 * p.bv1 * 6;
+  int64_t R1 = (budget - fixed1) / std::max<int64_t>(D * 4, 1);
+  R1 = std::max<int64_t>(R1 / p.mb1 * p.mb1, p.mb1);
+  p.R1 = std::min<int64_t>(env_or("TOKENKERNELS_CE_R1", R1), N);
+  // pass 2: H packed by rows (R x D bf16) + W^T pack (bv x D) + dZ^T (bv x R bf16) + per-thread
+  // dW partials (bv/T x D fp32) + per-task Z tiles (mb x bv fp32)
+  p.mb2 = 64;
+  p.bv2 = std::min<int64_t>(round_up(V, 2), env_or("TOKENKERNELS_CE_BV2", 128));
+  const int64_t fixed2 = p.bv2 * D * 2 + p.bv2 * D * 4 + T * p.mb2 * p.bv2 * 4;
+  int64_t R2 = (budget - fixed2) / std::max<int64_t>(D * 2 + p.bv2 * 2, 1);
+  R2 = std::max<int64_t>(R2 / p.mb2 * p.mb2, p.mb2);
+  p.R2 = std::min<int64_t>(env_or("TOKENKERNELS_CE_R2", R2), N);
+  return p;
+}
+
+Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bias32,
+                  const Rows& rw, double cap_d, double eps_d, double zl_d, bool need_dh,
+                  bool need_dw, bool need_db, at::Tensor dh, at::Tensor dw, at::Tensor db) {
+  const int64_t N = H.size(0), D = H.size(1), V = W.size(0);
+  const int64_t T = std::max<int64_t>(at::get_num_threads(), 1);
+  const BrgemmPlan pl = plan_brgemm(N, D, V, T, budget_bytes(N, V, 2));
+  const float cap = static_cast<float>(cap_d), inv_cap = cap > 0 ? 1.f / cap : 0.f;
+  const float eps = static_cast<float>(eps_d), zl = static_cast<float>(zl_d);
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  const bf16* hp = H.data_ptr<bf16>();
+  const bf16* wp = W.data_ptr<bf16>();
+  const float* bp = Bias32.defined() ? Bias32.data_ptr<float>() : nullptr;
+  const auto f32 = H.options().dtype(at::kFloat);
+
+  std::vector<float> m(N, kNegInf), s(N, 0.f), zt(N, 0.f), sumz(N, 0.f), lse(N, 0.f);
+  std::vector<float> cp(N), ct(N), c1(N), loss_rows(N, 0.f);
+  for (int64_t i = 0; i < N; ++i)
+    if (rw.bad[i]) zt[i] = std::numeric_limits<float>::quiet_NaN();
+
+  // colsum(W) for the label-smoothing term of dhidden (c1 * sum_j W_j)
+  std::vector<float> colsum;
+  if (need_dh && eps != 0) {
+    colsum.assign(D, 0.f);
+    for (int64_t j = 0; j < V; ++j)
+      for (int64_t d = 0; d < D; ++d) colsum[d] += static_cast<float>(wp[j * D + d]);
+  }
+
+  const bool prof = env_or("TOKENKERNELS_CE_PROFILE", 0) > 0;
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  auto t_start = now();
+  // ---------------- pass 1: lse (+ dhidden)
+  {
+    const int64_t bv = pl.bv1, R = pl.R1, mb = pl.mb1;
+    auto wk = at::empty({bv * D}, H.options());   // W block ^T, VNNI along D
+    auto wv = at::empty({bv * D}, H.options());   // W block, VNNI along the block's rows
+    auto acc = need_dh ? at::empty({R * D}, f32) : at::Tensor();
+    auto ztile = at::empty({T * mb * bv}, f32);
+    auto ptile = at::empty({T * mb * bv}, H.options());
+    bf16* wkp = wk.data_ptr<bf16>();
+    bf16* wvp = wv.data_ptr<bf16>();
+    float* accp = need_dh ? acc.data_ptr<float>() : nullptr;
+    for (int64_t r0 = 0; r0 < N; r0 += R) {
+      const int64_t rows = std::min(R, N - r0);
+      if (need_dh) acc.zero_();
+      for (int64_t v0 = 0; v0 < V; v0 += bv) {
+        const int64_t cols = std::min(bv, V - v0);
+        const int64_t kc = round_up(cols, 2);  // K of the dhidden GEMM (padded to pairs)
+        const bf16* wb = wp + v0 * D;
+        at::parallel_for(0, cols, 16, [&](int64_t j0, int64_t j1) {
+          pack_cols_vnni(wb, cols, D, j0, j1, wkp);
+        });
+        if (need_dh)
+          at::parallel_for(0, kc / 2, 8, [&](int64_t p0, int64_t p1) {
+            pack_rows_vnni(wb, cols, D, p0, p1, wvp);
+          });
+        const int64_t tasks = (rows + mb - 1) / mb;
+        at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+          const int64_t th = at::get_thread_num();
+          float* zb = ztile.data_ptr<float>() + th * mb * bv;
+          bf16* pb = ptile.data_ptr<bf16>() + th * mb * bv;
+          for (int64_t tk = t0; tk < t1; ++tk) {
+            const int64_t i0 = tk * mb, nr = std::min(mb, rows - i0);
+            gemm_bf16(nr, cols, D, hp + (r0 + i0) * D, D, wkp, cols, zb, cols, false);
+            for (int64_t i = 0; i < nr; ++i) {
+              const int64_t r = r0 + i0 + i;
+              float* z = zb + i * cols;
+              if (bp)
+                for (int64_t j = 0; j < cols; ++j) z[j] += bp[v0 + j];
+              if (cap > 0) softcap_row(z, cols, cap);
+              const int64_t lt = rw.lt[r];
+              const bool tin = lt >= v0 && lt < v0 + cols;
+              if (tin) zt[r] = z[lt - v0];
+              if (eps != 0) sumz[r] += row_sum(z, cols);
+              const float bm = row_max(z, cols);
+              const float mn = std::max(m[r], bm);
+              bf16* prow = pb + i * kc;
+              if (!(mn > kNegInf)) {  // every logit so far -inf (or NaN): nothing to add
+                if (need_dh) std::fill(prow, prow + kc, bf16(0.f));
+                if (bm != bm) m[r] = bm;  // NaN propagates to the lse
+                continue;
+              }
+              const float scale = m[r] > kNegInf ? std::exp(m[r] - mn) : 0.f;
+              float sb;
+              if (need_dh) {
+                sb = exp_row_bf16(z, cols, mn, inv_cap, prow);
+                if (kc > cols) prow[cols] = bf16(0.f);
+                if (tin) prow[lt - v0] = bf16(0.f);  // the target's term is added exactly at the end
+                if (scale != 1.f) {
+                  float* a = accp + (i0 + i) * D;
+                  for (int64_t d = 0; d < D; ++d) a[d] *= scale;
+                }
+              } else {
+                sb = exp_sum(z, cols, mn, static_cast<float*>(nullptr));
+              }
+              s[r] = s[r] * scale + sb;
+              m[r] = mn;
+            }
+            if (need_dh)
+              gemm_bf16(nr, D, kc, pb, kc, wvp, D, accp + i0 * D, D, true);
+          }
+          at::native::cpublas::brgemm_release(true);
+        });
+      }
+      // finish the chunk's rows: lse, loss, coefficients, dhidden
+      at::parallel_for(0, rows, 16, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = r0 + i;
+          const float l = m[r] + std::log(s[r]);
+          lse[r] = l;
+          const float w = static_cast<float>(rw.w[r]);
+          if (w != 0) loss_rows[r] = token_loss<float>(w, l, zt[r], sumz[r], eps, zl, V, &cp[r], &ct[r], &c1[r]);
+          else cp[r] = ct[r] = c1[r] = 0.f;
+          if (!need_dh) continue;
+          bf16* o = dh.data_ptr<bf16>() + r * D;
+          if (w == 0) {
+            std::fill(o, o + D, bf16(0.f));
+            continue;
+          }
+          const float* a = accp + i * D;
+          const float ca = cp[r] / s[r];
+          const int64_t lt = rw.lt[r];
+          float cwt = 0.f;
+          if (lt >= 0) {
+            cwt = cp[r] * std::exp(zt[r] - l) + ct[r];
+            if (inv_cap != 0) cwt *= 1 - (zt[r] * inv_cap) * (zt[r] * inv_cap);
+          }
+          const bf16* wt = lt >= 0 ? wp + lt * D : nullptr;
+          for (int64_t d = 0; d < D; ++d) {
+            float v = ca * a[d];
+            if (wt) v += cwt * static_cast<float>(wt[d]);
+            if (!colsum.empty()) v += c1[r] * colsum[d];
+            o[d] = bf16(v);
+          }
+        }
+      });
+    }
+  }
+
+  auto t_p1 = now();
+  // ---------------- pass 2: dweight, dbias
+  std::vector<float> db_acc(need_db ? V : 0, 0.f);
+  if (need_dw || need_db) {
+    const int64_t bv = pl.bv2, R = pl.R2, mb = pl.mb2;
+    const int64_t Rp = round_up(R, 2);
+    const bool one_chunk = R >= N;
+    auto hr = at::empty({Rp * D}, H.options());        // H chunk, VNNI along the tokens
+    auto wk = at::empty({bv * D}, H.options());        // W block ^T, VNNI along D
+    auto dzt = at::empty({bv * Rp}, H.options());      // dZ^T of the block (bf16)
+    auto ztile = at::empty({T * mb * bv}, f32);
+    auto dwacc = need_dw ? at::empty({bv * D}, f32) : at::Tensor();
+    auto dbpart = at::zeros({T * bv}, f32);
+    bf16* hrp = hr.data_ptr<bf16>();
+    bf16* wkp = wk.data_ptr<bf16>();
+    bf16* dzp = dzt.data_ptr<bf16>();
+    float* dwa = need_dw ? dwacc.data_ptr<float>() : nullptr;
+    auto pack_h = [&](int64_t r0, int64_t rows) {
+      at::parallel_for(0, round_up(rows, 2) / 2, 8, [&](int64_t p0, int64_t p1) {
+        pack_rows_vnni(hp + r0 * D, rows, D, p0, p1, hrp);
+      });
+    };
+    if (one_chunk && need_dw) pack_h(0, N);
+    for (int64_t v0 = 0; v0 < V; v0 += bv) {
+      const int64_t cols = std::min(bv, V - v0);
+      const bf16* wb = wp + v0 * D;
+      at::parallel_for(0, cols, 16, [&](int64_t j0, int64_t j1) {
+        pack_cols_vnni(wb, cols, D, j0, j1, wkp);
+      });
+      if (need_db) dbpart.zero_();
+      for (int64_t r0 = 0; r0 < N; r0 += R) {
+        const int64_t rows = std::min(R, N - r0);
+        const int64_t kr = round_up(rows, 2);
+        if (!one_chunk && need_dw) pack_h(r0, rows);
+        const int64_t tasks = (rows + mb - 1) / mb;
+        at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+          const int64_t th = at::get_thread_num();
+          float* zb = ztile.data_ptr<float>() + th * mb * bv;
+          float* dbp = dbpart.data_ptr<float>() + th * bv;
+          for (int64_t tk = t0; tk < t1; ++tk) {
+            const int64_t i0 = tk * mb, nr = std::min(mb, rows - i0);
+            gemm_bf16(nr, cols, D, hp + (r0 + i0) * D, D, wkp, cols, zb, cols, false);
+            for (int64_t i = 0; i < nr; ++i) {
+              const int64_t r = r0 + i0 + i;
+              float* z = zb + i * cols;
+              if (cp[r] == 0.f && ct[r] == 0.f && c1[r] == 0.f) {
+                std::fill(z, z + cols, 0.f);
+              } else {
+                if (bp)
+                  for (int64_t j = 0; j < cols; ++j) z[j] += bp[v0 + j];
+                if (cap > 0) softcap_row(z, cols, cap);
+                const int64_t lt = rw.lt[r];
+                float ztv = 0.f;
+                const bool tin = lt >= v0 && lt < v0 + cols;
+                if (tin) ztv = z[lt - v0];
+                dz_row(z, cols, lse[r], cp[r], c1[r], inv_cap, z);
+                if (tin) {
+                  float v = cp[r] * std::exp(ztv - lse[r]) + c1[r] + ct[r];
+                  if (inv_cap != 0) v *= 1 - (ztv * inv_cap) * (ztv * inv_cap);
+                  z[lt - v0] = v;
+                }
+              }
+              if (need_db)
+                for (int64_t j = 0; j < cols; ++j) dbp[j] += z[j];
+              if (need_dw) {
+                bf16* col = dzp + (i0 + i);
+                for (int64_t j = 0; j < cols; ++j) col[j * kr] = bf16(z[j]);
+              }
+            }
+          }
+          at::native::cpublas::brgemm_release(true);
+        });
+        if (need_dw) {
+          if (kr > rows)
+            for (int64_t j = 0; j < cols; ++j) dzp[j * kr + rows] = bf16(0.f);
+          const bool add = r0 > 0;
+          at::parallel_for(0, cols, 16, [&](int64_t j0, int64_t j1) {
+            gemm_bf16(j1 - j0, D, kr, dzp + j0 * kr, kr, hrp, D, dwa + j0 * D, D, add);
+            at::native::cpublas::brgemm_release(true);
+          });
+        }
+      }
+      if (need_dw) {
+        bf16* o = dw.data_ptr<bf16>() + v0 * D;
+        at::parallel_for(0, cols, 16, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) from_float_row(dwa + j * D, D, o + j * D);
+        });
+      }
+      if (need_db) {
+        const float* dbp = dbpart.data_ptr<float>();
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < cols; ++j) db_acc[v0 + j] += dbp[t * bv + j];
+      }
+    }
+  }
+  if (prof)
+    std::fprintf(stderr, "tokenkernels ce brgemm: pass1 %.3f s pass2 %.3f s (bv1 %lld R1 %lld bv2 %lld R2 %lld)\n",
+                 std::chrono::duration<double>(t_p1 - t_start).count(),
+                 std::chrono::duration<double>(now() - t_p1).count(), (long long)pl.bv1,
+                 (long long)pl.R1, (long long)pl.bv2, (long long)pl.R2);
+  double total = 0;
+  for (int64_t r = 0; r < N; ++r) total += loss_rows[r];
+  auto loss = at::scalar_tensor(total, f32);
+  auto lse_t = at::empty({N}, f32);
+  std::copy(lse.begin(), lse.end(), lse_t.data_ptr<float>());
+  if (need_db) {
+    auto dbt = at::empty({V}, f32);
+    std::copy(db_acc.begin(), db_acc.end(), dbt.data_ptr<float>());
+    db = dbt.to(db.scalar_type());
+  }
+  return {loss, lse_t, dh, dw, db};
+}
+
+// ---------------------------------------------------------------- engine "composite"
+Out composite_engine(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                     const std::optional<at::Tensor>& bias, int64_t ignore_index,
+                     std::optional<double> softcap, double eps, double zl, bool mean,
+                     double scale, bool check, bool need_dh, bool need_dw, bool need_db) {
+  static auto fwd = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("tokenkernels::cross_entropy_forward", "")
+                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, int64_t, std::optional<double>, int64_t,
+                            int64_t, bool, bool, bool, double, bool, c10::string_view)>();
+  static auto bwd = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("tokenkernels::cross_entropy_backward", "")
+                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                            std::optional<double>, int64_t, double, bool, bool, bool, bool,
+                            c10::string_view)>();
+  const int64_t V = weight.size(0);
+  auto [lse, zt, sumz, am, mz, ent] =
+      fwd.call(hidden, weight, targets, bias, ignore_index, softcap, 0, V, eps > 0, false, check,
+               0.0, false, "plain");
+  auto t = targets.to(at::kLong);
+  auto valid = t.ne(ignore_index);
+  auto nv = valid.sum().clamp_min(1).to(lse.scalar_type());
+  auto w = valid.to(lse.scalar_type());
+  if (mean) w = w / nv;
+  w = w * scale;
+  auto l = (lse - zt) * (1.0 - eps);
+  if (eps > 0) l = l + (lse - sumz / static_cast<double>(V)) * eps;
+  if (zl > 0) l = l + lse * lse * zl;
+  auto loss = at::where(valid, l, at::zeros_like(l)).mul(w).sum();
+  auto cp = (w * (lse * (2.0 * zl) + 1.0)).contiguous();
+  auto ct = (w * -(1.0 - eps)).contiguous();
+  std::optional<at::Tensor> c1;
+  if (eps > 0) c1 = (w * (-eps / static_cast<double>(V))).contiguous();
+  auto [dh, dw, db] = bwd.call(hidden, weight, targets, bias, lse, cp, ct, c1, ignore_index,
+                               softcap, 0, 0.0, need_dh, need_dw, need_db, true, "plain");
+  return {loss, lse, dh, dw, db};
+}
+
+Out fused(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+          const std::optional<at::Tensor>& bias, int64_t ignore_index,
+          std::optional<double> softcap, double label_smoothing, double z_loss, bool mean,
+          double scale, bool check, bool need_dh, bool need_dw, bool need_db, c10::string_view engine) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const char* op = kFusedOp;
+  Engine eng = parse_engine(engine);
+  check_tensors(hidden, weight, targets, bias, op);
+  check_softcap(softcap, op);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, "tokenkernels.", op,
+                    ": label_smoothing must lie in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(z_loss >= 0.0 && std::isfinite(z_loss), "tokenkernels.", op,
+                    ": z_loss must be finite and >= 0, got ", z_loss);
+  TORCH_CHECK_VALUE(!need_db || bias.has_value(), "tokenkernels.", op, ": need_dbias without a bias");
+  TORCH_CHECK_VALUE(std::isfinite(scale), "tokenkernels.", op, ": scale must be finite, got ", scale);
+  const int64_t V = weight.size(0);
+  if (check) check_target_values(targets, ignore_index, V, op);
+  const auto dt = hidden.scalar_type();
+  const bool lowp = dt == at::kHalf || dt == at::kBFloat16;
+  const double cap = softcap_value(softcap);
+  if (eng == Engine::Auto) {
+    if (!lowp) eng = Engine::Chunk;
+    else if (dt == at::kBFloat16 && hidden.size(1) % 2 == 0 && hidden.size(1) > 0 &&
+             brgemm_bf16_available() &&
+             !(cap > 0 && label_smoothing > 0))
+      eng = Engine::Brgemm;
+    else eng = Engine::Composite;
+  }
+  TORCH_CHECK_VALUE(eng != Engine::Chunk || !lowp, "tokenkernels.", op,
+                    ": engine 'chunk' takes float32 / float64 inputs, got ", dt);
+  if (eng == Engine::Brgemm) {
+    TORCH_CHECK_VALUE(dt == at::kBFloat16, "tokenkernels.", op,
+                      ": engine 'brgemm' takes bfloat16 inputs, got ", dt);
+    TORCH_CHECK_VALUE(hidden.size(1) % 2 == 0 && hidden.size(1) > 0, "tokenkernels.", op,
+                      ": engine 'brgemm' needs an even D > 0, got D = ", hidden.size(1));
+    TORCH_CHECK_VALUE(!(cap > 0 && label_smoothing > 0), "tokenkernels.", op,
+                      ": engine 'brgemm' does not combine softcap with label_smoothing");
+    TORCH_CHECK(brgemm_bf16_available(), "tokenkernels.", op,
+                ": engine 'brgemm' needs oneDNN's bf16 micro-kernel (AVX512-BF16 or AMX), "
+                "unavailable on this CPU");
+  }
+  if (eng == Engine::Composite)
+    return composite_engine(hidden, weight, targets, bias, ignore_index, softcap, label_smoothing,
+                            z_loss, mean, scale, check, need_dh, need_dw, need_db);
+
+  const int64_t N = hidden.size(0), D = hidden.size(1);
+  auto H = hidden.contiguous();
+  auto W = weight.contiguous();
+  auto T = long_contig(targets);
+  const auto Rw = row_weights(T.data_ptr<int64_t>(), N, V, ignore_index, mean, scale);
+  auto dh = need_dh ? at::empty({N, D}, hidden.options()) : at::empty({0}, hidden.options());
+  auto dw = need_dw ? at::empty({V, D}, weight.options()) : at::empty({0}, weight.options());
+  const auto sdt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  auto db = need_db ? at::empty({V}, bias->options()) : at::empty({0}, hidden.options().dtype(sdt));
+  if (N == 0) {
+    if (need_dh) dh.zero_();
+    if (need_dw) dw.zero_();
+    if (need_db) db.zero_();
+    return {at::zeros({}, hidden.options().dtype(sdt)), at::empty({0}, hidden.options().dtype(sdt)),
+            dh, dw, db};
+  }
+  if (eng == Engine::Brgemm) {
+    auto B32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    return brgemm_engine(H, W, B32, Rw, cap, label_smoothing, z_loss, need_dh, need_dw, need_db,
+                         dh, dw, db);
+  }
+  auto Bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (dt == at::kDouble)
+    return chunk_engine<double>(H, W, Bc, Rw, cap, label_smoothing, z_loss, need_dh, need_dw,
+                                need_db, dh, dw, db);
+  return chunk_engine<float>(H, W, Bc, Rw, cap, label_smoothing, z_loss, need_dh, need_dw, need_db,
+                             dh, dw, db);
+}
+
+bool fused_brgemm_available() { return brgemm_bf16_available(); }
+
+}  // namespace
+}  // namespace cpu
+}  // namespace cross_entropy
+}  // namespace tokenkernels
+
+TORCH_LIBRARY_IMPL(tokenkernels, CPU, m) {
+  m.impl("_cross_entropy_fused", &tokenkernels::cross_entropy::cpu::fused);
+}
+TORCH_LIBRARY_IMPL(tokenkernels, CompositeExplicitAutograd, m) {
+  m.impl("_cross_entropy_cpu_brgemm", &tokenkernels::cross_entropy::cpu::fused_brgemm_available);
+}
