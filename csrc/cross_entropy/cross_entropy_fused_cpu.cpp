@@ -38,6 +38,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cmath>
@@ -151,11 +152,16 @@ Out chunk_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bia
   std::vector<T> db_acc(need_db ? V : 0, T(0));
   const T* bp = Bias.defined() ? Bias.data_ptr<T>() : nullptr;
   bool dw_started = false;
+  const bool prof = env_or("TOKENKERNELS_CE_PROFILE", 0) > 0;
+  using clk = std::chrono::steady_clock;
+  double tz = 0, te = 0, th = 0, tw = 0;
   for (int64_t r0 = 0; r0 < N; r0 += rows_max) {
     const int64_t rows = std::min(rows_max, N - r0);
     auto Z = zbuf.narrow(0, 0, rows * V).view({rows, V});
     auto Hc = H.narrow(0, r0, rows);
+    auto c0 = clk::now();
     at::mm_out(Z, Hc, W.t());
+    auto c1 = clk::now();
     T* zp = Z.data_ptr<T>();
     at::parallel_for(0, rows, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -186,23 +192,35 @@ Out chunk_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bia
         }
       }
     });
+    auto c2 = clk::now();
     if (need_dh) {
       auto out = dh.narrow(0, r0, rows);
       at::mm_out(out, Z, W);
     }
+    auto c3 = clk::now();
     if (need_dw) {
       if (!dw_started) at::mm_out(dw, Z.t(), Hc);
       else dw.addmm_(Z.t(), Hc);
       dw_started = true;
     }
+    auto c4 = clk::now();
+    tz += std::chrono::duration<double>(c1 - c0).count();
+    te += std::chrono::duration<double>(c2 - c1).count();
+    th += std::chrono::duration<double>(c3 - c2).count();
+    tw += std::chrono::duration<double>(c4 - c3).count();
     if (need_db) {
-      for (int64_t i = 0; i < rows; ++i) {
-        const T* d = zp + i * V;
-        for (int64_t j = 0; j < V; ++j) db_acc[j] += d[j];
-      }
+      at::parallel_for(0, V, 2048, [&](int64_t j0, int64_t j1) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const T* d = zp + i * V;
+          for (int64_t j = j0; j < j1; ++j) db_acc[j] += d[j];
+        }
+      });
     }
   }
   if (need_dw && !dw_started) dw.zero_();
+  if (prof)
+    std::fprintf(stderr, "tokenkernels ce chunk: rows %lld  Z %.3f s  epilogue %.3f s  dH %.3f s  dW %.3f s\n",
+                 (long long)rows_max, tz, te, th, tw);
   double total = 0;  // the sum over tokens in fp64 (the per-token losses are in T)
   for (int64_t r = 0; r < N; ++r) total += static_cast<double>(loss_rows[r]);
   auto loss = at::scalar_tensor(total, H.options());
@@ -321,29 +339,45 @@ inline float exp_row_bf16(const float* z, int64_t n, float m, float inv_cap, bf1
 }
 
 struct BrgemmPlan {
-  int64_t bv1, R1, mb1;  // pass 1: vocabulary block, token chunk, rows per task
+  int64_t bv1, R1, mb1;  // pass 1: vocabulary block, token chunk, rows per micro-kernel call
   int64_t bv2, R2, mb2;  // pass 2
+  bool split2;           // pass 2 without barriers (H packed once, R2 = N)
 };
 
-// Block sizes within the budget (bytes of the buffers each pass allocates), T threads.
+// Block sizes within the budget (bytes of every buffer a pass allocates), T threads.
+// Both passes hand out vocabulary blocks to the threads through an atomic counter, so the
+// threads never wait for each other inside a pass (a thread descheduled by another process
+// delays only its own blocks): each thread keeps its own packs and, in pass 1, its own online
+// softmax state and dhidden accumulator for the token chunk, merged once per chunk.
 BrgemmPlan plan_brgemm(int64_t N, int64_t D, int64_t V, int64_t T, int64_t budget) {
   BrgemmPlan p{};
+  p.mb1 = p.mb2 = 64;
   p.bv1 = std::min<int64_t>(round_up(V, 2), env_or("TOKENKERNELS_CE_BV1", 256));
-  p.mb1 = 64;
-  // pass 1: acc R x D fp32 + two W packs (bv x D bf16 each) + per-task tiles (mb x bv x 6)
-  const int64_t fixed1 = 2 * p.bv1 * D * 2 + T * p.mb1 * p.bv1 * 6;
-  int64_t R1 = (budget - fixed1) / std::max<int64_t>(D * 4, 1);
+  // pass 1, per thread: acc (R x D fp32) + m, s, sum z (3 R fp32) + two W packs (bv x D bf16
+  // each) + Z and P tiles (mb x bv x (4 + 2) bytes)
+  const int64_t fixed1 = 2 * p.bv1 * D * 2 + p.mb1 * p.bv1 * 6;
+  int64_t R1 = (budget / T - fixed1) / (D * 4 + 12);
   R1 = std::max<int64_t>(R1 / p.mb1 * p.mb1, p.mb1);
   p.R1 = std::min<int64_t>(env_or("TOKENKERNELS_CE_R1", R1), N);
-  // pass 2: H packed by rows (R x D bf16) + W^T pack (bv x D) + dZ^T (bv x R bf16) + per-thread
-  // dW partials (bv/T x D fp32) + per-task Z tiles (mb x bv fp32)
-  p.mb2 = 64;
-  p.bv2 = std::min<int64_t>(round_up(V, 2), env_or("TOKENKERNELS_CE_BV2", 128));
-  const int64_t fixed2 = p.bv2 * D * 2 + p.bv2 * D * 4 + T * p.mb2 * p.bv2 * 4;
-  int64_t R2 = (budget - fixed2) / std::max<int64_t>(D * 2 + p.bv2 * 2, 1);
+  // pass 2: H packed by token pairs (R x D bf16, shared) + per thread: W^T pack (bv x D bf16),
+  // dZ^T (bv x R bf16), the dW block (bv x D fp32), a Z tile (mb x bv fp32)
+  p.bv2 = std::min<int64_t>(round_up(V, 2), env_or("TOKENKERNELS_CE_BV2", 64));
+  const int64_t fixed2 = T * (p.bv2 * D * 6 + p.mb2 * p.bv2 * 4);
+  int64_t R2 = (budget - fixed2) / std::max<int64_t>(D * 2 + T * p.bv2 * 2, 1);
   R2 = std::max<int64_t>(R2 / p.mb2 * p.mb2, p.mb2);
   p.R2 = std::min<int64_t>(env_or("TOKENKERNELS_CE_R2", R2), N);
+  p.split2 = p.R2 >= N;
   return p;
+}
+
+// Runs body(slot) once for each of T worker slots on the intra-op threads (one slot per thread
+// when the pool has T threads; inline, one after the other, inside another parallel region).
+template <typename F>
+void for_each_worker(int64_t T, const F& body) {
+  at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
+    for (int64_t w = a; w < b; ++w) body(w);
+    at::native::cpublas::brgemm_release(true);
+  });
 }
 
 Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bias32,
@@ -359,9 +393,11 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
   const bf16* wp = W.data_ptr<bf16>();
   const float* bp = Bias32.defined() ? Bias32.data_ptr<float>() : nullptr;
   const auto f32 = H.options().dtype(at::kFloat);
+  const bool prof = env_or("TOKENKERNELS_CE_PROFILE", 0) > 0;
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  const auto t_start = now();
 
-  std::vector<float> m(N, kNegInf), s(N, 0.f), zt(N, 0.f), sumz(N, 0.f), lse(N, 0.f);
-  std::vector<float> cp(N), ct(N), c1(N), loss_rows(N, 0.f);
+  std::vector<float> zt(N, 0.f), lse(N, 0.f), cp(N), ct(N), c1(N), loss_rows(N, 0.f);
   for (int64_t i = 0; i < N; ++i)
     if (rw.bad[i]) zt[i] = std::numeric_limits<float>::quiet_NaN();
 
@@ -369,94 +405,103 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
   std::vector<float> colsum;
   if (need_dh && eps != 0) {
     colsum.assign(D, 0.f);
-    for (int64_t j = 0; j < V; ++j)
-      for (int64_t d = 0; d < D; ++d) colsum[d] += static_cast<float>(wp[j * D + d]);
+    at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
+      for (int64_t j = 0; j < V; ++j)
+        for (int64_t d = d0; d < d1; ++d) colsum[d] += static_cast<float>(wp[j * D + d]);
+    });
   }
 
-  const bool prof = env_or("TOKENKERNELS_CE_PROFILE", 0) > 0;
-  auto now = [] { return std::chrono::steady_clock::now(); };
-  auto t_start = now();
-  // ---------------- pass 1: lse (+ dhidden)
+  // ---------------- pass 1: lse (+ dhidden); token chunks of R rows, vocabulary blocks claimed
   {
     const int64_t bv = pl.bv1, R = pl.R1, mb = pl.mb1;
-    auto wk = at::empty({bv * D}, H.options());   // W block ^T, VNNI along D
-    auto wv = at::empty({bv * D}, H.options());   // W block, VNNI along the block's rows
-    auto acc = need_dh ? at::empty({R * D}, f32) : at::Tensor();
+    const int64_t nblk = (V + bv - 1) / bv;
+    auto wk = at::empty({T * bv * D}, H.options());   // per thread: W block ^T, VNNI along D
+    auto wv = at::empty({T * bv * D}, H.options());   // per thread: W block, VNNI along its rows
+    auto acc = need_dh ? at::empty({T * R * D}, f32) : at::Tensor();
+    auto st = at::empty({T * 3 * R}, f32);             // per thread: running max, sum, sum z
     auto ztile = at::empty({T * mb * bv}, f32);
     auto ptile = at::empty({T * mb * bv}, H.options());
-    bf16* wkp = wk.data_ptr<bf16>();
-    bf16* wvp = wv.data_ptr<bf16>();
-    float* accp = need_dh ? acc.data_ptr<float>() : nullptr;
     for (int64_t r0 = 0; r0 < N; r0 += R) {
       const int64_t rows = std::min(R, N - r0);
-      if (need_dh) acc.zero_();
-      for (int64_t v0 = 0; v0 < V; v0 += bv) {
-        const int64_t cols = std::min(bv, V - v0);
-        const int64_t kc = round_up(cols, 2);  // K of the dhidden GEMM (padded to pairs)
-        const bf16* wb = wp + v0 * D;
-        at::parallel_for(0, cols, 16, [&](int64_t j0, int64_t j1) {
-          pack_cols_vnni(wb, cols, D, j0, j1, wkp);
-        });
-        if (need_dh)
-          at::parallel_for(0, kc / 2, 8, [&](int64_t p0, int64_t p1) {
-            pack_rows_vnni(wb, cols, D, p0, p1, wvp);
-          });
-        const int64_t tasks = (rows + mb - 1) / mb;
-        at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-          const int64_t th = at::get_thread_num();
-          float* zb = ztile.data_ptr<float>() + th * mb * bv;
-          bf16* pb = ptile.data_ptr<bf16>() + th * mb * bv;
-          for (int64_t tk = t0; tk < t1; ++tk) {
-            const int64_t i0 = tk * mb, nr = std::min(mb, rows - i0);
+      std::atomic<int64_t> next{0};
+      for_each_worker(T, [&](int64_t th) {
+        bf16* wkp = wk.data_ptr<bf16>() + th * bv * D;
+        bf16* wvp = wv.data_ptr<bf16>() + th * bv * D;
+        float* accp = need_dh ? acc.data_ptr<float>() + th * R * D : nullptr;
+        float* m = st.data_ptr<float>() + th * 3 * R;
+        float* s = m + R;
+        float* sz = s + R;
+        float* zb = ztile.data_ptr<float>() + th * mb * bv;
+        bf16* pb = ptile.data_ptr<bf16>() + th * mb * bv;
+        std::fill(m, m + rows, kNegInf);
+        std::fill(s, s + rows, 0.f);
+        std::fill(sz, sz + rows, 0.f);
+        if (accp) std::fill(accp, accp + rows * D, 0.f);
+        for (int64_t v; (v = next.fetch_add(1, std::memory_order_relaxed)) < nblk;) {
+          const int64_t v0 = v * bv, cols = std::min(bv, V - v0);
+          const int64_t kc = round_up(cols, 2);  // K of the dhidden GEMM (padded to pairs)
+          const bf16* wb = wp + v0 * D;
+          pack_cols_vnni(wb, cols, D, 0, cols, wkp);
+          if (need_dh) pack_rows_vnni(wb, cols, D, 0, kc / 2, wvp);
+          for (int64_t i0 = 0; i0 < rows; i0 += mb) {
+            const int64_t nr = std::min(mb, rows - i0);
             gemm_bf16(nr, cols, D, hp + (r0 + i0) * D, D, wkp, cols, zb, cols, false);
             for (int64_t i = 0; i < nr; ++i) {
-              const int64_t r = r0 + i0 + i;
+              const int64_t li = i0 + i, r = r0 + li;
               float* z = zb + i * cols;
               if (bp)
                 for (int64_t j = 0; j < cols; ++j) z[j] += bp[v0 + j];
               if (cap > 0) softcap_row(z, cols, cap);
               const int64_t lt = rw.lt[r];
               const bool tin = lt >= v0 && lt < v0 + cols;
-              if (tin) zt[r] = z[lt - v0];
-              if (eps != 0) sumz[r] += row_sum(z, cols);
+              if (tin) zt[r] = z[lt - v0];  // one block holds the target: one writer
+              if (eps != 0) sz[li] += row_sum(z, cols);
               const float bm = row_max(z, cols);
-              const float mn = std::max(m[r], bm);
+              const float mn = nan_max(m[li], bm);
               bf16* prow = pb + i * kc;
-              if (!(mn > kNegInf)) {  // every logit so far -inf (or NaN): nothing to add
+              if (!(mn > kNegInf)) {  // every logit so far -inf, or a NaN: nothing to add
                 if (need_dh) std::fill(prow, prow + kc, bf16(0.f));
-                if (bm != bm) m[r] = bm;  // NaN propagates to the lse
+                m[li] = mn;
                 continue;
               }
-              const float scale = m[r] > kNegInf ? std::exp(m[r] - mn) : 0.f;
+              const float scale = m[li] > kNegInf ? std::exp(m[li] - mn) : 0.f;
               float sb;
               if (need_dh) {
                 sb = exp_row_bf16(z, cols, mn, inv_cap, prow);
                 if (kc > cols) prow[cols] = bf16(0.f);
                 if (tin) prow[lt - v0] = bf16(0.f);  // the target's term is added exactly at the end
                 if (scale != 1.f) {
-                  float* a = accp + (i0 + i) * D;
+                  float* a = accp + li * D;
                   for (int64_t d = 0; d < D; ++d) a[d] *= scale;
                 }
               } else {
                 sb = exp_sum(z, cols, mn, static_cast<float*>(nullptr));
               }
-              s[r] = s[r] * scale + sb;
-              m[r] = mn;
+              s[li] = s[li] * scale + sb;
+              m[li] = mn;
             }
-            if (need_dh)
-              gemm_bf16(nr, D, kc, pb, kc, wvp, D, accp + i0 * D, D, true);
+            if (need_dh) gemm_bf16(nr, D, kc, pb, kc, wvp, D, accp + i0 * D, D, true);
           }
-          at::native::cpublas::brgemm_release(true);
-        });
-      }
-      // finish the chunk's rows: lse, loss, coefficients, dhidden
+        }
+      });
+      // merge the threads' states (a log-sum-exp merge) and finish the chunk's rows
       at::parallel_for(0, rows, 16, [&](int64_t i0, int64_t i1) {
+        std::vector<float> f(T), a(need_dh ? D : 0);
+        const float* stp = st.data_ptr<float>();
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r = r0 + i;
-          const float l = m[r] + std::log(s[r]);
+          float M = kNegInf, S = 0.f, SZ = 0.f;
+          for (int64_t t = 0; t < T; ++t) M = nan_max(M, stp[t * 3 * R + i]);
+          for (int64_t t = 0; t < T; ++t) {
+            const float mt = stp[t * 3 * R + i];
+            f[t] = (M > kNegInf && mt > kNegInf) ? std::exp(mt - M) : 0.f;
+            S += f[t] * stp[t * 3 * R + R + i];
+            SZ += stp[t * 3 * R + 2 * R + i];
+          }
+          const float l = M + std::log(S);  // -inf for a row without a finite logit
           lse[r] = l;
           const float w = static_cast<float>(rw.w[r]);
-          if (w != 0) loss_rows[r] = token_loss<float>(w, l, zt[r], sumz[r], eps, zl, V, &cp[r], &ct[r], &c1[r]);
+          if (w != 0) loss_rows[r] = token_loss<float>(w, l, zt[r], SZ, eps, zl, V, &cp[r], &ct[r], &c1[r]);
           else cp[r] = ct[r] = c1[r] = 0.f;
           if (!need_dh) continue;
           bf16* o = dh.data_ptr<bf16>() + r * D;
@@ -464,8 +509,13 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
             std::fill(o, o + D, bf16(0.f));
             continue;
           }
-          const float* a = accp + i * D;
-          const float ca = cp[r] / s[r];
+          std::fill(a.begin(), a.end(), 0.f);
+          for (int64_t t = 0; t < T; ++t) {
+            if (f[t] == 0.f) continue;
+            const float* at_ = acc.data_ptr<float>() + (t * R + i) * D;
+            for (int64_t d = 0; d < D; ++d) a[d] += f[t] * at_[d];
+          }
+          const float ca = cp[r] / S;
           const int64_t lt = rw.lt[r];
           float cwt = 0.f;
           if (lt >= 0) {
@@ -483,17 +533,97 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
       });
     }
   }
+  const auto t_p1 = now();
 
-  auto t_p1 = now();
   // ---------------- pass 2: dweight, dbias
   std::vector<float> db_acc(need_db ? V : 0, 0.f);
-  if (need_dw || need_db) {
+  // dZ of rows [i0, i0 + nr) of the tile z (nr x cols fp32, in place) for vocabulary columns
+  // [v0, v0 + cols); adds its column sums to dbp
+  auto dz_tile = [&](float* zb, int64_t r_first, int64_t nr, int64_t v0, int64_t cols, float* dbp) {
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t r = r_first + i;
+      float* z = zb + i * cols;
+      if (cp[r] == 0.f && ct[r] == 0.f && c1[r] == 0.f) {
+        std::fill(z, z + cols, 0.f);
+        continue;
+      }
+      if (bp)
+        for (int64_t j = 0; j < cols; ++j) z[j] += bp[v0 + j];
+      if (cap > 0) softcap_row(z, cols, cap);
+      const int64_t lt = rw.lt[r];
+      float ztv = 0.f;
+      const bool tin = lt >= v0 && lt < v0 + cols;
+      if (tin) ztv = z[lt - v0];
+      dz_row(z, cols, lse[r], cp[r], c1[r], inv_cap, z);
+      if (tin) {
+        float v = cp[r] * std::exp(ztv - lse[r]) + c1[r] + ct[r];
+        if (inv_cap != 0) v *= 1 - (ztv * inv_cap) * (ztv * inv_cap);
+        z[lt - v0] = v;
+      }
+      if (dbp)
+        for (int64_t j = 0; j < cols; ++j) dbp[j] += z[j];
+    }
+  };
+  // dZ^T (cols x ld bf16) columns [c0, c0 + nr) from the tile: contiguous stores
+  auto store_t = [](const float* zb, int64_t nr, int64_t cols, bf16* dzp, int64_t ld, int64_t c0) {
+    for (int64_t j = 0; j < cols; ++j) {
+      bf16* dst = dzp + j * ld + c0;
+      const float* src = zb + j;
+      for (int64_t i = 0; i < nr; ++i) dst[i] = bf16(src[i * cols]);
+    }
+  };
+  if ((need_dw || need_db) && pl.split2) {
+    // H packed once (shared, read-only); each thread claims vocabulary blocks and finishes
+    // their dweight rows (one K = N micro-kernel GEMM per block) and dbias entries alone
+    const int64_t bv = pl.bv2, mb = pl.mb2, kr = round_up(N, 2);
+    const int64_t nblk = (V + bv - 1) / bv;
+    auto hr = need_dw ? at::empty({kr * D}, H.options()) : at::Tensor();
+    auto wk = at::empty({T * bv * D}, H.options());
+    auto dzt = need_dw ? at::empty({T * bv * kr}, H.options()) : at::Tensor();
+    auto ztile = at::empty({T * mb * bv}, f32);
+    auto dwacc = need_dw ? at::empty({T * bv * D}, f32) : at::Tensor();
+    auto dbt = at::empty({T * bv}, f32);
+    if (need_dw) {
+      bf16* hrp = hr.data_ptr<bf16>();
+      at::parallel_for(0, kr / 2, 8, [&](int64_t p0, int64_t p1) {
+        pack_rows_vnni(hp, N, D, p0, p1, hrp);
+      });
+    }
+    std::atomic<int64_t> next{0};
+    for_each_worker(T, [&](int64_t th) {
+      bf16* wkp = wk.data_ptr<bf16>() + th * bv * D;
+      bf16* dzp = need_dw ? dzt.data_ptr<bf16>() + th * bv * kr : nullptr;
+      float* zb = ztile.data_ptr<float>() + th * mb * bv;
+      float* dwa = need_dw ? dwacc.data_ptr<float>() + th * bv * D : nullptr;
+      float* dbp = need_db ? dbt.data_ptr<float>() + th * bv : nullptr;
+      for (int64_t v; (v = next.fetch_add(1, std::memory_order_relaxed)) < nblk;) {
+        const int64_t v0 = v * bv, cols = std::min(bv, V - v0);
+        pack_cols_vnni(wp + v0 * D, cols, D, 0, cols, wkp);
+        if (dbp) std::fill(dbp, dbp + cols, 0.f);
+        for (int64_t i0 = 0; i0 < N; i0 += mb) {
+          const int64_t nr = std::min(mb, N - i0);
+          gemm_bf16(nr, cols, D, hp + i0 * D, D, wkp, cols, zb, cols, false);
+          dz_tile(zb, i0, nr, v0, cols, dbp);
+          if (dzp) store_t(zb, nr, cols, dzp, kr, i0);
+        }
+        if (dzp) {
+          if (kr > N)
+            for (int64_t j = 0; j < cols; ++j) dzp[j * kr + N] = bf16(0.f);
+          gemm_bf16(cols, D, kr, dzp, kr, hr.data_ptr<bf16>(), D, dwa, D, false);
+          bf16* o = dw.data_ptr<bf16>() + v0 * D;
+          for (int64_t j = 0; j < cols; ++j) from_float_row(dwa + j * D, D, o + j * D);
+        }
+        if (dbp) std::copy(dbp, dbp + cols, db_acc.begin() + v0);
+      }
+    });
+  } else if (need_dw || need_db) {
+    // H does not fit the budget packed whole: token chunks inside each vocabulary block, the
+    // chunk's pack shared by the threads (a barrier per chunk)
     const int64_t bv = pl.bv2, R = pl.R2, mb = pl.mb2;
     const int64_t Rp = round_up(R, 2);
-    const bool one_chunk = R >= N;
-    auto hr = at::empty({Rp * D}, H.options());        // H chunk, VNNI along the tokens
-    auto wk = at::empty({bv * D}, H.options());        // W block ^T, VNNI along D
-    auto dzt = at::empty({bv * Rp}, H.options());      // dZ^T of the block (bf16)
+    auto hr = at::empty({Rp * D}, H.options());
+    auto wk = at::empty({bv * D}, H.options());
+    auto dzt = at::empty({bv * Rp}, H.options());
     auto ztile = at::empty({T * mb * bv}, f32);
     auto dwacc = need_dw ? at::empty({bv * D}, f32) : at::Tensor();
     auto dbpart = at::zeros({T * bv}, f32);
@@ -501,58 +631,29 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
     bf16* wkp = wk.data_ptr<bf16>();
     bf16* dzp = dzt.data_ptr<bf16>();
     float* dwa = need_dw ? dwacc.data_ptr<float>() : nullptr;
-    auto pack_h = [&](int64_t r0, int64_t rows) {
-      at::parallel_for(0, round_up(rows, 2) / 2, 8, [&](int64_t p0, int64_t p1) {
-        pack_rows_vnni(hp + r0 * D, rows, D, p0, p1, hrp);
-      });
-    };
-    if (one_chunk && need_dw) pack_h(0, N);
     for (int64_t v0 = 0; v0 < V; v0 += bv) {
       const int64_t cols = std::min(bv, V - v0);
-      const bf16* wb = wp + v0 * D;
       at::parallel_for(0, cols, 16, [&](int64_t j0, int64_t j1) {
-        pack_cols_vnni(wb, cols, D, j0, j1, wkp);
+        pack_cols_vnni(wp + v0 * D, cols, D, j0, j1, wkp);
       });
       if (need_db) dbpart.zero_();
       for (int64_t r0 = 0; r0 < N; r0 += R) {
         const int64_t rows = std::min(R, N - r0);
         const int64_t kr = round_up(rows, 2);
-        if (!one_chunk && need_dw) pack_h(r0, rows);
+        if (need_dw)
+          at::parallel_for(0, kr / 2, 8, [&](int64_t p0, int64_t p1) {
+            pack_rows_vnni(hp + r0 * D, rows, D, p0, p1, hrp);
+          });
         const int64_t tasks = (rows + mb - 1) / mb;
         at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
           const int64_t th = at::get_thread_num();
           float* zb = ztile.data_ptr<float>() + th * mb * bv;
-          float* dbp = dbpart.data_ptr<float>() + th * bv;
+          float* dbp = need_db ? dbpart.data_ptr<float>() + th * bv : nullptr;
           for (int64_t tk = t0; tk < t1; ++tk) {
             const int64_t i0 = tk * mb, nr = std::min(mb, rows - i0);
             gemm_bf16(nr, cols, D, hp + (r0 + i0) * D, D, wkp, cols, zb, cols, false);
-            for (int64_t i = 0; i < nr; ++i) {
-              const int64_t r = r0 + i0 + i;
-              float* z = zb + i * cols;
-              if (cp[r] == 0.f && ct[r] == 0.f && c1[r] == 0.f) {
-                std::fill(z, z + cols, 0.f);
-              } else {
-                if (bp)
-                  for (int64_t j = 0; j < cols; ++j) z[j] += bp[v0 + j];
-                if (cap > 0) softcap_row(z, cols, cap);
-                const int64_t lt = rw.lt[r];
-                float ztv = 0.f;
-                const bool tin = lt >= v0 && lt < v0 + cols;
-                if (tin) ztv = z[lt - v0];
-                dz_row(z, cols, lse[r], cp[r], c1[r], inv_cap, z);
-                if (tin) {
-                  float v = cp[r] * std::exp(ztv - lse[r]) + c1[r] + ct[r];
-                  if (inv_cap != 0) v *= 1 - (ztv * inv_cap) * (ztv * inv_cap);
-                  z[lt - v0] = v;
-                }
-              }
-              if (need_db)
-                for (int64_t j = 0; j < cols; ++j) dbp[j] += z[j];
-              if (need_dw) {
-                bf16* col = dzp + (i0 + i);
-                for (int64_t j = 0; j < cols; ++j) col[j * kr] = bf16(z[j]);
-              }
-            }
+            dz_tile(zb, r0 + i0, nr, v0, cols, dbp);
+            if (need_dw) store_t(zb, nr, cols, dzp, kr, i0);
           }
           at::native::cpublas::brgemm_release(true);
         });
@@ -580,10 +681,11 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
     }
   }
   if (prof)
-    std::fprintf(stderr, "tokenkernels ce brgemm: pass1 %.3f s pass2 %.3f s (bv1 %lld R1 %lld bv2 %lld R2 %lld)\n",
+    std::fprintf(stderr, "tokenkernels ce brgemm: pass1 %.3f s pass2 %.3f s (T %lld bv1 %lld R1 %lld bv2 %lld R2 %lld split2 %d)\n",
                  std::chrono::duration<double>(t_p1 - t_start).count(),
-                 std::chrono::duration<double>(now() - t_p1).count(), (long long)pl.bv1,
-                 (long long)pl.R1, (long long)pl.bv2, (long long)pl.R2);
+                 std::chrono::duration<double>(now() - t_p1).count(), (long long)T,
+                 (long long)pl.bv1, (long long)pl.R1, (long long)pl.bv2, (long long)pl.R2,
+                 int(pl.split2));
   double total = 0;
   for (int64_t r = 0; r < N; ++r) total += loss_rows[r];
   auto loss = at::scalar_tensor(total, f32);
