@@ -98,10 +98,12 @@ def make_inputs(N: int, D: int, V: int, dtype: torch.dtype, device, seed: int = 
     return (h.to(device).requires_grad_(), w.to(device).requires_grad_(), t.to(device))
 
 
-def fp64_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, ignore_index: int = -100) -> float:
+def fp64_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, ignore_index: int = -100,
+              chunk: Optional[int] = None) -> float:
     """The mean cross-entropy of ``h @ w.T`` against ``t`` computed in fp64 from the same inputs
-    upcast, over vocabulary chunks of at most ~128 MB of fp64 logits (a running log-sum-exp and
-    the target logit); tokens whose target is ``ignore_index`` are left out, as in the ops."""
+    upcast, over vocabulary chunks (``chunk`` rows of ``w``; default: ~128 MB of fp64 logits) with
+    a running log-sum-exp and the target logit; tokens whose target is ``ignore_index`` are left
+    out, as in the ops."""
     with torch.no_grad():
         valid = t != ignore_index
         hd = h.detach()[valid].double()
@@ -111,7 +113,7 @@ def fp64_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, ignore_index: i
             return 0.0
         lse = torch.full((n,), -math.inf, dtype=torch.float64, device=h.device)
         tgt = torch.zeros(n, dtype=torch.float64, device=h.device)
-        step = max(256, (16 * 2**20) // n)
+        step = chunk or max(256, (16 * 2**20) // n)
         rows = torch.arange(n, device=h.device)
         for v0 in range(0, V, step):
             lg = hd @ w.detach()[v0:v0 + step].double().T
