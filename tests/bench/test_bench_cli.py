@@ -375,6 +375,11 @@ def test_cross_entropy_missing_peer_is_a_note(monkeypatch):
     # the memory subprocess's filter imports no peer package it does not measure
     assert set(cross_entropy.impls(torch.device("cpu"), only="torch chunked")) == {
         "tokenkernels", "torch", "torch lce", "torch chunked"}
+    # a torch without F.linear_cross_entropy (the GPU machine's 2.11): both paths left out, noted
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy")
+    notes = []
+    assert set(cross_entropy.impls(torch.device("cpu"), notes)) == {"tokenkernels", "torch"}
+    assert any("'torch lce' and 'torch chunked' left out" in n for n in notes), notes
 
 
 def test_cross_entropy_peak_memory_of_a_compiled_peer():
