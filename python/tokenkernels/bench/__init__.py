@@ -154,7 +154,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "else cpu), cpu or cuda[:i]")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--full", dest="quick", action="store_false",
-                      help="the full run: larger shapes, more repeats (~12-20 min on a 2-core CPU)")
+                      help="the full run: larger shapes, more repeats (~30-40 min on a 2-core CPU)")
     mode.add_argument("--quick", dest="quick", action="store_true",
                       help="the quick run (the default; accepted for old commands): every family's "
                            "table in under 3 min on a 2-core CPU")
