@@ -299,3 +299,118 @@ def test_kv_select_topk_case_runs(monkeypatch):
     assert list(row.results) == ["tokenkernels topk plain", "tokenkernels topk tuned", "torch.topk + sort"]
     assert row.results["tokenkernels topk tuned"].metrics == {"tuned=plain": "equal"}
     assert row.baselines == ("tokenkernels topk plain",)
+
+
+# ------------------------------------------------------------------------------ cross_entropy peers
+def test_cross_entropy_full_cpu_shapes():
+    from tokenkernels.bench import cross_entropy
+
+    assert cross_entropy.CPU_SHAPES == [(2048, 1024, 32000), (1024, 2048, 128256)]
+    assert bench.family_cases("cross_entropy", False) == [
+        cross_entropy.case_label(N, D, V, dt) for (N, D, V) in cross_entropy.CPU_SHAPES
+        for dt in (torch.float32, torch.bfloat16)]
+
+
+def test_cross_entropy_fp64_loss_over_vocabulary_chunks():
+    from tokenkernels.bench.cross_entropy import fp64_loss, make_inputs
+
+    h, w, t = make_inputs(40, 24, 1000, torch.float32, torch.device("cpu"))
+    want = torch.nn.functional.cross_entropy(h.detach().double() @ w.detach().double().T, t,
+                                             ignore_index=-100).item()
+    for chunk in (None, 999, 300, 256):   # one chunk, a 1-column tail, uneven, even
+        assert fp64_loss(h, w, t, chunk=chunk) == pytest.approx(want, rel=1e-12, abs=1e-12)
+    t_none = torch.full_like(t, -100)
+    assert fp64_loss(h, w, t_none) == 0.0
+
+
+# the CPU peers: torch's F.linear_cross_entropy paths come with torch 2.13 and CCE / Liger with
+# requirements/lock.txt, so each must be present; Liger (Triton only) may fail, as a note
+CE_PEERS = ("tokenkernels", "torch", "torch lce", "torch chunked",
+            "cut_cross_entropy[torch_compile]", "liger")
+
+
+def test_cross_entropy_peers_run_or_are_noted(monkeypatch):
+    """Every peer on a tiny case, really called (the quick schedule's peers get an untimed
+    fwd+bwd first): it has a row with its loss error against fp64, or a note saying it failed."""
+    from tokenkernels.bench import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "cpu_peak_extra", lambda *a: 0.0)   # no subprocess
+    monkeypatch.setattr(cross_entropy, "CPU_QUICK", [(48, 32, 777)])
+    labels, ctx = _run_untimed("cross_entropy")
+    assert not [n for n in ctx.notes if "not importable" in n or "left out" in n], ctx.notes
+    both = [r for r in ctx.rows if r.case in labels]
+    fwd = [r for r in ctx.rows if r.case.endswith(" fwd")]
+    assert [r.case for r in both] == labels and len(fwd) == 2
+    for row in both + fwd:
+        assert row.baselines == ("torch", "torch chunked")
+    for row in both:
+        ran = set(row.results)
+        noted = {p for p in CE_PEERS if any(n.startswith(f"{row.case}: {p} failed: ") for n in ctx.notes)}
+        assert ran | noted == set(CE_PEERS) and not ran & noted, (ran, noted, ctx.notes)
+        # everything but Liger runs on the CPU
+        assert set(CE_PEERS) - {"liger"} <= ran, ctx.notes
+        fp32 = row.case.endswith("float32")
+        for impl, r in row.results.items():
+            err = r.metrics["abs(loss - fp64)"]
+            assert math.isfinite(err) and err >= 0, impl
+            # fp32: near-exact; bf16 (loss ~ log(777) ~ 6.7): torch's reference path rounds its
+            # logits to bf16 and its chunked path lands ~0.1 off here (what the metric shows)
+            assert err < (1e-4 if fp32 else 0.5), (row.case, impl, err)
+            assert {"peak extra MB", "extra - grads MB"} <= set(r.metrics)
+
+
+def test_cross_entropy_missing_peer_is_a_note(monkeypatch):
+    import sys
+
+    from tokenkernels.bench import cross_entropy
+
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)      # import raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    notes = []
+    fns = cross_entropy.impls(torch.device("cpu"), notes)
+    assert not any(k.startswith(("cut_cross_entropy", "liger")) for k in fns)
+    assert {"tokenkernels", "torch", "torch lce", "torch chunked"} <= set(fns)
+    assert any(n.startswith("cut_cross_entropy not importable (ModuleNotFoundError") for n in notes), notes
+    assert any(n.startswith("liger_kernel not importable (ModuleNotFoundError") for n in notes), notes
+    # the memory subprocess's filter imports no peer package it does not measure
+    assert set(cross_entropy.impls(torch.device("cpu"), only="torch chunked")) == {
+        "tokenkernels", "torch", "torch lce", "torch chunked"}
+    # a torch without F.linear_cross_entropy (the GPU machine's 2.11): both paths left out, noted
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy")
+    notes = []
+    assert set(cross_entropy.impls(torch.device("cpu"), notes)) == {"tokenkernels", "torch"}
+    assert any("'torch lce' and 'torch chunked' left out" in n for n in notes), notes
+
+
+def test_cross_entropy_peak_memory_of_a_compiled_peer():
+    """The fresh-process memory measurement of CCE's torch_compile impl (warm-up compiles it
+    first, then the peak above the inputs): a number, not the nan of a failed subprocess."""
+    from tokenkernels.bench import cross_entropy
+
+    extra = cross_entropy.cpu_peak_extra(256, 64, 4096, torch.float32,
+                                         "cut_cross_entropy[torch_compile]")
+    assert math.isfinite(extra) and extra >= 0
+
+
+# ------------------------------------------------------------------------------ HF loss patch
+def test_loss_patch_shape_is_lm_head_bound():
+    from tokenkernels.bench import integrations
+
+    V, B, L = integrations._loss_shape(False)
+    assert V == 128256 and B * L >= 4096      # fp32 logits of >= 2 GiB against a D256 model
+    assert integrations.loss_labels(False, False) == [f"train step llama D256 2L V{V} B{B} L{L}"]
+
+
+def test_loss_patch_rows_report_time_and_memory_ratios(monkeypatch):
+    from tokenkernels.bench import integrations
+
+    monkeypatch.setattr(integrations, "_loss_shape", lambda quick: (512, 1, 16))
+    peaks = {False: 400 * 2**20, True: 100 * 2**20}
+    monkeypatch.setattr(integrations, "_cpu_step_peak", lambda V, B, L, patched: peaks[patched])
+    ctx = _NoTiming(torch.device("cpu"), True, None)
+    integrations.bench_loss(ctx)
+    row, = ctx.rows
+    assert row.baselines == ("hf",) and list(row.results) == ["hf", "tokenkernels"]
+    assert row.results["hf"].metrics == {"peak MiB": 400, "mem vs hf": 1.0}
+    assert row.results["tokenkernels"].metrics == {"peak MiB": 100, "mem vs hf": 4.0}
+    assert any("4.00x less" in n and "the patch is faster" in n for n in ctx.notes), ctx.notes

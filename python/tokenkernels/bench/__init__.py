@@ -4,10 +4,11 @@
                                  [--csv FILE] [--plot FILE.png] [--no-files] [--repeats N]
                                  [--wait-idle S]
 
-The quick run is the default (``make bench``): every family's table in about 35 s on a quiet
-2-core CPU, well under 3 minutes on a loaded one; ``--quick`` is accepted as its explicit name.
-``--full`` runs the larger shapes with more repeats (~12-20 minutes on 2 cores, cross_entropy
-about half of it).
+The quick run is the default (``make bench``): every family's table in about 1.5 minutes on a
+quiet 2-core CPU (cross_entropy's five peers, each memory-measured in a fresh process, about a
+minute of it), a few minutes on a loaded one; ``--quick`` is accepted as its explicit name.
+``--full`` runs the larger shapes with more repeats (~30-40 minutes on 2 cores, cross_entropy
+about 20 of them).
 
 Output: the tables on stdout; on stderr a start line (cases per family, expected total), one
 progress line per case, ``[i/n] case: impl ms, ... (s of the case) | elapsed .., ~.. left``,
@@ -80,9 +81,12 @@ FAMILIES: Dict[str, str] = {
 # them by the elapsed time over the finished cases' expected seconds. CUDA: no figures (every
 # case weighs the same; the start line gives no expected total).
 CASE_SECONDS: Dict[str, Dict[str, float]] = {
-    "quick": {"cross_entropy": 4.5, "integrations": 3.5, "kcenter": 1.3, "kv_select": 0.6,
+    # cross_entropy: five impls per case, each memory-measured in its own fresh process (quick:
+    # estimated from a run with ~1.4 other cores busy, scaled down); integrations full: the loss
+    # step at V128256 x 4096 tokens (~3 min of the family's ~4)
+    "quick": {"cross_entropy": 30.0, "integrations": 3.5, "kcenter": 1.3, "kv_select": 0.6,
               "spec": 8.0, "tree": 0.1},
-    "full": {"cross_entropy": 150.0, "integrations": 21.0, "kcenter": 5.0, "kv_select": 2.5,
+    "full": {"cross_entropy": 330.0, "integrations": 65.0, "kcenter": 5.0, "kv_select": 2.5,
              "spec": 40.0, "tree": 0.4},
 }
 
@@ -150,7 +154,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "else cpu), cpu or cuda[:i]")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--full", dest="quick", action="store_false",
-                      help="the full run: larger shapes, more repeats (~12-20 min on a 2-core CPU)")
+                      help="the full run: larger shapes, more repeats (~30-40 min on a 2-core CPU)")
     mode.add_argument("--quick", dest="quick", action="store_true",
                       help="the quick run (the default; accepted for old commands): every family's "
                            "table in under 3 min on a 2-core CPU")
