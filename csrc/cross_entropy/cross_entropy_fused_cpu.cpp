@@ -136,6 +136,55 @@ inline A token_loss(A w, A lse, A zt, A sumz, A eps, A zl, int64_t V, A* cp, A* 
 
 using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// z[j] <- exp(z[j] - m), returns the sum; and z[j] <- a * z[j] + b (the chunk engine's dZ from
+// the stored exponentials: one exp per logit instead of two)
+template <typename A>
+inline A exp_store_sum_scalar(A* z, int64_t n, A m) {
+  A s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    z[j] = std::exp(z[j] - m);
+    s += z[j];
+  }
+  return s;
+}
+template <typename A>
+inline void axpb_scalar(A* z, int64_t n, A a, A b) {
+  for (int64_t j = 0; j < n; ++j) z[j] = a * z[j] + b;
+}
+#if defined(TK_CE_AVX2)
+__attribute__((target("avx2,fma"))) inline float exp_store_sum_avx2(float* z, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 s = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(z + j), vm));
+    _mm256_storeu_ps(z + j, e);
+    s = _mm256_add_ps(s, e);
+  }
+  return simd::hsum(s) + exp_store_sum_scalar(z + j, n - j, m);
+}
+__attribute__((target("avx2,fma"))) inline void axpb_avx2(float* z, int64_t n, float a, float b) {
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(z + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(z + j), vb));
+  axpb_scalar(z + j, n - j, a, b);
+}
+#endif
+inline float exp_store_sum(float* z, int64_t n, float m) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_avx2()) return exp_store_sum_avx2(z, n, m);
+#endif
+  return exp_store_sum_scalar(z, n, m);
+}
+inline double exp_store_sum(double* z, int64_t n, double m) { return exp_store_sum_scalar(z, n, m); }
+inline void axpb(float* z, int64_t n, float a, float b) {
+#if defined(TK_CE_AVX2)
+  if (cpu_has_avx2()) return axpb_avx2(z, n, a, b);
+#endif
+  axpb_scalar(z, n, a, b);
+}
+inline void axpb(double* z, int64_t n, double a, double b) { axpb_scalar(z, n, a, b); }
+
 // ---------------------------------------------------------------- engine "chunk" (fp32 / fp64)
 template <typename T>
 Out chunk_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bias,
@@ -172,19 +221,29 @@ Out chunk_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bia
           for (int64_t j = 0; j < V; ++j) z[j] += bp[j];
         if (cap > 0) softcap_row(z, V, cap);
         const T m = row_max(z, V);
-        const T s = m > -std::numeric_limits<T>::infinity() ? exp_sum(z, V, m, static_cast<T*>(nullptr)) : T(0);
-        const T l = m + std::log(s);
-        lse[r] = l;
+        const bool finite = m > -std::numeric_limits<T>::infinity();
+        const int64_t lt = rw.lt[r];
         if (w == 0) {
+          const T s = finite ? exp_sum(z, V, m, static_cast<T*>(nullptr)) : T(0);
+          lse[r] = m + std::log(s);
           std::fill(z, z + V, T(0));
           continue;
         }
-        const int64_t lt = rw.lt[r];
         const T zt = rw.bad[r] ? std::numeric_limits<T>::quiet_NaN() : z[lt];
         const T sumz = eps != 0 ? row_sum(z, V) : T(0);
-        T cp, ct, c1;
-        loss_rows[r] = token_loss<T>(w, l, zt, sumz, eps, zl, V, &cp, &ct, &c1);
-        dz_row(z, V, l, cp, c1, inv_cap, z);  // in place: each element is read before written
+        T cp, ct, c1, l;
+        if (cap > 0 || !finite) {  // the softcap derivative needs the logits: two exp passes
+          const T s = finite ? exp_sum(z, V, m, static_cast<T*>(nullptr)) : T(0);
+          l = m + std::log(s);
+          loss_rows[r] = token_loss<T>(w, l, zt, sumz, eps, zl, V, &cp, &ct, &c1);
+          dz_row(z, V, l, cp, c1, inv_cap, z);  // in place: each element is read before written
+        } else {  // z <- exp(z - m) once, then dZ = (cp / s) * z + c1
+          const T s = exp_store_sum(z, V, m);
+          l = m + std::log(s);
+          loss_rows[r] = token_loss<T>(w, l, zt, sumz, eps, zl, V, &cp, &ct, &c1);
+          axpb(z, V, cp / s, c1);
+        }
+        lse[r] = l;
         if (lt >= 0) {
           T v = cp * std::exp(zt - l) + c1 + ct;
           if (inv_cap != 0) v *= 1 - (zt * inv_cap) * (zt * inv_cap);
