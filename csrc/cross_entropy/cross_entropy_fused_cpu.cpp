@@ -325,11 +325,52 @@ void pack_rows_vnni(const bf16* src, int64_t rows, int64_t D, int64_t p0, int64_
 
 // VNNI of src^T along D (D even): out[q][j][2] = (src[j][2q], src[j][2q + 1]) for j < cols:
 // the B operand of Z = A @ src^T (K = D, N = cols), ld_b = cols. A 32-bit transpose, blocked.
+#if defined(TK_CE_AVX2)
+// o[q * ldo + j] = s[j * lds + q] for an 8 x 8 block of 32-bit words
+__attribute__((target("avx2"))) inline void transpose8x8_u32(const uint32_t* s, int64_t lds,
+                                                             uint32_t* o, int64_t ldo) {
+  __m256 r[8], t[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k * lds)));
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  __m256 out[8];
+  out[0] = _mm256_permute2f128_ps(r[0], r[4], 0x20);
+  out[1] = _mm256_permute2f128_ps(r[1], r[5], 0x20);
+  out[2] = _mm256_permute2f128_ps(r[2], r[6], 0x20);
+  out[3] = _mm256_permute2f128_ps(r[3], r[7], 0x20);
+  out[4] = _mm256_permute2f128_ps(r[0], r[4], 0x31);
+  out[5] = _mm256_permute2f128_ps(r[1], r[5], 0x31);
+  out[6] = _mm256_permute2f128_ps(r[2], r[6], 0x31);
+  out[7] = _mm256_permute2f128_ps(r[3], r[7], 0x31);
+  for (int k = 0; k < 8; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k * ldo), _mm256_castps_si256(out[k]));
+}
+#endif
+
 void pack_cols_vnni(const bf16* src, int64_t cols, int64_t D, int64_t j0, int64_t j1, bf16* out) {
   const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
   uint32_t* o = reinterpret_cast<uint32_t*>(out);
   const int64_t Q = D / 2;
   constexpr int64_t Bk = 16;
+#if defined(TK_CE_AVX2)
+  if (cpu_has_avx2()) {  // 8 x 8 blocks in registers, the edges below
+    const int64_t je8 = j0 + (j1 - j0) / 8 * 8, q8 = Q / 8 * 8;
+    for (int64_t j = j0; j < je8; j += 8)
+      for (int64_t q = 0; q < q8; q += 8) transpose8x8_u32(s + j * Q + q, Q, o + q * cols + j, cols);
+    for (int64_t j = j0; j < je8; ++j)
+      for (int64_t q = q8; q < Q; ++q) o[q * cols + j] = s[j * Q + q];
+    for (int64_t j = je8; j < j1; ++j)
+      for (int64_t q = 0; q < Q; ++q) o[q * cols + j] = s[j * Q + q];
+    return;
+  }
+#endif
   for (int64_t jb = j0; jb < j1; jb += Bk) {
     const int64_t je = std::min(j1, jb + Bk);
     for (int64_t qb = 0; qb < Q; qb += Bk) {
