@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import sys
 from typing import Any, Optional, Union
 
 import torch
@@ -280,6 +281,70 @@ class _VocabParallelStats(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+# DTensor weights (FSDP2 / tensor parallel): gathered here, with a data-parallel gradient
+def _dtensor_type():
+    """torch's DTensor class, or None when torch.distributed.tensor was never imported (then no
+    DTensor can exist, and the check costs a dict look-up)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def _gather_dtensor(t):
+    """The full tensor of a DTensor parameter, differentiable: all-gathered in the forward; in the
+    backward every rank's gradient of the full tensor is summed over the mesh (reduce-scatter
+    into a Shard placement, all-reduce into a Replicate one) and divided by the mesh size. That
+    is the data-parallel gradient FSDP2 / DDP compute with their default averaging; when every
+    rank sees the same tokens (tensor parallel) it equals the single-rank gradient."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    mesh = t.device_mesh
+    full = t.redistribute(placements=[Replicate()] * mesh.ndim)
+    local = full.to_local(grad_placements=[Partial()] * mesh.ndim)
+    if not local.requires_grad:
+        return local
+    return _ScaleGrad.apply(local, 1.0 / mesh.size())
+
+
+def _unwrap_dtensors(hidden, weight, targets, bias, vocab_parallel):
+    """weight / bias as plain full tensors when they are DTensors (e.g. FSDP2's sharded
+    parameters read outside their module's forward); hidden / targets must be this rank's
+    local tensors."""
+    dt = _dtensor_type()
+    if dt is None:
+        return weight, bias
+    op = "tokenkernels.linear_cross_entropy"
+    for name, t in (("hidden", hidden), ("targets", targets)):
+        if isinstance(t, dt):
+            raise TypeError(f"{op}: {name} is a DTensor (placements {tuple(t.placements)}); pass "
+                            f"this rank's local tensor ({name}.to_local()): the loss is over "
+                            f"this rank's tokens")
+    out = []
+    for name, t in (("weight", weight), ("bias", bias)):
+        if isinstance(t, dt):
+            if vocab_parallel is not None:
+                raise ValueError(f"{op}: {name} is a DTensor (placements {tuple(t.placements)}) "
+                                 f"and vocab_parallel is set; pass the local vocabulary shard "
+                                 f"({name}.to_local()) with vocab_parallel, or the DTensor "
+                                 f"without it (then it is gathered)")
+            t = _gather_dtensor(t)
+        out.append(t)
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------
 def _real(name, v):
     """A Python / 0-d tensor real number as a float, else a TypeError naming ``name``."""
     op = "tokenkernels.linear_cross_entropy"
@@ -392,6 +457,14 @@ def linear_cross_entropy(
             instead (one pass: faster, V·D·4 bytes more). CUDA always uses fp32 accumulators.
         vocab_parallel: a :class:`VocabParallel` when ``weight``/``bias`` hold a vocabulary
             shard; see there.
+
+            A ``weight`` / ``bias`` that is a ``DTensor`` (FSDP2's sharded parameter read outside
+            its module's forward, or a tensor-parallel shard) is all-gathered here, never
+            computed on as a shard; its gradient is every rank's gradient summed over the mesh
+            (reduce-scatter) and divided by the mesh size -- FSDP2's and DDP's default
+            data-parallel average (a custom FSDP gradient divide factor is not applied).
+            ``hidden`` / ``targets`` must be this rank's local tensors; a DTensor ``weight``
+            with ``vocab_parallel`` raises.
         check: validate target values (a host sync on CUDA). With ``check=False`` the call and
             its backward never sync the host (vocab_parallel included).
         impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs), ``"wmma"`` (CUDA fp16/bf16
@@ -416,6 +489,7 @@ def linear_cross_entropy(
     """
     softcap, eps, zl = _check_args(hidden, weight, targets, bias, reduction, softcap,
                                    label_smoothing, z_loss)
+    weight, bias = _unwrap_dtensors(hidden, weight, targets, bias, vocab_parallel)
     ignore_index = _check_ignore_index(ignore_index)
     return_lse = _flag("return_lse", return_lse)
     return_aux = _flag("return_aux", return_aux)
