@@ -92,7 +92,8 @@ def test_mode_rejects_an_unknown_setting(tmp_path):
 def test_system_mode_keeps_a_cuda_torch_and_installs_only_what_is_missing(monkeypatch):
     # the GPU machine: torch 2.11.0+cu130, transformers 5.17.0, pip packages for the rest
     have = {env.norm(n): v for n, v in {
-        "torch": "2.11.0+cu130", "transformers": "5.17.0", "pytest": "9.0.3", "hypothesis": "6.1",
+        "torch": "2.11.0+cu130", "transformers": "5.17.0", "accelerate": "1.15.0", "pytest": "9.0.3",
+        "hypothesis": "6.1",
         "numpy": "2.5.2", "matplotlib": "3.10", "ninja": "1.11", "cmake": "3.31",
         "setuptools": "80.9", "wheel": "0.45"}.items()}
     assert env.system_missing(have) == []
