@@ -7,8 +7,11 @@ unsharded parameter (root unit, not resharded after forward) or the sharded DTen
 own unit, or a root resharded after forward): both must give the single-process loss and
 gradients of the global batch (split across the ranks by data parallelism), over two SGD steps.
 Also: a tensor-parallel DTensor weight (every rank the same tokens) gives the single-rank
-gradient, and DTensor hidden states / a DTensor weight with vocab_parallel raise."""
+gradient; DTensor hidden states, and a DTensor weight split over the vocab_parallel group used
+with vocab_parallel, raise; and vocabulary parallelism combined with FSDP2 data parallelism on a
+2 x 2 mesh (4 processes) gives the single-process loss and gradients."""
 import socket
+import time
 
 import pytest
 import torch
@@ -139,8 +142,8 @@ def _tensor_parallel(rank):
     hd = distribute_tensor(h0.clone(), mesh, [Shard(0)])
     with pytest.raises(TypeError, match=r"linear_cross_entropy: hidden is a DTensor"):
         tk.linear_cross_entropy(hd, w, t)
-    with pytest.raises(ValueError, match=r"linear_cross_entropy: weight is a DTensor .*"
-                                         r"vocab_parallel"):
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: weight is a DTensor sharded "
+                                         r"over the vocab_parallel group"):
         tk.linear_cross_entropy(h0, w, t, vocab_parallel=tk.VocabParallel(None, 0, V))
 
 
@@ -173,15 +176,78 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_fsdp2_two_processes_gloo():
-    """Every configuration in one 2-process group (process start-up dominates the time); a
-    hang fails after the timeout instead of blocking."""
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port()), nprocs=WORLD, join=False,
+def _spawn(fn, nprocs, limit=120):
+    """``nprocs`` processes running ``fn(rank, nprocs, port)``; a hang fails after ``limit``
+    seconds instead of blocking."""
+    ctx = mp.start_processes(fn, args=(nprocs, _free_port()), nprocs=nprocs, join=False,
                              start_method="spawn")
-    import time
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + limit
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("FSDP2 workers did not finish within 120 s")
+            pytest.fail(f"workers did not finish within {limit} s")
+
+
+def test_fsdp2_two_processes_gloo():
+    """Every configuration in one 2-process group (process start-up dominates the time)."""
+    _spawn(_worker, WORLD)
+
+
+# ---- vocab parallel x data parallel: a 2 x 2 mesh, 4 processes ---------------------------------
+SPLIT = 20   # vocabulary rows [0, 20) on vp rank 0, [20, 37) on vp rank 1
+
+
+def _vp_dp_worker(rank, world, port):
+    import tokenkernels as tk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        want = _single("auto")
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "vp"))
+        dp, vp = mesh.get_local_rank("dp"), mesh.get_local_rank("vp")
+        start, stop = (0, SPLIT) if vp == 0 else (SPLIT, V)
+        model = _model()
+        head = torch.nn.Linear(D, stop - start)
+        with torch.no_grad():
+            head.weight.copy_(model.lm_head.weight[start:stop])
+            head.bias.copy_(model.lm_head.bias[start:stop])
+        model.lm_head = head                       # this rank's vocabulary rows
+        fully_shard(model.lm_head, mesh=mesh["dp"])  # FSDP over data parallel only
+        fully_shard(model, mesh=mesh["dp"])
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        par = tk.VocabParallel(group=mesh.get_group("vp"), start=start, stop=stop)
+        rows = slice(dp * B // 2, (dp + 1) * B // 2)   # the vp pair shares its dp rank's rows
+        for step in range(2):
+            ids, tgt = _batch(step)
+            opt.zero_grad()
+            h = model(ids[rows])
+            w, b = model.lm_head.weight, model.lm_head.bias
+            assert isinstance(w, DTensor) and isinstance(b, DTensor)   # gathered over dp
+            loss = tk.linear_cross_entropy(h, w, tgt[rows], b, vocab_parallel=par,
+                                           filter_eps=None)
+            loss.backward()
+            g = loss.detach().clone()
+            dist.all_reduce(g, group=mesh.get_group("dp"))
+            wl, wg = want[step]
+            where = f"[vp x dp, rank {rank}, step {step}]"
+            torch.testing.assert_close(g / 2, wl, rtol=1e-5, atol=1e-6, msg=f"{where} loss")
+            for n, p in model.named_parameters():
+                full = p.grad.full_tensor()
+                ref = wg[n][start:stop] if n.startswith("lm_head.") else wg[n]
+                torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-6,
+                                           msg=f"{where} {n}.grad")
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_with_fsdp2_data_parallel_four_processes_gloo():
+    """Vocabulary split over one mesh dimension, FSDP2 data parallelism over the other: the
+    loss and every gradient (lm_head: this vocabulary shard's rows) equal the single process."""
+    _spawn(_vp_dp_worker, 4)

@@ -335,13 +335,30 @@ def _unwrap_dtensors(hidden, weight, targets, bias, vocab_parallel):
     for name, t in (("weight", weight), ("bias", bias)):
         if isinstance(t, dt):
             if vocab_parallel is not None:
-                raise ValueError(f"{op}: {name} is a DTensor (placements {tuple(t.placements)}) "
-                                 f"and vocab_parallel is set; pass the local vocabulary shard "
-                                 f"({name}.to_local()) with vocab_parallel, or the DTensor "
-                                 f"without it (then it is gathered)")
+                _check_not_vocab_split(name, t, vocab_parallel)
             t = _gather_dtensor(t)
         out.append(t)
     return out[0], out[1]
+
+
+def _check_not_vocab_split(name, t, vocab_parallel):
+    """With vocab_parallel a DTensor weight / bias is this rank's vocabulary shard, itself
+    sharded over data-parallel ranks (FSDP2 on a data-parallel mesh): gathered, it is the shard.
+    A DTensor split over the vocab_parallel group itself already holds the whole vocabulary:
+    used with vocab_parallel it would be counted once per rank, so it raises."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    group = vocab_parallel.group if vocab_parallel.group is not None else dist.group.WORLD
+    vp_ranks = sorted(dist.get_process_group_ranks(group))
+    mesh = t.device_mesh
+    for i, p in enumerate(t.placements):
+        if isinstance(p, Shard) and sorted(dist.get_process_group_ranks(mesh.get_group(i))) == vp_ranks:
+            raise ValueError(
+                f"tokenkernels.linear_cross_entropy: {name} is a DTensor sharded over the "
+                f"vocab_parallel group (placements {tuple(t.placements)}); pass it without "
+                f"vocab_parallel (it is gathered), or pass this rank's rows "
+                f"({name}.to_local()) with vocab_parallel")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,8 +480,10 @@ def linear_cross_entropy(
             computed on as a shard; its gradient is every rank's gradient summed over the mesh
             (reduce-scatter) and divided by the mesh size -- FSDP2's and DDP's default
             data-parallel average (a custom FSDP gradient divide factor is not applied).
-            ``hidden`` / ``targets`` must be this rank's local tensors; a DTensor ``weight``
-            with ``vocab_parallel`` raises.
+            ``hidden`` / ``targets`` must be this rank's local tensors. With ``vocab_parallel``
+            a DTensor ``weight`` / ``bias`` is taken as this rank's vocabulary rows sharded over
+            other (data-parallel) ranks and gathered likewise; one sharded over the
+            ``vocab_parallel`` group itself raises.
         check: validate target values (a host sync on CUDA). With ``check=False`` the call and
             its backward never sync the host (vocab_parallel included).
         impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs), ``"wmma"`` (CUDA fp16/bf16
