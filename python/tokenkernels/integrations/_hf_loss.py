@@ -181,6 +181,10 @@ def patch_causal_lm_loss(model: torch.nn.Module, *, return_logits: bool = False,
 
     Returns the model (patched in place). Patching twice updates the options;
     :func:`unpatch_causal_lm_loss` restores HF's forward.
+
+    Works before or after FSDP2's ``fully_shard`` (decoder layers + root, tied or untied
+    embeddings, or the lm_head as its own unit, as accelerate's FSDP2 plugin wraps it): loss and
+    gradients equal the single-process ones (see the module docstring).
     """
     require_transformers()
     mt = model_type(model)
