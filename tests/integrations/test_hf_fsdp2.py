@@ -167,7 +167,7 @@ def _force_accelerate_fsdp_on_cpu():
     state.AcceleratorState.__init__ = patched
 
 
-def _trainer_worker(rank, world, port, out_dir, force_fsdp):
+def _trainer_worker(rank, world, port, out_dir, force_fsdp, tied=False):
     import transformers as T
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
@@ -187,13 +187,13 @@ def _trainer_worker(rank, world, port, out_dir, force_fsdp):
     ce.linear_cross_entropy = spy
     ids = _batch(0)
     # single process, HF's own loss: the whole batch, clipped gradients (Trainer's default 1.0)
-    ref = _model(False)
+    ref = _model(tied)
     loss_ref = ref(input_ids=ids, labels=ids).loss
     loss_ref.backward()
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
     want = {n: p.grad for n, p in ref.named_parameters()}
 
-    model = _model(False)
+    model = _model(tied)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     patch_causal_lm_loss(model)
     args = T.TrainingArguments(
@@ -215,13 +215,14 @@ def _trainer_worker(rank, world, port, out_dir, force_fsdp):
             assert not trainer.accelerator.is_fsdp2
             assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
             return
-        assert trainer.accelerator.is_fsdp2, (trainer.accelerator.state.distributed_type, args.fsdp_plugin_args)
+        assert trainer.accelerator.is_fsdp2, trainer.accelerator.state.distributed_type
         assert isinstance(trainer.model, FSDPModule) and isinstance(model.lm_head, FSDPModule)
         assert all(isinstance(m, FSDPModule) for m in model.model.layers)
         # the patched loss ran (and saw the whole weight, not a shard)
         assert seen and not any(seen), seen
         torch.testing.assert_close(torch.tensor(result.training_loss), loss_ref.detach(),
                                    rtol=1e-5, atol=1e-6)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
         for n, p in model.named_parameters():
             assert isinstance(p, DTensor), n
             step = (before[n] - p.detach().full_tensor()) / TRAINER_LR   # = the clipped grad
@@ -242,8 +243,11 @@ def _spawn(fn, args, limit=120):
             pytest.fail(f"workers did not finish within {limit} s")
 
 
-def test_trainer_accelerate_fsdp2_two_processes_gloo(tmp_path):
-    _spawn(_trainer_worker, (WORLD, _free_port(), str(tmp_path), True))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainer_accelerate_fsdp2_two_processes_gloo(tmp_path, tied):
+    """accelerate wraps the decoder layers, the embeddings and [final norm, lm_head] (tied:
+    [norm, embeddings, lm_head]) as FSDP2 units, reshard_after_forward=True."""
+    _spawn(_trainer_worker, (WORLD, _free_port(), str(tmp_path), True, tied))
 
 
 def test_trainer_accelerate_fsdp2_config_on_cpu_falls_back_to_ddp(tmp_path):
