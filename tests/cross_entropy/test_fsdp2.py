@@ -145,6 +145,8 @@ def _tensor_parallel(rank):
     with pytest.raises(ValueError, match=r"linear_cross_entropy: weight is a DTensor sharded "
                                          r"over the vocab_parallel group"):
         tk.linear_cross_entropy(h0, w, t, vocab_parallel=tk.VocabParallel(None, 0, V))
+    with pytest.raises(TypeError, match=r"linear_cross_entropy: vocab_parallel must be"):
+        tk.linear_cross_entropy(h0, w, t, vocab_parallel=(0, V))
 
 
 def _worker(rank, world, port):

@@ -508,7 +508,6 @@ def linear_cross_entropy(
     """
     softcap, eps, zl = _check_args(hidden, weight, targets, bias, reduction, softcap,
                                    label_smoothing, z_loss)
-    weight, bias = _unwrap_dtensors(hidden, weight, targets, bias, vocab_parallel)
     ignore_index = _check_ignore_index(ignore_index)
     return_lse = _flag("return_lse", return_lse)
     return_aux = _flag("return_aux", return_aux)
@@ -517,6 +516,7 @@ def linear_cross_entropy(
     if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallel):
         raise TypeError(f"tokenkernels.linear_cross_entropy: vocab_parallel must be a "
                         f"tokenkernels.VocabParallel or None, got {type(vocab_parallel).__name__}")
+    weight, bias = _unwrap_dtensors(hidden, weight, targets, bias, vocab_parallel)
     if impl == "auto" and torch.are_deterministic_algorithms_enabled():
         impl = "plain"
     run = choose("cross_entropy", impl, hidden.device, "linear_cross_entropy")
