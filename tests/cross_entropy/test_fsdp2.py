@@ -10,6 +10,9 @@ Also: a tensor-parallel DTensor weight (every rank the same tokens) gives the si
 gradient; DTensor hidden states, and a DTensor weight split over the vocab_parallel group used
 with vocab_parallel, raise; and vocabulary parallelism combined with FSDP2 data parallelism on a
 2 x 2 mesh (4 processes) gives the single-process loss and gradients."""
+import faulthandler
+import os
+import signal
 import socket
 import time
 
@@ -150,6 +153,7 @@ def _tensor_parallel(rank):
 
 
 def _worker(rank, world, port):
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks on a hang
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
@@ -186,6 +190,10 @@ def _spawn(fn, nprocs, limit=120):
     deadline = time.monotonic() + limit
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:
+            for p in ctx.processes:      # each worker prints its Python stacks to stderr
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(2)
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"workers did not finish within {limit} s")
@@ -201,6 +209,7 @@ SPLIT = 20   # vocabulary rows [0, 20) on vp rank 0, [20, 37) on vp rank 1
 
 
 def _vp_dp_worker(rank, world, port):
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks on a hang
     import tokenkernels as tk
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

@@ -16,7 +16,10 @@ Trainer wraps the model in DDP (tested below too). The Trainer test therefore se
 accelerate would set on a GPU (``distributed_type = FSDP``, ``fsdp_plugin``); everything after
 it -- accelerate's ``fully_shard`` wrapping, the Trainer loop, gradient clipping, the optimizer
 step -- is the real code path."""
+import faulthandler
+import gc
 import os
+import signal
 import socket
 import time
 
@@ -72,6 +75,7 @@ def _train(model, rows, steps=2, gather=False):
 
 
 def _worker(rank, world, port):
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks on a hang
     from torch.distributed.fsdp import fully_shard
 
     from tokenkernels.integrations._hf_loss import is_loss_patched
@@ -168,8 +172,8 @@ def _force_accelerate_fsdp_on_cpu():
 
 
 def _trainer_worker(rank, world, port, out_dir, force_fsdp, tied=False):
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks on a hang
     import transformers as T
-    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     import tokenkernels._ops.cross_entropy as ce
@@ -208,29 +212,41 @@ def _trainer_worker(rank, world, port, out_dir, force_fsdp, tied=False):
         _force_accelerate_fsdp_on_cpu()
     trainer = T.Trainer(model=model, args=args, train_dataset=_Rows(ids))
     try:
-        result = trainer.train()
-        wrapped = trainer.model_wrapped
-        if not force_fsdp:
-            # accelerate on CPU: the FSDP plugin is dropped and the model is DDP-wrapped
-            assert not trainer.accelerator.is_fsdp2
-            assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-            return
-        assert trainer.accelerator.is_fsdp2, trainer.accelerator.state.distributed_type
-        assert isinstance(trainer.model, FSDPModule) and isinstance(model.lm_head, FSDPModule)
-        assert all(isinstance(m, FSDPModule) for m in model.model.layers)
-        # the patched loss ran (and saw the whole weight, not a shard)
-        assert seen and not any(seen), seen
-        torch.testing.assert_close(torch.tensor(result.training_loss), loss_ref.detach(),
-                                   rtol=1e-5, atol=1e-6)
-        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-        for n, p in model.named_parameters():
-            assert isinstance(p, DTensor), n
-            step = (before[n] - p.detach().full_tensor()) / TRAINER_LR   # = the clipped grad
-            torch.testing.assert_close(step, want[n], rtol=1e-4, atol=1e-6,
-                                       msg=f"[trainer, rank {rank}] {n} update")
+        _check_trainer_step(trainer, model, rank, force_fsdp, tied, seen, loss_ref, want,
+                            before)
     finally:
+        # the DDP / FSDP wrappers (held by the trainer and its accelerator) must go before the
+        # process group: a DDP reducer destroyed after it can hang the process at exit
+        del trainer, model
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_trainer_step(trainer, model, rank, force_fsdp, tied, seen, loss_ref, want, before):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    result = trainer.train()
+    wrapped = trainer.model_wrapped
+    if not force_fsdp:
+        # accelerate on CPU: the FSDP plugin is dropped and the model is DDP-wrapped
+        assert not trainer.accelerator.is_fsdp2
+        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        return
+    assert trainer.accelerator.is_fsdp2, trainer.accelerator.state.distributed_type
+    assert isinstance(trainer.model, FSDPModule) and isinstance(model.lm_head, FSDPModule)
+    assert all(isinstance(m, FSDPModule) for m in model.model.layers)
+    # the patched loss ran (and saw the whole weight, not a shard)
+    assert seen and not any(seen), seen
+    torch.testing.assert_close(torch.tensor(result.training_loss), loss_ref.detach(),
+                               rtol=1e-5, atol=1e-6)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    for n, p in model.named_parameters():
+        assert isinstance(p, DTensor), n
+        step = (before[n] - p.detach().full_tensor()) / TRAINER_LR   # = the clipped grad
+        torch.testing.assert_close(step, want[n], rtol=1e-4, atol=1e-6,
+                                   msg=f"[trainer, rank {rank}] {n} update")
 
 
 def _spawn(fn, args, limit=120):
@@ -238,6 +254,10 @@ def _spawn(fn, args, limit=120):
     deadline = time.monotonic() + limit
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:
+            for p in ctx.processes:      # each worker prints its Python stacks to stderr
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(2)
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"workers did not finish within {limit} s")
