@@ -13,7 +13,6 @@ with vocab_parallel, raise; and vocabulary parallelism combined with FSDP2 data 
 import faulthandler
 import os
 import signal
-import socket
 import time
 
 import pytest
@@ -152,9 +151,9 @@ def _tensor_parallel(rank):
         tk.linear_cross_entropy(h0, w, t, vocab_parallel=(0, V))
 
 
-def _worker(rank, world, port):
+def _worker(rank, world, store):
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks on a hang
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world)
     try:
         torch.set_num_threads(1)
@@ -176,17 +175,12 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, nprocs, limit=120):
-    """``nprocs`` processes running ``fn(rank, nprocs, port)``; a hang fails after ``limit``
-    seconds instead of blocking."""
-    ctx = mp.start_processes(fn, args=(nprocs, _free_port()), nprocs=nprocs, join=False,
-                             start_method="spawn")
+def _spawn(fn, nprocs, tmp_path, limit=120):
+    """``nprocs`` processes running ``fn(rank, nprocs, store)``, ``store`` a fresh file for the
+    rendezvous (no TCP port to race for); a hang fails after ``limit`` seconds instead of
+    blocking."""
+    ctx = mp.start_processes(fn, args=(nprocs, str(tmp_path / "store")), nprocs=nprocs,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + limit
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
         if time.monotonic() > deadline:
@@ -199,23 +193,23 @@ def _spawn(fn, nprocs, limit=120):
             pytest.fail(f"workers did not finish within {limit} s")
 
 
-def test_fsdp2_two_processes_gloo():
+def test_fsdp2_two_processes_gloo(tmp_path):
     """Every configuration in one 2-process group (process start-up dominates the time)."""
-    _spawn(_worker, WORLD)
+    _spawn(_worker, WORLD, tmp_path)
 
 
 # ---- vocab parallel x data parallel: a 2 x 2 mesh, 4 processes ---------------------------------
 SPLIT = 20   # vocabulary rows [0, 20) on vp rank 0, [20, 37) on vp rank 1
 
 
-def _vp_dp_worker(rank, world, port):
+def _vp_dp_worker(rank, world, store):
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks on a hang
     import tokenkernels as tk
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world)
     try:
         torch.set_num_threads(1)
@@ -258,7 +252,7 @@ def _vp_dp_worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def test_vocab_parallel_with_fsdp2_data_parallel_four_processes_gloo():
+def test_vocab_parallel_with_fsdp2_data_parallel_four_processes_gloo(tmp_path):
     """Vocabulary split over one mesh dimension, FSDP2 data parallelism over the other: the
     loss and every gradient (lm_head: this vocabulary shard's rows) equal the single process."""
-    _spawn(_vp_dp_worker, 4)
+    _spawn(_vp_dp_worker, 4, tmp_path)

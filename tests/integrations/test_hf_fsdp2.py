@@ -21,7 +21,6 @@ import faulthandler
 import gc
 import os
 import signal
-import socket
 import time
 
 import pytest
@@ -77,7 +76,7 @@ def _train(model, rows, steps=2, gather=False):
     return out
 
 
-def _worker(rank, world, port):
+def _worker(rank, world, store):
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks on a hang
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -95,7 +94,7 @@ def _worker(rank, world, port):
         return fused(hidden, weight, *args, **kwargs)
 
     ce.linear_cross_entropy = spy    # the patched forward imports it at each call
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world)
     try:
         torch.set_num_threads(1)
@@ -138,14 +137,8 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_patched_loss_fsdp2_two_processes_gloo():
-    _spawn(_worker, (WORLD, _free_port()))
+def test_patched_loss_fsdp2_two_processes_gloo(tmp_path):
+    _spawn(_worker, (WORLD, str(tmp_path / "store")))
 
 
 # ---- HF Trainer + accelerate FSDP2 ------------------------------------------------------------
@@ -182,7 +175,7 @@ def _force_accelerate_fsdp_on_cpu():
     state.AcceleratorState.__init__ = patched
 
 
-def _trainer_worker(rank, world, port, out_dir, force_fsdp, tied=False):
+def _trainer_worker(rank, world, store, out_dir, force_fsdp, tied=False):
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks on a hang
     import transformers as T
     from torch.distributed.tensor import DTensor
@@ -190,8 +183,11 @@ def _trainer_worker(rank, world, port, out_dir, force_fsdp, tied=False):
     import tokenkernels._ops.cross_entropy as ce
     from tokenkernels.integrations.transformers import patch_causal_lm_loss
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    # torchrun's variables (accelerate reads them); the group itself is set up here, through a
+    # file rendezvous (no TCP port to race for), and accelerate uses it as it is
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     fused, seen = ce.linear_cross_entropy, []
 
@@ -278,10 +274,10 @@ def _spawn(fn, args, limit=120):
 def test_trainer_accelerate_fsdp2_two_processes_gloo(tmp_path, tied):
     """accelerate wraps the decoder layers, the embeddings and [final norm, lm_head] (tied:
     [norm, embeddings, lm_head]) as FSDP2 units, reshard_after_forward=True."""
-    _spawn(_trainer_worker, (WORLD, _free_port(), str(tmp_path), True, tied))
+    _spawn(_trainer_worker, (WORLD, str(tmp_path / "store"), str(tmp_path), True, tied))
 
 
 def test_trainer_accelerate_fsdp2_config_on_cpu_falls_back_to_ddp(tmp_path):
     """Pins the accelerate behaviour the test above works around: if a release starts honouring
     the FSDP plugin on CPU, this fails and the workaround can go."""
-    _spawn(_trainer_worker, (WORLD, _free_port(), str(tmp_path), False))
+    _spawn(_trainer_worker, (WORLD, str(tmp_path / "store"), str(tmp_path), False))
