@@ -93,12 +93,21 @@ def interpreter() -> Path:
 
 
 # ------------------------------------------------------------------ requirement files
-def read_reqs(path: Path) -> list[str]:
+# A direct requirement whose line carries this tag is installed in venv mode (it is in the lock)
+# but not demanded in system mode: a GPU machine has no package index, and its tests and bench
+# treat these packages as optional (gpu_proof carries the bench peers' wheels itself).
+OPTIONAL_TAG = "[optional on a system python]"
+
+
+def read_reqs(path: Path, system: bool = False) -> list[str]:
+    """The requirements of a requirements file; ``system``: without the ones tagged
+    OPTIONAL_TAG."""
     out = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            out.append(line)
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line or (system and OPTIONAL_TAG in raw):
+            continue
+        out.append(line)
     return out
 
 
@@ -197,7 +206,7 @@ def system_missing(have: dict[str, str]) -> list[str]:
     already there is kept; a cmake / ninja binary on PATH counts as present)."""
     pins = lock_pins()
     missing = []
-    for r in read_reqs(DIRECT):
+    for r in read_reqs(DIRECT, system=True):
         name, spec = split_req(r)
         v = have.get(norm(name))
         if norm(name) == "torch" and v is not None:
@@ -256,7 +265,7 @@ def check() -> int:
         return 1
     have = installed_versions(python)
     bad = []
-    reqs = read_reqs(LOCK) if mode() == "venv" else read_reqs(DIRECT)
+    reqs = read_reqs(LOCK) if mode() == "venv" else read_reqs(DIRECT, system=True)
     for r in reqs:
         name, spec = split_req(r)
         v = have.get(norm(name))

@@ -92,11 +92,14 @@ def test_mode_rejects_an_unknown_setting(tmp_path):
 def test_system_mode_keeps_a_cuda_torch_and_installs_only_what_is_missing(monkeypatch):
     # the GPU machine: torch 2.11.0+cu130, transformers 5.17.0, pip packages for the rest
     have = {env.norm(n): v for n, v in {
-        "torch": "2.11.0+cu130", "transformers": "5.17.0", "pytest": "9.0.3", "hypothesis": "6.1",
+        "torch": "2.11.0+cu130", "transformers": "5.17.0", "pytest": "9.0.3",
+        "hypothesis": "6.1",
         "numpy": "2.5.2", "matplotlib": "3.10", "ninja": "1.11", "cmake": "3.31",
         "setuptools": "80.9", "wheel": "0.45"}.items()}
-    assert env.system_missing(have) == []
+    assert env.system_missing(have) == []   # accelerate, CCE, Liger: optional on a system python
     pins = env.lock_pins()
+    for name in ("accelerate", "cut-cross-entropy", "liger-kernel"):
+        assert name in pins and not any(m.startswith(name) for m in env.system_missing(have))
     old_hf = dict(have, transformers="5.16.1")
     assert env.system_missing(old_hf) == [pins["transformers"]]
     no_tools = {k: v for k, v in have.items() if k not in ("cmake", "ninja", "hypothesis")}

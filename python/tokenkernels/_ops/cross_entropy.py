@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import operator
+import sys
 from typing import Any, Optional, Union
 
 import torch
@@ -391,6 +392,88 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 gb if need_db else None, None, None, None, None, None, None, None)
 
 
+# ---------------------------------------------------------------------------------------------
+# DTensor weights (FSDP2 / tensor parallel): gathered here, with a data-parallel gradient
+def _dtensor_type():
+    """torch's DTensor class, or None when torch.distributed.tensor was never imported (then no
+    DTensor can exist, and the check costs a dict look-up)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def _gather_dtensor(t):
+    """The full tensor of a DTensor parameter, differentiable: all-gathered in the forward; in the
+    backward every rank's gradient of the full tensor is summed over the mesh (reduce-scatter
+    into a Shard placement, all-reduce into a Replicate one) and divided by the mesh size. That
+    is the data-parallel gradient FSDP2 / DDP compute with their default averaging; when every
+    rank sees the same tokens (tensor parallel) it equals the single-rank gradient."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    mesh = t.device_mesh
+    full = t.redistribute(placements=[Replicate()] * mesh.ndim)
+    local = full.to_local(grad_placements=[Partial()] * mesh.ndim)
+    if not local.requires_grad:
+        return local
+    return _ScaleGrad.apply(local, 1.0 / mesh.size())
+
+
+def _unwrap_dtensors(hidden, weight, targets, bias, vocab_parallel):
+    """weight / bias as plain full tensors when they are DTensors (e.g. FSDP2's sharded
+    parameters read outside their module's forward); hidden / targets must be this rank's
+    local tensors."""
+    dt = _dtensor_type()
+    if dt is None:
+        return weight, bias
+    op = "tokenkernels.linear_cross_entropy"
+    for name, t in (("hidden", hidden), ("targets", targets)):
+        if isinstance(t, dt):
+            raise TypeError(f"{op}: {name} is a DTensor (placements {tuple(t.placements)}); pass "
+                            f"this rank's local tensor ({name}.to_local()): the loss is over "
+                            f"this rank's tokens")
+    out = []
+    for name, t in (("weight", weight), ("bias", bias)):
+        if isinstance(t, dt):
+            if vocab_parallel is not None:
+                _check_not_vocab_split(name, t, vocab_parallel)
+            t = _gather_dtensor(t)
+        out.append(t)
+    return out[0], out[1]
+
+
+def _check_not_vocab_split(name, t, vocab_parallel):
+    """With vocab_parallel a DTensor weight / bias is this rank's vocabulary shard, itself
+    sharded over data-parallel ranks (FSDP2 on a data-parallel mesh): gathered, it is the shard.
+    A DTensor split over the vocab_parallel group itself already holds the whole vocabulary:
+    used with vocab_parallel it would be counted once per rank, so it raises."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    group = vocab_parallel.group if vocab_parallel.group is not None else dist.group.WORLD
+    vp_ranks = sorted(dist.get_process_group_ranks(group))
+    mesh = t.device_mesh
+    for i, p in enumerate(t.placements):
+        if isinstance(p, Shard) and sorted(dist.get_process_group_ranks(mesh.get_group(i))) == vp_ranks:
+            raise ValueError(
+                f"tokenkernels.linear_cross_entropy: {name} is a DTensor sharded over the "
+                f"vocab_parallel group (placements {tuple(t.placements)}); pass it without "
+                f"vocab_parallel (it is gathered), or pass this rank's rows "
+                f"({name}.to_local()) with vocab_parallel")
+
+
+# ---------------------------------------------------------------------------------------------
 def _real(name, v):
     """A Python / 0-d tensor real number as a float, else a TypeError naming ``name``."""
     op = "tokenkernels.linear_cross_entropy"
@@ -504,6 +587,16 @@ def linear_cross_entropy(
             instead (one pass: faster, V·D·4 bytes more). CUDA always uses fp32 accumulators.
         vocab_parallel: a :class:`VocabParallel` when ``weight``/``bias`` hold a vocabulary
             shard; see there.
+
+            A ``weight`` / ``bias`` that is a ``DTensor`` (FSDP2's sharded parameter read outside
+            its module's forward, or a tensor-parallel shard) is all-gathered here, never
+            computed on as a shard; its gradient is every rank's gradient summed over the mesh
+            (reduce-scatter) and divided by the mesh size -- FSDP2's and DDP's default
+            data-parallel average (a custom FSDP gradient divide factor is not applied).
+            ``hidden`` / ``targets`` must be this rank's local tensors. With ``vocab_parallel``
+            a DTensor ``weight`` / ``bias`` is taken as this rank's vocabulary rows sharded over
+            other (data-parallel) ranks and gathered likewise; one sharded over the
+            ``vocab_parallel`` group itself raises.
         check: validate target values (a host sync on CUDA). With ``check=False`` the call and
             its backward never sync the host (vocab_parallel included).
         impl: ``"auto"``, ``"plain"`` (tiles through ATen GEMMs), ``"wmma"`` (CUDA fp16/bf16
@@ -549,6 +642,7 @@ def linear_cross_entropy(
     if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallel):
         raise TypeError(f"tokenkernels.linear_cross_entropy: vocab_parallel must be a "
                         f"tokenkernels.VocabParallel or None, got {type(vocab_parallel).__name__}")
+    weight, bias = _unwrap_dtensors(hidden, weight, targets, bias, vocab_parallel)
     if impl == "auto" and torch.are_deterministic_algorithms_enabled():
         impl = "plain"
     run = choose("cross_entropy", impl, hidden.device, "linear_cross_entropy")

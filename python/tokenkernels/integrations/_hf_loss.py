@@ -12,6 +12,12 @@ last hidden states and ``lm_head.weight`` block by block. Same semantics as HF's
   divided by it (gradient accumulation across micro-batches);
 * Gemma 2's ``final_logit_softcapping`` is applied inside the kernel (``softcap``).
 
+FSDP2 (``torch.distributed.fsdp.fully_shard``): when ``lm_head`` is sharded as its own unit the
+loss runs as ``lm_head``'s forward (its FSDP hooks gather the weight and reduce-scatter its
+gradient); when ``lm_head`` belongs to the root unit, the root's forward (this one) already
+holds the unsharded weight. Any other sharded (DTensor) weight is gathered by
+``linear_cross_entropy`` itself.
+
 Differences: with every label ignored HF's mean is 0/0 = NaN, here it is 0. Logits are returned
 (``outputs.logits``) only when the patch or the call asks for them (``return_logits=True``);
 without labels the model behaves exactly as HF's (logits computed as usual).
@@ -19,6 +25,7 @@ without labels the model behaves exactly as HF's (logits computed as usual).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 from typing import Optional, Union
 
@@ -65,6 +72,30 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _is_fsdp_module(module) -> bool:
+    """Is ``module`` sharded by FSDP2's ``fully_shard`` on its own (not only inside a parent)?"""
+    mod = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(mod, "FSDPModule", None) if mod is not None else None
+    return cls is not None and isinstance(module, cls)
+
+
+def _call_as_forward(module, fn, *args):
+    """``module(*args)`` with ``fn`` as its forward: the module's hooks run around ``fn``. For an
+    FSDP2 module that is the unshard (all-gather) before, the reshard after, and the backward
+    hooks that all-gather again and reduce-scatter the gradients -- what FSDP2 does for a
+    standalone head call (chunked losses)."""
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
+
+
 def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                      _cache_positional=None, inputs_embeds=None, labels=None, use_cache=None,
                      logits_to_keep=0, **kwargs):
@@ -99,17 +130,27 @@ def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=Non
             targets, shift = shift_labels.to(hidden.device), False
         else:
             targets, shift = labels.to(hidden.device), True
-        bias = getattr(self.lm_head, "bias", None)
         reduction = "mean" if num_items_in_batch is None else "sum"
+        head = self.lm_head
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(hidden.device)
-        # the division by num_items_in_batch inside the op: on the CPU gradients-in-forward
-        # path it is folded into the per-token weights (bf16 gradients rounded once)
-        loss = linear_cross_entropy(hidden, self.lm_head.weight, targets, bias,
-                                    ignore_index=ignore_index, reduction=reduction,
-                                    softcap=_softcap(self), shift=shift, filter_eps=st.filter_eps,
-                                    accum_fp32=st.accum_fp32, check=st.check, impl=st.impl,
-                                    _divisor=num_items_in_batch)
+
+        def fused_loss(h, t):
+            # lm_head.weight read here: under FSDP2 the call below runs this as lm_head's
+            # forward, where the parameters are the unsharded ones. The division by
+            # num_items_in_batch happens inside the op: on the CPU gradients-in-forward path it
+            # is folded into the per-token weights (bf16 gradients rounded once)
+            return linear_cross_entropy(h, head.weight, t, getattr(head, "bias", None),
+                                        ignore_index=ignore_index, reduction=reduction,
+                                        softcap=_softcap(self), shift=shift,
+                                        filter_eps=st.filter_eps, accum_fp32=st.accum_fp32,
+                                        check=st.check, impl=st.impl,
+                                        _divisor=num_items_in_batch)
+
+        if _is_fsdp_module(head):
+            loss = _call_as_forward(head, fused_loss, hidden, targets)
+        else:
+            loss = fused_loss(hidden, targets)
         if return_logits:
             logits = _logits(self, hidden)
     else:
@@ -141,6 +182,10 @@ def patch_causal_lm_loss(model: torch.nn.Module, *, return_logits: bool = False,
 
     Returns the model (patched in place). Patching twice updates the options;
     :func:`unpatch_causal_lm_loss` restores HF's forward.
+
+    Works before or after FSDP2's ``fully_shard`` (decoder layers + root, tied or untied
+    embeddings, or the lm_head as its own unit, as accelerate's FSDP2 plugin wraps it): loss and
+    gradients equal the single-process ones (see the module docstring).
     """
     require_transformers()
     mt = model_type(model)
