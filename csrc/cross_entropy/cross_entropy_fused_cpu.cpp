@@ -57,11 +57,12 @@ namespace {
 
 constexpr const char* kFusedOp = "linear_cross_entropy";
 
-enum class Engine { Auto, Chunk, Brgemm, Composite };
+enum class Engine { Auto, Chunk, ChunkMkl, Brgemm, Composite };
 
 Engine parse_engine(c10::string_view e) {
   return parse_option<Engine>(std::string_view(e.data(), e.size()),
                               {{"auto", Engine::Auto}, {"chunk", Engine::Chunk},
+                               {"chunk_mkl", Engine::ChunkMkl},
                                {"brgemm", Engine::Brgemm}, {"composite", Engine::Composite}},
                               kFusedOp, "engine");
 }
@@ -76,6 +77,23 @@ bool brgemm_bf16_available() {
       std::vector<float> c(2 * 16, 0.f);
       at::native::cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data(), true);
       at::native::cpublas::brgemm_release(true);
+      return c[0] == 2.f && c[31] == 2.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// The same for oneDNN's fp32 brgemm (AVX-512): on AMD CPUs MKL's sgemm runs an AVX2 code path
+// (~215 GFLOP/s on this 2-core Zen 5), the fp32 micro-kernel ~300-365.
+bool brgemm_f32_available() {
+  static const bool ok = [] {
+    if (env_or("TOKENKERNELS_CE_NO_BRGEMM", 0) > 0) return false;
+    try {
+      std::vector<float> a(2 * 2, 1.f), b(2 * 16, 1.f), c(2 * 16, 0.f);
+      at::native::cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data(), false);
+      at::native::cpublas::brgemm_release(false);
       return c[0] == 2.f && c[31] == 2.f;
     } catch (const std::exception&) {
       return false;
@@ -293,6 +311,302 @@ Out chunk_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bia
   return {loss, lse_t, dh, dw, db};
 }
 
+// Runs body(slot) once for each of T worker slots on the intra-op threads (one slot per thread
+// when the pool has T threads; inline, one after the other, inside another parallel region).
+template <typename F>
+void for_each_worker(int64_t T, const F& body) {
+  at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
+    for (int64_t w = a; w < b; ++w) body(w);
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+// ---------------------------------------------------------------- engine "chunk", fp32 on brgemm
+// The chunk scheme of chunk_engine with the logits held transposed, Z^T (V x R) for a token chunk
+// of R rows, so that every GEMM reads W as it lies (no pack of W, which would be repeated per
+// chunk): Z^T = W Hc^T (A = W's rows, B = Hc^T), dW += dZ^T Hc (A = dZ^T's rows, B = Hc), dh +=
+// dZ_blk W_blk (A = a transposed 64-row block of dZ^T, B = W's rows). The threads claim
+// vocabulary blocks from an atomic counter in two phases per chunk (logits and partial
+// log-sum-exp per token; then dZ, dW, db and per-thread dh partials), with one merge between.
+inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B,
+                     int64_t ld_b, float* C, int64_t ld_c, bool add) {
+  constexpr int64_t NB = 128;
+  for (int64_t n0 = 0; n0 < N; n0 += NB) {
+    const int64_t nn = std::min(NB, N - n0);
+    at::native::cpublas::brgemm(M, nn, K, ld_a, ld_b, ld_c, add, A, B + n0, C + n0, false);
+  }
+}
+
+#if defined(TK_CE_AVX2)
+#define TK_AVX2V __attribute__((target("avx2,fma")))
+// column statistics of a block of rows z (rows x R, ld R): bm[i] = max_j z[j][i]
+TK_AVX2V inline void col_max_avx2(const float* z, int64_t rows, int64_t R, float* bm) {
+  int64_t i = 0;
+  for (; i + 8 <= R; i += 8) {
+    __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 nan = _mm256_setzero_ps();
+    for (int64_t j = 0; j < rows; ++j) {
+      const __m256 v = _mm256_loadu_ps(z + j * R + i);
+      m = _mm256_max_ps(m, v);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    _mm256_storeu_ps(bm + i, _mm256_blendv_ps(m, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), nan));
+  }
+  for (; i < R; ++i) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < rows; ++j) m = nan_max(m, z[j * R + i]);
+    bm[i] = m;
+  }
+}
+// s[i] += sum_j exp(z[j][i] - mn[i]) (columns with mn = -inf or NaN skipped by the caller's mask)
+TK_AVX2V inline void col_expsum_avx2(const float* z, int64_t rows, int64_t R, const float* mn, float* s) {
+  int64_t i = 0;
+  for (; i + 8 <= R; i += 8) {
+    const __m256 vm = _mm256_loadu_ps(mn + i);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < rows; ++j) acc = _mm256_add_ps(acc, exp256(_mm256_sub_ps(_mm256_loadu_ps(z + j * R + i), vm)));
+    _mm256_storeu_ps(s + i, _mm256_add_ps(_mm256_loadu_ps(s + i), acc));
+  }
+  for (; i < R; ++i) {
+    float a = 0;
+    for (int64_t j = 0; j < rows; ++j) a += std::exp(z[j * R + i] - mn[i]);
+    s[i] += a;
+  }
+}
+// one row of dZ^T: d[i] = (cp[i] exp(z[i] - lse[i]) + c1[i]) (1 - (z[i] / cap)^2 if cap), in place
+TK_AVX2V inline float dz_col_row_avx2(float* z, int64_t R, const float* lse, const float* cp,
+                                      const float* c1, float inv_cap) {
+  const __m256 vi = _mm256_set1_ps(inv_cap), one = _mm256_set1_ps(1.f);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= R; i += 8) {
+    const __m256 zz = _mm256_loadu_ps(z + i);
+    __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(cp + i), exp256(_mm256_sub_ps(zz, _mm256_loadu_ps(lse + i))),
+                               _mm256_loadu_ps(c1 + i));
+    if (inv_cap != 0.f) {
+      const __m256 u = _mm256_mul_ps(zz, vi);
+      v = _mm256_mul_ps(v, _mm256_fnmadd_ps(u, u, one));
+    }
+    _mm256_storeu_ps(z + i, v);
+    sum = _mm256_add_ps(sum, v);
+  }
+  float r = simd::hsum(sum);
+  for (; i < R; ++i) {
+    float v = cp[i] * std::exp(z[i] - lse[i]) + c1[i];
+    if (inv_cap != 0.f) v *= 1 - (z[i] * inv_cap) * (z[i] * inv_cap);
+    z[i] = v;
+    r += v;
+  }
+  return r;
+}
+#undef TK_AVX2V
+#endif
+
+Out chunk_brgemm_f32(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bias,
+                     const Rows& rw, double cap_d, double eps_d, double zl_d, bool need_dh,
+                     bool need_dw, bool need_db, at::Tensor dh, at::Tensor dw, at::Tensor db) {
+  const int64_t N = H.size(0), D = H.size(1), V = W.size(0);
+  const int64_t T = std::max<int64_t>(at::get_num_threads(), 1);
+  const float cap = static_cast<float>(cap_d), inv_cap = cap > 0 ? 1.f / cap : 0.f;
+  const float eps = static_cast<float>(eps_d), zl = static_cast<float>(zl_d);
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  const float* hp = H.data_ptr<float>();
+  const float* wp = W.data_ptr<float>();
+  const float* bp = Bias.defined() ? Bias.data_ptr<float>() : nullptr;
+  const int64_t bv = std::min<int64_t>(V, env_or("TOKENKERNELS_CE_BVC", 64));
+  const int64_t nblk = (V + bv - 1) / bv;
+  // budget: Z^T (V x R) + Hc^T (D x R) + per-thread dh partials (R x D) and block tiles
+  // (bv x R) + per-thread statistics (3 R)
+  const int64_t budget = budget_bytes(N, V, 4);
+  int64_t R = budget / ((V + D + T * (D + bv + 3)) * 4);
+  R = std::clamp<int64_t>(env_or("TOKENKERNELS_CE_FUSED_ROWS", R), 1, N);
+  const auto o32 = H.options();
+  auto zt_buf = at::empty({V * R}, o32);
+  auto hct = at::empty({D * R}, o32);
+  auto dhp = need_dh ? at::empty({T * R * D}, o32) : at::Tensor();
+  const int64_t tl_rows = std::max<int64_t>(bv, 2);  // a dZ block, or the phase-A scratch (2 R)
+  auto tile = at::empty({T * tl_rows * R}, o32);
+  auto st = at::empty({T * 3 * R}, o32);
+  float* Z = zt_buf.data_ptr<float>();
+  float* HcT = hct.data_ptr<float>();
+  std::vector<float> loss_rows(N, 0.f), lse(N, 0.f), cpv(R), ctv(R), c1v(R), lsev(R), ztv(R);
+  std::vector<float> db_acc(need_db ? V : 0, 0.f);
+  const bool prof = env_or("TOKENKERNELS_CE_PROFILE", 0) > 0;
+  using clk = std::chrono::steady_clock;
+  double ta = 0, tb = 0;
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t rows = std::min(R, N - r0);
+    const auto c0 = clk::now();
+    // Hc^T (D x rows, ld rows)
+    at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* h = hp + (r0 + i) * D;
+        for (int64_t d = d0; d < d1; ++d) HcT[d * rows + i] = h[d];
+      }
+    });
+    // phase A: logits and per-thread partial statistics per token
+    std::atomic<int64_t> next_a{0};
+    for_each_worker(T, [&](int64_t th) {
+      float* m = st.data_ptr<float>() + th * 3 * R;
+      float* sacc = m + R;
+      float* sz = sacc + R;
+      float* bm = tile.data_ptr<float>() + th * tl_rows * R;  // scratch: block max, new max
+      float* mn = bm + R;
+      std::fill(m, m + rows, kNegInf);
+      std::fill(sacc, sacc + rows, 0.f);
+      std::fill(sz, sz + rows, 0.f);
+      for (int64_t v; (v = next_a.fetch_add(1, std::memory_order_relaxed)) < nblk;) {
+        const int64_t j0 = v * bv, cols = std::min(bv, V - j0);
+        float* zb = Z + j0 * rows;
+        gemm_f32(cols, rows, D, wp + j0 * D, D, HcT, rows, zb, rows, false);
+        for (int64_t j = 0; j < cols; ++j) {
+          float* zr = zb + j * rows;
+          if (bp) {
+            const float b = bp[j0 + j];
+            for (int64_t i = 0; i < rows; ++i) zr[i] += b;
+          }
+          if (cap > 0) softcap_row(zr, rows, cap);
+          if (eps != 0)
+            for (int64_t i = 0; i < rows; ++i) sz[i] += zr[i];
+        }
+#if defined(TK_CE_AVX2)
+        if (cpu_has_avx2()) col_max_avx2(zb, cols, rows, bm);
+        else
+#endif
+        {
+          for (int64_t i = 0; i < rows; ++i) {
+            float x = kNegInf;
+            for (int64_t j = 0; j < cols; ++j) x = nan_max(x, zb[j * rows + i]);
+            bm[i] = x;
+          }
+        }
+        bool all_finite = true;
+        for (int64_t i = 0; i < rows; ++i) {
+          const float x = nan_max(m[i], bm[i]);
+          if (x > kNegInf) {
+            if (m[i] > kNegInf && m[i] != x) sacc[i] *= std::exp(m[i] - x);
+            mn[i] = x;
+          } else {
+            all_finite = false;
+            mn[i] = x;
+          }
+          m[i] = x;
+        }
+        if (all_finite) {
+#if defined(TK_CE_AVX2)
+          if (cpu_has_avx2()) col_expsum_avx2(zb, cols, rows, mn, sacc);
+          else
+#endif
+            for (int64_t i = 0; i < rows; ++i)
+              for (int64_t j = 0; j < cols; ++j) sacc[i] += std::exp(zb[j * rows + i] - mn[i]);
+        } else {
+          for (int64_t i = 0; i < rows; ++i)
+            if (mn[i] > kNegInf)
+              for (int64_t j = 0; j < cols; ++j) sacc[i] += std::exp(zb[j * rows + i] - mn[i]);
+        }
+      }
+    });
+    // merge: lse, the target logit, the loss and dZ's coefficients per token
+    {
+      const float* stp = st.data_ptr<float>();
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = r0 + i;
+        float M = kNegInf, S = 0.f, SZ = 0.f;
+        for (int64_t t = 0; t < T; ++t) M = nan_max(M, stp[t * 3 * R + i]);
+        for (int64_t t = 0; t < T; ++t) {
+          const float mt = stp[t * 3 * R + i];
+          if (M > kNegInf && mt > kNegInf) S += std::exp(mt - M) * stp[t * 3 * R + R + i];
+          SZ += stp[t * 3 * R + 2 * R + i];
+        }
+        const float l = M + std::log(S);
+        lse[r] = lsev[i] = l;
+        const int64_t lt = rw.lt[r];
+        const float zt = rw.bad[r] ? std::numeric_limits<float>::quiet_NaN() : (lt >= 0 ? Z[lt * rows + i] : 0.f);
+        ztv[i] = zt;
+        const float w = static_cast<float>(rw.w[r]);
+        if (w != 0) loss_rows[r] = token_loss<float>(w, l, zt, SZ, eps, zl, V, &cpv[i], &ctv[i], &c1v[i]);
+        else cpv[i] = ctv[i] = c1v[i] = 0.f;
+        if (w == 0) lsev[i] = std::numeric_limits<float>::infinity();  // exp(z - inf) = 0: a zero column of dZ^T
+      }
+    }
+    const auto c1t = clk::now();
+    // phase B: dZ^T, dW, db, dh partials
+    std::atomic<int64_t> next_b{0};
+    const bool first = r0 == 0;
+    for_each_worker(T, [&](int64_t th) {
+      float* dht = need_dh ? dhp.data_ptr<float>() + th * R * D : nullptr;
+      float* tl = tile.data_ptr<float>() + th * tl_rows * R;
+      if (dht) std::fill(dht, dht + rows * D, 0.f);
+      for (int64_t v; (v = next_b.fetch_add(1, std::memory_order_relaxed)) < nblk;) {
+        const int64_t j0 = v * bv, cols = std::min(bv, V - j0);
+        float* zb = Z + j0 * rows;
+        for (int64_t j = 0; j < cols; ++j) {
+          float* zr = zb + j * rows;
+          float rs;
+#if defined(TK_CE_AVX2)
+          if (cpu_has_avx2()) rs = dz_col_row_avx2(zr, rows, lsev.data(), cpv.data(), c1v.data(), inv_cap);
+          else
+#endif
+          {
+            rs = 0;
+            for (int64_t i = 0; i < rows; ++i) {
+              float x = cpv[i] * std::exp(zr[i] - lsev[i]) + c1v[i];
+              if (inv_cap != 0.f) x *= 1 - (zr[i] * inv_cap) * (zr[i] * inv_cap);
+              zr[i] = x;
+              rs += x;
+            }
+          }
+          if (need_db) db_acc[j0 + j] += rs;
+        }
+        // the targets in this block: + ct (times the softcap derivative at the target logit)
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t lt = rw.lt[r0 + i];
+          if (lt < j0 || lt >= j0 + cols || ctv[i] == 0.f) continue;
+          float add = ctv[i];
+          if (inv_cap != 0.f) add *= 1 - (ztv[i] * inv_cap) * (ztv[i] * inv_cap);
+          zb[(lt - j0) * rows + i] += add;
+          if (need_db) db_acc[lt] += add;
+        }
+        if (need_dw) gemm_f32(cols, D, rows, zb, rows, hp + r0 * D, D, dw.data_ptr<float>() + j0 * D, D, !first);
+        if (dht) {
+          for (int64_t j = 0; j < cols; ++j)  // dZ block (rows x cols) from dZ^T
+            for (int64_t i = 0; i < rows; ++i) tl[i * cols + j] = zb[j * rows + i];
+          gemm_f32(rows, D, cols, tl, cols, wp + j0 * D, D, dht, D, true);
+        }
+      }
+    });
+    if (need_dh) {
+      at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
+        const float* base = dhp.data_ptr<float>();
+        for (int64_t i = i0; i < i1; ++i) {
+          float* o = dh.data_ptr<float>() + (r0 + i) * D;
+          std::copy(base + i * D, base + (i + 1) * D, o);
+          for (int64_t t = 1; t < T; ++t) {
+            const float* p = base + (t * R + i) * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += p[d];
+          }
+        }
+      });
+    }
+    ta += std::chrono::duration<double>(c1t - c0).count();
+    tb += std::chrono::duration<double>(clk::now() - c1t).count();
+  }
+  if (prof)
+    std::fprintf(stderr, "tokenkernels ce chunk (fp32 brgemm): rows %lld  logits+lse %.3f s  dZ+dW+dh %.3f s\n",
+                 (long long)R, ta, tb);
+  double total = 0;
+  for (int64_t r = 0; r < N; ++r) total += loss_rows[r];
+  auto loss = at::scalar_tensor(total, o32);
+  auto lse_t = at::empty({N}, o32);
+  std::copy(lse.begin(), lse.end(), lse_t.data_ptr<float>());
+  if (need_db) {
+    auto dbt = at::empty({V}, o32);
+    std::copy(db_acc.begin(), db_acc.end(), dbt.data_ptr<float>());
+    db = dbt.to(db.scalar_type());
+  }
+  return {loss, lse_t, dh, dw, db};
+}
+
 // ---------------------------------------------------------------- engine "brgemm" (bf16)
 using bf16 = at::BFloat16;
 
@@ -468,16 +782,6 @@ BrgemmPlan plan_brgemm(int64_t N, int64_t D, int64_t V, int64_t T, int64_t budge
   p.R2 = std::min<int64_t>(env_or("TOKENKERNELS_CE_R2", R2), N);
   p.split2 = p.R2 >= N;
   return p;
-}
-
-// Runs body(slot) once for each of T worker slots on the intra-op threads (one slot per thread
-// when the pool has T threads; inline, one after the other, inside another parallel region).
-template <typename F>
-void for_each_worker(int64_t T, const F& body) {
-  at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
-    for (int64_t w = a; w < b; ++w) body(w);
-    at::native::cpublas::brgemm_release(true);
-  });
 }
 
 Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bias32,
@@ -869,8 +1173,9 @@ Out fused(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& 
       eng = Engine::Brgemm;
     else eng = Engine::Composite;
   }
-  TORCH_CHECK_VALUE(eng != Engine::Chunk || !lowp, "tokenkernels.", op,
-                    ": engine 'chunk' takes float32 / float64 inputs, got ", dt);
+  TORCH_CHECK_VALUE((eng != Engine::Chunk && eng != Engine::ChunkMkl) || !lowp, "tokenkernels.", op,
+                    ": engine '", (eng == Engine::Chunk ? "chunk" : "chunk_mkl"),
+                    "' takes float32 / float64 inputs, got ", dt);
   if (eng == Engine::Brgemm) {
     TORCH_CHECK_VALUE(dt == at::kBFloat16, "tokenkernels.", op,
                       ": engine 'brgemm' takes bfloat16 inputs, got ", dt);
@@ -908,6 +1213,9 @@ Out fused(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& 
                          dh, dw, db);
   }
   auto Bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (eng == Engine::Chunk && dt == at::kFloat && brgemm_f32_available())
+    return chunk_brgemm_f32(H, W, Bc, Rw, cap, label_smoothing, z_loss, need_dh, need_dw, need_db,
+                            dh, dw, db);
   if (dt == at::kDouble)
     return chunk_engine<double>(H, W, Bc, Rw, cap, label_smoothing, z_loss, need_dh, need_dw,
                                 need_db, dh, dw, db);

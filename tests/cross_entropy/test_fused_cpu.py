@@ -24,7 +24,8 @@ BRGEMM = bool(torch.ops.tokenkernels._cross_entropy_cpu_brgemm())
 needs_brgemm = pytest.mark.skipif(not BRGEMM, reason="this CPU has no bf16 brgemm (AVX512-BF16/AMX)")
 
 # (engine, dtype): "brgemm" runs where the CPU has it, else the op raises (tested below)
-ENGINES = [("chunk", torch.float32), ("chunk", torch.float64), ("brgemm", torch.bfloat16),
+ENGINES = [("chunk", torch.float32), ("chunk_mkl", torch.float32), ("chunk", torch.float64),
+           ("brgemm", torch.bfloat16),
            ("composite", torch.bfloat16), ("composite", torch.float16),
            ("composite", torch.float32)]
 OPTS = [
