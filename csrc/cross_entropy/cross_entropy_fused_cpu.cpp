@@ -698,8 +698,7 @@ void pack_cols_vnni(const bf16* src, int64_t cols, int64_t D, int64_t j0, int64_
 // C (M x N fp32, ld_c) (+)= A (M x K bf16 row-major, ld_a) @ B (K x N, VNNI, ld_b), split into
 // column blocks of <= 256 (the micro-kernel's efficient range).
 inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t ld_a, const bf16* B,
-                      int64_t ld_b, float* C, int64_t ld_c, bool add) {
-  constexpr int64_t NB = 256;
+                      int64_t ld_b, float* C, int64_t ld_c, bool add, int64_t NB = 256) {
   for (int64_t n0 = 0; n0 < N; n0 += NB) {
     const int64_t nn = std::min(NB, N - n0);
     at::native::cpublas::brgemm(M, nn, K, ld_a, ld_b, ld_c, add, A, B + n0 * 2, C + n0, true);
@@ -819,6 +818,7 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
   {
     const int64_t bv = pl.bv1, R = pl.R1, mb = pl.mb1;
     const int64_t nblk = (V + bv - 1) / bv;
+    const int64_t dh_nb = env_or("TOKENKERNELS_CE_DH_NB", 1024);
     auto wk = at::empty({T * bv * D}, H.options());   // per thread: W block ^T, VNNI along D
     auto wv = at::empty({T * bv * D}, H.options());   // per thread: W block, VNNI along its rows
     auto acc = need_dh ? at::empty({T * R * D}, f32) : at::Tensor();
@@ -884,7 +884,9 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
               s[li] = s[li] * scale + sb;
               m[li] = mn;
             }
-            if (need_dh) gemm_bf16(nr, D, kc, pb, kc, wvp, D, accp + i0 * D, D, true);
+            // the accumulating GEMM (K = one block) in wide column slices: fewer passes over
+            // the accumulator rows (measured: 1024 columns ~15% faster than 256 at D = 2048)
+            if (need_dh) gemm_bf16(nr, D, kc, pb, kc, wvp, D, accp + i0 * D, D, true, dh_nb);
           }
         }
       });
