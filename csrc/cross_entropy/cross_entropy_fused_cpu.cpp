@@ -12,7 +12,12 @@
 //     `rows` whose full (rows, V) logits fit the memory budget; per chunk one GEMM for the logits,
 //     the softmax and dZ in place, then dhidden[rows] = dZ @ W and dweight += dZ^T @ H[rows]
 //     straight into the fp32 output. 6·N·D·V flops instead of the 8·N·D·V of forward + recompute.
-//     GEMMs: ATen -> MKL sgemm.
+//     GEMMs: fp32 on oneDNN's fp32 brgemm micro-kernel where it runs (AVX-512): MKL's sgemm,
+//     which ATen's fp32 mm calls, takes an AVX2 code path on AMD CPUs (~215 GFLOP/s on this
+//     2-core Zen 5 against ~300-365 for the micro-kernel), and at the chunk's small row count
+//     (~0.05 N) it loses another 30% (~150). The micro-kernel engine holds the logits transposed
+//     (Z^T, V x rows) so that W is read as it lies by every GEMM (no pack of W per chunk).
+//     fp64, CPUs without the micro-kernel, and engine "chunk_mkl": ATen -> MKL.
 //   * bf16, engine "brgemm": bf16 x bf16 -> fp32 GEMMs through oneDNN's brgemm micro-kernel
 //     (at::native::cpublas::brgemm, AVX512-BF16 / AMX; ~4.5x fp32 sgemm here). MKL's
 //     cblas_gemm_bf16bf16f32 (exported by libtorch_cpu) upcasts to fp32 on this AMD CPU (200
