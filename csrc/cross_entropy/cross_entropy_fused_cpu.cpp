@@ -535,6 +535,7 @@ Out chunk_brgemm_f32(const at::Tensor& H, const at::Tensor& W, const at::Tensor&
       }
     }
     const auto c1t = clk::now();
+    if (!need_dh && !need_dw && !need_db) continue;  // the loss alone
     // phase B: dZ^T, dW, db, dh partials
     std::atomic<int64_t> next_b{0};
     const bool first = r0 == 0;

@@ -201,7 +201,7 @@ def test_wrapper_backward_scaling(monkeypatch, dtype, g):
 
 
 def test_wrapper_takes_the_fused_path(monkeypatch):
-    """fp32 and bf16 (where brgemm runs) scalar losses with gradients use the op; no-grad,
+    """fp32 and bf16 (where brgemm runs) scalar losses use the op, with or without gradients;
     reduction='none', return_lse, fp16 do not."""
     calls = []
     real = torch.ops.tokenkernels._cross_entropy_fused
@@ -215,14 +215,16 @@ def test_wrapper_takes_the_fused_path(monkeypatch):
     h.requires_grad_()
     tk.linear_cross_entropy(h, w, t).backward()
     assert calls == [torch.float32]
-    with torch.no_grad():
-        tk.linear_cross_entropy(h, w, t)
+    with torch.no_grad():  # the loss alone, on the same engines
+        loss = tk.linear_cross_entropy(h, w, t)
+    assert calls == [torch.float32] * 2 and not loss.requires_grad
+    torch.testing.assert_close(loss, tk.linear_cross_entropy(h, w, t, impl="reference"))
     tk.linear_cross_entropy(h, w, t, reduction="none").sum().backward()
     tk.linear_cross_entropy(h, w, t, return_lse=True)[0].backward()
     tk.linear_cross_entropy(h.detach().half().requires_grad_(), w.half(), t).backward()
-    assert calls == [torch.float32]
+    assert calls == [torch.float32] * 2
     tk.linear_cross_entropy(h.detach().bfloat16().requires_grad_(), w.bfloat16(), t).backward()
-    assert calls == ([torch.float32, torch.bfloat16] if BRGEMM else [torch.float32])
+    assert calls == ([torch.float32] * 2 + [torch.bfloat16] if BRGEMM else [torch.float32] * 2)
 
 
 def test_wrapper_create_graph_first_derivative_exact():

@@ -307,19 +307,16 @@ def _cpu_bf16_fast() -> bool:
 
 def _fused_applies(hidden, weight, bias, reduction, return_lse, return_aux, vp, softcap,
                    eps) -> bool:
-    """Whether linear_cross_entropy takes the grads-in-forward path: CPU tensors, a scalar
-    reduction, gradients wanted (grad mode on and an input that requires grad), no returned lse
-    or aux outputs (their gradients / values need the forward statistics path), no
-    vocab_parallel; fp32 / fp64, or bf16 where the bf16 engine runs (even D, not softcap with
+    """Whether linear_cross_entropy takes the fused op: CPU tensors, a scalar reduction, no
+    returned lse or aux outputs (their gradients / values need the forward statistics path), no
+    vocab_parallel (with gradients wanted they are computed in the forward; without, the op
+    computes the loss alone on the same GEMM engines); fp32 / fp64, or bf16 where the bf16 engine runs (even D, not softcap with
     label smoothing). fp16 keeps the forward + recompute path: CPUs without AVX512-FP16 have no
     fast fp16 GEMM, so computing gradients early buys nothing there.
     ``TOKENKERNELS_CE_FUSED=0`` turns it off."""
     if vp is not None or return_lse or return_aux or reduction == "none":
         return False
-    if hidden.device.type != "cpu" or not torch.is_grad_enabled():
-        return False
-    if not (hidden.requires_grad or weight.requires_grad
-            or (bias is not None and bias.requires_grad)):
+    if hidden.device.type != "cpu":
         return False
     if os.environ.get("TOKENKERNELS_CE_FUSED", "1") == "0":
         return False
@@ -678,6 +675,11 @@ def linear_cross_entropy(
 
     if _fused_applies(h2, weight, bias, reduction, return_lse, return_aux, vp, softcap, eps):
         scale = 1.0 if _divisor is None else 1.0 / float(_divisor)  # CPU: no sync
+        if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))):
+            return torch.ops.tokenkernels._cross_entropy_fused(
+                h2, weight, t1, bias, ignore_index, softcap, eps, zl, reduction == "mean",
+                scale, check, False, False, False)[0]
         # CPU, scalar loss, gradients wanted: loss and gradients in one call (fp32: 6·N·D·V
         # flops instead of 8; bf16: oneDNN's bf16 micro-kernel), the backward only scales them
         return _FusedLinearCrossEntropy.apply(h2, weight, t1, bias, ignore_index, softcap, eps,
