@@ -241,11 +241,13 @@ TORCH_LIBRARY(tokenkernels, m) {
   // per-token loss of linear_cross_entropy with these options, times scale. Returns (loss 0-d, lse (N,),
   // dhidden, dweight, dbias) in fp32 (fp64 for fp64; gradients in their tensors' dtypes; (0,)
   // when not asked for). engine: "auto" | "chunk" (fp32/fp64) | "brgemm" (bf16, oneDNN's
-  // micro-kernel) | "composite" (the forward op + the recompute backward op).
+  // micro-kernel) | "composite" (the forward op + the recompute backward op). filter_eps: checked
+  // as linear_cross_entropy checks it (>= 0) and not applied (the fused gradients are exact).
   m.def(
       "_cross_entropy_fused(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
       "int ignore_index, float? softcap, float label_smoothing, float z_loss, bool mean, "
-      "float scale, bool check, bool need_dhidden, bool need_dweight, bool need_dbias, str engine=\"auto\") "
+      "float scale, bool check, float filter_eps, bool need_dhidden, bool need_dweight, bool need_dbias, "
+      "str engine=\"auto\") "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Whether the bf16 "brgemm" engine runs on this CPU (AVX512-BF16 or AMX).
   m.def("_cross_entropy_cpu_brgemm() -> bool");

@@ -1156,12 +1156,14 @@ Out composite_engine(const at::Tensor& hidden, const at::Tensor& weight, const a
 Out fused(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
           const std::optional<at::Tensor>& bias, int64_t ignore_index,
           std::optional<double> softcap, double label_smoothing, double z_loss, bool mean,
-          double scale, bool check, bool need_dh, bool need_dw, bool need_db, c10::string_view engine) {
+          double scale, bool check, double filter_eps, bool need_dh, bool need_dw, bool need_db,
+          c10::string_view engine) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const char* op = kFusedOp;
   Engine eng = parse_engine(engine);
   check_tensors(hidden, weight, targets, bias, op);
   check_softcap(softcap, op);
+  check_filter_eps(filter_eps, op);  // accepted as on the other path, not applied: exact
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, "tokenkernels.", op,
                     ": label_smoothing must lie in [0, 1], got ", label_smoothing);
   TORCH_CHECK_VALUE(z_loss >= 0.0 && std::isfinite(z_loss), "tokenkernels.", op,
@@ -1221,7 +1223,7 @@ Out fused(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& 
                          dh, dw, db);
   }
   auto Bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (eng == Engine::Chunk && dt == at::kFloat && brgemm_f32_available())
+  if (eng == Engine::Chunk && dt == at::kFloat && D > 0 && brgemm_f32_available())
     return chunk_brgemm_f32(H, W, Bc, Rw, cap, label_smoothing, z_loss, need_dh, need_dw, need_db,
                             dh, dw, db);
   if (dt == at::kDouble)

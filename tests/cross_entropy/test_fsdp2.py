@@ -171,6 +171,9 @@ def _worker(rank, world, store):
                     torch.testing.assert_close(gg[n], wg[n], rtol=1e-5, atol=1e-6,
                                                msg=f"{where} {n}.grad")
         _tensor_parallel(rank)
+        # both ranks done before either tears gloo down (a rank destroying its group while the
+        # other's gloo threads still work was seen to abort the process: std::terminate)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -248,6 +251,7 @@ def _vp_dp_worker(rank, world, store):
                 torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-6,
                                            msg=f"{where} {n}.grad")
             opt.step()
+        dist.barrier()   # every rank done before any tears gloo down
     finally:
         dist.destroy_process_group()
 

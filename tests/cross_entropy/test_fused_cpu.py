@@ -42,7 +42,7 @@ SIZES = [(1, 2, 1), (7, 16, 129), (129, 64, 1000), (1000, 34, 77), (300, 128, 30
 def _fused(h, w, t, b, engine, reduction="mean", scale=1.0, label_smoothing=0.0, z_loss=0.0,
            softcap=None, ignore_index=-100):
     loss, lse, dh, dw, db = OP(h, w, t, b, ignore_index, softcap, label_smoothing, z_loss,
-                               reduction == "mean", scale, True, True, True, b is not None,
+                               reduction == "mean", scale, True, 0.0, True, True, b is not None,
                                engine)
     return dict(out=loss, dh=dh, dw=dw, db=db if b is not None else None, lse=lse)
 
@@ -259,7 +259,7 @@ def test_divisor_folds_into_the_op():
 # ------------------------------------------------------------------------------- bad inputs
 def test_bad_inputs():
     h, w, t, _ = make_inputs((4,), 6, 10, torch.float32)
-    args = (h, w, t, None, -100, None, 0.0, 0.0, True, 1.0, True, True, True, False)
+    args = (h, w, t, None, -100, None, 0.0, 0.0, True, 1.0, True, 0.0, True, True, False)
     with pytest.raises(ValueError, match="linear_cross_entropy: engine must be one of"):
         OP(*args, "fast")
     with pytest.raises(ValueError, match="engine 'chunk' takes float32"):
@@ -269,14 +269,16 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="engine 'brgemm' needs an even D"):
         OP(h[:, :5].bfloat16(), w[:, :5].bfloat16(), *args[2:], "brgemm")
     with pytest.raises(ValueError, match="does not combine softcap with label_smoothing"):
-        OP(h.bfloat16(), w.bfloat16(), t, None, -100, 5.0, 0.1, 0.0, True, 1.0, True, True,
+        OP(h.bfloat16(), w.bfloat16(), t, None, -100, 5.0, 0.1, 0.0, True, 1.0, True, 0.0, True,
            True, False, "brgemm")
     with pytest.raises(ValueError, match="scale must be finite"):
-        OP(h, w, t, None, -100, None, 0.0, 0.0, True, float("inf"), True, True, True, False)
+        OP(h, w, t, None, -100, None, 0.0, 0.0, True, float("inf"), True, 0.0, True, True, False)
     with pytest.raises(ValueError, match="label_smoothing must lie in"):
-        OP(h, w, t, None, -100, None, 1.5, 0.0, True, 1.0, True, True, True, False)
+        OP(h, w, t, None, -100, None, 1.5, 0.0, True, 1.0, True, 0.0, True, True, False)
     with pytest.raises(ValueError, match="need_dbias without a bias"):
-        OP(h, w, t, None, -100, None, 0.0, 0.0, True, 1.0, True, True, True, True)
+        OP(h, w, t, None, -100, None, 0.0, 0.0, True, 1.0, True, 0.0, True, True, True)
+    with pytest.raises(ValueError, match="filter_eps must be >= 0"):
+        OP(h, w, t, None, -100, None, 0.0, 0.0, True, 1.0, True, -1.0, True, True, False)
     with pytest.raises(ValueError, match="weight has D = 5 columns"):
         OP(h, w[:, :5].contiguous(), *args[2:])
     bad = t.clone()
@@ -284,18 +286,18 @@ def test_bad_inputs():
     with pytest.raises(RuntimeError, match=r"targets\[2\] = 10 is outside"):
         OP(h, w, bad, *args[3:])
     # check=False: NaN loss, no error
-    loss = OP(h, w, bad, None, -100, None, 0.0, 0.0, True, 1.0, False, True, True, False)[0]
+    loss = OP(h, w, bad, None, -100, None, 0.0, 0.0, True, 1.0, False, 0.0, True, True, False)[0]
     assert torch.isnan(loss)
 
 
 def test_opcheck():
     h, w, t, b = make_inputs((9,), 8, 33, torch.float32, bias=True, seed=1)
     for engine in ("chunk", "composite"):
-        torch.library.opcheck(OP, (h, w, t, b, -100, 3.0, 0.1, 1e-3, True, 1.0, True, True, True,
-                                   True, engine))
+        torch.library.opcheck(OP, (h, w, t, b, -100, 3.0, 0.1, 1e-3, True, 1.0, True, 0.0, True,
+                                   True, True, engine))
     if BRGEMM:
         torch.library.opcheck(OP, (h.bfloat16(), w.bfloat16(), t, b.bfloat16(), -100, None, 0.1,
-                                   0.0, False, 0.5, True, True, True, True, "brgemm"))
+                                   0.0, False, 0.5, True, 0.0, True, True, True, "brgemm"))
 
 
 # ------------------------------------------------------------------------------------ memory

@@ -133,6 +133,7 @@ def _worker(rank, world, store):
                 for n in wg:
                     torch.testing.assert_close(gg[n], wg[n], rtol=1e-4, atol=1e-6,
                                                msg=f"{where} {n}.grad")
+        dist.barrier()   # every rank done before any tears gloo down
     finally:
         dist.destroy_process_group()
 

@@ -286,7 +286,8 @@ class _VocabParallelStats(torch.autograd.Function):
 # CPU, scalar loss: gradients computed in the forward (csrc/cross_entropy/cross_entropy_fused_cpu.cpp)
 @torch.library.register_fake("tokenkernels::_cross_entropy_fused")
 def _fused_fake(hidden, weight, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
-                mean, scale, check, need_dhidden, need_dweight, need_dbias, engine="auto"):
+                mean, scale, check, filter_eps, need_dhidden, need_dweight, need_dbias,
+                engine="auto"):
     _fake_same_device("linear_cross_entropy", hidden, weight=weight, targets=targets, bias=bias)
     sd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return (hidden.new_empty((), dtype=sd), hidden.new_empty((hidden.shape[0],), dtype=sd),
@@ -346,12 +347,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, ignore_index, softcap, eps, zl, mean, scale,
-                check):
+                check, feps):
         need = ctx.needs_input_grad
         need_db = bias is not None and bool(need[3])
         loss, lse, dh, dw, db = torch.ops.tokenkernels._cross_entropy_fused(
             hidden, weight, targets, bias, ignore_index, softcap, eps, zl, mean, scale, check,
-            bool(need[0]), bool(need[1]), need_db)
+            feps, bool(need[0]), bool(need[1]), need_db)
         ctx.save_for_backward(hidden, weight, targets, bias, lse, dh, dw, db)
         ctx.opts = (ignore_index, softcap, eps, zl, mean, scale, need_db)
         return loss
@@ -386,7 +387,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         else:
             gh, gw, gb = dh * g, dw * g, db * g
         return (gh if need[0] else None, gw if need[1] else None, None,
-                gb if need_db else None, None, None, None, None, None, None, None)
+                gb if need_db else None, None, None, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,11 +680,11 @@ def linear_cross_entropy(
                                              or (bias is not None and bias.requires_grad))):
             return torch.ops.tokenkernels._cross_entropy_fused(
                 h2, weight, t1, bias, ignore_index, softcap, eps, zl, reduction == "mean",
-                scale, check, False, False, False)[0]
+                scale, check, feps, False, False, False)[0]
         # CPU, scalar loss, gradients wanted: loss and gradients in one call (fp32: 6·N·D·V
         # flops instead of 8; bf16: oneDNN's bf16 micro-kernel), the backward only scales them
         return _FusedLinearCrossEntropy.apply(h2, weight, t1, bias, ignore_index, softcap, eps,
-                                              zl, reduction == "mean", scale, check)
+                                              zl, reduction == "mean", scale, check, feps)
     if vp is None:
         lse, zt, sumz, argmax, _, ent = torch.ops.tokenkernels.cross_entropy_forward(
             h2, weight, t1, bias, ignore_index, softcap, 0, V, want_sumz, return_aux, check,
