@@ -159,6 +159,24 @@ inline A token_loss(A w, A lse, A zt, A sumz, A eps, A zl, int64_t V, A* cp, A* 
 
 using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The op's outputs from an engine's per-token losses and lse and its dbias sums (in A, the
+// dtype of options o): the loss summed in fp64.
+template <typename A>
+Out assemble(const std::vector<A>& loss_rows, const std::vector<A>& lse,
+             const std::vector<A>& db_acc, bool need_db, const at::TensorOptions& o,
+             at::Tensor dh, at::Tensor dw, at::Tensor db) {
+  double total = 0;
+  for (const A x : loss_rows) total += static_cast<double>(x);
+  auto lse_t = at::empty({static_cast<int64_t>(lse.size())}, o);
+  std::copy(lse.begin(), lse.end(), lse_t.data_ptr<A>());
+  if (need_db) {
+    auto dbt = at::empty({static_cast<int64_t>(db_acc.size())}, o);
+    std::copy(db_acc.begin(), db_acc.end(), dbt.data_ptr<A>());
+    db = dbt.to(db.scalar_type());
+  }
+  return {at::scalar_tensor(total, o), lse_t, dh, dw, db};
+}
+
 // z[j] <- exp(z[j] - m), returns the sum; and z[j] <- a * z[j] + b (the chunk engine's dZ from
 // the stored exponentials: one exp per logit instead of two)
 template <typename A>
@@ -303,17 +321,7 @@ Out chunk_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bia
   if (prof)
     std::fprintf(stderr, "tokenkernels ce chunk: rows %lld  Z %.3f s  epilogue %.3f s  dH %.3f s  dW %.3f s\n",
                  (long long)rows_max, tz, te, th, tw);
-  double total = 0;  // the sum over tokens in fp64 (the per-token losses are in T)
-  for (int64_t r = 0; r < N; ++r) total += static_cast<double>(loss_rows[r]);
-  auto loss = at::scalar_tensor(total, H.options());
-  auto lse_t = at::empty({N}, H.options());
-  std::copy(lse.begin(), lse.end(), lse_t.data_ptr<T>());
-  if (need_db) {
-    auto dbt = at::empty({V}, H.options());
-    std::copy(db_acc.begin(), db_acc.end(), dbt.data_ptr<T>());
-    db = dbt.to(db.scalar_type());
-  }
-  return {loss, lse_t, dh, dw, db};
+  return assemble(loss_rows, lse, db_acc, need_db, H.options(), dh, dw, db);
 }
 
 // Runs body(slot) once for each of T worker slots on the intra-op threads (one slot per thread
@@ -600,17 +608,7 @@ Out chunk_brgemm_f32(const at::Tensor& H, const at::Tensor& W, const at::Tensor&
   if (prof)
     std::fprintf(stderr, "tokenkernels ce chunk (fp32 brgemm): rows %lld  logits+lse %.3f s  dZ+dW+dh %.3f s\n",
                  (long long)R, ta, tb);
-  double total = 0;
-  for (int64_t r = 0; r < N; ++r) total += loss_rows[r];
-  auto loss = at::scalar_tensor(total, o32);
-  auto lse_t = at::empty({N}, o32);
-  std::copy(lse.begin(), lse.end(), lse_t.data_ptr<float>());
-  if (need_db) {
-    auto dbt = at::empty({V}, o32);
-    std::copy(db_acc.begin(), db_acc.end(), dbt.data_ptr<float>());
-    db = dbt.to(db.scalar_type());
-  }
-  return {loss, lse_t, dh, dw, db};
+  return assemble(loss_rows, lse, db_acc, need_db, o32, dh, dw, db);
 }
 
 // ---------------------------------------------------------------- engine "brgemm" (bf16)
@@ -1098,17 +1096,7 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
                  std::chrono::duration<double>(now() - t_p1).count(), (long long)T,
                  (long long)pl.bv1, (long long)pl.R1, (long long)pl.bv2, (long long)pl.R2,
                  int(pl.split2));
-  double total = 0;
-  for (int64_t r = 0; r < N; ++r) total += loss_rows[r];
-  auto loss = at::scalar_tensor(total, f32);
-  auto lse_t = at::empty({N}, f32);
-  std::copy(lse.begin(), lse.end(), lse_t.data_ptr<float>());
-  if (need_db) {
-    auto dbt = at::empty({V}, f32);
-    std::copy(db_acc.begin(), db_acc.end(), dbt.data_ptr<float>());
-    db = dbt.to(db.scalar_type());
-  }
-  return {loss, lse_t, dh, dw, db};
+  return assemble(loss_rows, lse, db_acc, need_db, f32, dh, dw, db);
 }
 
 // ---------------------------------------------------------------- engine "composite"
