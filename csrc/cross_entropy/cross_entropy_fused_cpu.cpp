@@ -74,36 +74,31 @@ Engine parse_engine(c10::string_view e) {
 
 // Whether oneDNN's bf16 brgemm runs on this CPU (it needs AVX512-BF16 or AMX): probed once with
 // a 2 x 16 x 2 product (the call raises where the micro-kernel is unavailable).
+// One probe per operand type: a 2 x 16 x 2 product of ones (VNNI for bf16). Both probes honour
+// TOKENKERNELS_CE_NO_BRGEMM.
+template <typename In>
+bool brgemm_probe(bool vnni) {
+  if (env_or("TOKENKERNELS_CE_NO_BRGEMM", 0) > 0) return false;
+  try {
+    std::vector<In> a(2 * 2, In(1.f)), b(2 * 16, In(1.f));
+    std::vector<float> c(2 * 16, 0.f);
+    at::native::cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data(), vnni);
+    at::native::cpublas::brgemm_release(vnni);
+    return c[0] == 2.f && c[31] == 2.f;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 bool brgemm_bf16_available() {
-  static const bool ok = [] {
-    if (env_or("TOKENKERNELS_CE_NO_BRGEMM", 0) > 0) return false;
-    try {
-      std::vector<at::BFloat16> a(2 * 2, at::BFloat16(1.f)), b(2 * 16, at::BFloat16(1.f));
-      std::vector<float> c(2 * 16, 0.f);
-      at::native::cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data(), true);
-      at::native::cpublas::brgemm_release(true);
-      return c[0] == 2.f && c[31] == 2.f;
-    } catch (const std::exception&) {
-      return false;
-    }
-  }();
+  static const bool ok = brgemm_probe<at::BFloat16>(true);
   return ok;
 }
 
 // The same for oneDNN's fp32 brgemm (AVX-512): on AMD CPUs MKL's sgemm runs an AVX2 code path
 // (~215 GFLOP/s on this 2-core Zen 5), the fp32 micro-kernel ~300-365.
 bool brgemm_f32_available() {
-  static const bool ok = [] {
-    if (env_or("TOKENKERNELS_CE_NO_BRGEMM", 0) > 0) return false;
-    try {
-      std::vector<float> a(2 * 2, 1.f), b(2 * 16, 1.f), c(2 * 16, 0.f);
-      at::native::cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data(), false);
-      at::native::cpublas::brgemm_release(false);
-      return c[0] == 2.f && c[31] == 2.f;
-    } catch (const std::exception&) {
-      return false;
-    }
-  }();
+  static const bool ok = brgemm_probe<float>(false);
   return ok;
 }
 
