@@ -36,6 +36,10 @@
 //     brgemm is unavailable: engine "composite": the forward op plus the recompute backward op.
 // Memory: every buffer is sized from the budget max(5% of the N x V logits in the input dtype,
 // 4 MiB); the gradients themselves are the outputs.
+// Reproducible: the work is shared through segments of vocabulary blocks, each with its own
+// partial state merged in a fixed order (for_each_segment), so results are bitwise the same run
+// to run whatever thread ran what (a loss that changed between two identical forwards broke the
+// HF patch's test under ASan's timing).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -329,13 +333,37 @@ void for_each_worker(int64_t T, const F& body) {
   });
 }
 
+// Reproducible work sharing over the vocabulary blocks. The blocks are cut into S contiguous
+// segments, each with its own partial state (softmax statistics, dhidden partials); the T
+// threads claim whole segments from an atomic counter and run a segment's blocks in order, and
+// the states are merged in segment order. So every float sum is taken in an order fixed by S
+// alone, never by which thread ran what: the results are bitwise reproducible from run to run,
+// and identical for every thread count with the same S. A thread descheduled by another process
+// still delays only its own segment (no barrier inside a phase). S = 2 T by default (at most the
+// number of blocks); TOKENKERNELS_CE_SEGMENTS sets it.
+int64_t num_segments(int64_t nblk, int64_t T) {
+  const int64_t s = env_or("TOKENKERNELS_CE_SEGMENTS", 2 * T);
+  return std::clamp<int64_t>(s, 1, std::max<int64_t>(nblk, 1));
+}
+inline int64_t seg_begin(int64_t seg, int64_t S, int64_t nblk) { return seg * nblk / S; }
+
+// body(thread, segment, first block, end block) for every segment, each exactly once
+template <class F>
+void for_each_segment(int64_t T, int64_t S, int64_t nblk, const F& body) {
+  std::atomic<int64_t> next{0};
+  for_each_worker(std::min(T, S), [&](int64_t th) {
+    for (int64_t g; (g = next.fetch_add(1, std::memory_order_relaxed)) < S;)
+      body(th, g, seg_begin(g, S, nblk), seg_begin(g + 1, S, nblk));
+  });
+}
+
 // ---------------------------------------------------------------- engine "chunk", fp32 on brgemm
 // The chunk scheme of chunk_engine with the logits held transposed, Z^T (V x R) for a token chunk
 // of R rows, so that every GEMM reads W as it lies (no pack of W, which would be repeated per
 // chunk): Z^T = W Hc^T (A = W's rows, B = Hc^T), dW += dZ^T Hc (A = dZ^T's rows, B = Hc), dh +=
 // dZ_blk W_blk (A = a transposed 64-row block of dZ^T, B = W's rows). The threads claim
-// vocabulary blocks from an atomic counter in two phases per chunk (logits and partial
-// log-sum-exp per token; then dZ, dW, db and per-thread dh partials), with one merge between.
+// segments of vocabulary blocks (for_each_segment) in two phases per chunk (logits and partial
+// log-sum-exp per token; then dZ, dW, db and per-segment dh partials), with one merge between.
 inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld_a, const float* B,
                      int64_t ld_b, float* C, int64_t ld_c, bool add) {
   constexpr int64_t NB = 128;
@@ -423,18 +451,24 @@ Out chunk_brgemm_f32(const at::Tensor& H, const at::Tensor& W, const at::Tensor&
   const float* bp = Bias.defined() ? Bias.data_ptr<float>() : nullptr;
   const int64_t bv = std::min<int64_t>(V, env_or("TOKENKERNELS_CE_BVC", 64));
   const int64_t nblk = (V + bv - 1) / bv;
-  // budget: Z^T (V x R) + Hc^T (D x R) + per-thread dh partials (R x D) and block tiles
-  // (bv x R) + per-thread statistics (3 R)
+  const int64_t S = num_segments(nblk, T);
+  // budget: Z^T (V x R) + Hc^T (D x R) + per-segment dh partials (R x D) and statistics (3 R)
+  // + per-thread block tiles (bv x R). (R sets the chunks, hence the order of dW's sums over
+  // them: the results are the same for every thread count with the same S and R.)
   const int64_t budget = budget_bytes(N, V, 4);
-  int64_t R = budget / ((V + D + T * (D + bv + 3)) * 4);
+  int64_t R = budget / ((V + D + S * (D + 3) + T * bv) * 4);
+  // whole 16-float vectors unless that drops more than 1/8 of the rows (fewer chunks matter
+  // more: each adds a pass over dW). Measured at V = 128256: the logits GEMM 35% slower at 47
+  // rows than at 48, the whole step 25% slower at 32 rows than at 47.
+  if (R >= 16 && R - R / 16 * 16 <= R / 8) R = R / 16 * 16;
   R = std::clamp<int64_t>(env_or("TOKENKERNELS_CE_FUSED_ROWS", R), 1, N);
   const auto o32 = H.options();
   auto zt_buf = at::empty({V * R}, o32);
   auto hct = at::empty({D * R}, o32);
-  auto dhp = need_dh ? at::empty({T * R * D}, o32) : at::Tensor();
+  auto dhp = need_dh ? at::empty({S * R * D}, o32) : at::Tensor();
   const int64_t tl_rows = std::max<int64_t>(bv, 2);  // a dZ block, or the phase-A scratch (2 R)
   auto tile = at::empty({T * tl_rows * R}, o32);
-  auto st = at::empty({T * 3 * R}, o32);
+  auto st = at::empty({S * 3 * R}, o32);
   float* Z = zt_buf.data_ptr<float>();
   float* HcT = hct.data_ptr<float>();
   std::vector<float> loss_rows(N, 0.f), lse(N, 0.f), cpv(R), ctv(R), c1v(R), lsev(R), ztv(R);
@@ -452,10 +486,9 @@ Out chunk_brgemm_f32(const at::Tensor& H, const at::Tensor& W, const at::Tensor&
         for (int64_t d = d0; d < d1; ++d) HcT[d * rows + i] = h[d];
       }
     });
-    // phase A: logits and per-thread partial statistics per token
-    std::atomic<int64_t> next_a{0};
-    for_each_worker(T, [&](int64_t th) {
-      float* m = st.data_ptr<float>() + th * 3 * R;
+    // phase A: logits and per-segment partial statistics per token
+    for_each_segment(T, S, nblk, [&](int64_t th, int64_t seg, int64_t b0, int64_t b1) {
+      float* m = st.data_ptr<float>() + seg * 3 * R;
       float* sacc = m + R;
       float* sz = sacc + R;
       float* bm = tile.data_ptr<float>() + th * tl_rows * R;  // scratch: block max, new max
@@ -463,7 +496,7 @@ Out chunk_brgemm_f32(const at::Tensor& H, const at::Tensor& W, const at::Tensor&
       std::fill(m, m + rows, kNegInf);
       std::fill(sacc, sacc + rows, 0.f);
       std::fill(sz, sz + rows, 0.f);
-      for (int64_t v; (v = next_a.fetch_add(1, std::memory_order_relaxed)) < nblk;) {
+      for (int64_t v = b0; v < b1; ++v) {
         const int64_t j0 = v * bv, cols = std::min(bv, V - j0);
         float* zb = Z + j0 * rows;
         gemm_f32(cols, rows, D, wp + j0 * D, D, HcT, rows, zb, rows, false);
@@ -519,14 +552,14 @@ Out chunk_brgemm_f32(const at::Tensor& H, const at::Tensor& W, const at::Tensor&
       const float* stp = st.data_ptr<float>();
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
-        float M = kNegInf, S = 0.f, SZ = 0.f;
-        for (int64_t t = 0; t < T; ++t) M = nan_max(M, stp[t * 3 * R + i]);
-        for (int64_t t = 0; t < T; ++t) {
+        float M = kNegInf, Ssum = 0.f, SZ = 0.f;
+        for (int64_t t = 0; t < S; ++t) M = nan_max(M, stp[t * 3 * R + i]);
+        for (int64_t t = 0; t < S; ++t) {
           const float mt = stp[t * 3 * R + i];
-          if (M > kNegInf && mt > kNegInf) S += std::exp(mt - M) * stp[t * 3 * R + R + i];
+          if (M > kNegInf && mt > kNegInf) Ssum += std::exp(mt - M) * stp[t * 3 * R + R + i];
           SZ += stp[t * 3 * R + 2 * R + i];
         }
-        const float l = M + std::log(S);
+        const float l = M + std::log(Ssum);
         lse[r] = lsev[i] = l;
         const int64_t lt = rw.lt[r];
         const float zt = rw.bad[r] ? std::numeric_limits<float>::quiet_NaN() : (lt >= 0 ? Z[lt * rows + i] : 0.f);
@@ -539,14 +572,13 @@ Out chunk_brgemm_f32(const at::Tensor& H, const at::Tensor& W, const at::Tensor&
     }
     const auto c1t = clk::now();
     if (!need_dh && !need_dw && !need_db) continue;  // the loss alone
-    // phase B: dZ^T, dW, db, dh partials
-    std::atomic<int64_t> next_b{0};
+    // phase B: dZ^T, dW, db, per-segment dh partials
     const bool first = r0 == 0;
-    for_each_worker(T, [&](int64_t th) {
-      float* dht = need_dh ? dhp.data_ptr<float>() + th * R * D : nullptr;
+    for_each_segment(T, S, nblk, [&](int64_t th, int64_t seg, int64_t b0, int64_t b1) {
+      float* dht = need_dh ? dhp.data_ptr<float>() + seg * R * D : nullptr;
       float* tl = tile.data_ptr<float>() + th * tl_rows * R;
       if (dht) std::fill(dht, dht + rows * D, 0.f);
-      for (int64_t v; (v = next_b.fetch_add(1, std::memory_order_relaxed)) < nblk;) {
+      for (int64_t v = b0; v < b1; ++v) {
         const int64_t j0 = v * bv, cols = std::min(bv, V - j0);
         float* zb = Z + j0 * rows;
         for (int64_t j = 0; j < cols; ++j) {
@@ -590,7 +622,7 @@ Out chunk_brgemm_f32(const at::Tensor& H, const at::Tensor& W, const at::Tensor&
         for (int64_t i = i0; i < i1; ++i) {
           float* o = dh.data_ptr<float>() + (r0 + i) * D;
           std::copy(base + i * D, base + (i + 1) * D, o);
-          for (int64_t t = 1; t < T; ++t) {
+          for (int64_t t = 1; t < S; ++t) {
             const float* p = base + (t * R + i) * D;
             for (int64_t d = 0; d < D; ++d) o[d] += p[d];
           }
@@ -752,6 +784,7 @@ inline float exp_row_bf16(const float* z, int64_t n, float m, float inv_cap, bf1
 
 struct BrgemmPlan {
   int64_t bv1, R1, mb1;  // pass 1: vocabulary block, token chunk, rows per micro-kernel call
+  int64_t S1;            // pass 1: segments (partial softmax states, see for_each_segment)
   int64_t bv2, R2, mb2;  // pass 2
   bool split2;           // pass 2 without barriers (H packed once, R2 = N)
 };
@@ -759,16 +792,19 @@ struct BrgemmPlan {
 // Block sizes within the budget (bytes of every buffer a pass allocates), T threads.
 // Both passes hand out vocabulary blocks to the threads through an atomic counter, so the
 // threads never wait for each other inside a pass (a thread descheduled by another process
-// delays only its own blocks): each thread keeps its own packs and, in pass 1, its own online
-// softmax state and dhidden accumulator for the token chunk, merged once per chunk.
+// delays only its own blocks): each thread keeps its own packs; in pass 1 each segment of
+// blocks (for_each_segment) keeps its own online softmax state and dhidden accumulator for the
+// token chunk, merged in segment order once per chunk; in pass 2 a block is one thread's alone.
 BrgemmPlan plan_brgemm(int64_t N, int64_t D, int64_t V, int64_t T, int64_t budget) {
   BrgemmPlan p{};
   p.mb1 = p.mb2 = 64;
   p.bv1 = std::min<int64_t>(round_up(V, 2), env_or("TOKENKERNELS_CE_BV1", 256));
-  // pass 1, per thread: acc (R x D fp32) + m, s, sum z (3 R fp32) + two W packs (bv x D bf16
-  // each) + Z and P tiles (mb x bv x (4 + 2) bytes)
+  // pass 1, per segment: acc (R x D fp32) + m, s, sum z (3 R fp32); per thread: two W packs
+  // (bv x D bf16 each) + Z and P tiles (mb x bv x (4 + 2) bytes)
+  p.S1 = num_segments((V + p.bv1 - 1) / p.bv1, T);
   const int64_t fixed1 = 2 * p.bv1 * D * 2 + p.mb1 * p.bv1 * 6;
-  int64_t R1 = (budget / T - fixed1) / (D * 4 + 12);
+  // (the rows of pass 1 are independent of each other: R1 may depend on T without changing a bit)
+  int64_t R1 = (budget - std::min(T, p.S1) * fixed1) / (p.S1 * (D * 4 + 12));
   R1 = std::max<int64_t>(R1 / p.mb1 * p.mb1, p.mb1);
   p.R1 = std::min<int64_t>(env_or("TOKENKERNELS_CE_R1", R1), N);
   // pass 2: H packed by token pairs (R x D bf16, shared) + per thread: W^T pack (bv x D bf16),
@@ -820,18 +856,18 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
     const int64_t dh_nb = env_or("TOKENKERNELS_CE_DH_NB", 1024);
     auto wk = at::empty({T * bv * D}, H.options());   // per thread: W block ^T, VNNI along D
     auto wv = at::empty({T * bv * D}, H.options());   // per thread: W block, VNNI along its rows
-    auto acc = need_dh ? at::empty({T * R * D}, f32) : at::Tensor();
-    auto st = at::empty({T * 3 * R}, f32);             // per thread: running max, sum, sum z
+    const int64_t S = pl.S1;
+    auto acc = need_dh ? at::empty({S * R * D}, f32) : at::Tensor();
+    auto st = at::empty({S * 3 * R}, f32);             // per segment: running max, sum, sum z
     auto ztile = at::empty({T * mb * bv}, f32);
     auto ptile = at::empty({T * mb * bv}, H.options());
     for (int64_t r0 = 0; r0 < N; r0 += R) {
       const int64_t rows = std::min(R, N - r0);
-      std::atomic<int64_t> next{0};
-      for_each_worker(T, [&](int64_t th) {
+      for_each_segment(T, S, nblk, [&](int64_t th, int64_t seg, int64_t b0, int64_t b1) {
         bf16* wkp = wk.data_ptr<bf16>() + th * bv * D;
         bf16* wvp = wv.data_ptr<bf16>() + th * bv * D;
-        float* accp = need_dh ? acc.data_ptr<float>() + th * R * D : nullptr;
-        float* m = st.data_ptr<float>() + th * 3 * R;
+        float* accp = need_dh ? acc.data_ptr<float>() + seg * R * D : nullptr;
+        float* m = st.data_ptr<float>() + seg * 3 * R;
         float* s = m + R;
         float* sz = s + R;
         float* zb = ztile.data_ptr<float>() + th * mb * bv;
@@ -840,7 +876,7 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
         std::fill(s, s + rows, 0.f);
         std::fill(sz, sz + rows, 0.f);
         if (accp) std::fill(accp, accp + rows * D, 0.f);
-        for (int64_t v; (v = next.fetch_add(1, std::memory_order_relaxed)) < nblk;) {
+        for (int64_t v = b0; v < b1; ++v) {
           const int64_t v0 = v * bv, cols = std::min(bv, V - v0);
           const int64_t kc = round_up(cols, 2);  // K of the dhidden GEMM (padded to pairs)
           const bf16* wb = wp + v0 * D;
@@ -889,21 +925,21 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
           }
         }
       });
-      // merge the threads' states (a log-sum-exp merge) and finish the chunk's rows
+      // merge the segments' states in order (a log-sum-exp merge) and finish the chunk's rows
       at::parallel_for(0, rows, 16, [&](int64_t i0, int64_t i1) {
-        std::vector<float> f(T), a(need_dh ? D : 0);
+        std::vector<float> f(S), a(need_dh ? D : 0);
         const float* stp = st.data_ptr<float>();
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r = r0 + i;
-          float M = kNegInf, S = 0.f, SZ = 0.f;
-          for (int64_t t = 0; t < T; ++t) M = nan_max(M, stp[t * 3 * R + i]);
-          for (int64_t t = 0; t < T; ++t) {
+          float M = kNegInf, Ssum = 0.f, SZ = 0.f;
+          for (int64_t t = 0; t < S; ++t) M = nan_max(M, stp[t * 3 * R + i]);
+          for (int64_t t = 0; t < S; ++t) {
             const float mt = stp[t * 3 * R + i];
             f[t] = (M > kNegInf && mt > kNegInf) ? std::exp(mt - M) : 0.f;
-            S += f[t] * stp[t * 3 * R + R + i];
+            Ssum += f[t] * stp[t * 3 * R + R + i];
             SZ += stp[t * 3 * R + 2 * R + i];
           }
-          const float l = M + std::log(S);  // -inf for a row without a finite logit
+          const float l = M + std::log(Ssum);  // -inf for a row without a finite logit
           lse[r] = l;
           const float w = static_cast<float>(rw.w[r]);
           if (w != 0) loss_rows[r] = token_loss<float>(w, l, zt[r], SZ, eps, zl, V, &cp[r], &ct[r], &c1[r]);
@@ -915,12 +951,12 @@ Out brgemm_engine(const at::Tensor& H, const at::Tensor& W, const at::Tensor& Bi
             continue;
           }
           std::fill(a.begin(), a.end(), 0.f);
-          for (int64_t t = 0; t < T; ++t) {
+          for (int64_t t = 0; t < S; ++t) {
             if (f[t] == 0.f) continue;
             const float* at_ = acc.data_ptr<float>() + (t * R + i) * D;
             for (int64_t d = 0; d < D; ++d) a[d] += f[t] * at_[d];
           }
-          const float ca = cp[r] / S;
+          const float ca = cp[r] / Ssum;
           const int64_t lt = rw.lt[r];
           float cwt = 0.f;
           if (lt >= 0) {

@@ -138,6 +138,43 @@ def test_confident_target_no_cancellation(dtype):
                               factor=BIAS_FACTOR)
 
 
+REPRO = [pytest.param("chunk", torch.float32, dict(TOKENKERNELS_CE_FUSED_ROWS="64"), id="chunk-f32"),
+         pytest.param("chunk", torch.float64, dict(TOKENKERNELS_CE_FUSED_ROWS="64"), id="chunk-f64"),
+         pytest.param("brgemm", torch.bfloat16, dict(TOKENKERNELS_CE_R1="64"), id="brgemm-bf16",
+                      marks=[needs_brgemm])]
+
+
+@pytest.mark.parametrize("engine,dtype,env", REPRO)
+def test_bitwise_reproducible(monkeypatch, engine, dtype, env):
+    """The threads claim vocabulary work from a counter, yet every sum runs in an order fixed by
+    the segment count alone: repeated runs, and runs on 1 or 2 threads with the same
+    TOKENKERNELS_CE_SEGMENTS (where every GEMM is our micro-kernel call), give bitwise the same
+    loss, lse and gradients (the HF patch's loss must not change between two identical
+    forwards)."""
+    for k_, v_ in dict(env, TOKENKERNELS_CE_SEGMENTS="5").items():
+        monkeypatch.setenv(k_, v_)
+    h, w, t, b = make_inputs((301,), 64, 3001, dtype, bias=True, seed=4, ignore_frac=0.1)
+    threads = torch.get_num_threads()
+    # fp64 (and fp32 without the micro-kernel) runs its GEMMs on MKL, whose results may depend on
+    # its thread count: run to run at 2 threads there
+    ours = dtype != torch.float64 and BRGEMM
+    try:
+        outs = []
+        for nt in ((1, 2, 2, 2, 1) if ours else (2, 2, 2)):
+            torch.set_num_threads(nt)
+            outs.append(_fused(h, w, t, b, engine, "mean", label_smoothing=0.1, z_loss=1e-4))
+    finally:
+        torch.set_num_threads(threads)
+    for o in outs[1:]:
+        for key in ("out", "lse", "dh", "dw", "db"):
+            assert torch.equal(o[key], outs[0][key]), key
+    monkeypatch.delenv("TOKENKERNELS_CE_SEGMENTS")  # the default (2 per thread): run to run
+    again = [_fused(h, w, t, b, engine, "mean") for _ in range(3)]
+    for o in again[1:]:
+        for key in ("out", "lse", "dh", "dw", "db"):
+            assert torch.equal(o[key], again[0][key]), key
+
+
 def test_scale_and_noncontiguous():
     """scale multiplies the loss and every gradient; non-contiguous inputs give the contiguous
     results."""
