@@ -26,16 +26,18 @@ from __future__ import annotations
 import dataclasses
 import types
 import weakref
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from ._hf_common import (cache_from_kwargs, cache_of, current_forward, forward_cache_name,
                          model_type, require_transformers, restore_forward)
 
-SUPPORTED_VISUAL_MODELS = ("llava", "llava_next")
 _ATTR = "_tokenkernels_visual_pruning"
 _METHODS = ("kcenter", "coverage")
+# "frame": each video frame (a temporal step of the vision grid) keeps its own share, selected
+# within the frame; "clip": each video keeps one budget, selected across all of its frames
+_VIDEO_BUDGETS = ("frame", "clip")
 
 
 @dataclasses.dataclass
@@ -57,11 +59,15 @@ class _VisualPruning:
     method: str
     alpha: float
     tau: float
+    video_budget: str = "frame"
     prompt: Optional[_Prompt] = None
     # statistics of the last pruned prefill (for inspection / tests)
     last_tokens_per_image: List[int] = dataclasses.field(default_factory=list)
     last_kept_per_image: List[int] = dataclasses.field(default_factory=list)
     last_image_rows: List[int] = dataclasses.field(default_factory=list)
+    last_tokens_per_video: List[int] = dataclasses.field(default_factory=list)
+    last_kept_per_video: List[int] = dataclasses.field(default_factory=list)
+    last_video_rows: List[int] = dataclasses.field(default_factory=list)
     last_seq_len: int = 0
 
 
@@ -261,9 +267,15 @@ def _pruned_forward(self, input_ids=None, pixel_values=None, attention_mask=None
                     image_sizes=image_sizes, **kwargs)
 
 
+# model_type -> the instance forward that prunes for that family. LLaVA / LLaVA-NeXT: here;
+# other families register theirs from their own modules (imported at the end of this file).
+_FORWARDS: Dict[str, Callable] = {"llava": _pruned_forward, "llava_next": _pruned_forward}
+
+
 def apply_visual_token_pruning(model: torch.nn.Module, *, keep: Optional[float] = 0.098,
                                k: Optional[int] = None, method: str = "kcenter",
-                               alpha: float = 0.5, tau: float = 0.02) -> torch.nn.Module:
+                               alpha: float = 0.5, tau: float = 0.02,
+                               video_budget: str = "frame") -> torch.nn.Module:
     """Prune each image's visual tokens before the language model (in place).
 
     Args:
@@ -275,6 +287,9 @@ def apply_visual_token_pruning(model: torch.nn.Module, *, keep: Optional[float] 
         method: ``"kcenter"`` (DivPrune: greedy max-min diversity, cosine distance) or
             ``"coverage"`` (MMTok: greedy maximum coverage of the prompt's text embeddings and
             of the image's own tokens, ``alpha`` / ``tau`` as in :func:`mmtok_similarity`).
+        video_budget: for video inputs, ``"frame"`` (each frame keeps ``keep`` of its tokens,
+            selected within the frame) or ``"clip"`` (each video keeps ``keep`` of all its
+            tokens, selected across its frames). ``k`` is per frame / per clip accordingly.
 
     Returns the model. ``model.generate(...)`` and ``model(...)`` (with ``labels`` too) then run
     the language model on the pruned sequence; ``outputs.logits`` covers the pruned sequence.
@@ -283,12 +298,15 @@ def apply_visual_token_pruning(model: torch.nn.Module, *, keep: Optional[float] 
     """
     require_transformers()
     mt = model_type(model)
-    if mt not in SUPPORTED_VISUAL_MODELS:
+    if mt not in _FORWARDS:
         raise ValueError(f"tokenkernels.apply_visual_token_pruning: model type {mt!r} is not supported "
-                         f"(supported: {list(SUPPORTED_VISUAL_MODELS)})")
+                         f"(supported: {list(_FORWARDS)})")
     if method not in _METHODS:
         raise ValueError(f"tokenkernels.apply_visual_token_pruning: method must be 'kcenter' or "
                          f"'coverage', got {method!r}")
+    if video_budget not in _VIDEO_BUDGETS:
+        raise ValueError(f"tokenkernels.apply_visual_token_pruning: video_budget must be 'frame' or "
+                         f"'clip', got {video_budget!r}")
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"tokenkernels.apply_visual_token_pruning: k must be an int >= 1, got {k!r}")
@@ -299,8 +317,9 @@ def apply_visual_token_pruning(model: torch.nn.Module, *, keep: Optional[float] 
         keep = float(keep)
     original = current_forward(model, _ATTR)
     setattr(model, _ATTR, _VisualPruning(original_forward=original, keep=keep, k=k, method=method,
-                                         alpha=float(alpha), tau=float(tau)))
-    model.forward = types.MethodType(_pruned_forward, model)
+                                         alpha=float(alpha), tau=float(tau),
+                                         video_budget=video_budget))
+    model.forward = types.MethodType(_FORWARDS[mt], model)
     return model
 
 
@@ -310,11 +329,19 @@ def remove_visual_token_pruning(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def visual_pruning_stats(model: torch.nn.Module) -> dict:
-    """The last pruned prefill: tokens per image before/after, each image's batch row, and the
-    language model's (pruned) prompt length."""
+    """The last pruned prefill: tokens per image (and per video) before/after, each image's (and
+    video's) batch row, and the language model's (pruned) prompt length."""
     st = model.__dict__.get(_ATTR)
     if st is None:
         raise ValueError("tokenkernels.visual_pruning_stats: visual pruning is not applied to this model")
     return dict(tokens_per_image=list(st.last_tokens_per_image),
                 kept_per_image=list(st.last_kept_per_image),
-                image_rows=list(st.last_image_rows), lm_prompt_len=st.last_seq_len)
+                image_rows=list(st.last_image_rows),
+                tokens_per_video=list(st.last_tokens_per_video),
+                kept_per_video=list(st.last_kept_per_video),
+                video_rows=list(st.last_video_rows), lm_prompt_len=st.last_seq_len)
+
+
+# the other families' modules register their forwards in _FORWARDS (one import line each)
+
+SUPPORTED_VISUAL_MODELS = tuple(_FORWARDS)
