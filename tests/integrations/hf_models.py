@@ -123,10 +123,11 @@ def llava_onevision(*, seed: int = 0, **overrides) -> torch.nn.Module:
     return T.LlavaOnevisionForConditionalGeneration(cfg).eval()
 
 
-def onevision_batch(model, rows, *, seed: int = 0, frames: int = 3):
+def onevision_batch(model, rows, *, seed: int = 0, frames: int = 3, batch_num_images=False):
     """Left-padded prompts built by hand. ``rows``: per row a list of items, ``"image"`` (one
     anyres image per row: sizes cycle through 48x96, 96x96, 96x48) or ``"video"`` (``frames``
-    frames); text tokens around each item. The placeholder counts are the model's own feature
+    frames); text tokens around each item. ``batch_num_images=True`` passes the images per row
+    (rows with several images then get one tile per image, as the model does). The placeholder counts are the model's own feature
     counts (image: its packed features, newlines included; video: frames x pooled tokens + one
     newline). Returns a dict of model inputs (input_ids, attention_mask and, where present,
     pixel_values, image_sizes, pixel_values_videos) and the per-image / per-video counts."""
@@ -137,9 +138,10 @@ def onevision_batch(model, rows, *, seed: int = 0, frames: int = 3):
     sizes = torch.tensor([sizes_cycle[i % 3] for i in range(n_img)])
     pix = torch.randn(n_img, 5, 3, OV_TILE, OV_TILE, generator=g) if n_img else None
     vid = torch.randn(n_vid, frames, 3, OV_TILE, OV_TILE, generator=g) if n_vid else None
+    bni = torch.tensor([r.count("image") for r in rows if "image" in r]) if batch_num_images else None
     with torch.no_grad():
         img_n = [int(f.shape[0]) for f in model.model.get_image_features(
-            pix, sizes, return_dict=True).pooler_output] if n_img else []
+            pix, sizes, batch_num_images=bni, return_dict=True).pooler_output] if n_img else []
         vid_n = []
         if n_vid:
             vf = model.model.get_video_features(vid, return_dict=True).pooler_output
@@ -170,6 +172,8 @@ def onevision_batch(model, rows, *, seed: int = 0, frames: int = 3):
     inputs = dict(input_ids=ids, attention_mask=am)
     if n_img:
         inputs.update(pixel_values=pix, image_sizes=sizes)
+        if bni is not None:
+            inputs.update(batch_num_images=bni)
     if n_vid:
         inputs.update(pixel_values_videos=vid)
     return inputs, img_n, vid_n

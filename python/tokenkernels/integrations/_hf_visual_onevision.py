@@ -205,9 +205,18 @@ def _onevision_prefill(self, st: _VisualPruning, input_ids, pixel_values, image_
 
 def _onevision_forward(self, input_ids=None, pixel_values=None, image_sizes=None,
                        pixel_values_videos=None, image_sizes_videos=None, attention_mask=None,
-                       position_ids=None, _cache_positional=None, inputs_embeds=None, labels=None,
+                       position_ids=None, _cache_positional=None, inputs_embeds=None,
+                       vision_feature_layer=None, vision_feature_select_strategy=None,
+                       vision_aspect_ratio=None, batch_num_images=None, labels=None,
                        logits_to_keep=0, mm_encoder_outputs=None, **kwargs):
+    # (the vision arguments are named: generate checks its kwargs against this signature)
     st: _VisualPruning = getattr(self, _ATTR)
+    for key, val in (("vision_feature_layer", vision_feature_layer),
+                     ("vision_feature_select_strategy", vision_feature_select_strategy),
+                     ("vision_aspect_ratio", vision_aspect_ratio),
+                     ("batch_num_images", batch_num_images)):
+        if val is not None:
+            kwargs[key] = val
     if _cache_positional is not None:
         kwargs[forward_cache_name(type(self).forward)] = _cache_positional
     past_key_values = cache_from_kwargs(kwargs)

@@ -1,0 +1,294 @@
+"""apply_visual_token_pruning on a tiny HF LLaVA-OneVision (images with anyres packing and
+newline tokens, video with pooled frames and a trailing newline), batch 2 with left padding.
+
+keep=1.0 is the unpatched model exactly; keep<1 equals the unpatched model run row by row on
+the hand-pruned inputs_embeds (the model's own features, the kept indices from tk.kcenter /
+tk.coverage_select called directly, every newline kept, positions 0..n-1), prefill logits and
+greedy decode steps."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tokenkernels as tk
+from tokenkernels.integrations._hf_common import cache_of, forward_cache_name
+from tokenkernels.integrations.transformers import (apply_visual_token_pruning,
+                                                    remove_visual_token_pruning,
+                                                    visual_pruning_stats)
+
+from .hf_models import IMAGE_TOKEN, OV_TILE, VIDEO_TOKEN, llava_onevision, onevision_batch
+
+NEW = 4
+FRAMES = 3
+GRID = OV_TILE // 8                  # patches per tile side
+POOLED = ((GRID + 1) // 2) ** 2      # tokens per pooled video frame
+BASE = GRID * GRID                   # tokens of the base tile
+
+MIXED = [["image", "video"], ["video"]]         # images and video in one batch
+IMAGES = [["image"], ["image", "image"]]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llava_onevision()
+
+
+def _gen(m, inp, n=NEW):
+    out = m.generate(**inp, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                     output_logits=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("rows,bni", [(MIXED, False), (IMAGES, False), (IMAGES, True)],
+                         ids=["image+video", "images", "images-batch_num_images"])
+@pytest.mark.parametrize("method", ["kcenter", "coverage"])
+def test_keep_all_is_identical(model, rows, bni, method):
+    m = copy.deepcopy(model)
+    inp, img_n, vid_n = onevision_batch(m, rows, frames=FRAMES, batch_num_images=bni)
+    ids, am = inp["input_ids"], inp["attention_mask"]
+    labels = ids.masked_fill((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN) | (am == 0), -100)
+    with torch.no_grad():
+        ref = m(**inp, labels=labels)
+        ref_seq, ref_lg = _gen(m, inp)
+        apply_visual_token_pruning(m, keep=1.0, method=method, video_budget="clip")
+        out = m(**inp, labels=labels)
+        seq, lg = _gen(m, inp)
+    assert torch.equal(out.logits, ref.logits)
+    assert torch.equal(out.loss, ref.loss)
+    assert torch.equal(seq, ref_seq) and torch.equal(lg, ref_lg)
+    st = visual_pruning_stats(m)
+    assert st["tokens_per_image"] == st["kept_per_image"] == img_n
+    assert st["tokens_per_video"] == st["kept_per_video"] == vid_n
+    assert st["lm_prompt_len"] == ids.shape[1]
+
+
+# ---- the oracle: hand-pruned inputs for the unpatched model --------------------------------
+
+def _features(m, inp):
+    """The model's own image blocks and video blocks (video: frames x POOLED + one newline)."""
+    nl = m.model.image_newline
+    imgs, vids = [], []
+    if "pixel_values" in inp:
+        imgs = list(m.model.get_image_features(inp["pixel_values"], inp["image_sizes"],
+                                               batch_num_images=inp.get("batch_num_images"),
+                                               return_dict=True).pooler_output)
+    if "pixel_values_videos" in inp:
+        v = m.model.get_video_features(inp["pixel_values_videos"], return_dict=True).pooler_output
+        if v.shape[1] == FRAMES * POOLED:            # transformers 5.17: newline appended later
+            v = torch.cat([v, nl[None, None].expand(v.shape[0], 1, -1)], 1)
+        assert v.shape[1] == FRAMES * POOLED + 1
+        vids = list(v)
+    return imgs, vids
+
+
+def _image_newlines(size, tiled):
+    """Newline indices in an image block, from the anyres layout: the base tile, then H rows of
+    W tokens + newline (tile-aligned sizes: nothing unpadded, nothing interpolated); a single
+    tile ends with one newline."""
+    if not tiled:
+        return [BASE]
+    H, W = int(size[0]) // 8, int(size[1]) // 8
+    return [BASE + r * (W + 1) + W for r in range(H)]
+
+
+def _k(n, keep=None, k=None):
+    return max(1, min(n, k if k is not None else round(keep * n)))
+
+
+def _pick(method, f, k, text):
+    if method == "kcenter":
+        return tk.kcenter(f, k, metric="cosine", start="isolated", sorted=True)
+    sim = tk.mmtok_similarity(text, f)
+    return tk.coverage_select(sim, k).sort().values
+
+
+def _hand_pruned(m, inp, rows, method, budget, keep=None, k=None):
+    """Per row: the pruned inputs_embeds (1, n, D), and the per-item kept counts."""
+    ids, am = inp["input_ids"], inp["attention_mask"]
+    emb = m.get_input_embeddings()
+    imgs, vids = _features(m, inp)
+    nl = m.model.image_newline
+    bni = inp.get("batch_num_images")
+    tiled = [True] * len(imgs) if bni is None else [int(n) == 1 for n in bni for _ in range(int(n))]
+    out, kept_img, kept_vid, i_img, i_vid = [], [], [], 0, 0
+    for r, items in enumerate(rows):
+        row = ids[r][am[r] == 1]
+        e = emb(row)
+        text = e[(row != IMAGE_TOKEN) & (row != VIDEO_TOKEN)]
+        keep_tok = torch.ones(len(row), dtype=torch.bool)
+        where = {IMAGE_TOKEN: (row == IMAGE_TOKEN).nonzero().squeeze(1).tolist(),
+                 VIDEO_TOKEN: (row == VIDEO_TOKEN).nonzero().squeeze(1).tolist()}
+        used = {IMAGE_TOKEN: 0, VIDEO_TOKEN: 0}
+        for it in items:
+            if it == "image":
+                f = imgs[i_img]
+                nls = _image_newlines(inp["image_sizes"][i_img], tiled[i_img])
+                assert all(torch.equal(f[j], nl) for j in nls)
+                sel = torch.tensor([j for j in range(f.shape[0]) if j not in nls])
+                segs = [sel]
+                tok = IMAGE_TOKEN
+                i_img += 1
+            else:
+                f = vids[i_vid]
+                nls = [f.shape[0] - 1]
+                assert torch.equal(f[-1], nl)
+                if budget == "frame":
+                    segs = [torch.arange(s, s + POOLED) for s in range(0, FRAMES * POOLED, POOLED)]
+                else:
+                    segs = [torch.arange(FRAMES * POOLED)]
+                tok = VIDEO_TOKEN
+                i_vid += 1
+            km = torch.zeros(f.shape[0], dtype=torch.bool)
+            km[nls] = True
+            for s in segs:
+                km[s[_pick(method, f[s], _k(len(s), keep, k), text)]] = True
+            pos = torch.tensor(where[tok][used[tok]:used[tok] + f.shape[0]])
+            used[tok] += f.shape[0]
+            e[pos] = f
+            keep_tok[pos[~km]] = False
+            (kept_img if it == "image" else kept_vid).append(int(km.sum()))
+        out.append(e[keep_tok][None])
+    return out, kept_img, kept_vid
+
+
+def _decode(m, e, n=NEW):
+    toks, logits = [], []
+    out = m(inputs_embeds=e, use_cache=True)
+    prefill = out.logits[0]
+    for _ in range(n):
+        logits.append(out.logits[0, -1])
+        t = out.logits[:, -1].argmax(-1)
+        toks.append(int(t))
+        out = m(input_ids=t[None], use_cache=True,
+                **{forward_cache_name(type(m).forward): cache_of(out)})
+    return prefill, toks, torch.stack(logits)
+
+
+class _LMInputs:
+    def __init__(self, m):
+        self.calls = []
+        self.h = m.model.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, mod, args, kwargs):
+        self.calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
+
+    def close(self):
+        self.h.remove()
+
+
+@pytest.mark.parametrize("method,budget,rows,bni", [
+    ("kcenter", "frame", MIXED, False), ("kcenter", "clip", MIXED, False),
+    ("coverage", "frame", MIXED, False), ("coverage", "clip", MIXED, False),
+    ("kcenter", "frame", IMAGES, True), ("coverage", "frame", IMAGES, False)])
+def test_pruned_equals_hand_pruned(model, method, budget, rows, bni):
+    keep = 0.3
+    m = copy.deepcopy(model)
+    inp, img_n, vid_n = onevision_batch(m, rows, frames=FRAMES, batch_num_images=bni, seed=3)
+    with torch.no_grad():
+        expect, kept_img, kept_vid = _hand_pruned(model, inp, rows, method, budget, keep=keep)
+        oracle = [_decode(model, e) for e in expect]
+        apply_visual_token_pruning(m, keep=keep, method=method, video_budget=budget)
+        pre = m(**inp)
+        st = visual_pruning_stats(m)
+        rec = _LMInputs(m)
+        seq, lg = _gen(m, inp)
+        rec.close()
+    assert st["tokens_per_image"] == img_n and st["tokens_per_video"] == vid_n
+    assert st["kept_per_image"] == kept_img and st["kept_per_video"] == kept_vid
+    lens = [e.shape[1] for e in expect]
+    # rows keep their own left padding (as LLaVA's): the pruned prompt is L minus the fewest drops
+    L = inp["input_ids"].shape[1]
+    dropped = [int(inp["attention_mask"][r].sum()) - n for r, n in enumerate(lens)]
+    Lp = L - min(dropped)
+    assert st["lm_prompt_len"] == Lp == pre.logits.shape[1]
+    for r, (prefill, toks, logits) in enumerate(oracle):
+        # prefill: the row's valid (left-padded) part, token for token
+        torch.testing.assert_close(pre.logits[r, -lens[r]:], prefill, rtol=1e-5, atol=1e-5)
+        assert seq[r, L:].tolist() == toks
+        torch.testing.assert_close(lg[r], logits, rtol=1e-5, atol=1e-5)
+    # the LM's prefill had the pruned length; decode steps one token on the pruned cache
+    assert rec.calls[0]["inputs_embeds"].shape[1] == Lp
+    assert torch.equal(rec.calls[0]["attention_mask"].sum(1), torch.tensor(lens))
+    for step, c in enumerate(rec.calls[1:], 1):
+        assert c["inputs_embeds"].shape[1] == 1
+        assert c["attention_mask"].shape[1] == Lp + step
+
+
+@pytest.mark.parametrize("budget", ["frame", "clip"])
+@pytest.mark.parametrize("k", [2, 5, 100])
+def test_video_budget_counts(model, budget, k):
+    """k per frame ("frame": each frame keeps exactly min(k, POOLED) of its own tokens) or per
+    video ("clip": min(k, frames x POOLED) in all); the newline always; the LM sees exactly that."""
+    m = copy.deepcopy(model)
+    inp, _, vid_n = onevision_batch(m, MIXED, frames=FRAMES)
+    _, vids = _features(model, inp)
+    apply_visual_token_pruning(m, k=k, video_budget=budget)
+    rec = _LMInputs(m)
+    with torch.no_grad():
+        m(**inp)
+    rec.close()
+    st = visual_pruning_stats(m)
+    per_video = FRAMES * min(k, POOLED) if budget == "frame" else min(k, FRAMES * POOLED)
+    assert st["tokens_per_video"] == vid_n == [FRAMES * POOLED + 1] * 2
+    assert st["kept_per_video"] == [per_video + 1] * 2
+    assert st["video_rows"] == [0, 1] and st["image_rows"] == [0]
+    # which frame each of the LM's rows came from (the features are all distinct)
+    lm = rec.calls[0]["inputs_embeds"]
+    for v, f in enumerate(vids):
+        row = lm[st["video_rows"][v]]
+        hit = (row[:, None, :] == f[None, :, :]).all(-1)        # (Lp, tokens of the video)
+        found = hit.any(0)
+        assert bool(found[-1])                                  # its newline
+        per_frame = found[:-1].view(FRAMES, POOLED).sum(1)
+        assert int(per_frame.sum()) == per_video
+        if budget == "frame":
+            assert per_frame.tolist() == [min(k, POOLED)] * FRAMES
+    assert lm.shape[1] == st["lm_prompt_len"]
+
+
+def test_k_labels_train_and_remove(model):
+    m = copy.deepcopy(model)
+    inp, img_n, _ = onevision_batch(m, MIXED, frames=FRAMES)
+    ids, am = inp["input_ids"], inp["attention_mask"]
+    labels = ids.masked_fill((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN) | (am == 0), -100)
+    apply_visual_token_pruning(m, k=3)
+    out = m(**inp, labels=labels)
+    st = visual_pruning_stats(m)
+    n_nl = len(_image_newlines(inp["image_sizes"][0], True))
+    assert st["kept_per_image"] == [3 + n_nl] and st["kept_per_video"] == [3 * FRAMES + 1] * 2
+    assert out.logits.shape[1] == st["lm_prompt_len"] and torch.isfinite(out.loss)
+    out.loss.backward()                     # trains through the pruned sequence
+    assert m.model.multi_modal_projector.linear_1.weight.grad is not None
+    # a text-only prompt after a pruned one runs unpruned
+    with torch.no_grad():
+        txt = m(input_ids=ids[:, :3], attention_mask=am[:, :3]).logits
+        ref = model(input_ids=ids[:, :3], attention_mask=am[:, :3]).logits
+    assert torch.equal(txt, ref)
+    remove_visual_token_pruning(m)
+    assert "forward" not in m.__dict__
+
+
+def test_bad_inputs(model):
+    m = copy.deepcopy(model)
+    apply_visual_token_pruning(m, keep=0.5)
+    inp, _, _ = onevision_batch(m, MIXED, frames=FRAMES)
+    bad = dict(inp, pixel_values_videos=inp["pixel_values_videos"][:1])
+    with pytest.raises(ValueError, match="video features and video tokens do not match"):
+        m(**bad)
+    bad = dict(inp, input_ids=inp["input_ids"].masked_fill(inp["input_ids"] == IMAGE_TOKEN, 7))
+    with pytest.raises(ValueError, match="image features and image tokens do not match"):
+        m(**bad)
+    emb = m.get_input_embeddings()(inp["input_ids"])
+    with pytest.raises(ValueError, match="input_ids"):
+        m(inputs_embeds=emb, attention_mask=inp["attention_mask"],
+          pixel_values_videos=inp["pixel_values_videos"])
