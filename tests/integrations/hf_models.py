@@ -140,16 +140,20 @@ def onevision_batch(model, rows, *, seed: int = 0, frames: int = 3, batch_num_im
     vid = torch.randn(n_vid, frames, 3, OV_TILE, OV_TILE, generator=g) if n_vid else None
     bni = torch.tensor([r.count("image") for r in rows if "image" in r]) if batch_num_images else None
     with torch.no_grad():
+        ikw = {} if bni is None else dict(batch_num_images=bni)
         img_n = [int(f.shape[0]) for f in model.model.get_image_features(
-            pix, sizes, batch_num_images=bni, return_dict=True).pooler_output] if n_img else []
+            pix, sizes, return_dict=True, **ikw).pooler_output] if n_img else []
         vid_n = []
         if n_vid:
             vf = model.model.get_video_features(vid, return_dict=True).pooler_output
-            per = int(vf.shape[1])
-            g_ = OV_TILE // 8
-            pooled = frames * ((g_ + 1) // 2) ** 2
-            vid_n = [pooled + 1] * n_vid          # the newline occupies one placeholder
-            assert per in (pooled, pooled + 1)
+            per = sum(int(f.numel()) for f in vf) // (n_vid * int(vf[0].shape[-1]))
+            pooled = frames * 9                   # 6x6 patches pooled to 3x3 (both families)
+            if model.config.model_type == "llava_onevision":
+                vid_n = [pooled + 1] * n_vid      # the newline occupies one placeholder
+                assert per in (pooled, pooled + 1)
+            else:
+                vid_n = [pooled] * n_vid
+                assert per == pooled
     prompts, i_img, i_vid = [], 0, 0
     for r, items in enumerate(rows):
         parts = [torch.randint(1, IMAGE_TOKEN, (3 + r,), generator=g)]
@@ -177,3 +181,17 @@ def onevision_batch(model, rows, *, seed: int = 0, frames: int = 3, batch_num_im
     if n_vid:
         inputs.update(pixel_values_videos=vid)
     return inputs, img_n, vid_n
+
+
+def llava_next_video(*, seed: int = 0) -> torch.nn.Module:
+    """LLaVA-NeXT-Video layout: CLIP tower on 48x48 tiles of 8x8 patches (CLS dropped: 36 tokens),
+    anyres images with image_newline tokens, video frames average-pooled 2x2 (9 tokens a frame,
+    no newline)."""
+    vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=OV_TILE, patch_size=8, projection_dim=32)
+    tc = T.LlamaConfig(**_COMMON, pad_token_id=0)
+    cfg = T.LlavaNextVideoConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN,
+                                 video_token_index=VIDEO_TOKEN,
+                                 image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]])
+    torch.manual_seed(seed)
+    return T.LlavaNextVideoForConditionalGeneration(cfg).eval()

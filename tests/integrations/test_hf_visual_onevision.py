@@ -1,5 +1,6 @@
 """apply_visual_token_pruning on a tiny HF LLaVA-OneVision (images with anyres packing and
-newline tokens, video with pooled frames and a trailing newline), batch 2 with left padding.
+newline tokens, video with pooled frames and a trailing newline) and LLaVA-NeXT-Video (the same
+images, pooled video frames without a newline), batch 2 with left padding.
 
 keep=1.0 is the unpatched model exactly; keep<1 equals the unpatched model run row by row on
 the hand-pruned inputs_embeds (the model's own features, the kept indices from tk.kcenter /
@@ -18,7 +19,8 @@ from tokenkernels.integrations.transformers import (apply_visual_token_pruning,
                                                     remove_visual_token_pruning,
                                                     visual_pruning_stats)
 
-from .hf_models import IMAGE_TOKEN, OV_TILE, VIDEO_TOKEN, llava_onevision, onevision_batch
+from .hf_models import (IMAGE_TOKEN, OV_TILE, VIDEO_TOKEN, llava_next_video, llava_onevision,
+                        onevision_batch)
 
 NEW = 4
 FRAMES = 3
@@ -38,9 +40,19 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return llava_onevision()
+_BUILD = {"llava_onevision": llava_onevision, "llava_next_video": llava_next_video}
+_MODELS = {}
+OV, NV = "llava_onevision", "llava_next_video"
+
+
+def _model(family):
+    if family not in _MODELS:
+        _MODELS[family] = _BUILD[family]()
+    return _MODELS[family]
+
+
+def _video_newline(m):
+    return m.config.model_type == OV
 
 
 def _gen(m, inp, n=NEW):
@@ -49,11 +61,13 @@ def _gen(m, inp, n=NEW):
     return out.sequences, torch.stack(out.logits, 1)
 
 
-@pytest.mark.parametrize("rows,bni", [(MIXED, False), (IMAGES, False), (IMAGES, True)],
-                         ids=["image+video", "images", "images-batch_num_images"])
+@pytest.mark.parametrize("family,rows,bni", [
+    (OV, MIXED, False), (OV, IMAGES, False), (OV, IMAGES, True), (NV, MIXED, False),
+    (NV, IMAGES, False)], ids=["ov-image+video", "ov-images", "ov-images-batch_num_images",
+                               "nv-image+video", "nv-images"])
 @pytest.mark.parametrize("method", ["kcenter", "coverage"])
-def test_keep_all_is_identical(model, rows, bni, method):
-    m = copy.deepcopy(model)
+def test_keep_all_is_identical(family, rows, bni, method):
+    m = copy.deepcopy(_model(family))
     inp, img_n, vid_n = onevision_batch(m, rows, frames=FRAMES, batch_num_images=bni)
     ids, am = inp["input_ids"], inp["attention_mask"]
     labels = ids.masked_fill((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN) | (am == 0), -100)
@@ -75,19 +89,23 @@ def test_keep_all_is_identical(model, rows, bni, method):
 # ---- the oracle: hand-pruned inputs for the unpatched model --------------------------------
 
 def _features(m, inp):
-    """The model's own image blocks and video blocks (video: frames x POOLED + one newline)."""
+    """The model's own image blocks and video blocks (video: frames x POOLED, then one newline
+    for OneVision)."""
     nl = m.model.image_newline
     imgs, vids = [], []
     if "pixel_values" in inp:
+        kw = {"batch_num_images": inp["batch_num_images"]} if "batch_num_images" in inp else {}
         imgs = list(m.model.get_image_features(inp["pixel_values"], inp["image_sizes"],
-                                               batch_num_images=inp.get("batch_num_images"),
-                                               return_dict=True).pooler_output)
+                                               return_dict=True, **kw).pooler_output)
     if "pixel_values_videos" in inp:
         v = m.model.get_video_features(inp["pixel_values_videos"], return_dict=True).pooler_output
-        if v.shape[1] == FRAMES * POOLED:            # transformers 5.17: newline appended later
-            v = torch.cat([v, nl[None, None].expand(v.shape[0], 1, -1)], 1)
-        assert v.shape[1] == FRAMES * POOLED + 1
-        vids = list(v)
+        vids = [f.reshape(-1, f.shape[-1]) for f in v]   # NeXT-Video 5.17: (frames, P, D) each
+        if _video_newline(m):
+            if vids[0].shape[0] == FRAMES * POOLED:      # transformers 5.17: appended later
+                vids = [torch.cat([f, nl[None]]) for f in vids]
+            assert all(f.shape[0] == FRAMES * POOLED + 1 for f in vids)
+        else:
+            assert all(f.shape[0] == FRAMES * POOLED for f in vids)
     return imgs, vids
 
 
@@ -140,8 +158,8 @@ def _hand_pruned(m, inp, rows, method, budget, keep=None, k=None):
                 i_img += 1
             else:
                 f = vids[i_vid]
-                nls = [f.shape[0] - 1]
-                assert torch.equal(f[-1], nl)
+                nls = [f.shape[0] - 1] if _video_newline(m) else []
+                assert all(torch.equal(f[j], nl) for j in nls)
                 if budget == "frame":
                     segs = [torch.arange(s, s + POOLED) for s in range(0, FRAMES * POOLED, POOLED)]
                 else:
@@ -186,12 +204,14 @@ class _LMInputs:
         self.h.remove()
 
 
-@pytest.mark.parametrize("method,budget,rows,bni", [
-    ("kcenter", "frame", MIXED, False), ("kcenter", "clip", MIXED, False),
-    ("coverage", "frame", MIXED, False), ("coverage", "clip", MIXED, False),
-    ("kcenter", "frame", IMAGES, True), ("coverage", "frame", IMAGES, False)])
-def test_pruned_equals_hand_pruned(model, method, budget, rows, bni):
+@pytest.mark.parametrize("family,method,budget,rows,bni", [
+    (OV, "kcenter", "frame", MIXED, False), (OV, "kcenter", "clip", MIXED, False),
+    (OV, "coverage", "frame", MIXED, False), (OV, "coverage", "clip", MIXED, False),
+    (OV, "kcenter", "frame", IMAGES, True), (OV, "coverage", "frame", IMAGES, False),
+    (NV, "kcenter", "frame", MIXED, False), (NV, "coverage", "clip", MIXED, False)])
+def test_pruned_equals_hand_pruned(family, method, budget, rows, bni):
     keep = 0.3
+    model = _model(family)
     m = copy.deepcopy(model)
     inp, img_n, vid_n = onevision_batch(m, rows, frames=FRAMES, batch_num_images=bni, seed=3)
     with torch.no_grad():
@@ -224,11 +244,14 @@ def test_pruned_equals_hand_pruned(model, method, budget, rows, bni):
         assert c["attention_mask"].shape[1] == Lp + step
 
 
+@pytest.mark.parametrize("family", [OV, NV])
 @pytest.mark.parametrize("budget", ["frame", "clip"])
 @pytest.mark.parametrize("k", [2, 5, 100])
-def test_video_budget_counts(model, budget, k):
+def test_video_budget_counts(family, budget, k):
     """k per frame ("frame": each frame keeps exactly min(k, POOLED) of its own tokens) or per
     video ("clip": min(k, frames x POOLED) in all); the newline always; the LM sees exactly that."""
+    model = _model(family)
+    nl = 1 if _video_newline(model) else 0
     m = copy.deepcopy(model)
     inp, _, vid_n = onevision_batch(m, MIXED, frames=FRAMES)
     _, vids = _features(model, inp)
@@ -239,8 +262,8 @@ def test_video_budget_counts(model, budget, k):
     rec.close()
     st = visual_pruning_stats(m)
     per_video = FRAMES * min(k, POOLED) if budget == "frame" else min(k, FRAMES * POOLED)
-    assert st["tokens_per_video"] == vid_n == [FRAMES * POOLED + 1] * 2
-    assert st["kept_per_video"] == [per_video + 1] * 2
+    assert st["tokens_per_video"] == vid_n == [FRAMES * POOLED + nl] * 2
+    assert st["kept_per_video"] == [per_video + nl] * 2
     assert st["video_rows"] == [0, 1] and st["image_rows"] == [0]
     # which frame each of the LM's rows came from (the features are all distinct)
     lm = rec.calls[0]["inputs_embeds"]
@@ -248,15 +271,19 @@ def test_video_budget_counts(model, budget, k):
         row = lm[st["video_rows"][v]]
         hit = (row[:, None, :] == f[None, :, :]).all(-1)        # (Lp, tokens of the video)
         found = hit.any(0)
-        assert bool(found[-1])                                  # its newline
-        per_frame = found[:-1].view(FRAMES, POOLED).sum(1)
+        if nl:
+            assert bool(found[-1])                              # its newline
+        per_frame = found[:FRAMES * POOLED].view(FRAMES, POOLED).sum(1)
         assert int(per_frame.sum()) == per_video
         if budget == "frame":
             assert per_frame.tolist() == [min(k, POOLED)] * FRAMES
     assert lm.shape[1] == st["lm_prompt_len"]
 
 
-def test_k_labels_train_and_remove(model):
+@pytest.mark.parametrize("family", [OV, NV])
+def test_k_labels_train_and_remove(family):
+    model = _model(family)
+    nl = 1 if _video_newline(model) else 0
     m = copy.deepcopy(model)
     inp, img_n, _ = onevision_batch(m, MIXED, frames=FRAMES)
     ids, am = inp["input_ids"], inp["attention_mask"]
@@ -265,7 +292,7 @@ def test_k_labels_train_and_remove(model):
     out = m(**inp, labels=labels)
     st = visual_pruning_stats(m)
     n_nl = len(_image_newlines(inp["image_sizes"][0], True))
-    assert st["kept_per_image"] == [3 + n_nl] and st["kept_per_video"] == [3 * FRAMES + 1] * 2
+    assert st["kept_per_image"] == [3 + n_nl] and st["kept_per_video"] == [3 * FRAMES + nl] * 2
     assert out.logits.shape[1] == st["lm_prompt_len"] and torch.isfinite(out.loss)
     out.loss.backward()                     # trains through the pruned sequence
     assert m.model.multi_modal_projector.linear_1.weight.grad is not None
@@ -278,8 +305,9 @@ def test_k_labels_train_and_remove(model):
     assert "forward" not in m.__dict__
 
 
-def test_bad_inputs(model):
-    m = copy.deepcopy(model)
+@pytest.mark.parametrize("family", [OV, NV])
+def test_bad_inputs(family):
+    m = copy.deepcopy(_model(family))
     apply_visual_token_pruning(m, keep=0.5)
     inp, _, _ = onevision_batch(m, MIXED, frames=FRAMES)
     bad = dict(inp, pixel_values_videos=inp["pixel_values_videos"][:1])

@@ -27,31 +27,52 @@ what the language model would receive / receives.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import weakref
+from typing import Callable, Tuple
 
 import torch
 
 from ._hf_common import cache_from_kwargs, cache_of, forward_cache_name
 from ._hf_visual import _ATTR, _FORWARDS, _Prompt, _VisualPruning, _map_decode, _select
 
-_VISION_KW = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
-              "batch_num_images", "image_sizes_videos")
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    name: str
+    video_newline: bool               # a newline closes each video (OneVision)
+    image_kw: Tuple[str, ...]         # get_image_features' extra arguments the forward passes
+    vision_kw: Tuple[str, ...]        # the forward's vision-only arguments (not for the LM)
+    per_frame: Callable               # config -> pooled tokens per video frame
 
 
-def _err(msg):
-    return ValueError(f"tokenkernels visual pruning (llava_onevision): {msg}")
-
-
-def _pooled_per_frame(cfg) -> int:
+def _onevision_per_frame(cfg) -> int:
     g = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    return math.ceil(g / 2) ** 2          # LlavaOnevisionModel.apply_pooling
+    return math.ceil(g / 2) ** 2          # LlavaOnevisionModel.apply_pooling (bilinear, ceil)
 
 
-def _onevision_features(self, pixel_values, image_sizes, pixel_values_videos, mm, vkw, n_vid_tokens):
+def _next_video_per_frame(cfg) -> int:
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    return (g // cfg.spatial_pool_stride) ** 2   # LlavaNextVideoPooler (kernel = stride, floor)
+
+
+_ONEVISION = _Family("llava_onevision", True, ("batch_num_images",),
+                     ("vision_feature_layer", "vision_feature_select_strategy",
+                      "vision_aspect_ratio", "batch_num_images", "image_sizes_videos"),
+                     _onevision_per_frame)
+_NEXT_VIDEO = _Family("llava_next_video", False, (),
+                      ("vision_feature_layer", "vision_feature_select_strategy"),
+                      _next_video_per_frame)
+
+
+def _err(fam, msg):
+    return ValueError(f"tokenkernels visual pruning ({fam.name}): {msg}")
+
+
+def _media_features(self, fam, pixel_values, image_sizes, pixel_values_videos, mm, vkw, n_vid_tokens):
     """(image blocks, video blocks): lists of (N, D) tensors exactly as the model scatters them
-    into its placeholders (video blocks end with their newline)."""
+    into its placeholders (OneVision's video blocks end with their newline)."""
     inner = self.model
     fkw = dict(vision_feature_layer=vkw.get("vision_feature_layer"),
                vision_feature_select_strategy=vkw.get("vision_feature_select_strategy"))
@@ -59,9 +80,9 @@ def _onevision_features(self, pixel_values, image_sizes, pixel_values_videos, mm
     if mm is not None and mm.get("image") is not None:
         imgs = list(mm["image"].pooler_output)
     elif pixel_values is not None:
-        imgs = list(inner.get_image_features(pixel_values, image_sizes,
-                                             batch_num_images=vkw.get("batch_num_images"),
-                                             return_dict=True, **fkw).pooler_output)
+        ikw = {key: vkw.get(key) for key in fam.image_kw}
+        imgs = list(inner.get_image_features(pixel_values, image_sizes, return_dict=True,
+                                             **ikw, **fkw).pooler_output)
     if mm is not None and mm.get("video") is not None:
         v = mm["video"].pooler_output
     elif pixel_values_videos is not None:
@@ -69,18 +90,19 @@ def _onevision_features(self, pixel_values, image_sizes, pixel_values_videos, mm
     else:
         v = None
     if v is not None:
-        n_v = v.shape[0]
-        if v.shape[0] * v.shape[1] + n_v == n_vid_tokens:        # 5.17: the forward appends it
-            nl = inner.image_newline[None, None, :].to(v.device, v.dtype).expand(n_v, 1, v.shape[-1])
-            v = torch.cat((v, nl), 1)
-        vids = list(v)
+        # (n_videos, S, D) or, LLaVA-NeXT-Video in 5.17, one (frames, P, D) block per video
+        vids = [f.flatten(0, 1) if f.dim() == 3 else f for f in v]
+        n = sum(int(f.shape[0]) for f in vids)
+        if fam.video_newline and n + len(vids) == n_vid_tokens:    # 5.17: the forward appends it
+            nl = inner.image_newline.to(vids[0].device, vids[0].dtype)[None]
+            vids = [torch.cat((f, nl), 0) for f in vids]
     return imgs, vids
 
 
-def _onevision_prefill(self, st: _VisualPruning, input_ids, pixel_values, image_sizes,
-                       pixel_values_videos, attention_mask, position_ids, labels, mm, vkw):
+def _media_prefill(self, fam: _Family, st: _VisualPruning, input_ids, pixel_values, image_sizes,
+                   pixel_values_videos, attention_mask, position_ids, labels, mm, vkw):
     if input_ids is None:
-        raise _err("pass input_ids (the placeholders are located by config.image_token_id / "
+        raise _err(fam, "pass input_ids (the placeholders are located by config.image_token_id / "
                    "video_token_id), not inputs_embeds")
     cfg = self.config
     B, L = input_ids.shape
@@ -90,14 +112,14 @@ def _onevision_prefill(self, st: _VisualPruning, input_ids, pixel_values, image_
     is_vid = input_ids == cfg.video_token_id
     img_pos = is_img.reshape(-1).nonzero().squeeze(1)             # row-major placeholder order
     vid_pos = is_vid.reshape(-1).nonzero().squeeze(1)
-    imgs, vids = _onevision_features(self, pixel_values, image_sizes, pixel_values_videos, mm, vkw,
-                                     vid_pos.numel())
+    imgs, vids = _media_features(self, fam, pixel_values, image_sizes, pixel_values_videos, mm, vkw,
+                                 vid_pos.numel())
     imgs = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in imgs]
     vids = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in vids]
     for name, feats, pos in (("image", imgs, img_pos), ("video", vids, vid_pos)):
         n = sum(int(f.shape[0]) for f in feats)
         if feats and pos.numel() != n:
-            raise _err(f"{name} features and {name} tokens do not match: {pos.numel()} placeholder "
+            raise _err(fam, f"{name} features and {name} tokens do not match: {pos.numel()} placeholder "
                        f"tokens, {n} features ({len(feats)} {name}s)")
     newline = self.model.image_newline.detach()
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -126,18 +148,21 @@ def _onevision_prefill(self, st: _VisualPruning, input_ids, pixel_values, image_
         segs.append(f[idx])
         seg_text.append(text_of.get(img_rows[i]))
         seg_owner.append(("image", i, idx))
-    per_frame = _pooled_per_frame(cfg)
+    n_nl = 1 if fam.video_newline else 0
+    frames = pixel_values_videos.shape[1] if pixel_values_videos is not None else None
     for v, f in enumerate(vids):
-        body = int(f.shape[0]) - 1
+        body = int(f.shape[0]) - n_nl
         km = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
-        km[-1] = True                                              # the video's newline
+        km[body:] = True                                           # the video's newline
         keeps["video"].append(km)
         if st.video_budget == "clip":
             bounds = [(0, body)]
         else:
-            if body % per_frame:
-                raise _err(f"video {v} has {body} frame tokens, not a multiple of the {per_frame} "
-                           f"pooled tokens per frame")
+            # frames from pixel_values_videos; from the pooling's size with mm_encoder_outputs
+            per_frame = body // frames if frames else fam.per_frame(cfg)
+            if per_frame < 1 or body % per_frame:
+                raise _err(fam, f"video {v}: {body} frame tokens do not split into frames of "
+                                f"{per_frame} tokens (video_budget='frame')")
             bounds = [(s, s + per_frame) for s in range(0, body, per_frame)]
         for s, e in bounds:
             idx = torch.arange(s, e, device=f.device)
@@ -209,14 +234,34 @@ def _onevision_forward(self, input_ids=None, pixel_values=None, image_sizes=None
                        vision_feature_layer=None, vision_feature_select_strategy=None,
                        vision_aspect_ratio=None, batch_num_images=None, labels=None,
                        logits_to_keep=0, mm_encoder_outputs=None, **kwargs):
-    # (the vision arguments are named: generate checks its kwargs against this signature)
+    # (LlavaOnevisionForConditionalGeneration.forward's order; the vision arguments are named
+    # because generate checks its kwargs against this signature)
+    named = dict(image_sizes_videos=image_sizes_videos, vision_feature_layer=vision_feature_layer,
+                 vision_feature_select_strategy=vision_feature_select_strategy,
+                 vision_aspect_ratio=vision_aspect_ratio, batch_num_images=batch_num_images)
+    return _forward(self, _ONEVISION, input_ids, pixel_values, image_sizes, pixel_values_videos,
+                    attention_mask, position_ids, _cache_positional, inputs_embeds, labels,
+                    logits_to_keep, mm_encoder_outputs, named, kwargs)
+
+
+def _next_video_forward(self, input_ids=None, pixel_values=None, pixel_values_videos=None,
+                        image_sizes=None, attention_mask=None, position_ids=None,
+                        _cache_positional=None, inputs_embeds=None, vision_feature_layer=None,
+                        vision_feature_select_strategy=None, labels=None, logits_to_keep=0,
+                        mm_encoder_outputs=None, **kwargs):
+    # (LlavaNextVideoForConditionalGeneration.forward's order)
+    named = dict(vision_feature_layer=vision_feature_layer,
+                 vision_feature_select_strategy=vision_feature_select_strategy)
+    return _forward(self, _NEXT_VIDEO, input_ids, pixel_values, image_sizes, pixel_values_videos,
+                    attention_mask, position_ids, _cache_positional, inputs_embeds, labels,
+                    logits_to_keep, mm_encoder_outputs, named, kwargs)
+
+
+def _forward(self, fam, input_ids, pixel_values, image_sizes, pixel_values_videos, attention_mask,
+             position_ids, _cache_positional, inputs_embeds, labels, logits_to_keep,
+             mm_encoder_outputs, named, kwargs):
     st: _VisualPruning = getattr(self, _ATTR)
-    for key, val in (("vision_feature_layer", vision_feature_layer),
-                     ("vision_feature_select_strategy", vision_feature_select_strategy),
-                     ("vision_aspect_ratio", vision_aspect_ratio),
-                     ("batch_num_images", batch_num_images)):
-        if val is not None:
-            kwargs[key] = val
+    kwargs.update({key: val for key, val in named.items() if val is not None})
     if _cache_positional is not None:
         kwargs[forward_cache_name(type(self).forward)] = _cache_positional
     past_key_values = cache_from_kwargs(kwargs)
@@ -225,13 +270,11 @@ def _onevision_forward(self, input_ids=None, pixel_values=None, image_sizes=None
     mm = mm_encoder_outputs
     has_media = (pixel_values is not None or pixel_values_videos is not None
                  or (mm is not None and (mm.get("image") is not None or mm.get("video") is not None)))
-    if image_sizes_videos is not None:
-        kwargs["image_sizes_videos"] = image_sizes_videos
     if has_media:
-        vkw = {key: kwargs.pop(key, None) for key in _VISION_KW}
-        extra, kept = _onevision_prefill(self, st, input_ids, pixel_values, image_sizes,
-                                         pixel_values_videos, attention_mask, position_ids, labels,
-                                         mm, vkw)
+        vkw = {key: kwargs.pop(key, None) for key in fam.vision_kw}
+        extra, kept = _media_prefill(self, fam, st, input_ids, pixel_values, image_sizes,
+                                     pixel_values_videos, attention_mask, position_ids, labels,
+                                     mm, vkw)
         out = original(input_ids=None, logits_to_keep=logits_to_keep, **extra, **kwargs)
         cache = cache_of(out)
         st.prompt.cache_ref = weakref.ref(cache) if cache is not None else None
@@ -255,3 +298,4 @@ def _onevision_forward(self, input_ids=None, pixel_values=None, image_sizes=None
 
 
 _FORWARDS["llava_onevision"] = _onevision_forward
+_FORWARDS["llava_next_video"] = _next_video_forward
