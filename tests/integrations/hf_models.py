@@ -124,13 +124,14 @@ def llava_onevision(*, seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def onevision_batch(model, rows, *, seed: int = 0, frames: int = 3, batch_num_images=False):
-    """Left-padded prompts built by hand. ``rows``: per row a list of items, ``"image"`` (one
-    anyres image per row: sizes cycle through 48x96, 96x96, 96x48) or ``"video"`` (``frames``
-    frames); text tokens around each item. ``batch_num_images=True`` passes the images per row
-    (rows with several images then get one tile per image, as the model does). The placeholder counts are the model's own feature
-    counts (image: its packed features, newlines included; video: frames x pooled tokens + one
-    newline). Returns a dict of model inputs (input_ids, attention_mask and, where present,
-    pixel_values, image_sizes, pixel_values_videos) and the per-image / per-video counts."""
+    """Left-padded prompts built by hand (LLaVA-OneVision or LLaVA-NeXT-Video). ``rows``: per row
+    a list of items, ``"image"`` (anyres; sizes cycle through 48x96, 96x96, 96x48 over all images)
+    or ``"video"`` (``frames`` frames); text tokens around each item. ``batch_num_images=True``
+    passes the images per row (OneVision: rows with several images then get one tile per image).
+    The placeholder counts are the model's own feature counts (image: its packed features,
+    newlines included; video: frames x pooled tokens, + one newline for OneVision). Returns a dict
+    of model inputs (input_ids, attention_mask and, where present, pixel_values, image_sizes,
+    batch_num_images, pixel_values_videos) and the per-image / per-video counts."""
     g = torch.Generator().manual_seed(seed)
     sizes_cycle = [[48, 96], [96, 96], [96, 48]]
     n_img = sum(r.count("image") for r in rows)

@@ -320,3 +320,31 @@ def test_bad_inputs(family):
     with pytest.raises(ValueError, match="input_ids"):
         m(inputs_embeds=emb, attention_mask=inp["attention_mask"],
           pixel_values_videos=inp["pixel_values_videos"])
+
+
+@pytest.mark.parametrize("family", [OV, NV])
+@pytest.mark.parametrize("budget", ["frame", "clip"])
+def test_mm_encoder_outputs(family, budget):
+    """Precomputed encoder outputs (transformers >= 5.24's mm_encoder_outputs) prune like pixels:
+    the frames of a video then come from the pooling's size (no pixel_values_videos to count)."""
+    import inspect
+
+    model = _model(family)
+    if "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters:
+        pytest.skip("this transformers release has no mm_encoder_outputs (5.24 has)")
+    m = copy.deepcopy(model)
+    inp, _, _ = onevision_batch(m, MIXED, frames=FRAMES)
+    with torch.no_grad():
+        kw = {"batch_num_images": inp["batch_num_images"]} if "batch_num_images" in inp else {}
+        mm = {"image": m.model.get_image_features(inp["pixel_values"], inp["image_sizes"],
+                                                  return_dict=True, **kw),
+              "video": m.model.get_video_features(inp["pixel_values_videos"], return_dict=True)}
+        text = dict(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"])
+        apply_visual_token_pruning(m, keep=0.3, video_budget=budget)
+        ref, ref_seq = m(**inp).logits, _gen(m, inp)[0]
+        st = visual_pruning_stats(m)
+        out = m(**text, mm_encoder_outputs=dict(mm)).logits
+        assert visual_pruning_stats(m) == st
+        seq = _gen(m, dict(text, mm_encoder_outputs=dict(mm)))[0]
+    assert torch.equal(out, ref)
+    assert torch.equal(seq, ref_seq)

@@ -1,4 +1,5 @@
-"""Visual token pruning for HF LLaVA-OneVision (``llava_onevision``): images and video.
+"""Visual token pruning for HF LLaVA-OneVision (``llava_onevision``) and LLaVA-NeXT-Video
+(``llava_next_video``): images and video, both in one batch too.
 
 Registered in :data:`._hf_visual._FORWARDS`; the selection (``_select``: DivPrune's ``kcenter``
 or MMTok's ``coverage_select``), the budgets (``_k_for``) and the decode-step mapping
@@ -14,11 +15,17 @@ What the model feeds its language model, and what is selectable here:
   (``ceil(g/2)^2`` per frame, ``g`` patches per side), then one ``image_newline``; the newline
   occupies a ``video_token_id`` placeholder too (transformers 5.17 appends it in the forward,
   5.24 in ``get_video_features``: both layouts are recognised by the placeholder count).
+  LLaVA-NeXT-Video: the same images (LLaVA-NeXT's packing), video frames pooled by its
+  ``vision_resampler`` (``(g // spatial_pool_stride)^2`` per frame) and no newline after a video.
+* ``mm_encoder_outputs`` (transformers >= 5.24) are pruned like the pixels they came from; the
+  frames of a video are then counted from the pooled size per frame (else from
+  ``pixel_values_videos``' frame axis).
 
-The newline tokens are **always kept** and are not part of the budget: they mark the end of
-each grid row (and of each video), so the kept tokens between two newlines are still one row of
-the image, in order; dropping them (DivPrune would, as all newlines are one identical vector)
-would leave a sequence whose row markers fall at random places. The budget applies to the other
+The newline tokens (an image block's rows equal to ``image_newline``; a OneVision video's last
+token) are **always kept** and are not part of the budget: they mark the end of each grid row
+(and of each OneVision video), so the kept tokens between two newlines are still one row of the
+image, in order; dropping them (DivPrune would, as all newlines are one identical vector) would
+leave a sequence whose row markers fall at random places. The budget applies to the other
 tokens: per image ``round(keep * n)`` (``n`` = its non-newline tokens, or ``k``); per video frame
 (``video_budget="frame"``: each frame keeps ``round(keep * n_frame)``, selected within the frame)
 or per video (``"clip"``: one selection over all the video's frame tokens). The statistics count
