@@ -208,6 +208,7 @@ class _LMInputs:
     (OV, "kcenter", "frame", MIXED, False), (OV, "kcenter", "clip", MIXED, False),
     (OV, "coverage", "frame", MIXED, False), (OV, "coverage", "clip", MIXED, False),
     (OV, "kcenter", "frame", IMAGES, True), (OV, "coverage", "frame", IMAGES, False),
+    (OV, "kcenter", "clip", [["video"], []], False),            # a row without media
     (NV, "kcenter", "frame", MIXED, False), (NV, "coverage", "clip", MIXED, False)])
 def test_pruned_equals_hand_pruned(family, method, budget, rows, bni):
     keep = 0.3
@@ -348,3 +349,23 @@ def test_mm_encoder_outputs(family, budget):
         seq = _gen(m, dict(text, mm_encoder_outputs=dict(mm)))[0]
     assert torch.equal(out, ref)
     assert torch.equal(seq, ref_seq)
+
+
+def test_onevision_interpolated_grid():
+    """vision_aspect_ratio="anyres_max_1": a grid larger than one tile is interpolated down (the
+    96x96 image's 12x12 grid to 6x6, the 48x96's 6x12 to 4x8) and each of its rows still ends with
+    a newline; those stay, the budget is round(keep * the rest)."""
+    model = llava_onevision(vision_aspect_ratio="anyres_max_1")
+    inp, img_n, _ = onevision_batch(model, [["image"], ["image"]], frames=FRAMES)
+    rows = [4, 6]                                   # 48x96 -> 4x8 + newlines, 96x96 -> 6x6
+    assert img_n == [BASE + 4 * 9, BASE + 6 * 7]
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = model(**inp).logits
+        apply_visual_token_pruning(m, keep=1.0)
+        assert torch.equal(m(**inp).logits, ref)
+        apply_visual_token_pruning(m, keep=0.25)
+        m(**inp)
+    st = visual_pruning_stats(m)
+    assert st["tokens_per_image"] == img_n
+    assert st["kept_per_image"] == [round(0.25 * (n - h)) + h for n, h in zip(img_n, rows)]
