@@ -102,3 +102,97 @@ def llava_next_batch(model, *, seed: int = 0):
         ids[i, L - len(r):] = r
         am[i, L - len(r):] = 1
     return ids, am, pix, sizes, Ns
+
+
+# LLaVA-OneVision (SigLIP tower, Qwen2 LM): 48x48 tiles of 8x8 patches (6x6 = 36 tokens per tile,
+# 3x3 = 9 per pooled video frame); anyres packing with image_newline tokens.
+VIDEO_TOKEN = 501
+OV_TILE = 48
+
+
+def llava_onevision(*, seed: int = 0, **overrides) -> torch.nn.Module:
+    vc = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=OV_TILE, patch_size=8)
+    tc = T.Qwen2Config(**_COMMON, pad_token_id=0)
+    kw = dict(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN,
+              video_token_index=VIDEO_TOKEN,
+              image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]])
+    kw.update(overrides)
+    cfg = T.LlavaOnevisionConfig(**kw)
+    torch.manual_seed(seed)
+    return T.LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def onevision_batch(model, rows, *, seed: int = 0, frames: int = 3, batch_num_images=False):
+    """Left-padded prompts built by hand (LLaVA-OneVision or LLaVA-NeXT-Video). ``rows``: per row
+    a list of items, ``"image"`` (anyres; sizes cycle through 48x96, 96x96, 96x48 over all images)
+    or ``"video"`` (``frames`` frames); text tokens around each item. ``batch_num_images=True``
+    passes the images per row (OneVision: rows with several images then get one tile per image).
+    The placeholder counts are the model's own feature counts (image: its packed features,
+    newlines included; video: frames x pooled tokens, + one newline for OneVision). Returns a dict
+    of model inputs (input_ids, attention_mask and, where present, pixel_values, image_sizes,
+    batch_num_images, pixel_values_videos) and the per-image / per-video counts."""
+    g = torch.Generator().manual_seed(seed)
+    sizes_cycle = [[48, 96], [96, 96], [96, 48]]
+    n_img = sum(r.count("image") for r in rows)
+    n_vid = sum(r.count("video") for r in rows)
+    sizes = torch.tensor([sizes_cycle[i % 3] for i in range(n_img)])
+    pix = torch.randn(n_img, 5, 3, OV_TILE, OV_TILE, generator=g) if n_img else None
+    vid = torch.randn(n_vid, frames, 3, OV_TILE, OV_TILE, generator=g) if n_vid else None
+    bni = torch.tensor([r.count("image") for r in rows if "image" in r]) if batch_num_images else None
+    with torch.no_grad():
+        ikw = {} if bni is None else dict(batch_num_images=bni)
+        img_n = [int(f.shape[0]) for f in model.model.get_image_features(
+            pix, sizes, return_dict=True, **ikw).pooler_output] if n_img else []
+        vid_n = []
+        if n_vid:
+            vf = model.model.get_video_features(vid, return_dict=True).pooler_output
+            per = sum(int(f.numel()) for f in vf) // (n_vid * int(vf[0].shape[-1]))
+            pooled = frames * 9                   # 6x6 patches pooled to 3x3 (both families)
+            if model.config.model_type == "llava_onevision":
+                vid_n = [pooled + 1] * n_vid      # the newline occupies one placeholder
+                assert per in (pooled, pooled + 1)
+            else:
+                vid_n = [pooled] * n_vid
+                assert per == pooled
+    prompts, i_img, i_vid = [], 0, 0
+    for r, items in enumerate(rows):
+        parts = [torch.randint(1, IMAGE_TOKEN, (3 + r,), generator=g)]
+        for it in items:
+            if it == "image":
+                parts.append(torch.full((img_n[i_img],), IMAGE_TOKEN))
+                i_img += 1
+            else:
+                parts.append(torch.full((vid_n[i_vid],), VIDEO_TOKEN))
+                i_vid += 1
+            parts.append(torch.randint(1, IMAGE_TOKEN, (2,), generator=g))
+        parts.append(torch.randint(1, IMAGE_TOKEN, (4,), generator=g))
+        prompts.append(torch.cat(parts))
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = p
+        am[i, L - len(p):] = 1
+    inputs = dict(input_ids=ids, attention_mask=am)
+    if n_img:
+        inputs.update(pixel_values=pix, image_sizes=sizes)
+        if bni is not None:
+            inputs.update(batch_num_images=bni)
+    if n_vid:
+        inputs.update(pixel_values_videos=vid)
+    return inputs, img_n, vid_n
+
+
+def llava_next_video(*, seed: int = 0) -> torch.nn.Module:
+    """LLaVA-NeXT-Video layout: CLIP tower on 48x48 tiles of 8x8 patches (CLS dropped: 36 tokens),
+    anyres images with image_newline tokens, video frames average-pooled 2x2 (9 tokens a frame,
+    no newline)."""
+    vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=OV_TILE, patch_size=8, projection_dim=32)
+    tc = T.LlamaConfig(**_COMMON, pad_token_id=0)
+    cfg = T.LlavaNextVideoConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN,
+                                 video_token_index=VIDEO_TOKEN,
+                                 image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]])
+    torch.manual_seed(seed)
+    return T.LlavaNextVideoForConditionalGeneration(cfg).eval()
