@@ -343,5 +343,6 @@ def visual_pruning_stats(model: torch.nn.Module) -> dict:
 
 
 # the other families' modules register their forwards in _FORWARDS (one import line each)
+from . import _hf_visual_qwen  # noqa: E402,F401
 
 SUPPORTED_VISUAL_MODELS = tuple(_FORWARDS)
