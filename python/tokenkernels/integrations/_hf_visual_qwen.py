@@ -14,8 +14,8 @@ How it works (registered in ``_hf_visual._FORWARDS``; ``apply_visual_token_pruni
    model gets them: the ones ``generate`` passes (its ``_prepare_position_ids_for_generation``:
    ``get_rope_index`` when ``mm_token_type_ids`` is given, plain text positions otherwise), or,
    in a direct call without ``position_ids``, the model's own ``compute_3d_position_ids`` (which
-   needs ``mm_token_type_ids``, like the unpatched model); ``model.model.rope_deltas`` is set by
-   those as usual. The kept tokens keep their positions (not renumbered).
+   raises without ``mm_token_type_ids`` on Qwen2-VL / Qwen3-VL and falls back to 0..L-1 on
+   Qwen2.5-VL, like the unpatched model); ``model.model.rope_deltas`` is set by those as usual. The kept tokens keep their positions (not renumbered).
 3. The original forward then runs on the pruned prompt: ``input_ids`` without the dropped
    placeholders (rows left-padded to the longest), attention mask, ``mm_token_type_ids``, labels
    and the gathered position ids; during that call the inner model's ``get_image_features`` /
@@ -144,14 +144,7 @@ def _prefill(self, st: _VisualPruning, input_ids, attention_mask, position_ids, 
     dev = input_ids.device
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
 
-    # 1. positions of the full prompt, as the unpatched model has them
-    if position_ids is None:
-        position_ids = _full_positions(inner, input_ids, attention_mask, mm_token_type_ids, grids,
-                                       kwargs)
-        if position_ids is None:            # pragma: no cover - the model raises before
-            raise ValueError(f"{_FN}: could not compute the M-RoPE position ids")
-
-    # 2. features and selection units
+    # 1. features and selection units
     is_vis = torch.zeros_like(input_ids, dtype=torch.bool)
     units, unit_rows, per_mod = [], [], {}
     for modality, (tok_attr, _, _, _) in _MODALITIES.items():
@@ -192,6 +185,15 @@ def _prefill(self, st: _VisualPruning, input_ids, attention_mask, position_ids, 
             item_units.append((first, spans))
         per_mod[modality] = dict(out=out, feats=feats, flat_pos=flat_pos, offsets=offsets,
                                  rows=rows, item_units=item_units, Ns=Ns)
+    # 2. positions of the full prompt, as the unpatched model has them
+    if position_ids is None:
+        position_ids = _full_positions(inner, input_ids, attention_mask, mm_token_type_ids, grids,
+                                       kwargs)
+        if position_ids is None:
+            # the model could not build M-RoPE positions (Qwen2.5-VL without mm_token_type_ids):
+            # its language model then numbers the full prompt 0..L-1
+            position_ids = torch.arange(L, device=dev).view(1, 1, L).expand(3, B, L)
+
     embeds = self.get_input_embeddings()
     text = []
     if st.method == "coverage":
