@@ -165,16 +165,21 @@ def _picks(feats_mod, b, keep, budget, method="kcenter"):
     return picks
 
 
-def _oracle(m, b, feats_mod, picks, n=NEW):
+def _oracle(m, b, feats_mod, picks, n=NEW, mrope=True):
     """Unpatched pieces, one row at a time: the hand-pruned embeddings, the kept tokens'
-    positions from get_rope_index on the FULL sequence, the language model + lm_head; greedy
-    decoding at positions max(prompt positions) + 1 + step. Returns per row (prefill logits
-    over the kept tokens, generated tokens, per-step logits)."""
+    positions from get_rope_index on the FULL sequence (``mrope=False``: the text positions
+    generate uses without mm_token_type_ids), the language model + lm_head; greedy decoding at
+    positions max(prompt positions) + 1 + step. Returns per row (prefill logits over the kept
+    tokens, generated tokens, per-step logits)."""
     inner = m.model
     ids, am = b["input_ids"], b["attention_mask"]
-    pos, deltas = inner.get_rope_index(ids, mm_token_type_ids=b["mm_token_type_ids"],
-                                       image_grid_thw=b["image_grid_thw"],
-                                       video_grid_thw=b["video_grid_thw"], attention_mask=am)
+    if mrope:
+        pos, deltas = inner.get_rope_index(ids, mm_token_type_ids=b["mm_token_type_ids"],
+                                           image_grid_thw=b["image_grid_thw"],
+                                           video_grid_thw=b["video_grid_thw"], attention_mask=am)
+    else:
+        pos = (am.cumsum(1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+        deltas = torch.zeros(ids.shape[0], 1, dtype=torch.long)
     emb = m.get_input_embeddings()
     lm = inner.language_model
     cname = forward_cache_name(type(lm).forward)
@@ -282,6 +287,26 @@ def test_pruned_equals_hand_pruned(model, layout, budget):
             o = m(input_ids=t, attention_mask=am, use_cache=True, **{cname: cache_of(o)})
             steps.append(o.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=1e-5, atol=1e-5)
+    remove_visual_token_pruning(m)
+
+
+def test_pruned_generate_without_type_ids(model):
+    """generate without mm_token_type_ids: HF falls back to text positions (rope_deltas 0); the
+    pruned model keeps those positions for the kept tokens and decodes after the full prompt."""
+    name, base = model
+    m = copy.deepcopy(base)
+    b = _batch(name, "video", seed=11)
+    with torch.no_grad():
+        feats = _features(m, b)
+        picks = _picks(feats, b, 0.3, "frame")
+        expect = _oracle(m, b, feats, picks, mrope=False)
+    apply_visual_token_pruning(m, keep=0.3, video_budget="frame")
+    with torch.no_grad():
+        seq, logits = _gen(m, _kw(b, with_types=False))
+    L = b["input_ids"].shape[1]
+    for r, (_, toks, lg) in enumerate(expect):
+        assert seq[r, L:].tolist() == toks
+        torch.testing.assert_close(logits[r], lg, rtol=1e-5, atol=1e-5)
     remove_visual_token_pruning(m)
 
 
