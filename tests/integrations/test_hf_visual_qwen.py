@@ -39,7 +39,9 @@ NAMES = [pytest.param(n, marks=pytest.mark.skipif(not _available(n), reason=f"no
 # batch layouts: (rows of visual items), grids in patches (h, w even; 2x2 merge)
 IMAGES = [[("image", 4, 6)], [("image", 4, 4), ("image", 2, 4)]]
 VIDEO = [[("video", 3, 4, 4)], [("image", 4, 4)]]          # a 3-frame video and an image
-LAYOUTS = {"images": IMAGES, "video": VIDEO}
+MIXED = [[("image", 4, 6), ("video", 2, 4, 4)], [("image", 4, 4)]]   # image + video in one row
+SINGLE = [[("image", 4, 4), ("video", 2, 4, 6)]]                     # batch 1, no attention mask
+LAYOUTS = {"images": IMAGES, "video": VIDEO, "mixed": MIXED, "single": SINGLE}
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -237,12 +239,15 @@ def _oracle(m, b, feats_mod, picks, n=NEW, mrope=True):
     return res
 
 
-@pytest.mark.parametrize("layout,budget", [("images", "frame"), ("video", "frame"), ("video", "clip")])
+@pytest.mark.parametrize("layout,budget", [("images", "frame"), ("video", "frame"), ("video", "clip"),
+                                           ("mixed", "frame"), ("single", "clip")])
 def test_pruned_equals_hand_pruned(model, layout, budget):
     name, base = model
     m = copy.deepcopy(base)
     b = _batch(name, layout, seed=3)
     kw = _kw(b)
+    if layout == "single":
+        del kw["attention_mask"]
     keep = 0.4
     with torch.no_grad():
         feats = _features(m, b)
@@ -279,12 +284,15 @@ def test_pruned_equals_hand_pruned(model, layout, budget):
     cname = forward_cache_name(type(m).forward)
     with torch.no_grad():
         o = m(**kw, use_cache=True)
-        am = b["attention_mask"]
+        am = kw.get("attention_mask")
         steps = [o.logits[:, -1]]
         for step in range(NEW - 1):
             t = steps[-1].argmax(-1, keepdim=True)
-            am = torch.cat([am, torch.ones_like(t)], 1)
-            o = m(input_ids=t, attention_mask=am, use_cache=True, **{cname: cache_of(o)})
+            mask = {}
+            if am is not None:
+                am = torch.cat([am, torch.ones_like(t)], 1)
+                mask = dict(attention_mask=am)
+            o = m(input_ids=t, use_cache=True, **mask, **{cname: cache_of(o)})
             steps.append(o.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=1e-5, atol=1e-5)
     remove_visual_token_pruning(m)
@@ -370,6 +378,13 @@ def test_coverage_and_bad_arguments(model):
     assert st["kept_per_video"] == [3] and st["kept_per_image"] == [1]
     assert torch.isfinite(logits).all() and out.logits.shape[1] == st["lm_prompt_len"]
     assert seq.shape == (2, b["input_ids"].shape[1] + NEW)
+    # training through the pruned prompt: the loss reaches the vision tower
+    labels = b["input_ids"].masked_fill((b["mm_token_type_ids"] != 0) | (b["attention_mask"] == 0), -100)
+    out = m(**kw, labels=labels)
+    assert out.logits.shape[1] == visual_pruning_stats(m)["lm_prompt_len"] and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in m.model.visual.parameters() if p.grad is not None]
+    assert grads and any(bool(g.abs().sum() > 0) for g in grads)
     # placeholders and features must match
     bad = dict(kw, video_grid_thw=torch.tensor([[2, 4, 4]]),
                pixel_values_videos=kw["pixel_values_videos"][:32])

@@ -170,7 +170,10 @@ def _prefill(self, st: _VisualPruning, input_ids, attention_mask, position_ids, 
         grid = grids.get(modality)
         for i, n in enumerate(Ns):
             if modality == "video" and st.video_budget == "frame":
-                t = int(grid[i][0]) if grid is not None else 1
+                if grid is None:
+                    raise ValueError(f"{_FN}: video_budget='frame' needs video_grid_thw (the "
+                                     f"frames of each video)")
+                t = int(grid[i][0])
                 if t < 1 or n % t:
                     raise ValueError(f"{_FN}: video {i} has {n} tokens, not a multiple of its "
                                      f"{t} temporal steps")
