@@ -15,7 +15,8 @@ How it works (registered in ``_hf_visual._FORWARDS``; ``apply_visual_token_pruni
    ``get_rope_index`` when ``mm_token_type_ids`` is given, plain text positions otherwise), or,
    in a direct call without ``position_ids``, the model's own ``compute_3d_position_ids`` (which
    raises without ``mm_token_type_ids`` on Qwen2-VL / Qwen3-VL and falls back to 0..L-1 on
-   Qwen2.5-VL, like the unpatched model); ``model.model.rope_deltas`` is set by those as usual. The kept tokens keep their positions (not renumbered).
+   Qwen2.5-VL, like the unpatched model); ``model.model.rope_deltas`` is set by those as
+   usual. The kept tokens keep their positions (not renumbered).
 3. The original forward then runs on the pruned prompt: ``input_ids`` without the dropped
    placeholders (rows left-padded to the longest), attention mask, ``mm_token_type_ids``, labels
    and the gathered position ids; during that call the inner model's ``get_image_features`` /
@@ -25,6 +26,10 @@ How it works (registered in ``_hf_visual._FORWARDS``; ``apply_visual_token_pruni
    replaced by the pruned one; position ids are the unpruned model's (``generate``'s own
    ``position_ids``, which continue from the full prompt, pass unchanged; without them the
    unpruned model's rule is applied: text positions after the full prompt plus ``rope_deltas``).
+
+Limits: visual inputs need an empty cache (no images arriving in a continued conversation);
+decode steps take a 2-D attention mask (not the 4-D masks ``generate`` builds for compileable
+caches such as ``StaticCache``).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import copy
 import inspect
 import types
 import weakref
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -300,7 +305,7 @@ def _map_decode(self, st: _VisualPruning, cache, input_ids, inputs_embeds, atten
 
 
 def _qwen_pruned_forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                         _cache_positional=None, inputs_embeds=None, labels=None,
+                         _cache_positional=None, inputs_embeds=None, labels=None, *,
                          logits_to_keep=0, pixel_values=None, pixel_values_videos=None,
                          image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None,
                          **kwargs):
