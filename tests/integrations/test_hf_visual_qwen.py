@@ -390,5 +390,7 @@ def test_coverage_and_bad_arguments(model):
                pixel_values_videos=kw["pixel_values_videos"][:32])
     with pytest.raises(ValueError, match="do not match"):
         m(**bad)
+    with pytest.raises(ValueError, match="2-D"):        # generate's 4-D masks (StaticCache)
+        m.generate(**kw, max_new_tokens=2, cache_implementation="static")
     remove_visual_token_pruning(m)
     assert name in SUPPORTED_VISUAL_MODELS

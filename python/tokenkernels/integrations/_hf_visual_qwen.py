@@ -28,8 +28,8 @@ How it works (registered in ``_hf_visual._FORWARDS``; ``apply_visual_token_pruni
    unpruned model's rule is applied: text positions after the full prompt plus ``rope_deltas``).
 
 Limits: visual inputs need an empty cache (no images arriving in a continued conversation);
-decode steps take a 2-D attention mask (not the 4-D masks ``generate`` builds for compileable
-caches such as ``StaticCache``).
+the attention mask must be 2-D (``generate`` with a compileable cache such as ``StaticCache``
+builds 4-D masks for the unpruned prompt: a clear ValueError; use the default DynamicCache).
 """
 from __future__ import annotations
 
@@ -310,6 +310,11 @@ def _qwen_pruned_forward(self, input_ids=None, attention_mask=None, position_ids
                          image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None,
                          **kwargs):
     st: _VisualPruning = getattr(self, _ATTR)
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.dim() != 2):
+        raise ValueError(f"{_FN}: attention_mask must be a 2-D (batch, length) tensor, got "
+                         f"{type(attention_mask).__name__} (generate builds 4-D masks for "
+                         f"compileable caches such as StaticCache: use the default DynamicCache)")
     if _cache_positional is not None:
         kwargs[forward_cache_name(type(self).forward)] = _cache_positional
     cache = cache_from_kwargs(kwargs)
