@@ -167,7 +167,7 @@ def _picks(feats_mod, b, keep, budget, method="kcenter"):
     return picks
 
 
-def _oracle(m, b, feats_mod, picks, n=NEW, mrope=True):
+def _oracle(m, b, feats_mod, picks, n=NEW, mrope=True, **rope_kw):
     """Unpatched pieces, one row at a time: the hand-pruned embeddings, the kept tokens'
     positions from get_rope_index on the FULL sequence (``mrope=False``: the text positions
     generate uses without mm_token_type_ids), the language model + lm_head; greedy decoding at
@@ -178,7 +178,8 @@ def _oracle(m, b, feats_mod, picks, n=NEW, mrope=True):
     if mrope:
         pos, deltas = inner.get_rope_index(ids, mm_token_type_ids=b["mm_token_type_ids"],
                                            image_grid_thw=b["image_grid_thw"],
-                                           video_grid_thw=b["video_grid_thw"], attention_mask=am)
+                                           video_grid_thw=b["video_grid_thw"], attention_mask=am,
+                                           **rope_kw)
     else:
         pos = (am.cumsum(1) - 1).clamp(min=0)[None].expand(3, -1, -1)
         deltas = torch.zeros(ids.shape[0], 1, dtype=torch.long)
@@ -296,6 +297,29 @@ def test_pruned_equals_hand_pruned(model, layout, budget):
             steps.append(o.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=1e-5, atol=1e-5)
     remove_visual_token_pruning(m)
+
+
+def test_qwen2_5_video_time_interval():
+    """Qwen2.5-VL's temporal positions scale with second_per_grid_ts (tokens_per_second * s per
+    temporal step): kept video tokens keep those positions, direct call and generate."""
+    if not _available("qwen2_5_vl"):
+        pytest.skip("no qwen2_5_vl in this transformers")
+    m = qwen_vl("qwen2_5_vl")
+    b = _batch("qwen2_5_vl", "video", seed=13)
+    kw = dict(_kw(b), second_per_grid_ts=torch.tensor([1.5]))
+    with torch.no_grad():
+        feats = _features(m, b)
+        picks = _picks(feats, b, 0.4, "frame")
+        expect = _oracle(m, b, feats, picks, second_per_grid_ts=kw["second_per_grid_ts"])
+    apply_visual_token_pruning(m, keep=0.4)
+    with torch.no_grad():
+        out = m(**kw)
+        seq, logits = _gen(m, kw)
+    L = b["input_ids"].shape[1]
+    for r, (pre, toks, lg) in enumerate(expect):
+        torch.testing.assert_close(out.logits[r, -pre.shape[0]:], pre, rtol=1e-5, atol=1e-5)
+        assert seq[r, L:].tolist() == toks
+        torch.testing.assert_close(logits[r], lg, rtol=1e-5, atol=1e-5)
 
 
 def test_pruned_generate_without_type_ids(model):

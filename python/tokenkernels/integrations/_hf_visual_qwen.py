@@ -308,8 +308,12 @@ def _qwen_pruned_forward(self, input_ids=None, attention_mask=None, position_ids
                          _cache_positional=None, inputs_embeds=None, labels=None, *,
                          logits_to_keep=0, pixel_values=None, pixel_values_videos=None,
                          image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None,
-                         **kwargs):
+                         second_per_grid_ts=None, **kwargs):
+    # (every named argument of the three families' forwards is named here too: generate
+    # rejects model kwargs the instance's forward does not name)
     st: _VisualPruning = getattr(self, _ATTR)
+    if second_per_grid_ts is not None:                              # Qwen2.5-VL video timing
+        kwargs["second_per_grid_ts"] = second_per_grid_ts
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                        or attention_mask.dim() != 2):
         raise ValueError(f"{_FN}: attention_mask must be a 2-D (batch, length) tensor, got "
