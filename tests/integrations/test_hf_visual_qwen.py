@@ -78,7 +78,7 @@ class _Inner:
         self.h.remove()
 
 
-@pytest.mark.parametrize("layout", ["images", "video"])
+@pytest.mark.parametrize("layout", ["images", "video", "mixed"])
 @pytest.mark.parametrize("with_types", [True, False], ids=["mm_token_type_ids", "no_type_ids"])
 def test_keep_all_is_identical(model, layout, with_types):
     name, base = model
