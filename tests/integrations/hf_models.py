@@ -196,3 +196,109 @@ def llava_next_video(*, seed: int = 0) -> torch.nn.Module:
                                  image_grid_pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96]])
     torch.manual_seed(seed)
     return T.LlavaNextVideoForConditionalGeneration(cfg).eval()
+
+
+# ---- Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): 3-D M-RoPE, images and video ----
+QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, QWEN_VSTART, QWEN_VEND = 500, 501, 502, 503
+QWEN_PATCH, QWEN_TPATCH, QWEN_MERGE = 4, 2, 2
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def qwen_vl(name: str, *, seed: int = 0) -> torch.nn.Module:
+    """A tiny ``<name>ForConditionalGeneration``: 2-layer vision tower (patch 4, temporal patch 2,
+    2x2 merge), 2-layer GQA text model (D64, head_dim 16, mrope_section [2, 3, 3])."""
+    ids = dict(image_token_id=QWEN_IMAGE_TOKEN, video_token_id=QWEN_VIDEO_TOKEN,
+               vision_start_token_id=QWEN_VSTART, vision_end_token_id=QWEN_VEND)
+    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                pad_token_id=0)
+    vis = dict(depth=2, num_heads=2, in_channels=3, patch_size=QWEN_PATCH,
+               temporal_patch_size=QWEN_TPATCH, spatial_merge_size=QWEN_MERGE)
+    if name == "qwen2_vl":
+        rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0)
+        cfg = T.Qwen2VLConfig(text_config=dict(text, rope_parameters=rope),
+                              vision_config=dict(vis, embed_dim=32, hidden_size=64, mlp_ratio=2), **ids)
+        cls = T.Qwen2VLForConditionalGeneration
+    elif name == "qwen2_5_vl":
+        rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0)
+        cfg = T.Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=rope),
+                                 vision_config=dict(vis, hidden_size=32, intermediate_size=64,
+                                                    out_hidden_size=64, window_size=16,
+                                                    fullatt_block_indexes=[1], tokens_per_second=2),
+                                 **ids)
+        cls = T.Qwen2_5_VLForConditionalGeneration
+    elif name == "qwen3_vl":
+        rope = dict(rope_type="default", mrope_section=[2, 3, 3], mrope_interleaved=True,
+                    rope_theta=10000.0)
+        cfg = T.Qwen3VLConfig(text_config=dict(text, head_dim=16, rope_parameters=rope),
+                              vision_config=dict(vis, hidden_size=32, intermediate_size=64,
+                                                 out_hidden_size=64, num_position_embeddings=64,
+                                                 deepstack_visual_indexes=[0]), **ids)
+        cls = T.Qwen3VLForConditionalGeneration
+    else:
+        raise ValueError(name)
+    torch.manual_seed(seed)
+    return cls(cfg).eval()
+
+
+def qwen_vl_batch(rows, *, seed: int = 0, frame_text: bool = False, pad_to: int = 0):
+    """Left-padded Qwen-VL prompts built by hand. ``rows``: per batch row a list of visual items
+    ``("image", h, w)`` / ``("video", t, h, w)`` (grid in patches; h, w even; t = temporal
+    patches). Each item is ``<vision_start> placeholders <vision_end>`` between random text;
+    ``frame_text`` (Qwen3-VL's layout) puts a text token before each video frame's placeholders.
+    Returns a dict with input_ids, attention_mask, mm_token_type_ids, pixel_values,
+    image_grid_thw, pixel_values_videos, video_grid_thw (None where absent)."""
+    g = torch.Generator().manual_seed(seed)
+    D = 3 * QWEN_TPATCH * QWEN_PATCH * QWEN_PATCH
+    m2 = QWEN_MERGE * QWEN_MERGE
+    seqs, types, img_grid, vid_grid, img_pix, vid_pix = [], [], [], [], [], []
+    txt = lambda n: torch.randint(1, QWEN_IMAGE_TOKEN, (n,), generator=g)
+    for r, items in enumerate(rows):
+        parts, tparts = [txt(3 + r)], [torch.zeros(3 + r, dtype=torch.long)]
+        for it in items:
+            if it[0] == "image":
+                _, h, w = it
+                n = h * w // m2
+                parts += [torch.tensor([QWEN_VSTART]), torch.full((n,), QWEN_IMAGE_TOKEN),
+                          torch.tensor([QWEN_VEND])]
+                tparts += [torch.zeros(1, dtype=torch.long), torch.ones(n, dtype=torch.long),
+                           torch.zeros(1, dtype=torch.long)]
+                img_grid.append([1, h, w])
+                img_pix.append(torch.randn(h * w, D, generator=g))
+            else:
+                _, t, h, w = it
+                n = h * w // m2
+                frames = t if frame_text else 1
+                per = n if frame_text else t * n
+                for _ in range(frames):
+                    if frame_text:
+                        parts.append(txt(1))
+                        tparts.append(torch.zeros(1, dtype=torch.long))
+                    parts += [torch.tensor([QWEN_VSTART]), torch.full((per,), QWEN_VIDEO_TOKEN),
+                              torch.tensor([QWEN_VEND])]
+                    tparts += [torch.zeros(1, dtype=torch.long), torch.full((per,), 2, dtype=torch.long),
+                               torch.zeros(1, dtype=torch.long)]
+                vid_grid.append([t, h, w])
+                vid_pix.append(torch.randn(t * h * w, D, generator=g))
+            parts.append(txt(2))
+            tparts.append(torch.zeros(2, dtype=torch.long))
+        parts.append(txt(4 + 2 * r))
+        tparts.append(torch.zeros(4 + 2 * r, dtype=torch.long))
+        seqs.append(torch.cat(parts))
+        types.append(torch.cat(tparts))
+    L = max(max(len(s) for s in seqs), pad_to)
+    B = len(rows)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    tt = torch.zeros_like(ids)
+    for i, (s, t) in enumerate(zip(seqs, types)):
+        ids[i, L - len(s):] = s
+        am[i, L - len(s):] = 1
+        tt[i, L - len(s):] = t
+    out = dict(input_ids=ids, attention_mask=am, mm_token_type_ids=tt, pixel_values=None,
+               image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None)
+    if img_grid:
+        out.update(pixel_values=torch.cat(img_pix), image_grid_thw=torch.tensor(img_grid))
+    if vid_grid:
+        out.update(pixel_values_videos=torch.cat(vid_pix), video_grid_thw=torch.tensor(vid_grid))
+    return out

@@ -279,7 +279,8 @@ def apply_visual_token_pruning(model: torch.nn.Module, *, keep: Optional[float] 
     """Prune each image's visual tokens before the language model (in place).
 
     Args:
-        model: ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        model: a ``*ForConditionalGeneration`` of LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video,
+            LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or Qwen3-VL (``SUPPORTED_VISUAL_MODELS``).
         keep: fraction of each image's tokens to keep (default 0.098, DivPrune's 56 of 576);
             ignored when ``k`` is given. ``keep=1.0`` keeps everything (outputs identical to the
             unpruned model).
@@ -344,5 +345,6 @@ def visual_pruning_stats(model: torch.nn.Module) -> dict:
 
 # the other families' modules register their forwards in _FORWARDS (one import line each)
 from . import _hf_visual_onevision  # noqa: E402,F401
+from . import _hf_visual_qwen  # noqa: E402,F401
 
 SUPPORTED_VISUAL_MODELS = tuple(_FORWARDS)
