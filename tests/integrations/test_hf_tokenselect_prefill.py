@@ -11,7 +11,10 @@ tiny random Llama / Mistral / Qwen2 models (GQA 4/2), CPU:
   prefix and a StaticCache's masked tail;
 * one call with all chunks == feeding the prompt to the model chunk by chunk (the docstring's
   claim), and generate end to end with a small budget;
-* stats, reset, ``prefill_chunk=None`` unchanged, bad ``prefill_chunk`` values.
+* stats, reset, ``prefill_chunk=None`` unchanged, bad ``prefill_chunk`` / ``prefill_impl`` values.
+
+Both ways a sparse chunk attends are tested: ``prefill_impl="kernel"`` (``kv_select.sparse_prefill``)
+and ``"gather"`` (SDPA over the gathered picks, the CPU default).
 """
 from __future__ import annotations
 
@@ -57,9 +60,10 @@ def _gen_kwargs(cache_impl):
 
 
 # ------------------------------------------------------------------------------ full budget
+@pytest.mark.parametrize("impl", ["gather", "kernel"])
 @pytest.mark.parametrize("cache_impl", ["dynamic", "static"])
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
-def test_full_budget_equals_sdpa(name, cache_impl):
+def test_full_budget_equals_sdpa(name, cache_impl, impl):
     ref_model = causal_lm(name)
     ref_model.set_attn_implementation("sdpa")
     m = copy.deepcopy(ref_model)
@@ -69,7 +73,8 @@ def test_full_budget_equals_sdpa(name, cache_impl):
         ref = ref_model.generate(input_ids=ids, attention_mask=am, **_gen_kwargs(cache_impl))
         # budget 4 + 64 + 8 >= the context: every prefix is selected whole; sparse_min_len=0 runs
         # the sparse kernels on every chunk after the first
-        enable_tokenselect_attention(m, k=64, n_sink=4, n_local=8, sparse_min_len=0, prefill_chunk=4)
+        enable_tokenselect_attention(m, k=64, n_sink=4, n_local=8, sparse_min_len=0, prefill_chunk=4,
+                                     prefill_impl=impl)
         logits = m(input_ids=ids, attention_mask=am).logits
         st = tokenselect_stats(m)
         # 10 chunks per layer: the first (empty prefix) and the one where row 1's padding ends
@@ -86,14 +91,16 @@ def test_full_budget_equals_sdpa(name, cache_impl):
     assert st["prefill_sparse_chunks"] == LAYERS * 8 and st["prefill_dense_chunks"] == LAYERS * 2
 
 
-def test_full_budget_bf16_close_to_sdpa():
+@pytest.mark.parametrize("impl", ["gather", "kernel"])
+def test_full_budget_bf16_close_to_sdpa(impl):
     ref_model = causal_lm("llama").to(torch.bfloat16)
     ref_model.set_attn_implementation("sdpa")
     m = copy.deepcopy(ref_model)
     ids, am = _prompts()
     with torch.no_grad():
         ref = ref_model(input_ids=ids, attention_mask=am).logits.float()
-        enable_tokenselect_attention(m, k=64, n_sink=4, n_local=8, sparse_min_len=0, prefill_chunk=8)
+        enable_tokenselect_attention(m, k=64, n_sink=4, n_local=8, sparse_min_len=0, prefill_chunk=8,
+                                     prefill_impl=impl)
         got = m(input_ids=ids, attention_mask=am).logits.float()
         # the same model in fp32: ours is not further from it than SDPA's bf16 rounding allows
         exact = causal_lm("llama")(input_ids=ids, attention_mask=am).logits
@@ -155,8 +162,9 @@ def _oracle_attend(q, K, V, keys, scale):
     return out
 
 
+@pytest.mark.parametrize("impl", ["gather", "kernel"])
 @pytest.mark.parametrize("layout", ["prompt", "cached-prefix", "static-tail"])
-def test_sparse_chunks_match_oracle(monkeypatch, layout):
+def test_sparse_chunks_match_oracle(monkeypatch, layout, impl):
     """One attention call of a real layer module (GQA 4/2, D 16), batch 2 with row 1
     left-padded: q_len 40 queries; ``cached-prefix``: 10 keys already cached before them (a
     later prefill call); ``static-tail``: 12 unfilled (masked) key slots after them."""
@@ -177,9 +185,9 @@ def test_sparse_chunks_match_oracle(monkeypatch, layout):
     mask = (torch.arange(N)[None, :] <= qpos[:, None])[None, None] & valid[:, None, None, :]
     st = hts._TokenSelect(k=k, n_sink=n_sink, n_local=n_local, cache_threshold=0.9,
                           score_scale=score_scale, sparse_min_len=n_sink + k + n_local,
-                          previous_impl=None, prefill_chunk=C)
+                          previous_impl=None, prefill_chunk=C, prefill_impl=impl)
     mod.__dict__[hts._ATTR] = st
-    seen = []
+    seen, kernel_calls = [], []
     real = kv_select.select
 
     def spy(q, k_cache, seq_lens, **kw):
@@ -188,6 +196,13 @@ def test_sparse_chunks_match_oracle(monkeypatch, layout):
         return idx
 
     monkeypatch.setattr(kv_select, "select", spy)
+    real_prefill = kv_select.sparse_prefill
+
+    def spy_prefill(*a, **kw):
+        kernel_calls.append(1)
+        return real_prefill(*a, **kw)
+
+    monkeypatch.setattr(kv_select, "sparse_prefill", spy_prefill)
     scale = D ** -0.5
     with torch.no_grad():
         out, _ = hts.tokenselect_attention_forward(mod, query, key, value, mask, scaling=scale)
@@ -224,6 +239,7 @@ def test_sparse_chunks_match_oracle(monkeypatch, layout):
             rows = valid[b, s:e]
             torch.testing.assert_close(out[b, r0:r0 + C][rows].double(), want[rows], rtol=1e-5, atol=1e-5)
     assert sorted(s for s, _ in seen) == sparse_starts and len(sparse_starts) >= 2
+    assert len(kernel_calls) == (len(sparse_starts) if impl == "kernel" else 0)
     ls = st.stats[0]
     assert ls.prefill_sparse_chunks == len(sparse_starts)
     assert ls.prefill_dense_chunks == Q // C - len(sparse_starts)
@@ -320,3 +336,5 @@ def test_stats_reset_and_bad_prefill_chunk():
     for bad in (0, -1, 2.5, True, "8"):
         with pytest.raises(ValueError, match="enable_tokenselect_attention: prefill_chunk must be"):
             enable_tokenselect_attention(m, prefill_chunk=bad)
+    with pytest.raises(ValueError, match="enable_tokenselect_attention: prefill_impl must be one of"):
+        enable_tokenselect_attention(m, prefill_chunk=8, prefill_impl="flash")

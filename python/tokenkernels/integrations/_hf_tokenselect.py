@@ -21,7 +21,8 @@ chunk at absolute positions [s, e): if its visible prefix s is at most ``sparse_
 (default: the budget) it runs dense (SDPA over keys [0, e) with HF's own mask rows: exact);
 else the keys [0, s) are scored with the chunk's mean query (``kv_select.select``: per-head
 softmax of q.k summed over heads, sink + top-k + local) and the chunk attends the selected keys
-plus its own keys causally (``kv_select.sparse_prefill``). A causal layer's output for token i
+plus its own keys causally (``kv_select.sparse_prefill``, or on the CPU by default the same
+attention through SDPA over the gathered picks: ``prefill_impl``). A causal layer's output for token i
 depends only on tokens <= i, so running all chunks inside one attention call per layer gives
 the same result as feeding the prompt to the model C tokens at a time.
 
@@ -77,6 +78,7 @@ class _TokenSelect:
     sparse_min_len: int                       # decode steps with N > this use the sparse path
     previous_impl: object
     prefill_chunk: Optional[int] = None       # chunked sparse prefill (None: dense prefill)
+    prefill_impl: str = "auto"                # "kernel" (sparse_prefill) / "gather" (+ SDPA) / "auto"
     caches: Dict[int, object] = dataclasses.field(default_factory=dict)
     stats: Dict[int, _LayerStats] = dataclasses.field(default_factory=dict)
 
@@ -253,7 +255,10 @@ def _prefill(st: _TokenSelect, module, query, key, value, attention_mask, dropou
             # check=False: the lengths are the call's own and the indices come from topk
             idx = kv_select.select(qc, kc, start, k=st.k, n_sink=st.n_sink, n_local=st.n_local,
                                    scale=st.score_scale, valid=valid, check=False)
-            out[:, r0:r1] = kv_select.sparse_prefill(qc, kc, vc, idx, lens, start, scale=scaling, check=False)
+            if _use_gather(st, dev):
+                out[:, r0:r1] = _gather_attend(qc, kc, vc, idx, s, e, scaling)
+            else:
+                out[:, r0:r1] = kv_select.sparse_prefill(qc, kc, vc, idx, lens, start, scale=scaling, check=False)
             ls.prefill_sparse_chunks += 1
             ls.prefill_attended.append((idx >= 0).sum(1) + (r1 - r0))
             i += 1
@@ -282,6 +287,34 @@ def _prefill(st: _TokenSelect, module, query, key, value, attention_mask, dropou
     return out, None
 
 
+PREFILL_IMPLS = ("auto", "kernel", "gather")
+
+
+def _use_gather(st: _TokenSelect, dev: torch.device) -> bool:
+    """"auto": the gather path on the CPU, where SDPA's blocked kernel attends a chunk's ~3K
+    gathered keys faster than the CPU ``sparse_prefill`` kernel (bench/hf_tokenselect_prefill.py
+    times both); the ``sparse_prefill`` kernel elsewhere (no copy of the picks)."""
+    return st.prefill_impl == "gather" or (st.prefill_impl == "auto" and dev.type == "cpu")
+
+
+def _gather_attend(qc, kc, vc, idx, s: int, e: int, scale):
+    """What ``kv_select.sparse_prefill`` computes, through SDPA: the chunk's queries qc (B, C,
+    H_q, D) at positions [s, e) attend the keys ``idx`` (B, W) int32 (all < s; -1 = none) plus the
+    chunk's own keys causally, one softmax over both. kc / vc: (B, N, H_kv, D) views. Gathers
+    W + C keys per request (a copy of a few thousand rows per chunk and layer)."""
+    B, C, Hq, D = qc.shape
+    Hkv = kc.shape[2]
+    W = idx.shape[1]
+    g = idx.clamp(min=0).long()[:, :, None, None].expand(B, W, Hkv, kc.shape[3])
+    kk = torch.cat([kc.gather(1, g), kc[:, s:e]], 1).transpose(1, 2)              # (B, H_kv, W + C, D)
+    vv = torch.cat([vc.gather(1, g.expand(B, W, Hkv, vc.shape[3])), vc[:, s:e]], 1).transpose(1, 2)
+    own = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()
+    mask = torch.cat([(idx >= 0)[:, None, :].expand(B, C, W), own[None].expand(B, C, C)], 2)[:, None]
+    o = torch.nn.functional.scaled_dot_product_attention(qc.transpose(1, 2), kk, vv, attn_mask=mask, scale=scale,
+                                                         enable_gqa=Hq != Hkv)
+    return o.transpose(1, 2)
+
+
 def _finish_timing(ls: _LayerStats, t0: float, dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -307,7 +340,8 @@ def enable_tokenselect_attention(model: torch.nn.Module, *, k: int = 2048, n_sin
                                  n_local: int = 512, cache_threshold: float = 0.9,
                                  score_scale: float = 1.0,
                                  sparse_min_len: Optional[int] = None,
-                                 prefill_chunk: Optional[int] = None) -> torch.nn.Module:
+                                 prefill_chunk: Optional[int] = None,
+                                 prefill_impl: str = "auto") -> torch.nn.Module:
     """Switch ``model``'s attention to TokenSelect decoding (in place), and optionally its
     prefill to TokenSelect's chunked sparse prefill.
 
@@ -333,6 +367,10 @@ def enable_tokenselect_attention(model: torch.nn.Module, *, k: int = 2048, n_sin
             ``generate``, batches, left padding (a chunk with padding and real tokens in one
             row runs dense), DynamicCache and StaticCache; a prompt reaching past a layer's
             sliding window, softcapping, attention sinks and paged caches run dense.
+        prefill_impl: how a sparse chunk attends its picks and itself: ``"kernel"``
+            (``kv_select.sparse_prefill``, reads the cache in place), ``"gather"`` (copies the
+            picked K/V rows and runs SDPA with a mask: the same result to rounding) or ``"auto"``
+            (default: ``"gather"`` on the CPU, where it is faster, ``"kernel"`` elsewhere).
 
     Returns the model. :func:`tokenselect_stats` reports hit rates and attended-token counts;
     :func:`disable_tokenselect_attention` restores the previous attention implementation.
@@ -344,6 +382,9 @@ def enable_tokenselect_attention(model: torch.nn.Module, *, k: int = 2048, n_sin
                                       or prefill_chunk < 1):
         raise ValueError(f"tokenkernels.enable_tokenselect_attention: prefill_chunk must be None or an int >= 1, "
                          f"got {prefill_chunk!r}")
+    if prefill_impl not in PREFILL_IMPLS:
+        raise ValueError(f"tokenkernels.enable_tokenselect_attention: prefill_impl must be one of "
+                         f"{', '.join(map(repr, PREFILL_IMPLS))}, got {prefill_impl!r}")
     _register()
     mods = list(_attention_modules(model))
     if not mods:
@@ -355,7 +396,8 @@ def enable_tokenselect_attention(model: torch.nn.Module, *, k: int = 2048, n_sin
     st = _TokenSelect(k=k, n_sink=n_sink, n_local=n_local, cache_threshold=float(cache_threshold),
                       score_scale=float(score_scale),
                       sparse_min_len=budget if sparse_min_len is None else int(sparse_min_len),
-                      previous_impl=previous_impl, prefill_chunk=prefill_chunk)
+                      previous_impl=previous_impl, prefill_chunk=prefill_chunk,
+                      prefill_impl=prefill_impl)
     for mod in mods:
         setattr(mod, _ATTR, st)
     setattr(model, _ATTR, st)
