@@ -187,8 +187,8 @@ def _prefill_plan(st: _TokenSelect, module, query, key, value, attention_mask, d
         if Q > N:
             return None
     else:
-        if attention_mask.dim() != 4:
-            return None
+        if attention_mask.dim() != 4 or attention_mask.shape[2] != Q:
+            return None                      # not a per-query mask (the chunks slice its rows)
         m = attention_mask[:, 0, -1, :N]
         if m.dtype != torch.bool:
             m = m == 0                       # additive mask: 0 = attend
