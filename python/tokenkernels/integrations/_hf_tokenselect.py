@@ -256,7 +256,7 @@ def _prefill(st: _TokenSelect, module, query, key, value, attention_mask, dropou
             idx = kv_select.select(qc, kc, start, k=st.k, n_sink=st.n_sink, n_local=st.n_local,
                                    scale=st.score_scale, valid=valid, check=False)
             if _use_gather(st, dev):
-                out[:, r0:r1] = _gather_attend(qc, kc, vc, idx, s, e, scaling)
+                out[:, r0:r1] = _gather_attend(query[:, :, r0:r1], key, value, idx, s, e, scaling)
             else:
                 out[:, r0:r1] = kv_select.sparse_prefill(qc, kc, vc, idx, lens, start, scale=scaling, check=False)
             ls.prefill_sparse_chunks += 1
@@ -297,20 +297,20 @@ def _use_gather(st: _TokenSelect, dev: torch.device) -> bool:
     return st.prefill_impl == "gather" or (st.prefill_impl == "auto" and dev.type == "cpu")
 
 
-def _gather_attend(qc, kc, vc, idx, s: int, e: int, scale):
-    """What ``kv_select.sparse_prefill`` computes, through SDPA: the chunk's queries qc (B, C,
-    H_q, D) at positions [s, e) attend the keys ``idx`` (B, W) int32 (all < s; -1 = none) plus the
-    chunk's own keys causally, one softmax over both. kc / vc: (B, N, H_kv, D) views. Gathers
-    W + C keys per request (a copy of a few thousand rows per chunk and layer)."""
-    B, C, Hq, D = qc.shape
-    Hkv = kc.shape[2]
-    W = idx.shape[1]
-    g = idx.clamp(min=0).long()[:, :, None, None].expand(B, W, Hkv, kc.shape[3])
-    kk = torch.cat([kc.gather(1, g), kc[:, s:e]], 1).transpose(1, 2)              # (B, H_kv, W + C, D)
-    vv = torch.cat([vc.gather(1, g.expand(B, W, Hkv, vc.shape[3])), vc[:, s:e]], 1).transpose(1, 2)
-    own = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()
+def _gather_attend(q, key, value, idx, s: int, e: int, scale):
+    """What ``kv_select.sparse_prefill`` computes, through SDPA: the chunk's queries q (B, H_q, C,
+    D) at positions [s, e) attend the keys ``idx`` (B, W) int32 (all < s; -1 = none) plus the
+    chunk's own keys causally, one softmax over both. key / value: HF's (B, H_kv, N, D) cache.
+    Gathers W + C keys per request into SDPA's layout (a copy of a few thousand rows per chunk
+    and layer). Returns (B, C, H_q, D)."""
+    B, Hq, C, D = q.shape
+    Hkv, W = key.shape[1], idx.shape[1]
+    g = idx.clamp(min=0).long()[:, None, :, None]
+    kk = torch.cat([key.gather(2, g.expand(B, Hkv, W, key.shape[3])), key[:, :, s:e]], 2)   # (B, H_kv, W + C, D)
+    vv = torch.cat([value.gather(2, g.expand(B, Hkv, W, value.shape[3])), value[:, :, s:e]], 2)
+    own = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     mask = torch.cat([(idx >= 0)[:, None, :].expand(B, C, W), own[None].expand(B, C, C)], 2)[:, None]
-    o = torch.nn.functional.scaled_dot_product_attention(qc.transpose(1, 2), kk, vv, attn_mask=mask, scale=scale,
+    o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale,
                                                          enable_gqa=Hq != Hkv)
     return o.transpose(1, 2)
 
