@@ -127,6 +127,70 @@ def _select(st: _VisualPruning, feats: List[torch.Tensor], text: List[torch.Tens
     return [idx[i, :ks[i]] for i in range(n_img)]
 
 
+@dataclasses.dataclass
+class _Packing:
+    """Where the kept tokens of a (B, L) keep mask go in the pruned (B, Lp) prompt: left-packed per
+    row in their order, rows left-padded to the longest. Token (b[i], j[i]) moves to column d[i]."""
+    Lp: int
+    removed: torch.Tensor          # (B,) tokens dropped per row
+    removed_before: torch.Tensor   # (B, L) tokens dropped at or before each column
+    b: torch.Tensor
+    j: torch.Tensor
+    d: torch.Tensor
+
+    @staticmethod
+    def of(keep: torch.Tensor) -> "_Packing":
+        B, L = keep.shape
+        n_keep = keep.sum(1)
+        Lp = int(n_keep.max())
+        csum = keep.long().cumsum(1)
+        dest = (Lp - n_keep)[:, None] + csum - 1                     # left padding + rank in row
+        b, j = keep.nonzero(as_tuple=True)
+        before = (torch.arange(L, device=keep.device)[None, :] + 1) - csum
+        return _Packing(Lp=Lp, removed=L - n_keep, removed_before=before, b=b, j=j, d=dest[b, j])
+
+    def cols(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """x (..., B, L) -> (..., B, Lp): kept columns moved, the rest ``fill``."""
+        out = x.new_full(x.shape[:-2] + (x.shape[-2], self.Lp), fill)
+        out[..., self.b, self.d] = x[..., self.b, self.j]
+        return out
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, E) -> (B, Lp, E): kept rows moved, the rest zeros."""
+        out = x.new_zeros((x.shape[0], self.Lp, x.shape[-1]))
+        out[self.b, self.d] = x[self.b, self.j]
+        return out
+
+
+def _pack_prompt(pk: _Packing, merged, am, position_ids, labels):
+    """The pruned embeddings, attention mask, contiguous 1-D position ids (each kept token's
+    position minus the tokens dropped at or before it) and labels (-100 on padding)."""
+    B, L = am.shape
+    if position_ids is None:
+        pos = torch.arange(L, device=am.device).expand(B, L)
+    else:
+        pos = position_ids.expand(B, L) if position_ids.dim() == 2 else position_ids
+    new_pos = pk.cols((pos.to(am.device) - pk.removed_before).long(), 0)
+    new_labels = None if labels is None else pk.cols(labels.to(am.device), -100)
+    return pk.rows(merged), pk.cols(am, 0), new_pos, new_labels
+
+
+def _locate(is_tok: torch.Tensor, feats: List[torch.Tensor], fn: str, what: str):
+    """The placeholders of one modality: their flat (row-major) positions, the feature count per
+    item, each item's first index into them, each item's batch row."""
+    flat_pos = is_tok.reshape(-1).nonzero().squeeze(1)            # row-major placeholder order
+    Ns = [int(f.shape[0]) for f in feats]
+    if flat_pos.numel() != sum(Ns):
+        raise ValueError(f"{fn}: {what} features and {what} tokens do not match: "
+                         f"{flat_pos.numel()} placeholder tokens, {sum(Ns)} features "
+                         f"({len(Ns)} {what}s)")
+    offsets = [0]
+    for n in Ns:
+        offsets.append(offsets[-1] + n)
+    L = is_tok.shape[-1]
+    return flat_pos, Ns, offsets, [int(flat_pos[o]) // L for o in offsets[:-1]]
+
+
 def _prefill(self, st: _VisualPruning, input_ids, pixel_values, attention_mask, position_ids,
              labels, image_sizes, mm_encoder_outputs, kwargs):
     """Prune and rebuild the prompt; returns the kwargs for the original forward."""
@@ -142,16 +206,7 @@ def _prefill(self, st: _VisualPruning, input_ids, pixel_values, attention_mask, 
     feats = _image_features(self, pixel_values, image_sizes, mm_encoder_outputs, kwargs)
     feats = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in feats]
     is_img = input_ids == tok
-    flat_pos = is_img.reshape(-1).nonzero().squeeze(1)            # row-major placeholder order
-    Ns = [int(f.shape[0]) for f in feats]
-    if flat_pos.numel() != sum(Ns):
-        raise ValueError(f"tokenkernels visual pruning: image features and image tokens do not match: "
-                         f"{flat_pos.numel()} placeholder tokens, {sum(Ns)} features "
-                         f"({len(Ns)} images)")
-    offsets = [0]
-    for n in Ns:
-        offsets.append(offsets[-1] + n)
-    rows = [int(flat_pos[o]) // L for o in offsets[:-1]]
+    flat_pos, Ns, offsets, rows = _locate(is_img, feats, "tokenkernels visual pruning", "image")
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     text = []
     if st.method == "coverage":
@@ -170,30 +225,9 @@ def _prefill(self, st: _VisualPruning, input_ids, pixel_values, attention_mask, 
 
     # embeddings with every placeholder filled (as HF does), then compressed
     merged = inputs_embeds.masked_scatter(is_img.unsqueeze(-1), torch.cat(feats, 0))
-    n_keep = keep.sum(1)
-    Lp = int(n_keep.max())
-    removed = L - n_keep
-    fill = Lp - n_keep                                              # left padding per row
-    csum = keep.long().cumsum(1)
-    dest = fill[:, None] + csum - 1                                 # new column of a kept token
-    b_idx, j_idx = keep.nonzero(as_tuple=True)
-    d_idx = dest[b_idx, j_idx]
-
-    new_embeds = merged.new_zeros((B, Lp, merged.shape[-1]))
-    new_embeds[b_idx, d_idx] = merged[b_idx, j_idx]
-    new_mask = torch.zeros((B, Lp), dtype=am.dtype, device=dev)
-    new_mask[b_idx, d_idx] = am[b_idx, j_idx]
-    if position_ids is None:
-        pos = torch.arange(L, device=dev).expand(B, L)
-    else:
-        pos = position_ids.expand(B, L) if position_ids.dim() == 2 else position_ids
-    removed_before = (torch.arange(L, device=dev)[None, :] + 1) - csum   # dropped at or before j
-    new_pos = torch.zeros((B, Lp), dtype=torch.long, device=dev)
-    new_pos[b_idx, d_idx] = (pos[b_idx, j_idx] - removed_before[b_idx, j_idx]).long()
-    new_labels = None
-    if labels is not None:
-        new_labels = torch.full((B, Lp), -100, dtype=labels.dtype, device=labels.device)
-        new_labels[b_idx, d_idx] = labels.to(dev)[b_idx, j_idx]
+    pk = _Packing.of(keep)
+    Lp, removed = pk.Lp, pk.removed
+    new_embeds, new_mask, new_pos, new_labels = _pack_prompt(pk, merged, am, position_ids, labels)
 
     padded = bool((new_mask == 0).any()) or attention_mask is not None and bool((am == 0).any())
     st.prompt = _Prompt(L=L, Lp=Lp, mask=new_mask, removed=removed, padded=padded)
@@ -255,6 +289,14 @@ def _pruned_forward(self, input_ids=None, pixel_values=None, attention_mask=None
         if hasattr(out, "image_hidden_states"):
             out.image_hidden_states = kept_feats
         return out
+    return _text_step(st, original, past_key_values, input_ids, attention_mask, position_ids,
+                      inputs_embeds, labels, logits_to_keep, image_sizes=image_sizes, **kwargs)
+
+
+def _text_step(st: _VisualPruning, original, past_key_values, input_ids, attention_mask,
+               position_ids, inputs_embeds, labels, logits_to_keep, **kwargs):
+    """A call without visual inputs: a decode step on the last pruned prompt's cache (mapped onto
+    it), or a text-only prefill (forgets the pruned prompt); then the original forward."""
     p = st.prompt
     if (p is not None and past_key_values is not None and p.cache_ref is not None
             and p.cache_ref() is past_key_values and past_key_values.get_seq_length() > 0):
@@ -264,7 +306,7 @@ def _pruned_forward(self, input_ids=None, pixel_values=None, attention_mask=None
         st.prompt = None                                            # a text-only prefill
     return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     inputs_embeds=inputs_embeds, labels=labels, logits_to_keep=logits_to_keep,
-                    image_sizes=image_sizes, **kwargs)
+                    **kwargs)
 
 
 # model_type -> the instance forward that prunes for that family. LLaVA / LLaVA-NeXT: here;

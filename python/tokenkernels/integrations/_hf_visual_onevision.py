@@ -43,7 +43,8 @@ from typing import Callable, Tuple
 import torch
 
 from ._hf_common import cache_from_kwargs, cache_of, forward_cache_name
-from ._hf_visual import _ATTR, _FORWARDS, _Prompt, _VisualPruning, _map_decode, _select
+from ._hf_visual import (_ATTR, _FORWARDS, _pack_prompt, _Packing, _Prompt, _select, _text_step,
+                         _VisualPruning)
 
 @dataclasses.dataclass(frozen=True)
 class _Family:
@@ -195,29 +196,9 @@ def _media_prefill(self, fam: _Family, st: _VisualPruning, input_ids, pixel_valu
         merged = merged.masked_scatter(is_vid.unsqueeze(-1), torch.cat(vids, 0))
 
     # the rebuild (as _hf_visual._prefill): kept tokens left-packed per row, contiguous positions
-    n_keep = keep.sum(1)
-    Lp = int(n_keep.max())
-    removed = L - n_keep
-    fill = Lp - n_keep
-    csum = keep.long().cumsum(1)
-    dest = fill[:, None] + csum - 1
-    b_idx, j_idx = keep.nonzero(as_tuple=True)
-    d_idx = dest[b_idx, j_idx]
-    new_embeds = merged.new_zeros((B, Lp, merged.shape[-1]))
-    new_embeds[b_idx, d_idx] = merged[b_idx, j_idx]
-    new_mask = torch.zeros((B, Lp), dtype=am.dtype, device=dev)
-    new_mask[b_idx, d_idx] = am[b_idx, j_idx]
-    if position_ids is None:
-        pos = torch.arange(L, device=dev).expand(B, L)
-    else:
-        pos = position_ids.expand(B, L) if position_ids.dim() == 2 else position_ids
-    removed_before = (torch.arange(L, device=dev)[None, :] + 1) - csum
-    new_pos = torch.zeros((B, Lp), dtype=torch.long, device=dev)
-    new_pos[b_idx, d_idx] = (pos[b_idx, j_idx] - removed_before[b_idx, j_idx]).long()
-    new_labels = None
-    if labels is not None:
-        new_labels = torch.full((B, Lp), -100, dtype=labels.dtype, device=labels.device)
-        new_labels[b_idx, d_idx] = labels.to(dev)[b_idx, j_idx]
+    pk = _Packing.of(keep)
+    Lp, removed = pk.Lp, pk.removed
+    new_embeds, new_mask, new_pos, new_labels = _pack_prompt(pk, merged, am, position_ids, labels)
 
     padded = bool((new_mask == 0).any()) or attention_mask is not None and bool((am == 0).any())
     st.prompt = _Prompt(L=L, Lp=Lp, mask=new_mask, removed=removed, padded=padded)
@@ -292,16 +273,8 @@ def _forward(self, fam, input_ids, pixel_values, image_sizes, pixel_values_video
         if "video_hidden_states" in fields and kept["video"]:
             out.video_hidden_states = torch.cat(kept["video"], 0)
         return out
-    p = st.prompt
-    if (p is not None and past_key_values is not None and p.cache_ref is not None
-            and p.cache_ref() is past_key_values and past_key_values.get_seq_length() > 0):
-        attention_mask, position_ids = _map_decode(st, past_key_values, input_ids, inputs_embeds,
-                                                   attention_mask, position_ids)
-    elif past_key_values is None or past_key_values.get_seq_length() == 0:
-        st.prompt = None                                            # a text-only prefill
-    return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    inputs_embeds=inputs_embeds, labels=labels, logits_to_keep=logits_to_keep,
-                    image_sizes=image_sizes, **kwargs)
+    return _text_step(st, original, past_key_values, input_ids, attention_mask, position_ids,
+                      inputs_embeds, labels, logits_to_keep, image_sizes=image_sizes, **kwargs)
 
 
 _FORWARDS["llava_onevision"] = _onevision_forward

@@ -42,7 +42,7 @@ from typing import List
 import torch
 
 from ._hf_common import cache_from_kwargs, cache_of, forward_cache_name
-from ._hf_visual import _ATTR, _FORWARDS, _Prompt, _select, _VisualPruning
+from ._hf_visual import _ATTR, _FORWARDS, _locate, _Packing, _Prompt, _select, _VisualPruning
 
 _FN = "tokenkernels visual pruning (Qwen-VL)"
 # modality -> (config token id, pixel kwarg, grid kwarg, the inner model's feature method)
@@ -128,13 +128,6 @@ def _full_positions(inner, input_ids, attention_mask, mm_token_type_ids, grids, 
     return fn(**ckw)
 
 
-def _gather(x, b_idx, j_idx, d_idx, B, Lp, fill):
-    """x (..., B, L) -> (..., B, Lp): kept columns moved to their pruned column, rest = fill."""
-    out = x.new_full(x.shape[:-2] + (B, Lp), fill)
-    out[..., b_idx, d_idx] = x[..., b_idx, j_idx]
-    return out
-
-
 def _prefill(self, st: _VisualPruning, input_ids, attention_mask, position_ids, labels,
              mm_token_type_ids, pixels: dict, grids: dict, mm_encoder_outputs, kwargs):
     if input_ids is None:
@@ -160,16 +153,7 @@ def _prefill(self, st: _VisualPruning, input_ids, attention_mask, position_ids, 
         tok = getattr(cfg, tok_attr)
         is_tok = input_ids == tok
         is_vis |= is_tok
-        flat_pos = is_tok.reshape(-1).nonzero().squeeze(1)       # row-major placeholder order
-        Ns = [int(f.shape[0]) for f in feats]
-        if flat_pos.numel() != sum(Ns):
-            raise ValueError(f"{_FN}: {modality} features and {modality} tokens do not match: "
-                             f"{flat_pos.numel()} placeholder tokens, {sum(Ns)} features "
-                             f"({len(Ns)} {modality}s)")
-        offsets = [0]
-        for n in Ns:
-            offsets.append(offsets[-1] + n)
-        rows = [int(flat_pos[o]) // L for o in offsets[:-1]]
+        flat_pos, Ns, offsets, rows = _locate(is_tok, feats, _FN, modality)
         # per item: the (start, length) of its selection units within the item's rows
         item_units = []
         grid = grids.get(modality)
@@ -229,32 +213,23 @@ def _prefill(self, st: _VisualPruning, input_ids, attention_mask, position_ids, 
         d["picks"] = picks_item
 
     # 4. compress the prompt (rows left-padded to the longest)
-    n_keep = keep.sum(1)
-    Lp = int(n_keep.max())
-    removed = L - n_keep
-    fill = Lp - n_keep
-    csum = keep.long().cumsum(1)
-    dest = fill[:, None] + csum - 1
-    b_idx, j_idx = keep.nonzero(as_tuple=True)
-    d_idx = dest[b_idx, j_idx]
+    pk = _Packing.of(keep)
+    Lp, removed = pk.Lp, pk.removed
     pad_id = 0
     vis_ids = {getattr(cfg, a[0]) for a in _MODALITIES.values()}
     while pad_id in vis_ids:
         pad_id += 1
-    new_ids = _gather(input_ids, b_idx, j_idx, d_idx, B, Lp, pad_id)
-    new_mask = _gather(am, b_idx, j_idx, d_idx, B, Lp, 0)
-    new_tt = (_gather(mm_token_type_ids, b_idx, j_idx, d_idx, B, Lp, 0)
-              if mm_token_type_ids is not None else None)
-    new_labels = (_gather(labels.to(dev), b_idx, j_idx, d_idx, B, Lp, -100)
-                  if labels is not None else None)
+    new_ids = pk.cols(input_ids, pad_id)
+    new_mask = pk.cols(am, 0)
+    new_tt = pk.cols(mm_token_type_ids, 0) if mm_token_type_ids is not None else None
+    new_labels = pk.cols(labels.to(dev), -100) if labels is not None else None
     pos = position_ids.to(dev)
     if pos.dim() == 2:
         pos = pos.expand(B, L)
-    new_pos = _gather(pos, b_idx, j_idx, d_idx, B, Lp, 0)
+    new_pos = pk.cols(pos, 0)
     if new_pos.dim() == 3 and new_pos.shape[0] == 4:
         # generate's packed text row: contiguous text positions of the pruned prompt
-        removed_before = (torch.arange(L, device=dev)[None, :] + 1) - csum
-        new_pos[0, b_idx, d_idx] = pos[0, b_idx, j_idx] - removed_before[b_idx, j_idx]
+        new_pos[0, pk.b, pk.d] = pos[0, pk.b, pk.j] - pk.removed_before[pk.b, pk.j]
 
     padded = bool((new_mask == 0).any())
     st.prompt = _Prompt(L=L, Lp=Lp, mask=new_mask, removed=removed, padded=padded)
