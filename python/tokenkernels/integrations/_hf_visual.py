@@ -293,16 +293,18 @@ def _pruned_forward(self, input_ids=None, pixel_values=None, attention_mask=None
                       inputs_embeds, labels, logits_to_keep, image_sizes=image_sizes, **kwargs)
 
 
-def _text_step(st: _VisualPruning, original, past_key_values, input_ids, attention_mask,
+def _text_step(st: _VisualPruning, original, step_cache, input_ids, attention_mask,
                position_ids, inputs_embeds, labels, logits_to_keep, **kwargs):
     """A call without visual inputs: a decode step on the last pruned prompt's cache (mapped onto
-    it), or a text-only prefill (forgets the pruned prompt); then the original forward."""
+    it), or a text-only prefill (forgets the pruned prompt); then the original forward. The cache
+    itself stays in ``kwargs`` under the caller's name (``cache=`` / ``past_key_values=``);
+    ``step_cache`` is the same object, only read."""
     p = st.prompt
-    if (p is not None and past_key_values is not None and p.cache_ref is not None
-            and p.cache_ref() is past_key_values and past_key_values.get_seq_length() > 0):
-        attention_mask, position_ids = _map_decode(st, past_key_values, input_ids, inputs_embeds,
+    if (p is not None and step_cache is not None and p.cache_ref is not None
+            and p.cache_ref() is step_cache and step_cache.get_seq_length() > 0):
+        attention_mask, position_ids = _map_decode(st, step_cache, input_ids, inputs_embeds,
                                                    attention_mask, position_ids)
-    elif past_key_values is None or past_key_values.get_seq_length() == 0:
+    elif step_cache is None or step_cache.get_seq_length() == 0:
         st.prompt = None                                            # a text-only prefill
     return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     inputs_embeds=inputs_embeds, labels=labels, logits_to_keep=logits_to_keep,
