@@ -241,24 +241,32 @@ def _prefill(self, st: _VisualPruning, input_ids, pixel_values, attention_mask, 
                 labels=new_labels), kept_feats
 
 
-def _map_decode(st: _VisualPruning, past_key_values, input_ids, inputs_embeds, attention_mask,
-                position_ids):
-    """Map a decode step's (original-coordinate) mask / position ids onto the pruned cache."""
-    p = st.prompt
+def _decode_mask(p: _Prompt, cache, input_ids, inputs_embeds, attention_mask, fn: str):
+    """A decode step's attention mask (original coordinates: the unpruned prompt plus the
+    generated tokens) onto the pruned cache: the prompt part replaced by the pruned prompt's mask.
+    Returns (mask or None, the step's length, the cache's length)."""
     s = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-    past = past_key_values.get_seq_length()
+    past = cache.get_seq_length()
     extra = past - p.Lp + s                                         # tokens after the prompt
-    B = p.mask.shape[0]
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[1] != p.L + extra:
-            raise ValueError(f"tokenkernels visual pruning: a decode step's attention_mask has shape "
+            raise ValueError(f"{fn}: a decode step's attention_mask has shape "
                              f"{tuple(attention_mask.shape)}, expected (B, {p.L + extra}) (the unpruned "
                              f"prompt of {p.L} tokens plus {extra} generated)")
         mask = torch.cat([p.mask.to(attention_mask.dtype), attention_mask[:, p.L:]], 1)
     elif p.padded:
-        mask = torch.cat([p.mask, p.mask.new_ones((B, extra))], 1)
+        mask = torch.cat([p.mask, p.mask.new_ones((p.mask.shape[0], extra))], 1)
     else:
         mask = None
+    return mask, s, past
+
+
+def _map_decode(st: _VisualPruning, past_key_values, input_ids, inputs_embeds, attention_mask,
+                position_ids):
+    """Map a decode step's (original-coordinate) mask / position ids onto the pruned cache."""
+    p = st.prompt
+    mask, s, past = _decode_mask(p, past_key_values, input_ids, inputs_embeds, attention_mask,
+                                 "tokenkernels visual pruning")
     if position_ids is None:
         position_ids = (p.L + past - p.Lp + torch.arange(s, device=p.mask.device))[None, :]
     position_ids = position_ids - p.removed.to(position_ids.device)[:, None]

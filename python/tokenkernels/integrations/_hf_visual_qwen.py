@@ -42,7 +42,8 @@ from typing import List
 import torch
 
 from ._hf_common import cache_from_kwargs, cache_of, forward_cache_name
-from ._hf_visual import _ATTR, _FORWARDS, _locate, _Packing, _Prompt, _select, _VisualPruning
+from ._hf_visual import (_ATTR, _FORWARDS, _decode_mask, _locate, _Packing, _Prompt, _select,
+                         _VisualPruning)
 
 _FN = "tokenkernels visual pruning (Qwen-VL)"
 # modality -> (config token id, pixel kwarg, grid kwarg, the inner model's feature method)
@@ -249,19 +250,8 @@ def _map_decode(self, st: _VisualPruning, cache, input_ids, inputs_embeds, atten
                 position_ids):
     """A decode step's mask onto the pruned cache; position ids stay the unpruned model's."""
     p = st.prompt
-    s = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-    past = cache.get_seq_length()
-    extra = past - p.Lp + s                                         # tokens after the prompt
+    mask, s, past = _decode_mask(p, cache, input_ids, inputs_embeds, attention_mask, _FN)
     B = p.mask.shape[0]
-    mask = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[1] != p.L + extra:
-            raise ValueError(f"{_FN}: a decode step's attention_mask has shape "
-                             f"{tuple(attention_mask.shape)}, expected (B, {p.L + extra}) (the "
-                             f"unpruned prompt of {p.L} tokens plus {extra} generated)")
-        mask = torch.cat([p.mask.to(attention_mask.dtype), attention_mask[:, p.L:]], 1)
-    elif p.padded:
-        mask = torch.cat([p.mask, p.mask.new_ones((B, extra))], 1)
     if position_ids is None:
         # the unpatched model's rule (compute_3d_position_ids with a cache): text positions
         # after the FULL prompt, plus rope_deltas
